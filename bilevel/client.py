@@ -1,0 +1,99 @@
+"""One client's pure update on its submodel: K local steps of (y, v, x) (RABO: K = 1).
+
+Local step k, everything at the pruned point (SPEC section 5):
+    y <- T masked inner steps from y                         (inner.inner_solve)
+    (h, v) <- estimator(x, y, v; m_x, m_y)                   (hypergrad.ESTIMATORS)
+    x <- x - alpha * h                                       (h is zero outside m_x)
+The client returns masked deltas D = (x_K - x_0, y_K - y_0, v_K - v_0) * mask: the change it
+proposes. The server adds the coverage mean of the deltas (server.py), so with one local step the
+x delta is -alpha times the client's hypergradient (RABO) and with K > 1 it is a local trajectory
+(RAFBO).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bilevel import tree
+from bilevel.errors import ConfigError, check_choice
+from bilevel.hypergrad import ESTIMATORS, EstimatorOptions, estimator_grad_evals, validate_options
+from bilevel.inner import inner_solve
+from bilevel.problems import BilevelProblem
+
+PyTree = Any
+# (client data, key) -> batch; the identity (full batch) by default.
+Sampler = Callable[[Any, jax.Array], Any]
+
+
+def full_batch(data: Any, key: jax.Array) -> Any:
+  del key
+  return data
+
+
+class ClientConfig(NamedTuple):
+  local_steps: int = 1  # K
+  inner_steps: int = 1  # T
+  inner_lr: float = 0.1  # beta
+  outer_lr: float = 0.1  # alpha
+  estimator: str = "fd"
+  estimator_options: EstimatorOptions = EstimatorOptions()
+
+
+def validate_client_config(cfg: ClientConfig) -> None:
+  for name in ("local_steps", "inner_steps"):
+    value = getattr(cfg, name)
+    if int(value) != value or value < (1 if name == "local_steps" else 0):
+      raise ConfigError(f"{name}={value!r} must be an integer >= {1 if name == 'local_steps' else 0}.")
+  for name in ("inner_lr", "outer_lr"):
+    if not getattr(cfg, name) > 0:
+      raise ConfigError(f"{name}={getattr(cfg, name)!r} is outside the allowed range (0, inf).")
+  check_choice("estimator", cfg.estimator, ESTIMATORS)
+  validate_options(cfg.estimator, cfg.estimator_options)
+
+
+def grad_evals_per_round(cfg: ClientConfig) -> float:
+  """Analytic gradient evaluations of one client in one round (inner steps + estimator)."""
+  return cfg.local_steps * (cfg.inner_steps + estimator_grad_evals(cfg.estimator,
+                                                                   cfg.estimator_options))
+
+
+class ClientOutput(NamedTuple):
+  delta_x: PyTree
+  delta_y: PyTree
+  delta_v: PyTree
+  hypergrad: PyTree  # mean over local steps of the masked hypergradient estimates
+  inner_loss: jax.Array  # g and f at the pruned point after the first inner solve
+  outer_loss: jax.Array
+
+
+def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTree, v: PyTree,
+                  inner_data: Any, outer_data: Any, mask_x: PyTree, mask_y: PyTree,
+                  key: jax.Array, sample: Sampler = full_batch) -> ClientOutput:
+  """K local steps on the submodel given by (mask_x, mask_y); see the module docstring."""
+  estimate = ESTIMATORS[cfg.estimator]
+
+  def local_step(carry, k):
+    xk, yk, vk = carry
+    step_key = jax.random.fold_in(key, k)
+    inner_batch = sample(inner_data, jax.random.fold_in(step_key, 0))
+    outer_batch = sample(outer_data, jax.random.fold_in(step_key, 1))
+    yk = inner_solve(problem.inner_loss, xk, yk, inner_batch, num_steps=cfg.inner_steps,
+                     step_size=cfg.inner_lr, mask_x=mask_x, mask_y=mask_y)
+    res = estimate(problem, xk, yk, inner_batch, outer_batch, vk, mask_x, mask_y,
+                   cfg.estimator_options)
+    xm, ym = tree.mul(xk, mask_x), tree.mul(yk, mask_y)
+    losses = (problem.inner_loss(xm, ym, inner_batch), problem.outer_loss(xm, ym, outer_batch))
+    xk = tree.axpy(-cfg.outer_lr, res.hypergrad, xk)
+    return (xk, yk, res.v), (res.hypergrad, losses)
+
+  (xK, yK, vK), (grads, (g_loss, f_loss)) = jax.lax.scan(
+      local_step, (x, y, v), jnp.arange(cfg.local_steps))
+  return ClientOutput(
+      delta_x=tree.mul(tree.sub(xK, x), mask_x),
+      delta_y=tree.mul(tree.sub(yK, y), mask_y),
+      delta_v=tree.mul(tree.sub(vK, v), mask_y),
+      hypergrad=jax.tree.map(lambda t: jnp.mean(t, axis=0), grads),
+      inner_loss=g_loss[0], outer_loss=f_loss[0])

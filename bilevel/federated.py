@@ -1,0 +1,266 @@
+"""The federated loop: ServerState, one jitted round vmapped over the sampled clients, run loop.
+
+Round q (SPEC section 7), jitted once (state.round is traced, shapes are static):
+  1. sample C clients from the population (partial participation; without replacement);
+  2. per client: keep ratios (fixed per client or redrawn), masks (masks.make_masks), the local
+     update on its submodel (client.client_update), all vmapped over the client axis;
+  3. coverage-mean the masked deltas of x, y, v (server.AGGREGATORS); step x with the server
+     optimiser and add the mean deltas to y and v; coordinates no client kept do not move;
+  4. metrics: losses, norm of the aggregated hypergradient, coverage of x and y, analytic client
+     FLOPs and communicated bytes of the submodels actually run.
+
+Randomness (STYLE.md): one seed; named streams fold_in(key(seed), STREAMS[name]); per-round key
+fold_in(stream, round); per-client key fold_in(round key, client id).
+
+RABO = local_steps 1 with every client in every round; RAFBO = local_steps K > 1 with partial
+participation. Baselines are presets (ALGORITHMS) over the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bilevel import masks as masks_lib
+from bilevel import server, tree
+from bilevel.client import ClientConfig, Sampler, client_update, full_batch
+from bilevel.client import grad_evals_per_round, validate_client_config
+from bilevel.errors import ConfigError, check_choice
+from bilevel.masks import Level, MaskConfig, UnitLayout
+from bilevel.metrics import to_python
+from bilevel.problems import BilevelProblem
+
+PyTree = Any
+STREAMS = {"init": 0, "sample": 1, "masks": 2, "batches": 3, "levels": 4}
+
+
+def stream_key(seed: int, name: str) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), STREAMS[name])
+
+
+class FederatedConfig(NamedTuple):
+  num_clients: int
+  clients_per_round: int
+  client: ClientConfig = ClientConfig()
+  mask: MaskConfig = MaskConfig()
+  levels: tuple[Level, ...] = (Level(1.0, 1.0, 1.0),)
+  redraw_levels: bool = False  # draw each client's level anew every round
+  only_full: bool = False  # resource-unaware baseline: only full-size clients take part
+  aggregation: str = "coverage"
+  weighting: str = "uniform"  # or "examples": w_i = the client's example count
+  server_lr: float = 1.0
+  allow_uncovered: bool = False
+  seed: int = 0
+
+
+# Presets over the same code (SPEC section 8): overrides of FederatedConfig / ClientConfig.
+# "prune": False drops the level profile (every client runs the full model).
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "rabo": dict(local_steps=1, estimator="fd"),
+    "rafbo": dict(estimator="fd"),
+    "fednest": dict(estimator="neumann", prune=False, inner_steps=5, num_steps=5),
+    "simfbo": dict(estimator="exact", prune=False),
+    "memfbo": dict(estimator="fd", prune=False),
+    "full_only": dict(estimator="fd", only_full=True),
+    "heterofl": dict(estimator="fd", policy="static"),
+    "fedrolex": dict(estimator="fd", policy="rolling"),
+}
+
+
+def validate_config(cfg: FederatedConfig, layout: UnitLayout | None = None) -> None:
+  """Every range and name check of the configuration, with the value and the allowed range."""
+  if int(cfg.num_clients) != cfg.num_clients or cfg.num_clients < 1:
+    raise ConfigError(f"num_clients={cfg.num_clients!r} must be an integer >= 1.")
+  if not 1 <= cfg.clients_per_round <= cfg.num_clients:
+    raise ConfigError(f"clients_per_round={cfg.clients_per_round!r} is outside the allowed range "
+                      f"[1, num_clients={cfg.num_clients}].")
+  validate_client_config(cfg.client)
+  masks_lib.validate_mask_config(cfg.mask, layout)
+  masks_lib.validate_levels(cfg.levels)
+  check_choice("aggregation", cfg.aggregation, server.AGGREGATORS)
+  check_choice("weighting", cfg.weighting, ("uniform", "examples"))
+  if not cfg.server_lr > 0:
+    raise ConfigError(f"server_lr={cfg.server_lr!r} is outside the allowed range (0, inf).")
+  if cfg.only_full and not any(lv.rx == 1 and lv.ry == 1 for lv in cfg.levels):
+    raise ConfigError("only_full=True but no resource level is 1/1: no client could take part.")
+
+
+class FederatedData(NamedTuple):
+  """Client data stacked on a leading client axis [M, ...]."""
+
+  inner: Any  # what g_i is evaluated on (or sampled from)
+  outer: Any  # what f_i is evaluated on
+  num_examples: jax.Array  # [M] example counts (aggregation weights with weighting="examples")
+  available: Mapping[str, jax.Array] | None = None  # group -> [M, K] units a client owns
+
+
+class ServerState(NamedTuple):
+  x: PyTree
+  y: PyTree
+  v: PyTree
+  opt_state: optax.OptState
+  round: jax.Array  # int32 scalar: rounds completed
+
+
+def init_state(x: PyTree, y: PyTree, optimizer: optax.GradientTransformation) -> ServerState:
+  return ServerState(x, y, tree.zeros_like(y), optimizer.init(x), jnp.zeros((), jnp.int32))
+
+
+def default_flops_per_grad(mask_x: PyTree, mask_y: PyTree) -> jax.Array:
+  """6 FLOPs per kept parameter (forward + backward of a dense layer, per example)."""
+  return 6.0 * (tree.count(mask_x) + tree.count(mask_y)).astype(jnp.float32)
+
+
+class Round(NamedTuple):
+  """The jitted round and what the host needs to drive it."""
+
+  step: Callable[..., tuple[ServerState, dict[str, jax.Array]]]
+  population: np.ndarray  # client ids that may be sampled
+  client_ratios: np.ndarray  # [M, 2] fixed keep ratios (ignored with redraw_levels)
+  clients_per_round: int
+
+
+def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout | None,
+               x_like: PyTree, *, sample: Sampler = full_batch,
+               optimizer: optax.GradientTransformation | None = None,
+               flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = default_flops_per_grad,
+               client_map: str = "vmap", jit: bool = True,
+               available: Mapping[str, np.ndarray] | None = None) -> Round:
+  """Build the round function `step(state, data) -> (state, metrics)` (validated up front).
+
+  client_map: "vmap" (default) or "loop" (a Python loop over clients inside the same jit: the
+  reference the vmapped round is tested against).
+  """
+  validate_config(cfg, layout)
+  check_choice("client_map", client_map, ("vmap", "loop"))
+  optimizer = optimizer or optax.sgd(cfg.server_lr)
+  ratios = masks_lib.assign_levels(cfg.levels, cfg.num_clients, cfg.seed)
+  population = np.arange(cfg.num_clients)
+  if cfg.only_full and not cfg.redraw_levels:
+    population = population[(ratios[:, 0] == 1) & (ratios[:, 1] == 1)]
+  if cfg.redraw_levels:
+    profile_ratios = np.array([[lv.rx, lv.ry] for lv in cfg.levels])
+    masks_lib.check_coverable(cfg.mask, layout, x_like, profile_ratios, None,
+                              allow_uncovered=cfg.allow_uncovered)
+  else:
+    masks_lib.check_coverable(
+        cfg.mask, layout, x_like, ratios[population],
+        None if available is None else {g: np.asarray(a)[population] for g, a in available.items()},
+        allow_uncovered=cfg.allow_uncovered)
+  num_sampled = min(cfg.clients_per_round, len(population))
+  aggregate = server.AGGREGATORS[cfg.aggregation]
+  evals = grad_evals_per_round(cfg.client)
+  pop = jnp.asarray(population)
+  ratios_j = jnp.asarray(ratios)
+  level_table = jnp.array([[lv.rx, lv.ry] for lv in cfg.levels])
+  level_p = jnp.array([lv.share for lv in cfg.levels])
+
+  def one_client(state: ServerState, data: FederatedData, cid: jax.Array, q: jax.Array):
+    if cfg.redraw_levels:
+      lvl = jax.random.choice(jax.random.fold_in(jax.random.fold_in(
+          stream_key(cfg.seed, "levels"), q), cid), len(cfg.levels), p=level_p)
+      rx, ry = level_table[lvl, 0], level_table[lvl, 1]
+    else:
+      rx, ry = ratios_j[cid, 0], ratios_j[cid, 1]
+    active = jnp.asarray(1.0)
+    if cfg.only_full:
+      active = ((rx == 1) & (ry == 1)).astype(jnp.float32)
+    mkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "masks"), q), cid)
+    avail = None if data.available is None else {g: a[cid] for g, a in data.available.items()}
+    mask_x, mask_y = masks_lib.make_masks(cfg.mask, layout, state.x, state.y, rx, ry, mkey, q,
+                                          avail)
+    mask_x, mask_y = tree.scale(active, mask_x), tree.scale(active, mask_y)
+    bkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "batches"), q), cid)
+    out = client_update(problem, cfg.client, state.x, state.y, state.v, tree.index(data.inner, cid),
+                        tree.index(data.outer, cid), mask_x, mask_y, bkey, sample)
+    weight = active * (data.num_examples[cid].astype(jnp.float32)
+                       if cfg.weighting == "examples" else 1.0)
+    kept = (tree.count(mask_x) + 2 * tree.count(mask_y)).astype(jnp.float32)  # x, y, v
+    stats = dict(flops=evals * flops_per_grad(mask_x, mask_y), params_sent=kept)
+    return out, mask_x, mask_y, weight, stats
+
+  def step(state: ServerState, data: FederatedData):
+    q = state.round
+    ids = jax.random.choice(jax.random.fold_in(stream_key(cfg.seed, "sample"), q), pop,
+                            (num_sampled,), replace=False)
+    if client_map == "vmap":
+      outs = jax.vmap(one_client, (None, None, 0, None))(state, data, ids, q)
+    else:
+      outs = tree.stack([one_client(state, data, ids[i], q) for i in range(num_sampled)])
+    out, mask_x, mask_y, w, stats = outs
+    dx = aggregate(out.delta_x, mask_x, w)
+    dy = aggregate(out.delta_y, mask_y, w)
+    dv = aggregate(out.delta_v, mask_y, w)
+    hyper = server.coverage_mean(out.hypergrad, mask_x, w)
+    cover_x, cover_y = server.covered(mask_x, w), server.covered(mask_y, w)
+    x, opt_state = server.server_step(state.x, dx, cover_x, optimizer, state.opt_state)
+    y = tree.add(state.y, tree.mul(dy, cover_y))
+    v = tree.add(state.v, tree.mul(dv, cover_y))
+    cov_x = masks_lib.coverage_stats(mask_x)
+    cov_y = masks_lib.coverage_stats(mask_y)
+    wsum = jnp.maximum(jnp.sum(w), 1e-30)
+    itemsize = jax.tree.leaves(state.x)[0].dtype.itemsize
+    metrics = dict(
+        inner_loss=jnp.sum(w * out.inner_loss) / wsum,
+        outer_loss=jnp.sum(w * out.outer_loss) / wsum,
+        hypergrad_norm=tree.norm(hyper),
+        coverage_x_min=cov_x.min, coverage_x_mean=cov_x.mean,
+        uncovered_x_share=cov_x.uncovered_share,
+        coverage_y_min=cov_y.min, coverage_y_mean=cov_y.mean,
+        uncovered_y_share=cov_y.uncovered_share,
+        client_flops=jnp.sum(stats["flops"]),
+        comm_bytes=2.0 * itemsize * jnp.sum(stats["params_sent"]),  # down + up
+        active_clients=jnp.sum(w > 0))
+    return ServerState(x, y, v, opt_state, q + 1), metrics
+
+  return Round(jax.jit(step) if jit else step, population, ratios, num_sampled)
+
+
+# ------------------------------------------------------------------ run loop
+
+
+def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
+        eval_fn: Callable[[ServerState], Mapping[str, Any]] | None = None, eval_every: int = 1,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+        log: Callable[[str], None] | None = print, log_every: int = 10,
+        start_totals: Mapping[str, float] | None = None
+        ) -> tuple[ServerState, list[dict[str, Any]]]:
+  """Run rounds state.round .. num_rounds - 1; return the final state and the logged records.
+
+  A record is logged every `eval_every` rounds and after the last one. It holds the round's
+  metrics, cumulative client FLOPs and communicated bytes, the running C_x* (min over rounds of
+  the minimum outer coverage), wall time, and whatever eval_fn returns.
+  """
+  totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
+                cy_star=float("inf"))
+  totals.update(start_totals or {})
+  records = []
+  start, first = time.perf_counter(), int(state.round)
+  for q in range(first, num_rounds):
+    state, metrics = rnd.step(state, data)
+    metrics = to_python(jax.device_get(metrics))
+    totals["cumulative_client_flops"] += metrics["client_flops"]
+    totals["cumulative_comm_bytes"] += metrics["comm_bytes"]
+    totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
+    totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
+    done = q + 1
+    if done % eval_every == 0 or done == num_rounds:
+      record = dict(round=done, **metrics, **totals,
+                    wall_time_s=time.perf_counter() - start)
+      if eval_fn is not None:
+        record.update(to_python(dict(eval_fn(state))))
+      records.append(record)
+      if on_record is not None:
+        on_record(record)
+    if log is not None and (done % log_every == 0 or done == num_rounds):
+      elapsed = time.perf_counter() - start
+      rate = (done - first) / max(elapsed, 1e-9)
+      log(f"round {done}/{num_rounds}  outer_loss {metrics['outer_loss']:.4f}  "
+          f"|hypergrad| {metrics['hypergrad_norm']:.3e}  C_x* {totals['cx_star']:g}  "
+          f"{rate:.2f} rounds/s  ETA {(num_rounds - done) / max(rate, 1e-9):.0f}s")
+  return state, records

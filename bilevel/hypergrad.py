@@ -1,0 +1,232 @@
+"""Hypergradient estimation: second-order products (exact and finite-difference) and estimators.
+
+Implicit-function-theorem hypergradient (SPEC section 2), for one client's losses g (inner), f (outer):
+
+    grad Phi(x) = grad_x f(x, y) - J v,      J v = d/dy[grad_x g](x, y) v
+    v*          = H^{-1} grad_y f(x, y),     H   = hess_yy g(x, y)
+
+Products (same call shape, registry `PRODUCTS`):
+  exact : forward-over-reverse autodiff, (Hv, Jv) = jvp of y -> (grad_x g, grad_y g) along v.
+  fd    : second-order-free central differences of first-order gradients,
+            Hv ~ [grad_y g(x, y + d v) - grad_y g(x, y - d v)] / (2 d)
+            Jv ~ [grad_x g(x, y + d v) - grad_x g(x, y - d v)] / (2 d)
+          with d = delta / max(||v||, eps), so the probe y +- d v has length delta.
+          Bias O(delta^2) for smooth g; O(1) across ReLU kinks (REFERENCES.md).
+
+Estimators (same signature, registry `ESTIMATORS`; `num_steps` means the number of v updates,
+Neumann terms or CG iterations):
+  fd, exact : v <- v - eta (H v - grad_y f), num_steps times from the warm start v,
+              optionally projected onto ||v|| <= radius; then grad_x f - J v.
+  neumann   : v = eta sum_{k<N} (I - eta H)^k grad_y f   (FedNest; exact products).
+  cg        : conjugate gradient on H v = grad_y f from the warm start (exact products).
+
+Dual pruning (SPEC section 5): with masks m_x, m_y every quantity is evaluated at the pruned point
+(x*m_x, y*m_y, v*m_y) and every result is multiplied by its mask, so the estimate equals the one
+computed on the extracted subproblem. Entries of v outside m_y are returned as they came in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bilevel import tree
+from bilevel.errors import ConfigError, check_choice
+from bilevel.problems import BilevelProblem, Loss
+
+PyTree = Any
+
+
+class HypergradResult(NamedTuple):
+  hypergrad: PyTree  # like x; zero outside mask_x
+  v: PyTree  # like y; the (warm-startable) linear-system solution estimate
+
+
+class Products(NamedTuple):
+  hv: PyTree  # H v, like y
+  jv: PyTree | None  # J v, like x (None when not requested)
+
+
+def _mask(t: PyTree, m: PyTree | None) -> PyTree:
+  return t if m is None else tree.mul(t, m)
+
+
+def exact_products(inner_loss: Loss, x: PyTree, y: PyTree, v: PyTree, batch: Any,
+                   delta: float, with_jv: bool) -> Products:
+  """Forward-over-reverse Hessian- and Jacobian-vector products (the second-order twin of fd)."""
+  del delta
+  if with_jv:
+    grads = lambda yy: jax.grad(inner_loss, argnums=(0, 1))(x, yy, batch)
+    _, (jv, hv) = jax.jvp(grads, (y,), (v,))
+    return Products(hv, jv)
+  _, hv = jax.jvp(lambda yy: jax.grad(inner_loss, argnums=1)(x, yy, batch), (y,), (v,))
+  return Products(hv, None)
+
+
+def fd_products(inner_loss: Loss, x: PyTree, y: PyTree, v: PyTree, batch: Any,
+                delta: float, with_jv: bool, eps: float = 1e-12) -> Products:
+  """Central finite differences of first-order gradients along v (no second-order autodiff)."""
+  d = delta / jnp.maximum(tree.norm(v), eps)
+  argnums = (0, 1) if with_jv else 1
+  grad = lambda yy: jax.grad(inner_loss, argnums=argnums)(x, yy, batch)
+  g_plus, g_minus = grad(tree.axpy(d, v, y)), grad(tree.axpy(-d, v, y))
+  diff = tree.scale(0.5 / d, tree.sub(g_plus, g_minus))
+  return Products(diff[1], diff[0]) if with_jv else Products(diff, None)
+
+
+Product = Callable[..., Products]
+PRODUCTS: dict[str, Product] = {"exact": exact_products, "fd": fd_products}
+# Cost of one product in gradient evaluations of g (analytic FLOP accounting; measured costs are
+# in BENCHMARKS.md): a jvp over reverse mode ~ 2 gradients, a central-difference pair = 2.
+PRODUCT_GRAD_EVALS: dict[str, float] = {"exact": 2.0, "fd": 2.0}
+
+
+class EstimatorOptions(NamedTuple):
+  num_steps: int = 1
+  step_size: float = 0.1
+  delta: float = 1e-3
+  radius: float | None = None
+  product: str = "exact"  # used by neumann and cg; fd/exact fix their own
+
+
+def _project(v: PyTree, radius: float | None) -> PyTree:
+  if radius is None:
+    return v
+  n = tree.norm(v)
+  return tree.scale(jnp.minimum(1.0, radius / jnp.maximum(n, 1e-30)), v)
+
+
+def _setup(problem, x, y, outer_batch, v, mask_x, mask_y):
+  xm, ym = _mask(x, mask_x), _mask(y, mask_y)
+  gxf, gyf = jax.grad(problem.outer_loss, argnums=(0, 1))(xm, ym, outer_batch)
+  v0 = tree.zeros_like(y) if v is None else v
+  return xm, ym, _mask(gxf, mask_x), _mask(gyf, mask_y), _mask(v0, mask_y)
+
+
+def _finish(problem, product, xm, ym, v_work, v_in, gxf, inner_batch, mask_x, mask_y, opts):
+  jv = product(problem.inner_loss, xm, ym, v_work, inner_batch, opts.delta, True).jv
+  hypergrad = _mask(tree.sub(gxf, jv), mask_x)
+  if v_in is None or mask_y is None:
+    v_out = v_work
+  else:
+    v_out = tree.where(mask_y, v_work, v_in)
+  return HypergradResult(hypergrad, v_out)
+
+
+def _v_iteration(product_name: str):
+  product = PRODUCTS[product_name]
+
+  def estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mask_x, mask_y,
+                opts: EstimatorOptions) -> HypergradResult:
+    xm, ym, gxf, gyf, v0 = _setup(problem, x, y, outer_batch, v, mask_x, mask_y)
+
+    def step(vk, _):
+      hv = _mask(product(problem.inner_loss, xm, ym, vk, inner_batch, opts.delta, False).hv, mask_y)
+      return _project(tree.axpy(-opts.step_size, tree.sub(hv, gyf), vk), opts.radius), None
+
+    v_work, _ = jax.lax.scan(step, v0, None, length=opts.num_steps)
+    return _finish(problem, product, xm, ym, v_work, v, gxf, inner_batch, mask_x, mask_y, opts)
+
+  estimator.__doc__ = f"v-iteration with {product_name} products (SOBA/SimFBO-style, warm start)."
+  return estimator
+
+
+def neumann_estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mask_x, mask_y,
+                      opts: EstimatorOptions) -> HypergradResult:
+  """v = eta sum_{k<N} (I - eta H)^k grad_y f (FedNest). The warm start v is not used."""
+  product = PRODUCTS[opts.product]
+  xm, ym, gxf, gyf, _ = _setup(problem, x, y, outer_batch, None, mask_x, mask_y)
+
+  def term(carry, _):
+    p, acc = carry
+    hp = _mask(product(problem.inner_loss, xm, ym, p, inner_batch, opts.delta, False).hv, mask_y)
+    p = tree.axpy(-opts.step_size, hp, p)
+    return (p, tree.add(acc, p)), None
+
+  (_, acc), _ = jax.lax.scan(term, (gyf, gyf), None, length=max(opts.num_steps - 1, 0))
+  v_work = tree.scale(opts.step_size, acc)
+  return _finish(problem, product, xm, ym, v_work, v, gxf, inner_batch, mask_x, mask_y, opts)
+
+
+def cg_estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mask_x, mask_y,
+                 opts: EstimatorOptions) -> HypergradResult:
+  """num_steps conjugate-gradient iterations on H v = grad_y f, from the warm start v."""
+  product = PRODUCTS[opts.product]
+  xm, ym, gxf, gyf, v0 = _setup(problem, x, y, outer_batch, v, mask_x, mask_y)
+  matvec = lambda p: _mask(product(problem.inner_loss, xm, ym, p, inner_batch, opts.delta, False).hv,
+                           mask_y)
+  safe_div = lambda a, b: jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+
+  def it(carry, _):
+    vk, r, p, rr = carry
+    hp = matvec(p)
+    alpha = safe_div(rr, tree.vdot(p, hp))
+    vk = tree.axpy(alpha, p, vk)
+    r = tree.axpy(-alpha, hp, r)
+    rr_new = tree.vdot(r, r)
+    p = tree.axpy(safe_div(rr_new, rr), p, r)
+    return (vk, r, p, rr_new), None
+
+  r0 = tree.sub(gyf, matvec(v0))
+  (v_work, _, _, _), _ = jax.lax.scan(it, (v0, r0, r0, tree.vdot(r0, r0)), None,
+                                      length=opts.num_steps)
+  return _finish(problem, product, xm, ym, v_work, v, gxf, inner_batch, mask_x, mask_y, opts)
+
+
+Estimator = Callable[..., HypergradResult]
+ESTIMATORS: dict[str, Estimator] = {
+    "fd": _v_iteration("fd"),
+    "exact": _v_iteration("exact"),
+    "neumann": neumann_estimator,
+    "cg": cg_estimator,
+}
+
+
+def estimator_grad_evals(estimator: str, opts: EstimatorOptions) -> float:
+  """Analytic cost of one estimate in gradient evaluations of g (plus one of f)."""
+  product = {"fd": "fd", "exact": "exact"}.get(estimator, opts.product)
+  per = PRODUCT_GRAD_EVALS[product]
+  products = {"neumann": max(opts.num_steps - 1, 0)}.get(estimator, opts.num_steps) + 1
+  return 1.0 + per * products
+
+
+def validate_options(estimator: str, opts: EstimatorOptions) -> None:
+  check_choice("estimator", estimator, ESTIMATORS)
+  check_choice("product", opts.product, PRODUCTS)
+  if int(opts.num_steps) != opts.num_steps or opts.num_steps < 0:
+    raise ConfigError(f"num_steps={opts.num_steps!r} must be an integer >= 0.")
+  if not opts.step_size > 0:
+    raise ConfigError(f"step_size={opts.step_size!r} is outside the allowed range (0, inf).")
+  if not opts.delta > 0:
+    raise ConfigError(f"delta={opts.delta!r} is outside the allowed range (0, inf).")
+  if opts.radius is not None and not opts.radius > 0:
+    raise ConfigError(f"radius={opts.radius!r} must be None or in (0, inf).")
+
+
+def hypergradient(problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: Any,
+                  outer_batch: Any, *, estimator: str = "fd", v: PyTree | None = None,
+                  mask_x: PyTree | None = None, mask_y: PyTree | None = None,
+                  num_steps: int = 1, step_size: float = 0.1, delta: float = 1e-3,
+                  radius: float | None = None, product: str = "exact") -> HypergradResult:
+  """Estimate grad Phi(x) at (x, y) on one client's batches; see the module docstring.
+
+  Args:
+    problem: the client's inner and outer losses.
+    x, y: outer and inner parameters (PyTrees); y should be close to y*(x).
+    inner_batch, outer_batch: the batches g and f are evaluated on.
+    estimator: a key of ESTIMATORS.
+    v: warm start for the linear-system solution (like y); zeros if None.
+    mask_x, mask_y: 0/1 PyTrees like x and y (dual pruning); None keeps everything.
+    num_steps: v updates (fd, exact), Neumann terms (neumann) or CG iterations (cg).
+    step_size: eta of the v update / Neumann series.
+    delta: finite-difference probe length (fd products only).
+    radius: optional projection radius for v (fd, exact).
+    product: the product neumann and cg use ("exact" or "fd").
+  Returns:
+    HypergradResult(hypergrad like x, v like y).
+  """
+  opts = EstimatorOptions(num_steps, step_size, delta, radius, product)
+  validate_options(estimator, opts)
+  return ESTIMATORS[estimator](problem, x, y, inner_batch, outer_batch, v, mask_x, mask_y, opts)

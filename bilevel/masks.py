@@ -1,0 +1,301 @@
+"""Dual-pruning masks: resource levels, mask policies, unit -> parameter expansion, coverage.
+
+Legend: K = units in a group, M = clients, C = clients in a round (leading axis of `*_C` trees).
+
+A client's resource level is a pair of keep ratios (r_x, r_y) in (0, 1] (SPEC section 4); a level
+profile `rx/ry:share,...` says which share of clients sits at each level.
+
+Masks are 0/1 arrays shaped like the parameters. With `unit` granularity a `UnitLayout` names the
+unit groups (hidden neurons, channels, input features, samples) and, for every parameter leaf,
+the axes those units index; pruning a unit zeroes every slice along those axes (its incoming
+weights, its bias and its outgoing weights). With `element` granularity every coordinate is a unit.
+
+One score order per (client, round, group) decides both sides: x keeps the first ceil(r_x K)
+units, y the first ceil(r_y K), so the two kept sets are nested. A group indexed by both x and y
+leaves (the MLP's hidden units feed the head's input rows) is kept on the y side only where x
+keeps it too: no work on head rows whose hidden unit is pruned.
+
+Policies (the order of units):
+  random    : a fresh random permutation per client and round (Federated Dropout);
+  rolling   : the window starting at unit (round mod K), shared by all clients (FedRolex);
+  static    : leading units (HeteroFL);
+  magnitude : largest units of the current global model (sum of squares of every slice that
+              the unit indexes), ties broken with the client's PRNG key.
+An optional per-client `available` unit mask restricts a group to the units a client owns (the
+per-sample weights of hyper-cleaning); keep ratios then apply to the owned units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bilevel.errors import ConfigError, check_choice
+
+PyTree = Any
+UnitMasks = dict[str, jax.Array]  # group -> [K] 0/1
+
+POLICIES = ("random", "rolling", "static", "magnitude")
+GRANULARITIES = ("unit", "element")
+# Policies whose kept set can never reach a unit that no client keeps at the start.
+_STUCK_POLICIES = ("static", "magnitude")
+
+
+# ------------------------------------------------------------------ resource levels
+
+
+class Level(NamedTuple):
+  rx: float
+  ry: float
+  share: float
+
+
+def parse_levels(profile: str) -> tuple[Level, ...]:
+  """Parse `rx/ry:share,...` (e.g. `1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5`) and validate it."""
+  levels = []
+  for item in filter(None, (s.strip() for s in profile.split(","))):
+    try:
+      ratios, share = item.split(":")
+      rx, ry = ratios.split("/")
+      levels.append(Level(float(rx), float(ry), float(share)))
+    except ValueError:
+      raise ConfigError(
+          f"resource level {item!r} in profile {profile!r} is not of the form rx/ry:share "
+          "(e.g. 1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5).") from None
+  validate_levels(levels)
+  return tuple(levels)
+
+
+def validate_levels(levels: Sequence[Level]) -> None:
+  if not levels:
+    raise ConfigError("the resource-level profile is empty; give at least one rx/ry:share.")
+  for lv in levels:
+    for name, r in (("rx", lv.rx), ("ry", lv.ry)):
+      if not 0.0 < r <= 1.0:
+        raise ConfigError(f"keep ratio {name}={r!r} in level {lv.rx}/{lv.ry}:{lv.share} is outside "
+                          "the allowed range (0, 1].")
+    if not 0.0 < lv.share <= 1.0:
+      raise ConfigError(f"share={lv.share!r} of level {lv.rx}/{lv.ry} is outside the allowed "
+                        "range (0, 1].")
+  total = sum(lv.share for lv in levels)
+  if abs(total - 1.0) > 1e-6:
+    raise ConfigError(f"level shares sum to {total!r}; they must sum to 1.")
+
+
+def assign_levels(levels: Sequence[Level], num_clients: int, seed: int) -> np.ndarray:
+  """Fixed per-client keep ratios [M, 2]: counts by largest remainder, then a seeded shuffle."""
+  shares = np.array([lv.share for lv in levels])
+  raw = shares * num_clients
+  counts = np.floor(raw).astype(int)
+  for i in np.argsort(-(raw - counts), kind="stable")[: num_clients - counts.sum()]:
+    counts[i] += 1
+  ratios = np.repeat(np.array([[lv.rx, lv.ry] for lv in levels]), counts, axis=0)
+  return ratios[np.random.default_rng(seed).permutation(num_clients)]
+
+
+def draw_levels(levels: Sequence[Level], key: jax.Array, num: int) -> jax.Array:
+  """Keep ratios [num, 2] drawn i.i.d. by share (levels redrawn each round)."""
+  table = jnp.array([[lv.rx, lv.ry] for lv in levels])
+  idx = jax.random.choice(key, len(levels), (num,), p=jnp.array([lv.share for lv in levels]))
+  return table[idx]
+
+
+def keep_count(ratio: jax.typing.ArrayLike, n: jax.typing.ArrayLike) -> jax.Array:
+  """ceil(ratio * n) clipped to [1, n] (the 1e-6 guards 0.3 * 10 = 3.0000000000000004)."""
+  return jnp.clip(jnp.ceil(ratio * n - 1e-6), 1, jnp.maximum(n, 1)).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------ layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+  """The unit groups a parameter leaf is indexed by: ((group, axis), ...). A PyTree leaf."""
+
+  pairs: tuple[tuple[str, int], ...] = ()
+
+
+class UnitLayout(NamedTuple):
+  """Unit groups and, per parameter leaf of x and y, the axes they index."""
+
+  groups: Mapping[str, int]  # group -> K
+  x: PyTree  # like x, leaves Axes
+  y: PyTree  # like y, leaves Axes
+
+  def groups_of(self, side: PyTree) -> set[str]:
+    return {g for a in jax.tree.leaves(side) for g, _ in a.pairs}
+
+
+def _expand(unit_masks: UnitMasks, axes_tree: PyTree, params: PyTree) -> PyTree:
+  """Parameter mask: product over a leaf's (group, axis) pairs of the broadcast unit mask."""
+
+  def leaf(axes: Axes, p: jax.Array) -> jax.Array:
+    m = jnp.ones(p.shape, p.dtype)
+    for g, ax in axes.pairs:
+      shape = [1] * p.ndim
+      shape[ax] = p.shape[ax]
+      m = m * unit_masks[g].astype(p.dtype).reshape(shape)
+    return m
+
+  return jax.tree.map(leaf, axes_tree, params)
+
+
+def expand_unit_masks(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks, x: PyTree,
+                      y: PyTree) -> tuple[PyTree, PyTree]:
+  """Unit masks per group -> parameter masks (mask_x like x, mask_y like y)."""
+  return _expand(umx, layout.x, x), _expand(umy, layout.y, y)
+
+
+def _unit_magnitude(layout: UnitLayout, group: str, x: PyTree, y: PyTree) -> jax.Array:
+  total = jnp.zeros((layout.groups[group],))
+  for axes_tree, params in ((layout.x, x), (layout.y, y)):
+    for axes, p in zip(jax.tree.leaves(axes_tree), jax.tree.leaves(params)):
+      for g, ax in axes.pairs:
+        if g == group:
+          total = total + jnp.sum(jnp.moveaxis(p, ax, 0).reshape(p.shape[ax], -1) ** 2, axis=1)
+  return total
+
+
+def _ranks(policy: str, key: jax.Array, round_idx: jax.typing.ArrayLike, n: int,
+           magnitude: Callable[[], jax.Array], available: jax.Array | None) -> jax.Array:
+  """rank[j] in 0..n-1: units are kept in rank order; unavailable units rank last."""
+  idx = jnp.arange(n)
+  if policy == "static":
+    order_key = idx
+  elif policy == "rolling":
+    order_key = (idx - round_idx) % n
+  elif policy == "random":
+    order_key = jax.random.permutation(key, n)
+  else:  # magnitude: larger first, ties by a random permutation
+    order_key = jnp.lexsort((jax.random.permutation(key, n), -magnitude()))
+    order_key = jnp.argsort(order_key)
+  if available is not None:
+    order_key = order_key + n * (1 - available.astype(jnp.int32))
+  return jnp.argsort(jnp.argsort(order_key))
+
+
+def unit_masks(layout: UnitLayout, policy: str, rx: jax.typing.ArrayLike,
+               ry: jax.typing.ArrayLike, key: jax.Array, round_idx: jax.typing.ArrayLike,
+               x: PyTree, y: PyTree, available: UnitMasks | None = None
+               ) -> tuple[UnitMasks, UnitMasks]:
+  """One client's unit masks (umx for groups x indexes, umy for groups y indexes)."""
+  in_x, in_y = layout.groups_of(layout.x), layout.groups_of(layout.y)
+  umx, umy = {}, {}
+  for i, (g, n) in enumerate(sorted(layout.groups.items())):
+    avail = None if available is None else available.get(g)
+    n_avail = n if avail is None else jnp.sum(avail)
+    rank = _ranks(policy, jax.random.fold_in(key, i), round_idx, n,
+                  lambda g=g: _unit_magnitude(layout, g, x, y), avail)
+    keep_x = rank < keep_count(rx, n_avail)
+    if avail is not None:
+      keep_x &= avail != 0
+    if g in in_x:
+      umx[g] = keep_x.astype(jnp.float32)
+    if g in in_y:
+      keep_y = rank < keep_count(ry, n_avail)
+      if avail is not None:
+        keep_y &= avail != 0
+      umy[g] = (keep_y & keep_x if g in in_x else keep_y).astype(jnp.float32)
+  return umx, umy
+
+
+def element_masks(policy: str, rx: jax.typing.ArrayLike, ry: jax.typing.ArrayLike,
+                  key: jax.Array, round_idx: jax.typing.ArrayLike, x: PyTree,
+                  y: PyTree) -> tuple[PyTree, PyTree]:
+  """Coordinate-wise masks: each leaf keeps ceil(r * leaf.size) coordinates by the policy."""
+
+  def side(params, r, salt):
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for i, p in enumerate(leaves):
+      k = jax.random.fold_in(key, salt * 100_003 + i)
+      rank = _ranks(policy, k, round_idx, p.size, lambda p=p: jnp.ravel(p) ** 2, None)
+      out.append((rank < keep_count(r, p.size)).astype(p.dtype).reshape(p.shape))
+    return jax.tree.unflatten(treedef, out)
+
+  return side(x, rx, 0), side(y, ry, 1)
+
+
+class MaskConfig(NamedTuple):
+  policy: str = "random"
+  granularity: str = "unit"
+
+
+def validate_mask_config(cfg: MaskConfig, layout: UnitLayout | None) -> None:
+  check_choice("mask_policy", cfg.policy, POLICIES)
+  check_choice("mask_granularity", cfg.granularity, GRANULARITIES)
+  if cfg.granularity == "unit" and layout is None:
+    raise ConfigError("mask_granularity='unit' needs a UnitLayout for the model; use 'element' "
+                      "for models without one.")
+
+
+def make_masks(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree, y: PyTree,
+               rx: jax.typing.ArrayLike, ry: jax.typing.ArrayLike, key: jax.Array,
+               round_idx: jax.typing.ArrayLike,
+               available: UnitMasks | None = None) -> tuple[PyTree, PyTree]:
+  """One client's (mask_x, mask_y) for this round. x, y: the current global model."""
+  if cfg.granularity == "element":
+    return element_masks(cfg.policy, rx, ry, key, round_idx, x, y)
+  umx, umy = unit_masks(layout, cfg.policy, rx, ry, key, round_idx, x, y, available)
+  return expand_unit_masks(layout, umx, umy, x, y)
+
+
+def check_coverable(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree,
+                    client_ratios: np.ndarray, available: Mapping[str, np.ndarray] | None = None,
+                    *, allow_uncovered: bool = False) -> None:
+  """Reject configurations under which some outer coordinate can never be covered.
+
+  With `static` or `magnitude` masks the kept set never reaches a unit that no client keeps at
+  the start, so every outer unit must be kept by some client: for shared units the largest
+  client r_x must keep the whole group; for owned units (`available`, [M, K]) each client must
+  keep all it owns. Random and rolling masks cover every unit over rounds: nothing to check.
+  client_ratios: [M, 2] keep ratios (r_x, r_y) of the clients that can take part.
+  """
+  if allow_uncovered or cfg.policy not in _STUCK_POLICIES:
+    return
+  rx = np.asarray(client_ratios)[:, 0]
+  if cfg.granularity == "element":
+    sizes = {f"x leaf {i}": int(np.prod(np.shape(p))) for i, p in enumerate(jax.tree.leaves(x))}
+  else:
+    sizes = {g: layout.groups[g] for g in sorted(layout.groups_of(layout.x))}
+  for g, n in sizes.items():
+    if available is not None and g in available:
+      own = np.asarray(available[g]).sum(axis=1)
+      kept = np.array([math.ceil(r * o - 1e-6) for r, o in zip(rx, own)])
+      if np.any(kept < own):
+        raise ConfigError(
+            f"mask_policy={cfg.policy!r} with client-owned outer units in group {g!r} and keep "
+            f"ratio r_x={rx[np.argmax(kept < own)]} < 1 leaves those units uncovered forever; use "
+            "mask_policy random or rolling, r_x = 1, or allow uncovered coordinates explicitly.")
+    elif math.ceil(rx.max() * n - 1e-6) < n:
+      raise ConfigError(
+          f"mask_policy={cfg.policy!r} with largest outer keep ratio r_x={rx.max()} leaves "
+          f"{n - math.ceil(rx.max() * n - 1e-6)} of {n} outer units in {g!r} uncovered in every "
+          "round; add a level with r_x = 1, use mask_policy random or rolling, or allow uncovered "
+          "coordinates explicitly.")
+
+
+# ------------------------------------------------------------------ coverage
+
+
+class CoverageStats(NamedTuple):
+  min: jax.Array  # fewest clients keeping any coordinate
+  mean: jax.Array  # mean number of clients keeping a coordinate
+  uncovered_share: jax.Array  # share of coordinates no client keeps
+
+
+def coverage_counts(masks_C: PyTree) -> PyTree:
+  """C_q[j]: number of clients whose mask keeps coordinate j (sum over the leading axis)."""
+  return jax.tree.map(lambda m: jnp.sum(m != 0, axis=0), masks_C)
+
+
+def coverage_stats(masks_C: PyTree) -> CoverageStats:
+  """Min / mean coverage and uncovered share over every coordinate of every leaf."""
+  counts = jnp.concatenate([jnp.ravel(c) for c in jax.tree.leaves(coverage_counts(masks_C))])
+  return CoverageStats(jnp.min(counts), jnp.mean(counts.astype(jnp.float32)),
+                       jnp.mean((counts == 0).astype(jnp.float32)))

@@ -1,0 +1,70 @@
+"""Small PyTree linear-algebra helpers shared by estimators, clients and the server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def scale(s: jax.typing.ArrayLike, a: PyTree) -> PyTree:
+  return jax.tree.map(lambda t: s * t, a)
+
+
+def axpy(s: jax.typing.ArrayLike, a: PyTree, b: PyTree) -> PyTree:
+  """s * a + b."""
+  return jax.tree.map(lambda u, w: s * u + w, a, b)
+
+
+def mul(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.multiply, a, b)
+
+
+def where(mask: PyTree, a: PyTree, b: PyTree) -> PyTree:
+  """a where mask != 0, else b (leafwise)."""
+  return jax.tree.map(lambda m, u, w: jnp.where(m != 0, u, w), mask, a, b)
+
+
+def vdot(a: PyTree, b: PyTree) -> jax.Array:
+  leaves = jax.tree.leaves(jax.tree.map(lambda u, w: jnp.sum(u * w), a, b))
+  return sum(leaves, jnp.zeros((), leaves[0].dtype)) if leaves else jnp.zeros(())
+
+
+def norm(a: PyTree) -> jax.Array:
+  return jnp.sqrt(vdot(a, a))
+
+
+def zeros_like(a: PyTree) -> PyTree:
+  return jax.tree.map(jnp.zeros_like, a)
+
+
+def ones_like(a: PyTree) -> PyTree:
+  return jax.tree.map(jnp.ones_like, a)
+
+
+def size(a: PyTree) -> int:
+  return sum(int(t.size) for t in jax.tree.leaves(a))
+
+
+def count(mask: PyTree) -> jax.Array:
+  """Number of nonzero mask entries over all leaves."""
+  return sum(jnp.sum(m != 0) for m in jax.tree.leaves(mask))
+
+
+def stack(trees: list[PyTree]) -> PyTree:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def index(tree: PyTree, i: int) -> PyTree:
+  return jax.tree.map(lambda t: t[i], tree)
