@@ -116,6 +116,9 @@ def default_flops_per_grad(mask_x: PyTree, mask_y: PyTree) -> jax.Array:
   return 6.0 * (tree.count(mask_x) + tree.count(mask_y)).astype(jnp.float32)
 
 
+MaskFn = Callable[..., tuple[PyTree, PyTree]]
+
+
 class Round(NamedTuple):
   """The jitted round and what the host needs to drive it."""
 
@@ -130,8 +133,13 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
                optimizer: optax.GradientTransformation | None = None,
                flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = default_flops_per_grad,
                client_map: str = "vmap", jit: bool = True,
-               available: Mapping[str, np.ndarray] | None = None) -> Round:
+               available: Mapping[str, np.ndarray] | None = None,
+               mask_fn: MaskFn | None = None) -> Round:
   """Build the round function `step(state, data) -> (state, metrics)` (validated up front).
+
+  mask_fn: optional `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` replacing
+  the policy masks (slot = the client's position 0..C-1 in this round), e.g. schedules with a
+  controlled coverage for the theory check.
 
   client_map: "vmap" (default) or "loop" (a Python loop over clients inside the same jit: the
   reference the vmapped round is tested against).
@@ -160,7 +168,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   level_table = jnp.array([[lv.rx, lv.ry] for lv in cfg.levels])
   level_p = jnp.array([lv.share for lv in cfg.levels])
 
-  def one_client(state: ServerState, data: FederatedData, cid: jax.Array, q: jax.Array):
+  def one_client(state: ServerState, data: FederatedData, cid: jax.Array, slot: jax.Array,
+                 q: jax.Array):
     if cfg.redraw_levels:
       lvl = jax.random.choice(jax.random.fold_in(jax.random.fold_in(
           stream_key(cfg.seed, "levels"), q), cid), len(cfg.levels), p=level_p)
@@ -172,8 +181,11 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       active = ((rx == 1) & (ry == 1)).astype(jnp.float32)
     mkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "masks"), q), cid)
     avail = None if data.available is None else {g: a[cid] for g, a in data.available.items()}
-    mask_x, mask_y = masks_lib.make_masks(cfg.mask, layout, state.x, state.y, rx, ry, mkey, q,
-                                          avail)
+    if mask_fn is None:
+      mask_x, mask_y = masks_lib.make_masks(cfg.mask, layout, state.x, state.y, rx, ry, mkey, q,
+                                            avail)
+    else:
+      mask_x, mask_y = mask_fn(state, cid, slot, q, rx, ry, mkey)
     mask_x, mask_y = tree.scale(active, mask_x), tree.scale(active, mask_y)
     bkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "batches"), q), cid)
     out = client_update(problem, cfg.client, state.x, state.y, state.v, tree.index(data.inner, cid),
@@ -189,9 +201,11 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     ids = jax.random.choice(jax.random.fold_in(stream_key(cfg.seed, "sample"), q), pop,
                             (num_sampled,), replace=False)
     if client_map == "vmap":
-      outs = jax.vmap(one_client, (None, None, 0, None))(state, data, ids, q)
+      outs = jax.vmap(one_client, (None, None, 0, 0, None))(state, data, ids,
+                                                             jnp.arange(num_sampled), q)
     else:
-      outs = tree.stack([one_client(state, data, ids[i], q) for i in range(num_sampled)])
+      outs = tree.stack([one_client(state, data, ids[i], jnp.asarray(i), q)
+                         for i in range(num_sampled)])
     out, mask_x, mask_y, w, stats = outs
     dx = aggregate(out.delta_x, mask_x, w)
     dy = aggregate(out.delta_y, mask_y, w)
