@@ -45,8 +45,13 @@ def init_mlp(key: jax.Array, in_dim: int, hidden: int, classes: int,
 
 def mlp_logits(x: PyTree, y: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.Array:
   """Same numbers as MLP.apply, for any hidden width (compact submodels)."""
-  h = ACTIVATIONS[activation](inputs @ x["hidden"]["kernel"] + x["hidden"]["bias"])
-  return h @ y["head"]["kernel"] + y["head"]["bias"]
+  h = ACTIVATIONS[activation](dense(x["hidden"], inputs))
+  return dense(y["head"], h)
+
+
+def dense(params: PyTree, inputs: jax.Array) -> jax.Array:
+  """inputs @ kernel + bias with explicit broadcasting (as flax.linen.Dense)."""
+  return inputs @ params["kernel"] + params["bias"][None, :]
 
 
 def mlp_layout(hidden: int) -> UnitLayout:

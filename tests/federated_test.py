@@ -1,0 +1,174 @@
+"""The federated round: reduction to the unpruned algorithm, vmap vs loop, tracing, seeds,
+convergence on the toy problem, and configuration errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+from bilevel import federated, hypergrad, inner, problems, tree
+from bilevel import masks as masks_lib
+from bilevel.client import ClientConfig
+from bilevel.errors import ConfigError
+from bilevel.hypergrad import EstimatorOptions
+
+M, D = 6, 5
+LEVELS = masks_lib.parse_levels("1/1:0.34,0.5/0.5:0.33,0.25/0.25:0.33")
+
+
+def _client(local_steps=3, estimator="fd"):
+  return ClientConfig(local_steps=local_steps, inner_steps=2, inner_lr=0.2, outer_lr=0.1,
+                      estimator=estimator,
+                      estimator_options=EstimatorOptions(num_steps=2, step_size=0.2, delta=1e-4))
+
+
+def _setup(heterogeneity=1.0, dtype=np.float64):
+  d = problems.make_quadratic(M, D, D, seed=0, heterogeneity=heterogeneity, separable=True,
+                              dtype=dtype)
+  data = federated.FederatedData(d, d, jnp.arange(1, M + 1))
+  x0 = jnp.full(D, 3.0, dtype)
+  return d, data, x0, jnp.zeros(D, dtype)
+
+
+def _run(cfg, rounds, dtype=np.float64, client_map="vmap", heterogeneity=1.0, **kw):
+  d, data, x0, y0 = _setup(heterogeneity, dtype)
+  rnd = federated.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0,
+                             client_map=client_map, **kw)
+  state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+  state, records = federated.run(rnd, state, data, rounds, log=None,
+                                 eval_fn=lambda s: {"true_hypergrad_norm": jnp.linalg.norm(
+                                     problems.quadratic_hypergrad(s.x, d))})
+  return state, records, rnd
+
+
+class RoundTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.enable_x64(True))
+
+  @parameterized.product(local_steps=(1, 3), estimator=tuple(hypergrad.ESTIMATORS))
+  def test_keep_ratio_one_is_the_unpruned_algorithm(self, local_steps, estimator):
+    client = _client(local_steps, estimator)
+    cfg = federated.FederatedConfig(M, M, client=client, levels=(masks_lib.Level(1, 1, 1),))
+    state, _, _ = _run(cfg, 3)
+    # Reference: the unpruned algorithm written out with the public pieces, no masks anywhere.
+    d, _, x, y = _setup()
+    v = jnp.zeros(D)
+    opts = client.estimator_options
+
+    @jax.jit
+    def local(x, y, v, batch):
+      for _ in range(local_steps):
+        y = inner.inner_solve(problems.quadratic_inner, x, y, batch,
+                              num_steps=client.inner_steps, step_size=client.inner_lr)
+        res = hypergrad.hypergradient(problems.QUADRATIC, x, y, batch, batch, v=v,
+                                      estimator=estimator, num_steps=opts.num_steps,
+                                      step_size=opts.step_size, delta=opts.delta)
+        x, v = x - client.outer_lr * res.hypergrad, res.v
+      return x, y, v
+
+    for _ in range(3):
+      outs = [local(x, y, v, tree.index(d, i)) for i in range(M)]
+      x, y, v = (s + np.mean([o[k] - s for o in outs], axis=0) for k, s in enumerate((x, y, v)))
+    # Algebraically identical; the order of floating-point operations differs, and fd divides
+    # rounding errors by the probe length (1e-4): 1e-16 / 1e-4 ~ 1e-12 per product.
+    rtol = 1e-10 if estimator == "fd" else 1e-12
+    for got, want in ((state.x, x), (state.y, y), (state.v, v)):
+      np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 1e-2)
+
+  @parameterized.parameters((np.float64, 1e-12), (np.float32, 1e-5))
+  def test_vmap_equals_loop(self, dtype, rtol):
+    cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS,
+                                    mask=masks_lib.MaskConfig("random", "unit"))
+    a, ra, _ = _run(cfg, 3, dtype=dtype)
+    b, rb, _ = _run(cfg, 3, dtype=dtype, client_map="loop")
+    for u, w in ((a.x, b.x), (a.y, b.y), (a.v, b.v)):
+      np.testing.assert_allclose(u, w, rtol=rtol, atol=rtol * 1e-2)
+    self.assertEqual(ra[-1]["coverage_x_min"], rb[-1]["coverage_x_min"])
+
+  def test_round_is_traced_once(self):
+    traces = []
+
+    def flops(mask_x, mask_y):
+      traces.append(1)  # runs only while tracing
+      return federated.default_flops_per_grad(mask_x, mask_y)
+
+    cfg = federated.FederatedConfig(M, 3, client=_client(), levels=LEVELS)
+    _, records, rnd = _run(cfg, 6, flops_per_grad=flops)
+    self.assertLen(records, 6)
+    self.assertLen(traces, 1)
+    self.assertEqual(rnd.step._cache_size(), 1)
+
+  def test_same_seed_same_metrics_other_seed_different(self):
+    make = lambda seed: federated.FederatedConfig(M, 3, client=_client(), levels=LEVELS, seed=seed)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in recs]
+    _, r1, _ = _run(make(0), 4)
+    _, r2, _ = _run(make(0), 4)
+    _, r3, _ = _run(make(1), 4)
+    self.assertEqual(strip(r1), strip(r2))
+    self.assertNotEqual(strip(r1), strip(r3))
+
+  @parameterized.parameters("random", "rolling")
+  def test_rafbo_with_pruning_converges_on_toy(self, policy):
+    # Homogeneous clients: the fixed point of every submodel update is the stationary point, so
+    # the true hypergradient norm must fall geometrically (client heterogeneity adds a noise floor
+    # proportional to step size x heterogeneity; see WORKSPACE.md).
+    cfg = federated.FederatedConfig(
+        M, 3, client=_client(local_steps=5), levels=LEVELS,
+        mask=masks_lib.MaskConfig(policy, "unit"))
+    _, records, _ = _run(cfg, 300, heterogeneity=0.0)
+    d, _, x0, _ = _setup(0.0)
+    start = float(jnp.linalg.norm(problems.quadratic_hypergrad(x0, d)))
+    self.assertLess(records[-1]["true_hypergrad_norm"], start / 100)
+    self.assertLess(records[-1]["cx_star"], 3)  # pruning really left coordinates to fewer clients
+
+  def test_metrics_count_coverage_flops_and_bytes(self):
+    # static masks: the last coordinate is kept by the full-size clients alone
+    cfg = federated.FederatedConfig(M, M, client=_client(), levels=LEVELS,
+                                    mask=masks_lib.MaskConfig("static", "unit"))
+    _, records, rnd = _run(cfg, 2)
+    rec = records[-1]
+    kept = np.ceil(rnd.client_ratios * D - 1e-6)  # [M, 2] kept coordinates of x and y
+    self.assertEqual(rec["comm_bytes"], 2 * 8 * np.sum(kept[:, 0] + 2 * kept[:, 1]))
+    self.assertEqual(rec["coverage_x_min"], np.sum(rnd.client_ratios[:, 0] == 1))
+    self.assertEqual(rec["cumulative_client_flops"], 2 * rec["client_flops"])
+
+  def test_only_full_samples_full_clients(self):
+    cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS, only_full=True)
+    _, records, rnd = _run(cfg, 2)
+    self.assertTrue(np.all(rnd.client_ratios[rnd.population] == 1))
+    self.assertEqual(records[-1]["active_clients"], len(rnd.population))
+    self.assertEqual(records[-1]["coverage_x_min"], len(rnd.population))
+
+  def test_redrawn_levels_run(self):
+    cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS, redraw_levels=True)
+    _, records, _ = _run(cfg, 3)
+    self.assertTrue(np.isfinite(records[-1]["outer_loss"]))
+
+
+class ConfigErrorTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("too_many_clients", dict(clients_per_round=M + 1), r"clients_per_round=7 .*\[1, num_clients=6\]"),
+      ("policy", dict(mask=masks_lib.MaskConfig("lottery")), "mask_policy='lottery'.*random"),
+      ("granularity", dict(mask=masks_lib.MaskConfig("random", "block")), "mask_granularity='block'"),
+      ("estimator", dict(client=ClientConfig(estimator="hessian")), "estimator='hessian'.*fd"),
+      ("aggregation", dict(aggregation="median"), "aggregation='median'"),
+      ("uncovered", dict(mask=masks_lib.MaskConfig("static"),
+                         levels=masks_lib.parse_levels("0.5/0.5:1")), "static.*uncovered"),
+      ("keep_ratio", dict(levels=(masks_lib.Level(1.2, 1.0, 1.0),)), r"rx=1\.2.*\(0, 1\]"),
+      ("shares", dict(levels=(masks_lib.Level(1, 1, 0.5),)), "sum to 0.5"),
+      ("server_lr", dict(server_lr=0.0), "server_lr=0.0"),
+      ("local_steps", dict(client=ClientConfig(local_steps=0)), "local_steps=0"),
+  )
+  def test_bad_config_raises_one_clear_error(self, override, message):
+    x0 = jnp.zeros(D)
+    cfg = federated.FederatedConfig(M, 3)._replace(**override)
+    with self.assertRaisesRegex(ConfigError, message):
+      federated.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,143 @@
+"""Mask policies, unit expansion, resource levels, coverage checks and statistics."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from bilevel import models
+from bilevel import masks as masks_lib
+from bilevel.errors import ConfigError
+
+K = 12
+LAYOUT = models.mlp_layout(K)
+
+
+def _params():
+  return models.init_mlp(jax.random.key(0), 5, K, 3)
+
+
+def _units(policy, rx, ry, key=0, q=0, available=None):
+  x, y = _params()
+  return masks_lib.unit_masks(LAYOUT, policy, rx, ry, jax.random.key(key), q, x, y, available)
+
+
+class PolicyTest(parameterized.TestCase):
+
+  @parameterized.product(policy=masks_lib.POLICIES, rx=(1.0, 0.5, 0.3), ry=(1.0, 0.25))
+  def test_keep_ratio_and_nesting(self, policy, rx, ry):
+    umx, umy = _units(policy, rx, ry, key=3, q=5)
+    self.assertEqual(int(umx["hidden"].sum()), math.ceil(rx * K - 1e-6))
+    # y rows sit on x's kept units (shared axis): min(rx, ry) of the units, nested in x's.
+    self.assertEqual(int(umy["hidden"].sum()), math.ceil(min(rx, ry) * K - 1e-6))
+    self.assertTrue(np.all(umy["hidden"] <= umx["hidden"]))
+
+  @parameterized.parameters(*masks_lib.POLICIES)
+  def test_element_keep_ratio(self, policy):
+    x, y = _params()
+    mx, my = masks_lib.element_masks(policy, 0.3, 0.6, jax.random.key(1), 2, x, y)
+    for m, r in ((mx, 0.3), (my, 0.6)):
+      for leaf in jax.tree.leaves(m):
+        self.assertEqual(int(leaf.sum()), math.ceil(r * leaf.size - 1e-6))
+
+  def test_static_is_prefix(self):
+    umx, _ = _units("static", 0.25, 0.25, key=7, q=9)
+    np.testing.assert_array_equal(umx["hidden"], (np.arange(K) < 3).astype(np.float32))
+
+  def test_rolling_shifts_by_one_and_covers_every_unit_over_a_cycle(self):
+    masks = [np.asarray(_units("rolling", 0.25, 0.25, q=q)[0]["hidden"]) for q in range(K)]
+    for q in range(K - 1):
+      np.testing.assert_array_equal(np.roll(masks[q], 1), masks[q + 1])
+    np.testing.assert_array_equal(masks[0], (np.arange(K) < 3).astype(np.float32))
+    self.assertTrue(np.all(np.sum(masks, axis=0) >= 1))
+
+  @parameterized.parameters("random", "magnitude")
+  def test_same_key_same_mask_other_key_other_mask(self, policy):
+    a = _units(policy, 0.5, 0.5, key=1)[0]["hidden"]
+    b = _units(policy, 0.5, 0.5, key=1)[0]["hidden"]
+    np.testing.assert_array_equal(a, b)
+    if policy == "random":
+      others = [_units(policy, 0.5, 0.5, key=k)[0]["hidden"] for k in range(2, 6)]
+      self.assertTrue(any(np.any(o != a) for o in others))
+
+  def test_magnitude_keeps_largest_units(self):
+    x, y = _params()
+    scale = jnp.arange(1, K + 1, dtype=jnp.float32)
+    x = {"hidden": {"kernel": jnp.broadcast_to(scale, (5, K)), "bias": scale}}
+    umx, _ = masks_lib.unit_masks(LAYOUT, "magnitude", 0.25, 0.25, jax.random.key(0), 0, x, y)
+    np.testing.assert_array_equal(umx["hidden"], (np.arange(K) >= K - 3).astype(np.float32))
+
+  def test_pruned_unit_removes_incoming_bias_and_outgoing(self):
+    x, y = _params()
+    um = {"hidden": (jnp.arange(K) % 3 == 0).astype(jnp.float32)}
+    mx, my = masks_lib.expand_unit_masks(LAYOUT, um, um, x, y)
+    pruned = np.flatnonzero(np.asarray(um["hidden"]) == 0)
+    self.assertTrue(np.all(mx["hidden"]["kernel"][:, pruned] == 0))  # incoming
+    self.assertTrue(np.all(mx["hidden"]["bias"][pruned] == 0))  # bias
+    self.assertTrue(np.all(my["head"]["kernel"][pruned, :] == 0))  # outgoing
+    self.assertTrue(np.all(my["head"]["bias"] == 1))  # outputs are never pruned
+    kept = np.flatnonzero(np.asarray(um["hidden"]))
+    self.assertTrue(np.all(mx["hidden"]["kernel"][:, kept] == 1))
+
+  def test_available_units_restrict_the_choice(self):
+    avail = {"hidden": (jnp.arange(K) < 8).astype(jnp.float32)}
+    for policy in masks_lib.POLICIES:
+      umx, _ = _units(policy, 0.5, 0.5, available=avail)
+      self.assertEqual(int(umx["hidden"].sum()), 4, policy)
+      self.assertTrue(np.all(np.asarray(umx["hidden"])[8:] == 0), policy)
+
+
+class LevelsTest(parameterized.TestCase):
+
+  def test_parse(self):
+    levels = masks_lib.parse_levels("1/1:0.2, 0.5/0.75:0.3,0.25/0.5:0.5")
+    self.assertEqual(levels[1], masks_lib.Level(0.5, 0.75, 0.3))
+
+  @parameterized.parameters(
+      ("1/1:0.5,0.5/0.5:0.4", "sum to"),
+      ("1.5/1:1", r"rx=1\.5 .*\(0, 1\]"),
+      ("1/0:1", r"ry=0\.0 .*\(0, 1\]"),
+      ("1-1:1", "not of the form"),
+      ("", "empty"),
+  )
+  def test_bad_profiles(self, profile, message):
+    with self.assertRaisesRegex(ConfigError, message):
+      masks_lib.parse_levels(profile)
+
+  def test_assign_levels_counts_and_seed(self):
+    levels = masks_lib.parse_levels("1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5")
+    r = masks_lib.assign_levels(levels, 20, seed=0)
+    self.assertEqual(sorted(np.unique(r[:, 0], return_counts=True)[1].tolist()), [4, 6, 10])
+    np.testing.assert_array_equal(r, masks_lib.assign_levels(levels, 20, seed=0))
+    self.assertFalse(np.array_equal(r, masks_lib.assign_levels(levels, 20, seed=1)))
+
+  def test_static_without_full_client_is_rejected(self):
+    x, _ = _params()
+    cfg = masks_lib.MaskConfig("static", "unit")
+    with self.assertRaisesRegex(ConfigError, r"static.*r_x=0\.5.*uncovered"):
+      masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5], [0.25, 0.25]]))
+    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5]]), allow_uncovered=True)
+    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[1.0, 0.5], [0.25, 0.25]]))
+    masks_lib.check_coverable(masks_lib.MaskConfig("rolling"), LAYOUT, x, np.array([[0.5, 0.5]]))
+
+
+class CoverageTest(parameterized.TestCase):
+
+  def test_stats_match_brute_force(self):
+    rng = np.random.default_rng(0)
+    masks_C = {"a": (rng.random((5, 4, 3)) < 0.3).astype(np.float32),
+               "b": (rng.random((5, 7)) < 0.6).astype(np.float32)}
+    counts = []
+    for leaf in masks_C.values():
+      for j in np.ndindex(leaf.shape[1:]):
+        counts.append(sum(int(leaf[(i,) + j] != 0) for i in range(5)))
+    stats = masks_lib.coverage_stats(jax.tree.map(jnp.asarray, masks_C))
+    self.assertEqual(int(stats.min), min(counts))
+    self.assertAlmostEqual(float(stats.mean), np.mean(counts), places=5)
+    self.assertAlmostEqual(float(stats.uncovered_share), np.mean(np.array(counts) == 0), places=6)
+
+
+if __name__ == "__main__":
+  absltest.main()

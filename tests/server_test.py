@@ -1,0 +1,86 @@
+"""Coverage-mean aggregation and the server step against brute-force loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+from bilevel import server
+
+import bilevel
+
+
+def _case(seed=0, c=6):
+  rng = np.random.default_rng(seed)
+  deltas = {"w": rng.normal(size=(c, 4, 3)), "b": rng.normal(size=(c, 5))}
+  masks = {"w": (rng.random((c, 4, 3)) < 0.4).astype(np.float64),
+           "b": (rng.random((c, 5)) < 0.5).astype(np.float64)}
+  weights = rng.integers(1, 10, c).astype(np.float64)
+  return deltas, masks, weights
+
+
+class CoverageMeanTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.enable_x64(True))
+
+  @parameterized.parameters(True, False)
+  def test_matches_brute_force(self, weighted):
+    deltas, masks, weights = _case()
+    w = weights if weighted else np.ones(6)
+    got = bilevel.coverage_mean(jax.tree.map(jnp.asarray, deltas), jax.tree.map(jnp.asarray, masks),
+                                jnp.asarray(w) if weighted else None)
+    for name in deltas:
+      d, m = deltas[name], masks[name]
+      for j in np.ndindex(d.shape[1:]):
+        num = sum(w[i] * m[(i,) + j] * d[(i,) + j] for i in range(6))
+        den = sum(w[i] * m[(i,) + j] for i in range(6))
+        expected = num / den if den > 0 else 0.0
+        np.testing.assert_allclose(got[name][j], expected, rtol=1e-12, atol=1e-15)
+
+  def test_uncovered_coordinates_do_not_move(self):
+    deltas, masks, _ = _case(1)
+    masks["b"][:, 2] = 0.0
+    params = {"w": jnp.ones((4, 3)), "b": jnp.arange(5.0)}
+    agg = server.coverage_mean(deltas, masks)
+    cover = server.covered(masks)
+    for opt in (optax.sgd(1.0), optax.adam(0.1)):
+      new, _ = server.server_step(params, agg, cover, opt, opt.init(params))
+      self.assertEqual(float(new["b"][2]), 2.0)
+      moved = np.asarray(cover["w"]) > 0
+      self.assertTrue(np.all(np.asarray(new["w"])[~moved] == 1.0))
+    new, _ = server.server_step(params, agg, cover, optax.sgd(1.0), optax.sgd(1.0).init(params))
+    np.testing.assert_allclose(new["w"], params["w"] + agg["w"], rtol=1e-15)
+
+  def test_permutation_invariant(self):
+    deltas, masks, weights = _case(2)
+    perm = np.random.default_rng(0).permutation(6)
+    a = server.coverage_mean(deltas, masks, weights)
+    b = server.coverage_mean(jax.tree.map(lambda t: t[perm], deltas),
+                             jax.tree.map(lambda t: t[perm], masks), weights[perm])
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12), a, b)
+
+  def test_all_ones_masks_give_the_plain_mean(self):
+    deltas, masks, _ = _case(3)
+    ones = jax.tree.map(np.ones_like, masks)
+    got = server.coverage_mean(deltas, ones)
+    jax.tree.map(lambda g, d: np.testing.assert_allclose(g, d.mean(axis=0), rtol=1e-12),
+                 got, deltas)
+
+  def test_zero_fill_divides_by_all_clients(self):
+    deltas, masks, weights = _case(4)
+    got = server.zero_fill_mean(deltas, masks, weights)
+    for name in deltas:
+      expected = np.tensordot(weights, masks[name] * deltas[name], axes=1) / weights.sum()
+      np.testing.assert_allclose(got[name], expected, rtol=1e-12)
+
+  def test_coverage_stats_is_public(self):
+    _, masks, _ = _case(5)
+    stats = bilevel.coverage_stats(masks)
+    self.assertEqual(set(stats._fields), {"min", "mean", "uncovered_share"})
+
+
+if __name__ == "__main__":
+  absltest.main()
