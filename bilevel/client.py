@@ -33,6 +33,21 @@ def full_batch(data: Any, key: jax.Array) -> Any:
   return data
 
 
+def minibatch_sampler(batch_size: int) -> Sampler:
+  """Sample batch_size rows uniformly (with replacement) from the valid rows of a client.
+
+  Client data is a dict of arrays [N, ...] whose "weight" entry is 1 for valid rows (which come
+  first) and 0 for padding; the sampled batch has the same keys and all weights 1.
+  """
+
+  def sample(data: Any, key: jax.Array) -> Any:
+    n = jnp.maximum(jnp.sum(data["weight"] > 0), 1)
+    idx = jax.random.randint(key, (batch_size,), 0, n)
+    return jax.tree.map(lambda t: jnp.take(t, idx, axis=0), data)
+
+  return sample
+
+
 class ClientConfig(NamedTuple):
   local_steps: int = 1  # K
   inner_steps: int = 1  # T

@@ -42,3 +42,29 @@ def write_json(path: str, obj: Mapping[str, Any]) -> None:
     json.dump(to_python(obj), f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
+
+
+PLOT_PANELS = (("round", "test_accuracy"), ("cumulative_client_flops", "test_accuracy"),
+               ("round", "hypergrad_norm"), ("round", "coverage_x_min"))
+
+
+def plot_records(records: list[Mapping[str, Any]], path: str, title: str = "") -> None:
+  """One PNG with the panels of PLOT_PANELS that the records have (headless backend)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  panels = [(a, b) for a, b in PLOT_PANELS if records and a in records[0] and b in records[0]]
+  if not panels:
+    return
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  for ax, (xk, yk) in zip(axes[0], panels):
+    ax.plot([r[xk] for r in records], [r[yk] for r in records], marker=".")
+    ax.set_xlabel(xk.replace("_", " "))
+    ax.set_ylabel(yk.replace("_", " "))
+    if yk == "hypergrad_norm":
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,8 +1,11 @@
-"""Flags shared by every driver (each defined here once) and the workdir protocol.
+"""Flags shared by the drivers (each defined here once), config building and the workdir protocol.
 
 Workdir layout (SPEC section 11): config.json (flags, library versions, device), metrics.jsonl
 (one JSON object per logged round), summary.json (final metrics; written last, so its presence
 marks a finished run) and PNG plots.
+
+Algorithm presets (bilevel.federated.ALGORITHMS) set defaults; a flag given on the command line
+always wins over the preset.
 """
 
 from __future__ import annotations
@@ -15,11 +18,49 @@ from typing import Any, Mapping
 
 from absl import flags
 
-from bilevel.metrics import write_json
+from bilevel import federated
+from bilevel.client import ClientConfig
+from bilevel.hypergrad import EstimatorOptions
+from bilevel.masks import Level, MaskConfig, parse_levels
+from bilevel.metrics import JsonlWriter, plot_records, write_json
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, "
                               "summary.json and plots (created if missing).")
 SEED = flags.DEFINE_integer("seed", 0, "The one seed every random stream is derived from.")
+
+# Federated run flags shared by the task drivers.
+ROUNDS = flags.DEFINE_integer("rounds", 300, "Communication rounds Q.")
+NUM_CLIENTS = flags.DEFINE_integer("num_clients", 20, "Simulated clients M.")
+CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampled per round.")
+ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(federated.ALGORITHMS),
+                              "Algorithm or baseline preset (bilevel.federated.ALGORITHMS).")
+ESTIMATOR = flags.DEFINE_string("estimator", "fd", "Hypergradient estimator: fd, exact, neumann, cg.")
+MASK_POLICY = flags.DEFINE_string("mask_policy", "random", "random, rolling, static, magnitude.")
+MASK_GRANULARITY = flags.DEFINE_string("mask_granularity", "unit", "unit or element.")
+LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5",
+                             "Resource levels rx/ry:share,... (keep ratios of x and y).")
+REDRAW_LEVELS = flags.DEFINE_boolean("redraw_levels", False, "Redraw client levels each round.")
+ALLOW_UNCOVERED = flags.DEFINE_boolean("allow_uncovered", False,
+                                       "Accept mask settings that never cover some outer units.")
+LOCAL_STEPS = flags.DEFINE_integer("local_steps", 5, "Local steps K per round (RAFBO).")
+INNER_STEPS = flags.DEFINE_integer("inner_steps", 1, "Inner steps T per local step.")
+INNER_LR = flags.DEFINE_float("inner_lr", 0.1, "Inner step size beta.")
+OUTER_LR = flags.DEFINE_float("outer_lr", 0.1, "Outer (hypergradient) step size alpha.")
+NUM_STEPS = flags.DEFINE_integer("num_steps", 1, "v updates / Neumann terms / CG iterations.")
+V_LR = flags.DEFINE_float("v_lr", 0.1, "Step size eta of the v update and Neumann series.")
+DELTA = flags.DEFINE_float("delta", 1e-3, "Finite-difference probe length (fd).")
+RADIUS = flags.DEFINE_float("radius", None, "Optional projection radius for v.")
+SERVER_LR = flags.DEFINE_float("server_lr", 1.0, "Server step s on the coverage mean.")
+AGGREGATION = flags.DEFINE_string("aggregation", "coverage", "coverage or zero_fill (ablation).")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client minibatch size (0 = full batch).")
+DATASET = flags.DEFINE_string("dataset", "mnist_embedded",
+                              "mnist_embedded, digits, mnist, fashion_mnist, cifar10.")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with local dataset files.")
+PARTITION = flags.DEFINE_string("partition", "iid", "iid, shards or dirichlet.")
+ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration (partition=dirichlet).")
+VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.5, "Share of a client's data for f_i.")
+EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Log metrics every this many rounds.")
+LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many rounds.")
 
 
 def versions() -> dict[str, str]:
@@ -52,13 +93,97 @@ def require_workdir() -> str:
   return WORKDIR.value
 
 
+def _value(name: str, preset: Mapping[str, Any], default: Any) -> Any:
+  """The flag's value if given on the command line, else the preset's, else the flag default."""
+  if flags.FLAGS[name].present:
+    return flags.FLAGS[name].value
+  return preset.get(name, default)
+
+
+def federated_config() -> federated.FederatedConfig:
+  """FederatedConfig from the shared flags and the --algorithm preset (validated later)."""
+  preset = federated.ALGORITHMS[ALGORITHM.value]
+  levels: tuple[Level, ...] = parse_levels(LEVELS.value)
+  if preset.get("prune", True) is False and not flags.FLAGS["levels"].present:
+    levels = (Level(1.0, 1.0, 1.0),)
+  client = ClientConfig(
+      local_steps=_value("local_steps", preset, LOCAL_STEPS.value),
+      inner_steps=_value("inner_steps", preset, INNER_STEPS.value),
+      inner_lr=INNER_LR.value, outer_lr=OUTER_LR.value,
+      estimator=_value("estimator", preset, ESTIMATOR.value),
+      estimator_options=EstimatorOptions(
+          num_steps=_value("num_steps", preset, NUM_STEPS.value), step_size=V_LR.value,
+          delta=DELTA.value, radius=RADIUS.value))
+  return federated.FederatedConfig(
+      num_clients=NUM_CLIENTS.value, clients_per_round=CLIENTS_PER_ROUND.value, client=client,
+      mask=MaskConfig(_value("mask_policy", {"mask_policy": preset.get("policy")}
+                             if "policy" in preset else {}, MASK_POLICY.value),
+                      MASK_GRANULARITY.value),
+      levels=levels, redraw_levels=REDRAW_LEVELS.value,
+      only_full=preset.get("only_full", False), aggregation=AGGREGATION.value,
+      server_lr=SERVER_LR.value, allow_uncovered=ALLOW_UNCOVERED.value, seed=SEED.value)
+
+
+def check_shared_flags() -> list[str]:
+  """Range problems of the shared flags (all of them, not only the first)."""
+  problems = []
+  for flag, low in ((ROUNDS, 1), (NUM_CLIENTS, 1), (CLIENTS_PER_ROUND, 1), (EVAL_EVERY, 1),
+                    (LOG_EVERY, 1), (BATCH_SIZE, 0)):
+    if flag.value < low:
+      problems.append(f"--{flag.name}={flag.value} must be >= {low}.")
+  if not 0 < VAL_FRACTION.value < 1:
+    problems.append(f"--val_fraction={VAL_FRACTION.value} is outside the allowed range (0, 1).")
+  if not ALPHA.value > 0:
+    problems.append(f"--alpha={ALPHA.value} is outside the allowed range (0, inf).")
+  return problems
+
+
+def config_dict(cfg: federated.FederatedConfig) -> dict[str, Any]:
+  d = cfg._asdict()
+  d["client"] = cfg.client._asdict()
+  d["client"]["estimator_options"] = cfg.client.estimator_options._asdict()
+  d["mask"] = cfg.mask._asdict()
+  d["levels"] = [lv._asdict() for lv in cfg.levels]
+  return d
+
+
 def write_config(workdir: str, config: Mapping[str, Any]) -> None:
-  flag_values = {f.name: f.value for f in flags.FLAGS.get_flags_for_module(sys.argv[0])} \
-      if sys.argv and sys.argv[0] else {}
+  """config.json: the resolved config, every experiments.* flag, versions, device, argv."""
+  flag_values = {f.name: f.value for module, module_flags in flags.FLAGS.flags_by_module_dict().items()
+                 if "experiments" in module for f in module_flags}
   write_json(os.path.join(workdir, "config.json"),
              {"config": dict(config), "flags": flag_values, "versions": versions(),
               "device": device_info(), "argv": list(sys.argv)})
 
 
+def start_run(workdir: str) -> None:
+  """A fresh run: remove a previous summary and metrics so nothing stale is mistaken as ours."""
+  for name in ("summary.json", "metrics.jsonl"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerState,
+                   data: federated.FederatedData, eval_fn, title: str):
+  """Run all rounds, streaming records to metrics.jsonl; plot; return (state, records)."""
+  writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  try:
+    state, records = federated.run(rnd, state, data, ROUNDS.value, eval_fn=eval_fn,
+                                   eval_every=EVAL_EVERY.value, on_record=writer,
+                                   log_every=LOG_EVERY.value)
+  finally:
+    writer.close()
+  plot_records(records, os.path.join(workdir, "curves.png"), title)
+  return state, records
+
+
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   write_json(os.path.join(workdir, "summary.json"), summary)
+
+
+def print_table(rows: Mapping[str, Any]) -> None:
+  width = max(len(k) for k in rows)
+  for k, v in rows.items():
+    print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+

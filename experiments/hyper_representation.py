@@ -1,0 +1,105 @@
+"""Federated hyper-representation (SPEC section 9, task 1; FedNest setup).
+
+x = the representation layer of an MLP (784-200 on MNIST), y = the linear head.
+g_i = CE on client i's train split + l2/2 ||y||^2, f_i = CE on its validation split.
+Metric: test accuracy of the global (x, y).
+
+  python -m experiments.hyper_representation --workdir=runs/hr_rafbo
+  python -m experiments.hyper_representation --workdir=runs/hr_simfbo --algorithm=simfbo
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from bilevel import data as data_lib
+from bilevel import federated, models
+from bilevel.client import full_batch, minibatch_sampler
+from bilevel.errors import ConfigError
+from experiments import common
+
+HIDDEN = flags.DEFINE_integer("hidden", 200, "Hidden units of the representation layer.")
+ACTIVATION = flags.DEFINE_enum("activation", "relu", sorted(models.ACTIVATIONS), "Activation.")
+L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
+
+
+def client_arrays(ds: data_lib.Dataset) -> tuple[federated.FederatedData, dict]:
+  parts = data_lib.partition(ds.y_train, common.NUM_CLIENTS.value, common.PARTITION.value,
+                             seed=common.SEED.value, alpha=common.ALPHA.value)
+  cd = data_lib.make_client_data(ds.x_train, ds.y_train, parts,
+                                 val_fraction=common.VAL_FRACTION.value, seed=common.SEED.value)
+  flat = lambda a: a.reshape(a.shape[:2] + (-1,))
+  inner = {"inputs": jnp.asarray(flat(cd.train_x)), "labels": jnp.asarray(cd.train_y),
+           "weight": jnp.asarray(cd.train_mask)}
+  outer = {"inputs": jnp.asarray(flat(cd.val_x)), "labels": jnp.asarray(cd.val_y),
+           "weight": jnp.asarray(cd.val_mask)}
+  info = dict(train_per_client_max=int(cd.train_x.shape[1]), val_per_client_max=int(cd.val_x.shape[1]))
+  return federated.FederatedData(inner, outer, jnp.asarray(cd.num_train)), info
+
+
+def main(argv):
+  del argv
+  problems = common.check_shared_flags()
+  if HIDDEN.value < 1:
+    problems.append(f"--hidden={HIDDEN.value} must be >= 1.")
+  if problems:
+    common.fail(" ".join(problems))
+  try:
+    ds = data_lib.load_dataset(common.DATASET.value, common.DATA_DIR.value, seed=common.SEED.value)
+    cfg = common.federated_config()
+    in_dim = int(np.prod(ds.input_shape))
+    x0, y0 = models.init_mlp(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
+                             in_dim, HIDDEN.value, ds.num_classes)
+    layout = models.mlp_layout(HIDDEN.value)
+    batch = common.BATCH_SIZE.value
+    sample = minibatch_sampler(batch) if batch else full_batch
+    data, info = client_arrays(ds)
+    per_grad_examples = batch if batch else info["train_per_client_max"]
+    rnd = federated.make_round(
+        models.hyper_representation_problem(ACTIVATION.value, L2.value), cfg, layout, x0,
+        sample=sample,
+        flops_per_grad=lambda mx, my: per_grad_examples * federated.default_flops_per_grad(mx, my))
+  except (ConfigError, data_lib.DataError) as e:
+    common.fail(str(e))
+  workdir = common.require_workdir()
+  common.start_run(workdir)
+  common.write_config(workdir, dict(common.config_dict(cfg), task="hyper_representation",
+                                    hidden=HIDDEN.value, activation=ACTIVATION.value, l2=L2.value,
+                                    dataset=data_lib.dataset_summary(ds), **info))
+  print(data_lib.dataset_summary(ds))
+  x_test = jnp.asarray(ds.x_test.reshape(len(ds.x_test), -1))
+  y_test = jnp.asarray(ds.y_test)
+
+  @jax.jit
+  def evaluate(state):
+    logits = models.mlp_logits(state.x, state.y, x_test, ACTIVATION.value)
+    return {"test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test),
+            "test_loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_test))}
+
+  state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+  start = time.perf_counter()
+  state, records = common.run_and_record(workdir, rnd, state, data, evaluate,
+                                         f"hyper-representation, {common.ALGORITHM.value}")
+  last = records[-1]
+  summary = dict(
+      task="hyper_representation", algorithm=common.ALGORITHM.value,
+      test_accuracy=last["test_accuracy"], test_loss=last["test_loss"], rounds=last["round"],
+      wall_time_s=time.perf_counter() - start,
+      cumulative_client_flops=last["cumulative_client_flops"],
+      cumulative_comm_bytes=last["cumulative_comm_bytes"],
+      min_coverage_x=last["cx_star"], min_coverage_y=last["cy_star"],
+      final_outer_loss=last["outer_loss"], final_inner_loss=last["inner_loss"],
+      final_hypergrad_norm=last["hypergrad_norm"])
+  common.write_summary(workdir, summary)
+  print("final:")
+  common.print_table(summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
