@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bilevel import masks as masks_lib
 from bilevel import server, tree
+from bilevel import submodel as submodel_lib
 from bilevel.client import ClientConfig, Sampler, client_update, full_batch
 from bilevel.client import grad_evals_per_round, validate_client_config
 from bilevel.errors import ConfigError, check_choice
@@ -117,15 +119,82 @@ def default_flops_per_grad(mask_x: PyTree, mask_y: PyTree) -> jax.Array:
 
 
 MaskFn = Callable[..., tuple[PyTree, PyTree]]
+SUBMODELS = ("dense", "compact")
+SAMPLINGS = ("uniform", "stratified")
+
+
+class Stratum(NamedTuple):
+  """Clients of one resource level: the compact path vmaps each stratum with its own shapes."""
+
+  rx: float
+  ry: float
+  clients: np.ndarray  # population ids at this level
+  per_round: int  # clients sampled from it per round (stratified sampling)
+  counts: dict[str, int]  # static compact width per unit group
 
 
 class Round(NamedTuple):
-  """The jitted round and what the host needs to drive it."""
+  """The jitted round and what the host needs to drive it.
+
+  The unjitted pieces `step` is made of are exposed for benchmarks and tests:
+  `sample_fn(round) -> [ids per stratum]` (one array with uniform sampling),
+  `client_fns[s](state, data, client_id, slot, round) -> client outputs` (per stratum; one
+  function on the dense path) and `server_fn(state, outputs stacked on [C]) -> (state, metrics)`.
+  """
 
   step: Callable[..., tuple[ServerState, dict[str, jax.Array]]]
   population: np.ndarray  # client ids that may be sampled
   client_ratios: np.ndarray  # [M, 2] fixed keep ratios (ignored with redraw_levels)
   clients_per_round: int
+  strata: tuple[Stratum, ...] = ()
+  sample_fn: Callable[[jax.Array], list[jax.Array]] | None = None
+  client_fns: tuple[Callable[..., Any], ...] = ()
+  server_fn: Callable[..., tuple[ServerState, dict[str, jax.Array]]] | None = None
+
+
+def _largest_remainder(total: int, sizes: np.ndarray) -> np.ndarray:
+  """Split `total` over strata proportionally to `sizes` (each part <= its size)."""
+  raw = total * sizes / sizes.sum()
+  counts = np.floor(raw).astype(int)
+  for i in np.argsort(-(raw - counts), kind="stable")[: total - counts.sum()]:
+    counts[i] += 1
+  return counts
+
+
+def make_strata(ratios: np.ndarray, population: np.ndarray, clients_per_round: int,
+                layout: UnitLayout | None) -> tuple[Stratum, ...]:
+  """Population split by resource level (largest r first); per-round counts by largest remainder.
+
+  Compact widths use masks.keep_count on the same float32/64 ratio the traced round sees, so the
+  static width equals the traced keep count exactly.
+  """
+  pairs = ratios[population]
+  levels = sorted({tuple(p) for p in pairs.tolist()}, reverse=True)
+  members = [population[np.all(pairs == np.array(lv), axis=1)] for lv in levels]
+  per_round = _largest_remainder(clients_per_round, np.array([len(m) for m in members]))
+  strata = []
+  for (rx, ry), ids, c in zip(levels, members, per_round):
+    counts = {}
+    if layout is not None:
+      as_jnp = lambda r: jnp.asarray(np.asarray(r, ratios.dtype))
+      kx = {g: int(masks_lib.keep_count(as_jnp(rx), n)) for g, n in layout.groups.items()}
+      ky = {g: int(masks_lib.keep_count(as_jnp(ry), n)) for g, n in layout.groups.items()}
+      counts = submodel_lib.group_keep_counts(layout, kx, ky)
+    if c > 0:
+      strata.append(Stratum(rx, ry, ids, int(c), counts))
+  return tuple(strata)
+
+
+def client_sharding(mesh: Mesh | None, axis: str) -> Callable[[PyTree], PyTree]:
+  """Constrain the leading (client) axis of every leaf to the mesh axis (identity without mesh)."""
+  if mesh is None:
+    return lambda t: t
+
+  def constrain(t):
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
+        a, NamedSharding(mesh, PartitionSpec(axis, *([None] * (a.ndim - 1))))), t)
+
+  return constrain
 
 
 def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout | None,
@@ -134,7 +203,9 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
                flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = default_flops_per_grad,
                client_map: str = "vmap", jit: bool = True,
                available: Mapping[str, np.ndarray] | None = None,
-               mask_fn: MaskFn | None = None) -> Round:
+               mask_fn: MaskFn | None = None, submodel: str = "dense",
+               sampling: str | None = None, mesh: Mesh | None = None,
+               mesh_axis: str = "clients") -> Round:
   """Build the round function `step(state, data) -> (state, metrics)` (validated up front).
 
   mask_fn: optional `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` replacing
@@ -143,9 +214,43 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
 
   client_map: "vmap" (default) or "loop" (a Python loop over clients inside the same jit: the
   reference the vmapped round is tested against).
+
+  submodel: "dense" (masked full-size arrays: the reference) or "compact" (unit masks only: each
+  client runs on jnp.take-extracted arrays of static width k = ceil(r K) per level; its outputs
+  are scattered back to full size and aggregated by the same server code). Compact needs fixed
+  levels, no `available` units and no mask_fn, and loss functions that accept compact arrays.
+
+  sampling: "uniform" (C clients without replacement from the population; dense default) or
+  "stratified" (per resource level a fixed count, the largest-remainder split of C by level
+  sizes, without replacement within the level; required by compact, where every level's group
+  needs a static size). With one level both draw the same clients.
+
+  mesh: optional jax.sharding.Mesh; the client axis of the sampled ids and of every client
+  output is sharded over `mesh_axis` (GSPMD partitions the vmapped clients; the aggregation
+  becomes a cross-device sum). The same numbers as one device up to summation order.
   """
   validate_config(cfg, layout)
   check_choice("client_map", client_map, ("vmap", "loop"))
+  check_choice("submodel", submodel, SUBMODELS)
+  sampling = sampling or ("stratified" if submodel == "compact" else "uniform")
+  check_choice("sampling", sampling, SAMPLINGS)
+  if sampling == "stratified" and cfg.redraw_levels:
+    raise ConfigError("sampling='stratified' (and submodel='compact') needs fixed client levels; "
+                      "redraw_levels=True draws a level per round: use submodel='dense' with "
+                      "sampling='uniform'.")
+  if submodel == "compact":
+    problems = []
+    if cfg.mask.granularity != "unit":
+      problems.append(f"mask_granularity={cfg.mask.granularity!r} (needs 'unit')")
+    if sampling != "stratified":
+      problems.append(f"sampling={sampling!r} (needs 'stratified': static group sizes)")
+    if mask_fn is not None:
+      problems.append("a mask_fn (masks must come from the unit policies)")
+    if available is not None:
+      problems.append("client-owned units `available` (they index the client's data)")
+    if problems:
+      raise ConfigError("submodel='compact' cannot run with " + "; ".join(problems) +
+                        "; use submodel='dense'.")
   optimizer = optimizer or optax.sgd(cfg.server_lr)
   ratios = masks_lib.assign_levels(cfg.levels, cfg.num_clients, cfg.seed)
   population = np.arange(cfg.num_clients)
@@ -167,9 +272,21 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   ratios_j = jnp.asarray(ratios)
   level_table = jnp.array([[lv.rx, lv.ry] for lv in cfg.levels])
   level_p = jnp.array([lv.share for lv in cfg.levels])
+  strata = () if sampling == "uniform" else make_strata(
+      np.asarray(ratios_j), population, num_sampled,
+      layout if cfg.mask.granularity == "unit" else None)
+  shard = client_sharding(mesh, mesh_axis)
 
-  def one_client(state: ServerState, data: FederatedData, cid: jax.Array, slot: jax.Array,
-                 q: jax.Array):
+  def sample_fn(q: jax.Array) -> list[jax.Array]:
+    key = jax.random.fold_in(stream_key(cfg.seed, "sample"), q)
+    if sampling == "uniform":
+      return [jax.random.choice(key, pop, (num_sampled,), replace=False)]
+    return [jax.random.choice(key if len(strata) == 1 else jax.random.fold_in(key, s),
+                              jnp.asarray(st.clients), (st.per_round,), replace=False)
+            for s, st in enumerate(strata)]
+
+  def context(data: FederatedData, cid: jax.Array, q: jax.Array):
+    """The client's keep ratios, activity, mask key, owned units and batch key this round."""
     if cfg.redraw_levels:
       lvl = jax.random.choice(jax.random.fold_in(jax.random.fold_in(
           stream_key(cfg.seed, "levels"), q), cid), len(cfg.levels), p=level_p)
@@ -181,31 +298,60 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       active = ((rx == 1) & (ry == 1)).astype(jnp.float32)
     mkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "masks"), q), cid)
     avail = None if data.available is None else {g: a[cid] for g, a in data.available.items()}
-    if mask_fn is None:
-      mask_x, mask_y = masks_lib.make_masks(cfg.mask, layout, state.x, state.y, rx, ry, mkey, q,
-                                            avail)
-    else:
-      mask_x, mask_y = mask_fn(state, cid, slot, q, rx, ry, mkey)
-    mask_x, mask_y = tree.scale(active, mask_x), tree.scale(active, mask_y)
     bkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "batches"), q), cid)
-    out = client_update(problem, cfg.client, state.x, state.y, state.v, tree.index(data.inner, cid),
-                        tree.index(data.outer, cid), mask_x, mask_y, bkey, sample)
+    return rx, ry, active, mkey, avail, bkey
+
+  def finish(data, cid, out, mask_x, mask_y, active):
     weight = active * (data.num_examples[cid].astype(jnp.float32)
                        if cfg.weighting == "examples" else 1.0)
     kept = (tree.count(mask_x) + 2 * tree.count(mask_y)).astype(jnp.float32)  # x, y, v
     stats = dict(flops=evals * flops_per_grad(mask_x, mask_y), params_sent=kept)
     return out, mask_x, mask_y, weight, stats
 
-  def step(state: ServerState, data: FederatedData):
-    q = state.round
-    ids = jax.random.choice(jax.random.fold_in(stream_key(cfg.seed, "sample"), q), pop,
-                            (num_sampled,), replace=False)
-    if client_map == "vmap":
-      outs = jax.vmap(one_client, (None, None, 0, 0, None))(state, data, ids,
-                                                             jnp.arange(num_sampled), q)
+  def dense_client(state: ServerState, data: FederatedData, cid: jax.Array, slot: jax.Array,
+                   q: jax.Array):
+    rx, ry, active, mkey, avail, bkey = context(data, cid, q)
+    if mask_fn is None:
+      mask_x, mask_y = masks_lib.make_masks(cfg.mask, layout, state.x, state.y, rx, ry, mkey, q,
+                                            avail)
     else:
-      outs = tree.stack([one_client(state, data, ids[i], jnp.asarray(i), q)
-                         for i in range(num_sampled)])
+      mask_x, mask_y = mask_fn(state, cid, slot, q, rx, ry, mkey)
+    mask_x, mask_y = tree.scale(active, mask_x), tree.scale(active, mask_y)
+    out = client_update(problem, cfg.client, state.x, state.y, state.v, tree.index(data.inner, cid),
+                        tree.index(data.outer, cid), mask_x, mask_y, bkey, sample)
+    return finish(data, cid, out, mask_x, mask_y, active)
+
+  def compact_client(counts: dict[str, int]):
+    def client(state: ServerState, data: FederatedData, cid: jax.Array, slot: jax.Array,
+               q: jax.Array):
+      del slot
+      rx, ry, active, mkey, _, bkey = context(data, cid, q)
+      umx, umy = masks_lib.unit_masks(layout, cfg.mask.policy, rx, ry, mkey, q, state.x, state.y)
+      idx = submodel_lib.compact_indices(layout, umx, umy, counts)
+      take = lambda axes, t: submodel_lib.extract(axes, t, idx)
+      x_c, y_c, v_c = take(layout.x, state.x), take(layout.y, state.y), take(layout.y, state.v)
+      cmx, cmy = submodel_lib.compact_masks(layout, umx, umy, idx, x_c, y_c)
+      cmx, cmy = tree.scale(active, cmx), tree.scale(active, cmy)
+      out = client_update(problem, cfg.client, x_c, y_c, v_c, tree.index(data.inner, cid),
+                          tree.index(data.outer, cid), cmx, cmy, bkey, sample)
+      put = lambda axes, t, like: submodel_lib.scatter(axes, t, idx, like)
+      out = out._replace(delta_x=put(layout.x, out.delta_x, state.x),
+                         delta_y=put(layout.y, out.delta_y, state.y),
+                         delta_v=put(layout.y, out.delta_v, state.y),
+                         hypergrad=put(layout.x, out.hypergrad, state.x))
+      mask_x, mask_y = masks_lib.expand_unit_masks(layout, umx, umy, state.x, state.y)
+      mask_x, mask_y = tree.scale(active, mask_x), tree.scale(active, mask_y)
+      return finish(data, cid, out, mask_x, mask_y, active)
+
+    return client
+
+  if submodel == "dense":
+    client_fns = (dense_client,)
+  else:
+    client_fns = tuple(compact_client(st.counts) for st in strata)
+
+  def server_fn(state: ServerState, outs):
+    q = state.round
     out, mask_x, mask_y, w, stats = outs
     dx = aggregate(out.delta_x, mask_x, w)
     dy = aggregate(out.delta_y, mask_y, w)
@@ -232,7 +378,26 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
         active_clients=jnp.sum(w > 0))
     return ServerState(x, y, v, opt_state, q + 1), metrics
 
-  return Round(jax.jit(step) if jit else step, population, ratios, num_sampled)
+  def step(state: ServerState, data: FederatedData):
+    q = state.round
+    id_groups = sample_fn(q)
+    if submodel == "dense" and len(id_groups) > 1:
+      id_groups = [jnp.concatenate(id_groups)]  # one vmap: every client has full-size arrays
+    outs, offset = [], 0
+    for fn, ids in zip(client_fns, id_groups):
+      ids = shard(ids)
+      slots = jnp.arange(offset, offset + ids.shape[0])
+      offset += ids.shape[0]
+      if client_map == "vmap":
+        outs.append(shard(jax.vmap(fn, (None, None, 0, 0, None))(state, data, ids, slots, q)))
+      else:
+        outs.append(tree.stack([fn(state, data, ids[i], slots[i], q)
+                                for i in range(ids.shape[0])]))
+    outs = outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+    return server_fn(state, outs)
+
+  return Round(jax.jit(step) if jit else step, population, ratios, num_sampled, strata,
+               sample_fn, client_fns, server_fn)
 
 
 # ------------------------------------------------------------------ run loop

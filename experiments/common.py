@@ -29,7 +29,7 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metri
 SEED = flags.DEFINE_integer("seed", 0, "The one seed every random stream is derived from.")
 
 # Federated run flags shared by the task drivers.
-ROUNDS = flags.DEFINE_integer("rounds", 300, "Communication rounds Q.")
+ROUNDS = flags.DEFINE_integer("rounds", 200, "Communication rounds Q.")
 NUM_CLIENTS = flags.DEFINE_integer("num_clients", 20, "Simulated clients M.")
 CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampled per round.")
 ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(federated.ALGORITHMS),

@@ -1,0 +1,436 @@
+r"""Federated data hyper-cleaning (SPEC section 9, task 2; benchopt / MemFBO setup).
+
+Training labels are replaced by a uniformly random label with probability --noise
+(`data.corrupt_labels`); every client's validation split keeps its clean labels.
+
+    x = {"logits": [N], "gate": [N]}    one weight logit per TRAINING sample of every client
+                                        (global vector; client m owns its own rows), and a
+                                        constant-1 gate (see "Outer pruning" below)
+    y = classifier: linear {"head": {"kernel": [D, C], "bias": [C]}} (default) or, with
+        --classifier=mlp, {"hidden": Dense(H), "head": Dense(C)} (both layers are inner)
+
+    g_i(x, y) = sum_j gate_j sigmoid(x_j) CE_j(y) / sum_j gate_j  +  c ||y||^2     (c = --reg)
+    f_i(x, y) = CE of y on client i's clean validation split
+
+over the client's train rows j (all of them, or a minibatch with --batch_size > 0); every row
+carries its global sample index, and g gathers x[index].
+
+Outer pruning (dual pruning, SPEC section 4): the unit group "samples" indexes both x leaves;
+`FederatedData.available` = ownership [M, N], so in a round a client keeps an r_x share of ITS
+OWN samples. A kept sample is the client's submodel: its weight gets a hypergradient and it
+enters g_i. A sample outside the round's mask is outside the submodel: at the pruned point its
+gate is 0, so it adds nothing to g_i (and to the client's work) this round, instead of silently
+entering with the weight sigmoid(0) = 1/2 that a zeroed logit alone would give. The gate is
+held out of autodiff (stop_gradient), so its hypergradient and delta are exactly 0 and it stays 1.
+Outer coverage of an owned sample is at most 1 (its owner, when sampled and keeping it): read
+`uncovered_x_share` per round; C_x* (= min_coverage_x) is 0 under partial participation by nature.
+Inner pruning: input-feature units (group "features" = rows of the linear kernel) or hidden units
+(group "hidden": hidden.kernel[:, h], hidden.bias[h], head.kernel[h, :]) for the MLP.
+
+Baselines on this task (bilevel.federated.ALGORITHMS), as the hyper-representation driver, with
+two task-specific readings:
+  heterofl : HeteroFL prunes model width, it has no notion of pruning data. A static sample mask
+             would keep a weak client's leading r_x share of samples forever and never touch the
+             rest, so here heterofl prunes ONLY y (static leading features / hidden units) and
+             every level's r_x is set to 1 (printed). With --allow_uncovered the profile's r_x is
+             kept and a warning names the share of samples that are never updated.
+  fedrolex : the rolling window of an owned group rolls over the client's OWN samples (one of
+             its samples per round, wrapping), not over the global index (where a client's window
+             would only move while the global window start passes its rows, i.e. almost never);
+             y's feature / hidden window rolls over all units, shared by all clients.
+Explicit --mask_policy=static / magnitude with r_x < 1 is rejected (masks.check_coverable) unless
+--allow_uncovered.
+
+Metrics per logged round: test accuracy / loss of y, and how well w = sigmoid(x) separates the
+training samples whose label is correct (positive) from those whose label is wrong: `weight_auc`
+(rank AUC, ties averaged), `weight_precision` / `weight_recall` of "w >= 0.5 means clean".
+A label replaced by chance with the true label counts as clean (no method could tell it apart).
+
+--baseline_unweighted also trains the classifier on the noisy labels with every weight 1 (the
+same rounds, algorithm, masks and seeds; x is then inert) into WORKDIR/unweighted/ and adds
+`unweighted_test_accuracy` and `accuracy_gain` to the summary.
+
+Task defaults: the shared flags in TASK_DEFAULTS take these values unless given (command line or
+flagfile); an --algorithm preset still sets its own values (e.g. fednest's inner steps).
+
+  python -m experiments.hyper_cleaning --workdir=runs/hc_rafbo --baseline_unweighted
+  python -m experiments.hyper_cleaning --flagfile=experiments/presets/hyper_cleaning_default.cfg \
+      --workdir=runs/hc
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from bilevel import data as data_lib
+from bilevel import federated, models, tree
+from bilevel import masks as masks_lib
+from bilevel.client import full_batch, minibatch_sampler
+from bilevel.errors import ConfigError
+from bilevel.masks import Axes, Level, UnitLayout
+from bilevel.problems import BilevelProblem
+from experiments import common
+
+PyTree = Any
+
+NOISE = flags.DEFINE_float("noise", 0.5, "Probability that a training label is replaced by a "
+                           "uniformly random label (in [0, 1)).")
+CLASSIFIER = flags.DEFINE_enum("classifier", "linear", ["linear", "mlp"],
+                               "Inner model y: linear (multinomial logistic regression) or mlp.")
+MLP_HIDDEN = flags.DEFINE_integer("mlp_hidden", 100, "Hidden units of --classifier=mlp.")
+MLP_ACTIVATION = flags.DEFINE_enum("mlp_activation", "relu", sorted(models.ACTIVATIONS),
+                                   "Activation of --classifier=mlp.")
+REG = flags.DEFINE_float("reg", 1e-3, "c in g_i: + c ||y||^2 (>= 0).")
+BASELINE_UNWEIGHTED = flags.DEFINE_boolean(
+    "baseline_unweighted", False, "Also train y on the noisy labels with all weights 1 (same "
+    "rounds and settings) into WORKDIR/unweighted/; the summary gets unweighted_test_accuracy.")
+
+# Shared flags whose default differs on this task (tuned on mnist_embedded, 20 clients, noise 0.5,
+# the default level profile). A value given on the command line or in a flagfile wins.
+TASK_DEFAULTS: dict[str, Any] = dict(
+    rounds=300, local_steps=5, inner_steps=1, inner_lr=0.05, outer_lr=30.0, v_lr=0.05,
+    num_steps=1, batch_size=0, eval_every=10)
+
+NOISE_STREAM = 5  # numpy seed salt of the label corruption (numpy side of the seed streams)
+
+
+def apply_task_defaults() -> dict[str, Any]:
+  """Set TASK_DEFAULTS on the shared flags that were not given; return what was set."""
+  applied = {}
+  for name, value in TASK_DEFAULTS.items():
+    if not flags.FLAGS[name].present:
+      flags.FLAGS[name].value = value
+      applied[name] = value
+  return applied
+
+
+# ------------------------------------------------------------------ data
+
+
+class CleaningData(NamedTuple):
+  fed: federated.FederatedData
+  clean: np.ndarray  # [N] bool: the sample's training label is correct
+  replaced: np.ndarray  # [N] bool: the label was chosen for replacement (rate --noise)
+  offsets: np.ndarray  # [M] global index of each client's first sample
+  counts: np.ndarray  # [M] samples each client owns
+  num_samples: int  # N
+
+
+def build_data(ds: data_lib.Dataset, num_clients: int, scheme: str, *, noise: float,
+               val_fraction: float, alpha: float, seed: int) -> CleaningData:
+  """Partition, split train/val per client, corrupt the TRAIN labels, index samples globally.
+
+  Global sample index: client 0's train rows first, then client 1's, ... (in each client the
+  valid rows come first, see data.ClientData), so client m owns [offsets[m], offsets[m] + n_m).
+  """
+  parts = data_lib.partition(ds.y_train, num_clients, scheme, seed=seed, alpha=alpha)
+  cd = data_lib.make_client_data(ds.x_train, ds.y_train, parts, val_fraction=val_fraction,
+                                 seed=seed)
+  noise_seed = int(np.random.SeedSequence([seed, NOISE_STREAM]).generate_state(1)[0])
+  noisy, replaced = data_lib.corrupt_labels(ds.y_train, noise, ds.num_classes, seed=noise_seed)
+  valid = cd.train_mask > 0
+  counts = cd.num_train.astype(np.int64)
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  n = int(counts.sum())
+  pos = np.arange(cd.train_mask.shape[1])[None, :]
+  gidx = np.where(valid, offsets[:, None] + pos, 0).astype(np.int32)
+  rows = cd.train_index[valid]  # [N] source rows, in global-index order (row-major)
+  train_labels = np.where(valid, noisy[np.maximum(cd.train_index, 0)], 0).astype(np.int32)
+  ownership = np.zeros((num_clients, n), np.float32)
+  for m in range(num_clients):
+    ownership[m, offsets[m]:offsets[m] + counts[m]] = 1.0
+  flat = lambda a: a.reshape(a.shape[:2] + (-1,))
+  inner = {"inputs": jnp.asarray(flat(cd.train_x)), "labels": jnp.asarray(train_labels),
+           "weight": jnp.asarray(cd.train_mask), "index": jnp.asarray(gidx)}
+  outer = {"inputs": jnp.asarray(flat(cd.val_x)), "labels": jnp.asarray(cd.val_y),
+           "weight": jnp.asarray(cd.val_mask)}
+  fed = federated.FederatedData(inner, outer, jnp.asarray(cd.num_train),
+                                {"samples": jnp.asarray(ownership)})
+  return CleaningData(fed, noisy[rows] == ds.y_train[rows], replaced[rows], offsets, counts, n)
+
+
+# ------------------------------------------------------------------ model and problem
+
+
+Logits = Callable[[PyTree, jax.Array], jax.Array]  # (y, inputs [B, D]) -> [B, C]
+
+
+def linear_logits(y: PyTree, inputs: jax.Array) -> jax.Array:
+  return models.dense(y["head"], inputs)
+
+
+def mlp_logits_fn(activation: str) -> Logits:
+  def logits(y: PyTree, inputs: jax.Array) -> jax.Array:
+    return models.dense(y["head"], models.ACTIVATIONS[activation](models.dense(y["hidden"], inputs)))
+  return logits
+
+
+def init_params(key: jax.Array, classifier: str, num_samples: int, in_dim: int, hidden: int,
+                classes: int) -> tuple[PyTree, PyTree]:
+  """x = zero logits (every weight 1/2) and unit gates; y = zero linear head or flax-init MLP."""
+  x = {"logits": jnp.zeros((num_samples,), jnp.float32),
+       "gate": jnp.ones((num_samples,), jnp.float32)}
+  if classifier == "linear":
+    y = {"head": {"kernel": jnp.zeros((in_dim, classes), jnp.float32),
+                  "bias": jnp.zeros((classes,), jnp.float32)}}
+  else:
+    h, head = models.init_mlp(key, in_dim, hidden, classes)
+    y = {"hidden": h["hidden"], "head": head["head"]}
+  return x, y
+
+
+def layout(classifier: str, num_samples: int, in_dim: int, hidden: int) -> UnitLayout:
+  sample = Axes((("samples", 0),))
+  x = {"logits": sample, "gate": sample}
+  if classifier == "linear":
+    return UnitLayout(groups={"samples": num_samples, "features": in_dim}, x=x,
+                      y={"head": {"kernel": Axes((("features", 0),)), "bias": Axes()}})
+  unit = lambda ax: Axes((("hidden", ax),))
+  return UnitLayout(groups={"samples": num_samples, "hidden": hidden}, x=x,
+                    y={"hidden": {"kernel": unit(1), "bias": unit(0)},
+                       "head": {"kernel": unit(0), "bias": Axes()}})
+
+
+def cleaning_problem(logits_fn: Logits, reg: float, weighted: bool = True) -> BilevelProblem:
+  """g_i = sum_j gate_j w_j CE_j / sum_j gate_j + reg ||y||^2 (w = sigmoid(x) or 1); f_i = CE(val).
+
+  Inner batch {"inputs" [B, D], "labels" [B], "weight" [B] (1 valid row, 0 padding),
+  "index" [B] (global sample index)}; outer batch {"inputs", "labels", "weight"}.
+  """
+
+  def inner(x, y, b):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(y, b["inputs"]), b["labels"])
+    gate = jax.lax.stop_gradient(x["gate"][b["index"]]) * b["weight"]
+    w = jax.nn.sigmoid(x["logits"][b["index"]]) if weighted else 1.0
+    penalty = sum(jnp.sum(t ** 2) for t in jax.tree.leaves(y))
+    return jnp.sum(gate * w * ce) / jnp.maximum(jnp.sum(gate), 1.0) + reg * penalty
+
+  def outer(x, y, b):
+    del x
+    return models.weighted_ce(logits_fn(y, b["inputs"]), b["labels"], b["weight"])
+
+  return BilevelProblem(inner, outer)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+  """P(score of a random positive > that of a random negative), ties counted 1/2 (Mann-Whitney).
+
+  AUC = (sum of the positives' ranks - P (P + 1) / 2) / (P Q), ranks 1..N with tied scores
+  sharing their average rank. None when one class is empty.
+  """
+  scores = np.asarray(scores, np.float64)
+  positive = np.asarray(positive, bool)
+  num_pos, num_neg = int(positive.sum()), int((~positive).sum())
+  if num_pos == 0 or num_neg == 0:
+    return None
+  _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+  avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
+  ranks = avg_rank[inverse]
+  return float((ranks[positive].sum() - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+
+
+def weight_metrics(logits: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
+  """weight_auc, precision / recall of "sigmoid(x) >= 0.5 means clean", share of moved weights."""
+  logits = np.asarray(logits)
+  pred = logits >= 0.0  # sigmoid(x) >= 0.5
+  tp = float(np.sum(pred & clean))
+  return dict(weight_auc=rank_auc(logits, clean),
+              weight_precision=tp / max(float(pred.sum()), 1.0),
+              weight_recall=tp / max(float(clean.sum()), 1.0),
+              mean_weight_clean=float(np.mean(1 / (1 + np.exp(-logits[clean])))) if clean.any()
+              else None,
+              mean_weight_noisy=float(np.mean(1 / (1 + np.exp(-logits[~clean])))) if (~clean).any()
+              else None,
+              samples_updated_share=float(np.mean(logits != 0.0)))
+
+
+# ------------------------------------------------------------------ masks
+
+
+def owned_rolling_mask_fn(mask_cfg: masks_lib.MaskConfig, lay: UnitLayout, offsets: np.ndarray,
+                          counts: np.ndarray, available: jax.Array) -> federated.MaskFn:
+  """FedRolex on owned samples: the window rolls over the client's own samples.
+
+  masks._ranks rolls by (index - round) mod N over the global index; a client owning the block
+  [o, o + n) gets the window starting at its own sample (round mod n) by passing the round
+  o + (round mod n) for the x masks. y masks use the true round (window shared by all clients).
+  """
+  offsets_j, counts_j = jnp.asarray(offsets), jnp.maximum(jnp.asarray(counts), 1)
+
+  def mask_fn(state, cid, slot, q, rx, ry, key):
+    del slot
+    avail = {"samples": available[cid]}
+    _, mask_y = masks_lib.make_masks(mask_cfg, lay, state.x, state.y, rx, ry, key, q, avail)
+    q_own = offsets_j[cid] + q % counts_j[cid]
+    mask_x, _ = masks_lib.make_masks(mask_cfg, lay, state.x, state.y, rx, ry, key, q_own, avail)
+    return mask_x, mask_y
+
+  return mask_fn
+
+
+def resolve_task_config(cfg: federated.FederatedConfig, algorithm: str,
+                        log: Callable[[str], None] = print) -> federated.FederatedConfig:
+  """Task-specific readings of the presets (module docstring): heterofl prunes only y."""
+  if cfg.mask.granularity != "unit":
+    raise ConfigError(f"mask_granularity={cfg.mask.granularity!r}: hyper-cleaning's outer units are "
+                      "the samples each client owns, which only unit masks know about; use "
+                      "--mask_granularity=unit.")
+  if algorithm == "heterofl" and cfg.mask.policy == "static" and any(
+      lv.rx < 1 for lv in cfg.levels):
+    if cfg.allow_uncovered:
+      never = sum(lv.share * (1 - lv.rx) for lv in cfg.levels)
+      log(f"warning: heterofl with static sample masks and --allow_uncovered: about "
+          f"{never:.0%} of the training samples are never kept by their owner, so their weights "
+          "stay at 1/2 and they never enter g.")
+    else:
+      cfg = cfg._replace(levels=tuple(Level(1.0, lv.ry, lv.share) for lv in cfg.levels))
+      log("note: heterofl prunes only y on hyper-cleaning (HeteroFL prunes width, not data): "
+          "r_x = 1 at every level, levels "
+          + ",".join(f"{lv.rx:g}/{lv.ry:g}:{lv.share:g}" for lv in cfg.levels) + ".")
+  return cfg
+
+
+# ------------------------------------------------------------------ driver
+
+
+def check_task_flags() -> list[str]:
+  problems = common.check_shared_flags()
+  if not 0.0 <= NOISE.value < 1.0:
+    problems.append(f"--noise={NOISE.value} is outside the allowed range [0, 1).")
+  if not REG.value >= 0.0:
+    problems.append(f"--reg={REG.value} is outside the allowed range [0, inf).")
+  if MLP_HIDDEN.value < 1:
+    problems.append(f"--mlp_hidden={MLP_HIDDEN.value} must be >= 1.")
+  return problems
+
+
+def build(cfg: federated.FederatedConfig, ds: data_lib.Dataset, cd: CleaningData, *,
+          weighted: bool) -> tuple[federated.Round, PyTree, PyTree, Logits]:
+  """The round, initial (x, y) and the classifier's logits function (validated)."""
+  in_dim = int(np.prod(ds.input_shape))
+  hidden = MLP_HIDDEN.value
+  lay = layout(CLASSIFIER.value, cd.num_samples, in_dim, hidden)
+  x0, y0 = init_params(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
+                       CLASSIFIER.value, cd.num_samples, in_dim, hidden, ds.num_classes)
+  logits_fn = (linear_logits if CLASSIFIER.value == "linear"
+               else mlp_logits_fn(MLP_ACTIVATION.value))
+  batch = common.BATCH_SIZE.value
+  sample = minibatch_sampler(batch) if batch else full_batch
+  mean_owned = float(np.mean(cd.counts))
+
+  def flops_per_grad(mask_x, mask_y):
+    # 6 FLOPs per kept y parameter per kept row (forward + backward); the weights' own work
+    # (one gather and one product per row) is negligible. Rows: the kept samples (full batch) or
+    # the batch times the kept share of an average client's samples (minibatch).
+    kept = jnp.sum(mask_x["gate"]).astype(jnp.float32)
+    rows = kept if not batch else batch * jnp.minimum(kept / mean_owned, 1.0)
+    return 6.0 * rows * tree.count(mask_y).astype(jnp.float32)
+
+  mask_fn = None
+  if cfg.mask.policy == "rolling":
+    mask_fn = owned_rolling_mask_fn(cfg.mask, lay, cd.offsets, cd.counts,
+                                    cd.fed.available["samples"])
+  available = {"samples": np.asarray(cd.fed.available["samples"])}
+  rnd = federated.make_round(cleaning_problem(logits_fn, REG.value, weighted), cfg, lay, x0,
+                             sample=sample, flops_per_grad=flops_per_grad, available=available,
+                             mask_fn=mask_fn)
+  return rnd, x0, y0, logits_fn
+
+
+def train(workdir: str, cfg: federated.FederatedConfig, ds: data_lib.Dataset, cd: CleaningData,
+          rnd: federated.Round, x0: PyTree, y0: PyTree, logits_fn: Logits, title: str
+          ) -> tuple[dict[str, Any], float]:
+  """Run and record every round into workdir; return (last record, wall time)."""
+  x_test = jnp.asarray(ds.x_test.reshape(len(ds.x_test), -1))
+  y_test = jnp.asarray(ds.y_test)
+
+  @jax.jit
+  def test_metrics(y):
+    logits = logits_fn(y, x_test)
+    return {"test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test),
+            "test_loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_test))}
+
+  def evaluate(state):
+    out = dict(jax.device_get(test_metrics(state.y)))
+    out.update(weight_metrics(np.asarray(state.x["logits"]), cd.clean))
+    return out
+
+  state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+  start = time.perf_counter()
+  state, records = common.run_and_record(workdir, rnd, state, cd.fed, evaluate, title)
+  return records[-1], time.perf_counter() - start
+
+
+def summarize(last: Mapping[str, Any], wall: float) -> dict[str, Any]:
+  keys = ("test_accuracy", "test_loss", "weight_auc", "weight_precision", "weight_recall",
+          "mean_weight_clean", "mean_weight_noisy", "samples_updated_share",
+          "cumulative_client_flops", "cumulative_comm_bytes")
+  return dict(
+      task="hyper_cleaning", algorithm=common.ALGORITHM.value, rounds=last["round"],
+      wall_time_s=wall, min_coverage_x=last["cx_star"], min_coverage_y=last["cy_star"],
+      final_outer_loss=last["outer_loss"], final_inner_loss=last["inner_loss"],
+      final_hypergrad_norm=last["hypergrad_norm"], **{k: last[k] for k in keys})
+
+
+def main(argv):
+  del argv
+  task_defaults = apply_task_defaults()
+  problems = check_task_flags()
+  if problems:
+    common.fail(" ".join(problems))
+  try:
+    ds = data_lib.load_dataset(common.DATASET.value, common.DATA_DIR.value, seed=common.SEED.value)
+    cfg = resolve_task_config(common.federated_config(), common.ALGORITHM.value)
+    cd = build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
+                    val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value,
+                    seed=cfg.seed)
+    rnd, x0, y0, logits_fn = build(cfg, ds, cd, weighted=True)
+    baseline = build(cfg, ds, cd, weighted=False) if BASELINE_UNWEIGHTED.value else None
+  except (ConfigError, data_lib.DataError) as e:
+    common.fail(str(e))
+  workdir = common.require_workdir()
+  common.start_run(workdir)
+  task = dict(task="hyper_cleaning", noise=NOISE.value, classifier=CLASSIFIER.value,
+              mlp_hidden=MLP_HIDDEN.value, mlp_activation=MLP_ACTIVATION.value, reg=REG.value,
+              dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples,
+              clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
+              task_defaults_applied=task_defaults)
+  common.write_config(workdir, dict(common.config_dict(cfg), weighted=True, **task))
+  print(data_lib.dataset_summary(ds))
+  print(f"{cd.num_samples} training samples, {1 - cd.clean.mean():.1%} with a wrong label "
+        f"(noise {NOISE.value}); classifier {CLASSIFIER.value}")
+  last, wall = train(workdir, cfg, ds, cd, rnd, x0, y0, logits_fn,
+                     f"hyper-cleaning, {common.ALGORITHM.value}")
+  summary = summarize(last, wall)
+  if baseline is not None:
+    sub = os.path.join(workdir, "unweighted")
+    os.makedirs(sub, exist_ok=True)
+    common.start_run(sub)
+    common.write_config(sub, dict(common.config_dict(cfg), weighted=False, **task))
+    print("baseline: the same run with every sample weight fixed to 1 (noisy labels, unweighted)")
+    b_last, b_wall = train(sub, cfg, ds, cd, *baseline,
+                           f"hyper-cleaning baseline (unweighted), {common.ALGORITHM.value}")
+    b_summary = summarize(b_last, b_wall)
+    b_summary.update(weighted=False)
+    common.write_summary(sub, b_summary)
+    summary.update(unweighted_test_accuracy=b_last["test_accuracy"],
+                   unweighted_wall_time_s=b_wall,
+                   accuracy_gain=last["test_accuracy"] - b_last["test_accuracy"])
+  common.write_summary(workdir, summary)
+  print("final:")
+  common.print_table({k: v for k, v in summary.items() if v is not None})
+
+
+if __name__ == "__main__":
+  app.run(main)
