@@ -61,9 +61,10 @@ class FederatedConfig(NamedTuple):
 
 
 # Presets over the same code (SPEC section 8): overrides of FederatedConfig / ClientConfig.
-# "prune": False drops the level profile (every client runs the full model).
+# "prune": False drops the level profile (every client runs the full model);
+# "full_participation": every client takes part in every round.
 ALGORITHMS: dict[str, dict[str, Any]] = {
-    "rabo": dict(local_steps=1, estimator="fd"),
+    "rabo": dict(local_steps=1, estimator="fd", full_participation=True),
     "rafbo": dict(estimator="fd"),
     "fednest": dict(estimator="neumann", prune=False, inner_steps=5, num_steps=5),
     "simfbo": dict(estimator="exact", prune=False),

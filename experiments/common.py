@@ -115,7 +115,10 @@ def federated_config() -> federated.FederatedConfig:
           num_steps=_value("num_steps", preset, NUM_STEPS.value), step_size=V_LR.value,
           delta=DELTA.value, radius=RADIUS.value))
   return federated.FederatedConfig(
-      num_clients=NUM_CLIENTS.value, clients_per_round=CLIENTS_PER_ROUND.value, client=client,
+      num_clients=NUM_CLIENTS.value,
+      clients_per_round=(NUM_CLIENTS.value if preset.get("full_participation") and not
+                         flags.FLAGS["clients_per_round"].present else CLIENTS_PER_ROUND.value),
+      client=client,
       mask=MaskConfig(_value("mask_policy", {"mask_policy": preset.get("policy")}
                              if "policy" in preset else {}, MASK_POLICY.value),
                       MASK_GRANULARITY.value),
