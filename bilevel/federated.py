@@ -404,17 +404,47 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
 # ------------------------------------------------------------------ run loop
 
 
+class DivergenceError(RuntimeError):
+  """A loss, the hypergradient estimate or a parameter became NaN or infinite."""
+
+
+# Per-round quantities whose non-finite value stops a run.
+GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")
+
+
+@jax.jit
+def _finite_parts(state: ServerState) -> jax.Array:
+  """[x, y, v] all finite."""
+  ok = lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(t)]))
+  return jnp.stack([ok(state.x), ok(state.y), ok(state.v)])
+
+
+def _check_finite(done: int, metrics: Mapping[str, Any], state: ServerState) -> None:
+  bad = [k for k in GUARDED_METRICS if not np.isfinite(metrics[k])]
+  bad += [name for name, ok in zip(("x", "y", "v"), np.asarray(_finite_parts(state))) if not ok]
+  if bad:
+    raise DivergenceError(
+        f"round {done}: {', '.join(bad)} became NaN or infinite; the run stopped. Lower the step "
+        "sizes (--outer_lr, --inner_lr, --v_lr) or the fd probe (--delta); the last checkpoint "
+        "holds the last good state.")
+
+
 def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
         eval_fn: Callable[[ServerState], Mapping[str, Any]] | None = None, eval_every: int = 1,
         on_record: Callable[[dict[str, Any]], None] | None = None,
         log: Callable[[str], None] | None = print, log_every: int = 10,
-        start_totals: Mapping[str, float] | None = None
+        start_totals: Mapping[str, float] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[ServerState, dict[str, float], int], None] | None = None,
         ) -> tuple[ServerState, list[dict[str, Any]]]:
   """Run rounds state.round .. num_rounds - 1; return the final state and the logged records.
 
   A record is logged every `eval_every` rounds and after the last one. It holds the round's
   metrics, cumulative client FLOPs and communicated bytes, the running C_x* (min over rounds of
-  the minimum outer coverage), wall time, and whatever eval_fn returns.
+  the minimum outer coverage), wall time, and whatever eval_fn returns. Every round the losses,
+  the hypergradient norm and x, y, v are checked: a NaN or inf raises DivergenceError naming the
+  round and the quantity. `on_checkpoint(state, totals, round)` is called every
+  `checkpoint_every` rounds and after the last one, after that round's record was passed on.
   """
   totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
                 cy_star=float("inf"))
@@ -424,11 +454,12 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
   for q in range(first, num_rounds):
     state, metrics = rnd.step(state, data)
     metrics = to_python(jax.device_get(metrics))
+    done = q + 1
+    _check_finite(done, metrics, state)
     totals["cumulative_client_flops"] += metrics["client_flops"]
     totals["cumulative_comm_bytes"] += metrics["comm_bytes"]
     totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
     totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
-    done = q + 1
     if done % eval_every == 0 or done == num_rounds:
       record = dict(round=done, **metrics, **totals,
                     wall_time_s=time.perf_counter() - start)
@@ -437,6 +468,9 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
       records.append(record)
       if on_record is not None:
         on_record(record)
+    if on_checkpoint is not None and checkpoint_every and (
+        done % checkpoint_every == 0 or done == num_rounds):
+      on_checkpoint(state, dict(totals), done)
     if log is not None and (done % log_every == 0 or done == num_rounds):
       elapsed = time.perf_counter() - start
       rate = (done - first) / max(elapsed, 1e-9)
