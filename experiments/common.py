@@ -11,6 +11,7 @@ always wins over the preset.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -18,11 +19,11 @@ from typing import Any, Mapping
 
 from absl import flags
 
-from bilevel import federated
+from bilevel import checkpoint, federated
 from bilevel.client import ClientConfig
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig, parse_levels
-from bilevel.metrics import JsonlWriter, plot_records, write_json
+from bilevel.metrics import JsonlWriter, plot_records, to_python, write_json
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, "
                               "summary.json and plots (created if missing).")
@@ -61,6 +62,15 @@ ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration (partition=dir
 VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.5, "Share of a client's data for f_i.")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Log metrics every this many rounds.")
 LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many rounds.")
+CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 50, "Write the full run state to WORKDIR/checkpoint.npz every this many "
+    "rounds (and after the last); 0 = never.")
+RESUME = flags.DEFINE_boolean(
+    "resume", True, "Continue from WORKDIR/checkpoint.npz when the workdir's config.json matches "
+    "this run's; --noresume starts afresh and overwrites the workdir's results.")
+
+# Flags that may differ between a run and its resumption.
+_RESUME_FREE_FLAGS = ("resume", "log_every", "workdir")
 
 
 def versions() -> dict[str, str]:
@@ -131,7 +141,7 @@ def check_shared_flags() -> list[str]:
   """Range problems of the shared flags (all of them, not only the first)."""
   problems = []
   for flag, low in ((ROUNDS, 1), (NUM_CLIENTS, 1), (CLIENTS_PER_ROUND, 1), (EVAL_EVERY, 1),
-                    (LOG_EVERY, 1), (BATCH_SIZE, 0)):
+                    (LOG_EVERY, 1), (BATCH_SIZE, 0), (CHECKPOINT_EVERY, 0)):
     if flag.value < low:
       problems.append(f"--{flag.name}={flag.value} must be >= {low}.")
   if not 0 < VAL_FRACTION.value < 1:
@@ -150,33 +160,114 @@ def config_dict(cfg: federated.FederatedConfig) -> dict[str, Any]:
   return d
 
 
-def write_config(workdir: str, config: Mapping[str, Any]) -> None:
-  """config.json: the resolved config, every experiments.* flag, versions, device, argv."""
+def _config_record(config: Mapping[str, Any]) -> dict[str, Any]:
   flag_values = {f.name: f.value for module, module_flags in flags.FLAGS.flags_by_module_dict().items()
                  if "experiments" in module for f in module_flags}
-  write_json(os.path.join(workdir, "config.json"),
-             {"config": dict(config), "flags": flag_values, "versions": versions(),
-              "device": device_info(), "argv": list(sys.argv)})
+  return {"config": dict(config), "flags": flag_values, "versions": versions(),
+          "device": device_info(), "argv": list(sys.argv)}
 
 
-def start_run(workdir: str) -> None:
-  """A fresh run: remove a previous summary and metrics so nothing stale is mistaken as ours."""
-  for name in ("summary.json", "metrics.jsonl"):
+def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+  """Same resolved config and flags (apart from _RESUME_FREE_FLAGS) and library versions."""
+  strip = lambda f: {k: v for k, v in f.items() if k not in _RESUME_FREE_FLAGS}
+  new = json.loads(json.dumps(to_python(new)))  # the form it takes once written
+  return (old.get("config") == new["config"] and strip(old.get("flags", {})) == strip(new["flags"])
+          and old.get("versions") == new["versions"])
+
+
+def write_config(workdir: str, config: Mapping[str, Any]) -> None:
+  write_json(os.path.join(workdir, "config.json"), _config_record(config))
+
+
+def start_run(workdir: str, config: Mapping[str, Any] | None = None) -> bool:
+  """Prepare workdir for this run; return True when it resumes from the workdir's checkpoint.
+
+  Resumes when --resume (default), a checkpoint exists and config.json describes the same run.
+  A checkpoint of a different run ends the program with a clear message (nothing is deleted).
+  A fresh run removes earlier results first, so nothing stale is mistaken for this run's.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  record = None if config is None else _config_record(config)
+  if record is not None and RESUME.value and checkpoint.exists(workdir):
+    try:
+      with open(config_path, encoding="utf-8") as f:
+        old = json.load(f)
+    except (OSError, ValueError):
+      old = {}
+    if _same_run(old, record):
+      print(f"resuming from {os.path.join(workdir, checkpoint.FILENAME)}")
+      return True
+    fail(f"{workdir} holds a checkpoint of a run with another configuration ({config_path}). "
+         "Use a new --workdir, or pass --noresume to start afresh and overwrite it.")
+  for name in ("summary.json", "metrics.jsonl", checkpoint.FILENAME):
     path = os.path.join(workdir, name)
     if os.path.exists(path):
       os.remove(path)
+  if record is not None:
+    write_json(config_path, record)
+  return False
+
+
+def read_metrics(path: str, up_to_round: int) -> list[dict[str, Any]]:
+  """Records of metrics.jsonl with round <= up_to_round; a torn last line is dropped.
+
+  The file is rewritten (atomically) to exactly those records, so appending continues cleanly.
+  """
+  records, lines = [], []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          break  # a line torn by a kill: it and anything after it are recomputed
+        if not line.endswith("\n") or record.get("round", up_to_round + 1) > up_to_round:
+          break
+        records.append(record)
+        lines.append(line)
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(lines)
+  os.replace(tmp, path)
+  return records
 
 
 def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerState,
-                   data: federated.FederatedData, eval_fn, title: str):
-  """Run all rounds, streaming records to metrics.jsonl; plot; return (state, records)."""
-  writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+                   data: federated.FederatedData, eval_fn, title: str, resume: bool = False):
+  """Run (or resume) all rounds, streaming records to metrics.jsonl and checkpointing.
+
+  Returns (final state, all records of the run, earlier ones included).
+  """
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  earlier, totals, wall_offset = [], None, 0.0
+  if resume:
+    try:
+      state, meta = checkpoint.restore(workdir, state)
+    except checkpoint.CheckpointError as e:
+      fail(str(e))
+    earlier = read_metrics(metrics_path, meta["round"])
+    totals, wall_offset = meta["totals"], meta["wall_time_s"]
+  writer = JsonlWriter(metrics_path)
+  elapsed = [wall_offset]
+
+  def on_record(record):
+    record["wall_time_s"] += wall_offset
+    elapsed[0] = record["wall_time_s"]
+    writer(record)
+
+  def on_checkpoint(st, tot, done):
+    checkpoint.save(workdir, st, {"round": done, "totals": tot, "wall_time_s": elapsed[0]})
+
   try:
-    state, records = federated.run(rnd, state, data, ROUNDS.value, eval_fn=eval_fn,
-                                   eval_every=EVAL_EVERY.value, on_record=writer,
-                                   log_every=LOG_EVERY.value)
+    state, records = federated.run(
+        rnd, state, data, ROUNDS.value, eval_fn=eval_fn, eval_every=EVAL_EVERY.value,
+        on_record=on_record, log_every=LOG_EVERY.value, start_totals=totals,
+        checkpoint_every=CHECKPOINT_EVERY.value, on_checkpoint=on_checkpoint)
+  except federated.DivergenceError as e:
+    fail(str(e))
   finally:
     writer.close()
+  records = earlier + records
   plot_records(records, os.path.join(workdir, "curves.png"), title)
   return state, records
 

@@ -10,8 +10,6 @@ Metric: test accuracy of the global (x, y).
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,10 +66,9 @@ def main(argv):
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
-  common.start_run(workdir)
-  common.write_config(workdir, dict(common.config_dict(cfg), task="hyper_representation",
-                                    hidden=HIDDEN.value, activation=ACTIVATION.value, l2=L2.value,
-                                    dataset=data_lib.dataset_summary(ds), **info))
+  resume = common.start_run(workdir, dict(
+      common.config_dict(cfg), task="hyper_representation", hidden=HIDDEN.value,
+      activation=ACTIVATION.value, l2=L2.value, dataset=data_lib.dataset_summary(ds), **info))
   print(data_lib.dataset_summary(ds))
   x_test = jnp.asarray(ds.x_test.reshape(len(ds.x_test), -1))
   y_test = jnp.asarray(ds.y_test)
@@ -83,14 +80,13 @@ def main(argv):
             "test_loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_test))}
 
   state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
-  start = time.perf_counter()
   state, records = common.run_and_record(workdir, rnd, state, data, evaluate,
-                                         f"hyper-representation, {common.ALGORITHM.value}")
+                                         f"hyper-representation, {common.ALGORITHM.value}", resume)
   last = records[-1]
   summary = dict(
       task="hyper_representation", algorithm=common.ALGORITHM.value,
       test_accuracy=last["test_accuracy"], test_loss=last["test_loss"], rounds=last["round"],
-      wall_time_s=time.perf_counter() - start,
+      wall_time_s=last["wall_time_s"],
       cumulative_client_flops=last["cumulative_client_flops"],
       cumulative_comm_bytes=last["cumulative_comm_bytes"],
       min_coverage_x=last["cx_star"], min_coverage_y=last["cy_star"],
