@@ -15,12 +15,14 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from absl import flags
 
 from bilevel import checkpoint, federated
 from bilevel.client import ClientConfig
+from bilevel.data import DataError
+from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig, parse_levels
 from bilevel.metrics import JsonlWriter, plot_records, to_python, write_json
@@ -96,6 +98,25 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def gather(problems: list[str], *checks: Callable[[], Any]) -> list[Any]:
+  """Run every check, collecting ConfigError / DataError messages with `problems`; if there are
+  any, end the program with all of them in one paragraph; else return the checks' results."""
+  results = []
+  for check in checks:
+    try:
+      results.append(check())
+    except (ConfigError, DataError) as e:
+      problems.append(str(e))
+      results.append(None)
+  if not WORKDIR.value:
+    problems.append("--workdir is required: the directory where results are written.")
+  if len(problems) == 1:
+    fail(problems[0])
+  if problems:
+    fail(f"{len(problems)} problems: " + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+  return results
+
+
 def require_workdir() -> str:
   if not WORKDIR.value:
     fail("--workdir is required: the directory where results are written.")
@@ -135,6 +156,11 @@ def federated_config() -> federated.FederatedConfig:
       levels=levels, redraw_levels=REDRAW_LEVELS.value,
       only_full=preset.get("only_full", False), aggregation=AGGREGATION.value,
       server_lr=SERVER_LR.value, allow_uncovered=ALLOW_UNCOVERED.value, seed=SEED.value)
+
+
+def validated(cfg: federated.FederatedConfig, layout: Any) -> federated.FederatedConfig:
+  federated.validate_config(cfg, layout)
+  return cfg
 
 
 def check_shared_flags() -> list[str]:

@@ -46,15 +46,15 @@ def main(argv):
   problems = common.check_shared_flags()
   if HIDDEN.value < 1:
     problems.append(f"--hidden={HIDDEN.value} must be >= 1.")
-  if problems:
-    common.fail(" ".join(problems))
+  layout = models.mlp_layout(max(HIDDEN.value, 1))
+  cfg, ds = common.gather(
+      problems, lambda: common.validated(common.federated_config(), layout),
+      lambda: data_lib.load_dataset(common.DATASET.value, common.DATA_DIR.value,
+                                    seed=common.SEED.value))
   try:
-    ds = data_lib.load_dataset(common.DATASET.value, common.DATA_DIR.value, seed=common.SEED.value)
-    cfg = common.federated_config()
     in_dim = int(np.prod(ds.input_shape))
     x0, y0 = models.init_mlp(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
                              in_dim, HIDDEN.value, ds.num_classes)
-    layout = models.mlp_layout(HIDDEN.value)
     batch = common.BATCH_SIZE.value
     sample = minibatch_sampler(batch) if batch else full_batch
     data, info = client_arrays(ds)
