@@ -9,7 +9,8 @@ both [d]; coordinate j of x meets only coordinate j of y). Client i, batch noise
 a_ij > 0 (strongly convex inner level), b_j shared by all clients, e, t, k heterogeneous; the
 cos terms make the outer level non-convex. The noise vectors are drawn by `sample` per client and
 local step, N(0, sigma^2 I), and enter the losses linearly, so every first-order gradient gets
-zero-mean noise of level sigma while the second-order terms (H = a_i, J = -b) stay exact.
+zero-mean noise of level sigma while the second-order terms (H = a_i, J = -b) stay exact (g
+reads only xi_y of its batch).
 s is the outer-loss scale (1 for Phi): the theory experiment puts the Q- and C-dependent factor of
 the outer step size into s, so that one compiled round serves every Q (the x update is
 -outer_lr * s * hypergradient, and the v iteration is linear, so v simply tracks s v*).
@@ -21,16 +22,17 @@ With bars for client means (global lower level, SPEC section 2):
     dPhi/dx_j    = (b_j / abar_j) (y*_j(x) - tbar_j) - kbar_j sin(x_j)
 
 Every client-specific coefficient enters a client's (y, v, x) update affinely, so with one local
-step the mean over a uniformly random set of clients is an unbiased estimate of the full update;
+step the mean over a uniformly random set of C clients is an unbiased estimate of the full update;
 heterogeneity then acts as extra sampling noise (variance ~ zeta^2 (M - C) / (C (M - 1))).
 
 Controlled coverage (`coverage_schedule`): with P slots (clients per round) and coverage C,
 coordinate j belongs to block j mod P, and the client in slot p keeps block b in round q iff
 (b - p - q) mod P < C. Every coordinate of x (and of y, pruned together with x) is then kept by
 exactly C clients in every round, each client keeps C/P of the coordinates, so the minimum outer
-coverage is C_x* = C. Because the problem is separable, a submodel computes the exact partial
-update of the coordinates it keeps: pruning acts as coordinate sampling with coverage C, and the
-coverage mean over C clients divides the noise variance by C.
+coverage is C_x* = C. Because the problem is separable, a submodel computes the exact update of
+the coordinates it keeps (zeroing the others changes nothing for them), so each client works on
+a C/P share of the model and the coverage mean over the C clients that keep a coordinate divides
+the noise variance of its update by C.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel.errors import ConfigError
+from bilevel.federated import MaskFn, ServerState
 from bilevel.problems import BilevelProblem
 
 PyTree = Any
@@ -170,12 +173,12 @@ def phi_grad(x: jax.Array, coeffs: SyntheticCoeffs) -> jax.Array:
 
 def coverage_blocks(num_slots: int, coverage: int, slot: jax.typing.ArrayLike,
                     round_idx: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
-  """0/1 [shape] (bool): flat index j kept iff ((j mod P) - slot - round) mod P < C."""
+  """bool [shape]: flat index j is kept iff ((j mod P) - slot - round) mod P < C."""
   block = jnp.arange(int(np.prod(shape))) % num_slots
   return (jnp.mod(block - slot - round_idx, num_slots) < coverage).reshape(shape)
 
 
-def coverage_schedule(num_slots: int, coverage: int):
+def coverage_schedule(num_slots: int, coverage: int) -> MaskFn:
   """A `mask_fn` for federated.make_round giving every coordinate exactly C clients per round.
 
   num_slots: clients per round P; coverage: C in 1..P. The same rule is applied to every leaf
@@ -189,7 +192,8 @@ def coverage_schedule(num_slots: int, coverage: int):
     raise ConfigError(f"coverage={coverage!r} is outside the allowed range [1, {num_slots}] "
                       "(clients per round).")
 
-  def mask_fn(state, client_id, slot, round_idx, rx, ry, key) -> tuple[PyTree, PyTree]:
+  def mask_fn(state: ServerState, client_id: jax.Array, slot: jax.Array, round_idx: jax.Array,
+              rx: jax.Array, ry: jax.Array, key: jax.Array) -> tuple[PyTree, PyTree]:
     del client_id, rx, ry, key
     side = lambda params: jax.tree.map(
         lambda p: coverage_blocks(num_slots, coverage, slot, round_idx, p.shape).astype(p.dtype),

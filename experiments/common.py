@@ -30,6 +30,8 @@ from bilevel.metrics import JsonlWriter, plot_records, to_python, write_json
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, "
                               "summary.json and plots (created if missing).")
 SEED = flags.DEFINE_integer("seed", 0, "The one seed every random stream is derived from.")
+QUICK = flags.DEFINE_boolean("quick", False, "A small, fast version of the experiment "
+                             "(benchmark, coverage_rate).")
 
 # Federated run flags shared by the task drivers.
 ROUNDS = flags.DEFINE_integer("rounds", 200, "Communication rounds Q.")

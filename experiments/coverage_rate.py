@@ -2,9 +2,10 @@ r"""Theory check: convergence against the minimum outer coverage C_x* and the ro
 
 On the synthetic separable problem of `bilevel.theory` (closed-form Phi and grad Phi, strongly
 convex quadratic inner level, quadratic-plus-cosine non-convex outer level, heterogeneous clients,
-Gaussian gradient noise of level --noise), element masks from `theory.coverage_schedule` give every
-outer coordinate (and its inner twin) exactly C clients in every round, so C_x* = C. For every
-algorithm, C in --coverages, Q in --rounds_list and seed, the driver runs Q rounds and measures
+Gaussian gradient noise of level --grad_noise), element masks from `theory.coverage_schedule`
+give every outer coordinate (and its inner twin) exactly C clients in every round, so C_x* = C.
+For every algorithm, C in --coverages, Q in --rounds_list and seed, the driver runs Q rounds and
+measures
 
     avg_sq_grad_norm(C, Q) = (1/Q) sum_{q<Q} ||grad Phi(x_q)||^2      (true gradient, float64)
 
@@ -26,10 +27,13 @@ Both use the second-order-free `fd` estimator (one v step per local step, warm s
 step per local step, coverage-mean aggregation and server step 1.
 
 Seeds: --seed fixes the problem instance and the starting point; run r = 0..num_seeds-1 permutes
-which client holds which coefficients and salts the noise draws, so every seed runs through the
-same compiled round (the seeds are vmapped). One compilation per (algorithm, C).
+which client holds which coefficients and salts the noise draws, so every seed and every Q runs
+through the same compiled chunk of rounds (lax.scan): one compilation per (algorithm, C).
+Compilation dominates the run time on a CPU; vmapping the seeds compiled more slowly than the
+sequential runs it saved, so seeds run one after another.
 
-Writes to --workdir: config.json; metrics.jsonl (one line per (algorithm, C, Q, seed) run);
+Writes to --workdir: config.json; metrics.jsonl (one line per (algorithm, C, Q, seed) run; its
+`alpha` is alpha0 sqrt(C/Q), and C_x*/C_y* are the coverages measured from the masks);
 summary.json with `avg_sq_grad_norm` {algorithm: {C: {Q: mean over seeds}}}, `slopes`
 {algorithm: {C: fitted log-log slope in Q}}, the table, the measured ratio between the smallest
 and the largest C at the largest Q against the 1/sqrt(C) prediction, and the acceptance checks;
@@ -40,6 +44,7 @@ coverage_rate.png (log-log, one line per C, one panel per algorithm).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,15 +67,16 @@ from bilevel.masks import Level, MaskConfig
 from bilevel.metrics import JsonlWriter, to_python
 from experiments import common
 
-QUICK = flags.DEFINE_bool("quick", False, "Small sweep for a smoke run (about a minute on a CPU): "
-                          "rounds 64..1024 and 3 seeds unless those flags are given.")
+# --quick (common.QUICK): rounds 64..1024 and 3 seeds unless those flags are given (~1 min).
+QUICK = common.QUICK
 ALGORITHMS = flags.DEFINE_list("algorithms", ["rabo", "rafbo"], "Algorithms to sweep: rabo, rafbo.")
 COVERAGES = flags.DEFINE_list("coverages", ["1", "2", "4", "8"],
                               "Outer coverages C_x* to sweep, each in 1..8 (clients per round).")
 ROUNDS_LIST = flags.DEFINE_list("rounds_list", ["64", "128", "256", "512", "1024", "2048", "4096"],
                                 "Numbers of rounds Q to sweep (at least two distinct values).")
 NUM_SEEDS = flags.DEFINE_integer("num_seeds", 5, "Runs per (algorithm, C, Q), averaged.")
-NOISE = flags.DEFINE_float("noise", 1.0, "Std of the Gaussian noise on every first-order gradient.")
+GRAD_NOISE = flags.DEFINE_float("grad_noise", 3.0, "Std sigma of the Gaussian noise on every "
+                                 "first-order gradient of the synthetic problem.")
 HETEROGENEITY = flags.DEFINE_float("heterogeneity", 0.5, "Client heterogeneity of the synthetic "
                                    "problem, in [0, 1].")
 DIM = flags.DEFINE_integer("dim", 32, "Coordinates of x (= of y); a multiple of 8.")
@@ -79,11 +85,11 @@ ALPHA0 = flags.DEFINE_float("alpha0", 0.5, "alpha = alpha0 * sqrt(C / Q) (RAFBO:
 
 QUICK_ROUNDS = (64, 128, 256, 512, 1024)
 QUICK_SEEDS = 3
-ALGORITHM_SETUPS = {  # algorithm -> (clients M, clients per round P, local steps K)
-    "rabo": (8, 8, 1),
-    "rafbo": (16, 8, 4),
+SLOTS = 8  # clients per round P for both algorithms: the largest possible coverage
+ALGORITHM_SETUPS = {  # algorithm -> (clients M, local steps K)
+    "rabo": (8, 1),  # M = P: every client in every round
+    "rafbo": (16, 4),  # partial participation: P = 8 of M = 16
 }
-SLOTS = 8  # clients per round for both algorithms: the largest possible coverage
 INNER_LR = 0.5  # beta (a_ij <= 2.5, so beta * a < 2)
 V_STEP = 0.5  # eta of the v iteration
 FD_DELTA = 1e-3
@@ -95,7 +101,7 @@ class SweepConfig(NamedTuple):
   coverages: tuple[int, ...]
   rounds_list: tuple[int, ...]
   num_seeds: int
-  noise: float
+  grad_noise: float
   heterogeneity: float
   dim: int
   alpha0: float
@@ -106,7 +112,8 @@ def _ints(name: str, values: Sequence[str]) -> tuple[int, ...]:
   try:
     out = tuple(sorted({int(v) for v in values}))
   except ValueError:
-    raise ConfigError(f"--{name}={','.join(values)} must be a comma-separated list of integers.")
+    raise ConfigError(
+        f"--{name}={','.join(values)} must be a comma-separated list of integers.") from None
   if not out:
     raise ConfigError(f"--{name} is empty; give at least one value.")
   return out
@@ -127,8 +134,8 @@ def validate(cfg: SweepConfig) -> None:
                       ">= 1 to fit a slope.")
   if cfg.num_seeds < 1:
     raise ConfigError(f"--num_seeds={cfg.num_seeds} must be >= 1.")
-  if not cfg.noise >= 0:
-    raise ConfigError(f"--noise={cfg.noise} is outside the allowed range [0, inf).")
+  if not cfg.grad_noise >= 0:
+    raise ConfigError(f"--grad_noise={cfg.grad_noise} is outside the allowed range [0, inf).")
   if not 0 <= cfg.heterogeneity <= 1:
     raise ConfigError(f"--heterogeneity={cfg.heterogeneity} is outside the allowed range [0, 1].")
   if cfg.dim < SLOTS or cfg.dim % SLOTS:
@@ -138,12 +145,23 @@ def validate(cfg: SweepConfig) -> None:
     raise ConfigError(f"--alpha0={cfg.alpha0} is outside the allowed range (0, inf).")
   largest = cfg.alpha0 * math.sqrt(cfg.coverages[-1] / cfg.rounds_list[0])
   if largest > 1:
-    raise ConfigError(f"--alpha0={cfg.alpha0} gives the step alpha0 * sqrt(C/Q) = {largest:.3g} > 1 "
-                      f"at C={cfg.coverages[-1]}, Q={cfg.rounds_list[0]}; lower --alpha0 or raise "
-                      "the smallest Q.")
+    raise ConfigError(f"--alpha0={cfg.alpha0} gives the step alpha0 * sqrt(C/Q) = {largest:.3g} "
+                      f"> 1 at C={cfg.coverages[-1]}, Q={cfg.rounds_list[0]}; lower --alpha0 or "
+                      "raise the smallest Q.")
+
+
+# Shared flags this driver reads; the other shared flags describe one federated run and are
+# fixed here (see the module docstring), so giving one is an error rather than silently ignored.
+_SHARED_FLAGS_USED = ("workdir", "seed", "resume")
 
 
 def config_from_flags() -> SweepConfig:
+  ignored = sorted(f.name for f in flags.FLAGS.flags_by_module_dict().get("experiments.common", [])
+                   if f.present and f.name not in _SHARED_FLAGS_USED)
+  if ignored:
+    raise ConfigError(f"{', '.join('--' + n for n in ignored)} not used by coverage_rate: its "
+                      "federated settings are fixed per algorithm (see its docstring); sweep with "
+                      "--coverages, --rounds_list, --num_seeds, --grad_noise, --alpha0.")
   rounds, seeds = ROUNDS_LIST.value, NUM_SEEDS.value
   if QUICK.value:
     if not flags.FLAGS["rounds_list"].present:
@@ -153,8 +171,8 @@ def config_from_flags() -> SweepConfig:
   cfg = SweepConfig(
       algorithms=tuple(dict.fromkeys(ALGORITHMS.value)),
       coverages=_ints("coverages", COVERAGES.value), rounds_list=_ints("rounds_list", rounds),
-      num_seeds=seeds, noise=NOISE.value, heterogeneity=HETEROGENEITY.value, dim=DIM.value,
-      alpha0=ALPHA0.value, seed=common.SEED.value)
+      num_seeds=seeds, grad_noise=GRAD_NOISE.value, heterogeneity=HETEROGENEITY.value,
+      dim=DIM.value, alpha0=ALPHA0.value, seed=common.SEED.value)
   validate(cfg)
   return cfg
 
@@ -170,13 +188,20 @@ class RunResult(NamedTuple):
   cy_star: np.ndarray  # [S]
 
 
+@jax.jit
+def finish(x: jax.Array, coeffs: theory.SyntheticCoeffs, totals, q_total: jax.Array):
+  """One run's RunResult fields from its final x and running totals."""
+  sq_sum, cx, cy = totals
+  return sq_sum / q_total, jnp.sum(theory.phi_grad(x, coeffs) ** 2), theory.phi(x, coeffs), cx, cy
+
+
 def sweep_one(cfg: SweepConfig, algorithm: str, coverage: int, coeffs: theory.SyntheticCoeffs,
               x0: jax.Array) -> dict[int, RunResult]:
-  """Every Q for one (algorithm, C); the round is compiled once, seeds are vmapped (float64)."""
-  num_clients, slots, local_steps = ALGORITHM_SETUPS[algorithm]
-  ratio = coverage / slots
+  """Every Q and seed for one (algorithm, C) through one compiled chunk of rounds (float64)."""
+  num_clients, local_steps = ALGORITHM_SETUPS[algorithm]
+  ratio = coverage / SLOTS
   fed_cfg = FederatedConfig(
-      num_clients=num_clients, clients_per_round=slots,
+      num_clients=num_clients, clients_per_round=SLOTS,
       client=ClientConfig(local_steps=local_steps, inner_steps=1, inner_lr=INNER_LR,
                           outer_lr=cfg.alpha0 / local_steps, estimator="fd",
                           estimator_options=EstimatorOptions(num_steps=1, step_size=V_STEP,
@@ -184,49 +209,41 @@ def sweep_one(cfg: SweepConfig, algorithm: str, coverage: int, coeffs: theory.Sy
       mask=MaskConfig(policy="random", granularity="element"),
       levels=(Level(ratio, ratio, 1.0),), seed=cfg.seed)
   rnd = make_round(theory.SYNTHETIC, fed_cfg, None, x0, sample=theory.sample, jit=False,
-                   mask_fn=theory.coverage_schedule(slots, coverage))
+                   mask_fn=theory.coverage_schedule(SLOTS, coverage))
   chunk = math.gcd(*cfg.rounds_list)
-  step_all = jax.vmap(rnd.step)
 
   @jax.jit
-  def advance(states, data, totals):
-    """`chunk` rounds for every seed; totals = (sum ||grad Phi||^2, C_x* so far, C_y* so far)."""
+  def advance(state, data, totals):
+    """`chunk` rounds; totals = (sum of ||grad Phi(x_q)||^2, C_x* so far, C_y* so far)."""
 
     def body(carry, _):
-      states, (sq_sum, cx, cy) = carry
-      grad = jax.vmap(theory.phi_grad, (0, None))(states.x, coeffs)
-      sq_sum = sq_sum + jnp.sum(grad**2, axis=1)
-      states, metrics = step_all(states, data)
+      state, (sq_sum, cx, cy) = carry
+      sq_sum = sq_sum + jnp.sum(theory.phi_grad(state.x, coeffs) ** 2)
+      state, metrics = rnd.step(state, data)
       cx = jnp.minimum(cx, metrics["coverage_x_min"].astype(cx.dtype))
       cy = jnp.minimum(cy, metrics["coverage_y_min"].astype(cy.dtype))
-      return (states, (sq_sum, cx, cy)), None
+      return (state, (sq_sum, cx, cy)), None
 
-    (states, totals), _ = jax.lax.scan(body, (states, totals), None, length=chunk)
-    return states, totals
+    (state, totals), _ = jax.lax.scan(body, (state, totals), None, length=chunk)
+    return state, totals
 
-  seeds = range(cfg.num_seeds)
-  perms = [np.random.default_rng([cfg.seed, r]).permutation(num_clients) for r in seeds]
   state0 = init_state(x0, jnp.zeros_like(x0), optax.sgd(1.0))  # y and v start at 0
-  states0 = jax.tree.map(lambda z: jnp.stack([z] * cfg.num_seeds), state0)
   results = {}
   for q_total in cfg.rounds_list:
-    scale = math.sqrt(coverage / q_total)
-    clients = [theory.make_clients(jax.tree.map(lambda z, p=p: z[p], coeffs), noise_std=cfg.noise,
-                                   scale=scale, salt=r) for r, p in zip(seeds, perms)]
-    clients = jax.tree.map(lambda *z: jnp.stack(z), *clients)
-    data = FederatedData(inner=clients, outer=clients,
-                         num_examples=jnp.ones((cfg.num_seeds, num_clients)))
-    inf = jnp.full((cfg.num_seeds,), jnp.inf)
-    totals = (jnp.zeros((cfg.num_seeds,)), inf, inf)
-    states = states0
-    for _ in range(q_total // chunk):
-      states, totals = advance(states, data, totals)
-    final_grad = jax.vmap(theory.phi_grad, (0, None))(states.x, coeffs)
-    results[q_total] = RunResult(
-        avg_sq_grad_norm=np.asarray(totals[0]) / q_total,
-        final_sq_grad_norm=np.asarray(jnp.sum(final_grad**2, axis=1)),
-        final_phi=np.asarray(jax.vmap(theory.phi, (0, None))(states.x, coeffs)),
-        cx_star=np.asarray(totals[1]), cy_star=np.asarray(totals[2]))
+    runs = []
+    for r in range(cfg.num_seeds):
+      # Seed r: which client holds which coefficients, and the noise salt (no retracing).
+      perm = np.random.default_rng([cfg.seed, r]).permutation(num_clients)
+      clients = theory.make_clients(jax.tree.map(lambda z: z[perm], coeffs),
+                                    noise_std=cfg.grad_noise, scale=math.sqrt(coverage / q_total),
+                                    salt=r)
+      data = FederatedData(inner=clients, outer=clients, num_examples=jnp.ones((num_clients,)))
+      inf = jnp.full((), jnp.inf, jnp.float64)  # explicit dtype: a weak type would retrace
+      state, totals = state0, (jnp.zeros((), jnp.float64), inf, inf)
+      for _ in range(q_total // chunk):
+        state, totals = advance(state, data, totals)
+      runs.append(finish(state.x, coeffs, totals, q_total))
+    results[q_total] = RunResult(*(np.array(jax.device_get(v)) for v in zip(*runs)))
   return results
 
 
@@ -315,14 +332,11 @@ def main(argv: Sequence[str]) -> None:
   except ConfigError as e:
     common.fail(str(e))
   workdir = common.require_workdir()
-  common.write_config(workdir, cfg._asdict())
+  common.start_run(workdir, cfg._asdict())  # removes earlier results, writes config.json
   start = time.perf_counter()
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    os.remove(metrics_path)  # one file per sweep: a rerun replaces it
-  writer = JsonlWriter(metrics_path)
+  writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
   means, stds = {}, {}
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), contextlib.closing(writer):
     x0 = jnp.asarray(np.random.default_rng([cfg.seed, 10**6]).normal(0.0, 2.0, cfg.dim))
     for alg in cfg.algorithms:
       # Same seed: the same Phi for every algorithm, only the client split differs.
@@ -343,7 +357,6 @@ def main(argv: Sequence[str]) -> None:
                 final_phi=r.final_phi[s], cx_star=r.cx_star[s], cy_star=r.cy_star[s],
                 sweep_wall_time_s=elapsed)))
         print(f"{alg} C_x*={c}: done in {elapsed:.1f}s", flush=True)
-  writer.close()
   summary = summarize(cfg, means, stds)
   summary["wall_time_s"] = time.perf_counter() - start
   plot(os.path.join(workdir, "coverage_rate.png"), cfg, means, summary["slopes"])
