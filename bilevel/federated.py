@@ -186,6 +186,17 @@ def make_strata(ratios: np.ndarray, population: np.ndarray, clients_per_round: i
   return tuple(strata)
 
 
+def client_mesh(num_devices: int | None = None, axis: str = "clients") -> Mesh:
+  """A 1-D mesh over the first num_devices devices (all by default) with an Auto client axis.
+
+  Multi-host: call jax.distributed.initialize() first on every host; jax.devices() then lists
+  every host's devices and the same program runs on each (see BENCHMARKS.md).
+  """
+  devices = jax.devices()[: num_devices or len(jax.devices())]
+  return jax.make_mesh((len(devices),), (axis,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
 def client_sharding(mesh: Mesh | None, axis: str) -> Callable[[PyTree], PyTree]:
   """Constrain the leading (client) axis of every leaf to the mesh axis (identity without mesh)."""
   if mesh is None:

@@ -65,6 +65,9 @@ PARTITION = flags.DEFINE_string("partition", "iid", "iid, shards or dirichlet.")
 ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration (partition=dirichlet).")
 VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.5, "Share of a client's data for f_i.")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Log metrics every this many rounds.")
+SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"],
+                             "Client computation with unit masks: compact (extracted arrays of "
+                             "width ceil(r K), stratified sampling) or dense (masked full arrays).")
 LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many rounds.")
 CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 50, "Write the full run state to WORKDIR/checkpoint.npz every this many "

@@ -59,9 +59,15 @@ def main(argv):
     sample = minibatch_sampler(batch) if batch else full_batch
     data, info = client_arrays(ds)
     per_grad_examples = batch if batch else info["train_per_client_max"]
+    # compact (the default) needs unit masks and fixed levels; an unset flag falls back to dense
+    # where those do not hold, an explicit --submodel=compact reports the conflict.
+    submodel = common.SUBMODEL.value
+    if not flags.FLAGS["submodel"].present and (cfg.redraw_levels or
+                                                cfg.mask.granularity != "unit"):
+      submodel = "dense"
     rnd = federated.make_round(
         models.hyper_representation_problem(ACTIVATION.value, L2.value), cfg, layout, x0,
-        sample=sample,
+        sample=sample, submodel=submodel,
         flops_per_grad=lambda mx, my: per_grad_examples * federated.default_flops_per_grad(mx, my))
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))

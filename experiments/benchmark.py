@@ -1,0 +1,284 @@
+"""Benchmark suite: what pruning, compact submodels, vmap, estimators, client counts and devices
+cost per round (issue: performance). Prints tables and writes `--workdir`/benchmark.json.
+
+  python -m experiments.benchmark --workdir=runs/bench            # full (10/100/1000 clients)
+  python -m experiments.benchmark --quick --workdir=runs/bench_q  # < 3 minutes on 2 CPU cores
+
+Model: the hyper-representation MLP (784-200-10) on synthetic client data of the MNIST shapes
+(timing does not depend on the pixel values); one RAFBO round = local_steps x (inner steps + the
+estimator) per client, minibatches of --bench_batch rows. Every time is the median of --reps
+repetitions after one warm-up call (compilation excluded); every comparison is a ratio of such
+medians measured in the same process. Peak memory is XLA's plan for the compiled round
+(arguments + outputs + temporaries, `compiled.memory_analysis()`), not a process measurement.
+The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app, flags
+
+from experiments import common
+
+QUICK = common.QUICK  # defined once in common.py: fewer repetitions and client counts
+REPS = flags.DEFINE_integer("reps", None, "Timed repetitions per figure (default 5, quick 3).")
+IN_DIM = flags.DEFINE_integer("bench_in_dim", 784, "Input width of the MLP.")
+HIDDEN = flags.DEFINE_integer("bench_hidden", 200, "Hidden units K of the MLP.")
+CLASSES = flags.DEFINE_integer("bench_classes", 10, "Classes of the head.")
+BATCH = flags.DEFINE_integer("bench_batch", 64, "Client minibatch rows (also rows per client).")
+CLIENTS = flags.DEFINE_integer("bench_clients", 100, "Clients per round for the keep-ratio, "
+                               "compact/dense and device figures.")
+LOOP_CLIENTS = flags.DEFINE_list("loop_clients", ["10", "100"], "Client counts for vmap vs loop.")
+SCALING = flags.DEFINE_list("scaling_clients", None, "Clients per round for the scaling table "
+                            "(default 10,100,1000; quick 10,100).")
+LOCAL_STEPS = flags.DEFINE_integer("bench_local_steps", None, "Local steps per round "
+                                   "(default 2, quick 1).")
+EST_ROWS = flags.DEFINE_integer("estimator_rows", 1024, "Batch rows for the estimator costs.")
+EST_STEPS = flags.DEFINE_integer("estimator_steps", 5, "num_steps of every estimator.")
+DEVICES = flags.DEFINE_integer("bench_devices", 4, "Forced host devices for the device figure "
+                               "(0 skips it).")
+SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "compact_dense", "vmap_loop", "estimators",
+                                         "scaling", "devices"], "Which figures to measure.")
+DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the device figure "
+                                     "in this (forced multi-device) process and print JSON.")
+
+KEEP_RATIOS = (1.0, 0.5, 0.25)
+PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
+
+
+def median_time(fn: Callable[[], Any], reps: int) -> float:
+  """Median wall time of fn() over reps calls after one warm-up (results blocked on)."""
+  import jax
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _setup(clients: int):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from bilevel import federated, models
+  rng = np.random.default_rng(0)
+
+  def split():
+    return {"inputs": jnp.asarray(rng.normal(size=(clients, BATCH.value, IN_DIM.value)),
+                                  jnp.float32),
+            "labels": jnp.asarray(rng.integers(0, CLASSES.value, (clients, BATCH.value))),
+            "weight": jnp.ones((clients, BATCH.value), jnp.float32)}
+
+  data = federated.FederatedData(split(), split(), jnp.full((clients,), BATCH.value))
+  x0, y0 = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
+  return data, x0, y0
+
+
+def _round(clients: int, levels: str, submodel: str = "compact", mesh=None, **kw):
+  """(Round, state, data) for one RAFBO-style round with `clients` clients, all sampled."""
+  import optax
+  from bilevel import federated, masks, models
+  from bilevel.client import ClientConfig, minibatch_sampler
+  from bilevel.hypergrad import EstimatorOptions
+  data, x0, y0 = _setup(clients)
+  cfg = federated.FederatedConfig(
+      clients, clients, client=ClientConfig(local_steps=_local_steps(), inner_steps=1,
+                                            estimator="fd",
+                                            estimator_options=EstimatorOptions(num_steps=1)),
+      levels=masks.parse_levels(levels))
+  rnd = federated.make_round(models.hyper_representation_problem(), cfg,
+                             models.mlp_layout(HIDDEN.value), x0,
+                             sample=minibatch_sampler(BATCH.value), submodel=submodel,
+                             sampling="stratified", mesh=mesh, **kw)
+  return rnd, federated.init_state(x0, y0, optax.sgd(1.0)), data
+
+
+def _local_steps() -> int:
+  return LOCAL_STEPS.value or (1 if QUICK.value else 2)
+
+
+def _params(k: int) -> int:
+  return IN_DIM.value * k + k + k * CLASSES.value + CLASSES.value
+
+
+def keep_ratio_figures(reps: int) -> dict[str, Any]:
+  times, flops = {}, {}
+  for r in KEEP_RATIOS:
+    rnd, state, data = _round(CLIENTS.value, f"{r}/{r}:1")
+    times[r] = median_time(lambda: rnd.step(state, data), reps)
+    k = rnd.strata[0].counts["hidden"]
+    flops[r] = _params(k) / _params(HIDDEN.value)
+  return dict(
+      keep_ratio_round_time_s={str(r): t for r, t in times.items()},
+      keep_ratio_time_ratio={str(r): times[r] / times[1.0] for r in KEEP_RATIOS[1:]},
+      keep_ratio_flop_ratio={str(r): flops[r] for r in KEEP_RATIOS[1:]})
+
+
+def compact_dense_figures(reps: int) -> dict[str, Any]:
+  out = {}
+  for name, levels in (("profile", PROFILE), ("0.25", "0.25/0.25:1")):
+    t = {}
+    for sub in ("compact", "dense"):
+      rnd, state, data = _round(CLIENTS.value, levels, sub)
+      t[sub] = median_time(lambda: rnd.step(state, data), reps)
+    out[name] = dict(compact_s=t["compact"], dense_s=t["dense"],
+                     ratio=t["compact"] / t["dense"])
+  return dict(compact_over_dense={"levels": {"profile": PROFILE, "0.25": "0.25/0.25:1"}, **out},
+              compact_over_dense_time_ratio={k: v["ratio"] for k, v in out.items()})
+
+
+def vmap_loop_figures(reps: int) -> dict[str, Any]:
+  """The jitted vmapped round vs a Python loop of the same client function, jitted once."""
+  import jax
+  import jax.numpy as jnp
+  from bilevel import tree
+  ratio, detail = {}, {}
+  for c in (int(s) for s in LOOP_CLIENTS.value):
+    rnd, state, data = _round(c, "1/1:1")
+    client = jax.jit(rnd.client_fns[0])
+    server = jax.jit(rnd.server_fn)
+    ids = [int(i) for i in rnd.sample_fn(state.round)[0]]
+
+    def loop():
+      outs = [client(state, data, jnp.asarray(i), jnp.asarray(s), state.round)
+              for s, i in enumerate(ids)]
+      return server(state, tree.stack(outs))
+
+    t_vmap = median_time(lambda: rnd.step(state, data), reps)
+    t_loop = median_time(loop, reps)
+    ratio[str(c)] = t_vmap / t_loop
+    detail[str(c)] = dict(vmap_s=t_vmap, loop_s=t_loop)
+  return dict(vmap_over_loop_time_ratio=ratio, vmap_loop_detail=detail)
+
+
+def estimator_figures(reps: int) -> dict[str, Any]:
+  """Each estimator's time in units of one gradient of g (measured) next to the analytic count."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from bilevel import hypergrad, models
+  from bilevel.hypergrad import EstimatorOptions
+  rng = np.random.default_rng(1)
+  rows = EST_ROWS.value
+  batch = {"inputs": jnp.asarray(rng.normal(size=(rows, IN_DIM.value)), jnp.float32),
+           "labels": jnp.asarray(rng.integers(0, CLASSES.value, rows)),
+           "weight": jnp.ones(rows, jnp.float32)}
+  x, y = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
+  v = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), y)  # random v
+  problem = models.hyper_representation_problem()
+  grad_g = jax.jit(jax.grad(problem.inner_loss, argnums=(0, 1)))
+  t_grad = median_time(lambda: grad_g(x, y, batch), reps)
+  out = {}
+  for est in hypergrad.ESTIMATORS:
+    opts = EstimatorOptions(num_steps=EST_STEPS.value)
+    fn = jax.jit(lambda x, y, v, est=est, opts=opts: hypergrad.ESTIMATORS[est](
+        problem, x, y, batch, batch, v, None, None, opts))
+    t = median_time(lambda: fn(x, y, v), reps)
+    out[est] = dict(measured_grad_evals=t / t_grad,
+                    analytic_grad_evals=hypergrad.estimator_grad_evals(est, opts))
+  return dict(estimator_cost_grad_evals={k: v["measured_grad_evals"] for k, v in out.items()},
+              estimator_costs=dict(rows=rows, num_steps=EST_STEPS.value, grad_time_s=t_grad,
+                                   per_estimator=out))
+
+
+def scaling_figures(reps: int, counts: list[int]) -> dict[str, Any]:
+  rows = []
+  for c in counts:
+    rnd, state, data = _round(c, PROFILE)
+    mem = rnd.step.lower(state, data).compile().memory_analysis()
+    peak = None
+    if mem is not None:
+      peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                 - getattr(mem, "alias_size_in_bytes", 0))
+    t = median_time(lambda: rnd.step(state, data), max(2, reps if c < 1000 else 2))
+    rows.append(dict(clients_per_round=c, round_time_s=t, rounds_per_s=1.0 / t,
+                     peak_bytes=peak, temp_bytes=None if mem is None else int(mem.temp_size_in_bytes),
+                     peak_bytes_per_client=None if peak is None else peak / c))
+    del rnd, state, data
+  return dict(clients_scaling=rows)
+
+
+def device_figures(reps: int) -> dict[str, Any]:
+  """Run in a process with forced host devices: one device (no mesh) vs all, same round."""
+  import jax
+  import numpy as np
+  from bilevel import federated
+  n = len(jax.devices())
+  res = {}
+  for name, mesh in (("1", None), (str(n), federated.client_mesh())):
+    rnd, state, data = _round(CLIENTS.value, PROFILE, mesh=mesh)
+    res[name] = (median_time(lambda: rnd.step(state, data), reps), rnd.step(state, data)[0])
+  a, b = res["1"][1], res[str(n)][1]
+  # max |a - b| / max |b| per leaf (float32; fd divides rounding by its probe length)
+  diff = max(float(np.max(np.abs(np.asarray(p) - np.asarray(q))) / max(np.max(np.abs(q)), 1e-30))
+             for p, q in zip(jax.tree.leaves((a.x, a.y, a.v)), jax.tree.leaves((b.x, b.y, b.v))))
+  return dict(devices={"count": n, "round_time_s": {k: v[0] for k, v in res.items()},
+                       "time_ratio": res[str(n)][0] / res["1"][0],
+                       "max_leaf_rel_diff_vs_one_device": diff,
+                       "device_kind": jax.devices()[0].device_kind})
+
+
+def _device_subprocess(reps: int) -> dict[str, Any]:
+  argv = [sys.executable, "-m", "experiments.benchmark", "--devices_child", f"--reps={reps}",
+          f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
+          f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
+          f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}"]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
+             JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+  if proc.returncode != 0:
+    return dict(devices={"error": proc.stderr[-2000:]})
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  del argv
+  reps = REPS.value or (3 if QUICK.value else 5)
+  if DEVICES_CHILD.value:
+    print(json.dumps(device_figures(reps)))
+    return
+  workdir = common.require_workdir()
+  counts = [int(s) for s in (SCALING.value or (["10", "100"] if QUICK.value
+                                                else ["10", "100", "1000"]))]
+  start = time.perf_counter()
+  result: dict[str, Any] = dict(
+      versions=common.versions(), device=common.device_info(), argv=list(sys.argv),
+      settings=dict(quick=QUICK.value, reps=reps, in_dim=IN_DIM.value, hidden=HIDDEN.value,
+                    classes=CLASSES.value, batch=BATCH.value, clients=CLIENTS.value,
+                    local_steps=_local_steps(), inner_steps=1, estimator="fd", dtype="float32",
+                    cpu_count=os.cpu_count()))
+  sections = [("keep_ratio", keep_ratio_figures), ("compact_dense", compact_dense_figures),
+              ("vmap_loop", vmap_loop_figures), ("estimators", estimator_figures),
+              ("scaling", lambda r: scaling_figures(r, counts))]
+  if DEVICES.value > 0:
+    sections.append(("devices", _device_subprocess))
+  unknown = set(SECTIONS.value) - {n for n, _ in sections} - {"devices"}
+  if unknown:
+    common.fail(f"--sections has unknown names {sorted(unknown)}; allowed: keep_ratio, "
+                "compact_dense, vmap_loop, estimators, scaling, devices.")
+  for name, fn in sections:
+    if name not in SECTIONS.value:
+      continue
+    t0 = time.perf_counter()
+    figures = fn(reps)
+    result.update(figures)
+    print(f"== {name} ({time.perf_counter() - t0:.1f}s)")
+    print(json.dumps(figures, indent=1, default=float))
+  result["total_time_s"] = time.perf_counter() - start
+  path = os.path.join(workdir, "benchmark.json")
+  from bilevel.metrics import write_json
+  write_json(path, result)
+  print(f"wrote {path} in {result['total_time_s']:.0f}s")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,48 @@
+"""Smoke test of the benchmark driver: a tiny run writes benchmark.json with the promised keys
+(timings are not asserted: the CPU is shared)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class BenchmarkTest(absltest.TestCase):
+
+  def test_tiny_run_writes_the_json_keys(self):
+    workdir = tempfile.mkdtemp()
+    argv = [sys.executable, "-m", "experiments.benchmark", f"--workdir={workdir}", "--reps=1",
+            "--bench_in_dim=8", "--bench_hidden=8", "--bench_batch=4", "--bench_clients=4",
+            "--loop_clients=2,3", "--scaling_clients=2", "--estimator_rows=4",
+            "--estimator_steps=1", "--bench_devices=0",
+            "--sections=keep_ratio,vmap_loop,estimators,scaling"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(workdir, "benchmark.json")) as f:
+      result = json.load(f)
+    self.assertEqual(set(result["keep_ratio_time_ratio"]), {"0.5", "0.25"})
+    self.assertEqual(set(result["vmap_over_loop_time_ratio"]), {"2", "3"})
+    self.assertEqual(set(result["estimator_cost_grad_evals"]), {"fd", "exact", "neumann", "cg"})
+    self.assertEqual(result["clients_scaling"][0]["clients_per_round"], 2)
+    for key in ("versions", "device", "settings"):
+      self.assertIn(key, result)
+    self.assertIn("device_kind", result["device"])
+    self.assertIn("jax", result["versions"])
+
+  def test_unknown_section_is_a_clear_error(self):
+    argv = [sys.executable, "-m", "experiments.benchmark", "--workdir=" + tempfile.mkdtemp(),
+            "--sections=warp_drive"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("warp_drive", proc.stderr)
+
+
+if __name__ == "__main__":
+  absltest.main()

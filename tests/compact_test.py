@@ -1,0 +1,161 @@
+"""Compact submodels: the extracted-array round equals the dense masked round, is traced once,
+rejects what it cannot run, and gives the same numbers sharded over 4 forced host devices."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+from bilevel import federated, hypergrad, models
+from bilevel import masks as masks_lib
+from bilevel.client import ClientConfig
+from bilevel.errors import ConfigError
+from bilevel.hypergrad import EstimatorOptions
+
+M, N, DIN, H, CL = 8, 10, 12, 16, 4
+# Nested levels with r_y < r_x (0.5/0.25) exercise y's mask inside the compact arrays.
+LEVELS = "1/1:0.375,0.5/0.25:0.375,0.25/0.25:0.25"
+
+
+def _setup(dtype):
+  rng = np.random.default_rng(0)
+
+  def split():
+    return {"inputs": jnp.asarray(rng.normal(size=(M, N, DIN)), dtype),
+            "labels": jnp.asarray(rng.integers(0, CL, (M, N))), "weight": jnp.ones((M, N), dtype)}
+
+  data = federated.FederatedData(split(), split(), jnp.full((M,), N))
+  x0, y0 = models.init_mlp(jax.random.key(0), DIN, H, CL, dtype)
+  return data, x0, y0
+
+
+def _cfg(policy="random", estimator="fd", levels=LEVELS):
+  # delta 1e-2: fd divides rounding differences by delta (1e-16 / 1e-2 stays below 1e-12).
+  client = ClientConfig(local_steps=2, inner_steps=2, inner_lr=0.2, outer_lr=0.2,
+                        estimator=estimator, estimator_options=EstimatorOptions(2, 0.2, 1e-2))
+  return federated.FederatedConfig(M, 6, client=client, mask=masks_lib.MaskConfig(policy),
+                                   levels=masks_lib.parse_levels(levels))
+
+
+def _run(cfg, dtype, rounds=2, **kw):
+  data, x0, y0 = _setup(dtype)
+  rnd = federated.make_round(models.hyper_representation_problem("tanh"), cfg,
+                             models.mlp_layout(H), x0, **kw)
+  state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+  for _ in range(rounds):
+    state, metrics = rnd.step(state, data)
+  return state, metrics, rnd
+
+
+def _assert_same(test, a, b, rtol, atol=0.0):
+  (sa, ma), (sb, mb) = a, b
+  for got, want in zip(jax.tree.leaves((sa.x, sa.y, sa.v)), jax.tree.leaves((sb.x, sb.y, sb.v))):
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+  for k in ("outer_loss", "inner_loss", "hypergrad_norm"):
+    np.testing.assert_allclose(ma[k], mb[k], rtol=rtol)
+  for k in ("coverage_x_min", "coverage_y_mean", "client_flops", "comm_bytes", "active_clients"):
+    test.assertEqual(float(ma[k]), float(mb[k]), k)
+
+
+class CompactTest(parameterized.TestCase):
+
+  # Every policy and every estimator appears once (pairs keep the suite fast on 2 cores).
+  @parameterized.parameters(zip(masks_lib.POLICIES, hypergrad.ESTIMATORS))
+  def test_compact_equals_dense_float64(self, policy, estimator):
+    with jax.enable_x64(True):
+      cfg = _cfg(policy, estimator)
+      compact = _run(cfg, np.float64, submodel="compact")[:2]
+      dense = _run(cfg, np.float64, submodel="dense", sampling="stratified")[:2]
+      _assert_same(self, compact, dense, rtol=1e-12)
+
+  def test_compact_equals_dense_float32(self):
+    cfg = _cfg("rolling", "exact")
+    compact = _run(cfg, np.float32, submodel="compact")[:2]
+    dense = _run(cfg, np.float32, submodel="dense", sampling="stratified")[:2]
+    _assert_same(self, compact, dense, rtol=1e-5, atol=1e-7)
+
+  def test_compact_clients_run_on_extracted_widths(self):
+    _, x0, _ = _setup(np.float32)
+    rnd = federated.make_round(models.hyper_representation_problem(), _cfg(),
+                               models.mlp_layout(H), x0, submodel="compact")
+    widths = {(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata}
+    self.assertEqual(widths, {(1.0, 1.0): 16, (0.5, 0.25): 8, (0.25, 0.25): 4})
+    self.assertEqual(sum(st.per_round for st in rnd.strata), 6)
+    data, x0, y0 = _setup(np.float32)
+    state = federated.init_state(x0, y0, optax.sgd(1.0))
+    jaxpr = str(jax.make_jaxpr(rnd.step)(state, data))
+    self.assertIn(f"f32[{DIN},4]", jaxpr)  # the 0.25 clients' hidden kernel really is 12 x 4
+
+  def test_stratified_sampling_keeps_level_counts(self):
+    _, x0, _ = _setup(np.float32)
+    rnd = federated.make_round(models.hyper_representation_problem(), _cfg(),
+                               models.mlp_layout(H), x0, submodel="compact")
+    for q in range(4):
+      ids = [np.asarray(i) for i in rnd.sample_fn(jnp.asarray(q))]
+      for st, got in zip(rnd.strata, ids):
+        self.assertLen(set(got.tolist()), st.per_round)
+        self.assertTrue(set(got.tolist()) <= set(st.clients.tolist()))
+
+  def test_round_is_traced_once(self):
+    traces = []
+    problem = models.hyper_representation_problem()
+    counting = problem._replace(inner_loss=lambda *a: (traces.append(1), problem.inner_loss(*a))[1])
+    data, x0, y0 = _setup(np.float32)
+    rnd = federated.make_round(counting, _cfg(), models.mlp_layout(H), x0, submodel="compact")
+    state = federated.init_state(x0, y0, optax.sgd(1.0))
+    state, _ = rnd.step(state, data)
+    first = len(traces)
+    for _ in range(3):
+      state, _ = rnd.step(state, data)
+    self.assertGreater(first, 0)
+    self.assertLen(traces, first)
+
+  def test_rejects_what_compact_cannot_run(self):
+    _, x0, _ = _setup(np.float32)
+    layout, problem = models.mlp_layout(H), models.hyper_representation_problem()
+    cases = [(_cfg()._replace(redraw_levels=True), {}, "fixed client levels"),
+             (_cfg()._replace(mask=masks_lib.MaskConfig("random", "element")), {}, "unit"),
+             (_cfg(), dict(sampling="uniform"), "stratified"),
+             (_cfg(), dict(mask_fn=lambda *a: None), "mask_fn")]
+    for cfg, kw, msg in cases:
+      with self.assertRaisesRegex(ConfigError, msg):
+        federated.make_round(problem, cfg, layout, x0, submodel="compact", **kw)
+    with self.assertRaisesRegex(ConfigError, "submodel"):
+      federated.make_round(problem, _cfg(), layout, x0, submodel="sparse")
+
+  def test_single_level_stratified_equals_uniform(self):
+    cfg = _cfg(levels="1/1:1")
+    with jax.enable_x64(True):
+      _assert_same(self, _run(cfg, np.float64, submodel="compact")[:2],
+                   _run(cfg, np.float64, submodel="dense")[:2], rtol=1e-12)
+
+  def test_sharded_over_four_host_devices_equals_one_device(self):
+    script = textwrap.dedent("""
+        import jax, numpy as np
+        from bilevel import federated
+        from tests import compact_test as ct
+        assert len(jax.devices()) == 4, jax.devices()
+        mesh = federated.client_mesh()
+        with jax.enable_x64(True):  # fd estimator, float64: STYLE.md rtol 1e-12
+          one = ct._run(ct._cfg(), np.float64, submodel="compact")
+          four = ct._run(ct._cfg(), np.float64, submodel="compact", mesh=mesh)
+          ct._assert_same(ct.absltest.TestCase(), one[:2], four[:2], rtol=1e-12)
+        print("SHARDED_OK", four[0].x["hidden"]["kernel"].sharding)
+        """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("SHARDED_OK", proc.stdout)
+
+
+if __name__ == "__main__":
+  absltest.main()
