@@ -1,0 +1,190 @@
+"""Compare finished runs: one figure and one markdown table over several workdirs.
+
+Reads each workdir's config.json, metrics.jsonl and summary.json (written by the task drivers)
+and writes to --out (or --workdir):
+  compare.png : test accuracy against the round and against cumulative client FLOPs, one line
+                per run;
+  compare.md  : a table with run, task, algorithm, test accuracy, rounds, cumulative client
+                FLOPs, FLOPs relative to the first run, min coverage of x and y (C_x*, C_y*),
+                wall time and, where a run has one, the weight AUC (hyper-cleaning).
+A workdir without summary.json is an unfinished (or killed) run: it is listed as unfinished,
+with how many rounds it logged, and left out of the figure and the table.
+
+  python -m experiments.compare --workdirs=runs/hr_rafbo,runs/hr_simfbo --out=runs/cmp
+  python -m experiments.compare --workdirs=runs/hc,runs/hc/unweighted --labels=weighted,unweighted \
+      --workdir=runs/hc_cmp
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, NamedTuple, Sequence
+
+from absl import app, flags
+
+from experiments import common
+
+WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated run workdirs to compare.")
+LABELS = flags.DEFINE_list("labels", None, "Optional comma-separated labels, one per workdir "
+                           "(default: each workdir's path).")
+OUT = flags.DEFINE_string("out", None, "Output directory for compare.png and compare.md "
+                          "(default: --workdir).")
+
+
+class Run(NamedTuple):
+  label: str
+  path: str
+  config: dict[str, Any]
+  summary: dict[str, Any]
+  records: list[dict[str, Any]]
+
+
+class Unfinished(NamedTuple):
+  label: str
+  path: str
+  logged_rounds: int
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """metrics.jsonl records; a torn last line (a killed run) is skipped."""
+  records = []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except ValueError:
+          break
+  return records
+
+
+def load_run(path: str, label: str) -> Run | Unfinished:
+  """A finished run, or Unfinished; ValueError with a clear message when it cannot be read."""
+  if not os.path.isdir(path):
+    raise ValueError(f"workdir {path!r} does not exist or is not a directory.")
+  records = read_records(os.path.join(path, "metrics.jsonl"))
+  summary_path = os.path.join(path, "summary.json")
+  if not os.path.exists(summary_path):
+    return Unfinished(label, path, records[-1]["round"] if records else 0)
+  try:
+    with open(summary_path, encoding="utf-8") as f:
+      summary = json.load(f)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"workdir {path!r}: cannot read its results ({e}).") from None
+  if not records:
+    raise ValueError(f"workdir {path!r} has summary.json but no metrics.jsonl records.")
+  return Run(label, path, config, summary, records)
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "n/a"
+  return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def table(runs: Sequence[Run]) -> list[str]:
+  """Markdown table rows (header first); FLOPs relative to the first run."""
+  with_auc = any("weight_auc" in r.summary for r in runs)
+  header = ["run", "task", "algorithm", "test accuracy", "rounds", "cumulative client FLOPs",
+            "FLOPs vs first", "min coverage x", "min coverage y", "wall time (s)"]
+  if with_auc:
+    header.append("weight AUC")
+  base = runs[0].summary.get("cumulative_client_flops") if runs else None
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in runs:
+    s = r.summary
+    flops = s.get("cumulative_client_flops")
+    rel = flops / base if flops is not None and base else None
+    row = [r.label, _fmt(s.get("task")), _fmt(s.get("algorithm")), _fmt(s.get("test_accuracy")),
+           _fmt(s.get("rounds"), "d"), _fmt(flops, ".3e"), _fmt(rel, ".3f"),
+           _fmt(s.get("min_coverage_x")), _fmt(s.get("min_coverage_y")),
+           _fmt(s.get("wall_time_s"), ".1f")]
+    if with_auc:
+      row.append(_fmt(s.get("weight_auc")))
+    lines.append("| " + " | ".join(row) + " |")
+  return lines
+
+
+def write_markdown(path: str, runs: Sequence[Run], unfinished: Sequence[Unfinished]) -> None:
+  lines = ["# Run comparison", ""]
+  if runs:
+    lines += table(runs) + [""]
+    lines.append("Test accuracy is a fraction; FLOPs are analytic client FLOPs of the submodels "
+                 "actually run, relative to the first row.")
+    extra = [f"{r.label}: unweighted baseline {r.summary['unweighted_test_accuracy']:.4g}"
+             for r in runs if r.summary.get("unweighted_test_accuracy") is not None]
+    if extra:
+      lines += ["", "Hyper-cleaning, the same run trained unweighted on the noisy labels: "
+                + "; ".join(extra) + "."]
+  if unfinished:
+    lines += ["", "## Unfinished runs (no summary.json; not in the table or the figure)", ""]
+    lines += [f"- {u.label} ({u.path}): {u.logged_rounds} rounds logged so far" for u in unfinished]
+  lines += ["", "Workdirs: " + ", ".join(f"{r.label} = {r.path}" for r in runs), ""]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines))
+
+
+def plot(path: str, runs: Sequence[Run]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for xkey, ax in zip(("round", "cumulative_client_flops"), axes):
+    for r in runs:
+      pts = [(rec[xkey], rec["test_accuracy"]) for rec in r.records
+             if xkey in rec and rec.get("test_accuracy") is not None]
+      if pts:
+        ax.plot(*zip(*pts), marker=".", label=r.label)
+    ax.set_xlabel(xkey.replace("_", " "))
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+  axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  problems = []
+  paths = WORKDIRS.value or []
+  if not paths:
+    problems.append("--workdirs is required: a comma-separated list of run workdirs.")
+  labels = LABELS.value or paths
+  if LABELS.value and len(LABELS.value) != len(paths):
+    problems.append(f"--labels has {len(LABELS.value)} entries but --workdirs has {len(paths)}; "
+                    "give one label per workdir.")
+  out = OUT.value or common.WORKDIR.value
+  if not out:
+    problems.append("--out (or --workdir) is required: the directory for compare.png and "
+                    "compare.md.")
+  loaded = []
+  if not (LABELS.value and len(LABELS.value) != len(paths)):
+    for path, label in zip(paths, labels):
+      try:
+        loaded.append(load_run(path, label))
+      except ValueError as e:
+        problems.append(str(e))
+  if problems:
+    common.fail(" ".join(problems))
+  runs = [r for r in loaded if isinstance(r, Run)]
+  unfinished = [r for r in loaded if isinstance(r, Unfinished)]
+  for u in unfinished:
+    print(f"warning: {u.path} is unfinished (no summary.json; {u.logged_rounds} rounds logged): "
+          "listed as unfinished, left out of the comparison.")
+  if not runs:
+    common.fail("none of the workdirs holds a finished run (summary.json); nothing to compare.")
+  os.makedirs(out, exist_ok=True)
+  write_markdown(os.path.join(out, "compare.md"), runs, unfinished)
+  plot(os.path.join(out, "compare.png"), runs)
+  print("\n".join(table(runs)))
+  print(f"wrote {os.path.join(out, 'compare.md')} and {os.path.join(out, 'compare.png')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

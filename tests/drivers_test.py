@@ -1,0 +1,288 @@
+"""Driver smoke tests: hyper_representation, hyper_cleaning and compare run end to end on tiny
+settings and write their results; every --algorithm preset runs one round on both tasks; bad
+flags end with a non-zero exit and no summary.json; the presets parse; hyper-cleaning's pieces
+(rank AUC, sample gate, owned rolling window) against brute force.
+
+Each driver's main() runs under absl's flagsaver, so flag values (and hyper_cleaning's task
+defaults) never leak from one test into another. Compilation dominates the run time, so the
+module compiles with jax_disable_most_optimizations (numbers are only checked for sanity here).
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+from absl.testing import absltest, flagsaver, parameterized
+
+from bilevel import federated
+from bilevel import masks as masks_lib
+from experiments import common, compare, hyper_cleaning, hyper_representation
+
+FLAGS = flags.FLAGS
+ALGORITHMS = sorted(federated.ALGORITHMS)
+DEFAULT_ALGORITHM = "rafbo"  # the --algorithm default: SmokeTest's runs
+TASKS = {"hyper_representation": (hyper_representation, dict(hidden=16)),
+         "hyper_cleaning": (hyper_cleaning, {})}
+# 4 clients: the default level profile gives every level one client or more (full_only needs 1/1).
+TINY = dict(dataset="digits", num_clients=4, clients_per_round=2, local_steps=1, eval_every=1,
+            log_every=1)
+REQUIRED_SUMMARY = ("test_accuracy", "rounds", "wall_time_s", "cumulative_client_flops",
+                    "min_coverage_x", "min_coverage_y")
+PRESETS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "presets")
+
+_saved_optimizations = None
+
+
+def setUpModule():
+  global _saved_optimizations
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+  _saved_optimizations = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+
+
+def tearDownModule():
+  jax.config.update("jax_disable_most_optimizations", _saved_optimizations)
+
+
+def _run(module, **overrides) -> str:
+  """main() of a driver with the given flag values; returns what it printed."""
+  out = io.StringIO()
+  with flagsaver.flagsaver(**overrides), contextlib.redirect_stdout(out):
+    module.main([])
+  return out.getvalue()
+
+
+def _read(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _records(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+class SmokeTest(parameterized.TestCase):
+  """Two rounds of each task into one temporary directory, then checks and compare."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._tmp = tempfile.TemporaryDirectory()
+    cls.root = cls._tmp.name
+    cls.dirs = {"hr": os.path.join(cls.root, "hr"), "hc": os.path.join(cls.root, "hc"),
+                "hc/unweighted": os.path.join(cls.root, "hc", "unweighted")}
+    _run(hyper_representation, workdir=cls.dirs["hr"], rounds=2, hidden=16, **TINY)
+    _run(hyper_cleaning, workdir=cls.dirs["hc"], rounds=2, baseline_unweighted=True, **TINY)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls._tmp.cleanup()
+    super().tearDownClass()
+
+  @parameterized.parameters("hr", "hc", "hc/unweighted")
+  def test_writes_results(self, run):
+    workdir = self.dirs[run]
+    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png"):
+      self.assertTrue(os.path.isfile(os.path.join(workdir, name)), f"{run}: {name} missing")
+    summary = _read(os.path.join(workdir, "summary.json"))
+    for key in REQUIRED_SUMMARY:
+      self.assertIn(key, summary)
+      self.assertTrue(math.isfinite(summary[key]), f"{run}: {key}={summary[key]}")
+    self.assertBetween(summary["test_accuracy"], 0.0, 1.0)
+    self.assertEqual(summary["rounds"], 2)
+    self.assertEqual(summary["algorithm"], DEFAULT_ALGORITHM)
+    records = _records(os.path.join(workdir, "metrics.jsonl"))
+    self.assertEqual([r["round"] for r in records], [1, 2])
+    self.assertGreater(records[1]["cumulative_client_flops"], records[0]["cumulative_client_flops"])
+    self.assertIn("config", _read(os.path.join(workdir, "config.json")))
+
+  def test_smoke_runs_cover_the_default_algorithm(self):
+    self.assertEqual(FLAGS["algorithm"].default, DEFAULT_ALGORITHM)  # AlgorithmsTest skips it
+
+  def test_hyper_cleaning_summary(self):
+    summary = _read(os.path.join(self.dirs["hc"], "summary.json"))
+    base = _read(os.path.join(self.dirs["hc/unweighted"], "summary.json"))
+    self.assertBetween(summary["weight_auc"], 0.0, 1.0)
+    for key in ("weight_precision", "weight_recall"):
+      self.assertBetween(summary[key], 0.0, 1.0)
+    self.assertEqual(summary["unweighted_test_accuracy"], base["test_accuracy"])
+    self.assertAlmostEqual(summary["accuracy_gain"],
+                           summary["test_accuracy"] - base["test_accuracy"], places=6)
+    self.assertFalse(base["weighted"])
+    self.assertEqual(base["weight_auc"], 0.5)  # weights never move: every score tied
+    config = _read(os.path.join(self.dirs["hc"], "config.json"))["config"]
+    self.assertEqual(config["noise"], 0.5)
+    self.assertEqual(config["client"]["local_steps"], 1)  # given flags beat task defaults
+    self.assertNotIn("local_steps", config["task_defaults_applied"])
+
+  def test_compare(self):
+    unfinished = os.path.join(self.root, "killed")
+    os.makedirs(unfinished)
+    with open(os.path.join(self.dirs["hc"], "metrics.jsonl")) as f, \
+        open(os.path.join(unfinished, "metrics.jsonl"), "w") as g:
+      g.write(f.readline())
+    out = os.path.join(self.root, "cmp")
+    printed = _run(compare, workdirs=[self.dirs["hr"], self.dirs["hc"], self.dirs["hc/unweighted"],
+                                      unfinished],
+                   labels=["hr", "hc", "hc_unweighted", "killed"], out=out)
+    self.assertIn("unfinished", printed)
+    self.assertTrue(os.path.isfile(os.path.join(out, "compare.png")))
+    with open(os.path.join(out, "compare.md")) as f:
+      md = f.read()
+    rows = [line for line in md.splitlines() if line.startswith("| ")][1:]  # skip the header
+    self.assertEqual([r.split("|")[1].strip() for r in rows], ["hr", "hc", "hc_unweighted"])
+    self.assertIn("weight AUC", md)
+    self.assertIn("1.000", rows[0])  # FLOPs relative to the first run
+    self.assertIn("killed", md.split("Unfinished runs")[1])
+
+  def test_compare_needs_a_finished_run(self):
+    empty = os.path.join(self.root, "empty")
+    os.makedirs(empty, exist_ok=True)
+    for kwargs in (dict(workdirs=[empty]), dict(workdirs=[os.path.join(self.root, "missing")]),
+                   dict(workdirs=[self.dirs["hr"]], labels=["a", "b"]),
+                   dict(workdirs=[self.dirs["hr"]], out=None, workdir=None)):
+      kwargs.setdefault("out", os.path.join(self.root, "cmp_bad"))
+      with self.subTest(**{k: str(v) for k, v in kwargs.items()}):
+        with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(io.StringIO()):
+          _run(compare, **kwargs)
+        self.assertNotEqual(cm.exception.code, 0)
+    self.assertFalse(os.path.exists(os.path.join(self.root, "cmp_bad", "compare.md")))
+
+
+class AlgorithmsTest(parameterized.TestCase):
+  """Every preset but the default one (rafbo: SmokeTest runs it on both tasks, with the same
+  tiny settings) runs one round on both tasks. Compiling the round is most of the time."""
+
+  @parameterized.product(task=sorted(TASKS),
+                         algorithm=[a for a in ALGORITHMS if a != DEFAULT_ALGORITHM])
+  def test_one_round(self, task, algorithm):
+    module, extra = TASKS[task]
+    with tempfile.TemporaryDirectory() as workdir, \
+        mock.patch.object(common, "plot_records"):  # plotting is covered by SmokeTest
+      _run(module, workdir=workdir, rounds=1, algorithm=algorithm, checkpoint_every=0, **TINY,
+           **extra)
+      summary = _read(os.path.join(workdir, "summary.json"))
+    self.assertEqual(summary["algorithm"], algorithm)
+    self.assertBetween(summary["test_accuracy"], 0.0, 1.0)
+    self.assertTrue(math.isfinite(summary["final_outer_loss"]))
+    self.assertGreater(summary["cumulative_client_flops"], 0)
+
+
+class BadFlagsTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("hr_unknown_dataset", "hyper_representation", dict(dataset="imagenet"), "imagenet"),
+      ("hc_unknown_dataset", "hyper_cleaning", dict(dataset="imagenet"), "imagenet"),
+      ("hr_data_dir_without_files", "hyper_representation",
+       dict(dataset="mnist", data_dir="EMPTY"), "Missing data file"),
+      ("hc_data_dir_without_files", "hyper_cleaning",
+       dict(dataset="fashion_mnist", data_dir="EMPTY"), "Missing data file"),
+      ("hc_noise_one", "hyper_cleaning", dict(noise=1.0), "--noise=1.0"),
+      ("hc_noise_negative", "hyper_cleaning", dict(noise=-0.1), "--noise=-0.1"),
+      ("hc_element_masks", "hyper_cleaning", dict(mask_granularity="element"), "element"),
+      ("hc_static_samples", "hyper_cleaning", dict(mask_policy="static"), "uncovered forever"),
+      ("hc_compact_submodel", "hyper_cleaning", dict(submodel="compact"), "--submodel=dense"),
+      ("hc_two_problems", "hyper_cleaning", dict(noise=2.0, rounds=0), "2 problems"),
+  )
+  def test_exits_without_summary(self, task, overrides, message):
+    module, extra = TASKS[task]
+    with tempfile.TemporaryDirectory() as root:
+      empty = os.path.join(root, "empty")
+      os.makedirs(empty)
+      overrides = {k: empty if v == "EMPTY" else v for k, v in overrides.items()}
+      workdir = os.path.join(root, "run")
+      stderr = io.StringIO()
+      with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(stderr):
+        _run(module, **{**TINY, **extra, "workdir": workdir, "rounds": 1, **overrides})
+      self.assertNotEqual(cm.exception.code, 0)
+      self.assertTrue(stderr.getvalue().startswith("error: "), stderr.getvalue())
+      self.assertIn(message, stderr.getvalue())
+      self.assertFalse(os.path.exists(os.path.join(workdir, "summary.json")))
+
+
+class PresetsTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("hyper_representation_fednest_iid.cfg", "fednest", "iid"),
+      ("hyper_representation_fednest_noniid.cfg", "fednest", "shards"),
+      ("hyper_cleaning_default.cfg", "rafbo", "iid"))
+  def test_preset_parses_and_validates(self, name, algorithm, partition):
+    path = os.path.join(PRESETS, name)
+    self.assertTrue(os.path.isfile(path))
+    with flagsaver.flagsaver():
+      FLAGS(["prog", f"--flagfile={path}"])
+      cfg = common.federated_config()
+      federated.validate_config(cfg, masks_lib.UnitLayout({}, {}, {}))
+      self.assertEqual(FLAGS.algorithm, algorithm)
+      self.assertEqual(FLAGS.partition, partition)
+      if name.startswith("hyper_cleaning"):
+        # The preset spells out the driver's task defaults.
+        for key, value in hyper_cleaning.TASK_DEFAULTS.items():
+          self.assertEqual(FLAGS[key].value, value, key)
+
+
+class HyperCleaningPiecesTest(parameterized.TestCase):
+
+  def test_rank_auc_matches_pairwise_count(self):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties
+    positive = rng.random(60) < 0.4
+    pos, neg = scores[positive], scores[~positive]
+    brute = np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
+    self.assertAlmostEqual(hyper_cleaning.rank_auc(scores, positive), brute, places=12)
+    self.assertEqual(hyper_cleaning.rank_auc(np.arange(4.0), np.array([0, 0, 1, 1], bool)), 1.0)
+    self.assertIsNone(hyper_cleaning.rank_auc(np.arange(3.0), np.ones(3, bool)))
+
+  def test_pruned_samples_leave_the_inner_loss(self):
+    """g at the pruned point = g on the kept rows alone; the gate gets no hypergradient."""
+    rng = np.random.default_rng(1)
+    n, d, c = 6, 3, 4
+    problem = hyper_cleaning.cleaning_problem(hyper_cleaning.linear_logits, reg=0.1)
+    x = {"logits": jnp.asarray(rng.normal(size=n), jnp.float32), "gate": jnp.ones(n)}
+    y = {"head": {"kernel": jnp.asarray(rng.normal(size=(d, c)), jnp.float32),
+                  "bias": jnp.zeros(c)}}
+    batch = {"inputs": jnp.asarray(rng.normal(size=(n, d)), jnp.float32),
+             "labels": jnp.asarray(rng.integers(0, c, n)), "weight": jnp.ones(n),
+             "index": jnp.arange(n)}
+    keep = np.array([1, 0, 1, 1, 0, 0], np.float32)
+    pruned = jax.tree.map(lambda t: t * keep, x)
+    kept_rows = jax.tree.map(lambda t: t[keep > 0], batch)
+    kept_rows["index"] = jnp.arange(int(keep.sum()))
+    kept_x = jax.tree.map(lambda t: t[keep > 0], x)
+    inner = jax.jit(problem.inner_loss)
+    np.testing.assert_allclose(inner(pruned, y, batch), inner(kept_x, y, kept_rows), rtol=1e-6)
+    grad_x = jax.jit(jax.grad(problem.inner_loss))(pruned, y, batch)
+    np.testing.assert_array_equal(grad_x["gate"], np.zeros(n))
+    np.testing.assert_array_equal(grad_x["logits"] * (1 - keep), np.zeros(n))
+
+  def test_owned_rolling_window_rolls_over_own_samples(self):
+    counts, offsets = np.array([4, 6]), np.array([0, 4])
+    lay = hyper_cleaning.layout("linear", 10, 3, 1)
+    x, y = hyper_cleaning.init_params(jax.random.key(0), "linear", 10, 3, 1, 2)
+    ownership = jnp.asarray(np.repeat(np.eye(2), counts, axis=1))
+    mask_fn = hyper_cleaning.owned_rolling_mask_fn(masks_lib.MaskConfig("rolling"), lay, offsets,
+                                                   counts, ownership)
+    state = federated.init_state(x, y, optax.sgd(1.0))
+    masks = jax.jit(mask_fn)
+    kept = [np.flatnonzero(masks(state, 1, 0, q, 0.5, 1.0, jax.random.key(q))[0]["logits"])
+            for q in range(7)]
+    self.assertEqual([k.tolist() for k in kept[:4]],
+                     [[4, 5, 6], [5, 6, 7], [6, 7, 8], [7, 8, 9]])
+    self.assertEqual(kept[6].tolist(), [4, 5, 6])  # a full cycle over the client's 6 samples
+    # Every sample of the client is kept in some round of a cycle.
+    self.assertEqual(sorted(set(np.concatenate(kept[:6]).tolist())), list(range(4, 10)))
+
+
+if __name__ == "__main__":
+  absltest.main()
