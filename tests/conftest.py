@@ -1,7 +1,16 @@
 """Test-wide JAX settings: CPU only and no silent rank promotion (STYLE.md)."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU's newer fusion emitters compile ~3x slower on these small programs; the suite compiles
+# hundreds of rounds, so tests (and the subprocesses they start, which inherit the environment)
+# use the classic emitters. Numbers are unaffected beyond float rounding.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
+# Many tests build the same round program again (same seed twice, a killed run and its resumption,
+# subprocess drivers): a persistent compilation cache for this session compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="bilevel_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 
