@@ -1,5 +1,11 @@
 """Models as flax linen modules with explicit layer names, split into outer x and inner y.
 
+CNN (hyper-representation on images, e.g. CIFAR-10): x = {"conv1", "conv2"} (3x3 convolutions,
+stride 2, SAME padding), y = {"head": Dense(classes)} on globally average-pooled features. Unit
+groups: output channels of conv1 ("conv1": its kernel's last axis, its bias, conv2's input-channel
+axis) and of conv2 ("conv2": its kernel's last axis, its bias, the head's input rows). No
+BatchNorm (REFERENCES.md: it fails under heterogeneous submodels).
+
 MLP (hyper-representation, FedNest): x = {"hidden": Dense(K)}, y = {"head": Dense(classes)}.
 Unit correspondence: hidden unit j owns x.hidden.kernel[:, j], x.hidden.bias[j] and the head's
 input row y.head.kernel[j, :]; the head bias and output columns are never pruned.
@@ -62,20 +68,81 @@ def mlp_layout(hidden: int) -> UnitLayout:
       y={"head": {"kernel": unit(0), "bias": Axes()}})
 
 
+class CNN(nn.Module):
+  channels: tuple[int, int] = (16, 32)
+  classes: int = 10
+  activation: str = "relu"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    act = ACTIVATIONS[self.activation]
+    h = act(nn.Conv(self.channels[0], (3, 3), strides=2, name="conv1")(inputs))
+    h = act(nn.Conv(self.channels[1], (3, 3), strides=2, name="conv2")(h))
+    return nn.Dense(self.classes, name="head")(jnp.mean(h, axis=(1, 2)))
+
+
+def init_cnn(key: jax.Array, input_shape: tuple[int, int, int], channels: tuple[int, int],
+             classes: int, dtype: Any = jnp.float32) -> tuple[PyTree, PyTree]:
+  """(x, y) = ({"conv1", "conv2"}, {"head"}) from the flax initialisers. input_shape: (H, W, C)."""
+  params = CNN(tuple(channels), classes).init(key, jnp.zeros((1,) + tuple(input_shape), dtype))
+  params = jax.tree.map(lambda p: p.astype(dtype), params["params"])
+  return {"conv1": params["conv1"], "conv2": params["conv2"]}, {"head": params["head"]}
+
+
+def _conv(params: PyTree, inputs: jax.Array) -> jax.Array:
+  """3x3 stride-2 SAME convolution, NHWC x HWIO (as flax.linen.Conv)."""
+  out = jax.lax.conv_general_dilated(inputs, params["kernel"], (2, 2), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return out + params["bias"][None, None, None, :]
+
+
+def cnn_logits(x: PyTree, y: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.Array:
+  """Same numbers as CNN.apply, for any channel widths (compact submodels). inputs [N, H, W, C]."""
+  act = ACTIVATIONS[activation]
+  h = act(_conv(x["conv2"], act(_conv(x["conv1"], inputs))))
+  return dense(y["head"], jnp.mean(h, axis=(1, 2)))
+
+
+def cnn_layout(channels: tuple[int, int]) -> UnitLayout:
+  return UnitLayout(
+      groups={"conv1": channels[0], "conv2": channels[1]},
+      x={"conv1": {"kernel": Axes((("conv1", 3),)), "bias": Axes((("conv1", 0),))},
+         "conv2": {"kernel": Axes((("conv1", 2), ("conv2", 3))), "bias": Axes((("conv2", 0),))}},
+      y={"head": {"kernel": Axes((("conv2", 0),)), "bias": Axes()}})
+
+
+def cnn_flops_per_grad(input_shape: tuple[int, int, int]):
+  """6 x (kept conv kernel entries x output positions + kept head entries), per example."""
+  h1, w1 = -(-input_shape[0] // 2), -(-input_shape[1] // 2)
+  h2, w2 = -(-h1 // 2), -(-w1 // 2)
+
+  def flops(mask_x: PyTree, mask_y: PyTree) -> jax.Array:
+    kept = lambda m: jnp.sum(m != 0).astype(jnp.float32)
+    return 6.0 * (kept(mask_x["conv1"]["kernel"]) * h1 * w1
+                  + kept(mask_x["conv2"]["kernel"]) * h2 * w2 + kept(mask_y["head"]["kernel"]))
+
+  return flops
+
+
 def weighted_ce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:
   """sum_n w_n CE_n / max(sum_n w_n, 1e-12). Shapes: logits [N, classes], labels/weight [N]."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return jnp.sum(weight * ce) / jnp.maximum(jnp.sum(weight), 1e-12)
 
 
-def hyper_representation_problem(activation: str = "relu", l2: float = 1e-3) -> BilevelProblem:
+LOGITS = {"mlp": mlp_logits, "cnn": cnn_logits}
+
+
+def hyper_representation_problem(activation: str = "relu", l2: float = 1e-3,
+                                 model: str = "mlp") -> BilevelProblem:
   """g_i = CE(train) + l2/2 ||y||^2, f_i = CE(val); batches {"inputs", "labels", "weight"}."""
+  logits = LOGITS[model]
 
   def inner(x, y, b):
-    ce = weighted_ce(mlp_logits(x, y, b["inputs"], activation), b["labels"], b["weight"])
+    ce = weighted_ce(logits(x, y, b["inputs"], activation), b["labels"], b["weight"])
     return ce + 0.5 * l2 * sum(jnp.sum(t ** 2) for t in jax.tree.leaves(y))
 
   def outer(x, y, b):
-    return weighted_ce(mlp_logits(x, y, b["inputs"], activation), b["labels"], b["weight"])
+    return weighted_ce(logits(x, y, b["inputs"], activation), b["labels"], b["weight"])
 
   return BilevelProblem(inner, outer)

@@ -22,9 +22,22 @@ from bilevel.client import full_batch, minibatch_sampler
 from bilevel.errors import ConfigError
 from experiments import common
 
-HIDDEN = flags.DEFINE_integer("hidden", 200, "Hidden units of the representation layer.")
+MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp: 784-200 MLP representation; "
+                          "cnn: two 3x3 stride-2 conv layers (channel units) for image data.")
+HIDDEN = flags.DEFINE_integer("hidden", 200, "Hidden units of the representation layer (mlp).")
+CHANNELS = flags.DEFINE_list("channels", ["16", "32"], "Output channels of conv1, conv2 (cnn).")
 ACTIVATION = flags.DEFINE_enum("activation", "relu", sorted(models.ACTIVATIONS), "Activation.")
 L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
+
+
+def image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+  """(H, W, C) for the CNN: flat square grey images (MNIST, digits) become (s, s, 1)."""
+  if len(input_shape) == 3:
+    return tuple(input_shape)
+  side = int(round(np.sqrt(np.prod(input_shape))))
+  if side * side != int(np.prod(input_shape)):
+    raise ConfigError(f"--model=cnn needs image inputs; input shape {input_shape} is not square.")
+  return (side, side, 1)
 
 
 def client_arrays(ds: data_lib.Dataset) -> tuple[federated.FederatedData, dict]:
@@ -32,7 +45,11 @@ def client_arrays(ds: data_lib.Dataset) -> tuple[federated.FederatedData, dict]:
                              seed=common.SEED.value, alpha=common.ALPHA.value)
   cd = data_lib.make_client_data(ds.x_train, ds.y_train, parts,
                                  val_fraction=common.VAL_FRACTION.value, seed=common.SEED.value)
-  flat = lambda a: a.reshape(a.shape[:2] + (-1,))
+  if MODEL.value == "cnn":
+    shape = image_shape(ds.input_shape)
+    flat = lambda a: a.reshape(a.shape[:2] + shape)
+  else:
+    flat = lambda a: a.reshape(a.shape[:2] + (-1,))
   inner = {"inputs": jnp.asarray(flat(cd.train_x)), "labels": jnp.asarray(cd.train_y),
            "weight": jnp.asarray(cd.train_mask)}
   outer = {"inputs": jnp.asarray(flat(cd.val_x)), "labels": jnp.asarray(cd.val_y),
@@ -46,15 +63,27 @@ def main(argv):
   problems = common.check_shared_flags()
   if HIDDEN.value < 1:
     problems.append(f"--hidden={HIDDEN.value} must be >= 1.")
-  layout = models.mlp_layout(max(HIDDEN.value, 1))
+  try:
+    channels = tuple(int(c) for c in CHANNELS.value)
+    assert len(channels) == 2 and min(channels) >= 1
+  except (ValueError, AssertionError):
+    problems.append(f"--channels={','.join(CHANNELS.value)} must be two integers >= 1.")
+    channels = (1, 1)
+  layout = (models.cnn_layout(channels) if MODEL.value == "cnn"
+            else models.mlp_layout(max(HIDDEN.value, 1)))
   cfg, ds = common.gather(
       problems, lambda: common.validated(common.federated_config(), layout),
       lambda: data_lib.load_dataset(common.DATASET.value, common.DATA_DIR.value,
                                     seed=common.SEED.value))
   try:
-    in_dim = int(np.prod(ds.input_shape))
-    x0, y0 = models.init_mlp(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
-                             in_dim, HIDDEN.value, ds.num_classes)
+    init_key = jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0)
+    if MODEL.value == "cnn":
+      x0, y0 = models.init_cnn(init_key, image_shape(ds.input_shape), channels, ds.num_classes)
+      flops_per_example = models.cnn_flops_per_grad(image_shape(ds.input_shape))
+    else:
+      x0, y0 = models.init_mlp(init_key, int(np.prod(ds.input_shape)), HIDDEN.value,
+                               ds.num_classes)
+      flops_per_example = federated.default_flops_per_grad
     batch = common.BATCH_SIZE.value
     sample = minibatch_sampler(batch) if batch else full_batch
     data, info = client_arrays(ds)
@@ -66,22 +95,25 @@ def main(argv):
                                                 cfg.mask.granularity != "unit"):
       submodel = "dense"
     rnd = federated.make_round(
-        models.hyper_representation_problem(ACTIVATION.value, L2.value), cfg, layout, x0,
+        models.hyper_representation_problem(ACTIVATION.value, L2.value, MODEL.value), cfg,
+        layout, x0,
         sample=sample, submodel=submodel,
-        flops_per_grad=lambda mx, my: per_grad_examples * federated.default_flops_per_grad(mx, my))
+        flops_per_grad=lambda mx, my: per_grad_examples * flops_per_example(mx, my))
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
   resume = common.start_run(workdir, dict(
-      common.config_dict(cfg), task="hyper_representation", hidden=HIDDEN.value,
+      common.config_dict(cfg), task="hyper_representation", model=MODEL.value,
+      hidden=HIDDEN.value, channels=list(channels),
       activation=ACTIVATION.value, l2=L2.value, dataset=data_lib.dataset_summary(ds), **info))
   print(data_lib.dataset_summary(ds))
-  x_test = jnp.asarray(ds.x_test.reshape(len(ds.x_test), -1))
+  test_shape = image_shape(ds.input_shape) if MODEL.value == "cnn" else (-1,)
+  x_test = jnp.asarray(ds.x_test.reshape((len(ds.x_test),) + tuple(test_shape)))
   y_test = jnp.asarray(ds.y_test)
 
   @jax.jit
   def evaluate(state):
-    logits = models.mlp_logits(state.x, state.y, x_test, ACTIVATION.value)
+    logits = models.LOGITS[MODEL.value](state.x, state.y, x_test, ACTIVATION.value)
     return {"test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test),
             "test_loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_test))}
 

@@ -81,8 +81,11 @@ class SmokeTest(parameterized.TestCase):
     cls._tmp = tempfile.TemporaryDirectory()
     cls.root = cls._tmp.name
     cls.dirs = {"hr": os.path.join(cls.root, "hr"), "hc": os.path.join(cls.root, "hc"),
-                "hc/unweighted": os.path.join(cls.root, "hc", "unweighted")}
+                "hc/unweighted": os.path.join(cls.root, "hc", "unweighted"),
+                "hr_cnn": os.path.join(cls.root, "hr_cnn")}
     _run(hyper_representation, workdir=cls.dirs["hr"], rounds=2, hidden=16, **TINY)
+    _run(hyper_representation, workdir=cls.dirs["hr_cnn"], rounds=2, model="cnn",
+         channels=["4", "6"], **TINY)
     _run(hyper_cleaning, workdir=cls.dirs["hc"], rounds=2, baseline_unweighted=True, **TINY)
 
   @classmethod
@@ -90,7 +93,7 @@ class SmokeTest(parameterized.TestCase):
     cls._tmp.cleanup()
     super().tearDownClass()
 
-  @parameterized.parameters("hr", "hc", "hc/unweighted")
+  @parameterized.parameters("hr", "hc", "hc/unweighted", "hr_cnn")
   def test_writes_results(self, run):
     workdir = self.dirs[run]
     for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png"):

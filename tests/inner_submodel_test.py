@@ -53,6 +53,22 @@ class SubmodelTest(absltest.TestCase):
     np.testing.assert_allclose(models.MLP(10, 4).apply(params, inputs),
                                models.mlp_logits(x, y, inputs), rtol=1e-6)
 
+  def test_compact_cnn_computes_the_masked_cnn(self):
+    layout = models.cnn_layout((6, 8))
+    x, y = models.init_cnn(jax.random.key(2), (8, 8, 3), (6, 8), 5)
+    um = {"conv1": jnp.array([1.0, 0, 1, 1, 0, 0]), "conv2": jnp.array([0.0, 1, 1, 0, 1, 0, 0, 1])}
+    mx, my = masks_lib.expand_unit_masks(layout, um, um, x, y)
+    idx = {"conv1": submodel.kept_indices(um["conv1"], 3),
+           "conv2": submodel.kept_indices(um["conv2"], 4)}
+    xs, ys = submodel.extract(layout.x, x, idx), submodel.extract(layout.y, y, idx)
+    self.assertEqual(xs["conv2"]["kernel"].shape, (3, 3, 3, 4))
+    inputs = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 8, 3)), jnp.float32)
+    masked = models.cnn_logits(jax.tree.map(jnp.multiply, x, mx), jax.tree.map(jnp.multiply, y, my),
+                               inputs)
+    np.testing.assert_allclose(models.cnn_logits(xs, ys, inputs), masked, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(models.CNN((6, 8), 5).apply({"params": {**x, **y}}, inputs),
+                               models.cnn_logits(x, y, inputs), rtol=1e-5, atol=1e-6)
+
   def test_scatter_inverts_extract_on_kept_entries(self):
     layout = models.mlp_layout(10)
     x, _ = models.init_mlp(jax.random.key(1), 6, 10, 4)
