@@ -153,15 +153,6 @@ class Round(NamedTuple):
   server_fn: Callable[..., tuple[ServerState, dict[str, jax.Array]]] | None = None
 
 
-def _largest_remainder(total: int, sizes: np.ndarray) -> np.ndarray:
-  """Split `total` over strata proportionally to `sizes` (each part <= its size)."""
-  raw = total * sizes / sizes.sum()
-  counts = np.floor(raw).astype(int)
-  for i in np.argsort(-(raw - counts), kind="stable")[: total - counts.sum()]:
-    counts[i] += 1
-  return counts
-
-
 def make_strata(ratios: np.ndarray, population: np.ndarray, clients_per_round: int,
                 layout: UnitLayout | None) -> tuple[Stratum, ...]:
   """Population split by resource level (largest r first); per-round counts by largest remainder.
@@ -172,7 +163,7 @@ def make_strata(ratios: np.ndarray, population: np.ndarray, clients_per_round: i
   pairs = ratios[population]
   levels = sorted({tuple(p) for p in pairs.tolist()}, reverse=True)
   members = [population[np.all(pairs == np.array(lv), axis=1)] for lv in levels]
-  per_round = _largest_remainder(clients_per_round, np.array([len(m) for m in members]))
+  per_round = masks_lib.largest_remainder(clients_per_round, np.array([len(m) for m in members]))
   strata = []
   for (rx, ry), ids, c in zip(levels, members, per_round):
     counts = {}

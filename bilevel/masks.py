@@ -87,22 +87,21 @@ def validate_levels(levels: Sequence[Level]) -> None:
     raise ConfigError(f"level shares sum to {total!r}; they must sum to 1.")
 
 
+def largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
+  """Integer counts summing to `total`, proportional to `weights` (largest-remainder rounding)."""
+  weights = np.asarray(weights, dtype=float)
+  raw = total * weights / weights.sum()
+  counts = np.floor(raw).astype(int)
+  for i in np.argsort(-(raw - counts), kind="stable")[: total - counts.sum()]:
+    counts[i] += 1
+  return counts
+
+
 def assign_levels(levels: Sequence[Level], num_clients: int, seed: int) -> np.ndarray:
   """Fixed per-client keep ratios [M, 2]: counts by largest remainder, then a seeded shuffle."""
-  shares = np.array([lv.share for lv in levels])
-  raw = shares * num_clients
-  counts = np.floor(raw).astype(int)
-  for i in np.argsort(-(raw - counts), kind="stable")[: num_clients - counts.sum()]:
-    counts[i] += 1
+  counts = largest_remainder(num_clients, np.array([lv.share for lv in levels]))
   ratios = np.repeat(np.array([[lv.rx, lv.ry] for lv in levels]), counts, axis=0)
   return ratios[np.random.default_rng(seed).permutation(num_clients)]
-
-
-def draw_levels(levels: Sequence[Level], key: jax.Array, num: int) -> jax.Array:
-  """Keep ratios [num, 2] drawn i.i.d. by share (levels redrawn each round)."""
-  table = jnp.array([[lv.rx, lv.ry] for lv in levels])
-  idx = jax.random.choice(key, len(levels), (num,), p=jnp.array([lv.share for lv in levels]))
-  return table[idx]
 
 
 def keep_count(ratio: jax.typing.ArrayLike, n: jax.typing.ArrayLike) -> jax.Array:

@@ -206,11 +206,7 @@ def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
           and old.get("versions") == new["versions"])
 
 
-def write_config(workdir: str, config: Mapping[str, Any]) -> None:
-  write_json(os.path.join(workdir, "config.json"), _config_record(config))
-
-
-def start_run(workdir: str, config: Mapping[str, Any] | None = None) -> bool:
+def start_run(workdir: str, config: Mapping[str, Any]) -> bool:
   """Prepare workdir for this run; return True when it resumes from the workdir's checkpoint.
 
   Resumes when --resume (default), a checkpoint exists and config.json describes the same run.
@@ -218,8 +214,8 @@ def start_run(workdir: str, config: Mapping[str, Any] | None = None) -> bool:
   A fresh run removes earlier results first, so nothing stale is mistaken for this run's.
   """
   config_path = os.path.join(workdir, "config.json")
-  record = None if config is None else _config_record(config)
-  if record is not None and RESUME.value and checkpoint.exists(workdir):
+  record = _config_record(config)
+  if RESUME.value and checkpoint.exists(workdir):
     try:
       with open(config_path, encoding="utf-8") as f:
         old = json.load(f)
@@ -234,8 +230,7 @@ def start_run(workdir: str, config: Mapping[str, Any] | None = None) -> bool:
     path = os.path.join(workdir, name)
     if os.path.exists(path):
       os.remove(path)
-  if record is not None:
-    write_json(config_path, record)
+  write_json(config_path, record)
   return False
 
 
