@@ -43,7 +43,7 @@ def minibatch_sampler(batch_size: int) -> Sampler:
   def sample(data: Any, key: jax.Array) -> Any:
     n = jnp.maximum(jnp.sum(data["weight"] > 0), 1)
     idx = jax.random.randint(key, (batch_size,), 0, n)
-    return jax.tree.map(lambda t: jnp.take(t, idx, axis=0), data)
+    return jax.tree.map(lambda t: t.at[idx].get(mode="promise_in_bounds"), data)
 
   return sample
 
@@ -85,10 +85,15 @@ class ClientOutput(NamedTuple):
 
 
 def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTree, v: PyTree,
-                  inner_data: Any, outer_data: Any, mask_x: PyTree, mask_y: PyTree,
+                  inner_data: Any, outer_data: Any, mask_x: PyTree | None, mask_y: PyTree | None,
                   key: jax.Array, sample: Sampler = full_batch) -> ClientOutput:
-  """K local steps on the submodel given by (mask_x, mask_y); see the module docstring."""
+  """K local steps on the submodel given by (mask_x, mask_y); see the module docstring.
+
+  A mask of None keeps every coordinate (compact clients pass None for x: they run on exactly
+  the kept units). With K = 1 the step runs without a scan, so x need not be carried per client.
+  """
   estimate = ESTIMATORS[cfg.estimator]
+  masked = lambda t, m: t if m is None else tree.mul(t, m)
 
   def local_step(carry, k):
     xk, yk, vk = carry
@@ -99,16 +104,20 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
                      step_size=cfg.inner_lr, mask_x=mask_x, mask_y=mask_y)
     res = estimate(problem, xk, yk, inner_batch, outer_batch, vk, mask_x, mask_y,
                    cfg.estimator_options)
-    xm, ym = tree.mul(xk, mask_x), tree.mul(yk, mask_y)
+    xm, ym = masked(xk, mask_x), masked(yk, mask_y)
     losses = (problem.inner_loss(xm, ym, inner_batch), problem.outer_loss(xm, ym, outer_batch))
     xk = tree.axpy(-cfg.outer_lr, res.hypergrad, xk)
     return (xk, yk, res.v), (res.hypergrad, losses)
 
-  (xK, yK, vK), (grads, (g_loss, f_loss)) = jax.lax.scan(
-      local_step, (x, y, v), jnp.arange(cfg.local_steps))
+  if cfg.local_steps == 1:
+    (xK, yK, vK), (grads, (g_loss, f_loss)) = local_step((x, y, v), 0)
+    grads, g_loss, f_loss = jax.tree.map(lambda t: t[None], (grads, g_loss, f_loss))
+  else:
+    (xK, yK, vK), (grads, (g_loss, f_loss)) = jax.lax.scan(
+        local_step, (x, y, v), jnp.arange(cfg.local_steps))
   return ClientOutput(
-      delta_x=tree.mul(tree.sub(xK, x), mask_x),
-      delta_y=tree.mul(tree.sub(yK, y), mask_y),
-      delta_v=tree.mul(tree.sub(vK, v), mask_y),
+      delta_x=masked(tree.sub(xK, x), mask_x),
+      delta_y=masked(tree.sub(yK, y), mask_y),
+      delta_v=masked(tree.sub(vK, v), mask_y),
       hypergrad=jax.tree.map(lambda t: jnp.mean(t, axis=0), grads),
       inner_loss=g_loss[0], outer_loss=f_loss[0])

@@ -4,7 +4,9 @@ Round q (SPEC section 7), jitted once (state.round is traced, shapes are static)
   1. sample C clients from the population (partial participation; without replacement);
   2. per client: keep ratios (fixed per client or redrawn), masks (masks.make_masks), the local
      update on its submodel (client.client_update), all vmapped over the client axis;
-  3. coverage-mean the masked deltas of x, y, v (server.AGGREGATORS); step x with the server
+  3. sum the weighted masked deltas and masks over the clients (`round_sums`: one full-size sum
+     per quantity, scatter-adds for compact clients), coverage-mean them (server.AGGREGATORS
+     divide the sums); step x with the server
      optimiser and add the mean deltas to y and v; coordinates no client kept do not move;
   4. metrics: losses, norm of the aggregated hypergradient, coverage of x and y, analytic client
      FLOPs and communicated bytes of the submodels actually run.
@@ -134,13 +136,80 @@ class Stratum(NamedTuple):
   counts: dict[str, int]  # static compact width per unit group
 
 
+class ClientResult(NamedTuple):
+  """One client's round, as the server reads it (stacked on a leading [C] axis per group).
+
+  Dense clients return full-size outputs and masks; compact clients return compact ones and the
+  kept unit indices `idx`, and the server adds them into full-size sums (`round_sums`).
+  """
+
+  out: Any  # client.ClientOutput (masked deltas, hypergradient, losses)
+  mask_x: PyTree
+  mask_y: PyTree
+  weight: jax.Array  # w_i: 0 for an inactive client, else 1 or its example count
+  stats: dict[str, jax.Array]  # analytic FLOPs and parameters sent
+  idx: dict[str, jax.Array] | None = None  # compact only: group -> kept unit indices
+
+
+class RoundSums(NamedTuple):
+  """A round's client results summed over clients: full-size trees and scalars, nothing [C].
+
+  The server step needs only these (server.AGGREGATORS divide num by den or by the weight).
+  """
+
+  dx: PyTree  # sum_i w_i m_x,i D_x,i
+  dy: PyTree
+  dv: PyTree
+  hypergrad: PyTree  # sum_i w_i m_x,i h_i
+  den_x: PyTree  # sum_i w_i m_x,i
+  den_y: PyTree
+  count_x: PyTree  # number of clients keeping each coordinate (int32)
+  count_y: PyTree
+  weight: jax.Array  # sum_i w_i
+  inner_loss: jax.Array  # sum_i w_i g_i
+  outer_loss: jax.Array
+  flops: jax.Array
+  params_sent: jax.Array
+  active: jax.Array  # clients with w_i > 0
+
+
+def round_sums(res: ClientResult, layout: UnitLayout | None, state: ServerState) -> RoundSums:
+  """Sum stacked client results over the client axis (scatter-adds for compact results)."""
+  w, out = res.weight, res.out
+  if res.idx is None:  # dense: full-size stacks; masks may weigh coordinates arbitrarily
+    add_x = add_y = units_x = units_y = tree.weighted_sum
+    masked = tree.mul
+  else:
+    # Compact: scatter-adds. Masks are 0/1 and the outputs already masked (w m D = w D), and
+    # masks vary along group axes only, so their sums are taken per unit and broadcast.
+    add_x = lambda t, wt: submodel_lib.scatter_add(layout.x, t, res.idx, state.x, wt)
+    add_y = lambda t, wt: submodel_lib.scatter_add(layout.y, t, res.idx, state.y, wt)
+    units_x = lambda t, wt: submodel_lib.scatter_add_units(layout.x, t, res.idx, state.x, wt)
+    units_y = lambda t, wt: submodel_lib.scatter_add_units(layout.y, t, res.idx, state.y, wt)
+    masked = lambda m, d: d
+  ones = jnp.ones_like(w)
+  nonzero = lambda m: jax.tree.map(lambda a: (a != 0).astype(a.dtype), m)
+  as_count = lambda t: jax.tree.map(lambda a: jnp.round(a).astype(jnp.int32), t)
+  return RoundSums(
+      dx=add_x(masked(res.mask_x, out.delta_x), w), dy=add_y(masked(res.mask_y, out.delta_y), w),
+      dv=add_y(masked(res.mask_y, out.delta_v), w),
+      hypergrad=add_x(masked(res.mask_x, out.hypergrad), w),
+      den_x=units_x(res.mask_x, w), den_y=units_y(res.mask_y, w),
+      count_x=as_count(units_x(nonzero(res.mask_x), ones)),
+      count_y=as_count(units_y(nonzero(res.mask_y), ones)),
+      weight=jnp.sum(w), inner_loss=jnp.sum(w * out.inner_loss),
+      outer_loss=jnp.sum(w * out.outer_loss), flops=jnp.sum(res.stats["flops"]),
+      params_sent=jnp.sum(res.stats["params_sent"]), active=jnp.sum(w > 0))
+
+
 class Round(NamedTuple):
   """The jitted round and what the host needs to drive it.
 
   The unjitted pieces `step` is made of are exposed for benchmarks and tests:
   `sample_fn(round) -> [ids per stratum]` (one array with uniform sampling),
-  `client_fns[s](state, data, client_id, slot, round) -> client outputs` (per stratum; one
-  function on the dense path) and `server_fn(state, outputs stacked on [C]) -> (state, metrics)`.
+  `client_fns[s](state, data, client_id, slot, round) -> ClientResult` (per stratum; one
+  function on the dense path) and `server_fn(state, [ClientResult stacked on [C] per client
+  function]) -> (state, metrics)`.
   """
 
   step: Callable[..., tuple[ServerState, dict[str, jax.Array]]]
@@ -219,9 +288,11 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   reference the vmapped round is tested against).
 
   submodel: "dense" (masked full-size arrays: the reference) or "compact" (unit masks only: each
-  client runs on jnp.take-extracted arrays of static width k = ceil(r K) per level; its outputs
-  are scattered back to full size and aggregated by the same server code). Compact needs fixed
-  levels, no `available` units and no mask_fn, and loss functions that accept compact arrays.
+  client runs on jnp.take-extracted arrays of static width k = ceil(r K) per level; the server
+  scatter-adds the compact outputs of a level into full-size sums (`round_sums`), so no
+  full-size array per client is ever built, and aggregates them as on the dense path). Compact
+  needs fixed levels, no `available` units and no mask_fn, and loss functions that accept
+  compact arrays.
 
   sampling: "uniform" (C clients without replacement from the population; dense default) or
   "stratified" (per resource level a fixed count, the largest-remainder split of C by level
@@ -304,12 +375,13 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     bkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "batches"), q), cid)
     return rx, ry, active, mkey, avail, bkey
 
-  def finish(data, cid, out, mask_x, mask_y, active):
+  def finish(data, cid, out, mask_x, mask_y, active, idx=None) -> ClientResult:
+    """Weight and analytic costs (the same on compact masks: they keep the same entries)."""
     weight = active * (data.num_examples[cid].astype(jnp.float32)
                        if cfg.weighting == "examples" else 1.0)
     kept = (tree.count(mask_x) + 2 * tree.count(mask_y)).astype(jnp.float32)  # x, y, v
     stats = dict(flops=evals * flops_per_grad(mask_x, mask_y), params_sent=kept)
-    return out, mask_x, mask_y, weight, stats
+    return ClientResult(out, mask_x, mask_y, weight, stats, idx)
 
   def dense_client(state: ServerState, data: FederatedData, cid: jax.Array, slot: jax.Array,
                    q: jax.Array):
@@ -335,16 +407,11 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       x_c, y_c, v_c = take(layout.x, state.x), take(layout.y, state.y), take(layout.y, state.v)
       cmx, cmy = submodel_lib.compact_masks(layout, umx, umy, idx, x_c, y_c)
       cmx, cmy = tree.scale(active, cmx), tree.scale(active, cmy)
+      # x's compact mask is all ones: the client computes on exactly its kept x units (active
+      # is 1 for every client a compact round samples: only_full restricts the population).
       out = client_update(problem, cfg.client, x_c, y_c, v_c, tree.index(data.inner, cid),
-                          tree.index(data.outer, cid), cmx, cmy, bkey, sample)
-      put = lambda axes, t, like: submodel_lib.scatter(axes, t, idx, like)
-      out = out._replace(delta_x=put(layout.x, out.delta_x, state.x),
-                         delta_y=put(layout.y, out.delta_y, state.y),
-                         delta_v=put(layout.y, out.delta_v, state.y),
-                         hypergrad=put(layout.x, out.hypergrad, state.x))
-      mask_x, mask_y = masks_lib.expand_unit_masks(layout, umx, umy, state.x, state.y)
-      mask_x, mask_y = tree.scale(active, mask_x), tree.scale(active, mask_y)
-      return finish(data, cid, out, mask_x, mask_y, active)
+                          tree.index(data.outer, cid), None, cmy, bkey, sample)
+      return finish(data, cid, out, cmx, cmy, active, idx)  # compact: the server scatter-adds
 
     return client
 
@@ -353,33 +420,33 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   else:
     client_fns = tuple(compact_client(st.counts) for st in strata)
 
-  def server_fn(state: ServerState, outs):
-    q = state.round
-    out, mask_x, mask_y, w, stats = outs
-    dx = aggregate(out.delta_x, mask_x, w)
-    dy = aggregate(out.delta_y, mask_y, w)
-    dv = aggregate(out.delta_v, mask_y, w)
-    hyper = server.coverage_mean(out.hypergrad, mask_x, w)
-    cover_x, cover_y = server.covered(mask_x, w), server.covered(mask_y, w)
+  def server_fn(state: ServerState, results: Sequence[ClientResult]):
+    sums = [round_sums(res, layout, state) for res in results]
+    t = sums[0] if len(sums) == 1 else jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)
+    dx = aggregate(t.dx, t.den_x, t.weight)
+    dy = aggregate(t.dy, t.den_y, t.weight)
+    dv = aggregate(t.dv, t.den_y, t.weight)
+    hyper = server.coverage_from_sums(t.hypergrad, t.den_x, t.weight)
+    cover_x, cover_y = server.covered_from_sums(t.den_x), server.covered_from_sums(t.den_y)
     x, opt_state = server.server_step(state.x, dx, cover_x, optimizer, state.opt_state)
     y = tree.add(state.y, tree.mul(dy, cover_y))
     v = tree.add(state.v, tree.mul(dv, cover_y))
-    cov_x = masks_lib.coverage_stats(mask_x)
-    cov_y = masks_lib.coverage_stats(mask_y)
-    wsum = jnp.maximum(jnp.sum(w), 1e-30)
+    cov_x = masks_lib.coverage_stats_from_counts(t.count_x)
+    cov_y = masks_lib.coverage_stats_from_counts(t.count_y)
+    wsum = jnp.maximum(t.weight, 1e-30)
     itemsize = jax.tree.leaves(state.x)[0].dtype.itemsize
     metrics = dict(
-        inner_loss=jnp.sum(w * out.inner_loss) / wsum,
-        outer_loss=jnp.sum(w * out.outer_loss) / wsum,
+        inner_loss=t.inner_loss / wsum,
+        outer_loss=t.outer_loss / wsum,
         hypergrad_norm=tree.norm(hyper),
         coverage_x_min=cov_x.min, coverage_x_mean=cov_x.mean,
         uncovered_x_share=cov_x.uncovered_share,
         coverage_y_min=cov_y.min, coverage_y_mean=cov_y.mean,
         uncovered_y_share=cov_y.uncovered_share,
-        client_flops=jnp.sum(stats["flops"]),
-        comm_bytes=2.0 * itemsize * jnp.sum(stats["params_sent"]),  # down + up
-        active_clients=jnp.sum(w > 0))
-    return ServerState(x, y, v, opt_state, q + 1), metrics
+        client_flops=t.flops,
+        comm_bytes=2.0 * itemsize * t.params_sent,  # down + up
+        active_clients=t.active)
+    return ServerState(x, y, v, opt_state, state.round + 1), metrics
 
   def step(state: ServerState, data: FederatedData):
     q = state.round
@@ -396,7 +463,6 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       else:
         outs.append(tree.stack([fn(state, data, ids[i], slots[i], q)
                                 for i in range(ids.shape[0])]))
-    outs = outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
     return server_fn(state, outs)
 
   return Round(jax.jit(step) if jit else step, population, ratios, num_sampled, strata,

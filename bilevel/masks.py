@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel import tree
 from bilevel.errors import ConfigError, check_choice
 
 PyTree = Any
@@ -290,11 +291,18 @@ class CoverageStats(NamedTuple):
 
 def coverage_counts(masks_C: PyTree) -> PyTree:
   """C_q[j]: number of clients whose mask keeps coordinate j (sum over the leading axis)."""
-  return jax.tree.map(lambda m: jnp.sum(m != 0, axis=0), masks_C)
+  ones = jnp.ones(jax.tree.leaves(masks_C)[0].shape[:1], jnp.float32)
+  nonzero = jax.tree.map(lambda m: (m != 0).astype(jnp.float32), masks_C)
+  return jax.tree.map(lambda c: jnp.round(c).astype(jnp.int32), tree.weighted_sum(nonzero, ones))
 
 
 def coverage_stats(masks_C: PyTree) -> CoverageStats:
   """Min / mean coverage and uncovered share over every coordinate of every leaf."""
-  counts = jnp.concatenate([jnp.ravel(c) for c in jax.tree.leaves(coverage_counts(masks_C))])
+  return coverage_stats_from_counts(coverage_counts(masks_C))
+
+
+def coverage_stats_from_counts(counts_tree: PyTree) -> CoverageStats:
+  """coverage_stats given the per-coordinate counts C_q[j] (a tree like one mask)."""
+  counts = jnp.concatenate([jnp.ravel(c) for c in jax.tree.leaves(counts_tree)])
   return CoverageStats(jnp.min(counts), jnp.mean(counts.astype(jnp.float32)),
                        jnp.mean((counts == 0).astype(jnp.float32)))

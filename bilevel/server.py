@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bilevel import tree
+
 PyTree = Any
 
 
@@ -26,38 +28,53 @@ def _weights(masks_C: PyTree, weights_C: jax.Array | None) -> jax.Array:
   return jnp.ones(jax.tree.leaves(masks_C)[0].shape[:1])
 
 
-def _bcast(w: jax.Array, t: jax.Array) -> jax.Array:
-  return w.reshape(w.shape + (1,) * (t.ndim - 1)).astype(t.dtype)
+def masked_sums(deltas_C: PyTree, masks_C: PyTree,
+                weights_C: jax.Array | None = None) -> tuple[PyTree, PyTree]:
+  """(sum_i w_i m_i D_i, sum_i w_i m_i) per coordinate: what every aggregator divides."""
+  w = _weights(masks_C, weights_C)
+  return tree.weighted_sum(tree.mul(masks_C, deltas_C), w), tree.weighted_sum(masks_C, w)
+
+
+def coverage_from_sums(num: PyTree, den: PyTree, total_weight: jax.Array) -> PyTree:
+  """num / den where den > 0, else 0 (total_weight unused: the coverage mean ignores it)."""
+  del total_weight
+  return jax.tree.map(
+      lambda n, d: jnp.where(d > 0, n / jnp.where(d > 0, d, 1), 0).astype(n.dtype), num, den)
+
+
+def zero_fill_from_sums(num: PyTree, den: PyTree, total_weight: jax.Array) -> PyTree:
+  """num / sum_i w_i (FedAvg of zero-filled deltas)."""
+  del den
+  total = jnp.maximum(total_weight, 1e-30)
+  return jax.tree.map(lambda n: (n / total).astype(n.dtype), num)
 
 
 def coverage_mean(deltas_C: PyTree, masks_C: PyTree, weights_C: jax.Array | None = None) -> PyTree:
   """Per-coordinate weighted mean over the clients that keep the coordinate; 0 if none does."""
-  w = _weights(masks_C, weights_C)
-
-  def leaf(d, m):
-    wm = _bcast(w, m) * m
-    num, den = jnp.sum(wm * d, axis=0), jnp.sum(wm, axis=0)
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0).astype(d.dtype)
-
-  return jax.tree.map(leaf, deltas_C, masks_C)
+  return coverage_from_sums(*masked_sums(deltas_C, masks_C, weights_C), None)
 
 
 def zero_fill_mean(deltas_C: PyTree, masks_C: PyTree, weights_C: jax.Array | None = None) -> PyTree:
   """FedAvg with zero-filled deltas: sum_i w_i m_i D_i / sum_i w_i (ablation)."""
-  w = _weights(masks_C, weights_C)
-  total = jnp.maximum(jnp.sum(w), 1e-30)
-  return jax.tree.map(lambda d, m: (jnp.sum(_bcast(w, m) * m * d, axis=0) / total).astype(d.dtype),
-                      deltas_C, masks_C)
+  num, den = masked_sums(deltas_C, masks_C, weights_C)
+  return zero_fill_from_sums(num, den, jnp.sum(_weights(masks_C, weights_C)))
 
 
-Aggregator = Callable[[PyTree, PyTree, jax.Array | None], PyTree]
-AGGREGATORS: dict[str, Aggregator] = {"coverage": coverage_mean, "zero_fill": zero_fill_mean}
+# The round aggregates from sums (federated.RoundSums): compact clients add their deltas into one
+# full-size sum and never build the per-client [C, ...] stacks the functions above read.
+Aggregator = Callable[[PyTree, PyTree, jax.Array], PyTree]
+AGGREGATORS: dict[str, Aggregator] = {"coverage": coverage_from_sums,
+                                      "zero_fill": zero_fill_from_sums}
 
 
 def covered(masks_C: PyTree, weights_C: jax.Array | None = None) -> PyTree:
   """1 where some client with positive weight keeps the coordinate."""
-  w = _weights(masks_C, weights_C)
-  return jax.tree.map(lambda m: (jnp.sum(_bcast(w, m) * m, axis=0) > 0).astype(m.dtype), masks_C)
+  return covered_from_sums(tree.weighted_sum(masks_C, _weights(masks_C, weights_C)))
+
+
+def covered_from_sums(den: PyTree) -> PyTree:
+  """1 where sum_i w_i m_i > 0."""
+  return jax.tree.map(lambda d: (d > 0).astype(d.dtype), den)
 
 
 def server_step(params: PyTree, agg_delta: PyTree, cover: PyTree,

@@ -2,8 +2,9 @@
 
 A client whose unit mask keeps k of K units of a group runs on arrays whose axes indexed by that
 group have length k (`jnp.take` of the kept indices). `scatter` puts a compact tree back at those
-indices (zeros elsewhere), so masked-full and compact computations can be compared and a compact
-client's delta can be coverage-averaged with everybody else's.
+indices (zeros elsewhere), so masked-full and compact computations can be compared;
+`scatter_add` sums a stack of compact client outputs into one full-size tree (the server's
+coverage sums) without a full-size copy per client.
 
 Compact clients (federated.make_round(..., submodel="compact")): a client at level (r_x, r_y)
 keeps k_x = ceil(r_x K) units of a group x indexes and k_y of a group only y indexes, static per
@@ -21,10 +22,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from bilevel import tree
 from bilevel.masks import Axes, UnitLayout, UnitMasks, expand_unit_masks
 
 PyTree = Any
-Indices = Mapping[str, jax.Array]  # group -> [k] int32 kept unit indices (static k)
+# group -> [k] int32 kept unit indices (static k); a group left out keeps all its units.
+Indices = Mapping[str, jax.Array]
 
 
 def kept_indices(unit_mask: jax.Array, k: int) -> jax.Array:
@@ -33,11 +36,17 @@ def kept_indices(unit_mask: jax.Array, k: int) -> jax.Array:
 
 
 def extract(axes_tree: PyTree, params: PyTree, idx: Indices) -> PyTree:
-  """Compact arrays: along every (group, axis) of a leaf keep only idx[group]."""
+  """Compact arrays: along every (group, axis) of a leaf keep only idx[group].
+
+  Rows are gathered with the group axis leading (contiguous slices, not strided columns); the
+  axis is then moved back, which XLA folds into the consumer (a dot) instead of copying.
+  """
 
   def leaf(axes: Axes, p: jax.Array) -> jax.Array:
     for g, ax in axes.pairs:
-      p = jnp.take(p, idx[g], axis=ax)
+      if g in idx:
+        p = p.at[(slice(None),) * ax + (idx[g],)].get(
+            mode="promise_in_bounds", indices_are_sorted=True, unique_indices=True)
     return p
 
   return jax.tree.map(leaf, axes_tree, params)
@@ -48,12 +57,65 @@ def scatter(axes_tree: PyTree, compact: PyTree, idx: Indices, like: PyTree) -> P
 
   def leaf(axes: Axes, c: jax.Array, full: jax.Array) -> jax.Array:
     for g, ax in axes.pairs:
+      if g not in idx:
+        continue
       shape = list(c.shape)
       shape[ax] = full.shape[ax]
       c = jnp.zeros(shape, c.dtype).at[(slice(None),) * ax + (idx[g],)].set(c)
     return c
 
   return jax.tree.map(leaf, axes_tree, compact, like)
+
+
+def _scatter_add_leaf(axes: Axes, c: jax.Array, idx_C: Indices, shape: tuple[int, ...],
+                      weights: jax.Array | None):
+  """sum_i w_i c[i] placed at idx_C[., i] along the leaf's group axes, into zeros(shape).
+
+  One lax.scatter_add whose windows are the non-group axes where they lie (no transposes):
+  the scatter indices are [C, k_1, ..., k_n, n], one entry per kept index combination.
+  """
+  pairs = sorted(((g, ax) for g, ax in axes.pairs if g in idx_C), key=lambda pair: pair[1])
+  weights = jnp.ones(c.shape[:1], c.dtype) if weights is None else weights.astype(c.dtype)
+  if not pairs:  # every axis at full width: a plain weighted sum over clients
+    return tree.weighted_sum(c, weights)
+  c = weights.reshape((-1,) + (1,) * (c.ndim - 1)) * c
+  clients, n = c.shape[0], len(pairs)
+  ks = [idx_C[g].shape[1] for g, _ in pairs]
+  columns = [jnp.broadcast_to(idx_C[g].reshape((clients,) + (1,) * i + (k,) + (1,) * (n - 1 - i)),
+                              (clients, *ks)) for i, ((g, _), k) in enumerate(zip(pairs, ks))]
+  group_axes = tuple(ax for _, ax in pairs)
+  dnums = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=tuple(ax + 1 for ax in range(len(shape)) if ax not in group_axes),
+      inserted_window_dims=group_axes, scatter_dims_to_operand_dims=group_axes)
+  return jax.lax.scatter_add(jnp.zeros(shape, c.dtype), jnp.stack(columns, axis=-1), c, dnums,
+                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def scatter_add(axes_tree: PyTree, compact_C: PyTree, idx_C: Indices, like: PyTree,
+                weights: jax.Array | None = None) -> PyTree:
+  """sum_c w_c scatter(compact_C[c], idx_C[c]) without materialising the [C, full] stack.
+
+  compact_C: compact trees stacked on a leading client axis [C, ...]; idx_C: group -> [C, k];
+  weights: [C] (ones by default). The work is C x (compact size), not C x (full size).
+  """
+  return jax.tree.map(lambda axes, c, full: _scatter_add_leaf(axes, c, idx_C, full.shape,
+                                                              weights),
+                      axes_tree, compact_C, like)
+
+
+def scatter_add_units(axes_tree: PyTree, masks_C: PyTree, idx_C: Indices, like: PyTree,
+                      weights: jax.Array | None = None) -> PyTree:
+  """scatter_add for stacks that are constant along every axis no group indexes (unit masks
+  and functions of them): summed on the group axes only, then broadcast to the full shape."""
+
+  def leaf(axes: Axes, m: jax.Array, full: jax.Array) -> jax.Array:
+    group_axes = {ax for _, ax in axes.pairs}
+    keep = tuple(slice(None) if ax in group_axes else slice(0, 1) for ax in range(full.ndim))
+    small = tuple(d if ax in group_axes else 1 for ax, d in enumerate(full.shape))
+    out = _scatter_add_leaf(axes, m[(slice(None),) + keep], idx_C, small, weights)
+    return jnp.broadcast_to(out.reshape(small), full.shape)
+
+  return jax.tree.map(leaf, axes_tree, masks_C, like)
 
 
 # ------------------------------------------------------------------ compact clients
@@ -69,8 +131,13 @@ def group_keep_counts(layout: UnitLayout, kx: Mapping[str, int],
 
 def compact_indices(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks,
                     counts: Mapping[str, int]) -> dict[str, jax.Array]:
-  """Kept unit indices per group: x's kept units where x indexes the group, else y's."""
-  return {g: kept_indices(umx[g] if g in umx else umy[g], counts[g]) for g in counts}
+  """Kept unit indices per group: x's kept units where x indexes the group, else y's.
+
+  Groups kept at full width (counts[g] = K) are left out: their indices would be 0..K-1
+  (kept_indices sorts them), so extract and scatter_add leave those axes as they are.
+  """
+  return {g: kept_indices(umx[g] if g in umx else umy[g], counts[g]) for g in counts
+          if counts[g] < layout.groups[g]}
 
 
 def compact_masks(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks, idx: Indices,
@@ -80,5 +147,5 @@ def compact_masks(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks, idx: Indic
   x's compact mask is all ones; y's is zero on the head rows x keeps but y does not (shared
   groups extract y with x's indices so that the hidden width matches on both sides).
   """
-  cut = lambda um: {g: jnp.take(m, idx[g]) for g, m in um.items()}
+  cut = lambda um: {g: jnp.take(m, idx[g]) if g in idx else m for g, m in um.items()}
   return expand_unit_masks(layout, cut(umx), cut(umy), x_c, y_c)

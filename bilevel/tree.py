@@ -62,6 +62,17 @@ def count(mask: PyTree) -> jax.Array:
   return sum(jnp.sum(m != 0) for m in jax.tree.leaves(mask))
 
 
+def weighted_sum(t_C: PyTree, weights: jax.Array) -> PyTree:
+  """sum_c weights[c] * t_C[c] over the leading (client) axis of every leaf.
+
+  Written as a dot, not jnp.sum(w * t, axis=0): XLA:CPU reduces a leading axis of a large
+  array ~100x slower than it runs the same GEMV (0.31 s vs 3 ms for [100, 784, 200] on the
+  2-core CPU). HIGHEST precision: no TF32 rounding of the aggregate on GPUs.
+  """
+  return jax.tree.map(lambda a: jnp.tensordot(weights.astype(a.dtype), a, axes=1,
+                                              precision=jax.lax.Precision.HIGHEST), t_C)
+
+
 def stack(trees: list[PyTree]) -> PyTree:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 

@@ -16,6 +16,7 @@ The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_pl
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -83,15 +84,17 @@ def _setup(clients: int):
   return data, x0, y0
 
 
-def _round(clients: int, levels: str, submodel: str = "compact", mesh=None, **kw):
-  """(Round, state, data) for one RAFBO-style round with `clients` clients, all sampled."""
+def _round(clients: int, levels: str, submodel: str = "compact", mesh=None,
+           per_round: int | None = None, **kw):
+  """(Round, state, data) for one RAFBO-style round: a population of `clients` clients of
+  which `per_round` (all by default) are sampled."""
   import optax
   from bilevel import federated, masks, models
   from bilevel.client import ClientConfig, minibatch_sampler
   from bilevel.hypergrad import EstimatorOptions
   data, x0, y0 = _setup(clients)
   cfg = federated.FederatedConfig(
-      clients, clients, client=ClientConfig(local_steps=_local_steps(), inner_steps=1,
+      clients, per_round or clients, client=ClientConfig(local_steps=_local_steps(), inner_steps=1,
                                             estimator="fd",
                                             estimator_options=EstimatorOptions(num_steps=1)),
       levels=masks.parse_levels(levels))
@@ -100,6 +103,36 @@ def _round(clients: int, levels: str, submodel: str = "compact", mesh=None, **kw
                              sample=minibatch_sampler(BATCH.value), submodel=submodel,
                              sampling="stratified", mesh=mesh, **kw)
   return rnd, federated.init_state(x0, y0, optax.sgd(1.0)), data
+
+
+_MEASURED: dict[tuple[int, str, str, int], dict[str, Any]] = {}
+
+
+def measure_round(clients: int, levels: str, submodel: str, reps: int,
+                  per_round: int | None = None) -> dict[str, Any]:
+  """{"time_s": median round time, "peak_bytes", "temp_bytes"} of one compiled round.
+
+  Each configuration is compiled and timed once per run; figures that share a configuration
+  share its measurement (compilation dominates --quick). Peak = XLA's plan for the compiled
+  round: arguments + outputs + temporaries - aliased buffers.
+  """
+  key = (clients, levels, submodel, per_round or clients)
+  if key not in _MEASURED:
+    rnd, state, data = _round(clients, levels, submodel, per_round=per_round)
+    compiled = rnd.step.lower(state, data).compile()
+    mem = compiled.memory_analysis()
+    peak = temp = None
+    if mem is not None:
+      temp = int(mem.temp_size_in_bytes)
+      peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + temp
+                 - getattr(mem, "alias_size_in_bytes", 0))
+    _MEASURED[key] = dict(time_s=median_time(lambda: compiled(state, data), reps),
+                          peak_bytes=peak, temp_bytes=temp)
+  return _MEASURED[key]
+
+
+def round_time(clients: int, levels: str, submodel: str, reps: int) -> float:
+  return measure_round(clients, levels, submodel, reps)["time_s"]
 
 
 def _local_steps() -> int:
@@ -113,9 +146,8 @@ def _params(k: int) -> int:
 def keep_ratio_figures(reps: int) -> dict[str, Any]:
   times, flops = {}, {}
   for r in KEEP_RATIOS:
-    rnd, state, data = _round(CLIENTS.value, f"{r}/{r}:1")
-    times[r] = median_time(lambda: rnd.step(state, data), reps)
-    k = rnd.strata[0].counts["hidden"]
+    times[r] = round_time(CLIENTS.value, f"{r:g}/{r:g}:1", "compact", reps)
+    k = math.ceil(r * HIDDEN.value)  # masks.keep_count
     flops[r] = _params(k) / _params(HIDDEN.value)
   return dict(
       keep_ratio_round_time_s={str(r): t for r, t in times.items()},
@@ -125,35 +157,42 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
 
 def compact_dense_figures(reps: int) -> dict[str, Any]:
   out = {}
-  for name, levels in (("profile", PROFILE), ("0.25", "0.25/0.25:1")):
+  # --quick: the profile only (the one-level case is the keep-ratio figure's extreme).
+  cases = (("profile", PROFILE),) + (() if QUICK.value else (("0.25", "0.25/0.25:1"),))
+  for name, levels in cases:
     t = {}
     for sub in ("compact", "dense"):
-      rnd, state, data = _round(CLIENTS.value, levels, sub)
-      t[sub] = median_time(lambda: rnd.step(state, data), reps)
+      t[sub] = round_time(CLIENTS.value, levels, sub, reps)
     out[name] = dict(compact_s=t["compact"], dense_s=t["dense"],
                      ratio=t["compact"] / t["dense"])
-  return dict(compact_over_dense={"levels": {"profile": PROFILE, "0.25": "0.25/0.25:1"}, **out},
+  return dict(compact_over_dense={"levels": dict(cases), **out},
               compact_over_dense_time_ratio={k: v["ratio"] for k, v in out.items()})
 
 
 def vmap_loop_figures(reps: int) -> dict[str, Any]:
-  """The jitted vmapped round vs a Python loop of the same client function, jitted once."""
+  """The jitted vmapped round vs a Python loop of the same client function, jitted once.
+
+  One population of max(--loop_clients) clients; each count c samples c of them per round.
+  """
   import jax
   import jax.numpy as jnp
   from bilevel import tree
   ratio, detail = {}, {}
-  for c in (int(s) for s in LOOP_CLIENTS.value):
-    rnd, state, data = _round(c, "1/1:1")
-    client = jax.jit(rnd.client_fns[0])
+  counts = [int(s) for s in LOOP_CLIENTS.value]
+  population = max(counts)
+  client = None
+  for c in counts:
+    rnd, state, data = _round(population, "1/1:1", per_round=c)
+    client = client or jax.jit(rnd.client_fns[0])  # the client function does not depend on c
     server = jax.jit(rnd.server_fn)
     ids = [int(i) for i in rnd.sample_fn(state.round)[0]]
 
     def loop():
       outs = [client(state, data, jnp.asarray(i), jnp.asarray(s), state.round)
               for s, i in enumerate(ids)]
-      return server(state, tree.stack(outs))
+      return server(state, [tree.stack(outs)])
 
-    t_vmap = median_time(lambda: rnd.step(state, data), reps)
+    t_vmap = measure_round(population, "1/1:1", "compact", reps, per_round=c)["time_s"]
     t_loop = median_time(loop, reps)
     ratio[str(c)] = t_vmap / t_loop
     detail[str(c)] = dict(vmap_s=t_vmap, loop_s=t_loop)
@@ -193,17 +232,11 @@ def estimator_figures(reps: int) -> dict[str, Any]:
 def scaling_figures(reps: int, counts: list[int]) -> dict[str, Any]:
   rows = []
   for c in counts:
-    rnd, state, data = _round(c, PROFILE)
-    mem = rnd.step.lower(state, data).compile().memory_analysis()
-    peak = None
-    if mem is not None:
-      peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                 - getattr(mem, "alias_size_in_bytes", 0))
-    t = median_time(lambda: rnd.step(state, data), max(2, reps if c < 1000 else 2))
-    rows.append(dict(clients_per_round=c, round_time_s=t, rounds_per_s=1.0 / t,
-                     peak_bytes=peak, temp_bytes=None if mem is None else int(mem.temp_size_in_bytes),
+    m = measure_round(c, PROFILE, "compact", max(2, reps if c < 1000 else 2))
+    peak = m["peak_bytes"]
+    rows.append(dict(clients_per_round=c, round_time_s=m["time_s"], rounds_per_s=1 / m["time_s"],
+                     peak_bytes=peak, temp_bytes=m["temp_bytes"],
                      peak_bytes_per_client=None if peak is None else peak / c))
-    del rnd, state, data
   return dict(clients_scaling=rows)
 
 
@@ -213,15 +246,16 @@ def device_figures(reps: int) -> dict[str, Any]:
   import numpy as np
   from bilevel import federated
   n = len(jax.devices())
+  levels = "1/1:1" if QUICK.value else PROFILE  # --quick: one level, one client group to compile
   res = {}
   for name, mesh in (("1", None), (str(n), federated.client_mesh())):
-    rnd, state, data = _round(CLIENTS.value, PROFILE, mesh=mesh)
+    rnd, state, data = _round(CLIENTS.value, levels, mesh=mesh)
     res[name] = (median_time(lambda: rnd.step(state, data), reps), rnd.step(state, data)[0])
   a, b = res["1"][1], res[str(n)][1]
   # max |a - b| / max |b| per leaf (float32; fd divides rounding by its probe length)
   diff = max(float(np.max(np.abs(np.asarray(p) - np.asarray(q))) / max(np.max(np.abs(q)), 1e-30))
              for p, q in zip(jax.tree.leaves((a.x, a.y, a.v)), jax.tree.leaves((b.x, b.y, b.v))))
-  return dict(devices={"count": n, "round_time_s": {k: v[0] for k, v in res.items()},
+  return dict(devices={"count": n, "levels": levels, "round_time_s": {k: v[0] for k, v in res.items()},
                        "time_ratio": res[str(n)][0] / res["1"][0],
                        "max_leaf_rel_diff_vs_one_device": diff,
                        "device_kind": jax.devices()[0].device_kind})
@@ -231,7 +265,8 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
   argv = [sys.executable, "-m", "experiments.benchmark", "--devices_child", f"--reps={reps}",
           f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
           f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
-          f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}"]
+          f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}",
+          f"--quick={QUICK.value}"]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
              JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)

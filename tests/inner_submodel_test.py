@@ -79,6 +79,24 @@ class SubmodelTest(absltest.TestCase):
         "kernel": jnp.zeros((10, 4)), "bias": jnp.zeros(4)}})
     jax.tree.map(lambda b, a, m: np.testing.assert_array_equal(b, a * m), back, x, mx)
 
+  def test_scatter_add_equals_sum_of_scatters(self):
+    # The CNN layout has a leaf indexed by two groups (conv2's kernel: in and out channels) and
+    # a leaf indexed by none (the head bias): every branch of scatter_add.
+    layout = models.cnn_layout((6, 8))
+    x, y = models.init_cnn(jax.random.key(3), (8, 8, 3), (6, 8), 5)
+    keys = jax.random.split(jax.random.key(4), 5)
+    idx_C = {g: jnp.stack([jnp.sort(jax.random.permutation(k, n)[:kk]) for k in keys])
+             for g, n, kk in (("conv1", 6, 4), ("conv2", 8, 3))}
+    for axes, like in ((layout.x, x), (layout.y, y)):
+      # client c sends (c + 1) x its extracted parameters
+      c = jax.vmap(lambda s, i: submodel.extract(axes, jax.tree.map(lambda a: s * a, like), i))(
+          jnp.arange(1.0, 6.0), idx_C)
+      want = jax.tree.map(lambda *a: sum(a), *[
+          submodel.scatter(axes, jax.tree.map(lambda t: t[i], c),
+                           {g: v[i] for g, v in idx_C.items()}, like) for i in range(5)])
+      got = submodel.scatter_add(axes, c, idx_C, like)
+      jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
+
 
 if __name__ == "__main__":
   absltest.main()
