@@ -116,9 +116,13 @@ def init_state(x: PyTree, y: PyTree, optimizer: optax.GradientTransformation) ->
   return ServerState(x, y, tree.zeros_like(y), optimizer.init(x), jnp.zeros((), jnp.int32))
 
 
-def default_flops_per_grad(mask_x: PyTree, mask_y: PyTree) -> jax.Array:
-  """6 FLOPs per kept parameter (forward + backward of a dense layer, per example)."""
-  return 6.0 * (tree.count(mask_x) + tree.count(mask_y)).astype(jnp.float32)
+def default_flops_per_grad(kept_x: PyTree, kept_y: PyTree) -> jax.Array:
+  """6 FLOPs per kept parameter (forward + backward of a dense layer, per example).
+
+  kept_x, kept_y: per leaf of x and y the number of kept entries (masks.kept_counts), the
+  argument every `flops_per_grad` takes.
+  """
+  return 6.0 * sum(jax.tree.leaves(kept_x) + jax.tree.leaves(kept_y))
 
 
 MaskFn = Callable[..., tuple[PyTree, PyTree]]
@@ -375,12 +379,14 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     bkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "batches"), q), cid)
     return rx, ry, active, mkey, avail, bkey
 
-  def finish(data, cid, out, mask_x, mask_y, active, idx=None) -> ClientResult:
-    """Weight and analytic costs (the same on compact masks: they keep the same entries)."""
+  def finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> ClientResult:
+    """Weight and analytic costs; kept = per-leaf kept counts (computed from the masks if None;
+    compact clients count from unit masks rather than reduce full-size broadcast masks)."""
     weight = active * (data.num_examples[cid].astype(jnp.float32)
                        if cfg.weighting == "examples" else 1.0)
-    kept = (tree.count(mask_x) + 2 * tree.count(mask_y)).astype(jnp.float32)  # x, y, v
-    stats = dict(flops=evals * flops_per_grad(mask_x, mask_y), params_sent=kept)
+    kept_x, kept_y = kept or (masks_lib.kept_counts(mask_x), masks_lib.kept_counts(mask_y))
+    sent = sum(jax.tree.leaves(kept_x)) + 2 * sum(jax.tree.leaves(kept_y))  # x, y, v
+    stats = dict(flops=evals * flops_per_grad(kept_x, kept_y), params_sent=sent)
     return ClientResult(out, mask_x, mask_y, weight, stats, idx)
 
   def dense_client(state: ServerState, data: FederatedData, cid: jax.Array, slot: jax.Array,
@@ -405,13 +411,16 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       idx = submodel_lib.compact_indices(layout, umx, umy, counts)
       take = lambda axes, t: submodel_lib.extract(axes, t, idx)
       x_c, y_c, v_c = take(layout.x, state.x), take(layout.y, state.y), take(layout.y, state.v)
-      cmx, cmy = submodel_lib.compact_masks(layout, umx, umy, idx, x_c, y_c)
-      cmx, cmy = tree.scale(active, cmx), tree.scale(active, cmy)
+      cux, cuy = submodel_lib.compact_unit_masks(umx, umy, idx)
+      cux, cuy = tree.scale(active, cux), tree.scale(active, cuy)
+      cmx, cmy = masks_lib.expand_unit_masks(layout, cux, cuy, x_c, y_c)
+      kept = (masks_lib.unit_kept_counts(cux, layout.x, x_c),
+              masks_lib.unit_kept_counts(cuy, layout.y, y_c))
       # x's compact mask is all ones: the client computes on exactly its kept x units (active
       # is 1 for every client a compact round samples: only_full restricts the population).
       out = client_update(problem, cfg.client, x_c, y_c, v_c, tree.index(data.inner, cid),
                           tree.index(data.outer, cid), None, cmy, bkey, sample)
-      return finish(data, cid, out, cmx, cmy, active, idx)  # compact: the server scatter-adds
+      return finish(data, cid, out, cmx, cmy, active, idx, kept)  # the server scatter-adds
 
     return client
 

@@ -145,6 +145,25 @@ def _expand(unit_masks: UnitMasks, axes_tree: PyTree, params: PyTree) -> PyTree:
   return jax.tree.map(leaf, axes_tree, params)
 
 
+def kept_counts(masks: PyTree) -> PyTree:
+  """Per leaf the number of kept (nonzero) entries, a float32 scalar."""
+  return jax.tree.map(lambda m: jnp.sum(m != 0).astype(jnp.float32), masks)
+
+
+def unit_kept_counts(unit_masks: UnitMasks, axes_tree: PyTree, params: PyTree) -> PyTree:
+  """kept_counts(_expand(unit_masks, axes_tree, params)) without building the masks: an outer
+  product of 0/1 unit masks keeps (product of their kept counts) x (sizes of the other axes)."""
+
+  def leaf(axes: Axes, p: jax.Array) -> jax.Array:
+    group_axes = {ax for _, ax in axes.pairs}
+    n = jnp.float32(math.prod(d for ax, d in enumerate(p.shape) if ax not in group_axes))
+    for g, _ in axes.pairs:
+      n = n * jnp.sum(unit_masks[g] != 0).astype(jnp.float32)
+    return n
+
+  return jax.tree.map(leaf, axes_tree, params)
+
+
 def expand_unit_masks(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks, x: PyTree,
                       y: PyTree) -> tuple[PyTree, PyTree]:
   """Unit masks per group -> parameter masks (mask_x like x, mask_y like y)."""

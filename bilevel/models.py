@@ -116,10 +116,9 @@ def cnn_flops_per_grad(input_shape: tuple[int, int, int]):
   h1, w1 = -(-input_shape[0] // 2), -(-input_shape[1] // 2)
   h2, w2 = -(-h1 // 2), -(-w1 // 2)
 
-  def flops(mask_x: PyTree, mask_y: PyTree) -> jax.Array:
-    kept = lambda m: jnp.sum(m != 0).astype(jnp.float32)
-    return 6.0 * (kept(mask_x["conv1"]["kernel"]) * h1 * w1
-                  + kept(mask_x["conv2"]["kernel"]) * h2 * w2 + kept(mask_y["head"]["kernel"]))
+  def flops(kept_x: PyTree, kept_y: PyTree) -> jax.Array:  # per-leaf kept counts
+    return 6.0 * (kept_x["conv1"]["kernel"] * h1 * w1 + kept_x["conv2"]["kernel"] * h2 * w2
+                  + kept_y["head"]["kernel"])
 
   return flops
 

@@ -140,12 +140,15 @@ def compact_indices(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks,
           if counts[g] < layout.groups[g]}
 
 
+def compact_unit_masks(umx: UnitMasks, umy: UnitMasks,
+                       idx: Indices) -> tuple[UnitMasks, UnitMasks]:
+  """The unit masks read at the kept indices: x's are all ones; y's are zero on the units x
+  keeps but y does not (shared groups extract y with x's indices so the widths match)."""
+  cut = lambda um: {g: jnp.take(m, idx[g]) if g in idx else m for g, m in um.items()}
+  return cut(umx), cut(umy)
+
+
 def compact_masks(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks, idx: Indices,
                   x_c: PyTree, y_c: PyTree) -> tuple[PyTree, PyTree]:
-  """Parameter masks of the compact arrays: the unit masks read at the kept indices.
-
-  x's compact mask is all ones; y's is zero on the head rows x keeps but y does not (shared
-  groups extract y with x's indices so that the hidden width matches on both sides).
-  """
-  cut = lambda um: {g: jnp.take(m, idx[g]) if g in idx else m for g, m in um.items()}
-  return expand_unit_masks(layout, cut(umx), cut(umy), x_c, y_c)
+  """Parameter masks of the compact arrays (expanded compact_unit_masks)."""
+  return expand_unit_masks(layout, *compact_unit_masks(umx, umy, idx), x_c, y_c)

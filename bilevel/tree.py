@@ -57,11 +57,6 @@ def size(a: PyTree) -> int:
   return sum(int(t.size) for t in jax.tree.leaves(a))
 
 
-def count(mask: PyTree) -> jax.Array:
-  """Number of nonzero mask entries over all leaves."""
-  return sum(jnp.sum(m != 0) for m in jax.tree.leaves(mask))
-
-
 def weighted_sum(t_C: PyTree, weights: jax.Array) -> PyTree:
   """sum_c weights[c] * t_C[c] over the leading (client) axis of every leaf.
 

@@ -353,13 +353,13 @@ def build(cfg: federated.FederatedConfig, ds: data_lib.Dataset, cd: CleaningData
   sample = minibatch_sampler(batch) if batch else full_batch
   mean_owned = float(np.mean(cd.counts))
 
-  def flops_per_grad(mask_x, mask_y):
+  def flops_per_grad(kept_x, kept_y):  # per-leaf kept counts
     # 6 FLOPs per kept y parameter per kept row (forward + backward); the weights' own work
     # (one gather and one product per row) is negligible. Rows: the kept samples (full batch) or
     # the batch times the kept share of an average client's samples (minibatch).
-    kept = jnp.sum(mask_x["gate"]).astype(jnp.float32)
+    kept = kept_x["gate"]
     rows = kept if not batch else batch * jnp.minimum(kept / mean_owned, 1.0)
-    return 6.0 * rows * tree.count(mask_y).astype(jnp.float32)
+    return 6.0 * rows * sum(jax.tree.leaves(kept_y))
 
   mask_fn = None
   if cfg.mask.policy == "rolling":

@@ -91,9 +91,9 @@ class RoundTest(parameterized.TestCase):
   def test_round_is_traced_once(self):
     traces = []
 
-    def flops(mask_x, mask_y):
+    def flops(kept_x, kept_y):
       traces.append(1)  # runs only while tracing
-      return federated.default_flops_per_grad(mask_x, mask_y)
+      return federated.default_flops_per_grad(kept_x, kept_y)
 
     cfg = federated.FederatedConfig(M, 3, client=_client(), levels=LEVELS)
     _, records, rnd = _run(cfg, 6, flops_per_grad=flops)
