@@ -39,8 +39,8 @@ CLIENTS = flags.DEFINE_integer("bench_clients", 100, "Clients per round for the 
 LOOP_CLIENTS = flags.DEFINE_list("loop_clients", ["10", "100"], "Client counts for vmap vs loop.")
 SCALING = flags.DEFINE_list("scaling_clients", None, "Clients per round for the scaling table "
                             "(default 10,100,1000; quick 10,100).")
-LOCAL_STEPS = flags.DEFINE_integer("bench_local_steps", None, "Local steps per round "
-                                   "(default 2, quick 1).")
+LOCAL_STEPS = flags.DEFINE_integer("bench_local_steps", 2, "Local steps K per round (RAFBO; "
+                                   "1 = a RABO round).")
 EST_ROWS = flags.DEFINE_integer("estimator_rows", 1024, "Batch rows for the estimator costs.")
 EST_STEPS = flags.DEFINE_integer("estimator_steps", 5, "num_steps of every estimator.")
 DEVICES = flags.DEFINE_integer("bench_devices", 4, "Forced host devices for the device figure "
@@ -136,7 +136,7 @@ def round_time(clients: int, levels: str, submodel: str, reps: int) -> float:
 
 
 def _local_steps() -> int:
-  return LOCAL_STEPS.value or (1 if QUICK.value else 2)
+  return LOCAL_STEPS.value
 
 
 def _params(k: int) -> int:

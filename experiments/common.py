@@ -69,6 +69,9 @@ SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"],
                              "Client computation with unit masks: compact (extracted arrays of "
                              "width ceil(r K), stratified sampling) or dense (masked full arrays).")
 LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many rounds.")
+DEVICES = flags.DEFINE_integer(
+    "devices", 1, "Shard each round's clients over this many devices (jax.sharding; 1 = no "
+    "sharding, 0 = every device jax.devices() lists). Same numbers up to summation order.")
 CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 50, "Write the full run state to WORKDIR/checkpoint.npz every this many "
     "rounds (and after the last); 0 = never.")
@@ -77,7 +80,7 @@ RESUME = flags.DEFINE_boolean(
     "this run's; --noresume starts afresh and overwrites the workdir's results.")
 
 # Flags that may differ between a run and its resumption.
-_RESUME_FREE_FLAGS = ("resume", "log_every", "workdir")
+_RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices")
 
 
 def versions() -> dict[str, str]:
@@ -95,6 +98,13 @@ def device_info() -> dict[str, Any]:
   devices = jax.devices()
   return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
           "count": len(devices)}
+
+
+def client_mesh():
+  """The client mesh for --devices (None for one device); validated in check_shared_flags."""
+  import jax
+  n = DEVICES.value or len(jax.devices())
+  return None if n == 1 else federated.client_mesh(n)
 
 
 def fail(message: str) -> None:
@@ -179,6 +189,11 @@ def check_shared_flags() -> list[str]:
     problems.append(f"--val_fraction={VAL_FRACTION.value} is outside the allowed range (0, 1).")
   if not ALPHA.value > 0:
     problems.append(f"--alpha={ALPHA.value} is outside the allowed range (0, inf).")
+  import jax
+  available = len(jax.devices())
+  if not 0 <= DEVICES.value <= available:
+    problems.append(f"--devices={DEVICES.value} is outside the allowed range [0, {available}]: "
+                    f"this process sees {available} {jax.devices()[0].platform} device(s).")
   return problems
 
 

@@ -368,7 +368,7 @@ def build(cfg: federated.FederatedConfig, ds: data_lib.Dataset, cd: CleaningData
   available = {"samples": np.asarray(cd.fed.available["samples"])}
   rnd = federated.make_round(cleaning_problem(logits_fn, REG.value), cfg, lay, x0,
                              sample=sample, flops_per_grad=flops_per_grad, available=available,
-                             mask_fn=mask_fn, submodel="dense")
+                             mask_fn=mask_fn, submodel="dense", mesh=common.client_mesh())
   return rnd, x0, y0, logits_fn
 
 

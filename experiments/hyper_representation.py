@@ -97,7 +97,7 @@ def main(argv):
     rnd = federated.make_round(
         models.hyper_representation_problem(ACTIVATION.value, L2.value, MODEL.value), cfg,
         layout, x0,
-        sample=sample, submodel=submodel,
+        sample=sample, submodel=submodel, mesh=common.client_mesh(),
         flops_per_grad=lambda mx, my: per_grad_examples * flops_per_example(mx, my))
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))

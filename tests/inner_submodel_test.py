@@ -96,6 +96,17 @@ class SubmodelTest(absltest.TestCase):
                            {g: v[i] for g, v in idx_C.items()}, like) for i in range(5)])
       got = submodel.scatter_add(axes, c, idx_C, like)
       jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
+    # Masks of compact arrays vary along group axes only: the per-unit sum equals the full one.
+    w = jnp.array([1.0, 0.0, 2.0, 3.0, 0.5])
+    units = {g: (jax.random.uniform(k, idx_C[g].shape) < 0.7).astype(jnp.float32)
+             for g, k in zip(idx_C, jax.random.split(jax.random.key(5)))}
+    masks_C = jax.vmap(lambda u, i: masks_lib.expand_unit_masks(
+        layout, u, u, submodel.extract(layout.x, x, i), submodel.extract(layout.y, y, i)))(
+            units, idx_C)
+    for axes, m, like in ((layout.x, masks_C[0], x), (layout.y, masks_C[1], y)):
+      jax.tree.map(np.testing.assert_array_equal,
+                   submodel.scatter_add_units(axes, m, idx_C, like, w),
+                   submodel.scatter_add(axes, m, idx_C, like, w))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ BAD_INPUTS = [
     (dict(hidden=0), "hidden=0"),
     (dict(server_lr=0.0), "server_lr=0.0"),
     (dict(checkpoint_every=-1), "checkpoint_every=-1"),
+    (dict(devices=64), r"--devices=64 is outside the allowed range \[0, 1\]"),
     (dict(workdir=None), "--workdir is required"),
 ]
 
