@@ -90,7 +90,7 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
   """K local steps on the submodel given by (mask_x, mask_y); see the module docstring.
 
   A mask of None keeps every coordinate (compact clients pass None for x: they run on exactly
-  the kept units). With K = 1 the step runs without a scan, so x need not be carried per client.
+  the kept units). The first step runs outside the scan (see below).
   """
   estimate = ESTIMATORS[cfg.estimator]
   masked = lambda t, m: t if m is None else tree.mul(t, m)
@@ -109,12 +109,14 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
     xk = tree.axpy(-cfg.outer_lr, res.hypergrad, xk)
     return (xk, yk, res.v), (res.hypergrad, losses)
 
-  if cfg.local_steps == 1:
-    (xK, yK, vK), (grads, (g_loss, f_loss)) = local_step((x, y, v), 0)
-    grads, g_loss, f_loss = jax.tree.map(lambda t: t[None], (grads, g_loss, f_loss))
-  else:
-    (xK, yK, vK), (grads, (g_loss, f_loss)) = jax.lax.scan(
-        local_step, (x, y, v), jnp.arange(cfg.local_steps))
+  # The first step runs outside the scan: x is still the server's (shared by the clients of a
+  # vmapped round, so their first forward passes are one large matmul, not per-client ones).
+  carry, first = local_step((x, y, v), 0)
+  steps = jax.tree.map(lambda t: t[None], first)
+  if cfg.local_steps > 1:
+    carry, rest = jax.lax.scan(local_step, carry, jnp.arange(1, cfg.local_steps))
+    steps = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), steps, rest)
+  (xK, yK, vK), (grads, (g_loss, f_loss)) = carry, steps
   return ClientOutput(
       delta_x=masked(tree.sub(xK, x), mask_x),
       delta_y=masked(tree.sub(yK, y), mask_y),
