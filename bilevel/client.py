@@ -93,7 +93,6 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
   the kept units). The first step runs outside the scan (see below).
   """
   estimate = ESTIMATORS[cfg.estimator]
-  masked = lambda t, m: t if m is None else tree.mul(t, m)
 
   def local_step(carry, k):
     xk, yk, vk = carry
@@ -104,7 +103,7 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
                      step_size=cfg.inner_lr, mask_x=mask_x, mask_y=mask_y)
     res = estimate(problem, xk, yk, inner_batch, outer_batch, vk, mask_x, mask_y,
                    cfg.estimator_options)
-    xm, ym = masked(xk, mask_x), masked(yk, mask_y)
+    xm, ym = tree.masked(xk, mask_x), tree.masked(yk, mask_y)
     losses = (problem.inner_loss(xm, ym, inner_batch), problem.outer_loss(xm, ym, outer_batch))
     xk = tree.axpy(-cfg.outer_lr, res.hypergrad, xk)
     return (xk, yk, res.v), (res.hypergrad, losses)
@@ -118,8 +117,8 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
     steps = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), steps, rest)
   (xK, yK, vK), (grads, (g_loss, f_loss)) = carry, steps
   return ClientOutput(
-      delta_x=masked(tree.sub(xK, x), mask_x),
-      delta_y=masked(tree.sub(yK, y), mask_y),
-      delta_v=masked(tree.sub(vK, v), mask_y),
+      delta_x=tree.masked(tree.sub(xK, x), mask_x),
+      delta_y=tree.masked(tree.sub(yK, y), mask_y),
+      delta_v=tree.masked(tree.sub(vK, v), mask_y),
       hypergrad=jax.tree.map(lambda t: jnp.mean(t, axis=0), grads),
       inner_loss=g_loss[0], outer_loss=f_loss[0])

@@ -431,7 +431,7 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
 
   def server_fn(state: ServerState, results: Sequence[ClientResult]):
     sums = [round_sums(res, layout, state) for res in results]
-    t = sums[0] if len(sums) == 1 else jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)
+    t = jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)  # over the client groups
     dx = aggregate(t.dx, t.den_x, t.weight)
     dy = aggregate(t.dy, t.den_y, t.weight)
     dv = aggregate(t.dv, t.den_y, t.weight)

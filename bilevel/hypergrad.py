@@ -49,10 +49,6 @@ class Products(NamedTuple):
   jv: PyTree | None  # J v, like x (None when not requested)
 
 
-def _mask(t: PyTree, m: PyTree | None) -> PyTree:
-  return t if m is None else tree.mul(t, m)
-
-
 def exact_products(inner_loss: Loss, x: PyTree, y: PyTree, v: PyTree, batch: Any,
                    delta: float, with_jv: bool) -> Products:
   """Forward-over-reverse Hessian- and Jacobian-vector products (the second-order twin of fd)."""
@@ -99,15 +95,21 @@ def _project(v: PyTree, radius: float | None) -> PyTree:
 
 
 def _setup(problem, x, y, outer_batch, v, mask_x, mask_y):
-  xm, ym = _mask(x, mask_x), _mask(y, mask_y)
+  xm, ym = tree.masked(x, mask_x), tree.masked(y, mask_y)
   gxf, gyf = jax.grad(problem.outer_loss, argnums=(0, 1))(xm, ym, outer_batch)
   v0 = tree.zeros_like(y) if v is None else v
-  return xm, ym, _mask(gxf, mask_x), _mask(gyf, mask_y), _mask(v0, mask_y)
+  return xm, ym, tree.masked(gxf, mask_x), tree.masked(gyf, mask_y), tree.masked(v0, mask_y)
+
+
+def _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts) -> PyTree:
+  """H p on the pruned point, masked to m_y (the product every estimator iterates)."""
+  return tree.masked(product(problem.inner_loss, xm, ym, p, inner_batch, opts.delta, False).hv,
+                     mask_y)
 
 
 def _finish(problem, product, xm, ym, v_work, v_in, gxf, inner_batch, mask_x, mask_y, opts):
   jv = product(problem.inner_loss, xm, ym, v_work, inner_batch, opts.delta, True).jv
-  hypergrad = _mask(tree.sub(gxf, jv), mask_x)
+  hypergrad = tree.masked(tree.sub(gxf, jv), mask_x)
   if v_in is None or mask_y is None:
     v_out = v_work
   else:
@@ -123,7 +125,7 @@ def _v_iteration(product_name: str):
     xm, ym, gxf, gyf, v0 = _setup(problem, x, y, outer_batch, v, mask_x, mask_y)
 
     def step(vk, _):
-      hv = _mask(product(problem.inner_loss, xm, ym, vk, inner_batch, opts.delta, False).hv, mask_y)
+      hv = _masked_hv(problem, product, xm, ym, vk, inner_batch, mask_y, opts)
       return _project(tree.axpy(-opts.step_size, tree.sub(hv, gyf), vk), opts.radius), None
 
     v_work, _ = jax.lax.scan(step, v0, None, length=opts.num_steps)
@@ -141,7 +143,7 @@ def neumann_estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v
 
   def term(carry, _):
     p, acc = carry
-    hp = _mask(product(problem.inner_loss, xm, ym, p, inner_batch, opts.delta, False).hv, mask_y)
+    hp = _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts)
     p = tree.axpy(-opts.step_size, hp, p)
     return (p, tree.add(acc, p)), None
 
@@ -155,8 +157,7 @@ def cg_estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mas
   """num_steps conjugate-gradient iterations on H v = grad_y f, from the warm start v."""
   product = PRODUCTS[opts.product]
   xm, ym, gxf, gyf, v0 = _setup(problem, x, y, outer_batch, v, mask_x, mask_y)
-  matvec = lambda p: _mask(product(problem.inner_loss, xm, ym, p, inner_batch, opts.delta, False).hv,
-                           mask_y)
+  matvec = lambda p: _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts)
   safe_div = lambda a, b: jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
 
   def it(carry, _):

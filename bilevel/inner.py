@@ -21,12 +21,12 @@ def inner_solve(inner_loss: Loss, x: PyTree, y: PyTree, batch: Any, *, num_steps
                 step_size: float, mask_x: PyTree | None = None,
                 mask_y: PyTree | None = None) -> PyTree:
   """num_steps masked gradient steps on y with step size beta = step_size."""
-  xm = x if mask_x is None else tree.mul(x, mask_x)
+  xm = tree.masked(x, mask_x)
 
   def step(yk, _):
-    ym = yk if mask_y is None else tree.mul(yk, mask_y)
+    ym = tree.masked(yk, mask_y)
     g = jax.grad(inner_loss, argnums=1)(xm, ym, batch)
-    g = g if mask_y is None else tree.mul(g, mask_y)
+    g = tree.masked(g, mask_y)
     return tree.axpy(-step_size, g, yk), None
 
   y, _ = jax.lax.scan(step, y, None, length=num_steps)

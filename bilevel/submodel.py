@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel import tree
-from bilevel.masks import Axes, UnitLayout, UnitMasks, expand_unit_masks
+from bilevel.masks import Axes, UnitLayout, UnitMasks
 
 PyTree = Any
 # group -> [k] int32 kept unit indices (static k); a group left out keeps all its units.
@@ -36,11 +36,8 @@ def kept_indices(unit_mask: jax.Array, k: int) -> jax.Array:
 
 
 def extract(axes_tree: PyTree, params: PyTree, idx: Indices) -> PyTree:
-  """Compact arrays: along every (group, axis) of a leaf keep only idx[group].
-
-  Rows are gathered with the group axis leading (contiguous slices, not strided columns); the
-  axis is then moved back, which XLA folds into the consumer (a dot) instead of copying.
-  """
+  """Compact arrays: along every (group, axis) of a leaf keep only idx[group] (groups missing
+  from idx keep all their units). The indices are sorted and in range by construction."""
 
   def leaf(axes: Axes, p: jax.Array) -> jax.Array:
     for g, ax in axes.pairs:
@@ -71,8 +68,9 @@ def _scatter_add_leaf(axes: Axes, c: jax.Array, idx_C: Indices, shape: tuple[int
                       weights: jax.Array | None):
   """sum_i w_i c[i] placed at idx_C[., i] along the leaf's group axes, into zeros(shape).
 
-  One lax.scatter_add whose windows are the non-group axes where they lie (no transposes):
-  the scatter indices are [C, k_1, ..., k_n, n], one entry per kept index combination.
+  One lax.scatter_add whose windows are the non-group axes; the scatter indices are
+  [C, k_1, ..., k_n, n], one entry per kept index combination. (XLA:CPU still transposes the
+  updates so that the window is minor: BENCHMARKS.md counts that cost.)
   """
   pairs = sorted(((g, ax) for g, ax in axes.pairs if g in idx_C), key=lambda pair: pair[1])
   weights = jnp.ones(c.shape[:1], c.dtype) if weights is None else weights.astype(c.dtype)
@@ -146,9 +144,3 @@ def compact_unit_masks(umx: UnitMasks, umy: UnitMasks,
   keeps but y does not (shared groups extract y with x's indices so the widths match)."""
   cut = lambda um: {g: jnp.take(m, idx[g]) if g in idx else m for g, m in um.items()}
   return cut(umx), cut(umy)
-
-
-def compact_masks(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks, idx: Indices,
-                  x_c: PyTree, y_c: PyTree) -> tuple[PyTree, PyTree]:
-  """Parameter masks of the compact arrays (expanded compact_unit_masks)."""
-  return expand_unit_masks(layout, *compact_unit_masks(umx, umy, idx), x_c, y_c)

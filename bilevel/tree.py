@@ -31,6 +31,11 @@ def mul(a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(jnp.multiply, a, b)
 
 
+def masked(a: PyTree, mask: PyTree | None) -> PyTree:
+  """a * mask leafwise; a itself when mask is None (keep every coordinate)."""
+  return a if mask is None else mul(a, mask)
+
+
 def where(mask: PyTree, a: PyTree, b: PyTree) -> PyTree:
   """a where mask != 0, else b (leafwise)."""
   return jax.tree.map(lambda m, u, w: jnp.where(m != 0, u, w), mask, a, b)
