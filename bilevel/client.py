@@ -24,7 +24,9 @@ from bilevel.inner import inner_solve
 from bilevel.problems import BilevelProblem
 
 PyTree = Any
-# (client data, key) -> batch; the identity (full batch) by default.
+# (client data, key) -> batch; the identity (full batch) by default. A sampler may also define
+# `from_population(data, client_id, key)`, the same batch drawn straight from the stacked
+# population data [M, ...] (see `population_sampler`).
 Sampler = Callable[[Any, jax.Array], Any]
 
 
@@ -33,19 +35,41 @@ def full_batch(data: Any, key: jax.Array) -> Any:
   return data
 
 
-def minibatch_sampler(batch_size: int) -> Sampler:
+class MinibatchSampler(NamedTuple):
   """Sample batch_size rows uniformly (with replacement) from the valid rows of a client.
 
   Client data is a dict of arrays [N, ...] whose "weight" entry is 1 for valid rows (which come
   first) and 0 for padding; the sampled batch has the same keys and all weights 1.
   """
 
-  def sample(data: Any, key: jax.Array) -> Any:
-    n = jnp.maximum(jnp.sum(data["weight"] > 0), 1)
-    idx = jax.random.randint(key, (batch_size,), 0, n)
-    return jax.tree.map(lambda t: t.at[idx].get(mode="promise_in_bounds"), data)
+  batch_size: int
 
-  return sample
+  def __call__(self, data: Any, key: jax.Array) -> Any:
+    return self.from_population(jax.tree.map(lambda t: t[None], data), 0, key)
+
+  def from_population(self, data: Any, client_id: jax.Array, key: jax.Array) -> Any:
+    """The same batch from population data [M, N, ...]: one gather of the batch rows (no copy
+    of the client's N rows; vmapped over clients, one gather for the whole round)."""
+    n = jnp.maximum(jnp.sum(data["weight"][client_id] > 0), 1)
+    rows = client_id * data["weight"].shape[1] + jax.random.randint(key, (self.batch_size,), 0, n)
+    # A gather of whole rows from [M * N, ...] (XLA:CPU copies rows; indexing [M, N, ...] with
+    # (client, row) pairs ran 3-4x slower).
+    return jax.tree.map(lambda t: t.reshape(-1, *t.shape[2:]).at[rows].get(
+        mode="promise_in_bounds"), data)
+
+
+def minibatch_sampler(batch_size: int) -> Sampler:
+  return MinibatchSampler(batch_size)
+
+
+def population_sampler(sample: Sampler, client_id: jax.Array) -> Sampler:
+  """A sampler over the stacked population data [M, ...] that draws client_id's batch.
+
+  Uses sample.from_population where the sampler has it, else indexes the client's data first.
+  """
+  if hasattr(sample, "from_population"):
+    return lambda data, key: sample.from_population(data, client_id, key)
+  return lambda data, key: sample(tree.index(data, client_id), key)
 
 
 class ClientConfig(NamedTuple):
@@ -90,7 +114,9 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
   """K local steps on the submodel given by (mask_x, mask_y); see the module docstring.
 
   A mask of None keeps every coordinate (compact clients pass None for x: they run on exactly
-  the kept units). The first step runs outside the scan (see below).
+  the kept units). Batches are sample(inner_data, key) and sample(outer_data, key): the
+  client's own data, or the population's with a `population_sampler` (what federated rounds
+  pass, so only the batch rows are gathered). The first step runs outside the scan (see below).
   """
   estimate = ESTIMATORS[cfg.estimator]
 

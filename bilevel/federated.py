@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bilevel import masks as masks_lib
 from bilevel import server, tree
 from bilevel import submodel as submodel_lib
-from bilevel.client import ClientConfig, Sampler, client_update, full_batch
+from bilevel.client import ClientConfig, Sampler, client_update, full_batch, population_sampler
 from bilevel.client import grad_evals_per_round, validate_client_config
 from bilevel.errors import ConfigError, check_choice
 from bilevel.masks import Level, MaskConfig, UnitLayout
@@ -164,7 +164,6 @@ class RoundSums(NamedTuple):
   dx: PyTree  # sum_i w_i m_x,i D_x,i
   dy: PyTree
   dv: PyTree
-  hypergrad: PyTree  # sum_i w_i m_x,i h_i
   den_x: PyTree  # sum_i w_i m_x,i
   den_y: PyTree
   count_x: PyTree  # number of clients keeping each coordinate (int32)
@@ -197,7 +196,6 @@ def round_sums(res: ClientResult, layout: UnitLayout | None, state: ServerState)
   return RoundSums(
       dx=add_x(masked(res.mask_x, out.delta_x), w), dy=add_y(masked(res.mask_y, out.delta_y), w),
       dv=add_y(masked(res.mask_y, out.delta_v), w),
-      hypergrad=add_x(masked(res.mask_x, out.hypergrad), w),
       den_x=units_x(res.mask_x, w), den_y=units_y(res.mask_y, w),
       count_x=as_count(units_x(nonzero(res.mask_x), ones)),
       count_y=as_count(units_y(nonzero(res.mask_y), ones)),
@@ -398,8 +396,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     else:
       mask_x, mask_y = mask_fn(state, cid, slot, q, rx, ry, mkey)
     mask_x, mask_y = tree.scale(active, mask_x), tree.scale(active, mask_y)
-    out = client_update(problem, cfg.client, state.x, state.y, state.v, tree.index(data.inner, cid),
-                        tree.index(data.outer, cid), mask_x, mask_y, bkey, sample)
+    out = client_update(problem, cfg.client, state.x, state.y, state.v, data.inner, data.outer,
+                        mask_x, mask_y, bkey, population_sampler(sample, cid))
     return finish(data, cid, out, mask_x, mask_y, active)
 
   def compact_client(counts: dict[str, int]):
@@ -418,8 +416,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
               masks_lib.unit_kept_counts(cuy, layout.y, y_c))
       # x's compact mask is all ones: the client computes on exactly its kept x units (active
       # is 1 for every client a compact round samples: only_full restricts the population).
-      out = client_update(problem, cfg.client, x_c, y_c, v_c, tree.index(data.inner, cid),
-                          tree.index(data.outer, cid), None, cmy, bkey, sample)
+      out = client_update(problem, cfg.client, x_c, y_c, v_c, data.inner, data.outer, None, cmy,
+                          bkey, population_sampler(sample, cid))
       return finish(data, cid, out, cmx, cmy, active, idx, kept)  # the server scatter-adds
 
     return client
@@ -435,7 +433,10 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     dx = aggregate(t.dx, t.den_x, t.weight)
     dy = aggregate(t.dy, t.den_y, t.weight)
     dv = aggregate(t.dv, t.den_y, t.weight)
-    hyper = server.coverage_from_sums(t.hypergrad, t.den_x, t.weight)
+    # The coverage mean of the clients' mean hypergradients: a client moves x by -alpha h_k in
+    # each of its K local steps, so its mean h is -D_x / (alpha K) (0/1 masks): no extra sum.
+    hyper = tree.scale(-1.0 / (cfg.client.outer_lr * cfg.client.local_steps),
+                       server.coverage_from_sums(t.dx, t.den_x, t.weight))
     cover_x, cover_y = server.covered_from_sums(t.den_x), server.covered_from_sums(t.den_y)
     x, opt_state = server.server_step(state.x, dx, cover_x, optimizer, state.opt_state)
     y = tree.add(state.y, tree.mul(dy, cover_y))

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-from bilevel import federated, hypergrad, inner, problems, tree
+from bilevel import federated, hypergrad, inner, problems, server, tree
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig
 from bilevel.errors import ConfigError
@@ -134,6 +134,28 @@ class RoundTest(parameterized.TestCase):
     self.assertEqual(rec["comm_bytes"], 2 * 8 * np.sum(kept[:, 0] + 2 * kept[:, 1]))
     self.assertEqual(rec["coverage_x_min"], np.sum(rnd.client_ratios[:, 0] == 1))
     self.assertEqual(rec["cumulative_client_flops"], 2 * rec["client_flops"])
+
+  def test_hypergrad_norm_is_the_coverage_mean_of_client_hypergradients(self):
+    # The round derives the metric from the x deltas (-D_x / (alpha K)); here it is recomputed
+    # from what the clients report as their mean hypergradient, with the public coverage_mean
+    # (dense round; compact_test checks compact = dense for this metric).
+    cfg = federated.FederatedConfig(M, 4, client=_client(local_steps=3), levels=LEVELS,
+                                    weighting="examples",
+                                    mask=masks_lib.MaskConfig("random", "unit"))
+    d, data, x0, y0 = _setup()
+    rnd = federated.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
+    state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+    state, _ = rnd.step(state, data)  # a round in: v != 0
+    _, metrics = rnd.step(state, data)
+    hyper, masks, weights = [], [], []
+    for fn, ids in zip(rnd.client_fns, rnd.sample_fn(state.round)):
+      for slot, cid in enumerate(np.asarray(ids)):
+        res = fn(state, data, jnp.asarray(cid), jnp.asarray(slot), state.round)
+        hyper.append(res.out.hypergrad), masks.append(res.mask_x), weights.append(res.weight)
+    want = tree.norm(server.coverage_mean(tree.stack(hyper), tree.stack(masks),
+                                          jnp.stack(weights)))
+    # K = 3 local steps of x - alpha h: the deltas round h at 1e-16 relative (float64).
+    np.testing.assert_allclose(metrics["hypergrad_norm"], want, rtol=1e-12)
 
   def test_only_full_samples_full_clients(self):
     cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS, only_full=True)
