@@ -193,8 +193,9 @@ def _ranks(policy: str, key: jax.Array, round_idx: jax.typing.ArrayLike, n: int,
   else:  # magnitude: larger first, ties by a random permutation
     order_key = jnp.lexsort((jax.random.permutation(key, n), -magnitude()))
     order_key = jnp.argsort(order_key)
-  if available is not None:
-    order_key = order_key + n * (1 - available.astype(jnp.int32))
+  if available is None:
+    return order_key  # already a permutation of 0..n-1, i.e. its own rank
+  order_key = order_key + n * (1 - available.astype(jnp.int32))
   return jnp.argsort(jnp.argsort(order_key))
 
 
