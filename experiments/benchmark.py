@@ -8,7 +8,8 @@ Model: the hyper-representation MLP (784-200-10) on synthetic client data of the
 (timing does not depend on the pixel values); one RAFBO round = local_steps x (inner steps + the
 estimator) per client, minibatches of --bench_batch rows. Every time is the median of --reps
 repetitions after one warm-up call (compilation excluded); every comparison is a ratio of such
-medians measured in the same process. Peak memory is XLA's plan for the compiled round
+medians measured side by side: the repetitions of the compared functions are interleaved
+(`median_times`), so a slow spell of the shared cores does not fall on one side only. Peak memory is XLA's plan for the compiled round
 (arguments + outputs + temporaries, `compiled.memory_analysis()`), not a process measurement.
 The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
 """
@@ -29,7 +30,7 @@ from absl import app, flags
 from experiments import common
 
 QUICK = common.QUICK  # defined once in common.py: fewer repetitions and client counts
-REPS = flags.DEFINE_integer("reps", None, "Timed repetitions per figure (default 5, quick 3).")
+REPS = flags.DEFINE_integer("reps", None, "Timed repetitions per figure (default 7, quick 5).")
 IN_DIM = flags.DEFINE_integer("bench_in_dim", 784, "Input width of the MLP.")
 HIDDEN = flags.DEFINE_integer("bench_hidden", 200, "Hidden units K of the MLP.")
 CLASSES = flags.DEFINE_integer("bench_classes", 10, "Classes of the head.")
@@ -38,7 +39,8 @@ CLIENTS = flags.DEFINE_integer("bench_clients", 100, "Clients per round for the 
                                "compact/dense and device figures.")
 LOOP_CLIENTS = flags.DEFINE_list("loop_clients", ["10", "100"], "Client counts for vmap vs loop.")
 SCALING = flags.DEFINE_list("scaling_clients", None, "Clients per round for the scaling table "
-                            "(default 10,100,1000; quick 10,100).")
+                            "(default 10,100,1000; quick 100: the round the compact/dense "
+                            "figure already compiled, so --quick stays under 3 minutes).")
 LOCAL_STEPS = flags.DEFINE_integer("bench_local_steps", 2, "Local steps K per round (RAFBO; "
                                    "1 = a RABO round).")
 EST_ROWS = flags.DEFINE_integer("estimator_rows", 1024, "Batch rows for the estimator costs.")
@@ -54,16 +56,27 @@ KEEP_RATIOS = (1.0, 0.5, 0.25)
 PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
 
 
-def median_time(fn: Callable[[], Any], reps: int) -> float:
-  """Median wall time of fn() over reps calls after one warm-up (results blocked on)."""
+def median_times(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+  """Median wall time of each fn() (results blocked on) after one warm-up call each.
+
+  The repetitions are interleaved: each of the reps passes calls every fn once, in turn, so
+  slow spells of the shared cores fall on all of them alike and their ratios compare like
+  with like.
+  """
   import jax
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
+  for fn in fns.values():
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_time(fn: Callable[[], Any], reps: int) -> float:
+  return median_times({"": fn}, reps)[""]
 
 
 def _setup(clients: int):
@@ -105,19 +118,19 @@ def _round(clients: int, levels: str, submodel: str = "compact", mesh=None,
   return rnd, federated.init_state(x0, y0, optax.sgd(1.0)), data
 
 
-_MEASURED: dict[tuple[int, str, str, int], dict[str, Any]] = {}
+_COMPILED: dict[tuple[int, str, str, int], dict[str, Any]] = {}
 
 
-def measure_round(clients: int, levels: str, submodel: str, reps: int,
-                  per_round: int | None = None) -> dict[str, Any]:
-  """{"time_s": median round time, "peak_bytes", "temp_bytes"} of one compiled round.
+def compiled_round(clients: int, levels: str, submodel: str = "compact",
+                   per_round: int | None = None) -> dict[str, Any]:
+  """{"run": () -> one round, "peak_bytes", "temp_bytes"} of one compiled round.
 
-  Each configuration is compiled and timed once per run; figures that share a configuration
-  share its measurement (compilation dominates --quick). Peak = XLA's plan for the compiled
-  round: arguments + outputs + temporaries - aliased buffers.
+  Each configuration is compiled once per run (compilation dominates --quick); figures that
+  share one share the executable and time it side by side with their own others. Peak = XLA's
+  plan for the compiled round: arguments + outputs + temporaries - aliased buffers.
   """
   key = (clients, levels, submodel, per_round or clients)
-  if key not in _MEASURED:
+  if key not in _COMPILED:
     rnd, state, data = _round(clients, levels, submodel, per_round=per_round)
     compiled = rnd.step.lower(state, data).compile()
     mem = compiled.memory_analysis()
@@ -126,13 +139,8 @@ def measure_round(clients: int, levels: str, submodel: str, reps: int,
       temp = int(mem.temp_size_in_bytes)
       peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + temp
                  - getattr(mem, "alias_size_in_bytes", 0))
-    _MEASURED[key] = dict(time_s=median_time(lambda: compiled(state, data), reps),
-                          peak_bytes=peak, temp_bytes=temp)
-  return _MEASURED[key]
-
-
-def round_time(clients: int, levels: str, submodel: str, reps: int) -> float:
-  return measure_round(clients, levels, submodel, reps)["time_s"]
+    _COMPILED[key] = dict(run=lambda: compiled(state, data), peak_bytes=peak, temp_bytes=temp)
+  return _COMPILED[key]
 
 
 def _local_steps() -> int:
@@ -144,11 +152,10 @@ def _params(k: int) -> int:
 
 
 def keep_ratio_figures(reps: int) -> dict[str, Any]:
-  times, flops = {}, {}
-  for r in KEEP_RATIOS:
-    times[r] = round_time(CLIENTS.value, f"{r:g}/{r:g}:1", "compact", reps)
-    k = math.ceil(r * HIDDEN.value)  # masks.keep_count
-    flops[r] = _params(k) / _params(HIDDEN.value)
+  runs = {r: compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1")["run"] for r in KEEP_RATIOS}
+  times = median_times(runs, reps)
+  # masks.keep_count: k = ceil(r K)
+  flops = {r: _params(math.ceil(r * HIDDEN.value)) / _params(HIDDEN.value) for r in KEEP_RATIOS}
   return dict(
       keep_ratio_round_time_s={str(r): t for r, t in times.items()},
       keep_ratio_time_ratio={str(r): times[r] / times[1.0] for r in KEEP_RATIOS[1:]},
@@ -160,9 +167,8 @@ def compact_dense_figures(reps: int) -> dict[str, Any]:
   # --quick: the profile only (the one-level case is the keep-ratio figure's extreme).
   cases = (("profile", PROFILE),) + (() if QUICK.value else (("0.25", "0.25/0.25:1"),))
   for name, levels in cases:
-    t = {}
-    for sub in ("compact", "dense"):
-      t[sub] = round_time(CLIENTS.value, levels, sub, reps)
+    t = median_times({sub: compiled_round(CLIENTS.value, levels, sub)["run"]
+                      for sub in ("compact", "dense")}, reps)
     out[name] = dict(compact_s=t["compact"], dense_s=t["dense"],
                      ratio=t["compact"] / t["dense"])
   return dict(compact_over_dense={"levels": dict(cases), **out},
@@ -192,10 +198,10 @@ def vmap_loop_figures(reps: int) -> dict[str, Any]:
               for s, i in enumerate(ids)]
       return server(state, [tree.stack(outs)])
 
-    t_vmap = measure_round(population, "1/1:1", "compact", reps, per_round=c)["time_s"]
-    t_loop = median_time(loop, reps)
-    ratio[str(c)] = t_vmap / t_loop
-    detail[str(c)] = dict(vmap_s=t_vmap, loop_s=t_loop)
+    t = median_times({"vmap": compiled_round(population, "1/1:1", per_round=c)["run"],
+                      "loop": loop}, reps)
+    ratio[str(c)] = t["vmap"] / t["loop"]
+    detail[str(c)] = dict(vmap_s=t["vmap"], loop_s=t["loop"])
   return dict(vmap_over_loop_time_ratio=ratio, vmap_loop_detail=detail)
 
 
@@ -215,15 +221,17 @@ def estimator_figures(reps: int) -> dict[str, Any]:
   v = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), y)  # random v
   problem = models.hyper_representation_problem()
   grad_g = jax.jit(jax.grad(problem.inner_loss, argnums=(0, 1)))
-  t_grad = median_time(lambda: grad_g(x, y, batch), reps)
-  out = {}
+  opts = EstimatorOptions(num_steps=EST_STEPS.value)
+  runs = {"grad": lambda: grad_g(x, y, batch)}
   for est in hypergrad.ESTIMATORS:
-    opts = EstimatorOptions(num_steps=EST_STEPS.value)
-    fn = jax.jit(lambda x, y, v, est=est, opts=opts: hypergrad.ESTIMATORS[est](
+    fn = jax.jit(lambda x, y, v, est=est: hypergrad.ESTIMATORS[est](
         problem, x, y, batch, batch, v, None, None, opts))
-    t = median_time(lambda: fn(x, y, v), reps)
-    out[est] = dict(measured_grad_evals=t / t_grad,
-                    analytic_grad_evals=hypergrad.estimator_grad_evals(est, opts))
+    runs[est] = lambda fn=fn: fn(x, y, v)
+  times = median_times(runs, reps)
+  t_grad = times["grad"]
+  out = {est: dict(measured_grad_evals=times[est] / t_grad,
+                   analytic_grad_evals=hypergrad.estimator_grad_evals(est, opts))
+         for est in hypergrad.ESTIMATORS}
   return dict(estimator_cost_grad_evals={k: v["measured_grad_evals"] for k, v in out.items()},
               estimator_costs=dict(rows=rows, num_steps=EST_STEPS.value, grad_time_s=t_grad,
                                    per_estimator=out))
@@ -232,9 +240,9 @@ def estimator_figures(reps: int) -> dict[str, Any]:
 def scaling_figures(reps: int, counts: list[int]) -> dict[str, Any]:
   rows = []
   for c in counts:
-    m = measure_round(c, PROFILE, "compact", max(2, reps if c < 1000 else 2))
-    peak = m["peak_bytes"]
-    rows.append(dict(clients_per_round=c, round_time_s=m["time_s"], rounds_per_s=1 / m["time_s"],
+    m = compiled_round(c, PROFILE)
+    t, peak = median_time(m["run"], max(2, reps if c < 1000 else 2)), m["peak_bytes"]
+    rows.append(dict(clients_per_round=c, round_time_s=t, rounds_per_s=1 / t,
                      peak_bytes=peak, temp_bytes=m["temp_bytes"],
                      peak_bytes_per_client=None if peak is None else peak / c))
   return dict(clients_scaling=rows)
@@ -247,16 +255,18 @@ def device_figures(reps: int) -> dict[str, Any]:
   from bilevel import federated
   n = len(jax.devices())
   levels = "1/1:1" if QUICK.value else PROFILE  # --quick: one level, one client group to compile
-  res = {}
+  runs, states = {}, {}
   for name, mesh in (("1", None), (str(n), federated.client_mesh())):
     rnd, state, data = _round(CLIENTS.value, levels, mesh=mesh)
-    res[name] = (median_time(lambda: rnd.step(state, data), reps), rnd.step(state, data)[0])
-  a, b = res["1"][1], res[str(n)][1]
+    runs[name] = lambda rnd=rnd, state=state, data=data: rnd.step(state, data)
+    states[name] = runs[name]()[0]
+  times = median_times(runs, reps)
+  a, b = states["1"], states[str(n)]
   # max |a - b| / max |b| per leaf (float32; fd divides rounding by its probe length)
   diff = max(float(np.max(np.abs(np.asarray(p) - np.asarray(q))) / max(np.max(np.abs(q)), 1e-30))
              for p, q in zip(jax.tree.leaves((a.x, a.y, a.v)), jax.tree.leaves((b.x, b.y, b.v))))
-  return dict(devices={"count": n, "levels": levels, "round_time_s": {k: v[0] for k, v in res.items()},
-                       "time_ratio": res[str(n)][0] / res["1"][0],
+  return dict(devices={"count": n, "levels": levels, "round_time_s": times,
+                       "time_ratio": times[str(n)] / times["1"],
                        "max_leaf_rel_diff_vs_one_device": diff,
                        "device_kind": jax.devices()[0].device_kind})
 
@@ -277,12 +287,12 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  reps = REPS.value or (3 if QUICK.value else 5)
+  reps = REPS.value or (5 if QUICK.value else 7)
   if DEVICES_CHILD.value:
     print(json.dumps(device_figures(reps)))
     return
   workdir = common.require_workdir()
-  counts = [int(s) for s in (SCALING.value or (["10", "100"] if QUICK.value
+  counts = [int(s) for s in (SCALING.value or (["100"] if QUICK.value
                                                 else ["10", "100", "1000"]))]
   start = time.perf_counter()
   result: dict[str, Any] = dict(
