@@ -9,8 +9,9 @@ Model: the hyper-representation MLP (784-200-10) on synthetic client data of the
 estimator) per client, minibatches of --bench_batch rows. Every time is the median of --reps
 repetitions after one warm-up call (compilation excluded); every comparison is a ratio of such
 medians measured side by side: the repetitions of the compared functions are interleaved
-(`median_times`), so a slow spell of the shared cores does not fall on one side only. Peak memory is XLA's plan for the compiled round
-(arguments + outputs + temporaries, `compiled.memory_analysis()`), not a process measurement.
+(`median_times`), so a slow spell of the shared cores does not fall on one side only. Peak
+memory is XLA's plan for the compiled round (arguments + outputs + temporaries,
+`compiled.memory_analysis()`), not a process measurement.
 The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
 """
 

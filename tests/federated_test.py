@@ -151,7 +151,9 @@ class RoundTest(parameterized.TestCase):
     for fn, ids in zip(rnd.client_fns, rnd.sample_fn(state.round)):
       for slot, cid in enumerate(np.asarray(ids)):
         res = fn(state, data, jnp.asarray(cid), jnp.asarray(slot), state.round)
-        hyper.append(res.out.hypergrad), masks.append(res.mask_x), weights.append(res.weight)
+        hyper.append(res.out.hypergrad)
+        masks.append(res.mask_x)
+        weights.append(res.weight)
     want = tree.norm(server.coverage_mean(tree.stack(hyper), tree.stack(masks),
                                           jnp.stack(weights)))
     # K = 3 local steps of x - alpha h: the deltas round h at 1e-16 relative (float64).
