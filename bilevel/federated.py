@@ -143,8 +143,9 @@ class Stratum(NamedTuple):
 class ClientResult(NamedTuple):
   """One client's round, as the server reads it (stacked on a leading [C] axis per group).
 
-  Dense clients return full-size outputs and masks; compact clients return compact ones and the
-  kept unit indices `idx`, and the server adds them into full-size sums (`round_sums`).
+  Dense clients return full-size outputs and masks; compact clients return compact ones in
+  units-major form (submodel.to_units_major) and the kept unit indices `idx`, and the server
+  adds them into full-size sums in the model's layout (`round_sums`).
   """
 
   out: Any  # client.ClientOutput (masked deltas, hypergradient, losses)
@@ -183,12 +184,19 @@ def round_sums(res: ClientResult, layout: UnitLayout | None, state: ServerState)
     add_x = add_y = units_x = units_y = tree.weighted_sum
     masked = tree.mul
   else:
-    # Compact: scatter-adds. Masks are 0/1 and the outputs already masked (w m D = w D), and
-    # masks vary along group axes only, so their sums are taken per unit and broadcast.
-    add_x = lambda t, wt: submodel_lib.scatter_add(layout.x, t, res.idx, state.x, wt)
-    add_y = lambda t, wt: submodel_lib.scatter_add(layout.y, t, res.idx, state.y, wt)
-    units_x = lambda t, wt: submodel_lib.scatter_add_units(layout.x, t, res.idx, state.x, wt)
-    units_y = lambda t, wt: submodel_lib.scatter_add_units(layout.y, t, res.idx, state.y, wt)
+    # Compact: scatter-adds of units-major outputs (whole rows), moved back to the model's
+    # layout once summed. Masks are 0/1 and the outputs already masked (w m D = w D), and
+    # masks vary along unit axes only, so their sums are taken per unit and broadcast.
+    um = submodel_lib.units_major_layout(layout)
+
+    def summed(add, side):
+      axes, um_axes, full = getattr(layout, side), getattr(um, side), getattr(state, side)
+      like = submodel_lib.to_units_major(axes, full)
+      return lambda t, wt: submodel_lib.from_units_major(axes, add(um_axes, t, res.idx, like, wt))
+
+    add_x, add_y = summed(submodel_lib.scatter_add, "x"), summed(submodel_lib.scatter_add, "y")
+    units_x = summed(submodel_lib.scatter_add_units, "x")
+    units_y = summed(submodel_lib.scatter_add_units, "y")
     masked = lambda m, d: d
   ones = jnp.ones_like(w)
   nonzero = lambda m: jax.tree.map(lambda a: (a != 0).astype(a.dtype), m)
@@ -290,9 +298,10 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   reference the vmapped round is tested against).
 
   submodel: "dense" (masked full-size arrays: the reference) or "compact" (unit masks only: each
-  client runs on jnp.take-extracted arrays of static width k = ceil(r K) per level; the server
-  scatter-adds the compact outputs of a level into full-size sums (`round_sums`), so no
-  full-size array per client is ever built, and aggregates them as on the dense path). Compact
+  client runs on extracted arrays of static width k = ceil(r K) per level, held units-major
+  (submodel.py); the server scatter-adds the compact outputs of a level into full-size sums
+  (`round_sums`), so no full-size array per client is ever built, and aggregates them as on
+  the dense path). Compact
   needs fixed levels, no `available` units and no mask_fn, and loss functions that accept
   compact arrays.
 
@@ -407,17 +416,20 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       rx, ry, active, mkey, _, bkey = context(data, cid, q)
       umx, umy = masks_lib.unit_masks(layout, cfg.mask.policy, rx, ry, mkey, q, state.x, state.y)
       idx = submodel_lib.compact_indices(layout, umx, umy, counts)
-      take = lambda axes, t: submodel_lib.extract(axes, t, idx)
-      x_c, y_c, v_c = take(layout.x, state.x), take(layout.y, state.y), take(layout.y, state.v)
+      # Units-major (submodel.to_units_major): the kept units are whole rows, gathered here
+      # and scatter-added as rows by the server; the losses see the model's layout.
+      take = lambda side, t: submodel_lib.extract(
+          getattr(um_layout, side), submodel_lib.to_units_major(getattr(layout, side), t), idx)
+      x_c, y_c, v_c = take("x", state.x), take("y", state.y), take("y", state.v)
       cux, cuy = submodel_lib.compact_unit_masks(umx, umy, idx)
       cux, cuy = tree.scale(active, cux), tree.scale(active, cuy)
-      cmx, cmy = masks_lib.expand_unit_masks(layout, cux, cuy, x_c, y_c)
-      kept = (masks_lib.unit_kept_counts(cux, layout.x, x_c),
-              masks_lib.unit_kept_counts(cuy, layout.y, y_c))
+      cmx, cmy = masks_lib.expand_unit_masks(um_layout, cux, cuy, x_c, y_c)
+      kept = (masks_lib.unit_kept_counts(cux, um_layout.x, x_c),
+              masks_lib.unit_kept_counts(cuy, um_layout.y, y_c))
       # x's compact mask is all ones: the client computes on exactly its kept x units (active
       # is 1 for every client a compact round samples: only_full restricts the population).
-      out = client_update(problem, cfg.client, x_c, y_c, v_c, data.inner, data.outer, None, cmy,
-                          bkey, population_sampler(sample, cid))
+      out = client_update(um_problem, cfg.client, x_c, y_c, v_c, data.inner, data.outer, None,
+                          cmy, bkey, population_sampler(sample, cid))
       return finish(data, cid, out, cmx, cmy, active, idx, kept)  # the server scatter-adds
 
     return client
@@ -425,6 +437,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   if submodel == "dense":
     client_fns = (dense_client,)
   else:
+    um_layout = submodel_lib.units_major_layout(layout)
+    um_problem = submodel_lib.units_major_problem(problem, layout)
     client_fns = tuple(compact_client(st.counts) for st in strata)
 
   def server_fn(state: ServerState, results: Sequence[ClientResult]):

@@ -13,6 +13,13 @@ sides, and y's compact mask zeroes the rows x keeps but y does not, so the hidde
 and the numbers equal the dense masked computation (only the summation order differs).
 The loss functions must accept compact arrays (models.mlp_logits does); client data is not
 extracted, so groups that index data (hyper-cleaning's per-sample weights) need the dense path.
+
+Compact clients compute in units-major form (`to_units_major`: each leaf's unit axes moved to
+the front, so the MLP's hidden kernel [D, K] is held as [K, D]); `units_major_problem` hands the
+losses their arguments in the model's layout. A kept unit is then one contiguous row: extraction
+gathers rows, the weight gradients come out row by row (XLA emits dH^T X rather than X^T dH),
+and the server's scatter-add writes whole rows. With the unit axis last instead, XLA:CPU
+transposed every client's kernel delta and extracted kernel in memory (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import jax.numpy as jnp
 
 from bilevel import tree
 from bilevel.masks import Axes, UnitLayout, UnitMasks
+from bilevel.problems import BilevelProblem
 
 PyTree = Any
 # group -> [k] int32 kept unit indices (static k); a group left out keeps all its units.
@@ -114,6 +122,42 @@ def scatter_add_units(axes_tree: PyTree, masks_C: PyTree, idx_C: Indices, like: 
     return jnp.broadcast_to(out.reshape(small), full.shape)
 
   return jax.tree.map(leaf, axes_tree, masks_C, like)
+
+
+# ------------------------------------------------------------------ units-major form
+
+
+def _unit_axes(axes: Axes) -> list[int]:
+  return sorted(ax for _, ax in axes.pairs)
+
+
+def units_major_layout(layout: UnitLayout) -> UnitLayout:
+  """The layout of `to_units_major` trees: each leaf's unit axes first, in their axis order."""
+
+  def leaf(axes: Axes) -> Axes:
+    order = _unit_axes(axes)
+    return Axes(tuple((g, order.index(ax)) for g, ax in axes.pairs))
+
+  return UnitLayout(layout.groups, jax.tree.map(leaf, layout.x), jax.tree.map(leaf, layout.y))
+
+
+def to_units_major(axes_tree: PyTree, params: PyTree) -> PyTree:
+  """Move every leaf's unit axes to the front (the MLP's hidden kernel [D, K] becomes [K, D])."""
+  return jax.tree.map(lambda a, p: jnp.moveaxis(p, _unit_axes(a), list(range(len(a.pairs)))),
+                      axes_tree, params)
+
+
+def from_units_major(axes_tree: PyTree, params: PyTree) -> PyTree:
+  """Inverse of `to_units_major` (any widths: full or compact)."""
+  return jax.tree.map(lambda a, p: jnp.moveaxis(p, list(range(len(a.pairs))), _unit_axes(a)),
+                      axes_tree, params)
+
+
+def units_major_problem(problem: BilevelProblem, layout: UnitLayout) -> BilevelProblem:
+  """The same losses of units-major (x, y): they see their arguments in the model's layout."""
+  back = lambda x, y: (from_units_major(layout.x, x), from_units_major(layout.y, y))
+  return BilevelProblem(lambda x, y, b: problem.inner_loss(*back(x, y), b),
+                        lambda x, y, b: problem.outer_loss(*back(x, y), b))
 
 
 # ------------------------------------------------------------------ compact clients

@@ -90,7 +90,8 @@ class CompactTest(parameterized.TestCase):
     data, x0, y0 = _setup(np.float32)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     jaxpr = str(jax.make_jaxpr(rnd.step)(state, data))
-    self.assertIn(f"f32[{DIN},4]", jaxpr)  # the 0.25 clients' hidden kernel really is 12 x 4
+    # The 0.25 clients' hidden kernel really is 4 kept units x 12 inputs (held units-major).
+    self.assertIn(f"f32[4,{DIN}]", jaxpr)
 
   def test_stratified_sampling_keeps_level_counts(self):
     _, x0, _ = _setup(np.float32)

@@ -108,6 +108,30 @@ class SubmodelTest(absltest.TestCase):
                    submodel.scatter_add_units(axes, m, idx_C, like, w),
                    submodel.scatter_add(axes, m, idx_C, like, w))
 
+  def test_units_major_form_is_the_same_submodel(self):
+    # CNN: conv2's kernel [3, 3, 6, 8] has two unit axes (2, 3), neither leading.
+    layout = models.cnn_layout((6, 8))
+    um = submodel.units_major_layout(layout)
+    x, y = models.init_cnn(jax.random.key(6), (8, 8, 3), (6, 8), 5)
+    xu = submodel.to_units_major(layout.x, x)
+    self.assertEqual(xu["conv2"]["kernel"].shape, (6, 8, 3, 3))
+    self.assertEqual(um.x["conv2"]["kernel"].pairs, (("conv1", 0), ("conv2", 1)))
+    self.assertEqual(xu["conv1"]["kernel"].shape, (6, 3, 3, 3))
+    jax.tree.map(np.testing.assert_array_equal, submodel.from_units_major(layout.x, xu), x)
+    # Extracting units-major, then moving back, extracts the same entries.
+    idx = {"conv1": jnp.array([0, 2, 5]), "conv2": jnp.array([1, 4])}
+    jax.tree.map(np.testing.assert_array_equal,
+                 submodel.from_units_major(layout.x, submodel.extract(um.x, xu, idx)),
+                 submodel.extract(layout.x, x, idx))
+    # The losses of units-major arguments are the model's losses.
+    problem = models.hyper_representation_problem(model="cnn")
+    um_problem = submodel.units_major_problem(problem, layout)
+    batch = {"inputs": jax.random.normal(jax.random.key(7), (4, 8, 8, 3)),
+             "labels": jnp.array([0, 1, 2, 3]), "weight": jnp.ones(4)}
+    yu = submodel.to_units_major(layout.y, y)
+    self.assertEqual(um_problem.inner_loss(xu, yu, batch), problem.inner_loss(x, y, batch))
+    self.assertEqual(um_problem.outer_loss(xu, yu, batch), problem.outer_loss(x, y, batch))
+
 
 if __name__ == "__main__":
   absltest.main()
