@@ -6,8 +6,9 @@ cost per round (issue: performance). Prints tables and writes `--workdir`/benchm
 
 Model: the hyper-representation MLP (784-200-10) on synthetic client data of the MNIST shapes
 (timing does not depend on the pixel values); one RAFBO round = local_steps x (inner steps + the
-estimator) per client, minibatches of --bench_batch rows. Every time is the median of --reps
-repetitions after one warm-up call (compilation excluded); every comparison is a ratio of such
+estimator) per client, minibatches of --bench_batch rows. Every time is the median of at least
+--reps repetitions after one warm-up call (compilation excluded), and of as many as it takes to
+time the fastest compared function for --min_time_s; every comparison is a ratio of such
 medians measured side by side: the repetitions of the compared functions are interleaved
 (`median_times`), so a slow spell of the shared cores does not fall on one side only. Peak
 memory is XLA's plan for the compiled round (arguments + outputs + temporaries,
@@ -31,7 +32,11 @@ from absl import app, flags
 from experiments import common
 
 QUICK = common.QUICK  # defined once in common.py: fewer repetitions and client counts
-REPS = flags.DEFINE_integer("reps", None, "Timed repetitions per figure (default 7, quick 5).")
+REPS = flags.DEFINE_integer("reps", None, "Timed repetitions per figure (default 7, quick 5; "
+                            "more for fast functions, see --min_time_s).")
+MIN_TIME = flags.DEFINE_float("min_time_s", None, "Repeat each figure's functions until the "
+                              "fastest was timed this long in all (at most 100 repetitions; "
+                              "default 2, quick 1).")
 IN_DIM = flags.DEFINE_integer("bench_in_dim", 784, "Input width of the MLP.")
 HIDDEN = flags.DEFINE_integer("bench_hidden", 200, "Hidden units K of the MLP.")
 CLASSES = flags.DEFINE_integer("bench_classes", 10, "Classes of the head.")
@@ -54,25 +59,37 @@ DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the 
                                      "in this (forced multi-device) process and print JSON.")
 
 KEEP_RATIOS = (1.0, 0.5, 0.25)
+MAX_PASSES = 100
 PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
 
 
-def median_times(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+def _min_time() -> float:
+  return MIN_TIME.value if MIN_TIME.value is not None else (1.0 if QUICK.value else 2.0)
+
+
+def median_times(fns: dict[str, Callable[[], Any]], reps: int,
+                 min_time_s: float | None = None) -> dict[str, float]:
   """Median wall time of each fn() (results blocked on) after one warm-up call each.
 
-  The repetitions are interleaved: each of the reps passes calls every fn once, in turn, so
-  slow spells of the shared cores fall on all of them alike and their ratios compare like
-  with like.
+  The repetitions are interleaved: each pass calls every fn once, in turn, so slow spells of
+  the shared cores fall on all of them alike and their ratios compare like with like. There
+  are at least `reps` passes, and more for fast functions: enough for the fastest one to be
+  timed for min_time_s in all (--min_time_s; at most MAX_PASSES), since the median of a few
+  30 ms calls on shared cores moves by tens of percent between runs.
   """
   import jax
+  min_time_s = _min_time() if min_time_s is None else min_time_s
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}
-  for _ in range(reps):
+  passes = reps
+  while len(next(iter(times.values()))) < passes:
     for name, fn in fns.items():
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
+    fastest = min(t[0] for t in times.values())
+    passes = max(reps, min(MAX_PASSES, math.ceil(min_time_s / max(fastest, 1e-9))))
   return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -277,6 +294,7 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
           f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
           f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
           f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}",
+          f"--min_time_s={_min_time()}",
           f"--quick={QUICK.value}"]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
              JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -288,6 +306,7 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
 
 def main(argv):
   del argv
+  host_memory_reused = common.start_driver()
   reps = REPS.value or (5 if QUICK.value else 7)
   if DEVICES_CHILD.value:
     print(json.dumps(device_figures(reps)))
@@ -298,10 +317,13 @@ def main(argv):
   start = time.perf_counter()
   result: dict[str, Any] = dict(
       versions=common.versions(), device=common.device_info(), argv=list(sys.argv),
-      settings=dict(quick=QUICK.value, reps=reps, in_dim=IN_DIM.value, hidden=HIDDEN.value,
+      settings=dict(quick=QUICK.value, reps=reps, min_time_s=_min_time(), in_dim=IN_DIM.value,
+                    hidden=HIDDEN.value,
                     classes=CLASSES.value, batch=BATCH.value, clients=CLIENTS.value,
                     local_steps=_local_steps(), inner_steps=1, estimator="fd", dtype="float32",
-                    cpu_count=os.cpu_count()))
+                    cpu_count=os.cpu_count(),
+                    reuse_host_memory=host_memory_reused,
+                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")))
   sections = [("keep_ratio", keep_ratio_figures), ("compact_dense", compact_dense_figures),
               ("vmap_loop", vmap_loop_figures), ("estimators", estimator_figures),
               ("scaling", lambda r: scaling_figures(r, counts))]

@@ -325,6 +325,7 @@ def print_table(cfg: SweepConfig, means: dict, summary: dict) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  common.start_driver()
   if len(argv) > 1:
     common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   try:

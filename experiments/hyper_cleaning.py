@@ -408,6 +408,7 @@ def summarize(last: Mapping[str, Any], weighted: bool = True) -> dict[str, Any]:
 
 def main(argv):
   del argv
+  common.start_driver()
   task_defaults = apply_task_defaults()
   problems = check_task_flags()
   shape_free = layout(CLASSIFIER.value, 1, 1, max(MLP_HIDDEN.value, 1))  # for validation only

@@ -60,6 +60,7 @@ def client_arrays(ds: data_lib.Dataset) -> tuple[federated.FederatedData, dict]:
 
 def main(argv):
   del argv
+  common.start_driver()
   problems = common.check_shared_flags()
   if HIDDEN.value < 1:
     problems.append(f"--hidden={HIDDEN.value} must be >= 1.")

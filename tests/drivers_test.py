@@ -9,10 +9,12 @@ module compiles with jax_disable_most_optimizations (numbers are only checked fo
 """
 
 import contextlib
+import ctypes
 import io
 import json
 import math
 import os
+import resource
 import tempfile
 from unittest import mock
 
@@ -285,6 +287,31 @@ class HyperCleaningPiecesTest(parameterized.TestCase):
     self.assertEqual(kept[6].tolist(), [4, 5, 6])  # a full cycle over the client's 6 samples
     # Every sample of the client is kept in some round of a cycle.
     self.assertEqual(sorted(set(np.concatenate(kept[:6]).tolist())), list(range(4, 10)))
+
+
+class HostMemoryTest(absltest.TestCase):
+
+  def test_reuse_host_memory_keeps_freed_large_blocks_mapped(self):
+    # A 64 MiB block is over glibc's largest mmap threshold (32 MiB): by default every malloc
+    # of it maps fresh pages, and writing them faults 16384 times. After reuse_host_memory the
+    # block comes from the kept heap: writing it again faults (almost) never.
+    if not common.reuse_host_memory():
+      self.skipTest("not glibc")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 << 20
+
+    def write_fresh_block():
+      p = libc.malloc(size)
+      ctypes.memset(p, 1, size)
+      libc.free(p)
+
+    write_fresh_block()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    write_fresh_block()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    self.assertLess(faults, size // 4096 // 10)
 
 
 if __name__ == "__main__":
