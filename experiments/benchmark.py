@@ -53,12 +53,13 @@ EST_ROWS = flags.DEFINE_integer("estimator_rows", 1024, "Batch rows for the esti
 EST_STEPS = flags.DEFINE_integer("estimator_steps", 5, "num_steps of every estimator.")
 DEVICES = flags.DEFINE_integer("bench_devices", 4, "Forced host devices for the device figure "
                                "(0 skips it).")
+KEEP_RATIOS = flags.DEFINE_list("keep_ratios", ["1", "0.5", "0.25"], "Keep ratios of the "
+                                 "keep-ratio figure (one level r/r; the first is the reference).")
 SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "compact_dense", "vmap_loop", "estimators",
                                          "scaling", "devices"], "Which figures to measure.")
 DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the device figure "
                                      "in this (forced multi-device) process and print JSON.")
 
-KEEP_RATIOS = (1.0, 0.5, 0.25)
 MAX_PASSES = 100
 PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
 
@@ -170,14 +171,16 @@ def _params(k: int) -> int:
 
 
 def keep_ratio_figures(reps: int) -> dict[str, Any]:
-  runs = {r: compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1")["run"] for r in KEEP_RATIOS}
+  ratios = [float(r) for r in KEEP_RATIOS.value]
+  runs = {r: compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1")["run"] for r in ratios}
   times = median_times(runs, reps)
   # masks.keep_count: k = ceil(r K)
-  flops = {r: _params(math.ceil(r * HIDDEN.value)) / _params(HIDDEN.value) for r in KEEP_RATIOS}
+  flops = {r: _params(math.ceil(r * HIDDEN.value)) / _params(math.ceil(ratios[0] * HIDDEN.value))
+           for r in ratios}
   return dict(
       keep_ratio_round_time_s={str(r): t for r, t in times.items()},
-      keep_ratio_time_ratio={str(r): times[r] / times[1.0] for r in KEEP_RATIOS[1:]},
-      keep_ratio_flop_ratio={str(r): flops[r] for r in KEEP_RATIOS[1:]})
+      keep_ratio_time_ratio={str(r): times[r] / times[ratios[0]] for r in ratios[1:]},
+      keep_ratio_flop_ratio={str(r): flops[r] for r in ratios[1:]})
 
 
 def compact_dense_figures(reps: int) -> dict[str, Any]:
@@ -294,7 +297,7 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
           f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
           f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
           f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}",
-          f"--min_time_s={_min_time()}",
+          f"--min_time_s={_min_time()}", f"--reuse_host_memory={common.REUSE_HOST_MEMORY.value}",
           f"--quick={QUICK.value}"]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
              JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -329,6 +332,13 @@ def main(argv):
               ("scaling", lambda r: scaling_figures(r, counts))]
   if DEVICES.value > 0:
     sections.append(("devices", _device_subprocess))
+  try:
+    bad = [r for r in KEEP_RATIOS.value if not 0 < float(r) <= 1]
+  except ValueError:
+    bad = KEEP_RATIOS.value
+  if bad or len(KEEP_RATIOS.value) < 2:
+    common.fail(f"--keep_ratios={','.join(KEEP_RATIOS.value)} needs two or more numbers in "
+                "(0, 1]; the first is the reference the others are divided by.")
   unknown = set(SECTIONS.value) - {n for n, _ in sections} - {"devices"}
   if unknown:
     common.fail(f"--sections has unknown names {sorted(unknown)}; allowed: keep_ratio, "
