@@ -301,9 +301,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   client runs on extracted arrays of static width k = ceil(r K) per level, held units-major
   (submodel.py); the server scatter-adds the compact outputs of a level into full-size sums
   (`round_sums`), so no full-size array per client is ever built, and aggregates them as on
-  the dense path). Compact
-  needs fixed levels, no `available` units and no mask_fn, and loss functions that accept
-  compact arrays.
+  the dense path). Compact needs fixed levels, no `available` units and no mask_fn, and loss
+  functions that accept compact arrays.
 
   sampling: "uniform" (C clients without replacement from the population; dense default) or
   "stratified" (per resource level a fixed count, the largest-remainder split of C by level

@@ -83,14 +83,18 @@ def median_times(fns: dict[str, Callable[[], Any]], reps: int,
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}
-  passes = reps
-  while len(next(iter(times.values()))) < passes:
+
+  def one_pass():
     for name, fn in fns.items():
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
-    fastest = min(t[0] for t in times.values())
-    passes = max(reps, min(MAX_PASSES, math.ceil(min_time_s / max(fastest, 1e-9))))
+
+  one_pass()
+  fastest = min(t[0] for t in times.values())
+  passes = max(reps, min(MAX_PASSES, math.ceil(min_time_s / max(fastest, 1e-9))))
+  for _ in range(passes - 1):
+    one_pass()
   return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -82,8 +82,8 @@ RESUME = flags.DEFINE_boolean(
 
 REUSE_HOST_MEMORY = flags.DEFINE_boolean(
     "reuse_host_memory", True, "Keep freed host memory for the next round (glibc mallopt) "
-    "instead of page-faulting fresh memory in every round: ~1.5x faster rounds on the CPU "
-    "(BENCHMARKS.md); no effect on results.")
+    "instead of page-faulting fresh memory in every round: ~1.35x faster 100-client rounds "
+    "on the 2-core CPU (BENCHMARKS.md); no effect on results.")
 
 # Flags that may differ between a run and its resumption.
 _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "reuse_host_memory")
