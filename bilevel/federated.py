@@ -267,6 +267,18 @@ def client_mesh(num_devices: int | None = None, axis: str = "clients") -> Mesh:
                        devices=devices)
 
 
+def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
+  """tree placed whole on every device of mesh (unchanged without a mesh).
+
+  Place the population data and the server state this way once before running sharded rounds:
+  an argument that lives on one device is copied to every device of the mesh on every call
+  (with 2 CPU devices that halved the main job's rounds per second; BENCHMARKS.md).
+  """
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 def client_sharding(mesh: Mesh | None, axis: str) -> Callable[[PyTree], PyTree]:
   """Constrain the leading (client) axis of every leaf to the mesh axis (identity without mesh)."""
   if mesh is None:
@@ -311,7 +323,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
 
   mesh: optional jax.sharding.Mesh; the client axis of the sampled ids and of every client
   output is sharded over `mesh_axis` (GSPMD partitions the vmapped clients; the aggregation
-  becomes a cross-device sum). The same numbers as one device up to summation order.
+  becomes a cross-device sum). The same numbers as one device up to summation order. Place
+  the data and state with `replicate(tree, mesh)` first, or every call copies them.
   """
   validate_config(cfg, layout)
   check_choice("client_map", client_map, ("vmap", "loop"))

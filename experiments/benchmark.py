@@ -13,7 +13,8 @@ medians measured side by side: the repetitions of the compared functions are int
 (`median_times`), so a slow spell of the shared cores does not fall on one side only. Peak
 memory is XLA's plan for the compiled round (arguments + outputs + temporaries,
 `compiled.memory_analysis()`), not a process measurement.
-The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
+The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4,
+and the sharded keep-ratio figure in one with a forced host device per core (--sharded_devices).
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ DEVICES = flags.DEFINE_integer("bench_devices", 4, "Forced host devices for the 
                                "(0 skips it).")
 KEEP_RATIOS = flags.DEFINE_list("keep_ratios", ["1", "0.5", "0.25"], "Keep ratios of the "
                                  "keep-ratio figure (one level r/r; the first is the reference).")
-SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "compact_dense", "vmap_loop", "estimators",
-                                         "scaling", "devices"], "Which figures to measure.")
-DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the device figure "
-                                     "in this (forced multi-device) process and print JSON.")
+SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "keep_ratio_sharded", "compact_dense",
+                                         "vmap_loop", "estimators", "scaling", "devices"],
+                             "Which figures to measure.")
+CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+SHARDED_DEVICES = flags.DEFINE_integer(
+    "sharded_devices", CPU_CORES, "Forced host devices for the sharded keep-ratio figure (one "
+    "per core by default: the clients of a round split over the cores; 1 skips it).")
+CHILD = flags.DEFINE_enum("child", "", ["", "devices", "keep_ratio"], "Internal: run this "
+                          "figure in this (forced multi-device) process and print JSON.")
 
 MAX_PASSES = 100
 PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
@@ -138,7 +144,8 @@ def _round(clients: int, levels: str, submodel: str = "compact", mesh=None,
                              models.mlp_layout(HIDDEN.value), x0,
                              sample=minibatch_sampler(BATCH.value), submodel=submodel,
                              sampling="stratified", mesh=mesh, **kw)
-  return rnd, federated.init_state(x0, y0, optax.sgd(1.0)), data
+  state = federated.init_state(x0, y0, optax.sgd(1.0))
+  return (rnd,) + federated.replicate((state, data), mesh)
 
 
 _COMPILED: dict[tuple[int, str, str, int], dict[str, Any]] = {}
@@ -185,6 +192,25 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
       keep_ratio_round_time_s={str(r): t for r, t in times.items()},
       keep_ratio_time_ratio={str(r): times[r] / times[ratios[0]] for r in ratios[1:]},
       keep_ratio_flop_ratio={str(r): flops[r] for r in ratios[1:]})
+
+
+def keep_ratio_sharded_figures(reps: int) -> dict[str, Any]:
+  """Run in a process with forced host devices: the keep-ratio figure with each round's clients
+  sharded over all of them (one per core: XLA:CPU runs a narrow pruned client's GEMMs on one
+  thread, so on one device the other core idles)."""
+  import jax
+  from bilevel import federated
+  ratios = [float(r) for r in KEEP_RATIOS.value]
+  runs = {}
+  for r in ratios:
+    rnd, state, data = _round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=federated.client_mesh())
+    compiled = rnd.step.lower(state, data).compile()
+    runs[r] = lambda compiled=compiled, state=state, data=data: compiled(state, data)
+  times = median_times(runs, reps)
+  return dict(keep_ratio_sharded=dict(devices=len(jax.devices()),
+                                      round_time_s={str(r): t for r, t in times.items()}),
+              keep_ratio_time_ratio_sharded={str(r): times[r] / times[ratios[0]]
+                                             for r in ratios[1:]})
 
 
 def compact_dense_figures(reps: int) -> dict[str, Any]:
@@ -296,18 +322,21 @@ def device_figures(reps: int) -> dict[str, Any]:
                        "device_kind": jax.devices()[0].device_kind})
 
 
-def _device_subprocess(reps: int) -> dict[str, Any]:
-  argv = [sys.executable, "-m", "experiments.benchmark", "--devices_child", f"--reps={reps}",
+def _child_process(child: str, devices: int) -> dict[str, Any]:
+  """The figure `child` from a subprocess with `devices` forced host devices (its JSON)."""
+  argv = [sys.executable, "-m", "experiments.benchmark", f"--child={child}",
+          f"--reps={REPS.value or (5 if QUICK.value else 7)}",
           f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
           f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
           f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}",
+          f"--keep_ratios={','.join(KEEP_RATIOS.value)}",
           f"--min_time_s={_min_time()}", f"--reuse_host_memory={common.REUSE_HOST_MEMORY.value}",
           f"--quick={QUICK.value}"]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
   if proc.returncode != 0:
-    return dict(devices={"error": proc.stderr[-2000:]})
+    return {child: {"error": proc.stderr[-2000:]}}
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -315,8 +344,9 @@ def main(argv):
   del argv
   host_memory_reused = common.start_driver()
   reps = REPS.value or (5 if QUICK.value else 7)
-  if DEVICES_CHILD.value:
-    print(json.dumps(device_figures(reps)))
+  if CHILD.value:
+    figures = {"devices": device_figures, "keep_ratio": keep_ratio_sharded_figures}[CHILD.value]
+    print(json.dumps(figures(reps)))
     return
   workdir = common.require_workdir()
   counts = [int(s) for s in (SCALING.value or (["100"] if QUICK.value
@@ -331,11 +361,15 @@ def main(argv):
                     cpu_count=os.cpu_count(),
                     reuse_host_memory=host_memory_reused,
                     glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")))
-  sections = [("keep_ratio", keep_ratio_figures), ("compact_dense", compact_dense_figures),
+  sections = [("keep_ratio", keep_ratio_figures)]
+  if SHARDED_DEVICES.value > 1:
+    sections.append(("keep_ratio_sharded",
+                     lambda r: _child_process("keep_ratio", SHARDED_DEVICES.value)))
+  sections += [("compact_dense", compact_dense_figures),
               ("vmap_loop", vmap_loop_figures), ("estimators", estimator_figures),
               ("scaling", lambda r: scaling_figures(r, counts))]
   if DEVICES.value > 0:
-    sections.append(("devices", _device_subprocess))
+    sections.append(("devices", lambda r: _child_process("devices", DEVICES.value)))
   try:
     bad = [r for r in KEEP_RATIOS.value if not 0 < float(r) <= 1]
   except ValueError:
@@ -343,10 +377,10 @@ def main(argv):
   if bad or len(KEEP_RATIOS.value) < 2:
     common.fail(f"--keep_ratios={','.join(KEEP_RATIOS.value)} needs two or more numbers in "
                 "(0, 1]; the first is the reference the others are divided by.")
-  unknown = set(SECTIONS.value) - {n for n, _ in sections} - {"devices"}
+  unknown = set(SECTIONS.value) - {n for n, _ in sections} - {"devices", "keep_ratio_sharded"}
   if unknown:
     common.fail(f"--sections has unknown names {sorted(unknown)}; allowed: keep_ratio, "
-                "compact_dense, vmap_loop, estimators, scaling, devices.")
+                "keep_ratio_sharded, compact_dense, vmap_loop, estimators, scaling, devices.")
   for name, fn in sections:
     if name not in SECTIONS.value:
       continue

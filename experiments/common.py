@@ -73,6 +73,11 @@ LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many
 DEVICES = flags.DEFINE_integer(
     "devices", 1, "Shard each round's clients over this many devices (jax.sharding; 1 = no "
     "sharding, 0 = every device jax.devices() lists). Same numbers up to summation order.")
+CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 1, "Split the host CPU into this many JAX devices (jax_num_cpu_devices, set "
+    "when the driver starts) so that --devices can shard a round's clients over the cores, "
+    "e.g. --cpu_devices=2 --devices=0 on 2 cores (BENCHMARKS.md: 100-client rounds of pruned "
+    "clients run faster; small rounds do not). 1 = JAX's single CPU device.")
 CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 50, "Write the full run state to WORKDIR/checkpoint.npz every this many "
     "rounds (and after the last); 0 = never.")
@@ -86,7 +91,8 @@ REUSE_HOST_MEMORY = flags.DEFINE_boolean(
     "on the 2-core CPU (BENCHMARKS.md); no effect on results.")
 
 # Flags that may differ between a run and its resumption.
-_RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "reuse_host_memory")
+_RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
+                      "reuse_host_memory")
 
 
 def reuse_host_memory() -> bool:
@@ -112,7 +118,15 @@ def reuse_host_memory() -> bool:
 
 def start_driver() -> bool:
   """What every driver does first, before JAX allocates: --reuse_host_memory (returns whether
-  it applied)."""
+  it applied) and --cpu_devices."""
+  if CPU_DEVICES.value != 1:
+    if CPU_DEVICES.value < 1:
+      fail(f"--cpu_devices={CPU_DEVICES.value} must be >= 1.")
+    import jax
+    try:
+      jax.config.update("jax_num_cpu_devices", CPU_DEVICES.value)
+    except RuntimeError as e:  # JAX already started in this process
+      fail(f"--cpu_devices={CPU_DEVICES.value} must be set before JAX starts: {e}")
   return REUSE_HOST_MEMORY.value and reuse_host_memory()
 
 
@@ -321,6 +335,7 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
       fail(str(e))
     earlier = read_metrics(metrics_path, meta["round"])
     totals, wall_offset = meta["totals"], meta["wall_time_s"]
+  data, state = federated.replicate((data, state), client_mesh())  # once, not every round
   writer = JsonlWriter(metrics_path)
   elapsed = [wall_offset]
 

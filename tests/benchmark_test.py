@@ -19,14 +19,17 @@ class BenchmarkTest(absltest.TestCase):
     argv = [sys.executable, "-m", "experiments.benchmark", f"--workdir={workdir}", "--reps=1",
             "--bench_in_dim=8", "--bench_hidden=8", "--bench_batch=4", "--bench_clients=4",
             "--loop_clients=2,3", "--scaling_clients=2", "--estimator_rows=4",
-            "--estimator_steps=1", "--bench_devices=0",
-            "--sections=keep_ratio,vmap_loop,estimators,scaling"]
+            "--estimator_steps=1", "--bench_devices=0", "--sharded_devices=2",
+            "--sections=keep_ratio,keep_ratio_sharded,vmap_loop,estimators,scaling"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     with open(os.path.join(workdir, "benchmark.json")) as f:
       result = json.load(f)
     self.assertEqual(set(result["keep_ratio_time_ratio"]), {"0.5", "0.25"})
+    # The sharded figure ran in its child process on 2 forced host devices.
+    self.assertEqual(set(result["keep_ratio_time_ratio_sharded"]), {"0.5", "0.25"})
+    self.assertEqual(result["keep_ratio_sharded"]["devices"], 2)
     self.assertEqual(set(result["vmap_over_loop_time_ratio"]), {"2", "3"})
     self.assertEqual(set(result["estimator_cost_grad_evals"]), {"fd", "exact", "neumann", "cg"})
     self.assertEqual(result["clients_scaling"][0]["clients_per_round"], 2)

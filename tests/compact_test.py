@@ -153,6 +153,11 @@ class CompactTest(parameterized.TestCase):
           one = ct._run(ct._cfg(), np.float64, submodel="compact")
           four = ct._run(ct._cfg(), np.float64, submodel="compact", mesh=mesh)
           ct._assert_same(ct.absltest.TestCase(), one[:2], four[:2], rtol=1e-12, leaf_scale=True)
+        # replicate: a whole copy on each of the 4 devices (placed once, not on every call).
+        rep = federated.replicate(one[0], mesh)
+        for leaf in jax.tree.leaves(rep):
+          assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
+        assert federated.replicate(one[0], None) is one[0]
         print("SHARDED_OK", four[0].x["hidden"]["kernel"].sharding)
         """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
@@ -39,6 +41,7 @@ TINY = dict(dataset="digits", num_clients=4, clients_per_round=2, local_steps=1,
             log_every=1)
 REQUIRED_SUMMARY = ("test_accuracy", "rounds", "wall_time_s", "cumulative_client_flops",
                     "min_coverage_x", "min_coverage_y")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "presets")
 
 _saved_optimizations = None
@@ -287,6 +290,31 @@ class HyperCleaningPiecesTest(parameterized.TestCase):
     self.assertEqual(kept[6].tolist(), [4, 5, 6])  # a full cycle over the client's 6 samples
     # Every sample of the client is kept in some round of a cycle.
     self.assertEqual(sorted(set(np.concatenate(kept[:6]).tolist())), list(range(4, 10)))
+
+
+class CpuDevicesTest(absltest.TestCase):
+
+  def test_cpu_devices_shard_the_rounds_over_the_cores(self):
+    # A fresh process (the device count is fixed when JAX starts): --cpu_devices=2 splits the
+    # CPU into 2 JAX devices and --devices=0 shards every round's clients over both.
+    with tempfile.TemporaryDirectory() as workdir:
+      argv = [sys.executable, "-m", "experiments.hyper_representation", f"--workdir={workdir}",
+              "--cpu_devices=2", "--devices=0", "--rounds=2", "--hidden=16", "--checkpoint_every=0",
+              *(f"--{k}={v}" for k, v in TINY.items())]
+      env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+      env.pop("XLA_FLAGS", None)
+      proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      self.assertEqual(_read(os.path.join(workdir, "config.json"))["device"]["count"], 2)
+      self.assertBetween(_read(os.path.join(workdir, "summary.json"))["test_accuracy"], 0.0, 1.0)
+
+  def test_cpu_devices_below_one_is_an_error(self):
+    with tempfile.TemporaryDirectory() as root, self.assertRaises(SystemExit) as cm, \
+        contextlib.redirect_stderr(io.StringIO()) as stderr:
+      _run(hyper_representation, **{**TINY, "workdir": os.path.join(root, "run"), "rounds": 1,
+                                    "cpu_devices": 0})
+    self.assertNotEqual(cm.exception.code, 0)
+    self.assertIn("--cpu_devices=0", stderr.getvalue())
 
 
 class HostMemoryTest(absltest.TestCase):
