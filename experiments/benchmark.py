@@ -197,10 +197,12 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
 def keep_ratio_sharded_figures(reps: int) -> dict[str, Any]:
   """Run in a process with forced host devices: the keep-ratio figure with each round's clients
   sharded over all of them (one per core: XLA:CPU runs a narrow pruned client's GEMMs on one
-  thread, so on one device the other core idles)."""
+  thread, so on one device the other core idles). --quick: the first and last keep ratio only
+  (every round compiles anew here, partitioned; that keeps --quick under 3 minutes)."""
   import jax
   from bilevel import federated
   ratios = [float(r) for r in KEEP_RATIOS.value]
+  ratios = [ratios[0], ratios[-1]] if QUICK.value else ratios
   runs = {}
   for r in ratios:
     rnd, state, data = _round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=federated.client_mesh())
