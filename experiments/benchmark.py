@@ -148,20 +148,21 @@ def _round(clients: int, levels: str, submodel: str = "compact", mesh=None,
   return (rnd,) + federated.replicate((state, data), mesh)
 
 
-_COMPILED: dict[tuple[int, str, str, int], dict[str, Any]] = {}
+_COMPILED: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 def compiled_round(clients: int, levels: str, submodel: str = "compact",
-                   per_round: int | None = None) -> dict[str, Any]:
-  """{"run": () -> one round, "peak_bytes", "temp_bytes"} of one compiled round.
+                   per_round: int | None = None, mesh=None) -> dict[str, Any]:
+  """{"run": () -> one round, "peak_bytes", "temp_bytes"} of one compiled round (its clients
+  sharded over `mesh` if given).
 
   Each configuration is compiled once per run (compilation dominates --quick); figures that
   share one share the executable and time it side by side with their own others. Peak = XLA's
   plan for the compiled round: arguments + outputs + temporaries - aliased buffers.
   """
-  key = (clients, levels, submodel, per_round or clients)
+  key = (clients, levels, submodel, per_round or clients, mesh)
   if key not in _COMPILED:
-    rnd, state, data = _round(clients, levels, submodel, per_round=per_round)
+    rnd, state, data = _round(clients, levels, submodel, mesh=mesh, per_round=per_round)
     compiled = rnd.step.lower(state, data).compile()
     mem = compiled.memory_analysis()
     peak = temp = None
@@ -203,11 +204,8 @@ def keep_ratio_sharded_figures(reps: int) -> dict[str, Any]:
   from bilevel import federated
   ratios = [float(r) for r in KEEP_RATIOS.value]
   ratios = [ratios[0], ratios[-1]] if QUICK.value else ratios
-  runs = {}
-  for r in ratios:
-    rnd, state, data = _round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=federated.client_mesh())
-    compiled = rnd.step.lower(state, data).compile()
-    runs[r] = lambda compiled=compiled, state=state, data=data: compiled(state, data)
+  mesh = federated.client_mesh()
+  runs = {r: compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=mesh)["run"] for r in ratios}
   times = median_times(runs, reps)
   return dict(keep_ratio_sharded=dict(devices=len(jax.devices()),
                                       round_time_s={str(r): t for r, t in times.items()}),
@@ -324,10 +322,9 @@ def device_figures(reps: int) -> dict[str, Any]:
                        "device_kind": jax.devices()[0].device_kind})
 
 
-def _child_process(child: str, devices: int) -> dict[str, Any]:
+def _child_process(child: str, devices: int, reps: int) -> dict[str, Any]:
   """The figure `child` from a subprocess with `devices` forced host devices (its JSON)."""
-  argv = [sys.executable, "-m", "experiments.benchmark", f"--child={child}",
-          f"--reps={REPS.value or (5 if QUICK.value else 7)}",
+  argv = [sys.executable, "-m", "experiments.benchmark", f"--child={child}", f"--reps={reps}",
           f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
           f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
           f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}",
@@ -366,12 +363,12 @@ def main(argv):
   sections = [("keep_ratio", keep_ratio_figures)]
   if SHARDED_DEVICES.value > 1:
     sections.append(("keep_ratio_sharded",
-                     lambda r: _child_process("keep_ratio", SHARDED_DEVICES.value)))
+                     lambda r: _child_process("keep_ratio", SHARDED_DEVICES.value, r)))
   sections += [("compact_dense", compact_dense_figures),
               ("vmap_loop", vmap_loop_figures), ("estimators", estimator_figures),
               ("scaling", lambda r: scaling_figures(r, counts))]
   if DEVICES.value > 0:
-    sections.append(("devices", lambda r: _child_process("devices", DEVICES.value)))
+    sections.append(("devices", lambda r: _child_process("devices", DEVICES.value, r)))
   try:
     bad = [r for r in KEEP_RATIOS.value if not 0 < float(r) <= 1]
   except ValueError:
