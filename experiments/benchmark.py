@@ -13,8 +13,10 @@ medians measured side by side: the repetitions of the compared functions are int
 (`median_times`), so a slow spell of the shared cores does not fall on one side only. Peak
 memory is XLA's plan for the compiled round (arguments + outputs + temporaries,
 `compiled.memory_analysis()`), not a process measurement.
-The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4,
-and the sharded keep-ratio figure in one with a forced host device per core (--sharded_devices).
+The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
+The benchmark itself splits a CPU into one JAX device per core (--cpu_devices): the
+keep-ratio figure shards its rounds over them and times the same rounds on one device next to
+them; every other figure runs on one device.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ CLIENTS = flags.DEFINE_integer("bench_clients", 100, "Clients per round for the 
                                "compact/dense and device figures.")
 LOOP_CLIENTS = flags.DEFINE_list("loop_clients", ["10", "100"], "Client counts for vmap vs loop.")
 SCALING = flags.DEFINE_list("scaling_clients", None, "Clients per round for the scaling table "
-                            "(default 10,100,1000; quick 100: the round the compact/dense "
-                            "figure already compiled, so --quick stays under 3 minutes).")
+                            "(default 10,100,1000 on the three-level profile; quick 100 on "
+                            "the keep-ratio figure's last one-level round, already compiled, "
+                            "so --quick stays under 3 minutes).")
 LOCAL_STEPS = flags.DEFINE_integer("bench_local_steps", 2, "Local steps K per round (RAFBO; "
                                    "1 = a RABO round).")
 EST_ROWS = flags.DEFINE_integer("estimator_rows", 1024, "Batch rows for the estimator costs.")
@@ -56,15 +59,15 @@ DEVICES = flags.DEFINE_integer("bench_devices", 4, "Forced host devices for the 
                                "(0 skips it).")
 KEEP_RATIOS = flags.DEFINE_list("keep_ratios", ["1", "0.5", "0.25"], "Keep ratios of the "
                                  "keep-ratio figure (one level r/r; the first is the reference).")
-SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "keep_ratio_sharded", "compact_dense",
+SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "compact_dense",
                                          "vmap_loop", "estimators", "scaling", "devices"],
                              "Which figures to measure.")
 CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-SHARDED_DEVICES = flags.DEFINE_integer(
-    "sharded_devices", CPU_CORES, "Forced host devices for the sharded keep-ratio figure (one "
-    "per core by default: the clients of a round split over the cores; 1 skips it).")
-CHILD = flags.DEFINE_enum("child", "", ["", "devices", "keep_ratio"], "Internal: run this "
-                          "figure in this (forced multi-device) process and print JSON.")
+# The benchmark splits a CPU into one JAX device per core (--cpu_devices, common.py): the
+# keep-ratio figure shards its rounds' clients over every device; all other figures use one.
+flags.FLAGS.set_default("cpu_devices", CPU_CORES)
+CHILD = flags.DEFINE_enum("child", "", ["", "devices"], "Internal: run this figure in this "
+                          "(forced multi-device) process and print JSON.")
 
 MAX_PASSES = 100
 PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
@@ -182,41 +185,58 @@ def _params(k: int) -> int:
   return IN_DIM.value * k + k + k * CLASSES.value + CLASSES.value
 
 
+def _last_ratio() -> str:
+  return f"{float(KEEP_RATIOS.value[-1]):g}"
+
+
+def _one_level() -> str:
+  """The keep-ratio figure's smallest-r round (one level, compiled there on one device), which
+  --quick reuses for compact/dense and scaling instead of compiling the profile (~20 s)."""
+  return f"{_last_ratio()}/{_last_ratio()}:1"
+
+
 def keep_ratio_figures(reps: int) -> dict[str, Any]:
+  """Round time against keep ratio r (one level r/r), on the devices of this process.
+
+  The headline (`keep_ratio_time_ratio`) runs each round with its clients sharded over every
+  device: on a CPU one per core (--cpu_devices, default here: the core count), because XLA:CPU
+  runs a pruned client's narrow GEMMs on one thread, so on a single device the other cores
+  idle at small r. Next to it, in the same interleaved passes, the same rounds on one device
+  (no mesh: the drivers' default; --quick: the first and last keep ratio only, which keeps
+  --quick under 3 minutes).
+  """
+  import jax
+  from bilevel import federated
   ratios = [float(r) for r in KEEP_RATIOS.value]
-  runs = {r: compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1")["run"] for r in ratios}
+  n = len(jax.devices())
+  mesh = federated.client_mesh() if n > 1 else None
+  one = ([ratios[0], ratios[-1]] if QUICK.value else ratios) if mesh is not None else []
+  runs = {f"{n}:{r}": compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=mesh)["run"]
+          for r in ratios}
+  runs.update({f"1:{r}": compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1")["run"] for r in one})
   times = median_times(runs, reps)
   # masks.keep_count: k = ceil(r K)
   flops = {r: _params(math.ceil(r * HIDDEN.value)) / _params(math.ceil(ratios[0] * HIDDEN.value))
            for r in ratios}
+
+  def figure(devices: int, rs: list[float]) -> dict[str, Any]:
+    t = {r: times[f"{devices}:{r}"] for r in rs}
+    return dict(round_time_s={str(r): v for r, v in t.items()},
+                time_ratio={str(r): t[r] / t[rs[0]] for r in rs[1:]})
+
+  headline = figure(n, ratios)
   return dict(
-      keep_ratio_round_time_s={str(r): t for r, t in times.items()},
-      keep_ratio_time_ratio={str(r): times[r] / times[ratios[0]] for r in ratios[1:]},
-      keep_ratio_flop_ratio={str(r): flops[r] for r in ratios[1:]})
-
-
-def keep_ratio_sharded_figures(reps: int) -> dict[str, Any]:
-  """Run in a process with forced host devices: the keep-ratio figure with each round's clients
-  sharded over all of them (one per core: XLA:CPU runs a narrow pruned client's GEMMs on one
-  thread, so on one device the other core idles). --quick: the first and last keep ratio only
-  (every round compiles anew here, partitioned; that keeps --quick under 3 minutes)."""
-  import jax
-  from bilevel import federated
-  ratios = [float(r) for r in KEEP_RATIOS.value]
-  ratios = [ratios[0], ratios[-1]] if QUICK.value else ratios
-  mesh = federated.client_mesh()
-  runs = {r: compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=mesh)["run"] for r in ratios}
-  times = median_times(runs, reps)
-  return dict(keep_ratio_sharded=dict(devices=len(jax.devices()),
-                                      round_time_s={str(r): t for r, t in times.items()}),
-              keep_ratio_time_ratio_sharded={str(r): times[r] / times[ratios[0]]
-                                             for r in ratios[1:]})
+      keep_ratio_devices=n,
+      keep_ratio_round_time_s=headline["round_time_s"],
+      keep_ratio_time_ratio=headline["time_ratio"],
+      keep_ratio_flop_ratio={str(r): flops[r] for r in ratios[1:]},
+      keep_ratio_one_device=figure(1, one) if one else headline)
 
 
 def compact_dense_figures(reps: int) -> dict[str, Any]:
   out = {}
-  # --quick: the profile only (the one-level case is the keep-ratio figure's extreme).
-  cases = (("profile", PROFILE),) + (() if QUICK.value else (("0.25", "0.25/0.25:1"),))
+  # --quick: the one-level case only, a round the keep-ratio figure already compiled.
+  cases = (() if QUICK.value else (("profile", PROFILE),)) + ((_last_ratio(), _one_level()),)
   for name, levels in cases:
     t = median_times({sub: compiled_round(CLIENTS.value, levels, sub)["run"]
                       for sub in ("compact", "dense")}, reps)
@@ -289,11 +309,14 @@ def estimator_figures(reps: int) -> dict[str, Any]:
 
 
 def scaling_figures(reps: int, counts: list[int]) -> dict[str, Any]:
+  """Rounds per second and XLA's peak plan per clients per round: the three-level profile
+  (--quick: the keep-ratio figure's last one-level round, already compiled)."""
+  levels = _one_level() if QUICK.value else PROFILE
   rows = []
   for c in counts:
-    m = compiled_round(c, PROFILE)
+    m = compiled_round(c, levels)
     t, peak = median_time(m["run"], max(2, reps if c < 1000 else 2)), m["peak_bytes"]
-    rows.append(dict(clients_per_round=c, round_time_s=t, rounds_per_s=1 / t,
+    rows.append(dict(clients_per_round=c, levels=levels, round_time_s=t, rounds_per_s=1 / t,
                      peak_bytes=peak, temp_bytes=m["temp_bytes"],
                      peak_bytes_per_client=None if peak is None else peak / c))
   return dict(clients_scaling=rows)
@@ -325,6 +348,7 @@ def device_figures(reps: int) -> dict[str, Any]:
 def _child_process(child: str, devices: int, reps: int) -> dict[str, Any]:
   """The figure `child` from a subprocess with `devices` forced host devices (its JSON)."""
   argv = [sys.executable, "-m", "experiments.benchmark", f"--child={child}", f"--reps={reps}",
+          "--cpu_devices=1",  # the forced device count comes from XLA_FLAGS
           f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
           f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
           f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}",
@@ -344,8 +368,7 @@ def main(argv):
   host_memory_reused = common.start_driver()
   reps = REPS.value or (5 if QUICK.value else 7)
   if CHILD.value:
-    figures = {"devices": device_figures, "keep_ratio": keep_ratio_sharded_figures}[CHILD.value]
-    print(json.dumps(figures(reps)))
+    print(json.dumps(device_figures(reps)))  # the only child figure
     return
   workdir = common.require_workdir()
   counts = [int(s) for s in (SCALING.value or (["100"] if QUICK.value
@@ -357,14 +380,10 @@ def main(argv):
                     hidden=HIDDEN.value,
                     classes=CLASSES.value, batch=BATCH.value, clients=CLIENTS.value,
                     local_steps=_local_steps(), inner_steps=1, estimator="fd", dtype="float32",
-                    cpu_count=os.cpu_count(),
+                    cpu_count=os.cpu_count(), cpu_devices=common.CPU_DEVICES.value,
                     reuse_host_memory=host_memory_reused,
                     glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")))
-  sections = [("keep_ratio", keep_ratio_figures)]
-  if SHARDED_DEVICES.value > 1:
-    sections.append(("keep_ratio_sharded",
-                     lambda r: _child_process("keep_ratio", SHARDED_DEVICES.value, r)))
-  sections += [("compact_dense", compact_dense_figures),
+  sections = [("keep_ratio", keep_ratio_figures), ("compact_dense", compact_dense_figures),
               ("vmap_loop", vmap_loop_figures), ("estimators", estimator_figures),
               ("scaling", lambda r: scaling_figures(r, counts))]
   if DEVICES.value > 0:
@@ -376,10 +395,10 @@ def main(argv):
   if bad or len(KEEP_RATIOS.value) < 2:
     common.fail(f"--keep_ratios={','.join(KEEP_RATIOS.value)} needs two or more numbers in "
                 "(0, 1]; the first is the reference the others are divided by.")
-  unknown = set(SECTIONS.value) - {n for n, _ in sections} - {"devices", "keep_ratio_sharded"}
+  unknown = set(SECTIONS.value) - {n for n, _ in sections} - {"devices"}
   if unknown:
     common.fail(f"--sections has unknown names {sorted(unknown)}; allowed: keep_ratio, "
-                "keep_ratio_sharded, compact_dense, vmap_loop, estimators, scaling, devices.")
+                "compact_dense, vmap_loop, estimators, scaling, devices.")
   for name, fn in sections:
     if name not in SECTIONS.value:
       continue
