@@ -66,8 +66,8 @@ CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") els
 # The benchmark splits a CPU into one JAX device per core (--cpu_devices, common.py): the
 # keep-ratio figure shards its rounds' clients over every device; all other figures use one.
 flags.FLAGS.set_default("cpu_devices", CPU_CORES)
-CHILD = flags.DEFINE_enum("child", "", ["", "devices"], "Internal: run this figure in this "
-                          "(forced multi-device) process and print JSON.")
+DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the device figure "
+                                     "in this (forced multi-device) process and print JSON.")
 
 MAX_PASSES = 100
 PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
@@ -329,11 +329,9 @@ def device_figures(reps: int) -> dict[str, Any]:
   from bilevel import federated
   n = len(jax.devices())
   levels = "1/1:1" if QUICK.value else PROFILE  # --quick: one level, one client group to compile
-  runs, states = {}, {}
-  for name, mesh in (("1", None), (str(n), federated.client_mesh())):
-    rnd, state, data = _round(CLIENTS.value, levels, mesh=mesh)
-    runs[name] = lambda rnd=rnd, state=state, data=data: rnd.step(state, data)
-    states[name] = runs[name]()[0]
+  runs = {name: compiled_round(CLIENTS.value, levels, mesh=mesh)["run"]
+          for name, mesh in (("1", None), (str(n), federated.client_mesh()))}
+  states = {name: run()[0] for name, run in runs.items()}
   times = median_times(runs, reps)
   a, b = states["1"], states[str(n)]
   # max |a - b| / max |b| per leaf (float32; fd divides rounding by its probe length)
@@ -345,21 +343,20 @@ def device_figures(reps: int) -> dict[str, Any]:
                        "device_kind": jax.devices()[0].device_kind})
 
 
-def _child_process(child: str, devices: int, reps: int) -> dict[str, Any]:
-  """The figure `child` from a subprocess with `devices` forced host devices (its JSON)."""
-  argv = [sys.executable, "-m", "experiments.benchmark", f"--child={child}", f"--reps={reps}",
+def _device_subprocess(reps: int) -> dict[str, Any]:
+  """The device figure from a subprocess with --bench_devices forced host devices (its JSON)."""
+  argv = [sys.executable, "-m", "experiments.benchmark", "--devices_child", f"--reps={reps}",
           "--cpu_devices=1",  # the forced device count comes from XLA_FLAGS
           f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
           f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
           f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}",
-          f"--keep_ratios={','.join(KEEP_RATIOS.value)}",
           f"--min_time_s={_min_time()}", f"--reuse_host_memory={common.REUSE_HOST_MEMORY.value}",
           f"--quick={QUICK.value}"]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
              JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
   if proc.returncode != 0:
-    return {child: {"error": proc.stderr[-2000:]}}
+    return dict(devices={"error": proc.stderr[-2000:]})
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -367,8 +364,8 @@ def main(argv):
   del argv
   host_memory_reused = common.start_driver()
   reps = REPS.value or (5 if QUICK.value else 7)
-  if CHILD.value:
-    print(json.dumps(device_figures(reps)))  # the only child figure
+  if DEVICES_CHILD.value:
+    print(json.dumps(device_figures(reps)))
     return
   workdir = common.require_workdir()
   counts = [int(s) for s in (SCALING.value or (["100"] if QUICK.value
@@ -387,7 +384,7 @@ def main(argv):
               ("vmap_loop", vmap_loop_figures), ("estimators", estimator_figures),
               ("scaling", lambda r: scaling_figures(r, counts))]
   if DEVICES.value > 0:
-    sections.append(("devices", lambda r: _child_process("devices", DEVICES.value, r)))
+    sections.append(("devices", _device_subprocess))
   try:
     bad = [r for r in KEEP_RATIOS.value if not 0 < float(r) <= 1]
   except ValueError:
