@@ -152,7 +152,7 @@ def validate(cfg: SweepConfig) -> None:
 
 # Shared flags this driver reads; the other shared flags describe one federated run and are
 # fixed here (see the module docstring), so giving one is an error rather than silently ignored.
-_SHARED_FLAGS_USED = ("workdir", "seed", "resume")
+_SHARED_FLAGS_USED = ("workdir", "seed", "resume", "quick")
 
 
 def config_from_flags() -> SweepConfig:
