@@ -441,6 +441,19 @@ def load_dataset(
   )
 
 
+def holdout_split(ds: Dataset, fraction: float, seed: int) -> Dataset:
+  """The dataset with a seeded, class-stratified `fraction` of its TRAIN rows as the test set.
+
+  For tuning: step sizes are selected on rows carved from the training data, so the real test
+  set is never read (it is dropped here). The remaining train rows feed the clients.
+  """
+  check_range("holdout fraction", fraction, 0.0, 1.0, low_open=True, high_open=True)
+  train, held = _stratified_split(np.asarray(ds.y_train, np.int64), fraction, seed)
+  return ds._replace(x_train=ds.x_train[train], y_train=ds.y_train[train],
+                     x_test=ds.x_train[held], y_test=ds.y_train[held],
+                     name=f"{ds.name} (holdout {fraction:g} of train as the test set)")
+
+
 def dataset_summary(ds: Dataset) -> str:
   """One log line: name, split sizes, input shape, classes and train class-count range."""
   counts = np.bincount(ds.y_train, minlength=ds.num_classes)

@@ -509,13 +509,45 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
 
 
 class DivergenceError(RuntimeError):
-  """A loss, the hypergradient estimate or a parameter became NaN or infinite."""
+  """A loss, the hypergradient estimate or a parameter became NaN or infinite, or a loss or the
+  hypergradient norm grew past `blowup_factor` times its early value (a finite blow-up)."""
 
 
 # Per-round quantities whose non-finite value stops a run.
 GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")
 
 
+# Per-round quantities whose finite blow-up stops a run, and the rounds that set their early
+# value (the largest value over rounds 1..BLOWUP_WARMUP of the run).
+BLOWUP_METRICS = ("outer_loss", "hypergrad_norm")
+BLOWUP_WARMUP = 10
+BLOWUP_FACTOR = 100.0
+
+
+class BlowupGuard:
+  """Raises DivergenceError when a BLOWUP_METRICS value exceeds factor x its early value.
+
+  The early value of a quantity is its largest value over the first BLOWUP_WARMUP rounds of the
+  run (kept in the run totals, so a resumed run uses the same reference). factor None or 0
+  turns the guard off.
+  """
+
+  def __init__(self, factor: float | None, totals: dict[str, float]):
+    self.factor, self.totals = factor, totals
+
+  def __call__(self, done: int, metrics: Mapping[str, Any]) -> None:
+    if not self.factor:
+      return
+    for k in BLOWUP_METRICS:
+      key = f"early_{k}"
+      if done <= BLOWUP_WARMUP:
+        self.totals[key] = max(self.totals.get(key, 0.0), float(metrics[k]))
+      elif metrics[k] > self.factor * self.totals.get(key, float("inf")):
+        raise DivergenceError(
+            f"round {done}: {k} = {metrics[k]:.4g} grew past {self.factor:g} x its early value "
+            f"{self.totals[key]:.4g} (largest over rounds 1-{BLOWUP_WARMUP}); the run stopped as "
+            "diverged. Lower the step sizes (--outer_lr, --inner_lr, --v_lr); the last "
+            "checkpoint holds the last good state; --divergence_factor=0 turns this guard off.")
 @jax.jit
 def _finite_parts(state: ServerState) -> jax.Array:
   """[x, y, v] all finite."""
@@ -542,12 +574,14 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
         on_checkpoint: Callable[[ServerState, dict[str, float], int], None] | None = None,
         ) -> tuple[ServerState, list[dict[str, Any]]]:
   """Run rounds state.round .. num_rounds - 1; return the final state and the logged records.
+        blowup_factor: float | None = BLOWUP_FACTOR,
 
   A record is logged every `eval_every` rounds and after the last one. It holds the round's
   metrics, cumulative client FLOPs and communicated bytes, the running C_x* (min over rounds of
   the minimum outer coverage), wall time, and whatever eval_fn returns. Every round the losses,
   the hypergradient norm and x, y, v are checked: a NaN or inf raises DivergenceError naming the
-  round and the quantity. `on_checkpoint(state, totals, round)` is called every
+  round and the quantity, and so does an outer loss or hypergradient norm above blowup_factor
+  times its early value (BlowupGuard; None or 0 turns that check off). `on_checkpoint(state, totals, round)` is called every
   `checkpoint_every` rounds and after the last one, after that round's record was passed on.
   """
   totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
@@ -555,6 +589,7 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
   totals.update(start_totals or {})
   records = []
   start, first = time.perf_counter(), int(state.round)
+  guard = BlowupGuard(blowup_factor, totals)
   for q in range(first, num_rounds):
     state, metrics = rnd.step(state, data)
     metrics = to_python(jax.device_get(metrics))
@@ -562,6 +597,7 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
     _check_finite(done, metrics, state)
     totals["cumulative_client_flops"] += metrics["client_flops"]
     totals["cumulative_comm_bytes"] += metrics["comm_bytes"]
+    guard(done, metrics)
     totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
     totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
     if done % eval_every == 0 or done == num_rounds:

@@ -15,8 +15,12 @@ Products (same call shape, registry `PRODUCTS`):
 
 Estimators (same signature, registry `ESTIMATORS`; `num_steps` means the number of v updates,
 Neumann terms or CG iterations):
-  fd, exact : v <- v - eta (H v - grad_y f), num_steps times from the warm start v,
-              optionally projected onto ||v|| <= radius; then grad_x f - J v.
+  fd, exact : v <- v - t (H v - grad_y f), num_steps times from the warm start v,
+              optionally projected onto ||v|| <= radius; then grad_x f - J v. The step t is
+              min(eta, r'r / r'Hr) along the residual r = H v - grad_y f (v_step="cauchy",
+              the default: the exact line-search step on 1/2 v'Hv - v' grad_y f, capped at
+              eta, so the iteration cannot diverge when eta lambda_max(H) > 2), or eta
+              (v_step="fixed", the plain SOBA/SimFBO update).
   neumann   : v = eta sum_{k<N} (I - eta H)^k grad_y f   (FedNest; exact products).
   cg        : conjugate gradient on H v = grad_y f from the warm start (exact products).
 
@@ -90,12 +94,16 @@ PRODUCTS: dict[str, Product] = {"exact": exact_products, "fd": fd_products}
 PRODUCT_GRAD_EVALS: dict[str, float] = {"exact": 2.0, "fd": 2.0}
 
 
+V_STEPS = ("cauchy", "fixed")
+
+
 class EstimatorOptions(NamedTuple):
   num_steps: int = 1
   step_size: float = 0.1
   delta: float = 1e-3
   radius: float | None = None
   product: str = "exact"  # used by neumann and cg; fd/exact fix their own
+  v_step: str = "cauchy"  # fd / exact: "cauchy" (curvature-capped step) or "fixed" (eta always)
 
 
 def _project(v: PyTree, radius: float | None) -> PyTree:
@@ -134,12 +142,37 @@ def _v_iteration(product_name: str):
   def estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mask_x, mask_y,
                 opts: EstimatorOptions) -> HypergradResult:
     xm, ym, gxf, gyf, v0 = _setup(problem, x, y, outer_batch, v, mask_x, mask_y)
+    hv_of = lambda p: _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts)
 
-    def step(vk, _):
-      hv = _masked_hv(problem, product, xm, ym, vk, inner_batch, mask_y, opts)
-      return _project(tree.axpy(-opts.step_size, tree.sub(hv, gyf), vk), opts.radius), None
+    if opts.v_step == "fixed":
+      def step(vk, _):
+        return _project(tree.axpy(-opts.step_size, tree.sub(hv_of(vk), gyf), vk),
+                        opts.radius), None
 
-    v_work, _ = jax.lax.scan(step, v0, None, length=opts.num_steps)
+      v_work, _ = jax.lax.scan(step, v0, None, length=opts.num_steps)
+    else:
+      # Cauchy step on q(v) = 1/2 v'Hv - v' grad_y f along the residual r = H v - grad_y f:
+      # t = min(eta, r'r / r'Hr), the exact line-search step capped at eta. r'Hr / r'r is the
+      # curvature of H along r, so t never exceeds 1 / curvature and q decreases at every step
+      # whatever eta * lambda_max(H) is (the fixed step diverges once eta lambda_max > 2).
+      # H v_{k+1} = H v_k - t H r_k (same point and batch), so each step costs one product.
+      def step(carry, _):
+        vk, hvk = carry
+        r = tree.sub(hvk, gyf)
+        hr = hv_of(r)
+        rr, rhr = tree.vdot(r, r), tree.vdot(r, hr)
+        t = jnp.where(rhr > 0, jnp.minimum(opts.step_size, rr / jnp.where(rhr > 0, rhr, 1.0)),
+                      opts.step_size)
+        vk, hvk = tree.axpy(-t, r, vk), tree.axpy(-t, hr, hvk)
+        if opts.radius is not None:  # a projection breaks the recursion: recompute H v
+          vk = _project(vk, opts.radius)
+          hvk = hv_of(vk)
+        return (vk, hvk), None
+
+      if opts.num_steps > 0:
+        (v_work, _), _ = jax.lax.scan(step, (v0, hv_of(v0)), None, length=opts.num_steps)
+      else:
+        v_work = v0
     return _finish(problem, product, xm, ym, v_work, v, gxf, inner_batch, mask_x, mask_y, opts)
 
   estimator.__doc__ = f"v-iteration with {product_name} products (SOBA/SimFBO-style, warm start)."
@@ -200,13 +233,23 @@ def estimator_grad_evals(estimator: str, opts: EstimatorOptions) -> float:
   """Analytic cost of one estimate in gradient evaluations of g (plus one of f)."""
   product = {"fd": "fd", "exact": "exact"}.get(estimator, opts.product)
   per = PRODUCT_GRAD_EVALS[product]
-  products = {"neumann": max(opts.num_steps - 1, 0)}.get(estimator, opts.num_steps) + 1
+  if estimator in ("fd", "exact"):
+    # num_steps H v products and the final J v; the Cauchy step adds H v at the warm start
+    # (and one more per step with a projection radius).
+    products = opts.num_steps + 1
+    if opts.v_step == "cauchy" and opts.num_steps > 0:
+      products += 1 + (opts.num_steps if opts.radius is not None else 0)
+  elif estimator == "neumann":
+    products = max(opts.num_steps - 1, 0) + 1
+  else:  # cg: H v0 for the first residual, one H p per iteration, the final J v
+    products = opts.num_steps + 2
   return 1.0 + per * products
 
 
 def validate_options(estimator: str, opts: EstimatorOptions) -> None:
   check_choice("estimator", estimator, ESTIMATORS)
   check_choice("product", opts.product, PRODUCTS)
+  check_choice("v_step", opts.v_step, V_STEPS)
   if int(opts.num_steps) != opts.num_steps or opts.num_steps < 0:
     raise ConfigError(f"num_steps={opts.num_steps!r} must be an integer >= 0.")
   if not opts.step_size > 0:
@@ -221,7 +264,8 @@ def hypergradient(problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: An
                   outer_batch: Any, *, estimator: str = "fd", v: PyTree | None = None,
                   mask_x: PyTree | None = None, mask_y: PyTree | None = None,
                   num_steps: int = 1, step_size: float = 0.1, delta: float = 1e-3,
-                  radius: float | None = None, product: str = "exact") -> HypergradResult:
+                  radius: float | None = None, product: str = "exact",
+                  v_step: str = "cauchy") -> HypergradResult:
   """Estimate grad Phi(x) at (x, y) on one client's batches; see the module docstring.
 
   Args:
@@ -236,9 +280,10 @@ def hypergradient(problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: An
     delta: finite-difference probe length (fd products only).
     radius: optional projection radius for v (fd, exact).
     product: the product neumann and cg use ("exact" or "fd").
+    v_step: "cauchy" (step min(step_size, r'r / r'Hr), the default) or "fixed" (step_size).
   Returns:
     HypergradResult(hypergrad like x, v like y).
   """
-  opts = EstimatorOptions(num_steps, step_size, delta, radius, product)
+  opts = EstimatorOptions(num_steps, step_size, delta, radius, product, v_step)
   validate_options(estimator, opts)
   return ESTIMATORS[estimator](problem, x, y, inner_batch, outer_batch, v, mask_x, mask_y, opts)

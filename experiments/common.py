@@ -67,6 +67,10 @@ ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration (partition=dir
 VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.5, "Share of a client's data for f_i.")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Log metrics every this many rounds.")
 SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"],
+V_STEP = flags.DEFINE_enum("v_step", "cauchy", ["cauchy", "fixed"],
+                           "v update of fd / exact: cauchy = step min(v_lr, r'r / r'Hr) along the "
+                           "residual r = Hv - grad_y f (cannot diverge; docs/method.md), fixed = "
+                           "v_lr always.")
                              "Client computation with unit masks: compact (extracted arrays of "
                              "width ceil(r K), stratified sampling) or dense (masked full arrays).")
 LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many rounds.")
@@ -92,15 +96,33 @@ REUSE_HOST_MEMORY = flags.DEFINE_boolean(
 
 # Flags that may differ between a run and its resumption.
 _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
-                      "reuse_host_memory")
+                      "reuse_host_memory", "seeds")
 
 
 def reuse_host_memory() -> bool:
+DIVERGENCE_FACTOR = flags.DEFINE_float(
+    "divergence_factor", 100.0, "Stop the run as diverged (exit 2, the last checkpoint kept, no "
+    "summary.json) when the outer loss or the hypergradient norm exceeds this multiple of its "
+    "largest value over rounds 1-10; 0 turns the check off (NaN / inf always stop a run).")
+
   """Serve large host allocations from the heap and keep the heap (glibc; False elsewhere).
 
   By default glibc serves blocks over 32 MiB with a fresh mmap, and XLA:CPU's worker threads
   allocate from per-thread heaps that are unmapped once empty; both are returned to the OS on
   free, so every round page-faults all of its temporary memory anew (about 110,000 faults per
+EVAL_SPLIT = flags.DEFINE_enum(
+    "eval_split", "test", ["test", "holdout"], "What test_accuracy is measured on: the test set, "
+    "or (for tuning, experiments.tune) a class-stratified --holdout_fraction of the TRAINING "
+    "data that is taken away from the clients; the test set is then never read.")
+HOLDOUT_FRACTION = flags.DEFINE_float("holdout_fraction", 0.2, "Share of the training data held "
+                                      "out with --eval_split=holdout.")
+
+SEEDS = flags.DEFINE_list(
+    "seeds", None, "Several seeds in one invocation, e.g. 0,1,2,3,4: one run per seed in "
+    "WORKDIR/seed_S (exactly what --seed=S --workdir=WORKDIR/seed_S writes) and WORKDIR/"
+    "summary.json combining them (mean, std, min and max of every numeric summary figure). "
+    "Replaces --seed.")
+
   100-client round here, a third of its wall time; BENCHMARKS.md). mallopt(M_MMAP_MAX, 0) puts
   large blocks on the heap, M_ARENA_MAX 1 keeps every thread on that one heap and a 1 GiB
   M_TRIM_THRESHOLD keeps it mapped when freed, so later rounds reuse the same pages. Call it
@@ -206,7 +228,7 @@ def federated_config() -> federated.FederatedConfig:
       estimator=_value("estimator", preset, ESTIMATOR.value),
       estimator_options=EstimatorOptions(
           num_steps=_value("num_steps", preset, NUM_STEPS.value), step_size=V_LR.value,
-          delta=DELTA.value, radius=RADIUS.value))
+          delta=DELTA.value, radius=RADIUS.value, v_step=V_STEP.value))
   return federated.FederatedConfig(
       num_clients=NUM_CLIENTS.value,
       clients_per_round=(NUM_CLIENTS.value if preset.get("full_participation") and not
@@ -251,6 +273,11 @@ def config_dict(cfg: federated.FederatedConfig) -> dict[str, Any]:
   d["mask"] = cfg.mask._asdict()
   d["levels"] = [lv._asdict() for lv in cfg.levels]
   return d
+  if not 0 < HOLDOUT_FRACTION.value < 1:
+    problems.append(f"--holdout_fraction={HOLDOUT_FRACTION.value} is outside the allowed range "
+                    "(0, 1).")
+  if DIVERGENCE_FACTOR.value < 0:
+    problems.append(f"--divergence_factor={DIVERGENCE_FACTOR.value} must be >= 0 (0 = off).")
 
 
 def _config_record(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -351,7 +378,8 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
     state, records = federated.run(
         rnd, state, data, ROUNDS.value, eval_fn=eval_fn, eval_every=EVAL_EVERY.value,
         on_record=on_record, log_every=LOG_EVERY.value, start_totals=totals,
-        checkpoint_every=CHECKPOINT_EVERY.value, on_checkpoint=on_checkpoint)
+        checkpoint_every=CHECKPOINT_EVERY.value, on_checkpoint=on_checkpoint,
+        blowup_factor=DIVERGENCE_FACTOR.value)
   except federated.DivergenceError as e:
     fail(str(e))
   finally:
@@ -369,4 +397,75 @@ def print_table(rows: Mapping[str, Any]) -> None:
   width = max(len(k) for k in rows)
   for k, v in rows.items():
     print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+
+def load_data():
+  """--dataset from --data_dir; with --eval_split=holdout its holdout split (data.holdout_split,
+  seeded by --seed) in place of the test set."""
+  from bilevel import data as data_lib
+  ds = data_lib.load_dataset(DATASET.value, DATA_DIR.value, seed=SEED.value)
+  if EVAL_SPLIT.value == "test":
+    return ds
+  return data_lib.holdout_split(ds, HOLDOUT_FRACTION.value, SEED.value)
+
+
+def parse_seeds() -> list[int] | None:
+  """--seeds as distinct integers >= 0 in the given order (None without --seeds)."""
+  if not SEEDS.value:
+    return None
+  try:
+    seeds = [int(s) for s in SEEDS.value]
+  except ValueError:
+    fail(f"--seeds={','.join(SEEDS.value)} must be a comma-separated list of integers.")
+  if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    fail(f"--seeds={','.join(SEEDS.value)} must be distinct integers >= 0.")
+  return seeds
+
+
+def combine_summaries(summaries: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+  """One summary over seeds: mean, std (sample, ddof 1; 0 for one seed), min and max of every
+  numeric figure that every seed has; text fields shared by all seeds; each seed's summary."""
+  import numpy as np
+  first = next(iter(summaries.values()))
+  numeric = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and all(isinstance(s.get(k), (int, float)) for s in summaries.values())]
+  stats = {name: {} for name in ("mean", "std", "min", "max")}
+  for k in numeric:
+    values = np.array([float(s[k]) for s in summaries.values()])
+    stats["mean"][k] = float(values.mean())
+    stats["std"][k] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    stats["min"][k], stats["max"][k] = float(values.min()), float(values.max())
+  shared = {k: v for k, v in first.items() if k not in numeric and
+            all(s.get(k) == v for s in summaries.values())}
+  return dict(shared, seeds=list(summaries), num_seeds=len(summaries), **stats,
+              per_seed={str(s): dict(v) for s, v in summaries.items()})
+
+
+def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
+  """Run run_one() for --seed, or once per --seeds value into WORKDIR/seed_S, then write the
+  combined summary (combine_summaries) to WORKDIR/summary.json and print its mean +- std.
+
+  run_one reads the seed and the workdir from the flags and returns its run's summary.
+  """
+  seeds = parse_seeds()
+  if seeds is None:
+    run_one()
+    return
+  root = require_workdir()
+  stale = os.path.join(root, "summary.json")
+  if os.path.exists(stale):
+    os.remove(stale)  # written again once every seed has finished
+  summaries = {}
+  for seed in seeds:
+    flags.FLAGS.seed = seed
+    flags.FLAGS.workdir = os.path.join(root, f"seed_{seed}")
+    print(f"=== seed {seed} ({len(summaries) + 1} of {len(seeds)}): {WORKDIR.value}", flush=True)
+    summaries[seed] = run_one()
+  flags.FLAGS.workdir = root
+  combined = combine_summaries(summaries)
+  write_summary(root, combined)
+  print(f"over seeds {','.join(map(str, seeds))} (mean +- std, min .. max):")
+  for k, mean in combined["mean"].items():
+    print(f"  {k:<28} {mean:.4g} +- {combined['std'][k]:.2g}  "
+          f"({combined['min'][k]:.4g} .. {combined['max'][k]:.4g})")
+
 

@@ -42,8 +42,9 @@ two task-specific readings:
              its samples per round, wrapping), not over the global index (where a client's window
              would only move while the global window start passes its rows, i.e. almost never);
              y's feature / hidden window rolls over all units, shared by all clients.
-Explicit --mask_policy=static / magnitude with r_x < 1 is rejected (masks.check_coverable) unless
---allow_uncovered.
+Explicit --mask_policy=static with r_x < 1 is rejected (masks.check_coverable) unless
+--allow_uncovered; magnitude is not (its ranking follows the trained weights, so a sample can
+enter later).
 
 Metrics per logged round: test accuracy / loss of y, and how well w = sigmoid(x) separates the
 training samples whose label is correct (positive) from those whose label is wrong: `weight_auc`
@@ -409,6 +410,11 @@ def summarize(last: Mapping[str, Any], weighted: bool = True) -> dict[str, Any]:
 def main(argv):
   del argv
   common.start_driver()
+  common.for_each_seed(run_one)
+
+
+def run_one() -> dict:
+  """One run (and its unweighted baseline) with --seed into --workdir; returns its summary."""
   task_defaults = apply_task_defaults()
   problems = check_task_flags()
   shape_free = layout(CLASSIFIER.value, 1, 1, max(MLP_HIDDEN.value, 1))  # for validation only
@@ -416,8 +422,7 @@ def main(argv):
       problems,
       lambda: resolve_task_config(common.validated(common.federated_config(), shape_free),
                                   common.ALGORITHM.value),
-      lambda: data_lib.load_dataset(common.DATASET.value, common.DATA_DIR.value,
-                                    seed=common.SEED.value))
+      common.load_data)
   try:
     cd = build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
                     val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value,
@@ -464,6 +469,7 @@ def main(argv):
     common.write_summary(workdir, summary)
   print("final:")
   common.print_table({k: v for k, v in summary.items() if v is not None})
+  return summary
 
 
 if __name__ == "__main__":

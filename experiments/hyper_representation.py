@@ -61,6 +61,11 @@ def client_arrays(ds: data_lib.Dataset) -> tuple[federated.FederatedData, dict]:
 def main(argv):
   del argv
   common.start_driver()
+  common.for_each_seed(run_one)
+
+
+def run_one() -> dict:
+  """One run with --seed into --workdir; returns its summary."""
   problems = common.check_shared_flags()
   if HIDDEN.value < 1:
     problems.append(f"--hidden={HIDDEN.value} must be >= 1.")
@@ -74,8 +79,7 @@ def main(argv):
             else models.mlp_layout(max(HIDDEN.value, 1)))
   cfg, ds = common.gather(
       problems, lambda: common.validated(common.federated_config(), layout),
-      lambda: data_lib.load_dataset(common.DATASET.value, common.DATA_DIR.value,
-                                    seed=common.SEED.value))
+      common.load_data)
   try:
     init_key = jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0)
     if MODEL.value == "cnn":
@@ -134,6 +138,7 @@ def main(argv):
   common.write_summary(workdir, summary)
   print("final:")
   common.print_table(summary)
+  return summary
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""One tuning protocol for every algorithm: the same grid, selection on held-out training data.
+
+For --task and --algorithm, every point of the grid (outer_lr x inner_lr x v_lr; for the
+Neumann-series algorithms v_lr is the series step) runs the task driver with
+`--eval_split=holdout` (a class-stratified share of the TRAINING data, taken away from the
+clients, stands in for the test set, which is never read) over --tune_seeds. The point with the
+highest mean held-out accuracy wins (ties: the smaller outer_lr, then inner_lr, then v_lr); a
+point where any seed diverged (the driver's divergence guard, exit 2) is ranked last. The
+chosen values are written as a flagfile, experiments/presets/TASK_ALGORITHM.cfg by default,
+which the README's result commands pass with --flagfile.
+
+Every algorithm searches the same grid (GRIDS[task]; --grid_* override it for all alike), so no
+algorithm inherits step sizes tuned for another. Cost: grid points x seeds runs of --rounds
+rounds (the task's default rounds unless given), each a fresh driver process; summary.json in
+--workdir records every point's mean, std and per-seed accuracy, and the cost in seconds.
+
+  python -m experiments.tune --task=hyper_representation --algorithm=rafbo --workdir=runs/tune
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app, flags
+
+from experiments import common
+
+TASK = flags.DEFINE_enum("task", "hyper_representation", ["hyper_representation",
+                                                          "hyper_cleaning"], "Task driver.")
+TUNE_SEEDS = flags.DEFINE_list("tune_seeds", ["0", "1"], "Seeds every grid point runs on "
+                               "(at least 2; selection on their mean).")
+GRID_OUTER = flags.DEFINE_list("grid_outer_lr", None, "outer_lr values (default: GRIDS[task]).")
+GRID_INNER = flags.DEFINE_list("grid_inner_lr", None, "inner_lr values (default: GRIDS[task]).")
+GRID_V = flags.DEFINE_list("grid_v_lr", None, "v_lr values: v step or Neumann step (default: "
+                           "GRIDS[task]).")
+PRESET_OUT = flags.DEFINE_string("preset_out", None, "Flagfile to write (default "
+                                 "experiments/presets/TASK_ALGORITHM.cfg).")
+EXTRA = flags.DEFINE_list("driver_flags", [], "Further flags passed to every driver run, e.g. "
+                          "--driver_flags=--num_clients=100,--partition=shards.")
+
+# The one grid per task, the same for every algorithm: about 3x around the task's hand-set
+# defaults (task 1: 0.1 everywhere; task 2: outer 30, inner 0.05, v 0.05).
+GRIDS = {
+    "hyper_representation": dict(outer_lr=(0.03, 0.1, 0.3), inner_lr=(0.03, 0.1),
+                                 v_lr=(0.03, 0.1)),
+    "hyper_cleaning": dict(outer_lr=(10.0, 30.0, 100.0), inner_lr=(0.02, 0.05),
+                           v_lr=(0.02, 0.05)),
+}
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+# Flags the driver gets from tune itself; --driver_flags must not set them.
+_OWN_FLAGS = ("outer_lr", "inner_lr", "v_lr", "seeds", "seed", "workdir", "eval_split",
+              "algorithm")
+
+
+def grid() -> dict[str, tuple[float, ...]]:
+  base = GRIDS[TASK.value]
+  out = {}
+  for name, flag in (("outer_lr", GRID_OUTER), ("inner_lr", GRID_INNER), ("v_lr", GRID_V)):
+    try:
+      values = tuple(float(v) for v in flag.value) if flag.value else base[name]
+    except ValueError:
+      common.fail(f"--grid_{name}={','.join(flag.value)} must be a list of numbers.")
+    if not values or min(values) <= 0:
+      common.fail(f"--grid_{name} must hold numbers > 0; got {list(values)}.")
+    out[name] = values
+  return out
+
+
+def select(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The finished point of highest mean accuracy; ties to smaller outer, inner, v step."""
+  finished = [p for p in points if p["mean_accuracy"] is not None]
+  if not finished:
+    common.fail("every grid point diverged or failed; widen the grid (--grid_*) towards "
+                "smaller steps.")
+  return max(finished, key=lambda p: (p["mean_accuracy"], -p["outer_lr"], -p["inner_lr"],
+                                      -p["v_lr"]))
+
+
+def run_point(workdir: str, seeds: list[int], values: dict[str, float]) -> dict[str, Any]:
+  """One grid point over the seeds in a driver process; its per-seed held-out accuracy."""
+  cmd = [sys.executable, "-m", f"experiments.{TASK.value}", f"--workdir={workdir}",
+         f"--algorithm={common.ALGORITHM.value}", "--eval_split=holdout",
+         f"--holdout_fraction={common.HOLDOUT_FRACTION.value}",
+         f"--seeds={','.join(map(str, seeds))}", "--log_every=100000",
+         *(f"--{k}={v}" for k, v in values.items()), *EXTRA.value]
+  if flags.FLAGS["rounds"].present:
+    cmd.append(f"--rounds={common.ROUNDS.value}")
+  if common.SMOKE.value:
+    cmd.append("--smoke")
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  out = dict(values, seconds=time.perf_counter() - start, command=" ".join(cmd[1:]))
+  summary_path = os.path.join(workdir, "summary.json")
+  if proc.returncode == 0 and os.path.exists(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      summary = json.load(f)
+    out.update(mean_accuracy=summary["mean"]["test_accuracy"],
+               std_accuracy=summary["std"]["test_accuracy"],
+               per_seed={s: v["test_accuracy"] for s, v in summary["per_seed"].items()},
+               error=None)
+  else:
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    out.update(mean_accuracy=None, std_accuracy=None, per_seed={},
+               error=lines[-1] if lines else f"exit code {proc.returncode}")
+  return out
+
+
+def write_preset(path: str, best: dict[str, Any], seeds: list[int], cost_s: float) -> None:
+  lines = [
+      f"# Tuned by experiments.tune for --task={TASK.value} --algorithm={common.ALGORITHM.value}:",
+      f"# grid {json.dumps(grid())}, seeds {seeds}, selected on held-out training data",
+      f"# (--eval_split=holdout --holdout_fraction={common.HOLDOUT_FRACTION.value}); held-out "
+      f"accuracy {best['mean_accuracy']:.4f} +- {best['std_accuracy']:.4f}; "
+      f"tuning cost {cost_s:.0f} s.",
+      f"# Driver flags during tuning: {' '.join(EXTRA.value) or '(none)'}",
+      f"--algorithm={common.ALGORITHM.value}",
+      *(f"--{k}={best[k]:g}" for k in ("outer_lr", "inner_lr", "v_lr")),
+  ]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str]) -> None:
+  common.start_driver()
+  if len(argv) > 1:
+    common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    seeds = [int(s) for s in TUNE_SEEDS.value]
+  except ValueError:
+    common.fail(f"--tune_seeds={','.join(TUNE_SEEDS.value)} must be integers.")
+  if len(set(seeds)) < 2:
+    common.fail(f"--tune_seeds={','.join(TUNE_SEEDS.value)}: the protocol selects over at least "
+                "2 distinct seeds.")
+  clash = [f for f in EXTRA.value if f.lstrip("-").split("=")[0] in _OWN_FLAGS]
+  if clash:
+    common.fail(f"--driver_flags may not set {', '.join(clash)}: tune sets those itself.")
+  values = grid()
+  workdir = common.require_workdir()
+  points, start = [], time.perf_counter()
+  combos = list(itertools.product(*values.values()))
+  for i, combo in enumerate(combos):
+    point = dict(zip(values, combo))
+    result = run_point(os.path.join(workdir, f"point_{i}"), seeds, point)
+    points.append(result)
+    acc = "diverged/failed" if result["mean_accuracy"] is None else (
+        f"{result['mean_accuracy']:.4f} +- {result['std_accuracy']:.4f}")
+    print(f"[{i + 1}/{len(combos)}] {point}: {acc} ({result['seconds']:.0f} s)", flush=True)
+  cost = time.perf_counter() - start
+  best = select(points)
+  preset = PRESET_OUT.value or os.path.join(
+      PRESETS_DIR, f"{TASK.value}_{common.ALGORITHM.value}.cfg")
+  write_preset(preset, best, seeds, cost)
+  common.write_summary(workdir, dict(task=TASK.value, algorithm=common.ALGORITHM.value,
+                                     seeds=seeds, grid=values, points=points,
+                                     best={k: best[k] for k in values}, preset=preset,
+                                     best_mean_accuracy=best["mean_accuracy"], cost_s=cost))
+  print(f"best {dict((k, best[k]) for k in values)}: held-out accuracy "
+        f"{best['mean_accuracy']:.4f}; wrote {preset}")
+
+
+if __name__ == "__main__":
+  app.run(main)
