@@ -454,12 +454,19 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
   stale = os.path.join(root, "summary.json")
   if os.path.exists(stale):
     os.remove(stale)  # written again once every seed has finished
-  summaries = {}
-  for seed in seeds:
+  summaries, stopped = {}, []
+  for i, seed in enumerate(seeds):
     flags.FLAGS.seed = seed
     flags.FLAGS.workdir = os.path.join(root, f"seed_{seed}")
-    print(f"=== seed {seed} ({len(summaries) + 1} of {len(seeds)}): {WORKDIR.value}", flush=True)
-    summaries[seed] = run_one()
+    print(f"=== seed {seed} ({i + 1} of {len(seeds)}): {WORKDIR.value}", flush=True)
+    try:
+      summaries[seed] = run_one()
+    except SystemExit as e:
+      # A run that started and then stopped (e.g. diverged) does not stop the other seeds;
+      # a configuration error (nothing run yet) would stop every seed alike: end at once.
+      if not e.code or not os.path.exists(os.path.join(WORKDIR.value, "metrics.jsonl")):
+        raise
+      stopped.append(seed)
   flags.FLAGS.workdir = root
   combined = combine_summaries(summaries)
   write_summary(root, combined)
@@ -469,3 +476,7 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
           f"({combined['min'][k]:.4g} .. {combined['max'][k]:.4g})")
 
 
+  if stopped:
+    fail(f"seeds {','.join(map(str, stopped))} of {','.join(map(str, seeds))} stopped (their "
+         f"errors are above); the finished seeds' results are in {root}/seed_S. No combined "
+         "summary.json was written.")

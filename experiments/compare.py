@@ -7,6 +7,9 @@ and writes to --out (or --workdir):
   compare.md  : a table with run, task, algorithm, test accuracy, rounds, cumulative client
                 FLOPs, FLOPs relative to the first run, min coverage of x and y (C_x*, C_y*),
                 wall time and, where a run has one, the weight AUC (hyper-cleaning).
+A workdir written with --seeds (summary.json with per-seed summaries, one run per seed in
+WORKDIR/seed_S) is one row: every figure is its mean over the seeds, accuracy and AUC shown as
+mean +- std with the number of seeds, and the figure draws the mean curve with a min-max band.
 A workdir without summary.json is an unfinished (or killed) run: it is listed as unfinished,
 with how many rounds it logged, and left out of the figure and the table.
 
@@ -23,6 +26,7 @@ import os
 from typing import Any, NamedTuple, Sequence
 
 from absl import app, flags
+import numpy as np
 
 from experiments import common
 
@@ -37,8 +41,22 @@ class Run(NamedTuple):
   label: str
   path: str
   config: dict[str, Any]
-  summary: dict[str, Any]
-  records: list[dict[str, Any]]
+  summary: dict[str, Any]  # a multi-seed run: its combined summary (mean / std / per_seed)
+  records: list[list[dict[str, Any]]]  # per seed (one list for a single-seed run)
+
+  @property
+  def num_seeds(self) -> int:
+    return len(self.records)
+
+  def value(self, key: str) -> Any:
+    """The summary figure (its mean over seeds for a multi-seed run)."""
+    if "per_seed" in self.summary:
+      return self.summary["mean"].get(key, self.summary.get(key))
+    return self.summary.get(key)
+
+  def spread(self, key: str) -> float | None:
+    """Std over seeds (None for a single-seed run)."""
+    return self.summary["std"].get(key) if "per_seed" in self.summary else None
 
 
 class Unfinished(NamedTuple):
@@ -60,23 +78,36 @@ def read_records(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def _read_json(path: str, what: str) -> dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {what} {path!r} ({e}).") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{what} {path!r} does not hold a JSON object.")
+  return value
+
+
 def load_run(path: str, label: str) -> Run | Unfinished:
   """A finished run, or Unfinished; ValueError with a clear message when it cannot be read."""
   if not os.path.isdir(path):
     raise ValueError(f"workdir {path!r} does not exist or is not a directory.")
-  records = read_records(os.path.join(path, "metrics.jsonl"))
   summary_path = os.path.join(path, "summary.json")
   if not os.path.exists(summary_path):
+    records = read_records(os.path.join(path, "metrics.jsonl"))
     return Unfinished(label, path, records[-1]["round"] if records else 0)
-  try:
-    with open(summary_path, encoding="utf-8") as f:
-      summary = json.load(f)
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-      config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"workdir {path!r}: cannot read its results ({e}).") from None
-  if not records:
-    raise ValueError(f"workdir {path!r} has summary.json but no metrics.jsonl records.")
+  summary = _read_json(summary_path, "summary")
+  if "per_seed" in summary:  # --seeds: one workdir per seed below this one
+    dirs = [os.path.join(path, f"seed_{s}") for s in summary["per_seed"]]
+    config = _read_json(os.path.join(dirs[0], "config.json"), "config")
+  else:
+    dirs = [path]
+    config = _read_json(os.path.join(path, "config.json"), "config")
+  records = [read_records(os.path.join(d, "metrics.jsonl")) for d in dirs]
+  for d, r in zip(dirs, records):
+    if not r:
+      raise ValueError(f"workdir {d!r} has a summary but no metrics.jsonl records.")
   return Run(label, path, config, summary, records)
 
 
@@ -86,25 +117,32 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
   return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
+def _mean_std(run: Run, key: str, spec: str = ".4g") -> str:
+  std = run.spread(key)
+  text = _fmt(run.value(key), spec)
+  return text if std is None or text == "n/a" else f"{text} +- {_fmt(std, '.2g')}"
+
+
 def table(runs: Sequence[Run]) -> list[str]:
-  """Markdown table rows (header first); FLOPs relative to the first run."""
-  with_auc = any("weight_auc" in r.summary for r in runs)
-  header = ["run", "task", "algorithm", "test accuracy", "rounds", "cumulative client FLOPs",
-            "FLOPs vs first", "min coverage x", "min coverage y", "wall time (s)"]
+  """Markdown table rows (header first); FLOPs relative to the first run; mean +- std over
+  seeds for multi-seed runs."""
+  with_auc = any(r.value("weight_auc") is not None for r in runs)
+  header = ["run", "task", "algorithm", "seeds", "test accuracy", "rounds",
+            "cumulative client FLOPs", "FLOPs vs first", "min coverage x", "min coverage y",
+            "wall time (s)"]
   if with_auc:
     header.append("weight AUC")
-  base = runs[0].summary.get("cumulative_client_flops") if runs else None
+  base = runs[0].value("cumulative_client_flops") if runs else None
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in runs:
-    s = r.summary
-    flops = s.get("cumulative_client_flops")
+    flops = r.value("cumulative_client_flops")
     rel = flops / base if flops is not None and base else None
-    row = [r.label, _fmt(s.get("task")), _fmt(s.get("algorithm")), _fmt(s.get("test_accuracy")),
-           _fmt(s.get("rounds"), "d"), _fmt(flops, ".3e"), _fmt(rel, ".3f"),
-           _fmt(s.get("min_coverage_x")), _fmt(s.get("min_coverage_y")),
-           _fmt(s.get("wall_time_s"), ".1f")]
+    row = [r.label, _fmt(r.value("task")), _fmt(r.value("algorithm")), str(r.num_seeds),
+           _mean_std(r, "test_accuracy"), _fmt(r.value("rounds"), ".0f"), _fmt(flops, ".3e"),
+           _fmt(rel, ".3f"), _fmt(r.value("min_coverage_x")), _fmt(r.value("min_coverage_y")),
+           _fmt(r.value("wall_time_s"), ".1f")]
     if with_auc:
-      row.append(_fmt(s.get("weight_auc")))
+      row.append(_mean_std(r, "weight_auc"))
     lines.append("| " + " | ".join(row) + " |")
   return lines
 
@@ -115,8 +153,8 @@ def write_markdown(path: str, runs: Sequence[Run], unfinished: Sequence[Unfinish
     lines += table(runs) + [""]
     lines.append("Test accuracy is a fraction; FLOPs are analytic client FLOPs of the submodels "
                  "actually run, relative to the first row.")
-    extra = [f"{r.label}: unweighted baseline {r.summary['unweighted_test_accuracy']:.4g}"
-             for r in runs if r.summary.get("unweighted_test_accuracy") is not None]
+    extra = [f"{r.label}: unweighted baseline {_mean_std(r, 'unweighted_test_accuracy')}"
+             for r in runs if r.value("unweighted_test_accuracy") is not None]
     if extra:
       lines += ["", "Hyper-cleaning, the same run trained unweighted on the noisy labels: "
                 + "; ".join(extra) + "."]
@@ -135,10 +173,16 @@ def plot(path: str, runs: Sequence[Run]) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for xkey, ax in zip(("round", "cumulative_client_flops"), axes):
     for r in runs:
-      pts = [(rec[xkey], rec["test_accuracy"]) for rec in r.records
-             if xkey in rec and rec.get("test_accuracy") is not None]
-      if pts:
-        ax.plot(*zip(*pts), marker=".", label=r.label)
+      curves = [{rec[xkey]: rec["test_accuracy"] for rec in seed if xkey in rec and
+                 rec.get("test_accuracy") is not None} for seed in r.records]
+      xs = sorted(set.intersection(*(set(c) for c in curves)))
+      if not xs:
+        continue
+      ys = np.array([[c[x] for x in xs] for c in curves])  # [seeds, points]
+      label = r.label if r.num_seeds == 1 else f"{r.label} (mean of {r.num_seeds} seeds)"
+      line, = ax.plot(xs, ys.mean(axis=0), marker=".", label=label)
+      if r.num_seeds > 1:
+        ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel(xkey.replace("_", " "))
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
