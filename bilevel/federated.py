@@ -515,8 +515,6 @@ class DivergenceError(RuntimeError):
 
 # Per-round quantities whose non-finite value stops a run.
 GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")
-
-
 # Per-round quantities whose finite blow-up stops a run, and the rounds that set their early
 # value (the largest value over rounds 1..BLOWUP_WARMUP of the run).
 BLOWUP_METRICS = ("outer_loss", "hypergrad_norm")
@@ -548,6 +546,8 @@ class BlowupGuard:
             f"{self.totals[key]:.4g} (largest over rounds 1-{BLOWUP_WARMUP}); the run stopped as "
             "diverged. Lower the step sizes (--outer_lr, --inner_lr, --v_lr); the last "
             "checkpoint holds the last good state; --divergence_factor=0 turns this guard off.")
+
+
 @jax.jit
 def _finite_parts(state: ServerState) -> jax.Array:
   """[x, y, v] all finite."""
@@ -572,13 +572,14 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
         start_totals: Mapping[str, float] | None = None,
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[ServerState, dict[str, float], int], None] | None = None,
+        blowup_factor: float | None = BLOWUP_FACTOR,
         ) -> tuple[ServerState, list[dict[str, Any]]]:
   """Run rounds state.round .. num_rounds - 1; return the final state and the logged records.
-        blowup_factor: float | None = BLOWUP_FACTOR,
 
   A record is logged every `eval_every` rounds and after the last one. It holds the round's
   metrics, cumulative client FLOPs and communicated bytes, the running C_x* (min over rounds of
-  the minimum outer coverage), wall time, and whatever eval_fn returns. Every round the losses,
+  the minimum outer coverage), wall time, the time of this call's first round (first_round_s:
+  compilation included) and whatever eval_fn returns. Every round the losses,
   the hypergradient norm and x, y, v are checked: a NaN or inf raises DivergenceError naming the
   round and the quantity, and so does an outer loss or hypergradient norm above blowup_factor
   times its early value (BlowupGuard; None or 0 turns that check off). `on_checkpoint(state, totals, round)` is called every
@@ -587,17 +588,20 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
   totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
                 cy_star=float("inf"))
   totals.update(start_totals or {})
+  guard = BlowupGuard(blowup_factor, totals)
   records = []
   start, first = time.perf_counter(), int(state.round)
-  guard = BlowupGuard(blowup_factor, totals)
   for q in range(first, num_rounds):
+    step_start = time.perf_counter()
     state, metrics = rnd.step(state, data)
     metrics = to_python(jax.device_get(metrics))
+    if q == first:  # this process's first round: compilation (or a cache load) included
+      totals["first_round_s"] = time.perf_counter() - step_start
     done = q + 1
     _check_finite(done, metrics, state)
+    guard(done, metrics)
     totals["cumulative_client_flops"] += metrics["client_flops"]
     totals["cumulative_comm_bytes"] += metrics["comm_bytes"]
-    guard(done, metrics)
     totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
     totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
     if done % eval_every == 0 or done == num_rounds:

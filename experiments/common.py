@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import sys
+import time
 from typing import Any, Callable, Mapping
 
 from absl import flags
@@ -28,6 +29,7 @@ from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig, parse_levels
 from bilevel.metrics import JsonlWriter, plot_records, to_python, write_json
 
+_LOADED_AT = time.perf_counter()
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, "
                               "summary.json and plots (created if missing).")
 SEED = flags.DEFINE_integer("seed", 0, "The one seed every random stream is derived from.")
@@ -56,6 +58,10 @@ NUM_STEPS = flags.DEFINE_integer("num_steps", 1, "v updates / Neumann terms / CG
 V_LR = flags.DEFINE_float("v_lr", 0.1, "Step size eta of the v update and Neumann series.")
 DELTA = flags.DEFINE_float("delta", 1e-3, "Finite-difference probe length (fd).")
 RADIUS = flags.DEFINE_float("radius", None, "Optional projection radius for v.")
+V_STEP = flags.DEFINE_enum("v_step", "cauchy", ["cauchy", "fixed"],
+                           "v update of fd / exact: cauchy = step min(v_lr, r'r / r'Hr) along the "
+                           "residual r = Hv - grad_y f (cannot diverge; docs/method.md), fixed = "
+                           "v_lr always.")
 SERVER_LR = flags.DEFINE_float("server_lr", 1.0, "Server step s on the coverage mean.")
 AGGREGATION = flags.DEFINE_string("aggregation", "coverage", "coverage or zero_fill (ablation).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client minibatch size (0 = full batch).")
@@ -67,10 +73,6 @@ ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration (partition=dir
 VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.5, "Share of a client's data for f_i.")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Log metrics every this many rounds.")
 SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"],
-V_STEP = flags.DEFINE_enum("v_step", "cauchy", ["cauchy", "fixed"],
-                           "v update of fd / exact: cauchy = step min(v_lr, r'r / r'Hr) along the "
-                           "residual r = Hv - grad_y f (cannot diverge; docs/method.md), fixed = "
-                           "v_lr always.")
                              "Client computation with unit masks: compact (extracted arrays of "
                              "width ceil(r K), stratified sampling) or dense (masked full arrays).")
 LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many rounds.")
@@ -89,27 +91,22 @@ RESUME = flags.DEFINE_boolean(
     "resume", True, "Continue from WORKDIR/checkpoint.npz when the workdir's config.json matches "
     "this run's; --noresume starts afresh and overwrites the workdir's results.")
 
-REUSE_HOST_MEMORY = flags.DEFINE_boolean(
-    "reuse_host_memory", True, "Keep freed host memory for the next round (glibc mallopt) "
-    "instead of page-faulting fresh memory in every round: ~1.35x faster 100-client rounds "
-    "on the 2-core CPU (BENCHMARKS.md); no effect on results.")
-
-# Flags that may differ between a run and its resumption.
-_RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
-                      "reuse_host_memory", "seeds")
-
-
-def reuse_host_memory() -> bool:
 DIVERGENCE_FACTOR = flags.DEFINE_float(
     "divergence_factor", 100.0, "Stop the run as diverged (exit 2, the last checkpoint kept, no "
     "summary.json) when the outer loss or the hypergradient norm exceeds this multiple of its "
     "largest value over rounds 1-10; 0 turns the check off (NaN / inf always stop a run).")
 
-  """Serve large host allocations from the heap and keep the heap (glibc; False elsewhere).
+COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Folder of JAX's persistent compilation cache, shared by all of "
+    "a user's runs, so a repeated run loads its compiled rounds instead of compiling them "
+    "(default: $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/bilevel_jax or "
+    "~/.cache/bilevel_jax); 'none' turns the cache off.")
 
-  By default glibc serves blocks over 32 MiB with a fresh mmap, and XLA:CPU's worker threads
-  allocate from per-thread heaps that are unmapped once empty; both are returned to the OS on
-  free, so every round page-faults all of its temporary memory anew (about 110,000 faults per
+REUSE_HOST_MEMORY = flags.DEFINE_boolean(
+    "reuse_host_memory", True, "Keep freed host memory for the next round (glibc mallopt) "
+    "instead of page-faulting fresh memory in every round: ~1.35x faster 100-client rounds "
+    "on the 2-core CPU (BENCHMARKS.md); no effect on results.")
+
 EVAL_SPLIT = flags.DEFINE_enum(
     "eval_split", "test", ["test", "holdout"], "What test_accuracy is measured on: the test set, "
     "or (for tuning, experiments.tune) a class-stratified --holdout_fraction of the TRAINING "
@@ -123,6 +120,17 @@ SEEDS = flags.DEFINE_list(
     "summary.json combining them (mean, std, min and max of every numeric summary figure). "
     "Replaces --seed.")
 
+# Flags that may differ between a run and its resumption.
+_RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
+                      "reuse_host_memory", "seeds", "compilation_cache")
+
+
+def reuse_host_memory() -> bool:
+  """Serve large host allocations from the heap and keep the heap (glibc; False elsewhere).
+
+  By default glibc serves blocks over 32 MiB with a fresh mmap, and XLA:CPU's worker threads
+  allocate from per-thread heaps that are unmapped once empty; both are returned to the OS on
+  free, so every round page-faults all of its temporary memory anew (about 110,000 faults per
   100-client round here, a third of its wall time; BENCHMARKS.md). mallopt(M_MMAP_MAX, 0) puts
   large blocks on the heap, M_ARENA_MAX 1 keeps every thread on that one heap and a 1 GiB
   M_TRIM_THRESHOLD keeps it mapped when freed, so later rounds reuse the same pages. Call it
@@ -149,7 +157,48 @@ def start_driver() -> bool:
       jax.config.update("jax_num_cpu_devices", CPU_DEVICES.value)
     except RuntimeError as e:  # JAX already started in this process
       fail(f"--cpu_devices={CPU_DEVICES.value} must be set before JAX starts: {e}")
+  enable_compilation_cache()
   return REUSE_HOST_MEMORY.value and reuse_host_memory()
+
+
+def process_age_s() -> float:
+  """Seconds since this process started (Linux /proc; else since experiments.common loaded)."""
+  try:
+    with open("/proc/self/stat", encoding="ascii") as f:
+      start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime", encoding="ascii") as f:
+      uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter() - _LOADED_AT
+
+
+def compilation_cache_dir() -> str | None:
+  """The persistent compilation cache folder of --compilation_cache (None: off)."""
+  value = COMPILATION_CACHE.value
+  if value is None:
+    value = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bilevel_jax")
+  return None if value.lower() == "none" else value
+
+
+def enable_compilation_cache() -> None:
+  """Point JAX's persistent compilation cache at compilation_cache_dir() (every program that
+  took over 0.5 s to compile is kept; the README main job's rounds then load in about a second
+  instead of compiling for ten)."""
+  import jax
+  path = compilation_cache_dir()
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    fail(f"--compilation_cache={path}: cannot create the cache folder ({e}); give another "
+         "folder or --compilation_cache=none.")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.5)))
 
 
 def versions() -> dict[str, str]:
@@ -258,6 +307,11 @@ def check_shared_flags() -> list[str]:
     problems.append(f"--val_fraction={VAL_FRACTION.value} is outside the allowed range (0, 1).")
   if not ALPHA.value > 0:
     problems.append(f"--alpha={ALPHA.value} is outside the allowed range (0, inf).")
+  if not 0 < HOLDOUT_FRACTION.value < 1:
+    problems.append(f"--holdout_fraction={HOLDOUT_FRACTION.value} is outside the allowed range "
+                    "(0, 1).")
+  if DIVERGENCE_FACTOR.value < 0:
+    problems.append(f"--divergence_factor={DIVERGENCE_FACTOR.value} must be >= 0 (0 = off).")
   import jax
   available = len(jax.devices())
   if not 0 <= DEVICES.value <= available:
@@ -273,11 +327,6 @@ def config_dict(cfg: federated.FederatedConfig) -> dict[str, Any]:
   d["mask"] = cfg.mask._asdict()
   d["levels"] = [lv._asdict() for lv in cfg.levels]
   return d
-  if not 0 < HOLDOUT_FRACTION.value < 1:
-    problems.append(f"--holdout_fraction={HOLDOUT_FRACTION.value} is outside the allowed range "
-                    "(0, 1).")
-  if DIVERGENCE_FACTOR.value < 0:
-    problems.append(f"--divergence_factor={DIVERGENCE_FACTOR.value} must be >= 0 (0 = off).")
 
 
 def _config_record(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -363,11 +412,13 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
     earlier = read_metrics(metrics_path, meta["round"])
     totals, wall_offset = meta["totals"], meta["wall_time_s"]
   data, state = federated.replicate((data, state), client_mesh())  # once, not every round
+  run_start_age = process_age_s()  # start-up before the first round: imports, data, setup
   writer = JsonlWriter(metrics_path)
   elapsed = [wall_offset]
 
   def on_record(record):
     record["wall_time_s"] += wall_offset
+    record["time_to_first_round_s"] = run_start_age + record["first_round_s"]
     elapsed[0] = record["wall_time_s"]
     writer(record)
 
@@ -392,11 +443,6 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   write_json(os.path.join(workdir, "summary.json"), summary)
 
-
-def print_table(rows: Mapping[str, Any]) -> None:
-  width = max(len(k) for k in rows)
-  for k, v in rows.items():
-    print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
 
 def load_data():
   """--dataset from --data_dir; with --eval_split=holdout its holdout split (data.holdout_split,
@@ -468,6 +514,10 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
         raise
       stopped.append(seed)
   flags.FLAGS.workdir = root
+  if stopped:
+    fail(f"seeds {','.join(map(str, stopped))} of {','.join(map(str, seeds))} stopped (their "
+         f"errors are above); the finished seeds' results are in {root}/seed_S. No combined "
+         "summary.json was written.")
   combined = combine_summaries(summaries)
   write_summary(root, combined)
   print(f"over seeds {','.join(map(str, seeds))} (mean +- std, min .. max):")
@@ -476,7 +526,8 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
           f"({combined['min'][k]:.4g} .. {combined['max'][k]:.4g})")
 
 
-  if stopped:
-    fail(f"seeds {','.join(map(str, stopped))} of {','.join(map(str, seeds))} stopped (their "
-         f"errors are above); the finished seeds' results are in {root}/seed_S. No combined "
-         "summary.json was written.")
+def print_table(rows: Mapping[str, Any]) -> None:
+  width = max(len(k) for k in rows)
+  for k, v in rows.items():
+    print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+

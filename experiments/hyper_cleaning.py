@@ -401,7 +401,8 @@ def summarize(last: Mapping[str, Any], weighted: bool = True) -> dict[str, Any]:
           "cumulative_client_flops", "cumulative_comm_bytes")
   return dict(
       task="hyper_cleaning", algorithm=common.ALGORITHM.value, weighted=weighted,
-      rounds=last["round"], wall_time_s=last["wall_time_s"], min_coverage_x=last["cx_star"],
+      rounds=last["round"], wall_time_s=last["wall_time_s"], first_round_s=last["first_round_s"],
+      time_to_first_round_s=last["time_to_first_round_s"], min_coverage_x=last["cx_star"],
       min_coverage_y=last["cy_star"], final_outer_loss=last["outer_loss"],
       final_inner_loss=last["inner_loss"], final_hypergrad_norm=last["hypergrad_norm"],
       **{k: last[k] for k in keys})

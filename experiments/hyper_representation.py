@@ -129,7 +129,8 @@ def run_one() -> dict:
   summary = dict(
       task="hyper_representation", algorithm=common.ALGORITHM.value,
       test_accuracy=last["test_accuracy"], test_loss=last["test_loss"], rounds=last["round"],
-      wall_time_s=last["wall_time_s"],
+      wall_time_s=last["wall_time_s"], first_round_s=last["first_round_s"],
+      time_to_first_round_s=last["time_to_first_round_s"],
       cumulative_client_flops=last["cumulative_client_flops"],
       cumulative_comm_bytes=last["cumulative_comm_bytes"],
       min_coverage_x=last["cx_star"], min_coverage_y=last["cy_star"],
