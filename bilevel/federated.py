@@ -579,11 +579,12 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
   A record is logged every `eval_every` rounds and after the last one. It holds the round's
   metrics, cumulative client FLOPs and communicated bytes, the running C_x* (min over rounds of
   the minimum outer coverage), wall time, the time of this call's first round (first_round_s:
-  compilation included) and whatever eval_fn returns. Every round the losses,
-  the hypergradient norm and x, y, v are checked: a NaN or inf raises DivergenceError naming the
-  round and the quantity, and so does an outer loss or hypergradient norm above blowup_factor
-  times its early value (BlowupGuard; None or 0 turns that check off). `on_checkpoint(state, totals, round)` is called every
-  `checkpoint_every` rounds and after the last one, after that round's record was passed on.
+  compilation included) and whatever eval_fn returns. Every round the losses, the hypergradient
+  norm and x, y, v are checked: a NaN or inf raises DivergenceError naming the round and the
+  quantity, and so does an outer loss or hypergradient norm above blowup_factor times its early
+  value (BlowupGuard; None or 0 turns that check off). `on_checkpoint(state, totals, round)` is
+  called every `checkpoint_every` rounds and after the last one, after that round's record was
+  passed on.
   """
   totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
                 cy_star=float("inf"))
