@@ -568,7 +568,7 @@ def _check_finite(done: int, metrics: Mapping[str, Any], state: ServerState) -> 
 def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
         eval_fn: Callable[[ServerState], Mapping[str, Any]] | None = None, eval_every: int = 1,
         on_record: Callable[[dict[str, Any]], None] | None = None,
-        log: Callable[[str], None] | None = print, log_every: int = 10,
+        log: Callable[[str], None] | None = None, log_every: int = 10,
         start_totals: Mapping[str, float] | None = None,
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[ServerState, dict[str, float], int], None] | None = None,
@@ -584,7 +584,8 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
   quantity, and so does an outer loss or hypergradient norm above blowup_factor times its early
   value (BlowupGuard; None or 0 turns that check off). `on_checkpoint(state, totals, round)` is
   called every `checkpoint_every` rounds and after the last one, after that round's record was
-  passed on.
+  passed on. `log(line)`, if given, receives a progress line every `log_every` rounds (the
+  library prints nothing itself; the drivers pass absl logging).
   """
   totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
                 cy_star=float("inf"))

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping
 
-from absl import flags
+from absl import flags, logging
 
 from bilevel import checkpoint, federated
 from bilevel.client import ClientConfig
@@ -428,7 +428,7 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
   try:
     state, records = federated.run(
         rnd, state, data, ROUNDS.value, eval_fn=eval_fn, eval_every=EVAL_EVERY.value,
-        on_record=on_record, log_every=LOG_EVERY.value, start_totals=totals,
+        on_record=on_record, log=logging.info, log_every=LOG_EVERY.value, start_totals=totals,
         checkpoint_every=CHECKPOINT_EVERY.value, on_checkpoint=on_checkpoint,
         blowup_factor=DIVERGENCE_FACTOR.value)
   except federated.DivergenceError as e:
