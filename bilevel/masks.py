@@ -11,9 +11,13 @@ the axes those units index; pruning a unit zeroes every slice along those axes (
 weights, its bias and its outgoing weights). With `element` granularity every coordinate is a unit.
 
 One score order per (client, round, group) decides both sides: x keeps the first ceil(r_x K)
-units, y the first ceil(r_y K), so the two kept sets are nested. A group indexed by both x and y
-leaves (the MLP's hidden units feed the head's input rows) is kept on the y side only where x
-keeps it too: no work on head rows whose hidden unit is pruned.
+units, y the first ceil(r_y K), so the two kept sets are nested. Keep counts are exact integers:
+ceil(r n) with r read to 6 decimals (`host_keep_count` on the host, `keep_count` traced; the
+same number). A group indexed by both x and y leaves (a shared group: the MLP's hidden units feed
+the head's input rows) keeps the intersection, the first ceil(min(r_x, r_y) K) units, on BOTH
+sides: a unit kept in x whose head rows y prunes would send an exactly zero hypergradient yet
+count as covered, and y rows of a unit x prunes read a pruned feature. Coverage, FLOPs, bytes and
+compact widths (submodel.group_keep_counts) all follow these effective sets.
 
 Policies (the order of units):
   random    : a fresh random permutation per client and round (Federated Dropout);
@@ -105,9 +109,36 @@ def assign_levels(levels: Sequence[Level], num_clients: int, seed: int) -> np.nd
   return ratios[np.random.default_rng(seed).permutation(num_clients)]
 
 
+# Keep ratios are read on a grid of RATIO_SCALE steps: r = num / RATIO_SCALE with num an integer.
+# float32 holds num exactly (round(r * 10^6) <= 10^6 < 2^24, float32 error of r * 10^6 < 0.07), so
+# the traced count equals the host one, and ceil(num n / RATIO_SCALE) is exact integer arithmetic
+# (ceil(r n - 1e-6) in float32 gave ceil(0.3 * 200) = 61: 1e-6 is below float32 spacing at 60).
+RATIO_SCALE = 10**6
+
+
+def host_keep_count(ratio: float, n: int) -> int:
+  """ceil(r n) clipped to [1, n] for the ratio read to 6 decimals, in Python integers.
+
+  The one source of truth for keep counts on the host (compact widths, coverage checks, tests);
+  `keep_count` computes the same number inside traced code.
+  """
+  num = int(round(float(ratio) * RATIO_SCALE))
+  return int(min(max(-(-num * int(n) // RATIO_SCALE), 1), max(int(n), 1)))
+
+
 def keep_count(ratio: jax.typing.ArrayLike, n: jax.typing.ArrayLike) -> jax.Array:
-  """ceil(ratio * n) clipped to [1, n] (the 1e-6 guards 0.3 * 10 = 3.0000000000000004)."""
-  return jnp.clip(jnp.ceil(ratio * n - 1e-6), 1, jnp.maximum(n, 1)).astype(jnp.int32)
+  """host_keep_count for traced ratios and counts: ceil(num n / 10^6) in int32 arithmetic.
+
+  num n can exceed int32, so with n = qn 10^6 + rn and num = 1000 a + b (a <= 1000, b < 1000):
+  num rn = (1000 c + d) 1000 + b rn with a rn = 1000 c + d; every partial product is < 2^31.
+  """
+  num = jnp.round(jnp.asarray(ratio) * RATIO_SCALE).astype(jnp.int32)
+  n = jnp.round(jnp.asarray(n)).astype(jnp.int32)  # n may be a float sum of 0/1 units
+  qn, rn = n // RATIO_SCALE, n % RATIO_SCALE
+  a, b = num // 1000, num % 1000
+  c, d = (a * rn) // 1000, (a * rn) % 1000
+  k = num * qn + c + (d * 1000 + b * rn + RATIO_SCALE - 1) // RATIO_SCALE
+  return jnp.clip(k, 1, jnp.maximum(n, 1)).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------ layouts
@@ -212,15 +243,18 @@ def unit_masks(layout: UnitLayout, policy: str, rx: jax.typing.ArrayLike,
     rank = _ranks(policy, jax.random.fold_in(key, i), round_idx, n,
                   lambda g=g: _unit_magnitude(layout, g, x, y), avail)
     keep_x = rank < keep_count(rx, n_avail)
+    keep_y = rank < keep_count(ry, n_avail)
     if avail is not None:
       keep_x &= avail != 0
+      keep_y &= avail != 0
+    if g in in_x and g in in_y:
+      # Shared group: a unit whose y rows are pruned gets an exactly zero hypergradient on x
+      # (and x-pruned units give y nothing to read), so both sides keep the smaller set.
+      keep_x = keep_y = keep_x & keep_y
     if g in in_x:
       umx[g] = keep_x.astype(jnp.float32)
     if g in in_y:
-      keep_y = rank < keep_count(ry, n_avail)
-      if avail is not None:
-        keep_y &= avail != 0
-      umy[g] = (keep_y & keep_x if g in in_x else keep_y).astype(jnp.float32)
+      umy[g] = keep_y.astype(jnp.float32)
   return umx, umy
 
 
@@ -274,30 +308,46 @@ def check_coverable(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree,
   the start, so every outer unit must be kept by some client: for shared units the largest
   client r_x must keep the whole group; for owned units (`available`, [M, K]) each client must
   keep all it owns. Random and rolling masks cover every unit over rounds: nothing to check.
+  Counts are host_keep_count's, the ones the masks use.
   client_ratios: [M, 2] keep ratios (r_x, r_y) of the clients that can take part.
   """
   if allow_uncovered or cfg.policy not in _STUCK_POLICIES:
     return
-  rx = np.asarray(client_ratios)[:, 0]
+  rx, ry = np.asarray(client_ratios)[:, 0], np.asarray(client_ratios)[:, 1]
+  shared = set()
   if cfg.granularity == "element":
     sizes = {f"x leaf {i}": int(np.prod(np.shape(p))) for i, p in enumerate(jax.tree.leaves(x))}
   else:
     sizes = {g: layout.groups[g] for g in sorted(layout.groups_of(layout.x))}
+    shared = layout.groups_of(layout.x) & layout.groups_of(layout.y)
+
+  def kept(g: str, n: np.ndarray) -> np.ndarray:
+    """Per client the x units it keeps of n: on shared groups min(k_x, k_y) (unit_masks)."""
+    k = [host_keep_count(a, m) if m > 0 else 0 for a, m in zip(rx, n)]
+    if g in shared:
+      k = [min(kx, host_keep_count(b, m)) if m > 0 else 0 for kx, b, m in zip(k, ry, n)]
+    return np.array(k)
+
   for g, n in sizes.items():
     if available is not None and g in available:
       own = np.asarray(available[g]).sum(axis=1)
-      kept = np.array([math.ceil(r * o - 1e-6) for r, o in zip(rx, own)])
-      if np.any(kept < own):
+      short = kept(g, own) < own
+      if np.any(short):
         raise ConfigError(
             f"mask_policy={cfg.policy!r} with client-owned outer units in group {g!r} and keep "
-            f"ratio r_x={rx[np.argmax(kept < own)]} < 1 leaves those units uncovered forever; use "
+            f"ratio r_x={rx[np.argmax(short)]} < 1 leaves those units uncovered forever; use "
             "mask_policy random or rolling, r_x = 1, or allow uncovered coordinates explicitly.")
-    elif math.ceil(rx.max() * n - 1e-6) < n:
+      continue
+    k = kept(g, np.full(len(rx), n))
+    if k.max() < n:
+      best = int(np.argmax(k))
+      via_y = (f" (shared with y: r_y={ry[best]} of that client bounds it)"
+               if k[best] < host_keep_count(rx[best], n) else "")
       raise ConfigError(
-          f"mask_policy={cfg.policy!r} with largest outer keep ratio r_x={rx.max()} leaves "
-          f"{n - math.ceil(rx.max() * n - 1e-6)} of {n} outer units in {g!r} uncovered in every "
-          "round; add a level with r_x = 1, use mask_policy random or rolling, or allow uncovered "
-          "coordinates explicitly.")
+          f"mask_policy={cfg.policy!r} with largest outer keep ratio r_x={rx.max()}{via_y} leaves "
+          f"{n - k.max()} of {n} outer units in {g!r} uncovered in every round; add a level "
+          "with r_x = r_y = 1 on shared groups (r_x = 1 otherwise), use mask_policy random or "
+          "rolling, or allow uncovered coordinates explicitly.")
 
 
 # ------------------------------------------------------------------ coverage

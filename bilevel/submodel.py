@@ -7,10 +7,11 @@ indices (zeros elsewhere), so masked-full and compact computations can be compar
 coverage sums) without a full-size copy per client.
 
 Compact clients (federated.make_round(..., submodel="compact")): a client at level (r_x, r_y)
-keeps k_x = ceil(r_x K) units of a group x indexes and k_y of a group only y indexes, static per
-level. Groups both sides index (the MLP's hidden units) are extracted with x's indices on both
-sides, and y's compact mask zeroes the rows x keeps but y does not, so the hidden width matches
-and the numbers equal the dense masked computation (only the summation order differs).
+keeps k_x = ceil(r_x K) units of a group only x indexes and k_y of a group only y indexes, static
+per level (masks.host_keep_count). Groups both sides index (the MLP's hidden units) keep the
+intersection on both sides (masks.unit_masks), min(k_x, k_y) units, extracted with the same
+indices on both sides, so the hidden width matches and the numbers equal the dense masked
+computation (only the summation order differs).
 The loss functions must accept compact arrays (models.mlp_logits does); client data is not
 extracted, so groups that index data (hyper-cleaning's per-sample weights) need the dense path.
 
@@ -165,10 +166,12 @@ def units_major_problem(problem: BilevelProblem, layout: UnitLayout) -> BilevelP
 
 def group_keep_counts(layout: UnitLayout, kx: Mapping[str, int],
                       ky: Mapping[str, int]) -> dict[str, int]:
-  """Static compact width per group: k_x for groups x indexes (y's kept set is nested in x's
-  there), k_y for groups only y indexes."""
-  in_x = layout.groups_of(layout.x)
-  return {g: int(kx[g] if g in in_x else ky[g]) for g in sorted(layout.groups)}
+  """Static compact width per group: k_x for groups only x indexes, k_y for groups only y
+  indexes, min(k_x, k_y) for shared groups (both sides keep the intersection: masks.unit_masks).
+  kx, ky: masks.host_keep_count per group."""
+  in_x, in_y = layout.groups_of(layout.x), layout.groups_of(layout.y)
+  width = lambda g: min(kx[g], ky[g]) if g in in_x and g in in_y else kx[g] if g in in_x else ky[g]
+  return {g: int(width(g)) for g in sorted(layout.groups)}
 
 
 def compact_indices(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks,
@@ -184,7 +187,7 @@ def compact_indices(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks,
 
 def compact_unit_masks(umx: UnitMasks, umy: UnitMasks,
                        idx: Indices) -> tuple[UnitMasks, UnitMasks]:
-  """The unit masks read at the kept indices: x's are all ones; y's are zero on the units x
-  keeps but y does not (shared groups extract y with x's indices so the widths match)."""
+  """The unit masks read at the kept indices (all ones: shared groups keep the same units on
+  both sides, and every other group is extracted with its own side's indices)."""
   cut = lambda um: {g: jnp.take(m, idx[g]) if g in idx else m for g, m in um.items()}
   return cut(umx), cut(umy)

@@ -88,13 +88,39 @@ class CompactTest(parameterized.TestCase):
     rnd = federated.make_round(models.hyper_representation_problem(), _cfg(),
                                models.mlp_layout(H), x0, submodel="compact")
     widths = {(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata}
-    self.assertEqual(widths, {(1.0, 1.0): 16, (0.5, 0.25): 8, (0.25, 0.25): 4})
+    # hidden is shared by x and y: both keep the intersection, ceil(min(r_x, r_y) H) units.
+    self.assertEqual(widths, {(1.0, 1.0): 16, (0.5, 0.25): 4, (0.25, 0.25): 4})
     self.assertEqual(sum(st.per_round for st in rnd.strata), 6)
     data, x0, y0 = _setup(np.float32)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     jaxpr = str(jax.make_jaxpr(rnd.step)(state, data))
     # The 0.25 clients' hidden kernel really is 4 kept units x 12 inputs (held units-major).
     self.assertIn(f"f32[4,{DIN}]", jaxpr)
+
+  def test_shared_group_with_ry_below_rx_runs_at_the_intersection_width(self):
+    # Level 1/0.5: x and y both keep ceil(0.5 H) hidden units, compact = dense.
+    cfg = _cfg("random", "fd", levels="1/0.5:0.5,0.5/0.5:0.5")
+    _, x0, _ = _setup(np.float32)
+    rnd = federated.make_round(models.hyper_representation_problem(), cfg,
+                               models.mlp_layout(H), x0, submodel="compact")
+    self.assertEqual({(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata},
+                     {(1.0, 0.5): H // 2, (0.5, 0.5): H // 2})
+    with jax.enable_x64(True):
+      compact = _run(cfg, np.float64, submodel="compact")[:2]
+      dense = _run(cfg, np.float64, submodel="dense", sampling="stratified")[:2]
+      _assert_same(self, compact, dense, rtol=1e-12)
+      # x and y keep the same hidden units (dense round, one client at the 1/0.5 level).
+      data, x0, y0 = _setup(np.float64)
+      rnd = federated.make_round(models.hyper_representation_problem("tanh"), cfg,
+                                 models.mlp_layout(H), x0, submodel="dense", sampling="stratified")
+      state = federated.init_state(x0, y0, optax.sgd(1.0))
+      full = rnd.strata[0]
+      res = rnd.client_fns[0](state, data, jnp.asarray(full.clients[0]), jnp.asarray(0),
+                              state.round)
+    kept_x = np.asarray(res.mask_x["hidden"]["bias"]) != 0
+    kept_y = np.asarray(res.mask_y["head"]["kernel"][:, 0]) != 0
+    self.assertEqual(kept_x.sum(), H // 2)
+    np.testing.assert_array_equal(kept_x, kept_y)
 
   def test_stratified_sampling_keeps_level_counts(self):
     _, x0, _ = _setup(np.float32)

@@ -29,10 +29,31 @@ class PolicyTest(parameterized.TestCase):
   @parameterized.product(policy=masks_lib.POLICIES, rx=(1.0, 0.5, 0.3), ry=(1.0, 0.25))
   def test_keep_ratio_and_nesting(self, policy, rx, ry):
     umx, umy = _units(policy, rx, ry, key=3, q=5)
-    self.assertEqual(int(umx["hidden"].sum()), math.ceil(rx * K - 1e-6))
-    # y rows sit on x's kept units (shared axis): min(rx, ry) of the units, nested in x's.
-    self.assertEqual(int(umy["hidden"].sum()), math.ceil(min(rx, ry) * K - 1e-6))
-    self.assertTrue(np.all(umy["hidden"] <= umx["hidden"]))
+    # The hidden group is shared (x's hidden layer, y's head rows): both sides keep the
+    # intersection, min(rx, ry) of the units.
+    k = masks_lib.host_keep_count(min(rx, ry), K)
+    self.assertEqual(int(umx["hidden"].sum()), k)
+    np.testing.assert_array_equal(umx["hidden"], umy["hidden"])
+
+  def test_x_only_and_y_only_groups_keep_their_own_ratio(self):
+    layout = masks_lib.UnitLayout({"a": 10, "b": 20}, x={"w": masks_lib.Axes((("a", 0),))},
+                                  y={"u": masks_lib.Axes((("b", 0),))})
+    x, y = {"w": jnp.ones(10)}, {"u": jnp.ones(20)}
+    for policy in masks_lib.POLICIES:
+      umx, umy = masks_lib.unit_masks(layout, policy, 0.3, 0.6, jax.random.key(0), 1, x, y)
+      self.assertEqual((int(umx["a"].sum()), int(umy["b"].sum())), (3, 12), policy)
+
+  def test_shared_group_with_ry_below_rx_keeps_the_intersection_on_both_sides(self):
+    # Level 1/0.5: x would keep every hidden unit, but a unit whose head row y prunes gets an
+    # exactly zero hypergradient; both sides keep the same ceil(0.5 K) units.
+    for policy in masks_lib.POLICIES:
+      umx, umy = _units(policy, 1.0, 0.5, key=2, q=3)
+      self.assertEqual(int(umx["hidden"].sum()), math.ceil(0.5 * K), policy)
+      np.testing.assert_array_equal(umx["hidden"], umy["hidden"])
+    x, _ = _params()
+    cfg = masks_lib.MaskConfig("static", "unit")
+    with self.assertRaisesRegex(ConfigError, r"r_y=0\.5.*6 of 12 .*uncovered"):
+      masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[1.0, 0.5], [0.5, 0.5]]))
 
   @parameterized.parameters(*masks_lib.POLICIES)
   def test_element_keep_ratio(self, policy):
@@ -40,7 +61,65 @@ class PolicyTest(parameterized.TestCase):
     mx, my = masks_lib.element_masks(policy, 0.3, 0.6, jax.random.key(1), 2, x, y)
     for m, r in ((mx, 0.3), (my, 0.6)):
       for leaf in jax.tree.leaves(m):
-        self.assertEqual(int(leaf.sum()), math.ceil(r * leaf.size - 1e-6))
+        self.assertEqual(int(leaf.sum()), masks_lib.host_keep_count(r, leaf.size))
+
+
+# ceil(r n) for the ratios and widths (float32 ceil(r n - 1e-6) gave 61, 121, 141 at 200).
+EXACT = {(0.3, 200): 60, (0.6, 200): 120, (0.7, 200): 140, (0.3, 100): 30, (0.6, 100): 60,
+         (0.7, 100): 70}
+
+
+class KeepCountTest(parameterized.TestCase):
+
+  def test_host_and_traced_counts_are_exact(self):
+    traced = jax.jit(masks_lib.keep_count)
+    for (r, n), k in EXACT.items():
+      self.assertEqual(masks_lib.host_keep_count(r, n), k)
+      self.assertEqual(int(traced(jnp.float32(r), jnp.int32(n))), k)
+      self.assertEqual(int(traced(jnp.float32(r), jnp.float32(n))), k)  # a sum of 0/1 units
+    rng = np.random.default_rng(0)
+    ratios = rng.integers(1, 10**6 + 1, 300) / 10**6  # every 6-decimal ratio is exact
+    ns = rng.integers(1, 2**31 - 1, 300)
+    got = jax.jit(jax.vmap(masks_lib.keep_count))(jnp.asarray(ratios, jnp.float32),
+                                                  jnp.asarray(ns, jnp.int32))
+    want = [min(max(-(-round(r * 10**6) * int(n) // 10**6), 1), int(n)) for r, n in zip(ratios, ns)]
+    np.testing.assert_array_equal(got, want)
+    self.assertEqual(masks_lib.host_keep_count(0.3, 10), 3)  # 0.3 * 10 = 3.0000000000000004
+    self.assertEqual(masks_lib.host_keep_count(1e-9, 10), 1)
+    self.assertEqual(masks_lib.host_keep_count(1.0, 7), 7)
+
+  @parameterized.parameters(0.3, 0.6, 0.7)
+  def test_masks_and_kept_counts_are_exact(self, r):
+    ratio = r
+    r = jnp.float32(r)  # as the round passes it (float32 client ratios)
+    for n in (200, 100):
+      k = EXACT[(ratio, n)]
+      x, y = models.init_mlp(jax.random.key(0), 5, n, 3)
+      for policy in masks_lib.POLICIES:
+        umx, umy = masks_lib.unit_masks(models.mlp_layout(n), policy, r, r, jax.random.key(1), 2,
+                                        x, y)
+        self.assertEqual((int(umx["hidden"].sum()), int(umy["hidden"].sum())), (k, k), policy)
+        kept = masks_lib.unit_kept_counts(umx, models.mlp_layout(n).x, x)
+        self.assertEqual(float(kept["hidden"]["kernel"]), 5 * k)
+        avail = {"hidden": jnp.ones(n)}  # owned units: a traced count of n
+        umx, _ = jax.jit(lambda a, r=r, n=n, x=x, y=y, policy=policy: masks_lib.unit_masks(
+            models.mlp_layout(n), policy, r, r, jax.random.key(1), 2, x, y, a))(avail)
+        self.assertEqual(int(umx["hidden"].sum()), k, policy)
+      mx, my = masks_lib.element_masks("random", r, r, jax.random.key(1), 2, {"a": jnp.ones(n)},
+                                       {"b": jnp.ones((n // 10, 10))})
+      self.assertEqual((int(mx["a"].sum()), int(my["b"].sum())), (k, k))
+      self.assertEqual(float(masks_lib.kept_counts(mx)["a"]), k)
+
+  @parameterized.parameters(0.3, 0.6, 0.7)
+  def test_check_coverable_agrees_with_the_masks(self, r):
+    lay = masks_lib.UnitLayout({"u": 200}, x={"w": masks_lib.Axes((("u", 0),))}, y={})
+    cfg = masks_lib.MaskConfig("static", "unit")
+    with self.assertRaisesRegex(ConfigError, f"{200 - EXACT[(r, 200)]} of 200 outer units"):
+      masks_lib.check_coverable(cfg, lay, {"w": jnp.ones(200)}, np.array([[r, r]]))
+    # Owned units: a client owning 100 keeps EXACT[(r, 100)] of them.
+    own = {"u": np.ones((1, 200))}
+    with self.assertRaisesRegex(ConfigError, "client-owned"):
+      masks_lib.check_coverable(cfg, lay, {"w": jnp.ones(200)}, np.array([[r, r]]), own)
 
   def test_static_is_prefix(self):
     umx, _ = _units("static", 0.25, 0.25, key=7, q=9)
@@ -119,7 +198,9 @@ class LevelsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ConfigError, r"static.*r_x=0\.5.*uncovered"):
       masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5], [0.25, 0.25]]))
     masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5]]), allow_uncovered=True)
-    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[1.0, 0.5], [0.25, 0.25]]))
+    # The hidden group is shared with y: the full client needs r_y = 1 too (1/0.5 keeps only
+    # half of it on both sides: PolicyTest's intersection test).
+    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[1.0, 1.0], [0.25, 0.25]]))
     masks_lib.check_coverable(masks_lib.MaskConfig("rolling"), LAYOUT, x, np.array([[0.5, 0.5]]))
 
 
