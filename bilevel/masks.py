@@ -47,8 +47,10 @@ UnitMasks = dict[str, jax.Array]  # group -> [K] 0/1
 
 POLICIES = ("random", "rolling", "static", "magnitude")
 GRANULARITIES = ("unit", "element")
-# Policies whose kept set can never reach a unit that no client keeps at the start.
-_STUCK_POLICIES = ("static", "magnitude")
+# Policies whose kept set can never reach a unit that no client keeps at the start. Not
+# `magnitude`: it ranks by the current global model, which changes as it trains, so a unit
+# outside every client's set can enter later (SPEC: only never-coverable setups are rejected).
+_STUCK_POLICIES = ("static",)
 
 
 # ------------------------------------------------------------------ resource levels
@@ -304,10 +306,11 @@ def check_coverable(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree,
                     *, allow_uncovered: bool = False) -> None:
   """Reject configurations under which some outer coordinate can never be covered.
 
-  With `static` or `magnitude` masks the kept set never reaches a unit that no client keeps at
-  the start, so every outer unit must be kept by some client: for shared units the largest
-  client r_x must keep the whole group; for owned units (`available`, [M, K]) each client must
-  keep all it owns. Random and rolling masks cover every unit over rounds: nothing to check.
+  With `static` masks the kept set never reaches a unit that no client keeps at the start, so
+  every outer unit must be kept by some client: for shared units the largest client r_x must
+  keep the whole group; for owned units (`available`, [M, K]) each client must keep all it owns.
+  Random and rolling masks cover every unit over rounds, and `magnitude` masks rank by the
+  current global model, which moves as it trains, so a unit can enter later: nothing to check.
   Counts are host_keep_count's, the ones the masks use.
   client_ratios: [M, 2] keep ratios (r_x, r_y) of the clients that can take part.
   """

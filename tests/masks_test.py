@@ -203,6 +203,17 @@ class LevelsTest(parameterized.TestCase):
     masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[1.0, 1.0], [0.25, 0.25]]))
     masks_lib.check_coverable(masks_lib.MaskConfig("rolling"), LAYOUT, x, np.array([[0.5, 0.5]]))
 
+  def test_magnitude_without_full_client_is_accepted(self):
+    # Magnitude masks rank by the current global model, which moves as it trains: a unit no
+    # client keeps now can enter later, so only static masks are never-coverable.
+    x, _ = _params()
+    cfg = masks_lib.MaskConfig("magnitude", "unit")
+    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5], [0.25, 0.25]]))
+    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5]]),
+                              {"hidden": np.ones((1, K))})
+    masks_lib.check_coverable(masks_lib.MaskConfig("magnitude", "element"), LAYOUT, x,
+                              np.array([[0.5, 0.5]]))
+
 
 class CoverageTest(parameterized.TestCase):
 
