@@ -83,8 +83,23 @@ def server_step(params: PyTree, agg_delta: PyTree, cover: PyTree,
   """params + (optimiser update of the pseudo-gradient -agg), zeroed where nothing is covered.
 
   optax.sgd(s) gives new = old + s * agg (SPEC section 6); any optax optimiser may stand in.
+  A stateful optimiser's per-coordinate state (momentum, Adam's mu and nu) keeps its old value
+  where nothing is covered: the zero pseudo-gradient there is no observation, and decaying the
+  moments of a frozen coordinate would distort its next covered step. State leaves that are not
+  shaped like the parameters (step counts) advance as usual.
   """
   pseudo_grad = jax.tree.map(jnp.negative, agg_delta)
-  updates, opt_state = optimizer.update(pseudo_grad, opt_state, params)
+  updates, new_state = optimizer.update(pseudo_grad, opt_state, params)
   updates = jax.tree.map(lambda u, c: jnp.where(c > 0, u, 0).astype(u.dtype), updates, cover)
-  return optax.apply_updates(params, updates), opt_state
+  return optax.apply_updates(params, updates), keep_uncovered_state(optimizer, new_state,
+                                                                    opt_state, cover)
+
+
+def keep_uncovered_state(optimizer: optax.GradientTransformation, new_state: optax.OptState,
+                         old_state: optax.OptState, cover: PyTree) -> optax.OptState:
+  """new_state, with old_state's value at uncovered coordinates of every param-shaped tree."""
+  # The cover, placed at every param-shaped subtree of the state (True elsewhere: keep new).
+  select = optax.tree_utils.tree_map_params(
+      optimizer, lambda _, c: c > 0, new_state, cover,
+      transform_non_params=lambda t: jax.tree.map(lambda _: True, t))
+  return jax.tree.map(lambda s, n, o: jnp.where(s, n, o), select, new_state, old_state)

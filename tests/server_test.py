@@ -54,6 +54,32 @@ class CoverageMeanTest(parameterized.TestCase):
     new, _ = server.server_step(params, agg, cover, optax.sgd(1.0), optax.sgd(1.0).init(params))
     np.testing.assert_allclose(new["w"], params["w"] + agg["w"], rtol=1e-15)
 
+  @parameterized.parameters("adam", "momentum")
+  def test_uncovered_coordinates_keep_their_optimiser_state(self, name):
+    # A zero pseudo-gradient at an uncovered coordinate is no observation: Adam's mu and nu (and
+    # a momentum trace) must not decay there while the parameter is frozen.
+    deltas, masks, _ = _case(6)
+    masks["b"][:, 2] = 0.0
+    params = {"w": jnp.ones((4, 3)), "b": jnp.arange(5.0)}
+    agg, cover = server.coverage_mean(deltas, masks), server.covered(masks)
+    opt = optax.adam(0.1) if name == "adam" else optax.sgd(0.1, momentum=0.9)
+    state = opt.init(params)
+    # A round in: nonzero moments everywhere (every coordinate covered once).
+    ones = jax.tree.map(jnp.ones_like, params)
+    params, state = server.server_step(params, ones, ones, opt, state)
+    _, new = jax.jit(lambda p, s: server.server_step(p, agg, cover, opt, s))(params, state)
+    # The state leaves of "b" (Adam's mu and nu, or the momentum trace), in leaf order.
+    moments = [(np.asarray(o), np.asarray(n))
+               for o, n in zip(jax.tree.leaves(state), jax.tree.leaves(new)) if o.shape == (5,)]
+    self.assertLen(moments, 2 if name == "adam" else 1)
+    covered = np.asarray(cover["b"]) > 0
+    self.assertFalse(covered[2])
+    for o, n in moments:
+      np.testing.assert_array_equal(n[~covered], o[~covered])  # uncovered: exactly unchanged
+      self.assertTrue(np.all(n[covered] != o[covered]))
+    if name == "adam":
+      self.assertEqual(int(new[0].count), int(state[0].count) + 1)  # counts advance as usual
+
   def test_permutation_invariant(self):
     deltas, masks, weights = _case(2)
     perm = np.random.default_rng(0).permutation(6)
