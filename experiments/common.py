@@ -114,6 +114,16 @@ EVAL_SPLIT = flags.DEFINE_enum(
 HOLDOUT_FRACTION = flags.DEFINE_float("holdout_fraction", 0.2, "Share of the training data held "
                                       "out with --eval_split=holdout.")
 
+NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1, "JAX processes of a multi-process run (jax.distributed): 1 = this process "
+    "alone; N > 1 with --coordinator_address and --process_id (start one process per host or "
+    "device group); 0 = let jax.distributed.initialize() detect the cluster (SLURM, Cloud TPU, "
+    "Open MPI, ...). The sampled clients are sharded over every process's devices; process 0 "
+    "alone writes the workdir.")
+COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
+                                          "for --num_processes > 1.")
+PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's id in 0..num_processes-1.")
+
 SEEDS = flags.DEFINE_list(
     "seeds", None, "Several seeds in one invocation, e.g. 0,1,2,3,4: one run per seed in "
     "WORKDIR/seed_S (exactly what --seed=S --workdir=WORKDIR/seed_S writes) and WORKDIR/"
@@ -122,7 +132,8 @@ SEEDS = flags.DEFINE_list(
 
 # Flags that may differ between a run and its resumption.
 _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
-                      "reuse_host_memory", "seeds", "compilation_cache")
+                      "reuse_host_memory", "seeds", "compilation_cache", "num_processes",
+                      "coordinator_address", "process_id")
 
 
 def reuse_host_memory() -> bool:
@@ -158,7 +169,47 @@ def start_driver() -> bool:
     except RuntimeError as e:  # JAX already started in this process
       fail(f"--cpu_devices={CPU_DEVICES.value} must be set before JAX starts: {e}")
   enable_compilation_cache()
+  start_distributed()
   return REUSE_HOST_MEMORY.value and reuse_host_memory()
+
+
+def start_distributed() -> None:
+  """jax.distributed.initialize for --num_processes != 1 (CPU processes talk through gloo)."""
+  if NUM_PROCESSES.value == 1:
+    return
+  import jax
+  problems = []
+  if NUM_PROCESSES.value < 0:
+    problems.append(f"--num_processes={NUM_PROCESSES.value} must be >= 0.")
+  if NUM_PROCESSES.value > 1:
+    if not COORDINATOR_ADDRESS.value:
+      problems.append(f"--num_processes={NUM_PROCESSES.value} needs --coordinator_address="
+                      "HOST:PORT (the address process 0 listens on).")
+    if not 0 <= PROCESS_ID.value < NUM_PROCESSES.value:
+      problems.append(f"--process_id={PROCESS_ID.value} is outside the allowed range "
+                      f"[0, {NUM_PROCESSES.value - 1}].")
+  if problems:
+    fail(" ".join(problems))
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if NUM_PROCESSES.value == 0:
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=COORDINATOR_ADDRESS.value,
+                               num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
+
+
+def is_writer() -> bool:
+  """True in the one process that writes results (process 0; the only one when not distributed)."""
+  import jax
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier across the processes of a multi-process run (nothing otherwise)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def process_age_s() -> float:
@@ -221,6 +272,8 @@ def device_info() -> dict[str, Any]:
 def client_mesh():
   """The client mesh for --devices (None for one device); validated in check_shared_flags."""
   import jax
+  if jax.process_count() > 1:  # every process's devices
+    return federated.client_mesh()
   n = DEVICES.value or len(jax.devices())
   return None if n == 1 else federated.client_mesh(n)
 
@@ -273,10 +326,12 @@ def federated_config() -> federated.FederatedConfig:
   client = ClientConfig(
       local_steps=_value("local_steps", preset, LOCAL_STEPS.value),
       inner_steps=_value("inner_steps", preset, INNER_STEPS.value),
-      inner_lr=INNER_LR.value, outer_lr=OUTER_LR.value,
+      inner_lr=_value("inner_lr", preset, INNER_LR.value),
+      outer_lr=_value("outer_lr", preset, OUTER_LR.value),
       estimator=_value("estimator", preset, ESTIMATOR.value),
       estimator_options=EstimatorOptions(
-          num_steps=_value("num_steps", preset, NUM_STEPS.value), step_size=V_LR.value,
+          num_steps=_value("num_steps", preset, NUM_STEPS.value),
+          step_size=_value("v_lr", preset, V_LR.value),
           delta=DELTA.value, radius=RADIUS.value, v_step=V_STEP.value))
   return federated.FederatedConfig(
       num_clients=NUM_CLIENTS.value,
@@ -288,7 +343,8 @@ def federated_config() -> federated.FederatedConfig:
                       MASK_GRANULARITY.value),
       levels=levels, redraw_levels=REDRAW_LEVELS.value,
       only_full=preset.get("only_full", False), aggregation=AGGREGATION.value,
-      server_lr=SERVER_LR.value, allow_uncovered=ALLOW_UNCOVERED.value, seed=SEED.value)
+      server_lr=SERVER_LR.value, allow_uncovered=ALLOW_UNCOVERED.value, seed=SEED.value,
+      round_kind=preset.get("round_kind", "local"))
 
 
 def validated(cfg: federated.FederatedConfig, layout: Any) -> federated.FederatedConfig:
@@ -357,13 +413,20 @@ def start_run(workdir: str, config: Mapping[str, Any]) -> bool:
     try:
       with open(config_path, encoding="utf-8") as f:
         old = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+      fail(f"cannot read {config_path} ({e}), which describes the checkpoint in {workdir}. "
+           "Use a new --workdir, or pass --noresume to start afresh and overwrite it.")
+    if not isinstance(old, dict):
       old = {}
     if _same_run(old, record):
       print(f"resuming from {os.path.join(workdir, checkpoint.FILENAME)}")
+      sync(f"start_run {workdir}")  # every process decided before process 0 writes anything
       return True
     fail(f"{workdir} holds a checkpoint of a run with another configuration ({config_path}). "
          "Use a new --workdir, or pass --noresume to start afresh and overwrite it.")
+  sync(f"start_run {workdir}")
+  if not is_writer():
+    return False
   for name in ("summary.json", "metrics.jsonl", checkpoint.FILENAME):
     path = os.path.join(workdir, name)
     if os.path.exists(path):
@@ -389,10 +452,11 @@ def read_metrics(path: str, up_to_round: int) -> list[dict[str, Any]]:
           break
         records.append(record)
         lines.append(line)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(lines)
-  os.replace(tmp, path)
+  if is_writer():
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(lines)
+    os.replace(tmp, path)
   return records
 
 
@@ -413,7 +477,7 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
     totals, wall_offset = meta["totals"], meta["wall_time_s"]
   data, state = federated.replicate((data, state), client_mesh())  # once, not every round
   run_start_age = process_age_s()  # start-up before the first round: imports, data, setup
-  writer = JsonlWriter(metrics_path)
+  writer = JsonlWriter(metrics_path) if is_writer() else None
   elapsed = [wall_offset]
 
   def on_record(record):
@@ -434,14 +498,17 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
   except federated.DivergenceError as e:
     fail(str(e))
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
   records = earlier + records
-  plot_records(records, os.path.join(workdir, "curves.png"), title)
+  if is_writer():
+    plot_records(records, os.path.join(workdir, "curves.png"), title)
   return state, records
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
-  write_json(os.path.join(workdir, "summary.json"), summary)
+  if is_writer():
+    write_json(os.path.join(workdir, "summary.json"), summary)
 
 
 def load_data():
@@ -498,7 +565,7 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
     return
   root = require_workdir()
   stale = os.path.join(root, "summary.json")
-  if os.path.exists(stale):
+  if os.path.exists(stale) and is_writer():
     os.remove(stale)  # written again once every seed has finished
   summaries, stopped = {}, []
   for i, seed in enumerate(seeds):
