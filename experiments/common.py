@@ -484,10 +484,12 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
     record["wall_time_s"] += wall_offset
     record["time_to_first_round_s"] = run_start_age + record["first_round_s"]
     elapsed[0] = record["wall_time_s"]
-    writer(record)
+    if writer is not None:
+      writer(record)
 
   def on_checkpoint(st, tot, done):
-    checkpoint.save(workdir, st, {"round": done, "totals": tot, "wall_time_s": elapsed[0]})
+    if is_writer():
+      checkpoint.save(workdir, st, {"round": done, "totals": tot, "wall_time_s": elapsed[0]})
 
   try:
     state, records = federated.run(
