@@ -516,7 +516,7 @@ class DivergenceError(RuntimeError):
 # Per-round quantities whose non-finite value stops a run.
 GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")
 # Per-round quantities whose finite blow-up stops a run, and the rounds that set their early
-# value (the largest value over rounds 1..BLOWUP_WARMUP of the run).
+# value (the median over rounds 1..BLOWUP_WARMUP of the run).
 BLOWUP_METRICS = ("outer_loss", "hypergrad_norm")
 BLOWUP_WARMUP = 10
 BLOWUP_FACTOR = 100.0
@@ -525,25 +525,31 @@ BLOWUP_FACTOR = 100.0
 class BlowupGuard:
   """Raises DivergenceError when a BLOWUP_METRICS value exceeds factor x its early value.
 
-  The early value of a quantity is its largest value over the first BLOWUP_WARMUP rounds of the
-  run (kept in the run totals, so a resumed run uses the same reference). factor None or 0
-  turns the guard off.
+  The early value of a quantity is its median over rounds 1..BLOWUP_WARMUP of the run (a median,
+  so a blow-up that starts inside those rounds does not raise its own reference); later rounds
+  are checked against it. It is kept in the run totals (`early_*`; the warm-up values under
+  `_early_values_*` until the median is final), so a resumed run uses the same reference.
+  factor None or 0 turns the guard off.
   """
 
-  def __init__(self, factor: float | None, totals: dict[str, float]):
+  def __init__(self, factor: float | None, totals: dict[str, Any]):
     self.factor, self.totals = factor, totals
 
   def __call__(self, done: int, metrics: Mapping[str, Any]) -> None:
     if not self.factor:
       return
     for k in BLOWUP_METRICS:
-      key = f"early_{k}"
+      key, values_key = f"early_{k}", f"_early_values_{k}"
       if done <= BLOWUP_WARMUP:
-        self.totals[key] = max(self.totals.get(key, 0.0), float(metrics[k]))
+        values = self.totals.setdefault(values_key, []) + [float(metrics[k])]
+        self.totals[values_key] = values
+        self.totals[key] = float(np.median(values))
+        if done == BLOWUP_WARMUP:
+          del self.totals[values_key]
       elif metrics[k] > self.factor * self.totals.get(key, float("inf")):
         raise DivergenceError(
             f"round {done}: {k} = {metrics[k]:.4g} grew past {self.factor:g} x its early value "
-            f"{self.totals[key]:.4g} (largest over rounds 1-{BLOWUP_WARMUP}); the run stopped as "
+            f"{self.totals[key]:.4g} (median over rounds 1-{BLOWUP_WARMUP}); the run stopped as "
             "diverged. Lower the step sizes (--outer_lr, --inner_lr, --v_lr); the last "
             "checkpoint holds the last good state; --divergence_factor=0 turns this guard off.")
 
@@ -607,7 +613,8 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
     totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
     totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
     if done % eval_every == 0 or done == num_rounds:
-      record = dict(round=done, **metrics, **totals,
+      record = dict(round=done, **metrics,
+                    **{k: v for k, v in totals.items() if not k.startswith("_")},
                     wall_time_s=time.perf_counter() - start)
       if eval_fn is not None:
         record.update(to_python(dict(eval_fn(state))))

@@ -94,15 +94,25 @@ class BlowupGuardTest(absltest.TestCase):
     return totals
 
   def test_stops_at_the_first_round_past_factor_times_early_value(self):
-    early = [2.0, 3.0] + [1.0] * 8  # largest early value 3
-    with self.assertRaisesRegex(federated.DivergenceError,
-                                r"round 12: outer_loss = 301 grew past 100 x its early value 3"):
-      self._feed(100.0, early + [299.0, 301.0, 1e9])
+    early = [4.0, 3.0] + [2.0] * 5 + [1.0, 800.0, 9000.0]  # median 2: a blow-up starting
+    with self.assertRaisesRegex(federated.DivergenceError,      # in round 9 sets no reference
+                                r"round 12: outer_loss = 201 grew past 100 x its early value 2"):
+      self._feed(100.0, early + [199.0, 201.0, 1e9])
 
   def test_factor_zero_is_off_and_warmup_values_never_trigger(self):
     self._feed(0.0, [1.0] * 10 + [1e30])
-    totals = self._feed(100.0, [1.0, 1e6] + [1.0] * 10)  # a spike inside the warm-up is the
-    self.assertEqual(totals["early_outer_loss"], 1e6)     # reference, not a blow-up
+    totals = self._feed(100.0, [1.0, 1e6] + [1.0] * 10)  # a warm-up spike raises nothing
+    self.assertEqual(totals["early_outer_loss"], 1.0)
+    self.assertNotIn("_early_values_outer_loss", totals)  # the median is final after round 10
+
+  def test_resumed_guard_keeps_the_reference(self):
+    totals = self._feed(100.0, [3.0, 1.0, 2.0])  # a run checkpointed after round 3 ...
+    guard = federated.BlowupGuard(100.0, json.loads(json.dumps(totals)))  # ... and resumed
+    for q in range(4, 11):
+      guard(q, {"outer_loss": 2.0, "hypergrad_norm": 1.0})
+    self.assertEqual(guard.totals["early_outer_loss"], 2.0)  # median of all ten rounds
+    with self.assertRaises(federated.DivergenceError):
+      guard(11, {"outer_loss": 201.0, "hypergrad_norm": 1.0})
 
 
 class CombineSummariesTest(absltest.TestCase):
