@@ -22,14 +22,16 @@ level profile (here one full level "1/1:1" unless given; the drivers default to
   rabo       1      1      fd                 every client        random, levels as given
   rafbo      5      1      fd                 half the clients    random, levels as given
   lfednest   5      5      neumann (5 terms)  half the clients    full model (levels ignored)
-  fednest    currently the same as lfednest (a faithful FedNest is planned)
+  fednest    1      5      FedNest's round    half the clients    full model (levels ignored)
+             (tau)  (SVRG) (6 terms, server-averaged; bilevel/fednest.py; all step sizes 0.01)
   simfbo     5      1      exact              half the clients    full model (levels ignored)
   memfbo     5      1      fd                 half the clients    full model (levels ignored)
   full_only  5      1      fd                 half the clients    only clients at level 1/1 train
   heterofl   5      1      fd                 half the clients    static (nested) masks
   fedrolex   5      1      fd                 half the clients    rolling masks
 
-Shared defaults: inner_lr 0.1, outer_lr 0.1, num_steps 1 (fednest/lfednest 5), v_lr 0.1,
+Shared defaults (fednest: its own, above): inner_lr 0.1, outer_lr 0.1, num_steps 1 (lfednest 5),
+v_lr 0.1,
 delta 1e-3, radius None, v_step "cauchy", granularity "unit" (needs `layout`), aggregation
 "coverage", weighting "uniform", server optimiser optax.sgd(server_lr = 1.0), full-batch client
 sampling, dense submodels, seed 0. "Half the clients" is max(1, num_clients // 2) (the drivers'
@@ -150,13 +152,18 @@ class _Spec(NamedTuple):
   full_participation: bool = False  # clients_per_round defaults to num_clients
   full_model: bool = False  # every client runs the full model (levels ignored)
   only_full: bool = False  # only clients at level 1/1 take part
+  round_kind: str = "local"  # federated.FederatedConfig.round_kind
 
 
 _NEUMANN = _SHARED._replace(estimator="neumann", inner_steps=5, num_steps=5)
+# FedNest's config A (bilevel/fednest.py): outer_tau 1, 5 SVRG inner steps, 5 Neumann products
+# (6 terms), every step size 0.01 (federated.ALGORITHMS["fednest"]).
+_FEDNEST = _SHARED._replace(estimator="neumann", local_steps=1, inner_steps=5, num_steps=6,
+                            inner_lr=0.01, outer_lr=0.01, v_lr=0.01)
 _SPECS: dict[str, _Spec] = {
     "rabo": _Spec(_SHARED._replace(local_steps=1), full_participation=True),
     "rafbo": _Spec(_SHARED),
-    "fednest": _Spec(_NEUMANN, full_model=True),
+    "fednest": _Spec(_FEDNEST, full_model=True, round_kind="fednest"),
     "lfednest": _Spec(_NEUMANN, full_model=True),
     "simfbo": _Spec(_SHARED._replace(estimator="exact"), full_model=True),
     "memfbo": _Spec(_SHARED, full_model=True),
@@ -307,7 +314,7 @@ def _build(name: str, problem: BilevelProblem, num_clients: int,
       mask=MaskConfig(o.mask_policy, granularity), levels=levels,
       redraw_levels=o.redraw_levels, only_full=spec.only_full, aggregation=o.aggregation,
       weighting=o.weighting, server_lr=o.server_lr, allow_uncovered=o.allow_uncovered,
-      seed=o.seed)
+      seed=o.seed, round_kind=spec.round_kind)
   federated.validate_config(config, o.layout)
   if o.server_optimizer is not None and not isinstance(o.server_optimizer,
                                                        optax.GradientTransformation):
@@ -353,11 +360,15 @@ def lfednest(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Al
 
 
 def fednest(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
-  """FedNest: currently the same as lfednest (a faithful FedNest is planned).
+  """FedNest (Tarzanagh et al., 2022): its communicating round (bilevel/fednest.py).
 
-  Today this is the local-Neumann preset of `lfednest` (same config and defaults; only `name`
-  differs); FedNest's extra communication rounds for the inner solution and the hypergradient
-  are not implemented. Full model: `levels` is ignored.
+  Per round: FedInn (SVRG inner steps, 2 communication rounds), FedIHGP (the Neumann series
+  averaged on the server after every term, 1 + N rounds), FedOut (hypergradient mean, then tau
+  SVRG x steps and their mean, 2 rounds): one outer update of x. config.round_kind is
+  "fednest". Defaults (FedNest's config A): local_steps 1 (outer_tau), inner_steps 5,
+  num_steps 6 (Neumann terms: 5 products), inner_lr = outer_lr = v_lr = 0.01,
+  clients_per_round max(1, num_clients // 2). Full model: `levels` is ignored; submodel
+  "compact", weighting "examples" and estimators other than neumann are ConfigErrors.
   """
   return _build("fednest", problem, num_clients, options)
 

@@ -93,11 +93,13 @@ def run_one() -> dict:
     sample = minibatch_sampler(batch) if batch else full_batch
     data, info = client_arrays(ds)
     per_grad_examples = batch if batch else info["train_per_client_max"]
-    # compact (the default) needs unit masks and fixed levels; an unset flag falls back to dense
-    # where those do not hold, an explicit --submodel=compact reports the conflict.
+    # compact (the default) needs unit masks and fixed levels (and the local round: FedNest's
+    # round is dense); an unset flag falls back to dense where those do not hold, an explicit
+    # --submodel=compact reports the conflict.
     submodel = common.SUBMODEL.value
     if not flags.FLAGS["submodel"].present and (cfg.redraw_levels or
-                                                cfg.mask.granularity != "unit"):
+                                                cfg.mask.granularity != "unit" or
+                                                cfg.round_kind == "fednest"):
       submodel = "dense"
     rnd = federated.make_round(
         models.hyper_representation_problem(ACTIVATION.value, L2.value, MODEL.value), cfg,
