@@ -270,7 +270,8 @@ def fed_out(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTree
 def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops_per_grad, num_sampled):
   """The generic round's metric keys (full model: coverage = C everywhere) plus the counts."""
   full = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, num_sampled, jnp.int32), t)
-  cov_x, cov_y = coverage_stats_from_counts(full(state.x)), coverage_stats_from_counts(full(state.y))
+  cov_x = coverage_stats_from_counts(full(state.x))
+  cov_y = coverage_stats_from_counts(full(state.y))
   sizes = lambda t: jax.tree.map(lambda a: jnp.asarray(a.size, jnp.float32), t)
   per = PRODUCT_GRAD_EVALS["exact"]
   evals = (counts.first_order_inner + counts.first_order_outer
