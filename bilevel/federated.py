@@ -60,6 +60,9 @@ class FederatedConfig(NamedTuple):
   server_lr: float = 1.0
   allow_uncovered: bool = False
   seed: int = 0
+  # "local": the round above (K local steps per client, one aggregation); "fednest": FedNest's
+  # communicating round (bilevel/fednest.py: FedInn, FedIHGP, FedOut; full model only).
+  round_kind: str = "local"
 
 
 # Presets over the same code (SPEC section 8): overrides of FederatedConfig / ClientConfig.
@@ -68,13 +71,21 @@ class FederatedConfig(NamedTuple):
 ALGORITHMS: dict[str, dict[str, Any]] = {
     "rabo": dict(local_steps=1, estimator="fd", full_participation=True),
     "rafbo": dict(estimator="fd"),
-    "fednest": dict(estimator="neumann", prune=False, inner_steps=5, num_steps=5),
+    # FedNest at its config A (bilevel/fednest.py): SVRG FedInn with 5 local steps at lr 0.01,
+    # 5 server-averaged Neumann products (6 terms) at step 0.01, outer_tau 1 at lr 0.01.
+    "fednest": dict(round_kind="fednest", estimator="neumann", prune=False, local_steps=1,
+                    inner_steps=5, num_steps=6, inner_lr=0.01, outer_lr=0.01, v_lr=0.01),
+    # LFedNest-style: the local round with a local Neumann hypergradient (no extra rounds).
+    "lfednest": dict(estimator="neumann", prune=False, inner_steps=5, num_steps=5),
     "simfbo": dict(estimator="exact", prune=False),
     "memfbo": dict(estimator="fd", prune=False),
     "full_only": dict(estimator="fd", only_full=True),
     "heterofl": dict(estimator="fd", policy="static"),
     "fedrolex": dict(estimator="fd", policy="rolling"),
 }
+
+
+ROUND_KINDS = ("local", "fednest")
 
 
 def validate_config(cfg: FederatedConfig, layout: UnitLayout | None = None) -> None:
@@ -89,6 +100,7 @@ def validate_config(cfg: FederatedConfig, layout: UnitLayout | None = None) -> N
   masks_lib.validate_levels(cfg.levels)
   check_choice("aggregation", cfg.aggregation, server.AGGREGATORS)
   check_choice("weighting", cfg.weighting, ("uniform", "examples"))
+  check_choice("round_kind", cfg.round_kind, ROUND_KINDS)
   if not cfg.server_lr > 0:
     raise ConfigError(f"server_lr={cfg.server_lr!r} is outside the allowed range (0, inf).")
   if cfg.only_full and not any(lv.rx == 1 and lv.ry == 1 for lv in cfg.levels):
@@ -236,8 +248,8 @@ def make_strata(ratios: np.ndarray, population: np.ndarray, clients_per_round: i
                 layout: UnitLayout | None) -> tuple[Stratum, ...]:
   """Population split by resource level (largest r first); per-round counts by largest remainder.
 
-  Compact widths use masks.keep_count on the same float32/64 ratio the traced round sees, so the
-  static width equals the traced keep count exactly.
+  Compact widths are masks.host_keep_count's exact integers, the counts the traced round's
+  masks.keep_count gives (the ratio read to 6 decimals, float32 or float64 alike).
   """
   pairs = ratios[population]
   levels = sorted({tuple(p) for p in pairs.tolist()}, reverse=True)
@@ -247,9 +259,8 @@ def make_strata(ratios: np.ndarray, population: np.ndarray, clients_per_round: i
   for (rx, ry), ids, c in zip(levels, members, per_round):
     counts = {}
     if layout is not None:
-      as_jnp = lambda r: jnp.asarray(np.asarray(r, ratios.dtype))
-      kx = {g: int(masks_lib.keep_count(as_jnp(rx), n)) for g, n in layout.groups.items()}
-      ky = {g: int(masks_lib.keep_count(as_jnp(ry), n)) for g, n in layout.groups.items()}
+      kx = {g: masks_lib.host_keep_count(rx, n) for g, n in layout.groups.items()}
+      ky = {g: masks_lib.host_keep_count(ry, n) for g, n in layout.groups.items()}
       counts = submodel_lib.group_keep_counts(layout, kx, ky)
     if c > 0:
       strata.append(Stratum(rx, ry, ids, int(c), counts))
@@ -326,6 +337,12 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   becomes a cross-device sum). The same numbers as one device up to summation order. Place
   the data and state with `replicate(tree, mesh)` first, or every call copies them.
   """
+  if cfg.round_kind == "fednest":  # FedNest's communicating round (full model only)
+    from bilevel import fednest  # pylint: disable=g-import-not-at-top (fednest imports us)
+    return fednest.make_fednest_round(
+        problem, cfg, layout, x_like, sample=sample, optimizer=optimizer,
+        flops_per_grad=flops_per_grad, client_map=client_map, jit=jit, available=available,
+        mask_fn=mask_fn, submodel=submodel, sampling=sampling, mesh=mesh)
   validate_config(cfg, layout)
   check_choice("client_map", client_map, ("vmap", "loop"))
   check_choice("submodel", submodel, SUBMODELS)
@@ -365,6 +382,9 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   num_sampled = min(cfg.clients_per_round, len(population))
   aggregate = server.AGGREGATORS[cfg.aggregation]
   evals = grad_evals_per_round(cfg.client)
+  # Parameters a client receives and returns: x and y, plus v for estimators that read the warm
+  # start (neumann starts its series from grad_y f: v never travels).
+  y_copies = 1 if cfg.client.estimator == "neumann" else 2
   pop = jnp.asarray(population)
   ratios_j = jnp.asarray(ratios)
   level_table = jnp.array([[lv.rx, lv.ry] for lv in cfg.levels])
@@ -404,7 +424,7 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     weight = active * (data.num_examples[cid].astype(jnp.float32)
                        if cfg.weighting == "examples" else 1.0)
     kept_x, kept_y = kept or (masks_lib.kept_counts(mask_x), masks_lib.kept_counts(mask_y))
-    sent = sum(jax.tree.leaves(kept_x)) + 2 * sum(jax.tree.leaves(kept_y))  # x, y, v
+    sent = sum(jax.tree.leaves(kept_x)) + y_copies * sum(jax.tree.leaves(kept_y))
     stats = dict(flops=evals * flops_per_grad(kept_x, kept_y), params_sent=sent)
     return ClientResult(out, mask_x, mask_y, weight, stats, idx)
 

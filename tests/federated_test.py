@@ -9,7 +9,7 @@ from absl.testing import absltest, parameterized
 
 from bilevel import federated, hypergrad, inner, problems, server, tree
 from bilevel import masks as masks_lib
-from bilevel.client import ClientConfig
+from bilevel.client import ClientConfig, grad_evals_per_round
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
 
@@ -103,7 +103,8 @@ class RoundTest(parameterized.TestCase):
 
   def test_same_seed_same_metrics_other_seed_different(self):
     make = lambda seed: federated.FederatedConfig(M, 3, client=_client(), levels=LEVELS, seed=seed)
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in recs]
+    timing = ("wall_time_s", "first_round_s")  # seconds differ between runs; nothing else may
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in timing} for r in recs]
     _, r1, _ = _run(make(0), 4)
     _, r2, _ = _run(make(0), 4)
     _, r3, _ = _run(make(1), 4)
@@ -134,6 +135,12 @@ class RoundTest(parameterized.TestCase):
     self.assertEqual(rec["comm_bytes"], 2 * 8 * np.sum(kept[:, 0] + 2 * kept[:, 1]))
     self.assertEqual(rec["coverage_x_min"], np.sum(rnd.client_ratios[:, 0] == 1))
     self.assertEqual(rec["cumulative_client_flops"], 2 * rec["client_flops"])
+    # Hand count: per local step (3) the inner steps (2), one grad of f, and fd products of 2
+    # grads of g each: num_steps (2) H v, the Cauchy step's warm-start H v, the final J v.
+    evals = 3 * (2 + 1 + 2 * (2 + 1 + 1))
+    self.assertEqual(grad_evals_per_round(cfg.client), evals)
+    # Every client's gradients cost 6 FLOPs per kept entry of x and y.
+    self.assertEqual(rec["client_flops"], evals * 6 * np.sum(kept))
 
   def test_hypergrad_norm_is_the_coverage_mean_of_client_hypergradients(self):
     # The round derives the metric from the x deltas (-D_x / (alpha K)); here it is recomputed
@@ -156,8 +163,10 @@ class RoundTest(parameterized.TestCase):
         weights.append(res.weight)
     want = tree.norm(server.coverage_mean(tree.stack(hyper), tree.stack(masks),
                                           jnp.stack(weights)))
-    # K = 3 local steps of x - alpha h: the deltas round h at 1e-16 relative (float64).
-    np.testing.assert_allclose(metrics["hypergrad_norm"], want, rtol=1e-12)
+    # K = 3 local steps of x - alpha h: the delta x_K - x_0 keeps x's absolute rounding (1e-16
+    # |x|), so relative to alpha |h| it is larger by |x| / (alpha |h|); measured 1.04e-12 with
+    # the Cauchy v step, so 1e-11 (float64).
+    np.testing.assert_allclose(metrics["hypergrad_norm"], want, rtol=1e-11)
 
   def test_only_full_samples_full_clients(self):
     cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS, only_full=True)
@@ -170,6 +179,36 @@ class RoundTest(parameterized.TestCase):
     cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS, redraw_levels=True)
     _, records, _ = _run(cfg, 3)
     self.assertTrue(np.isfinite(records[-1]["outer_loss"]))
+
+
+def _cost_metrics(estimator, dim, levels, dtype=np.float32):
+  """One round's metrics on the separable quadratic of width dim, every client taking part."""
+  d = problems.make_quadratic(3, dim, dim, seed=0, separable=True, dtype=dtype)
+  cfg = federated.FederatedConfig(3, 3, client=_client(1, estimator),
+                                  levels=masks_lib.parse_levels(levels))
+  x0 = jnp.zeros(dim, dtype)
+  rnd = federated.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(dim), x0)
+  state = federated.init_state(x0, jnp.zeros(dim, dtype), optax.sgd(1.0))
+  return rnd.step(state, federated.FederatedData(d, d, jnp.ones(3)))[1], cfg
+
+
+class CostTest(parameterized.TestCase):
+  """FLOPs and bytes from exact keep counts (float32 rounds: ratios are float32 inside)."""
+
+  @parameterized.parameters((200, (60, 120, 140)), (100, (30, 60, 70)))
+  def test_costs_use_exact_keep_counts(self, dim, kept):
+    metrics, cfg = _cost_metrics("fd", dim, "0.3/0.3:0.34,0.6/0.6:0.33,0.7/0.7:0.33")
+    evals = federated.grad_evals_per_round(cfg.client)
+    # x and y keep k coordinates each (one shared group); fd sends x, y and v down and up.
+    self.assertEqual(float(metrics["client_flops"]), evals * 6.0 * 2 * sum(kept))
+    self.assertEqual(float(metrics["comm_bytes"]), 2 * 4 * 3 * sum(kept))
+    self.assertAlmostEqual(float(metrics["coverage_x_mean"]), sum(kept) / dim, places=6)
+
+  @parameterized.parameters(("fd", 3), ("exact", 3), ("cg", 3), ("neumann", 2))
+  def test_v_is_charged_only_to_estimators_that_read_it(self, estimator, trees):
+    # neumann (FedNest) starts its series from grad_y f: v is neither received nor returned.
+    metrics, _ = _cost_metrics(estimator, 10, "1/1:0.34,0.5/0.5:0.33,0.3/0.3:0.33")
+    self.assertEqual(float(metrics["comm_bytes"]), 2 * 4 * trees * (10 + 5 + 3))
 
 
 class ConfigErrorTest(parameterized.TestCase):
