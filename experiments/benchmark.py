@@ -360,8 +360,19 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# --smoke (common.SMOKE, for tests): --quick's fewer compiles, these tiny sizes and one
+# repetition; the flags that choose what is measured (--sections, --keep_ratios, --bench_devices)
+# keep their values.
+SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, bench_hidden=8, bench_batch=4,
+                   bench_clients=4, loop_clients=["2", "3"], scaling_clients=["2"],
+                   estimator_rows=4, estimator_steps=1, bench_local_steps=1)
+
+
 def main(argv):
   del argv
+  if common.SMOKE.value and not DEVICES_CHILD.value:
+    for name, value in SMOKE_SIZES.items():
+      setattr(flags.FLAGS, name, value)
   host_memory_reused = common.start_driver()
   reps = REPS.value or (5 if QUICK.value else 7)
   if DEVICES_CHILD.value:

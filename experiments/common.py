@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from typing import Any, Callable, Mapping
@@ -35,6 +36,19 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metri
 SEED = flags.DEFINE_integer("seed", 0, "The one seed every random stream is derived from.")
 QUICK = flags.DEFINE_boolean("quick", False, "A small, fast version of the experiment "
                              "(benchmark, coverage_rate).")
+SMOKE = flags.DEFINE_boolean(
+    "smoke", False, "Tiny run for tests: a few rounds, small data. Every driver honours it "
+    "(hyper_representation, hyper_cleaning: at most 2 rounds, metrics every round; "
+    "coverage_rate: 2 small Q, 1 seed, at most 2 coverages; benchmark: tiny sizes, 1 rep). "
+    "tests/doc_commands_test.py runs every documented command with it.")
+SMOKE_ROUNDS = 2
+# Test hook: BILEVEL_KILL_AFTER_CHECKPOINT=N makes a driver send itself SIGKILL right after it
+# has written its N-th checkpoint of this process (run_and_record), a deterministic kill point
+# for the resume tests (WORKSPACE.md, "Runs: checkpoints, resume, errors").
+KILL_AFTER_CHECKPOINT_ENV = "BILEVEL_KILL_AFTER_CHECKPOINT"
+# BILEVEL_STOP_AFTER_CHECKPOINT=N: SIGSTOP instead, so that a test can SIGKILL it from outside
+# at a known point (the process cannot finish first).
+STOP_AFTER_CHECKPOINT_ENV = "BILEVEL_STOP_AFTER_CHECKPOINT"
 
 # Federated run flags shared by the task drivers.
 ROUNDS = flags.DEFINE_integer("rounds", 200, "Communication rounds Q.")
@@ -159,7 +173,11 @@ def reuse_host_memory() -> bool:
 
 def start_driver() -> bool:
   """What every driver does first, before JAX allocates: --reuse_host_memory (returns whether
-  it applied) and --cpu_devices."""
+  it applied), --cpu_devices and --smoke (caps --rounds at SMOKE_ROUNDS, --eval_every 1; set
+  as given values, so task defaults do not override them)."""
+  if SMOKE.value:
+    flags.FLAGS.rounds = min(ROUNDS.value, SMOKE_ROUNDS)
+    flags.FLAGS.eval_every = 1
   if CPU_DEVICES.value != 1:
     if CPU_DEVICES.value < 1:
       fail(f"--cpu_devices={CPU_DEVICES.value} must be >= 1.")
@@ -487,9 +505,18 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
     if writer is not None:
       writer(record)
 
+  kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
+  stop_after = int(os.environ.get(STOP_AFTER_CHECKPOINT_ENV, "0") or 0)
+  saved = [0]
+
   def on_checkpoint(st, tot, done):
     if is_writer():
       checkpoint.save(workdir, st, {"round": done, "totals": tot, "wall_time_s": elapsed[0]})
+    saved[0] += 1
+    if saved[0] == kill_after:  # test hook (KILL_AFTER_CHECKPOINT_ENV): die like `kill -9`
+      os.kill(os.getpid(), signal.SIGKILL)
+    if saved[0] == stop_after:  # test hook (STOP_AFTER_CHECKPOINT_ENV): wait to be killed
+      os.kill(os.getpid(), signal.SIGSTOP)
 
   try:
     state, records = federated.run(

@@ -152,7 +152,9 @@ def validate(cfg: SweepConfig) -> None:
 
 # Shared flags this driver reads; the other shared flags describe one federated run and are
 # fixed here (see the module docstring), so giving one is an error rather than silently ignored.
-_SHARED_FLAGS_USED = ("workdir", "seed", "resume", "quick")
+_SHARED_FLAGS_USED = ("workdir", "seed", "resume", "quick", "smoke")
+# --smoke (common.SMOKE, for tests): these two Q, one seed, the first two coverages asked for.
+SMOKE_ROUNDS = (16, 32)
 
 
 def config_from_flags() -> SweepConfig:
@@ -168,9 +170,12 @@ def config_from_flags() -> SweepConfig:
       rounds = [str(q) for q in QUICK_ROUNDS]
     if not flags.FLAGS["num_seeds"].present:
       seeds = QUICK_SEEDS
+  coverages = _ints("coverages", COVERAGES.value)
+  if common.SMOKE.value:
+    rounds, seeds, coverages = [str(q) for q in SMOKE_ROUNDS], 1, coverages[:2]
   cfg = SweepConfig(
       algorithms=tuple(dict.fromkeys(ALGORITHMS.value)),
-      coverages=_ints("coverages", COVERAGES.value), rounds_list=_ints("rounds_list", rounds),
+      coverages=coverages, rounds_list=_ints("rounds_list", rounds),
       num_seeds=seeds, grad_noise=GRAD_NOISE.value, heterogeneity=HETEROGENEITY.value,
       dim=DIM.value, alpha0=ALPHA0.value, seed=common.SEED.value)
   validate(cfg)
