@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any, Mapping
 
 import jax
@@ -48,7 +49,7 @@ def restore(workdir: str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
     with np.load(path) as z:
       header = json.loads(bytes(z["__meta__"]).decode())
       leaves = [z[f"leaf_{i}"] for i in range(len(z.files) - 1)]
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # torn, not a zip
     raise CheckpointError(f"cannot read checkpoint {path}: {e}. Delete it to start afresh.") from e
   t_leaves, treedef = jax.tree.flatten(template)
   if header["treedef"] != str(treedef) or len(leaves) != len(t_leaves) or any(
