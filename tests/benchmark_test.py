@@ -7,11 +7,13 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 from absl.testing import absltest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 class BenchmarkTest(absltest.TestCase):
 
   def test_tiny_run_writes_the_json_keys(self):

@@ -1,0 +1,223 @@
+"""Every command the docs show runs: README.md, WORKSPACE.md, BENCHMARKS.md and docs/*.md are
+parsed at test time, and each `python -m experiments.` command in their code lines runs, cut
+short with --smoke (experiments/common.py), in document order in one temporary directory.
+
+What counts as a command: a line of a fenced (```) or indented (4 spaces / tab) code block that
+starts with `python -m experiments.` (optionally after `NAME=value` environment assignments such
+as `JAX_PLATFORMS=cpu`), or such a segment of a `&&` chain; backslash-continued lines are joined
+and `# comments` dropped. Inline `code` in prose is not a command.
+
+How it runs: `python` is this interpreter, `--smoke` is appended, the working directory is one
+temporary folder holding a link to experiments/ (so relative --flagfile paths resolve), and an
+absolute /tmp/... path in a flag is moved into that folder (nothing is written outside it).
+A compare command must name workdirs that an earlier command of the docs produced. A command
+written again word for word (another doc repeating it) runs once.
+
+Skipped, by these rules only (each skip is printed):
+  * --data_dir: local dataset files the test cannot have;
+  * a flag value with an upper-case placeholder (--workdir=W, runs/hr_ALG, --data_dir=DIR).
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from typing import NamedTuple
+
+import pytest
+from absl.testing import absltest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "python -m experiments."
+_ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
+_PLACEHOLDER = re.compile(r"(?<![A-Za-z])[A-Z]+(?![a-z])")
+TIMEOUT_S = 600
+
+
+class DocCommand(NamedTuple):
+  doc: str  # path relative to the repository
+  line: int  # 1-based line of the command's first line
+  text: str  # the command as written (continuations joined, comment dropped)
+
+  @property
+  def where(self) -> str:
+    return f"{self.doc}:{self.line}"
+
+
+def doc_files(root: str = REPO) -> list[str]:
+  """The documents whose commands must run, in the order they run."""
+  names = ["README.md", "WORKSPACE.md", "BENCHMARKS.md"]
+  docs = os.path.join(root, "docs")
+  if os.path.isdir(docs):
+    names += sorted(os.path.join("docs", n) for n in os.listdir(docs) if n.endswith(".md"))
+  return [n for n in names if os.path.isfile(os.path.join(root, n))]
+
+
+def _code_lines(text: str):
+  """(1-based line number, code line) of fenced and indented code blocks."""
+  fenced = False
+  for number, line in enumerate(text.splitlines(), 1):
+    if line.lstrip().startswith("```"):
+      fenced = not fenced
+      continue
+    if fenced:
+      yield number, line.strip()
+    elif line.startswith(("    ", "\t")):
+      yield number, line.strip()
+
+
+def _strip_comment(line: str) -> str:
+  try:
+    return shlex.join(shlex.split(line, comments=True))
+  except ValueError:  # an unbalanced quote: keep the line as written, the run will say why
+    return line
+
+
+def extract_commands(text: str, doc: str) -> list[DocCommand]:
+  """The `python -m experiments.` commands of one document, in order."""
+  commands, lines = [], list(_code_lines(text))
+  i = 0
+  while i < len(lines):
+    number, line = lines[i]
+    while line.endswith("\\") and i + 1 < len(lines) and lines[i + 1][0] == lines[i][0] + 1:
+      i += 1
+      line = line[:-1].rstrip() + " " + lines[i][1]
+    i += 1
+    for segment in line.split("&&"):
+      words = _strip_comment(segment.strip()).split(" ")
+      while words and _ENV_ASSIGNMENT.match(words[0]):
+        words = words[1:]
+      if " ".join(words).startswith(PREFIX):
+        commands.append(DocCommand(doc, number, _strip_comment(segment.strip())))
+  return commands
+
+
+def all_commands(root: str = REPO) -> list[DocCommand]:
+  out = []
+  for name in doc_files(root):
+    with open(os.path.join(root, name), encoding="utf-8") as f:
+      out += extract_commands(f.read(), name)
+  return out
+
+
+def skip_reason(command: DocCommand) -> str | None:
+  for word in shlex.split(command.text):
+    if word.startswith("--data_dir"):
+      return "needs local dataset files (--data_dir)"
+    if word.startswith("--") and "=" in word and _PLACEHOLDER.search(word.split("=", 1)[1]):
+      return f"placeholder in {word}"
+  return None
+
+
+def to_argv(command: DocCommand, tmp: str) -> tuple[dict[str, str], list[str]]:
+  """(extra environment, argv) to run the command in tmp with --smoke."""
+  words = shlex.split(command.text)
+  env = {}
+  while _ENV_ASSIGNMENT.match(words[0]):
+    key, value = words.pop(0).split("=", 1)
+    env[key] = value
+  assert words[0] == "python", command
+  argv = [sys.executable] + [re.sub(r"=/tmp/", f"={tmp}/_tmp/", w) for w in words[1:]]
+  return env, argv + ["--smoke"]
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+  for word in argv:
+    if word.startswith(f"--{name}="):
+      return word.split("=", 1)[1]
+  return None
+
+
+class ExtractionTest(absltest.TestCase):
+  """Cheap: the parser finds the README's main commands (a reformat that hides them fails)."""
+
+  def test_readme_shows_each_task_driver(self):
+    readme = [c for c in all_commands() if c.doc == "README.md"]
+    modules = {c.text.split(PREFIX)[1].split()[0] for c in readme}
+    for module in ("hyper_representation", "hyper_cleaning", "compare", "coverage_rate"):
+      self.assertIn(module, modules, f"README.md shows no `{PREFIX}{module}` command")
+
+  def test_benchmark_command_is_documented(self):
+    modules = {c.text.split(PREFIX)[1].split()[0] for c in all_commands()}
+    self.assertIn("benchmark", modules)
+
+  def test_parser_rules(self):
+    text = "\n".join([
+        "Prose `python -m experiments.inline --x=1` is not a command.",
+        "",
+        "    python -m experiments.a --workdir=runs/a   # comment",
+        "    pip install -e . && JAX_PLATFORMS=cpu python -m experiments.b --q \\",
+        "        --workdir=runs/b",
+        "```",
+        "python -m experiments.c --workdir=runs/c",
+        "python -m pytest",
+        "```",
+        "python -m experiments.d  (not code)",
+    ])
+    got = extract_commands(text, "x.md")
+    self.assertEqual([(c.line, c.text) for c in got], [
+        (3, "python -m experiments.a --workdir=runs/a"),
+        (4, "JAX_PLATFORMS=cpu python -m experiments.b --q --workdir=runs/b"),
+        (7, "python -m experiments.c --workdir=runs/c")])
+    env, argv = to_argv(got[1], "/T")
+    self.assertEqual(env, {"JAX_PLATFORMS": "cpu"})
+    self.assertEqual(argv, [sys.executable, "-m", "experiments.b", "--q", "--workdir=runs/b",
+                            "--smoke"])
+    self.assertIn("=/T/_tmp/cov", to_argv(DocCommand("x", 1, "python -m experiments.c "
+                                                     "--workdir=/tmp/cov"), "/T")[1][3])
+
+  def test_skip_rules(self):
+    for text, skipped in (("python -m experiments.a --workdir=W", True),
+                          ("python -m experiments.a --workdir=runs/hr_ALG", True),
+                          ("python -m experiments.a --dataset=mnist --data_dir=~/d", True),
+                          ("python -m experiments.a --workdir=runs/hr --keep_ratios=1,0.5", False),
+                          ("python -m experiments.a --flagfile=experiments/presets/x.cfg", False)):
+      self.assertEqual(skip_reason(DocCommand("x", 1, text)) is not None, skipped, text)
+
+
+@pytest.mark.slow
+class DocCommandsTest(absltest.TestCase):
+
+  def test_every_documented_command_runs(self):
+    commands = all_commands()
+    self.assertNotEmpty(commands)
+    failures, ran = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+      os.symlink(os.path.join(REPO, "experiments"), os.path.join(tmp, "experiments"))
+      env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+      done = {}
+      for command in commands:
+        if command.text in done:  # the same command again: the same result (or a resume)
+          print(f"{command.where}: ran already as {done[command.text]}")
+          continue
+        done[command.text] = command.where
+        reason = skip_reason(command)
+        if reason:
+          print(f"skipped {command.where}: {reason}: {command.text}")
+          continue
+        extra_env, argv = to_argv(command, tmp)
+        if argv[2] == "experiments.compare":
+          missing = [w for w in (_flag(argv, "workdirs") or "").split(",")
+                     if w and not os.path.isfile(os.path.join(tmp, w, "summary.json"))]
+          if missing:
+            failures.append(f"{command.where}: `{command.text}` compares {missing}, which no "
+                            "earlier command of the docs produced")
+            continue
+        try:
+          proc = subprocess.run(argv, cwd=tmp, env=dict(env, **extra_env), capture_output=True,
+                                text=True, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+          failures.append(f"{command.where}: `{command.text}` ran past {TIMEOUT_S} s with --smoke")
+          continue
+        ran += 1
+        if proc.returncode != 0:
+          failures.append(f"{command.where}: `{command.text}` exited {proc.returncode}:\n"
+                          f"{proc.stderr[-1500:]}")
+    self.assertEmpty(failures, "\n\n".join(failures))
+    self.assertGreater(ran, 0)
+
+
+if __name__ == "__main__":
+  absltest.main()
