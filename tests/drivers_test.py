@@ -23,10 +23,12 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
+from bilevel import data as data_lib
 from bilevel import federated
 from bilevel import masks as masks_lib
 from experiments import common, compare, hyper_cleaning, hyper_representation
@@ -72,11 +74,24 @@ def _read(path):
     return json.load(f)
 
 
+def _assert_test_accuracy(test, workdir):
+  """summary.json's test accuracy is the last logged one and a count of right answers over the
+  digits test set (k / n_test), not merely a number in [0, 1]."""
+  summary = _read(os.path.join(workdir, "summary.json"))
+  records = [r for r in _records(os.path.join(workdir, "metrics.jsonl")) if "test_accuracy" in r]
+  test.assertEqual(summary["test_accuracy"], records[-1]["test_accuracy"])
+  n_test = len(data_lib.load_dataset("digits", None, seed=0).y_test)
+  right = summary["test_accuracy"] * n_test
+  test.assertAlmostEqual(right, round(right), delta=1e-3)  # float32 mean of n_test booleans
+  test.assertGreater(round(right), 0)
+
+
 def _records(path):
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 class SmokeTest(parameterized.TestCase):
   """Two rounds of each task into one temporary directory, then checks and compare."""
 
@@ -107,7 +122,7 @@ class SmokeTest(parameterized.TestCase):
     for key in REQUIRED_SUMMARY:
       self.assertIn(key, summary)
       self.assertTrue(math.isfinite(summary[key]), f"{run}: {key}={summary[key]}")
-    self.assertBetween(summary["test_accuracy"], 0.0, 1.0)
+    _assert_test_accuracy(self, workdir)
     self.assertEqual(summary["rounds"], 2)
     self.assertEqual(summary["algorithm"], DEFAULT_ALGORITHM)
     records = _records(os.path.join(workdir, "metrics.jsonl"))
@@ -168,6 +183,7 @@ class SmokeTest(parameterized.TestCase):
     self.assertFalse(os.path.exists(os.path.join(self.root, "cmp_bad", "compare.md")))
 
 
+@pytest.mark.slow
 class AlgorithmsTest(parameterized.TestCase):
   """Every preset but the default one (rafbo: SmokeTest runs it on both tasks, with the same
   tiny settings) runs one round on both tasks. Compiling the round is most of the time."""
@@ -181,8 +197,8 @@ class AlgorithmsTest(parameterized.TestCase):
       _run(module, workdir=workdir, rounds=1, algorithm=algorithm, checkpoint_every=0, **TINY,
            **extra)
       summary = _read(os.path.join(workdir, "summary.json"))
+      _assert_test_accuracy(self, workdir)
     self.assertEqual(summary["algorithm"], algorithm)
-    self.assertBetween(summary["test_accuracy"], 0.0, 1.0)
     self.assertTrue(math.isfinite(summary["final_outer_loss"]))
     self.assertGreater(summary["cumulative_client_flops"], 0)
 
@@ -234,6 +250,26 @@ class PresetsTest(parameterized.TestCase):
       federated.validate_config(cfg, masks_lib.UnitLayout({}, {}, {}))
       self.assertEqual(FLAGS.algorithm, algorithm)
       self.assertEqual(FLAGS.partition, partition)
+      # The resolved configuration holds the file's values (a preset default must not win
+      # over a value the file gives).
+      with open(path) as f:
+        given = dict(line.strip()[2:].split("=", 1) for line in f if line.startswith("--"))
+      resolved = {
+          "num_clients": cfg.num_clients, "clients_per_round": cfg.clients_per_round,
+          "local_steps": cfg.client.local_steps, "inner_steps": cfg.client.inner_steps,
+          "inner_lr": cfg.client.inner_lr, "outer_lr": cfg.client.outer_lr,
+          "estimator": cfg.client.estimator, "num_steps": cfg.client.estimator_options.num_steps,
+          "v_lr": cfg.client.estimator_options.step_size, "mask_policy": cfg.mask.policy,
+          "levels": cfg.levels}
+      checked = 0
+      for key, value in resolved.items():
+        if key in given:
+          want = given[key] if isinstance(value, str) else (
+              masks_lib.parse_levels(given[key]) if key == "levels" else type(value)(
+                  float(given[key])))
+          self.assertEqual(value, want, key)
+          checked += 1
+      self.assertGreaterEqual(checked, 8)
       if name.startswith("hyper_cleaning"):
         # The preset spells out the driver's task defaults.
         for key, value in hyper_cleaning.TASK_DEFAULTS.items():
@@ -294,6 +330,7 @@ class HyperCleaningPiecesTest(parameterized.TestCase):
 
 class CpuDevicesTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_cpu_devices_shard_the_rounds_over_the_cores(self):
     # A fresh process (the device count is fixed when JAX starts): --cpu_devices=2 splits the
     # CPU into 2 JAX devices and --devices=0 shards every round's clients over both.
@@ -306,7 +343,7 @@ class CpuDevicesTest(absltest.TestCase):
       proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
       self.assertEqual(_read(os.path.join(workdir, "config.json"))["device"]["count"], 2)
-      self.assertBetween(_read(os.path.join(workdir, "summary.json"))["test_accuracy"], 0.0, 1.0)
+      _assert_test_accuracy(self, workdir)
 
   def test_cpu_devices_below_one_is_an_error(self):
     with tempfile.TemporaryDirectory() as root, self.assertRaises(SystemExit) as cm, \

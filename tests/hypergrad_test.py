@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
 from bilevel import hypergrad, models, problems, submodel, tree
@@ -116,6 +117,7 @@ class EstimatorTest(parameterized.TestCase):
       np.testing.assert_allclose(out.hv, mean.A @ v, rtol=1e-9, err_msg=name)
       np.testing.assert_allclose(out.jv, -mean.B.T @ v, rtol=1e-9, err_msg=name)
 
+  @pytest.mark.slow
   def test_fd_bias_shrinks_fourfold_when_delta_halves(self):
     problem, x, y, batch = _mlp_problem()
     v = jax.tree.map(lambda t: jnp.asarray(np.random.default_rng(2).normal(size=t.shape)), y)
@@ -127,12 +129,32 @@ class EstimatorTest(parameterized.TestCase):
     for big, small in zip(errs, errs[1:]):
       self.assertBetween(big / small, 3.5, 4.5)  # O(delta^2) bias: ratio 4
 
+  @parameterized.parameters("neumann", "cg")
+  def test_fd_products_match_exact_products(self, estimator):
+    # Central differences with delta 1e-4 on a smooth (tanh) problem in float64: O(delta^2) =
+    # 1e-8 bias times the third derivatives, plus 1e-16 / 1e-4 rounding; rtol 1e-6 leaves room.
+    problem, x, y, batch = _mlp_problem()
+    kw = dict(estimator=estimator, num_steps=4, step_size=0.2, delta=1e-4)
+    exact = hypergrad.hypergradient(problem, x, y, batch, batch, product="exact", **kw)
+    fd = hypergrad.hypergradient(problem, x, y, batch, batch, product="fd", **kw)
+    for got, want in zip(jax.tree.leaves((fd.hypergrad, fd.v)),
+                         jax.tree.leaves((exact.hypergrad, exact.v)), strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    # ... and the fd products were really used (they round differently from the exact ones).
+    self.assertGreater(float(tree.norm(tree.sub(fd.hypergrad, exact.hypergrad))), 0.0)
+
   def test_projection_bounds_v(self):
     data, mean, x = _toy()
     y = problems.quadratic_solution(x, data)
     res = hypergrad.hypergradient(problems.QUADRATIC, x, y, mean, mean, estimator="exact",
                                   num_steps=50, step_size=0.25, radius=0.1)
-    self.assertLessEqual(float(jnp.linalg.norm(res.v)), 0.1 + 1e-12)
+    free = hypergrad.hypergradient(problems.QUADRATIC, x, y, mean, mean, estimator="exact",
+                                   num_steps=50, step_size=0.25)
+    self.assertGreater(float(jnp.linalg.norm(free.v)), 0.2)  # the constraint is active
+    # Projected onto the ball: on its boundary (a v = 0 or an unprojected v fails), and in the
+    # direction of the projected fixed point's gradient step, i.e. not v = 0.
+    self.assertAlmostEqual(float(jnp.linalg.norm(res.v)), 0.1, delta=1e-9)
+    self.assertGreater(float(jnp.vdot(res.v, free.v)), 0.0)
 
   def test_bad_options_raise(self):
     _, mean, x = _toy()

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from bilevel import inner, models, problems, submodel
@@ -53,6 +54,7 @@ class SubmodelTest(absltest.TestCase):
     np.testing.assert_allclose(models.MLP(10, 4).apply(params, inputs),
                                models.mlp_logits(x, y, inputs), rtol=1e-6)
 
+  @pytest.mark.slow
   def test_compact_cnn_computes_the_masked_cnn(self):
     layout = models.cnn_layout((6, 8))
     x, y = models.init_cnn(jax.random.key(2), (8, 8, 3), (6, 8), 5)
@@ -79,6 +81,7 @@ class SubmodelTest(absltest.TestCase):
         "kernel": jnp.zeros((10, 4)), "bias": jnp.zeros(4)}})
     jax.tree.map(lambda b, a, m: np.testing.assert_array_equal(b, a * m), back, x, mx)
 
+  @pytest.mark.slow
   def test_scatter_add_equals_sum_of_scatters(self):
     # The CNN layout has a leaf indexed by two groups (conv2's kernel: in and out channels) and
     # a leaf indexed by none (the head bias): every branch of scatter_add.
@@ -132,6 +135,26 @@ class SubmodelTest(absltest.TestCase):
     self.assertEqual(um_problem.inner_loss(xu, yu, batch), problem.inner_loss(x, y, batch))
     self.assertEqual(um_problem.outer_loss(xu, yu, batch), problem.outer_loss(x, y, batch))
 
+
+
+class CnnFlopsTest(absltest.TestCase):
+
+  def test_cnn_flops_per_grad_matches_a_hand_count(self):
+    # 8x8x3 input, 3x3 convs with stride 2 (SAME): conv1 3*3*3*6 = 162 kernel entries at 4x4
+    # positions, conv2 3*3*6*8 = 432 at 2x2, head (after global average pooling) 8*5 = 40
+    # entries; 6 FLOPs per
+    # multiply-add (forward + backward), per example.
+    x, y = models.init_cnn(jax.random.key(0), (8, 8, 3), (6, 8), 5)
+    self.assertEqual(x["conv1"]["kernel"].shape, (3, 3, 3, 6))
+    self.assertEqual(x["conv2"]["kernel"].shape, (3, 3, 6, 8))
+    self.assertEqual(y["head"]["kernel"].shape, (8, 5))
+    count = lambda t: jax.tree.map(lambda a: float(a.size), t)
+    flops = models.cnn_flops_per_grad((8, 8, 3))
+    self.assertEqual(float(flops(count(x), count(y))), 6 * (162 * 16 + 432 * 4 + 40))
+    # Pruned: half of conv1's kernel kept.
+    half = jax.tree.map(lambda a: a, count(x))
+    half["conv1"]["kernel"] = 81.0
+    self.assertEqual(float(flops(half, count(y))), 6 * (81 * 16 + 432 * 4 + 40))
 
 if __name__ == "__main__":
   absltest.main()

@@ -5,20 +5,24 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
+import pytest
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
 from bilevel import checkpoint
-from experiments import common, hyper_representation
+from experiments import common, compare, hyper_cleaning, hyper_representation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBPROCESS_TIMEOUT_S = 300  # one tiny driver run, compile included, on a loaded 2-core machine
 TINY = dict(dataset="digits", num_clients=6, clients_per_round=3, hidden=16, eval_every=5,
             log_every=1000, checkpoint_every=10)
 
@@ -34,60 +38,142 @@ def _tmpdir(test):
   return d.name
 
 
-def _main(**overrides):
-  """Run the driver in-process; return (exit code or 0, stderr text)."""
-  err = io.StringIO()
+def _main_out(module=hyper_representation, **overrides):
+  """Run a driver in-process; return (exit code or 0, stdout text, stderr text)."""
+  err, out = io.StringIO(), io.StringIO()
   with flagsaver.flagsaver(**overrides), contextlib.redirect_stderr(err), \
-      contextlib.redirect_stdout(io.StringIO()):
+      contextlib.redirect_stdout(out):
     for name in overrides:  # as if given on the command line: they win over --algorithm presets
       flags.FLAGS[name].present = 1
     try:
-      hyper_representation.main([])
+      module.main([])
       code = 0
     except SystemExit as e:
       code = e.code
-  return code, err.getvalue()
+  return code, out.getvalue(), err.getvalue()
+
+
+def _main(**overrides):
+  """Run hyper_representation in-process; return (exit code or 0, stderr text)."""
+  code, _, err = _main_out(**overrides)
+  return code, err
+
+
+def _env(**extra):
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **extra)
+
+
+def _snapshot(root):
+  """{relative path: bytes} of every file under root."""
+  out = {}
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  return {k: v for k, v in summary.items() if not k.endswith("_s")}  # timings
 
 
 def _strip(path):
   with open(path) as f:
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_time_s"} for line in f]
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}  # timings
+            for line in f]
 
 
-class ResumeTest(absltest.TestCase):
+class ResumeTest(parameterized.TestCase):
 
-  def test_sigkill_then_rerun_gives_the_uninterrupted_result(self):
+  @parameterized.named_parameters(
+      # The driver kills itself with SIGKILL right after its 2nd checkpoint (round 10).
+      ("self_kill_after_second_checkpoint", common.KILL_AFTER_CHECKPOINT_ENV, 10),
+      # A real SIGKILL from outside: the driver stops itself (SIGSTOP) after its 1st checkpoint
+      # (round 5), so the kill lands there whatever the machine's speed.
+      ("external_sigkill_after_first_checkpoint", common.STOP_AFTER_CHECKPOINT_ENV, 5))
+  @pytest.mark.slow
+  def test_sigkill_then_rerun_gives_the_uninterrupted_result(self, hook, kill_round):
     root = _tmpdir(self)
-    args = [f"--{k}={v}" for k, v in dict(TINY, rounds=300).items()]
-    cmd = [sys.executable, "-m", "experiments.hyper_representation"] + args
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    settings = dict(TINY, rounds=20, checkpoint_every=5)
+    cmd = [sys.executable, "-m", "experiments.hyper_representation"] + [
+        f"--{k}={v}" for k, v in settings.items()]
     full, killed = os.path.join(root, "full"), os.path.join(root, "killed")
-    subprocess.run(cmd + [f"--workdir={full}"], env=env, cwd=REPO, check=True,
-                   capture_output=True)
-    proc = subprocess.Popen(cmd + [f"--workdir={killed}"], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = os.path.join(killed, "metrics.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-      if os.path.exists(metrics) and os.path.getsize(metrics) > 0 and checkpoint.exists(killed):
-        with open(metrics) as f:
-          if sum(1 for _ in f) >= 12:
+    self.assertEqual(_main(workdir=full, **settings)[0], 0)
+    proc = subprocess.Popen(cmd + [f"--workdir={killed}"], env=_env(**{hook: "2" if kill_round
+                                                                       == 10 else "1"}),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      if hook == common.STOP_AFTER_CHECKPOINT_ENV:
+        deadline = time.time() + SUBPROCESS_TIMEOUT_S
+        while time.time() < deadline:
+          pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+          if pid:
             break
-      time.sleep(0.05)
-    self.assertIsNone(proc.poll(), "the run finished before it could be killed")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+          time.sleep(0.05)
+        self.assertTrue(pid and os.WIFSTOPPED(status), "the driver did not stop at its checkpoint")
+        proc.send_signal(signal.SIGKILL)
+      self.assertEqual(proc.wait(timeout=SUBPROCESS_TIMEOUT_S), -signal.SIGKILL)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=60)
     self.assertFalse(os.path.exists(os.path.join(killed, "summary.json")))
-    out = subprocess.run(cmd + [f"--workdir={killed}"], env=env, cwd=REPO, check=True,
-                         capture_output=True, text=True)
+    self.assertEqual(checkpoint.restore(killed, _template_state())[1]["round"], kill_round)
+    metrics = os.path.join(killed, "metrics.jsonl")
+    self.assertEqual([r["round"] for r in _strip(metrics)], list(range(5, kill_round + 1, 5)))
+    out = subprocess.run(cmd + [f"--workdir={killed}"], env=_env(), cwd=REPO, check=True,
+                         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     self.assertIn("resuming from", out.stdout)
-    with open(os.path.join(full, "summary.json")) as f:
-      want = json.load(f)
-    with open(os.path.join(killed, "summary.json")) as f:
-      got = json.load(f)
-    want.pop("wall_time_s"), got.pop("wall_time_s")
-    self.assertEqual(got, want)
+    self.assertEqual(_summary(killed), _summary(full))
     self.assertEqual(_strip(metrics), _strip(os.path.join(full, "metrics.jsonl")))
+
+  @pytest.mark.slow
+  def test_noresume_starts_from_round_zero_and_overwrites(self):
+    workdir = _tmpdir(self)
+    settings = dict(TINY, rounds=4, eval_every=2, checkpoint_every=2)
+    self.assertEqual(_main(workdir=workdir, **settings)[0], 0)
+    first = _summary(workdir)
+    # Another configuration: refused with resume, run afresh with --noresume.
+    self.assertEqual(_main(workdir=workdir, **dict(settings, hidden=8))[0], 2)
+    code, out, _ = _main_out(workdir=workdir, resume=False, **dict(settings, hidden=8))
+    self.assertEqual(code, 0)
+    self.assertNotIn("resuming", out)
+    with open(os.path.join(workdir, "config.json")) as f:
+      self.assertEqual(json.load(f)["config"]["hidden"], 8)
+    self.assertEqual([r["round"] for r in _strip(os.path.join(workdir, "metrics.jsonl"))], [2, 4])
+    self.assertNotEqual(_summary(workdir), first)
+    # The same configuration again with --noresume: recomputed from round 0, same numbers.
+    fresh = _tmpdir(self)
+    self.assertEqual(_main(workdir=fresh, **dict(settings, hidden=8))[0], 0)
+    code, out, _ = _main_out(workdir=workdir, resume=False, **dict(settings, hidden=8))
+    self.assertNotIn("resuming", out)
+    self.assertEqual(_strip(os.path.join(workdir, "metrics.jsonl")),
+                     _strip(os.path.join(fresh, "metrics.jsonl")))
+
+  @pytest.mark.slow
+  def test_hyper_cleaning_resumes_after_sigkill(self):
+    root = _tmpdir(self)
+    settings = dict(dataset="digits", num_clients=4, clients_per_round=2, local_steps=1,
+                    rounds=6, eval_every=2, checkpoint_every=2, log_every=1000)
+    full, killed = os.path.join(root, "full"), os.path.join(root, "killed")
+    self.assertEqual(_main_out(hyper_cleaning, workdir=full, **settings)[0], 0)
+    cmd = [sys.executable, "-m", "experiments.hyper_cleaning", f"--workdir={killed}"] + [
+        f"--{k}={v}" for k, v in settings.items()]
+    proc = subprocess.run(cmd, env=_env(**{common.KILL_AFTER_CHECKPOINT_ENV: "2"}), cwd=REPO,
+                          capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
+    self.assertEqual(proc.returncode, -signal.SIGKILL)
+    self.assertFalse(os.path.exists(os.path.join(killed, "summary.json")))
+    self.assertEqual([r["round"] for r in _strip(os.path.join(killed, "metrics.jsonl"))], [2, 4])
+    out = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT_S)
+    self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+    self.assertIn("resuming from", out.stdout)
+    self.assertEqual(_summary(killed), _summary(full))
+    self.assertEqual(_strip(os.path.join(killed, "metrics.jsonl")),
+                     _strip(os.path.join(full, "metrics.jsonl")))
 
   def test_torn_last_line_is_dropped(self):
     path = os.path.join(_tmpdir(self), "metrics.jsonl")
@@ -98,6 +184,7 @@ class ResumeTest(absltest.TestCase):
     with open(path) as f:
       self.assertEqual(f.read(), '{"round": 5, "a": 1}\n{"round": 10, "a": 2}\n')
 
+  @pytest.mark.slow
   def test_checkpoint_of_another_config_is_refused(self):
     workdir = _tmpdir(self)
     self.assertEqual(_main(workdir=workdir, rounds=10, **TINY)[0], 0)
@@ -109,19 +196,33 @@ class ResumeTest(absltest.TestCase):
 
 class DivergenceAndDeterminismTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_nan_stops_with_round_and_quantity_and_keeps_last_good_checkpoint(self):
-    workdir = _tmpdir(self)
-    code, err = _main(workdir=workdir, rounds=50, outer_lr=1e30, inner_lr=1e30,
-                      **dict(TINY, checkpoint_every=1))
+    # inner_lr 1e5 against the head's L2 penalty multiplies y by ~200 per inner step: finite
+    # for two rounds, overflowing float32 in round 3 (a real, deterministic divergence).
+    root = _tmpdir(self)
+    settings = dict(TINY, inner_lr=1e5, checkpoint_every=1)
+    workdir = os.path.join(root, "diverged")
+    code, err = _main(workdir=workdir, rounds=12, **settings)
     self.assertEqual(code, 2)
-    self.assertRegex(err, r"round \d+: .*(loss|hypergrad_norm|x|y|v).* became NaN or infinite")
+    self.assertRegex(err, r"^error: round \d+: .*(loss|hypergrad_norm|x|y|v)")
     self.assertNotIn("Traceback", err)
     bad_round = int(err.split("round ")[1].split(":")[0])
+    self.assertGreaterEqual(bad_round, 3)  # so that a checkpoint of a good round exists
     self.assertFalse(os.path.exists(os.path.join(workdir, "summary.json")))
-    if bad_round > 1:
-      _, meta = checkpoint.restore(workdir, _template_state())
-      self.assertEqual(meta["round"], bad_round - 1)
+    kept, meta = checkpoint.restore(workdir, _template_state())
+    self.assertEqual(meta["round"], bad_round - 1)
+    for leaf in jax.tree.leaves(kept):
+      self.assertTrue(np.all(np.isfinite(leaf)))
+    # The kept state is exactly that of an uninterrupted run of bad_round - 1 rounds.
+    good = os.path.join(root, "good")
+    self.assertEqual(_main(workdir=good, rounds=bad_round - 1, **settings)[0], 0)
+    want, want_meta = checkpoint.restore(good, _template_state())
+    untimed = lambda totals: {k: v for k, v in totals.items() if not k.endswith("_s")}
+    self.assertEqual(untimed(meta["totals"]), untimed(want_meta["totals"]))
+    _assert_trees_equal(self, kept, want)
 
+  @pytest.mark.slow
   def test_same_seed_identical_metrics(self):
     a, b, c = (os.path.join(_tmpdir(self), n) for n in "abc")
     for workdir, seed in ((a, 3), (b, 3), (c, 4)):
@@ -136,8 +237,91 @@ class DivergenceAndDeterminismTest(absltest.TestCase):
     self.assertIn("jax", config["versions"])
 
 
+@pytest.mark.slow
+class BadRunFilesTest(parameterized.TestCase):
+  """A damaged or foreign file in a workdir: one clear error line, exit code 2, and every file
+  already there byte for byte unchanged."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._tmp = tempfile.TemporaryDirectory()
+    cls.runs = {}
+    for name, hidden in (("h16", 16), ("h8", 8)):
+      cls.runs[name] = os.path.join(cls._tmp.name, name)
+      code, err = _main(workdir=cls.runs[name], rounds=2, **dict(TINY, hidden=hidden))
+      assert code == 0, err
+
+  @classmethod
+  def tearDownClass(cls):
+    cls._tmp.cleanup()
+    super().tearDownClass()
+
+  def _copy(self, name):
+    workdir = os.path.join(_tmpdir(self), "w")
+    shutil.copytree(self.runs[name], workdir)
+    return workdir
+
+  def _assert_one_clear_error(self, code, err, message):
+    self.assertEqual(code, 2, err)
+    self.assertTrue(err.startswith("error: "), err)
+    self.assertEqual(err.strip().count("\n"), 0, err)
+    self.assertNotIn("Traceback", err)
+    self.assertRegex(err, message)
+
+  @parameterized.named_parameters(
+      ("truncated_checkpoint", "truncate", "cannot read checkpoint"),
+      ("random_bytes_checkpoint", "random", "cannot read checkpoint"),
+      ("checkpoint_of_another_configuration", "foreign", "another structure or shape"),
+      ("corrupt_config_json", "config", "cannot read .*config.json"))
+  def test_damaged_run_file(self, damage, message):
+    workdir = self._copy("h16")
+    path = os.path.join(workdir, checkpoint.FILENAME)
+    if damage == "truncate":
+      with open(path, "rb") as f:
+        data = f.read()
+      with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    elif damage == "random":
+      with open(path, "wb") as f:
+        f.write(np.random.default_rng(0).bytes(4096))
+    elif damage == "foreign":
+      shutil.copy(os.path.join(self.runs["h8"], checkpoint.FILENAME), path)
+    else:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write('{"config": {"hidden": 16')
+    before = _snapshot(workdir)
+    code, err = _main(workdir=workdir, rounds=2, **dict(TINY, hidden=16))
+    self._assert_one_clear_error(code, err, message)
+    self.assertEqual(_snapshot(workdir), before)
+
+  def test_corrupt_summary_in_compare(self):
+    good, bad = self._copy("h16"), os.path.join(_tmpdir(self), "bad")
+    shutil.copytree(self.runs["h8"], bad)
+    with open(os.path.join(bad, "summary.json"), "w") as f:
+      f.write('{"test_accuracy": 0.9, ')
+    out = os.path.join(_tmpdir(self), "cmp")
+    os.makedirs(out)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+      f.write("an earlier comparison\n")
+    before = [_snapshot(d) for d in (good, bad, out)]
+    err = io.StringIO()
+    with flagsaver.flagsaver(workdirs=[good, bad], out=out), contextlib.redirect_stderr(err), \
+        contextlib.redirect_stdout(io.StringIO()), self.assertRaises(SystemExit) as cm:
+      compare.main([])
+    self._assert_one_clear_error(cm.exception.code, err.getvalue(),
+                                 f"cannot read .*{bad}")
+    self.assertEqual([_snapshot(d) for d in (good, bad, out)], before)
+
+
+def _assert_trees_equal(test, a, b):
+  """Same structure and bitwise-equal leaves (zip alone would stop at the shorter one)."""
+  test.assertEqual(jax.tree.structure(a), jax.tree.structure(b))
+  for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(u, w)
+
+
 def _template_state():
-  import jax
   import optax
   from bilevel import federated, models
   x, y = models.init_mlp(jax.random.key(0), 64, 16, 10)
@@ -199,10 +383,11 @@ class BadInputTest(parameterized.TestCase):
     self.assertIn("4 problems", err)
 
   @parameterized.parameters("--rounds=abc", "--algorithm=gradient_descent")
+  @pytest.mark.slow
   def test_unparsable_flags_exit_without_traceback(self, arg):
     out = subprocess.run([sys.executable, "-m", "experiments.hyper_representation", arg,
                           "--workdir=/tmp/unused"], cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
+                         env=_env(), timeout=SUBPROCESS_TIMEOUT_S)
     self.assertNotEqual(out.returncode, 0)
     self.assertNotIn("Traceback", out.stderr)
     self.assertIn(arg.split("=")[0], out.stderr)

@@ -70,7 +70,8 @@ class CoverageMeanTest(parameterized.TestCase):
     _, new = jax.jit(lambda p, s: server.server_step(p, agg, cover, opt, s))(params, state)
     # The state leaves of "b" (Adam's mu and nu, or the momentum trace), in leaf order.
     moments = [(np.asarray(o), np.asarray(n))
-               for o, n in zip(jax.tree.leaves(state), jax.tree.leaves(new)) if o.shape == (5,)]
+               for o, n in zip(jax.tree.leaves(state), jax.tree.leaves(new), strict=True)
+               if o.shape == (5,)]
     self.assertLen(moments, 2 if name == "adam" else 1)
     covered = np.asarray(cover["b"]) > 0
     self.assertFalse(covered[2])
@@ -107,6 +108,29 @@ class CoverageMeanTest(parameterized.TestCase):
     stats = bilevel.coverage_stats(masks)
     self.assertEqual(set(stats._fields), {"min", "mean", "uncovered_share"})
 
+
+
+class ZeroWeightTest(absltest.TestCase):
+
+  def test_zero_weight_clients_move_nothing(self):
+    # Client 0 has weight 0 (no examples with weighting="examples", or inactive) and huge
+    # deltas; coordinate 3 is kept by client 0 alone.
+    rng = np.random.default_rng(0)
+    deltas = {"a": jnp.asarray(rng.normal(size=(3, 4)))}
+    deltas["a"] = deltas["a"].at[0].set(1e6)
+    masks = {"a": jnp.asarray([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0]])}
+    weights = jnp.asarray([0.0, 2.0, 3.0])
+    got = server.coverage_mean(deltas, masks, weights)["a"]
+    d, m, w = np.asarray(deltas["a"]), np.asarray(masks["a"]), np.asarray(weights)
+    # The weighted mean over clients 1 and 2 where they keep the coordinate, else 0.
+    want = [(w[1:] * m[1:, j] * d[1:, j]).sum() / (w[1:] * m[1:, j]).sum() for j in range(3)]
+    want.append(0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    self.assertEqual(float(got[3]), 0.0)  # kept only by the zero-weight client: no step
+    np.testing.assert_array_equal(server.covered(masks, weights)["a"], [1, 1, 1, 0])
+    zero = server.zero_fill_mean(deltas, masks, weights)["a"]
+    np.testing.assert_allclose(zero, (w[1:, None] * m[1:] * d[1:]).sum(0) / w[1:].sum(),
+                               rtol=1e-6)
 
 if __name__ == "__main__":
   absltest.main()

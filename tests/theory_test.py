@@ -9,6 +9,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
@@ -119,6 +120,7 @@ class DriverTest(parameterized.TestCase):
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # pytest never parses absl flags
 
+  @pytest.mark.slow
   def test_tiny_sweep_writes_summary_with_required_keys(self):
     workdir = self.enter_context(tempfile.TemporaryDirectory())
     with flagsaver.flagsaver(workdir=workdir, **TINY):
@@ -132,8 +134,18 @@ class DriverTest(parameterized.TestCase):
         values = summary["avg_sq_grad_norm"][alg][c]
         self.assertEqual(set(values), {"8", "16"})
         self.assertTrue(all(math.isfinite(v) and v > 0 for v in values.values()))
-      self.assertTrue(math.isfinite(summary["coverage_ratio"][alg]["measured"]))
-      self.assertIn("slopes_in_range", summary["checks"][alg])
+      # The summary's slopes, ratio and checks are those of its own means (recomputed here).
+      means = summary["avg_sq_grad_norm"][alg]
+      for c in ("1", "2"):
+        want = np.polyfit(np.log([8, 16]), np.log([means[c]["8"], means[c]["16"]]), 1)[0]
+        self.assertAlmostEqual(summary["slopes"][alg][c], want, places=9)
+      measured = means["1"]["16"] / means["2"]["16"]
+      self.assertAlmostEqual(summary["coverage_ratio"][alg]["measured"], measured, places=12)
+      lo, hi = summary["slope_range"]
+      self.assertEqual(summary["checks"][alg], dict(
+          slopes_in_range=all(lo <= s <= hi for s in summary["slopes"][alg].values()),
+          monotone_in_coverage_at_largest_rounds=bool(means["2"]["16"] < means["1"]["16"]),
+          ratio_within_factor_2=bool(0.5 <= measured / math.sqrt(2) <= 2.0)))
     self.assertLen(summary["table"], 2 * 2 * 2)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       lines = [json.loads(line) for line in f]
@@ -144,6 +156,8 @@ class DriverTest(parameterized.TestCase):
     seeds = [line["avg_sq_grad_norm"] for line in lines if line["rounds"] == 16
              and line["coverage"] == 1 and line["algorithm"] == "rabo"]
     self.assertNotAlmostEqual(seeds[0], seeds[1])  # the seeds really differ
+    self.assertAlmostEqual(float(np.mean(seeds)), summary["avg_sq_grad_norm"]["rabo"]["1"]["16"],
+                           places=12)  # the summary's mean is the mean over the seeds
     self.assertTrue(os.path.exists(os.path.join(workdir, "coverage_rate.png")))
     self.assertTrue(os.path.exists(os.path.join(workdir, "config.json")))
 
