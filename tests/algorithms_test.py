@@ -4,6 +4,7 @@ defaults = driver defaults (experiments/common.py federated_config)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
@@ -192,6 +193,7 @@ class KeywordsTest(parameterized.TestCase):
     self.assertEqual(int(state.round), 3)
     self.assertEqual([r["round"] for r in records], [1, 2, 3])
 
+  @pytest.mark.slow
   def test_unit_granularity_with_layout(self):
     hidden, d_in, classes, M = 4, 3, 2, 4
 

@@ -73,6 +73,7 @@ class CompactTest(parameterized.TestCase):
 
   # Every policy and every estimator appears once (pairs keep the suite fast on 2 cores).
   @parameterized.parameters(zip(masks_lib.POLICIES, hypergrad.ESTIMATORS))
+  @pytest.mark.slow
   def test_compact_equals_dense_float64(self, policy, estimator):
     with jax.enable_x64(True):
       cfg = _cfg(policy, estimator)
@@ -80,6 +81,7 @@ class CompactTest(parameterized.TestCase):
       dense = _run(cfg, np.float64, submodel="dense", sampling="stratified")[:2]
       _assert_same(self, compact, dense, rtol=1e-12)
 
+  @pytest.mark.slow
   def test_compact_equals_dense_float32(self):
     cfg = _cfg("rolling", "exact")
     compact = _run(cfg, np.float32, submodel="compact")[:2]
@@ -100,6 +102,7 @@ class CompactTest(parameterized.TestCase):
     # The 0.25 clients' hidden kernel really is 4 kept units x 12 inputs (held units-major).
     self.assertIn(f"f32[4,{DIN}]", jaxpr)
 
+  @pytest.mark.slow
   def test_shared_group_with_ry_below_rx_runs_at_the_intersection_width(self):
     # Level 1/0.5: x and y both keep ceil(0.5 H) hidden units, compact = dense.
     cfg = _cfg("random", "fd", levels="1/0.5:0.5,0.5/0.5:0.5")
@@ -133,6 +136,7 @@ class CompactTest(parameterized.TestCase):
       strata = federated.make_strata(ratios, np.arange(3), 3, models.mlp_layout(k))
       self.assertEqual(tuple(st.counts["hidden"] for st in strata), want)
 
+  @pytest.mark.slow
   def test_compact_equals_dense_at_non_dyadic_ratios(self):
     # Width 200 at 0.3 / 0.6 / 0.7: the static compact widths and the traced masks' counts are
     # the same exact integers (60 / 120 / 140), so costs agree and no index is padded.
@@ -162,6 +166,7 @@ class CompactTest(parameterized.TestCase):
         self.assertLen(set(got.tolist()), st.per_round)
         self.assertTrue(set(got.tolist()) <= set(st.clients.tolist()))
 
+  @pytest.mark.slow
   def test_round_is_traced_once(self):
     traces = []
     problem = models.hyper_representation_problem()
@@ -189,6 +194,7 @@ class CompactTest(parameterized.TestCase):
     with self.assertRaisesRegex(ConfigError, "submodel"):
       federated.make_round(problem, _cfg(), layout, x0, submodel="sparse")
 
+  @pytest.mark.slow
   def test_single_level_stratified_equals_uniform(self):
     cfg = _cfg(levels="1/1:1")
     with jax.enable_x64(True):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import absltest, parameterized
 
 from bilevel import federated, hypergrad, inner, problems, server, tree
@@ -79,6 +80,7 @@ class RoundTest(parameterized.TestCase):
       np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 1e-2)
 
   @parameterized.parameters((np.float64, 1e-12), (np.float32, 1e-5))
+  @pytest.mark.slow
   def test_vmap_equals_loop(self, dtype, rtol):
     cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS,
                                     mask=masks_lib.MaskConfig("random", "unit"))
@@ -142,6 +144,7 @@ class RoundTest(parameterized.TestCase):
     # Every client's gradients cost 6 FLOPs per kept entry of x and y.
     self.assertEqual(rec["client_flops"], evals * 6 * np.sum(kept))
 
+  @pytest.mark.slow
   def test_hypergrad_norm_is_the_coverage_mean_of_client_hypergradients(self):
     # The round derives the metric from the x deltas (-D_x / (alpha K)); here it is recomputed
     # from what the clients report as their mean hypergradient, with the public coverage_mean

@@ -20,6 +20,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from absl import flags
 from absl.testing import absltest, flagsaver
@@ -66,6 +67,7 @@ def _counting_oracle(oracle, counts):
 
 class CountTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_config_a_counts(self):
     calls, loss_calls = collections.Counter(), collections.Counter()
     base = models.hyper_representation_problem("tanh")
@@ -170,6 +172,7 @@ class QuadraticTest(absltest.TestCase):
 
 class DriverTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_fednest_and_lfednest_run(self):
     from experiments import common, hyper_representation  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():

@@ -130,6 +130,7 @@ class EstimatorTest(parameterized.TestCase):
       self.assertBetween(big / small, 3.5, 4.5)  # O(delta^2) bias: ratio 4
 
   @parameterized.parameters("neumann", "cg")
+  @pytest.mark.slow
   def test_fd_products_match_exact_products(self, estimator):
     # Central differences with delta 1e-4 on a smooth (tanh) problem in float64: O(delta^2) =
     # 1e-8 bias times the third derivatives, plus 1e-16 / 1e-4 rounding; rtol 1e-6 leaves room.
