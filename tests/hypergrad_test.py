@@ -167,7 +167,11 @@ class EstimatorTest(parameterized.TestCase):
 
   def test_estimator_cost_model(self):
     opts = hypergrad.EstimatorOptions(num_steps=3)
-    self.assertEqual(hypergrad.estimator_grad_evals("fd", opts), 1 + 2 * 4)
+    # grad f + 2 gradients per product: fd with the Cauchy step does H v0, 3 H r and the final
+    # J v (5 products); with the fixed step 3 H v and J v (4); neumann 2 H p and J v (3).
+    self.assertEqual(hypergrad.estimator_grad_evals("fd", opts), 1 + 2 * 5)
+    self.assertEqual(hypergrad.estimator_grad_evals("fd", opts._replace(v_step="fixed")),
+                     1 + 2 * 4)
     self.assertEqual(hypergrad.estimator_grad_evals("neumann", opts), 1 + 2 * 3)
 
 
