@@ -31,9 +31,6 @@ from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig
 
-jax.config.update("jax_enable_x64", True)
-
-
 def _config(num_clients, per_round, *, inner_steps=5, num_steps=6, local_steps=1, lr=0.01,
             **kw):
   client = ClientConfig(local_steps=local_steps, inner_steps=inner_steps, inner_lr=lr,
@@ -134,6 +131,10 @@ class CountTest(absltest.TestCase):
 
 
 class QuadraticTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.enable_x64(True))  # float64 here only (a global switch would leak)
 
   def _round(self, heterogeneity, **kw):
     d = problems.make_quadratic(6, 3, 4, seed=1, heterogeneity=heterogeneity)
