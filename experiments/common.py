@@ -38,10 +38,12 @@ QUICK = flags.DEFINE_boolean("quick", False, "A small, fast version of the exper
                              "(benchmark, coverage_rate).")
 SMOKE = flags.DEFINE_boolean(
     "smoke", False, "Tiny run for tests: a few rounds, small data. Every driver honours it "
-    "(hyper_representation, hyper_cleaning: at most 2 rounds, metrics every round; "
-    "coverage_rate: 2 small Q, 1 seed, at most 2 coverages; benchmark: tiny sizes, 1 rep). "
+    "(hyper_representation, hyper_cleaning: at most 2 rounds, metrics every round, the first 2 "
+    "of --seeds; coverage_rate: 2 small Q, 1 seed, at most 2 coverages; benchmark: tiny sizes, "
+    "1 rep). "
     "tests/doc_commands_test.py runs every documented command with it.")
 SMOKE_ROUNDS = 2
+SMOKE_SEEDS = 2  # --smoke with --seeds runs the first two seeds only
 # Test hook: BILEVEL_KILL_AFTER_CHECKPOINT=N makes a driver send itself SIGKILL right after it
 # has written its N-th checkpoint of this process (run_and_record), a deterministic kill point
 # for the resume tests (WORKSPACE.md, "Runs: checkpoints, resume, errors").
@@ -592,6 +594,8 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
   if seeds is None:
     run_one()
     return
+  if SMOKE.value:
+    seeds = seeds[:SMOKE_SEEDS]
   root = require_workdir()
   stale = os.path.join(root, "summary.json")
   if os.path.exists(stale) and is_writer():
