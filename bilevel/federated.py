@@ -41,6 +41,7 @@ from bilevel.problems import BilevelProblem
 
 PyTree = Any
 STREAMS = {"init": 0, "sample": 1, "masks": 2, "batches": 3, "levels": 4}
+DIAGNOSTICS = "_diagnostics"  # metrics key of make_round(diagnostics=True)'s per-round trees
 
 
 def stream_key(seed: int, name: str) -> jax.Array:
@@ -310,8 +311,12 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
                available: Mapping[str, np.ndarray] | None = None,
                mask_fn: MaskFn | None = None, submodel: str = "dense",
                sampling: str | None = None, mesh: Mesh | None = None,
-               mesh_axis: str = "clients") -> Round:
+               mesh_axis: str = "clients", diagnostics: bool = False) -> Round:
   """Build the round function `step(state, data) -> (state, metrics)` (validated up front).
+
+  diagnostics: metrics[DIAGNOSTICS] = {"estimate": the round's aggregated hypergradient estimate
+  (like x, evaluated at the state the round started from), "count_x" / "count_y": clients
+  keeping each coordinate} for `run(..., diagnose_fn=...)`.
 
   mask_fn: optional `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` replacing
   the policy masks (slot = the client's position 0..C-1 in this round), e.g. schedules with a
@@ -342,7 +347,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     return fednest.make_fednest_round(
         problem, cfg, layout, x_like, sample=sample, optimizer=optimizer,
         flops_per_grad=flops_per_grad, client_map=client_map, jit=jit, available=available,
-        mask_fn=mask_fn, submodel=submodel, sampling=sampling, mesh=mesh)
+        mask_fn=mask_fn, submodel=submodel, sampling=sampling, mesh=mesh,
+        diagnostics=diagnostics)
   validate_config(cfg, layout)
   check_choice("client_map", client_map, ("vmap", "loop"))
   check_choice("submodel", submodel, SUBMODELS)
@@ -502,6 +508,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
         client_flops=t.flops,
         comm_bytes=2.0 * itemsize * t.params_sent,  # down + up
         active_clients=t.active)
+    if diagnostics:
+      metrics[DIAGNOSTICS] = dict(estimate=hyper, count_x=t.count_x, count_y=t.count_y)
     return ServerState(x, y, v, opt_state, state.round + 1), metrics
 
   def step(state: ServerState, data: FederatedData):
@@ -574,6 +582,16 @@ class BlowupGuard:
             "checkpoint holds the last good state; --divergence_factor=0 turns this guard off.")
 
 
+def _ever_covered(ever: dict[str, PyTree] | None, diag: Mapping[str, PyTree]
+                  ) -> dict[str, PyTree]:
+  """Per coordinate of x and y: kept by some client in some round so far (numpy bool trees)."""
+  now = {side: jax.tree.map(lambda c: np.asarray(c) > 0, diag[f"count_{side}"])
+         for side in ("x", "y")}
+  if ever is None:
+    return now
+  return {side: jax.tree.map(np.logical_or, ever[side], now[side]) for side in ("x", "y")}
+
+
 @jax.jit
 def _finite_parts(state: ServerState) -> jax.Array:
   """[x, y, v] all finite."""
@@ -599,6 +617,8 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[ServerState, dict[str, float], int], None] | None = None,
         blowup_factor: float | None = BLOWUP_FACTOR,
+        diagnose_fn: Callable[[ServerState, PyTree], Mapping[str, Any]] | None = None,
+        diagnose_every: int = 0,
         ) -> tuple[ServerState, list[dict[str, Any]]]:
   """Run rounds state.round .. num_rounds - 1; return the final state and the logged records.
 
@@ -612,29 +632,47 @@ def run(rnd: Round, state: ServerState, data: FederatedData, num_rounds: int, *,
   called every `checkpoint_every` rounds and after the last one, after that round's record was
   passed on. `log(line)`, if given, receives a progress line every `log_every` rounds (the
   library prints nothing itself; the drivers pass absl logging).
+
+  Diagnostics (a round built with make_round(diagnostics=True)): every round the cumulative
+  share of coordinates no client has kept so far goes to never_covered_x_share /
+  never_covered_y_share (counted from this call's first round); every `diagnose_every` rounds
+  `diagnose_fn(state the round started from, the round's aggregated estimate)` returns figures
+  (e.g. bilevel.diagnostics.estimate_quality) that go into that round's record, which is
+  logged then (diagnose_every must be a multiple of eval_every).
   """
   totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
                 cy_star=float("inf"))
   totals.update(start_totals or {})
   guard = BlowupGuard(blowup_factor, totals)
-  records = []
+  records, ever = [], None
   start, first = time.perf_counter(), int(state.round)
   for q in range(first, num_rounds):
     step_start = time.perf_counter()
+    before = state
     state, metrics = rnd.step(state, data)
+    diag = metrics.pop(DIAGNOSTICS, None)
     metrics = to_python(jax.device_get(metrics))
     if q == first:  # this process's first round: compilation (or a cache load) included
       totals["first_round_s"] = time.perf_counter() - step_start
     done = q + 1
     _check_finite(done, metrics, state)
     guard(done, metrics)
+    extra = {}
+    if diag is not None:
+      ever = _ever_covered(ever, diag)
+      for side in ("x", "y"):
+        flat = np.concatenate([np.ravel(e) for e in jax.tree.leaves(ever[side])])
+        totals[f"never_covered_{side}_share"] = float(np.mean(~flat))
+      if diagnose_fn is not None and diagnose_every and done % diagnose_every == 0:
+        extra = {f"diag_{k}": v for k, v in to_python(
+            jax.device_get(dict(diagnose_fn(before, diag["estimate"])))).items()}
     totals["cumulative_client_flops"] += metrics["client_flops"]
     totals["cumulative_comm_bytes"] += metrics["comm_bytes"]
     totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
     totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
     if done % eval_every == 0 or done == num_rounds:
       record = dict(round=done, **metrics,
-                    **{k: v for k, v in totals.items() if not k.startswith("_")},
+                    **{k: v for k, v in totals.items() if not k.startswith("_")}, **extra,
                     wall_time_s=time.perf_counter() - start)
       if eval_fn is not None:
         record.update(to_python(dict(eval_fn(state))))

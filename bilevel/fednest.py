@@ -302,14 +302,15 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
                            federated.default_flops_per_grad),
                        client_map: str = "vmap", jit: bool = True, available: Any = None,
                        mask_fn: Any = None, submodel: str = "dense", sampling: str | None = None,
-                       mesh: Any = None, oracle: Oracle | None = None, **unused: Any
-                       ) -> federated.Round:
+                       mesh: Any = None, oracle: Oracle | None = None,
+                       diagnostics: bool = False, **unused: Any) -> federated.Round:
   """FedNest's round `step(state, data) -> (state, metrics)` (module docstring), as a
   federated.Round; federated.make_round's keywords (what FedNest cannot use is a ConfigError).
 
   sample draws FedInn's SVRG batches (FedOut and the snapshot use each client's whole split,
   as FedNest's code); `available` is accepted and unused (FedNest averages over all sampled
-  clients); oracle replaces make_oracle(problem) (tests count calls through it).
+  clients); oracle replaces make_oracle(problem) (tests count calls through it);
+  diagnostics as in federated.make_round (the estimate is FedOut's averaged h at x).
   """
   del x_like, sampling, available, unused
   federated.validate_config(cfg, layout)
@@ -339,6 +340,10 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
     metrics = _metrics(cfg, state, counts, h, f_val, g_val, flops_per_grad, c)
+    if diagnostics:  # full model: every coordinate held by the C sampled clients
+      held = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, c, jnp.int32), t)
+      metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=held(state.x),
+                                            count_y=held(state.y))
     return federated.ServerState(x, y, v, opt_state, q + 1), metrics
 
   return federated.Round(jax.jit(step) if jit else step, population,

@@ -88,6 +88,12 @@ PARTITION = flags.DEFINE_string("partition", "iid", "iid, shards or dirichlet.")
 ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration (partition=dirichlet).")
 VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.5, "Share of a client's data for f_i.")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Log metrics every this many rounds.")
+DIAGNOSE_EVERY = flags.DEFINE_integer(
+    "diagnose_every", 0, "Every this many rounds (a multiple of --eval_every; 0 = never) record "
+    "the true full-model hypergradient of the global problem (inner problem by L-BFGS to "
+    "||grad_y G|| <= 1e-5 or 500 steps, linear system by 100 CG steps) and the cosine and "
+    "relative error of the round's aggregated estimate against it (diag_* keys), and every "
+    "round the cumulative share of never-covered coordinates of x and y.")
 SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"],
                              "Client computation with unit masks: compact (extracted arrays of "
                              "width ceil(r K), stratified sampling) or dense (masked full arrays).")
@@ -383,6 +389,10 @@ def check_shared_flags() -> list[str]:
     problems.append(f"--val_fraction={VAL_FRACTION.value} is outside the allowed range (0, 1).")
   if not ALPHA.value > 0:
     problems.append(f"--alpha={ALPHA.value} is outside the allowed range (0, inf).")
+  every = DIAGNOSE_EVERY.value
+  if every < 0 or (every and EVAL_EVERY.value > 0 and every % EVAL_EVERY.value):
+    problems.append(f"--diagnose_every={DIAGNOSE_EVERY.value} must be 0 or a positive multiple "
+                    f"of --eval_every={EVAL_EVERY.value} (diagnostics go into logged records).")
   if not 0 < HOLDOUT_FRACTION.value < 1:
     problems.append(f"--holdout_fraction={HOLDOUT_FRACTION.value} is outside the allowed range "
                     "(0, 1).")
@@ -480,9 +490,28 @@ def read_metrics(path: str, up_to_round: int) -> list[dict[str, Any]]:
   return records
 
 
+def diagnose_fn(problem, data: federated.FederatedData):
+  """(state, estimate) -> diag figures: bilevel.diagnostics on the clients' stacked data."""
+  import jax
+  from bilevel import diagnostics
+
+  @jax.jit
+  def diagnose(state, estimate):
+    true = diagnostics.true_hypergradient(problem, state.x, state.y, data.inner, data.outer)
+    return dict(diagnostics.estimate_quality(estimate, true.hypergrad),
+                inner_grad_norm=true.inner_grad_norm, inner_steps=true.inner_steps,
+                cg_residual=true.cg_residual)
+
+  return diagnose
+
+
 def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerState,
-                   data: federated.FederatedData, eval_fn, title: str, resume: bool = False):
+                   data: federated.FederatedData, eval_fn, title: str, resume: bool = False,
+                   problem=None):
   """Run (or resume) all rounds, streaming records to metrics.jsonl and checkpointing.
+
+  problem: the task's BilevelProblem, needed for --diagnose_every (the round must then be
+  built with diagnostics=True).
 
   Returns (final state, all records of the run, earlier ones included).
   """
@@ -525,7 +554,9 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
         rnd, state, data, ROUNDS.value, eval_fn=eval_fn, eval_every=EVAL_EVERY.value,
         on_record=on_record, log=logging.info, log_every=LOG_EVERY.value, start_totals=totals,
         checkpoint_every=CHECKPOINT_EVERY.value, on_checkpoint=on_checkpoint,
-        blowup_factor=DIVERGENCE_FACTOR.value)
+        blowup_factor=DIVERGENCE_FACTOR.value,
+        diagnose_fn=diagnose_fn(problem, data) if DIAGNOSE_EVERY.value else None,
+        diagnose_every=DIAGNOSE_EVERY.value)
   except federated.DivergenceError as e:
     fail(str(e))
   finally:

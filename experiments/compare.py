@@ -10,6 +10,9 @@ and writes to --out (or --workdir):
 A workdir written with --seeds (summary.json with per-seed summaries, one run per seed in
 WORKDIR/seed_S) is one row: every figure is its mean over the seeds, accuracy and AUC shown as
 mean +- std with the number of seeds, and the figure draws the mean curve with a min-max band.
+Runs made with --diagnose_every also get compare_diagnostics.png: the cosine and relative error
+of each round's aggregated hypergradient estimate against the true one, and the share of x never
+covered so far, against the round.
 A workdir without summary.json is an unfinished (or killed) run: it is listed as unfinished,
 with how many rounds it logged, and left out of the figure and the table.
 
@@ -193,6 +196,37 @@ def plot(path: str, runs: Sequence[Run]) -> None:
   plt.close(fig)
 
 
+DIAGNOSTIC_PANELS = (("diag_cosine", "cosine(estimate, true hypergradient)"),
+                     ("diag_relative_error", "||estimate - true|| / ||true||"),
+                     ("never_covered_x_share", "share of x never covered so far"))
+
+
+def plot_diagnostics(path: str, runs: Sequence[Run]) -> bool:
+  """Estimate quality against rounds (runs made with --diagnose_every); False if none has it."""
+  with_diag = [r for r in runs if any("diag_cosine" in rec for seed in r.records for rec in seed)]
+  if not with_diag:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(DIAGNOSTIC_PANELS), figsize=(5 * len(DIAGNOSTIC_PANELS), 3.8))
+  for (key, label), ax in zip(DIAGNOSTIC_PANELS, axes):
+    for r in with_diag:
+      curves = [{rec["round"]: rec[key] for rec in seed if key in rec} for seed in r.records]
+      xs = sorted(set.intersection(*(set(c) for c in curves)))
+      if xs:
+        ys = np.array([[c[x] for x in xs] for c in curves]).mean(axis=0)
+        ax.plot(xs, ys, marker=".", label=r.label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def main(argv):
   del argv
   problems = []
@@ -226,6 +260,8 @@ def main(argv):
   os.makedirs(out, exist_ok=True)
   write_markdown(os.path.join(out, "compare.md"), runs, unfinished)
   plot(os.path.join(out, "compare.png"), runs)
+  if plot_diagnostics(os.path.join(out, "compare_diagnostics.png"), runs):
+    print(f"wrote {os.path.join(out, 'compare_diagnostics.png')} (estimate quality)")
   print("\n".join(table(runs)))
   print(f"wrote {os.path.join(out, 'compare.md')} and {os.path.join(out, 'compare.png')}")
 

@@ -368,6 +368,7 @@ def build(cfg: federated.FederatedConfig, ds: data_lib.Dataset, cd: CleaningData
                                     cd.fed.available["samples"])
   available = {"samples": np.asarray(cd.fed.available["samples"])}
   rnd = federated.make_round(cleaning_problem(logits_fn, REG.value), cfg, lay, x0,
+                             diagnostics=common.DIAGNOSE_EVERY.value > 0,
                              sample=sample, flops_per_grad=flops_per_grad, available=available,
                              mask_fn=mask_fn, submodel="dense", mesh=common.client_mesh())
   return rnd, x0, y0, logits_fn
@@ -456,7 +457,8 @@ def run_one() -> dict:
     title = ("hyper-cleaning" if weighted else "hyper-cleaning, unweighted baseline")
     _, records = common.run_and_record(run_dir, rnd, state, cd.fed,
                                        lambda st: evaluate(st, init_logit),
-                                       f"{title}, {common.ALGORITHM.value}", resume)
+                                       f"{title}, {common.ALGORITHM.value}", resume,
+                                       problem=cleaning_problem(logits_fn, REG.value))
     if weighted:
       summary = summarize(records[-1], True)
     else:

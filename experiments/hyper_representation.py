@@ -101,11 +101,12 @@ def run_one() -> dict:
                                                 cfg.mask.granularity != "unit" or
                                                 cfg.round_kind == "fednest"):
       submodel = "dense"
+    problem = models.hyper_representation_problem(ACTIVATION.value, L2.value, MODEL.value)
     rnd = federated.make_round(
-        models.hyper_representation_problem(ACTIVATION.value, L2.value, MODEL.value), cfg,
-        layout, x0,
+        problem, cfg, layout, x0,
         sample=sample, submodel=submodel, mesh=common.client_mesh(),
-        flops_per_grad=lambda mx, my: per_grad_examples * flops_per_example(mx, my))
+        flops_per_grad=lambda mx, my: per_grad_examples * flops_per_example(mx, my),
+        diagnostics=common.DIAGNOSE_EVERY.value > 0)
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
@@ -126,7 +127,8 @@ def run_one() -> dict:
 
   state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
   state, records = common.run_and_record(workdir, rnd, state, data, evaluate,
-                                         f"hyper-representation, {common.ALGORITHM.value}", resume)
+                                         f"hyper-representation, {common.ALGORITHM.value}", resume,
+                                         problem=problem)
   last = records[-1]
   summary = dict(
       task="hyper_representation", algorithm=common.ALGORITHM.value,
