@@ -297,7 +297,7 @@ def _build(name: str, problem: BilevelProblem, num_clients: int,
   check_choice("granularity", granularity, masks_lib.GRANULARITIES)
   if granularity == "unit" and o.layout is None:
     raise ConfigError(
-        f"granularity='unit' needs the model's unit layout: pass layout= (a masks.UnitLayout, "
+        "granularity='unit' needs the model's unit layout: pass layout= (a masks.UnitLayout, "
         "e.g. bilevel.models.mlp_layout(hidden)), or use granularity='element'.")
   clients_per_round = o.clients_per_round
   if clients_per_round is None:

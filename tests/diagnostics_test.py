@@ -1,8 +1,6 @@
 """bilevel.diagnostics and the run loop's diagnostics: the true hypergradient against the closed
 form, estimate quality, the cumulative never-covered share, the driver's --diagnose_every."""
 
-import contextlib
-import io
 import json
 import os
 import tempfile
@@ -13,12 +11,12 @@ import numpy as np
 import optax
 import pytest
 from absl import flags
-from absl.testing import absltest, flagsaver
+from absl.testing import absltest
 
 from bilevel import diagnostics, federated, problems, tree
 from bilevel.client import ClientConfig
 from bilevel.masks import Level, MaskConfig
-from experiments import hyper_representation
+from reliability_test import _main  # the in-process driver runner the tests share
 
 
 class TrueHypergradientTest(absltest.TestCase):
@@ -88,20 +86,10 @@ class DriverTest(absltest.TestCase):
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
 
-  def _main(self, **overrides):
-    err = io.StringIO()
-    with flagsaver.flagsaver(**overrides), contextlib.redirect_stderr(err), \
-        contextlib.redirect_stdout(io.StringIO()):
-      try:
-        hyper_representation.main([])
-        return 0, err.getvalue()
-      except SystemExit as e:
-        return e.code, err.getvalue()
-
   @pytest.mark.slow
   def test_records_the_estimate_quality(self):
     workdir = os.path.join(tempfile.mkdtemp(), "w")
-    code, err = self._main(workdir=workdir, dataset="digits", num_clients=4,
+    code, err = _main(workdir=workdir, dataset="digits", num_clients=4,
                            clients_per_round=2, hidden=16, rounds=2, eval_every=1,
                            diagnose_every=2, compilation_cache="none")
     self.assertEqual(code, 0, err)
@@ -115,7 +103,7 @@ class DriverTest(absltest.TestCase):
     self.assertIn("never_covered_x_share", last)
 
   def test_diagnose_every_must_be_a_multiple_of_eval_every(self):
-    code, err = self._main(workdir=tempfile.mkdtemp(), dataset="digits", rounds=2,
+    code, err = _main(workdir=tempfile.mkdtemp(), dataset="digits", rounds=2,
                            eval_every=2, diagnose_every=3)
     self.assertEqual(code, 2)
     self.assertIn("--diagnose_every=3 must be 0 or a positive multiple of --eval_every=2", err)

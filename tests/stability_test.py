@@ -10,8 +10,6 @@
   2, 3 and 4 with the default step, and still diverges with --v_step=fixed on seed 2.
 """
 
-import contextlib
-import io
 import json
 import os
 import tempfile
@@ -21,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from absl.testing import absltest, flagsaver
+from absl.testing import absltest
 
 from bilevel import federated, hypergrad
 from bilevel.problems import BilevelProblem
-from experiments import common, hyper_representation
+from experiments import common
+from reliability_test import _main  # the in-process driver runner the tests share
 
 
 def _quadratic(eigs):
@@ -127,19 +126,6 @@ class CombineSummariesTest(absltest.TestCase):
     self.assertEqual(out["task"], "t")
     self.assertNotIn("flag", out["mean"])  # booleans are not figures
     self.assertEqual(out["per_seed"]["3"]["acc"], 0.8)
-
-
-def _main(**overrides):
-  err = io.StringIO()
-  with flagsaver.flagsaver(**overrides), contextlib.redirect_stderr(err), \
-      contextlib.redirect_stdout(io.StringIO()):
-    for name in overrides:
-      flags.FLAGS[name].present = 1
-    try:
-      hyper_representation.main([])
-      return 0, err.getvalue()
-    except SystemExit as e:
-      return e.code, err.getvalue()
 
 
 @pytest.mark.slow
