@@ -79,7 +79,7 @@ import optax
 from absl import app, flags
 
 from bilevel import data as data_lib
-from bilevel import federated, models, tree
+from bilevel import federated, models
 from bilevel import masks as masks_lib
 from bilevel.client import full_batch, minibatch_sampler
 from bilevel.errors import ConfigError
