@@ -423,10 +423,20 @@ def _config_record(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-  """Same resolved config and flags (apart from _RESUME_FREE_FLAGS) and library versions."""
-  strip = lambda f: {k: v for k, v in f.items() if k not in _RESUME_FREE_FLAGS}
+  """Same resolved config and flags (apart from _RESUME_FREE_FLAGS) and library versions.
+
+  A flag the old record lacks (added to the code since) counts as the same when this run
+  leaves it at its default, so a code update that only adds flags does not block resuming.
+  """
   new = json.loads(json.dumps(to_python(new)))  # the form it takes once written
-  return (old.get("config") == new["config"] and strip(old.get("flags", {})) == strip(new["flags"])
+  old_flags = old.get("flags", {})
+  defaults = json.loads(json.dumps(to_python(
+      {k: flags.FLAGS[k].default for k in new["flags"] if k in flags.FLAGS})))
+  added_at_default = {k for k, v in new["flags"].items()
+                      if k not in old_flags and k in defaults and v == defaults[k]}
+  strip = lambda f: {k: v for k, v in f.items()
+                     if k not in _RESUME_FREE_FLAGS and k not in added_at_default}
+  return (old.get("config") == new["config"] and strip(old_flags) == strip(new["flags"])
           and old.get("versions") == new["versions"])
 
 

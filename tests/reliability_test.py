@@ -193,6 +193,16 @@ class ResumeTest(parameterized.TestCase):
     self.assertIn("another configuration", err)
     self.assertTrue(os.path.exists(os.path.join(workdir, "summary.json")))  # nothing lost
 
+  def test_a_flag_added_since_resumes_at_its_default_only(self):
+    # A workdir written by an older version of the code lacks flags added since: resuming is
+    # the same run when the new flag stays at its default, another one when it is set.
+    old = {"config": {"a": 1}, "flags": {"seed": 0, "workdir": "w"}, "versions": {"jax": "1"}}
+    new = dict(old, flags={"seed": 0, "workdir": "w", "divergence_factor": 100.0})
+    self.assertTrue(common._same_run(old, new))
+    self.assertFalse(common._same_run(old, dict(new, flags=dict(new["flags"],
+                                                                divergence_factor=5.0))))
+    self.assertFalse(common._same_run(old, dict(new, flags=dict(new["flags"], seed=1))))
+
 
 class DivergenceAndDeterminismTest(absltest.TestCase):
 
