@@ -40,7 +40,7 @@ SMOKE = flags.DEFINE_boolean(
     "smoke", False, "Tiny run for tests: a few rounds, small data. Every driver honours it "
     "(hyper_representation, hyper_cleaning: at most 2 rounds, metrics every round, the first 2 "
     "of --seeds; coverage_rate: 2 small Q, 1 seed, at most 2 coverages; benchmark: tiny sizes, "
-    "1 rep). "
+    "1 rep; tune: 2 grid points). "
     "tests/doc_commands_test.py runs every documented command with it.")
 SMOKE_ROUNDS = 2
 SMOKE_SEEDS = 2  # --smoke with --seeds runs the first two seeds only

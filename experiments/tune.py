@@ -141,6 +141,8 @@ def main(argv: Sequence[str]) -> None:
   if clash:
     common.fail(f"--driver_flags may not set {', '.join(clash)}: tune sets those itself.")
   values = grid()
+  if common.SMOKE.value:  # a tiny run for tests: two grid points, still a real selection
+    values = {k: v[:2] if k == "outer_lr" else v[:1] for k, v in values.items()}
   workdir = common.require_workdir()
   points, start = [], time.perf_counter()
   combos = list(itertools.product(*values.values()))
@@ -153,8 +155,9 @@ def main(argv: Sequence[str]) -> None:
     print(f"[{i + 1}/{len(combos)}] {point}: {acc} ({result['seconds']:.0f} s)", flush=True)
   cost = time.perf_counter() - start
   best = select(points)
-  preset = PRESET_OUT.value or os.path.join(
-      PRESETS_DIR, f"{TASK.value}_{common.ALGORITHM.value}.cfg")
+  preset = PRESET_OUT.value or (
+      os.path.join(workdir, "preset.cfg") if common.SMOKE.value  # never a smoke-tuned preset
+      else os.path.join(PRESETS_DIR, f"{TASK.value}_{common.ALGORITHM.value}.cfg"))
   write_preset(preset, best, seeds, cost)
   common.write_summary(workdir, dict(task=TASK.value, algorithm=common.ALGORITHM.value,
                                      seeds=seeds, grid=values, points=points,
