@@ -1,6 +1,6 @@
 """One client's pure update on its submodel: K local steps of (y, v, x) (RABO: K = 1).
 
-Local step k, everything at the pruned point (SPEC section 5):
+Local step k, everything at the pruned point (docs/method.md, sections 3-4):
     y <- T masked inner steps from y                         (inner.inner_solve)
     (h, v) <- estimator(x, y, v; m_x, m_y)                   (hypergrad.ESTIMATORS)
     x <- x - alpha * h                                       (h is zero outside m_x)

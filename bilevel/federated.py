@@ -1,6 +1,6 @@
 """The federated loop: ServerState, one jitted round vmapped over the sampled clients, run loop.
 
-Round q (SPEC section 7), jitted once (state.round is traced, shapes are static):
+Round q (docs/method.md, section 6), jitted once (state.round is traced, shapes are static):
   1. sample C clients from the population (partial participation; without replacement);
   2. per client: keep ratios (fixed per client or redrawn), masks (masks.make_masks), the local
      update on its submodel (client.client_update), all vmapped over the client axis;
@@ -11,7 +11,8 @@ Round q (SPEC section 7), jitted once (state.round is traced, shapes are static)
   4. metrics: losses, norm of the aggregated hypergradient, coverage of x and y, analytic client
      FLOPs and communicated bytes of the submodels actually run.
 
-Randomness (STYLE.md): one seed; named streams fold_in(key(seed), STREAMS[name]); per-round key
+Randomness (WORKSPACE.md, Seed streams): one seed; named streams fold_in(key(seed),
+STREAMS[name]); per-round key
 fold_in(stream, round); per-client key fold_in(round key, client id).
 
 RABO = local_steps 1 with every client in every round; RAFBO = local_steps K > 1 with partial
@@ -66,7 +67,8 @@ class FederatedConfig(NamedTuple):
   round_kind: str = "local"
 
 
-# Presets over the same code (SPEC section 8): overrides of FederatedConfig / ClientConfig.
+# Presets over the same code (docs/method.md, section 7): overrides of FederatedConfig /
+# ClientConfig.
 # "prune": False drops the level profile (every client runs the full model);
 # "full_participation": every client takes part in every round.
 ALGORITHMS: dict[str, dict[str, Any]] = {

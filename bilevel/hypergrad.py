@@ -1,6 +1,7 @@
 """Hypergradient estimation: second-order products (exact and finite-difference) and estimators.
 
-Implicit-function-theorem hypergradient (SPEC section 2), for one client's losses g (inner), f (outer):
+Implicit-function-theorem hypergradient (docs/method.md, section 2), for one client's losses
+g (inner), f (outer):
 
     grad Phi(x) = grad_x f(x, y) - J v,      J v = d/dy[grad_x g](x, y) v
     v*          = H^{-1} grad_y f(x, y),     H   = hess_yy g(x, y)
@@ -11,7 +12,7 @@ Products (same call shape, registry `PRODUCTS`):
             Hv ~ [grad_y g(x, y + d v) - grad_y g(x, y - d v)] / (2 d)
             Jv ~ [grad_x g(x, y + d v) - grad_x g(x, y - d v)] / (2 d)
           with d = delta / max(||v||, eps), so the probe y +- d v has length delta.
-          Bias O(delta^2) for smooth g; O(1) across ReLU kinks (REFERENCES.md).
+          Bias O(delta^2) for smooth g; O(1) across ReLU kinks (docs/method.md, section 3).
 
 Estimators (same signature, registry `ESTIMATORS`; `num_steps` means the number of v updates,
 Neumann terms or CG iterations):
@@ -24,7 +25,8 @@ Neumann terms or CG iterations):
   neumann   : v = eta sum_{k<N} (I - eta H)^k grad_y f   (FedNest; exact products).
   cg        : conjugate gradient on H v = grad_y f from the warm start (exact products).
 
-Dual pruning (SPEC section 5): with masks m_x, m_y every quantity is evaluated at the pruned point
+Dual pruning (docs/method.md, sections 3-4): with masks m_x, m_y every quantity is evaluated at
+the pruned point
 (x*m_x, y*m_y, v*m_y) and every result is multiplied by its mask, so the estimate equals the one
 computed on the extracted subproblem. Entries of v outside m_y are returned as they came in.
 """

@@ -2,7 +2,8 @@
 
 Legend: K = units in a group, M = clients, C = clients in a round (leading axis of `*_C` trees).
 
-A client's resource level is a pair of keep ratios (r_x, r_y) in (0, 1] (SPEC section 4); a level
+A client's resource level is a pair of keep ratios (r_x, r_y) in (0, 1] (docs/method.md,
+section 4); a level
 profile `rx/ry:share,...` says which share of clients sits at each level.
 
 Masks are 0/1 arrays shaped like the parameters. With `unit` granularity a `UnitLayout` names the
@@ -49,7 +50,8 @@ POLICIES = ("random", "rolling", "static", "magnitude")
 GRANULARITIES = ("unit", "element")
 # Policies whose kept set can never reach a unit that no client keeps at the start. Not
 # `magnitude`: it ranks by the current global model, which changes as it trains, so a unit
-# outside every client's set can enter later (SPEC: only never-coverable setups are rejected).
+# outside every client's set can enter later (docs/method.md, section 4: only never-coverable
+# setups are rejected).
 _STUCK_POLICIES = ("static",)
 
 

@@ -4,7 +4,7 @@ CNN (hyper-representation on images, e.g. CIFAR-10): x = {"conv1", "conv2"} (3x3
 stride 2, SAME padding), y = {"head": Dense(classes)} on globally average-pooled features. Unit
 groups: output channels of conv1 ("conv1": its kernel's last axis, its bias, conv2's input-channel
 axis) and of conv2 ("conv2": its kernel's last axis, its bias, the head's input rows). No
-BatchNorm (REFERENCES.md: it fails under heterogeneous submodels).
+BatchNorm (docs/method.md, section 4: it fails under heterogeneous submodels).
 
 MLP (hyper-representation, FedNest): x = {"hidden": Dense(K)}, y = {"head": Dense(classes)}.
 Unit correspondence: hidden unit j owns x.hidden.kernel[:, j], x.hidden.bias[j] and the head's

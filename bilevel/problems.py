@@ -5,7 +5,7 @@ inner variable y (each an arbitrary PyTree) and a batch (an arbitrary PyTree):
 
     min_x  Phi(x) = f(x, y*(x)),   y*(x) = argmin_y g(x, y)     (g strongly convex in y)
 
-The federated objective averages client losses (SPEC section 2); the library only ever
+The federated objective averages client losses (docs/method.md, section 2); the library only ever
 sees one client's (f_i, g_i) through the client's batch.
 """
 
@@ -35,7 +35,7 @@ class BilevelProblem(NamedTuple):
 #   g_i(x, y) = 1/2 y' A_i y - y' (B_i x + b_i)
 #   f_i(x, y) = 1/2 ||y - c_i||^2 + rho/2 ||x - a_i||^2
 #
-# With A = mean A_i (SPD), B = mean B_i, ... (global lower level, SPEC section 2):
+# With A = mean A_i (SPD), B = mean B_i, ... (global lower level, docs/method.md, section 2):
 #   y*(x)       = A^{-1} (B x + b)
 #   grad Phi(x) = rho (x - a) + B' A^{-1} (y*(x) - c)
 # Shapes: x [dx], y [dy]; client arrays carry a leading client axis [M, ...].

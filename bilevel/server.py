@@ -1,4 +1,4 @@
-"""Server aggregation (SPEC section 6) and the server step.
+"""Server aggregation (docs/method.md, section 5) and the server step.
 
 Coverage mean, per coordinate j over the clients i of a round:
 
@@ -82,7 +82,8 @@ def server_step(params: PyTree, agg_delta: PyTree, cover: PyTree,
                 opt_state: optax.OptState) -> tuple[PyTree, optax.OptState]:
   """params + (optimiser update of the pseudo-gradient -agg), zeroed where nothing is covered.
 
-  optax.sgd(s) gives new = old + s * agg (SPEC section 6); any optax optimiser may stand in.
+  optax.sgd(s) gives new = old + s * agg (docs/method.md, section 5); any optax optimiser may
+  stand in.
   A stateful optimiser's per-coordinate state (momentum, Adam's mu and nu) keeps its old value
   where nothing is covered: the zero pseudo-gradient there is no observation, and decaying the
   moments of a frozen coordinate would distort its next covered step. State leaves that are not

@@ -1,4 +1,5 @@
-"""Theory check (SPEC section 10): a synthetic problem with closed-form Phi, controlled coverage.
+"""Theory check (docs/method.md, section 10): a synthetic problem with closed-form Phi,
+controlled coverage.
 
 Synthetic separable federated bilevel problem. Legend: M = clients, d = coordinates (x and y are
 both [d]; coordinate j of x meets only coordinate j of y). Client i, batch noise (xi_x, xi_y):
@@ -15,7 +16,7 @@ s is the outer-loss scale (1 for Phi): the theory experiment puts the Q- and C-d
 the outer step size into s, so that one compiled round serves every Q (the x update is
 -outer_lr * s * hypergradient, and the v iteration is linear, so v simply tracks s v*).
 
-With bars for client means (global lower level, SPEC section 2):
+With bars for client means (global lower level, docs/method.md, section 2):
 
     y*_j(x)      = (b_j x_j + ebar_j) / abar_j
     Phi(x)       = (1/M) sum_i sum_j [ 1/2 (y*_j(x) - t_ij)^2 + k_ij cos(x_j) ]

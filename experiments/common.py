@@ -1,6 +1,7 @@
 """Flags shared by the drivers (each defined here once), config building and the workdir protocol.
 
-Workdir layout (SPEC section 11): config.json (flags, library versions, device), metrics.jsonl
+Workdir layout (WORKSPACE.md, Results schema): config.json (flags, library versions, device),
+metrics.jsonl
 (one JSON object per logged round), summary.json (final metrics; written last, so its presence
 marks a finished run) and PNG plots.
 

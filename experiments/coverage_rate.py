@@ -20,7 +20,7 @@ The factor alpha0 (/ K) is ClientConfig.outer_lr; the factor sqrt(C/Q) is the ou
 carried in the client batch (see bilevel/theory.py), which is the same update and lets one
 compiled round serve every Q. Inner step beta, v step eta and the fd probe are fixed.
 
-Algorithms (SPEC section 7, the project's reading):
+Algorithms (docs/method.md, section 6, the project's reading):
   rabo  : 8 clients, all of them in every round (8 slots), K = 1 local step.
   rafbo : 16 clients, 8 sampled per round (partial participation), K = 4 local steps.
 Both use the second-order-free `fd` estimator (one v step per local step, warm start), one inner

@@ -1,4 +1,4 @@
-r"""Federated data hyper-cleaning (SPEC section 9, task 2; benchopt / MemFBO setup).
+r"""Federated data hyper-cleaning (README, Expected results, task 2; benchopt / MemFBO setup).
 
 Training labels are replaced by a uniformly random label with probability --noise
 (`data.corrupt_labels`); every client's validation split keeps its clean labels.
@@ -15,7 +15,8 @@ Training labels are replaced by a uniformly random label with probability --nois
 over the client's train rows j (all of them, or a minibatch with --batch_size > 0); every row
 carries its global sample index, and g gathers x[index].
 
-Outer pruning (dual pruning, SPEC section 4): the unit group "samples" indexes both x leaves;
+Outer pruning (dual pruning, docs/method.md, section 4): the unit group "samples" indexes both
+x leaves;
 `FederatedData.available` = ownership [M, N], so in a round a client keeps an r_x share of ITS
 OWN samples. A kept sample is the client's submodel: its weight gets a hypergradient and it
 enters g_i. A sample outside the round's mask is outside the submodel: at the pruned point its

@@ -1,4 +1,4 @@
-"""Federated hyper-representation (SPEC section 9, task 1; FedNest setup).
+"""Federated hyper-representation (README, Expected results, task 1; FedNest setup).
 
 x = the representation layer of an MLP (784-200 on MNIST), y = the linear head.
 g_i = CE on client i's train split + l2/2 ||y||^2, f_i = CE on its validation split.

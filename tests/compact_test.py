@@ -209,7 +209,8 @@ class CompactTest(parameterized.TestCase):
         from tests import compact_test as ct
         assert len(jax.devices()) == 4, jax.devices()
         mesh = federated.client_mesh()
-        # fd estimator, float64: STYLE.md rtol 1e-12, per leaf's largest entry (the sharded
+        # fd estimator, float64: WORKSPACE.md's tolerance table: rtol 1e-12, per leaf's largest
+        # entry (the sharded
         # sums round differently and fd divides that by 2 delta = 0.02, so an entry 400x below
         # its leaf's largest differs at 1.6e-12 of itself).
         with jax.enable_x64(True):

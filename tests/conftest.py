@@ -1,4 +1,4 @@
-"""Test-wide JAX settings: CPU only and no silent rank promotion (STYLE.md)."""
+"""Test-wide JAX settings: CPU only and no silent rank promotion (WORKSPACE.md)."""
 import os
 import tempfile
 

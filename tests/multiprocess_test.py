@@ -2,7 +2,7 @@
 metrics of a 1-process run; process 0 alone writes the workdir; a rerun resumes on both.
 
 The sampled clients are sharded over the two processes' devices, so the aggregation sums in
-another order: float32 metrics agree to rtol 1e-5 (STYLE.md's float32 vmap-vs-loop tolerance;
+another order: float32 metrics agree to rtol 1e-5 (WORKSPACE.md's float32 vmap-vs-loop tolerance;
 measured differences are ~1e-6).
 """
 
