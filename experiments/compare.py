@@ -169,6 +169,14 @@ def write_markdown(path: str, runs: Sequence[Run], unfinished: Sequence[Unfinish
     f.write("\n".join(lines))
 
 
+def seed_curves(run: Run, xkey: str, ykey: str) -> tuple[list[float], np.ndarray]:
+  """(x values logged by every seed, ykey at them [seeds, points]); x may be empty."""
+  curves = [{rec[xkey]: rec[ykey] for rec in seed if xkey in rec and rec.get(ykey) is not None}
+            for seed in run.records]
+  xs = sorted(set.intersection(*(set(c) for c in curves)))
+  return xs, np.array([[c[x] for x in xs] for c in curves])
+
+
 def plot(path: str, runs: Sequence[Run]) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -176,12 +184,9 @@ def plot(path: str, runs: Sequence[Run]) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for xkey, ax in zip(("round", "cumulative_client_flops"), axes):
     for r in runs:
-      curves = [{rec[xkey]: rec["test_accuracy"] for rec in seed if xkey in rec and
-                 rec.get("test_accuracy") is not None} for seed in r.records]
-      xs = sorted(set.intersection(*(set(c) for c in curves)))
+      xs, ys = seed_curves(r, xkey, "test_accuracy")
       if not xs:
         continue
-      ys = np.array([[c[x] for x in xs] for c in curves])  # [seeds, points]
       label = r.label if r.num_seeds == 1 else f"{r.label} (mean of {r.num_seeds} seeds)"
       line, = ax.plot(xs, ys.mean(axis=0), marker=".", label=label)
       if r.num_seeds > 1:
@@ -212,11 +217,9 @@ def plot_diagnostics(path: str, runs: Sequence[Run]) -> bool:
   fig, axes = plt.subplots(1, len(DIAGNOSTIC_PANELS), figsize=(5 * len(DIAGNOSTIC_PANELS), 3.8))
   for (key, label), ax in zip(DIAGNOSTIC_PANELS, axes):
     for r in with_diag:
-      curves = [{rec["round"]: rec[key] for rec in seed if key in rec} for seed in r.records]
-      xs = sorted(set.intersection(*(set(c) for c in curves)))
+      xs, ys = seed_curves(r, "round", key)
       if xs:
-        ys = np.array([[c[x] for x in xs] for c in curves]).mean(axis=0)
-        ax.plot(xs, ys, marker=".", label=r.label)
+        ax.plot(xs, ys.mean(axis=0), marker=".", label=r.label)
     ax.set_xlabel("round")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
