@@ -21,6 +21,7 @@ participation. Baselines are presets (ALGORITHMS) over the same code.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -153,6 +154,28 @@ class Stratum(NamedTuple):
   clients: np.ndarray  # population ids at this level
   per_round: int  # clients sampled from it per round (stratified sampling)
   counts: dict[str, int]  # static compact width per unit group
+
+
+class RoundArgs(NamedTuple):
+  """What differs between runs of one compiled round: jit arguments, not constants.
+
+  The seed's random streams, its level assignment and the tuned step sizes enter the traced
+  round as arrays, so every seed and every step-size grid point of a configuration runs one
+  executable (one compilation per process, then JAX's persistent compilation cache).
+  """
+
+  keys: dict[str, jax.Array]  # stream name -> typed key (stream_key(seed, name))
+  ratios: jax.Array  # [M, 2] client keep ratios
+  population: jax.Array  # ids that may be sampled
+  strata: tuple[jax.Array, ...]  # per stratum, its client ids
+  steps: dict[str, jax.Array]  # outer_lr, inner_lr, v_lr as scalars of x's dtype
+
+
+def with_steps(cfg: ClientConfig, steps: Mapping[str, Any]) -> ClientConfig:
+  """cfg with outer_lr, inner_lr and the v / Neumann step taken from `steps` (traced)."""
+  opts = cfg.estimator_options._replace(step_size=steps["v_lr"])
+  return cfg._replace(outer_lr=steps["outer_lr"], inner_lr=steps["inner_lr"],
+                      estimator_options=opts)
 
 
 class ClientResult(NamedTuple):
@@ -393,37 +416,42 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   # Parameters a client receives and returns: x and y, plus v for estimators that read the warm
   # start (neumann starts its series from grad_y f: v never travels).
   y_copies = 1 if cfg.client.estimator == "neumann" else 2
-  pop = jnp.asarray(population)
-  ratios_j = jnp.asarray(ratios)
   level_table = jnp.array([[lv.rx, lv.ry] for lv in cfg.levels])
   level_p = jnp.array([lv.share for lv in cfg.levels])
   strata = () if sampling == "uniform" else make_strata(
-      np.asarray(ratios_j), population, num_sampled,
-      layout if cfg.mask.granularity == "unit" else None)
+      ratios, population, num_sampled, layout if cfg.mask.granularity == "unit" else None)
   shard = client_sharding(mesh, mesh_axis)
+  dtype = jax.tree.leaves(x_like)[0].dtype
+  args = RoundArgs(
+      keys={name: stream_key(cfg.seed, name) for name in ("sample", "levels", "masks", "batches")},
+      ratios=jnp.asarray(ratios), population=jnp.asarray(population),
+      strata=tuple(jnp.asarray(st.clients) for st in strata),
+      steps={name: jnp.asarray(value, dtype) for name, value in (
+          ("outer_lr", cfg.client.outer_lr), ("inner_lr", cfg.client.inner_lr),
+          ("v_lr", cfg.client.estimator_options.step_size))})
 
-  def sample_fn(q: jax.Array) -> list[jax.Array]:
-    key = jax.random.fold_in(stream_key(cfg.seed, "sample"), q)
+  def sample_fn(a: RoundArgs, q: jax.Array) -> list[jax.Array]:
+    key = jax.random.fold_in(a.keys["sample"], q)
     if sampling == "uniform":
-      return [jax.random.choice(key, pop, (num_sampled,), replace=False)]
+      return [jax.random.choice(key, a.population, (num_sampled,), replace=False)]
     return [jax.random.choice(key if len(strata) == 1 else jax.random.fold_in(key, s),
-                              jnp.asarray(st.clients), (st.per_round,), replace=False)
+                              a.strata[s], (st.per_round,), replace=False)
             for s, st in enumerate(strata)]
 
-  def context(data: FederatedData, cid: jax.Array, q: jax.Array):
+  def context(a: RoundArgs, data: FederatedData, cid: jax.Array, q: jax.Array):
     """The client's keep ratios, activity, mask key, owned units and batch key this round."""
     if cfg.redraw_levels:
-      lvl = jax.random.choice(jax.random.fold_in(jax.random.fold_in(
-          stream_key(cfg.seed, "levels"), q), cid), len(cfg.levels), p=level_p)
+      lvl = jax.random.choice(jax.random.fold_in(jax.random.fold_in(a.keys["levels"], q), cid),
+                              len(cfg.levels), p=level_p)
       rx, ry = level_table[lvl, 0], level_table[lvl, 1]
     else:
-      rx, ry = ratios_j[cid, 0], ratios_j[cid, 1]
+      rx, ry = a.ratios[cid, 0], a.ratios[cid, 1]
     active = jnp.asarray(1.0)
     if cfg.only_full:
       active = ((rx == 1) & (ry == 1)).astype(jnp.float32)
-    mkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "masks"), q), cid)
-    avail = None if data.available is None else {g: a[cid] for g, a in data.available.items()}
-    bkey = jax.random.fold_in(jax.random.fold_in(stream_key(cfg.seed, "batches"), q), cid)
+    mkey = jax.random.fold_in(jax.random.fold_in(a.keys["masks"], q), cid)
+    avail = None if data.available is None else {g: t[cid] for g, t in data.available.items()}
+    bkey = jax.random.fold_in(jax.random.fold_in(a.keys["batches"], q), cid)
     return rx, ry, active, mkey, avail, bkey
 
   def finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> ClientResult:
@@ -436,24 +464,25 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     stats = dict(flops=evals * flops_per_grad(kept_x, kept_y), params_sent=sent)
     return ClientResult(out, mask_x, mask_y, weight, stats, idx)
 
-  def dense_client(state: ServerState, data: FederatedData, cid: jax.Array, slot: jax.Array,
-                   q: jax.Array):
-    rx, ry, active, mkey, avail, bkey = context(data, cid, q)
+  def dense_client(a: RoundArgs, state: ServerState, data: FederatedData, cid: jax.Array,
+                   slot: jax.Array, q: jax.Array):
+    rx, ry, active, mkey, avail, bkey = context(a, data, cid, q)
     if mask_fn is None:
       mask_x, mask_y = masks_lib.make_masks(cfg.mask, layout, state.x, state.y, rx, ry, mkey, q,
                                             avail)
     else:
       mask_x, mask_y = mask_fn(state, cid, slot, q, rx, ry, mkey)
     mask_x, mask_y = tree.scale(active, mask_x), tree.scale(active, mask_y)
-    out = client_update(problem, cfg.client, state.x, state.y, state.v, data.inner, data.outer,
-                        mask_x, mask_y, bkey, population_sampler(sample, cid))
+    out = client_update(problem, with_steps(cfg.client, a.steps), state.x, state.y, state.v,
+                        data.inner, data.outer, mask_x, mask_y, bkey,
+                        population_sampler(sample, cid))
     return finish(data, cid, out, mask_x, mask_y, active)
 
   def compact_client(counts: dict[str, int]):
-    def client(state: ServerState, data: FederatedData, cid: jax.Array, slot: jax.Array,
-               q: jax.Array):
+    def client(a: RoundArgs, state: ServerState, data: FederatedData, cid: jax.Array,
+               slot: jax.Array, q: jax.Array):
       del slot
-      rx, ry, active, mkey, _, bkey = context(data, cid, q)
+      rx, ry, active, mkey, _, bkey = context(a, data, cid, q)
       umx, umy = masks_lib.unit_masks(layout, cfg.mask.policy, rx, ry, mkey, q, state.x, state.y)
       idx = submodel_lib.compact_indices(layout, umx, umy, counts)
       # Units-major (submodel.to_units_major): the kept units are whole rows, gathered here
@@ -468,8 +497,9 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
               masks_lib.unit_kept_counts(cuy, um_layout.y, y_c))
       # x's compact mask is all ones: the client computes on exactly its kept x units (active
       # is 1 for every client a compact round samples: only_full restricts the population).
-      out = client_update(um_problem, cfg.client, x_c, y_c, v_c, data.inner, data.outer, None,
-                          cmy, bkey, population_sampler(sample, cid))
+      out = client_update(um_problem, with_steps(cfg.client, a.steps), x_c, y_c, v_c,
+                          data.inner, data.outer, None, cmy, bkey,
+                          population_sampler(sample, cid))
       return finish(data, cid, out, cmx, cmy, active, idx, kept)  # the server scatter-adds
 
     return client
@@ -481,7 +511,7 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     um_problem = submodel_lib.units_major_problem(problem, layout)
     client_fns = tuple(compact_client(st.counts) for st in strata)
 
-  def server_fn(state: ServerState, results: Sequence[ClientResult]):
+  def server_fn(a: RoundArgs, state: ServerState, results: Sequence[ClientResult]):
     sums = [round_sums(res, layout, state) for res in results]
     t = jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)  # over the client groups
     dx = aggregate(t.dx, t.den_x, t.weight)
@@ -489,7 +519,7 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     dv = aggregate(t.dv, t.den_y, t.weight)
     # The coverage mean of the clients' mean hypergradients: a client moves x by -alpha h_k in
     # each of its K local steps, so its mean h is -D_x / (alpha K) (0/1 masks): no extra sum.
-    hyper = tree.scale(-1.0 / (cfg.client.outer_lr * cfg.client.local_steps),
+    hyper = tree.scale(-1.0 / (a.steps["outer_lr"] * cfg.client.local_steps),
                        server.coverage_from_sums(t.dx, t.den_x, t.weight))
     cover_x, cover_y = server.covered_from_sums(t.den_x), server.covered_from_sums(t.den_y)
     x, opt_state = server.server_step(state.x, dx, cover_x, optimizer, state.opt_state)
@@ -514,9 +544,9 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       metrics[DIAGNOSTICS] = dict(estimate=hyper, count_x=t.count_x, count_y=t.count_y)
     return ServerState(x, y, v, opt_state, state.round + 1), metrics
 
-  def step(state: ServerState, data: FederatedData):
+  def step(a: RoundArgs, state: ServerState, data: FederatedData):
     q = state.round
-    id_groups = sample_fn(q)
+    id_groups = sample_fn(a, q)
     if submodel == "dense" and len(id_groups) > 1:
       id_groups = [jnp.concatenate(id_groups)]  # one vmap: every client has full-size arrays
     outs, offset = [], 0
@@ -525,14 +555,16 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       slots = jnp.arange(offset, offset + ids.shape[0])
       offset += ids.shape[0]
       if client_map == "vmap":
-        outs.append(shard(jax.vmap(fn, (None, None, 0, 0, None))(state, data, ids, slots, q)))
+        outs.append(shard(jax.vmap(fn, (None, None, None, 0, 0, None))(a, state, data, ids,
+                                                                      slots, q)))
       else:
-        outs.append(tree.stack([fn(state, data, ids[i], slots[i], q)
+        outs.append(tree.stack([fn(a, state, data, ids[i], slots[i], q)
                                 for i in range(ids.shape[0])]))
-    return server_fn(state, outs)
+    return server_fn(a, state, outs)
 
-  return Round(jax.jit(step) if jit else step, population, ratios, num_sampled, strata,
-               sample_fn, client_fns, server_fn)
+  bind = lambda fn: functools.partial(fn, args)
+  return Round(bind(jax.jit(step) if jit else step), population, ratios, num_sampled, strata,
+               bind(sample_fn), tuple(map(bind, client_fns)), bind(server_fn))
 
 
 # ------------------------------------------------------------------ run loop

@@ -49,7 +49,7 @@ from bilevel import federated, server, tree
 from bilevel.client import Sampler, full_batch, population_sampler
 from bilevel.errors import ConfigError, check_choice
 from bilevel.hypergrad import PRODUCT_GRAD_EVALS
-from bilevel.masks import coverage_stats_from_counts
+from bilevel.masks import UnitLayout, coverage_stats_from_counts, unit_kept_counts
 from bilevel.problems import BilevelProblem
 
 PyTree = Any
@@ -267,22 +267,54 @@ def fed_out(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTree
   return _mean(cmap(client)(ids)), h, jnp.mean(g_i)
 
 
-def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops_per_grad, num_sampled):
+def _grad_evals(counts: Counts) -> tuple[int, int]:
+  """Gradient evaluations in FedInn and in FedIHGP + FedOut (a product counts as
+  PRODUCT_GRAD_EVALS["exact"] gradients, as in the local round's FLOPs)."""
+  per = PRODUCT_GRAD_EVALS["exact"]
+  return (counts.first_order_inner,
+          counts.first_order_outer + per * (counts.hvp_products + counts.cross_products))
+
+
+def client_flops(cfg: federated.FederatedConfig, layout: UnitLayout | None, state, data,
+                 s_in: jax.Array, s_out: jax.Array, flops_per_grad) -> jax.Array:
+  """Analytic client FLOPs of one round: gradient evaluations x flops_per_grad(held_x, held_y).
+
+  Without owned units (data.available None, e.g. hyper-representation) every client holds all
+  of x and y. With them (hyper-cleaning: a client owns the weight logits of its own samples)
+  a client holds only its own units of an owned group, what a local-round client at keep
+  ratio 1 holds (masks.unit_masks keeps available units only), and flops_per_grad gets those
+  counts. A FedInn client (S_in) makes 1 + 2T gradient evaluations, a FedIHGP / FedOut client
+  (S_out) the rest of round_counts(cfg, 1).
+  """
+  sizes = lambda t: jax.tree.map(lambda a: jnp.asarray(a.size, jnp.float32), t)
+  c = s_in.shape[0]
+  if data.available is None or layout is None:
+    evals = sum(_grad_evals(round_counts(cfg, c)))
+    return evals * flops_per_grad(sizes(state.x), sizes(state.y))
+  in_x, in_y = layout.groups_of(layout.x), layout.groups_of(layout.y)
+
+  def held(cid):
+    units = {g: (data.available[g][cid] if g in data.available else jnp.ones((n,)))
+             for g, n in layout.groups.items()}
+    return flops_per_grad(unit_kept_counts({g: units[g] for g in in_x}, layout.x, state.x),
+                          unit_kept_counts({g: units[g] for g in in_y}, layout.y, state.y))
+
+  inner, outer = _grad_evals(round_counts(cfg, 1))
+  return inner * jnp.sum(jax.vmap(held)(s_in)) + outer * jnp.sum(jax.vmap(held)(s_out))
+
+
+def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops, num_sampled):
   """The generic round's metric keys (full model: coverage = C everywhere) plus the counts."""
   full = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, num_sampled, jnp.int32), t)
   cov_x = coverage_stats_from_counts(full(state.x))
   cov_y = coverage_stats_from_counts(full(state.y))
-  sizes = lambda t: jax.tree.map(lambda a: jnp.asarray(a.size, jnp.float32), t)
-  per = PRODUCT_GRAD_EVALS["exact"]
-  evals = (counts.first_order_inner + counts.first_order_outer
-           + per * (counts.hvp_products + counts.cross_products))
   itemsize = jax.tree.leaves(state.x)[0].dtype.itemsize
   floats = comm_floats(tree.size(state.x), tree.size(state.y), neumann_products(cfg))
   return dict(
       inner_loss=g_val, outer_loss=f_val, hypergrad_norm=tree.norm(h),
       coverage_x_min=cov_x.min, coverage_x_mean=cov_x.mean, uncovered_x_share=cov_x.uncovered_share,
       coverage_y_min=cov_y.min, coverage_y_mean=cov_y.mean, uncovered_y_share=cov_y.uncovered_share,
-      client_flops=evals * flops_per_grad(sizes(state.x), sizes(state.y)),
+      client_flops=flops,
       comm_bytes=jnp.asarray(float(itemsize * num_sampled * floats), jnp.float32),
       active_clients=jnp.asarray(num_sampled, jnp.int32),
       messages=jnp.asarray(counts.messages, jnp.int32),
@@ -308,8 +340,9 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   federated.Round; federated.make_round's keywords (what FedNest cannot use is a ConfigError).
 
   sample draws FedInn's SVRG batches (FedOut and the snapshot use each client's whole split,
-  as FedNest's code); `available` is accepted and unused (FedNest averages over all sampled
-  clients); oracle replaces make_oracle(problem) (tests count calls through it);
+  as FedNest's code); `available` is accepted and unused: FedNest averages over all sampled
+  clients, and the client FLOPs read the owned units from data.available as the local round's
+  masks do (`client_flops`); oracle replaces make_oracle(problem) (tests count calls through it);
   diagnostics as in federated.make_round (the estimate is FedOut's averaged h at x).
   """
   del x_like, sampling, available, unused
@@ -339,7 +372,8 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
     dx, h, g_val = fed_out(oracle, cfg, state.x, y, v, data, s_out, cmap)
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
-    metrics = _metrics(cfg, state, counts, h, f_val, g_val, flops_per_grad, c)
+    flops = client_flops(cfg, layout, state, data, s_in, s_out, flops_per_grad)
+    metrics = _metrics(cfg, state, counts, h, f_val, g_val, flops, c)
     if diagnostics:  # full model: every coordinate held by the C sampled clients
       held = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, c, jnp.int32), t)
       metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=held(state.x),

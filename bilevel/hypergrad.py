@@ -248,6 +248,32 @@ def estimator_grad_evals(estimator: str, opts: EstimatorOptions) -> float:
   return 1.0 + per * products
 
 
+def estimator_product_kind(estimator: str, opts: EstimatorOptions) -> str:
+  """The product ("fd" or "exact") an estimator evaluates: fd / exact their own, else opts'."""
+  return {"fd": "fd", "exact": "exact"}.get(estimator, opts.product)
+
+
+def estimator_products(estimator: str, opts: EstimatorOptions) -> tuple[int, int]:
+  """(H v products, J v products) that one estimate evaluates (the J v call's H v is unused).
+
+  fd, exact : num_steps H v (the fixed step: one per step; the Cauchy step: H v at the warm
+              start and H r per step, plus H v again after every projection with a radius)
+  neumann   : num_steps - 1 (the series' terms after the first)
+  cg        : num_steps + 1 (H v0 for the first residual and one H p per iteration)
+  and one J v each: cg evaluates num_steps + 2 products. Same counts as estimator_grad_evals.
+  """
+  n = int(opts.num_steps)
+  if estimator in ("fd", "exact"):
+    hv = n
+    if opts.v_step == "cauchy" and n > 0:
+      hv += 1 + (n if opts.radius is not None else 0)
+  elif estimator == "neumann":
+    hv = max(n - 1, 0)
+  else:
+    hv = n + 1
+  return hv, 1
+
+
 def validate_options(estimator: str, opts: EstimatorOptions) -> None:
   check_choice("estimator", estimator, ESTIMATORS)
   check_choice("product", opts.product, PRODUCTS)

@@ -1,4 +1,14 @@
-"""Small PyTree linear-algebra helpers shared by estimators, clients and the server."""
+"""Small PyTree linear-algebra helpers shared by estimators, clients and the server.
+
+scale, norm, zeros_like, ones_like and size are optax.tree_utils' functions: the same results,
+dtypes and types as the helpers they replaced (bitwise, float32 and float64, eager and jitted;
+the jitted norm compiles to the same HLO). Hand-written where optax differs: tree_add starts
+from a Python 0 (eagerly -0.0 + -0.0 gives +0.0); tree_sub, tree_mul and tree_add_scale return
+NumPy arrays for NumPy leaves, or jax.Arrays where s * a + b does not; tree_vdot is a dot per
+leaf, which may sum in another order; tree_where takes one condition, not a mask per leaf.
+(norm's only difference: NumPy float64 leaves with x64 off are rounded to float32 before
+squaring, not after; every caller passes jax.Arrays.)
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax.tree_utils as otu
 
 PyTree = Any
 
@@ -18,8 +29,7 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(jnp.subtract, a, b)
 
 
-def scale(s: jax.typing.ArrayLike, a: PyTree) -> PyTree:
-  return jax.tree.map(lambda t: s * t, a)
+scale = otu.tree_scale  # (s, a) -> s * a
 
 
 def axpy(s: jax.typing.ArrayLike, a: PyTree, b: PyTree) -> PyTree:
@@ -46,20 +56,10 @@ def vdot(a: PyTree, b: PyTree) -> jax.Array:
   return sum(leaves, jnp.zeros((), leaves[0].dtype)) if leaves else jnp.zeros(())
 
 
-def norm(a: PyTree) -> jax.Array:
-  return jnp.sqrt(vdot(a, a))
-
-
-def zeros_like(a: PyTree) -> PyTree:
-  return jax.tree.map(jnp.zeros_like, a)
-
-
-def ones_like(a: PyTree) -> PyTree:
-  return jax.tree.map(jnp.ones_like, a)
-
-
-def size(a: PyTree) -> int:
-  return sum(int(t.size) for t in jax.tree.leaves(a))
+norm = otu.tree_norm  # Euclidean norm: sqrt of the sum over leaves of sum(t ** 2)
+zeros_like = otu.tree_zeros_like
+ones_like = otu.tree_ones_like
+size = otu.tree_size  # total number of entries (a Python int)
 
 
 def weighted_sum(t_C: PyTree, weights: jax.Array) -> PyTree:

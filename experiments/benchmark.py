@@ -6,7 +6,7 @@ cost per round (issue: performance). Prints tables and writes `--workdir`/benchm
 
 Model: the hyper-representation MLP (784-200-10) on synthetic client data of the MNIST shapes
 (timing does not depend on the pixel values); one RAFBO round = local_steps x (inner steps + the
-estimator) per client, minibatches of --bench_batch rows. Every time is the median of at least
+estimator) per client, minibatches of --batch_size rows. Every time is the median of at least
 --reps repetitions after one warm-up call (compilation excluded), and of as many as it takes to
 time the fastest compared function for --min_time_s; every comparison is a ratio of such
 medians measured side by side: the repetitions of the compared functions are interleaved
@@ -41,18 +41,12 @@ MIN_TIME = flags.DEFINE_float("min_time_s", None, "Repeat each figure's function
                               "fastest was timed this long in all (at most 100 repetitions; "
                               "default 2, quick 1).")
 IN_DIM = flags.DEFINE_integer("bench_in_dim", 784, "Input width of the MLP.")
-HIDDEN = flags.DEFINE_integer("bench_hidden", 200, "Hidden units K of the MLP.")
 CLASSES = flags.DEFINE_integer("bench_classes", 10, "Classes of the head.")
-BATCH = flags.DEFINE_integer("bench_batch", 64, "Client minibatch rows (also rows per client).")
-CLIENTS = flags.DEFINE_integer("bench_clients", 100, "Clients per round for the keep-ratio, "
-                               "compact/dense and device figures.")
 LOOP_CLIENTS = flags.DEFINE_list("loop_clients", ["10", "100"], "Client counts for vmap vs loop.")
 SCALING = flags.DEFINE_list("scaling_clients", None, "Clients per round for the scaling table "
                             "(default 10,100,1000 on the three-level profile; quick 100 on "
                             "the keep-ratio figure's last one-level round, already compiled, "
                             "so --quick stays under 3 minutes).")
-LOCAL_STEPS = flags.DEFINE_integer("bench_local_steps", 2, "Local steps K per round (RAFBO; "
-                                   "1 = a RABO round).")
 EST_ROWS = flags.DEFINE_integer("estimator_rows", 1024, "Batch rows for the estimator costs.")
 EST_STEPS = flags.DEFINE_integer("estimator_steps", 5, "num_steps of every estimator.")
 DEVICES = flags.DEFINE_integer("bench_devices", 4, "Forced host devices for the device figure "
@@ -66,6 +60,14 @@ CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") els
 # The benchmark splits a CPU into one JAX device per core (--cpu_devices, common.py): the
 # keep-ratio figure shards its rounds' clients over every device; all other figures use one.
 flags.FLAGS.set_default("cpu_devices", CPU_CORES)
+# Shared flags (common.py) the benchmark reads, with its own defaults: the MLP's hidden units K
+# (--hidden, 200), client minibatch rows, which are also each client's rows (--batch_size, 64;
+# >= 1 here), clients per round of the keep-ratio, compact/dense and device figures
+# (--clients_per_round) and local steps per round (--local_steps; 1 = a RABO round).
+HIDDEN, BATCH = common.HIDDEN, common.BATCH_SIZE
+CLIENTS, LOCAL_STEPS = common.CLIENTS_PER_ROUND, common.LOCAL_STEPS
+flags.FLAGS.set_default("clients_per_round", 100)
+flags.FLAGS.set_default("local_steps", 2)
 DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the device figure "
                                      "in this (forced multi-device) process and print JSON.")
 
@@ -166,14 +168,15 @@ def compiled_round(clients: int, levels: str, submodel: str = "compact",
   key = (clients, levels, submodel, per_round or clients, mesh)
   if key not in _COMPILED:
     rnd, state, data = _round(clients, levels, submodel, mesh=mesh, per_round=per_round)
-    compiled = rnd.step.lower(state, data).compile()
+    step = rnd.step  # functools.partial(the jitted round, its RoundArgs)
+    compiled = step.func.lower(*step.args, state, data).compile()
     mem = compiled.memory_analysis()
     peak = temp = None
     if mem is not None:
       temp = int(mem.temp_size_in_bytes)
       peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + temp
                  - getattr(mem, "alias_size_in_bytes", 0))
-    _COMPILED[key] = dict(run=lambda: compiled(state, data), peak_bytes=peak, temp_bytes=temp)
+    _COMPILED[key] = dict(run=lambda: compiled(*step.args, state, data), peak_bytes=peak, temp_bytes=temp)
   return _COMPILED[key]
 
 
@@ -347,9 +350,9 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
   """The device figure from a subprocess with --bench_devices forced host devices (its JSON)."""
   argv = [sys.executable, "-m", "experiments.benchmark", "--devices_child", f"--reps={reps}",
           "--cpu_devices=1",  # the forced device count comes from XLA_FLAGS
-          f"--bench_in_dim={IN_DIM.value}", f"--bench_hidden={HIDDEN.value}",
-          f"--bench_classes={CLASSES.value}", f"--bench_batch={BATCH.value}",
-          f"--bench_clients={CLIENTS.value}", f"--bench_local_steps={_local_steps()}",
+          f"--bench_in_dim={IN_DIM.value}", f"--hidden={HIDDEN.value}",
+          f"--bench_classes={CLASSES.value}", f"--batch_size={BATCH.value}",
+          f"--clients_per_round={CLIENTS.value}", f"--local_steps={_local_steps()}",
           f"--min_time_s={_min_time()}", f"--reuse_host_memory={common.REUSE_HOST_MEMORY.value}",
           f"--quick={QUICK.value}"]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
@@ -363,9 +366,9 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
 # --smoke (common.SMOKE, for tests): --quick's fewer compiles, these tiny sizes and one
 # repetition; the flags that choose what is measured (--sections, --keep_ratios, --bench_devices)
 # keep their values.
-SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, bench_hidden=8, bench_batch=4,
-                   bench_clients=4, loop_clients=["2", "3"], scaling_clients=["2"],
-                   estimator_rows=4, estimator_steps=1, bench_local_steps=1)
+SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, hidden=8, batch_size=4,
+                   clients_per_round=4, loop_clients=["2", "3"], scaling_clients=["2"],
+                   estimator_rows=4, estimator_steps=1, local_steps=1)
 
 
 def main(argv):
@@ -403,6 +406,10 @@ def main(argv):
   if bad or len(KEEP_RATIOS.value) < 2:
     common.fail(f"--keep_ratios={','.join(KEEP_RATIOS.value)} needs two or more numbers in "
                 "(0, 1]; the first is the reference the others are divided by.")
+  small = [f"--{f.name}={f.value}" for f in (HIDDEN, BATCH, CLIENTS, LOCAL_STEPS) if f.value < 1]
+  if small:
+    common.fail(f"{', '.join(small)}: the benchmark needs every size >= 1 (--batch_size is also "
+                "each client's row count here; there is no full batch).")
   unknown = set(SECTIONS.value) - {n for n, _ in sections} - {"devices"}
   if unknown:
     common.fail(f"--sections has unknown names {sorted(unknown)}; allowed: keep_ratio, "

@@ -673,3 +673,16 @@ def print_table(rows: Mapping[str, Any]) -> None:
   for k, v in rows.items():
     print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
 
+
+# ------------------------------------------------------------------ model flags
+# One name for one thing in every driver (issue 16): the MLP's width and activation, read by
+# hyper_representation (--model=mlp), hyper_cleaning (--classifier=mlp; its TASK_DEFAULTS set
+# hidden 100) and the benchmark (hidden only).
+from bilevel import models as _models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+HIDDEN = flags.DEFINE_integer(
+    "hidden", 200, "Hidden units of the MLP (hyper_representation's representation layer, "
+    "hyper_cleaning's --classifier=mlp: default 100 there, the benchmark's MLP).")
+ACTIVATION = flags.DEFINE_enum(
+    "activation", "relu", sorted(_models.ACTIVATIONS), "Activation of the hidden layer "
+    "(hyper_representation: MLP and CNN; hyper_cleaning: --classifier=mlp).")

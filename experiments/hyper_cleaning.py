@@ -12,8 +12,9 @@ Training labels are replaced by a uniformly random label with probability --nois
     g_i(x, y) = sum_j gate_j sigmoid(x_j) CE_j(y) / sum_j gate_j  +  c ||y||^2     (c = --reg)
     f_i(x, y) = CE of y on client i's clean validation split
 
-over the client's train rows j (all of them, or a minibatch with --batch_size > 0); every row
-carries its global sample index, and g gathers x[index].
+over the client's train rows j (all of them, or with --batch_size=B > 0 a minibatch of B rows drawn
+uniformly, with replacement, from the rows the client keeps this round: `KeptRowSampler`); every
+row carries its global sample index, and g gathers x[index].
 
 Outer pruning (dual pruning, docs/method.md, section 4): the unit group "samples" indexes both
 x leaves;
@@ -82,7 +83,7 @@ from absl import app, flags
 from bilevel import data as data_lib
 from bilevel import federated, models
 from bilevel import masks as masks_lib
-from bilevel.client import full_batch, minibatch_sampler
+from bilevel.client import MinibatchSampler, full_batch
 from bilevel.errors import ConfigError
 from bilevel.masks import Axes, Level, UnitLayout
 from bilevel.problems import BilevelProblem
@@ -94,19 +95,21 @@ NOISE = flags.DEFINE_float("noise", 0.5, "Probability that a training label is r
                            "uniformly random label (in [0, 1)).")
 CLASSIFIER = flags.DEFINE_enum("classifier", "linear", ["linear", "mlp"],
                                "Inner model y: linear (multinomial logistic regression) or mlp.")
-MLP_HIDDEN = flags.DEFINE_integer("mlp_hidden", 100, "Hidden units of --classifier=mlp.")
-MLP_ACTIVATION = flags.DEFINE_enum("mlp_activation", "relu", sorted(models.ACTIVATIONS),
-                                   "Activation of --classifier=mlp.")
+# --hidden and --activation (of --classifier=mlp) are defined once in common.py: the
+# hyper-representation driver shares them (this task's default width, 100: TASK_DEFAULTS).
+HIDDEN = common.HIDDEN
+ACTIVATION = common.ACTIVATION
 REG = flags.DEFINE_float("reg", 1e-3, "c in g_i: + c ||y||^2 (>= 0).")
 BASELINE_UNWEIGHTED = flags.DEFINE_boolean(
     "baseline_unweighted", False, "Also train y on the noisy labels with all weights 1 (same "
     "rounds and settings) into WORKDIR/unweighted/; the summary gets unweighted_test_accuracy.")
 
 # Shared flags whose default differs on this task (tuned on mnist_embedded, 20 clients, noise 0.5,
-# the default level profile). A value given on the command line or in a flagfile wins.
+# the default level profile; hidden: the width of --classifier=mlp). A value given on the command
+# line or in a flagfile wins.
 TASK_DEFAULTS: dict[str, Any] = dict(
     rounds=300, local_steps=5, inner_steps=1, inner_lr=0.05, outer_lr=30.0, v_lr=0.05,
-    num_steps=1, batch_size=0, eval_every=10)
+    num_steps=1, batch_size=0, eval_every=10, hidden=100)
 
 NOISE_STREAM = 5  # numpy seed salt of the label corruption (numpy side of the seed streams)
 BASELINE_LOGIT = 100.0  # weight exactly 1 with an exactly zero derivative (see the docstring)
@@ -219,14 +222,57 @@ def layout(classifier: str, num_samples: int, in_dim: int, hidden: int) -> UnitL
                        "head": {"kernel": unit(0), "bias": Axes()}})
 
 
-def cleaning_problem(logits_fn: Logits, reg: float) -> BilevelProblem:
+class KeptRowSampler(NamedTuple):
+  """Inner minibatches of batch_size rows drawn uniformly, with replacement, from the rows the
+  client keeps this round (client.MinibatchSampler's rule over kept instead of valid rows);
+  outer (validation) minibatches, whose rows are never pruned, are MinibatchSampler's.
+
+  A client keeps a row when the row is valid and its sample's gate is nonzero at the point g is
+  evaluated at: the pruned point, where the gate is x["gate"] * m_x (1 on the samples the
+  round's mask keeps). The round draws batches before and apart from the masks (a sampler gets
+  the data and a key only), so the sampler returns a *draw*, {"population": the stacked data
+  [M, N_tr, ...], "client": id, "key": key}, and g (`cleaning_problem(..., sampler=...)`)
+  resolves it at its x (`resolve`): every evaluation of one local step resolves it to the same
+  rows. With every valid row kept (r_x = 1, FedNest's full model) the rows are exactly
+  MinibatchSampler's (same key, same count).
+  """
+
+  batch_size: int
+
+  def __call__(self, data: Any, key: jax.Array) -> dict[str, Any]:
+    return self.from_population(jax.tree.map(lambda t: t[None], data), 0, key)
+
+  def from_population(self, data: Any, client_id: jax.Array, key: jax.Array) -> dict[str, Any]:
+    if "index" not in data:  # validation rows (no sample index, no weight to prune)
+      return MinibatchSampler(self.batch_size).from_population(data, client_id, key)
+    return {"population": data, "client": jnp.asarray(client_id, jnp.int32), "key": key}
+
+  def resolve(self, gate: jax.Array, draw: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The batch: the r-th kept row of the client for r ~ U{0, ..., kept - 1}, gathered as one
+    row gather from [M * N_tr, ...]. A client keeping no row gets rows of weight 0."""
+    data, cid = draw["population"], draw["client"]
+    n = data["weight"].shape[1]
+    kept = (jax.lax.stop_gradient(gate)[data["index"][cid]] != 0) & (data["weight"][cid] > 0)
+    r = jax.random.randint(draw["key"], (self.batch_size,), 0, jnp.maximum(jnp.sum(kept), 1))
+    pos = jnp.minimum(jnp.searchsorted(jnp.cumsum(kept), r, side="right"), n - 1)
+    rows = cid * n + pos
+    batch = jax.tree.map(lambda t: t.reshape(-1, *t.shape[2:]).at[rows].get(
+        mode="promise_in_bounds"), data)
+    return dict(batch, weight=batch["weight"] * kept[pos])
+
+
+def cleaning_problem(logits_fn: Logits, reg: float,
+                     sampler: KeptRowSampler | None = None) -> BilevelProblem:
   """g_i = sum_j gate_j w_j CE_j / sum_j gate_j + reg ||y||^2 (w_j = sigmoid(x_j)); f_i = CE(val).
 
   Inner batch {"inputs" [B, D], "labels" [B], "weight" [B] (1 valid row, 0 padding),
-  "index" [B] (global sample index)}; outer batch {"inputs", "labels", "weight"}.
+  "index" [B] (global sample index)}, or a draw of `sampler` (resolved at x); outer batch
+  {"inputs", "labels", "weight"}.
   """
 
   def inner(x, y, b):
+    if sampler is not None and "population" in b:
+      b = sampler.resolve(x["gate"], b)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(y, b["inputs"]), b["labels"])
     gate = jax.lax.stop_gradient(x["gate"][b["index"]]) * b["weight"]
     w = jax.nn.sigmoid(x["logits"][b["index"]])
@@ -336,8 +382,8 @@ def check_task_flags() -> list[str]:
     problems.append(f"--noise={NOISE.value} is outside the allowed range [0, 1).")
   if not REG.value >= 0.0:
     problems.append(f"--reg={REG.value} is outside the allowed range [0, inf).")
-  if MLP_HIDDEN.value < 1:
-    problems.append(f"--mlp_hidden={MLP_HIDDEN.value} must be >= 1.")
+  if HIDDEN.value < 1:
+    problems.append(f"--hidden={HIDDEN.value} must be >= 1.")
   return problems
 
 
@@ -345,22 +391,21 @@ def build(cfg: federated.FederatedConfig, ds: data_lib.Dataset, cd: CleaningData
           ) -> tuple[federated.Round, PyTree, PyTree, Logits]:
   """The round, initial (x, y) and the classifier's logits function (validated)."""
   in_dim = int(np.prod(ds.input_shape))
-  hidden = MLP_HIDDEN.value
+  hidden = HIDDEN.value
   lay = layout(CLASSIFIER.value, cd.num_samples, in_dim, hidden)
   x0, y0 = init_params(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
                        CLASSIFIER.value, cd.num_samples, in_dim, hidden, ds.num_classes)
   logits_fn = (linear_logits if CLASSIFIER.value == "linear"
-               else mlp_logits_fn(MLP_ACTIVATION.value))
+               else mlp_logits_fn(ACTIVATION.value))
   batch = common.BATCH_SIZE.value
-  sample = minibatch_sampler(batch) if batch else full_batch
-  mean_owned = float(np.mean(cd.counts))
+  sample = KeptRowSampler(batch) if batch else full_batch
 
   def flops_per_grad(kept_x, kept_y):  # per-leaf kept counts
     # 6 FLOPs per kept y parameter per kept row (forward + backward); the weights' own work
     # (one gather and one product per row) is negligible. Rows: the kept samples (full batch) or
-    # the batch times the kept share of an average client's samples (minibatch).
+    # the batch, all of it kept rows (minibatch; none for a client that keeps no sample).
     kept = kept_x["gate"]
-    rows = kept if not batch else batch * jnp.minimum(kept / mean_owned, 1.0)
+    rows = kept if not batch else batch * jnp.minimum(kept, 1.0)
     return 6.0 * rows * sum(jax.tree.leaves(kept_y))
 
   mask_fn = None
@@ -368,7 +413,8 @@ def build(cfg: federated.FederatedConfig, ds: data_lib.Dataset, cd: CleaningData
     mask_fn = owned_rolling_mask_fn(cfg.mask, lay, cd.offsets, cd.counts,
                                     cd.fed.available["samples"])
   available = {"samples": np.asarray(cd.fed.available["samples"])}
-  rnd = federated.make_round(cleaning_problem(logits_fn, REG.value), cfg, lay, x0,
+  problem = cleaning_problem(logits_fn, REG.value, sample if batch else None)
+  rnd = federated.make_round(problem, cfg, lay, x0,
                              diagnostics=common.DIAGNOSE_EVERY.value > 0,
                              sample=sample, flops_per_grad=flops_per_grad, available=available,
                              mask_fn=mask_fn, submodel="dense", mesh=common.client_mesh())
@@ -420,7 +466,7 @@ def run_one() -> dict:
   """One run (and its unweighted baseline) with --seed into --workdir; returns its summary."""
   task_defaults = apply_task_defaults()
   problems = check_task_flags()
-  shape_free = layout(CLASSIFIER.value, 1, 1, max(MLP_HIDDEN.value, 1))  # for validation only
+  shape_free = layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
   cfg, ds = common.gather(
       problems,
       lambda: resolve_task_config(common.validated(common.federated_config(), shape_free),
@@ -435,7 +481,7 @@ def run_one() -> dict:
     common.fail(str(e))
   workdir = common.require_workdir()
   task = dict(task="hyper_cleaning", noise=NOISE.value, classifier=CLASSIFIER.value,
-              mlp_hidden=MLP_HIDDEN.value, mlp_activation=MLP_ACTIVATION.value, reg=REG.value,
+              hidden=HIDDEN.value, activation=ACTIVATION.value, reg=REG.value,
               dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples,
               clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
               submodel="dense", task_defaults_applied=task_defaults)

@@ -24,9 +24,10 @@ from experiments import common
 
 MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp: 784-200 MLP representation; "
                           "cnn: two 3x3 stride-2 conv layers (channel units) for image data.")
-HIDDEN = flags.DEFINE_integer("hidden", 200, "Hidden units of the representation layer (mlp).")
 CHANNELS = flags.DEFINE_list("channels", ["16", "32"], "Output channels of conv1, conv2 (cnn).")
-ACTIVATION = flags.DEFINE_enum("activation", "relu", sorted(models.ACTIVATIONS), "Activation.")
+# --hidden (mlp) and --activation are defined once in common.py: hyper_cleaning shares them.
+HIDDEN = common.HIDDEN
+ACTIVATION = common.ACTIVATION
 L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
 
 

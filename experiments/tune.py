@@ -3,11 +3,15 @@
 For --task and --algorithm, every point of the grid (outer_lr x inner_lr x v_lr; for the
 Neumann-series algorithms v_lr is the series step) runs the task driver with
 `--eval_split=holdout` (a class-stratified share of the TRAINING data, taken away from the
-clients, stands in for the test set, which is never read) over --tune_seeds. The point with the
-highest mean held-out accuracy wins (ties: the smaller outer_lr, then inner_lr, then v_lr); a
-point where any seed diverged (the driver's divergence guard, exit 2) is ranked last. The
-chosen values are written as a flagfile, experiments/presets/TASK_ALGORITHM.cfg by default,
-which the README's result commands pass with --flagfile.
+clients, stands in for the test set, which is never read) over --seeds (default 0,1; at least
+2). Selection is the one-standard-error rule: among the points whose mean held-out accuracy
+is within one standard error (sample std over seeds / sqrt(seeds)) of the best mean, the one
+with the smallest steps wins (the smaller outer_lr, then inner_lr, then v_lr). Points that
+close are not told apart by two seeds, and the smaller steps are the ones that hold on seeds
+the tuning never saw. A point where any seed diverged (the driver's divergence guard, exit 2)
+is never chosen. The chosen values are written as a flagfile,
+experiments/presets/TASK_ALGORITHM.cfg by default, which the README's result commands pass
+with --flagfile.
 
 Every algorithm searches the same grid (GRIDS[task]; --grid_* override it for all alike), so no
 algorithm inherits step sizes tuned for another. Cost: grid points x seeds runs of --rounds
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,8 +38,9 @@ from experiments import common
 
 TASK = flags.DEFINE_enum("task", "hyper_representation", ["hyper_representation",
                                                           "hyper_cleaning"], "Task driver.")
-TUNE_SEEDS = flags.DEFINE_list("tune_seeds", ["0", "1"], "Seeds every grid point runs on "
-                               "(at least 2; selection on their mean).")
+# --seeds (common.py): the seeds every grid point runs on, passed on to the driver as its
+# --seeds (at least 2; selection on their mean). Unset: DEFAULT_SEEDS.
+DEFAULT_SEEDS = ["0", "1"]
 GRID_OUTER = flags.DEFINE_list("grid_outer_lr", None, "outer_lr values (default: GRIDS[task]).")
 GRID_INNER = flags.DEFINE_list("grid_inner_lr", None, "inner_lr values (default: GRIDS[task]).")
 GRID_V = flags.DEFINE_list("grid_v_lr", None, "v_lr values: v step or Neumann step (default: "
@@ -72,14 +78,39 @@ def grid() -> dict[str, tuple[float, ...]]:
   return out
 
 
-def select(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
-  """The finished point of highest mean accuracy; ties to smaller outer, inner, v step."""
+def select(points: Sequence[dict[str, Any]], num_seeds: int) -> dict[str, Any]:
+  """One-standard-error rule: the smallest steps (outer, then inner, then v) among the finished
+  points whose mean accuracy is within one standard error of the best point's mean."""
   finished = [p for p in points if p["mean_accuracy"] is not None]
   if not finished:
     common.fail("every grid point diverged or failed; widen the grid (--grid_*) towards "
                 "smaller steps.")
-  return max(finished, key=lambda p: (p["mean_accuracy"], -p["outer_lr"], -p["inner_lr"],
-                                      -p["v_lr"]))
+  best = max(finished, key=lambda p: p["mean_accuracy"])
+  bar = best["mean_accuracy"] - best["std_accuracy"] / math.sqrt(num_seeds)
+  return min((p for p in finished if p["mean_accuracy"] >= bar),
+             key=lambda p: (p["outer_lr"], p["inner_lr"], p["v_lr"]))
+
+
+def finished_point(workdir: str, seeds: list[int], values: dict[str, float]
+                   ) -> dict[str, Any] | None:
+  """A grid point an earlier tune run finished in `workdir` (same seeds and steps), or None.
+
+  A killed or repeated tuning run so costs only the points it has not finished yet.
+  """
+  try:
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+      summary = json.load(f)
+    with open(os.path.join(workdir, f"seed_{seeds[0]}", "config.json"), encoding="utf-8") as f:
+      run_flags = json.load(f)["flags"]
+  except (OSError, ValueError, KeyError):
+    return None
+  if summary.get("seeds") != seeds or any(run_flags.get(k) != v for k, v in values.items()):
+    return None
+  return dict(values, seconds=0.0, command="(finished earlier)",
+              mean_accuracy=summary["mean"]["test_accuracy"],
+              std_accuracy=summary["std"]["test_accuracy"],
+              per_seed={s: v["test_accuracy"] for s, v in summary["per_seed"].items()},
+              error=None)
 
 
 def run_point(workdir: str, seeds: list[int], values: dict[str, float]) -> dict[str, Any]:
@@ -130,13 +161,14 @@ def main(argv: Sequence[str]) -> None:
   common.start_driver()
   if len(argv) > 1:
     common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  given = common.SEEDS.value or DEFAULT_SEEDS
   try:
-    seeds = [int(s) for s in TUNE_SEEDS.value]
+    seeds = [int(s) for s in given]
   except ValueError:
-    common.fail(f"--tune_seeds={','.join(TUNE_SEEDS.value)} must be integers.")
+    common.fail(f"--seeds={','.join(given)} must be integers.")
   if len(set(seeds)) < 2:
-    common.fail(f"--tune_seeds={','.join(TUNE_SEEDS.value)}: the protocol selects over at least "
-                "2 distinct seeds.")
+    common.fail(f"--seeds={','.join(given)}: the protocol selects over at least 2 distinct "
+                "seeds.")
   clash = [f for f in EXTRA.value if f.lstrip("-").split("=")[0] in _OWN_FLAGS]
   if clash:
     common.fail(f"--driver_flags may not set {', '.join(clash)}: tune sets those itself.")
@@ -148,13 +180,14 @@ def main(argv: Sequence[str]) -> None:
   combos = list(itertools.product(*values.values()))
   for i, combo in enumerate(combos):
     point = dict(zip(values, combo))
-    result = run_point(os.path.join(workdir, f"point_{i}"), seeds, point)
+    pdir = os.path.join(workdir, f"point_{i}")
+    result = finished_point(pdir, seeds, point) or run_point(pdir, seeds, point)
     points.append(result)
     acc = "diverged/failed" if result["mean_accuracy"] is None else (
         f"{result['mean_accuracy']:.4f} +- {result['std_accuracy']:.4f}")
     print(f"[{i + 1}/{len(combos)}] {point}: {acc} ({result['seconds']:.0f} s)", flush=True)
   cost = time.perf_counter() - start
-  best = select(points)
+  best = select(points, len(seeds))
   preset = PRESET_OUT.value or (
       os.path.join(workdir, "preset.cfg") if common.SMOKE.value  # never a smoke-tuned preset
       else os.path.join(PRESETS_DIR, f"{TASK.value}_{common.ALGORITHM.value}.cfg"))

@@ -1,6 +1,7 @@
 """bilevel.algorithms: the user example for every algorithm, keywords, errors, and library
 defaults = driver defaults (experiments/common.py federated_config)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,12 +72,27 @@ def _problem():
                                 lambda x, y, b: jnp.sum(y ** 2))
 
 
+def _traced_once_flops():
+  """flops_per_grad that raises on its second traced call: every algorithm's round calls it once
+  per trace (one client function; FedNest's metrics), so a retraced round raises."""
+  chex.clear_trace_counter()
+  return chex.assert_max_traces(federated.default_flops_per_grad, n=1)
+
+
+def _assert_traced(test, flops):
+  """flops (from _traced_once_flops) was traced: one more traced call is its second."""
+  with test.assertRaisesRegex(AssertionError, "traced > 1 times"):
+    jax.eval_shape(flops, 1.0, 1.0)
+
+
 class UserExampleTest(parameterized.TestCase):
 
   @parameterized.named_parameters((n, n) for n in algorithms.names())
   def test_runs_as_written(self, name):
-    scope = {}
-    exec(USER_EXAMPLE.replace('"rafbo"', repr(name)), scope)  # pylint: disable=exec-used
+    # As written, with the algorithm's name and a flops_per_grad that checks "jitted once".
+    scope = {"flops": _traced_once_flops()}
+    example = USER_EXAMPLE.replace('"rafbo",', f"{name!r}, flops_per_grad=flops,")
+    exec(example, scope)  # pylint: disable=exec-used
     alg, state, metrics = scope["alg"], scope["state"], scope["metrics"]
     self.assertEqual(alg.name, name)
     # fednest also reports its analytic per-round operation counts (bilevel/fednest.py).
@@ -92,8 +108,8 @@ class UserExampleTest(parameterized.TestCase):
       self.assertEqual(float(metrics["coverage_x_min"]), 4.0)
     else:
       self.assertBetween(float(metrics["coverage_x_min"]), 1.0, 4.0)
-    # Jitted once: 20 steps, one compiled program.
-    self.assertEqual(alg.make_round(state.x).step._cache_size(), 1)
+    # Jitted once: 20 steps, one trace.
+    _assert_traced(self, scope["flops"])
     # No decrease is asserted here: in this example the inner and outer data are unrelated
     # random draws and y starts at w = 0, so for every algorithm the outer loss rises over the
     # first 20 rounds as y fits the inner data (KeywordsTest asserts the decrease on data with
@@ -108,10 +124,11 @@ class KeywordsTest(parameterized.TestCase):
     server_optimizer = optax.adam(0.01)
     # FedNest's round is its Neumann series by definition (another estimator: ConfigError).
     estimator = "neumann" if name == "fednest" else "exact"
+    flops = _traced_once_flops()
     alg = bilevel.algorithms.get(
         name, problem=problem, num_clients=6, levels=(Level(1, 1, 0.5), Level(0.5, 0.5, 0.5)),
         granularity="element", seed=3, local_steps=2, estimator=estimator, v_lr=0.05,
-        server_optimizer=server_optimizer)
+        server_optimizer=server_optimizer, flops_per_grad=flops)
     cfg = alg.config
     self.assertEqual((cfg.client.local_steps, cfg.client.estimator,
                       cfg.client.estimator_options.step_size, cfg.seed), (2, estimator, 0.05, 3))
@@ -124,24 +141,17 @@ class KeywordsTest(parameterized.TestCase):
       losses.append(float(metrics["outer_loss"]))
     self.assertTrue(np.all(np.isfinite(losses)), losses)
     self.assertLess(losses[-1], losses[0])  # holds for every algorithm on this problem
-    self.assertEqual(alg.make_round(state.x).step._cache_size(), 1)
+    _assert_traced(self, flops)  # 20 steps, one trace
 
   def test_step_traces_once(self):
-    traces = [0]
     problem, data, x0, y0 = _regression()
-
-    def counted(x, y, b):
-      traces[0] += 1
-      return problem.inner_loss(x, y, b)
-
-    alg = algorithms.rafbo(problem=bilevel.BilevelProblem(counted, problem.outer_loss),
-                           num_clients=6, granularity="element")
+    flops = _traced_once_flops()
+    alg = algorithms.rafbo(problem=problem, num_clients=6, granularity="element",
+                           flops_per_grad=flops)
     state, _ = alg.step(alg.init(x0, y0), data)
-    first = traces[0]
-    self.assertGreater(first, 0)
+    _assert_traced(self, flops)  # the first step traced; any retrace from now on raises
     for _ in range(5):
       state, _ = alg.step(state, data)
-    self.assertEqual(traces[0], first)
 
   def test_levels_string_and_sequence_agree(self):
     kw = dict(problem=_problem(), num_clients=4, granularity="element")

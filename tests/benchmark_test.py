@@ -19,7 +19,7 @@ class BenchmarkTest(absltest.TestCase):
   def test_tiny_run_writes_the_json_keys(self):
     workdir = tempfile.mkdtemp()
     argv = [sys.executable, "-m", "experiments.benchmark", f"--workdir={workdir}", "--reps=1",
-            "--bench_in_dim=8", "--bench_hidden=8", "--bench_batch=4", "--bench_clients=4",
+            "--bench_in_dim=8", "--hidden=8", "--batch_size=4", "--clients_per_round=4",
             "--loop_clients=2,3", "--scaling_clients=2", "--estimator_rows=4",
             "--estimator_steps=1", "--bench_devices=0", "--cpu_devices=2",
             "--sections=keep_ratio,vmap_loop,estimators,scaling"]
@@ -44,7 +44,8 @@ class BenchmarkTest(absltest.TestCase):
 
   def test_bad_flags_are_clear_errors(self):
     for flag, message in (("--sections=warp_drive", "warp_drive"),
-                          ("--cpu_devices=0", "--cpu_devices=0 must be >= 1")):
+                          ("--cpu_devices=0", "--cpu_devices=0 must be >= 1"),
+                          ("--batch_size=0", "--batch_size=0: the benchmark needs")):
       argv = [sys.executable, "-m", "experiments.benchmark", "--workdir=" + tempfile.mkdtemp(),
               flag]
       env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)

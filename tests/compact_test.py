@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,13 +59,15 @@ def _assert_same(test, a, b, rtol, atol=0.0, leaf_scale=False):
   """States and metrics agree. leaf_scale: also allow rtol x max|leaf| per entry (an entry far
   below its leaf's largest carries the rounding of the leaf's sums, not its own)."""
   (sa, ma), (sb, mb) = a, b
-  test.assertEqual(jax.tree.structure((sa.x, sa.y, sa.v)), jax.tree.structure((sb.x, sb.y, sb.v)))
-  for got, want in zip(jax.tree.leaves((sa.x, sa.y, sa.v)), jax.tree.leaves((sb.x, sb.y, sb.v)),
-                       strict=True):
-    scale = rtol * float(np.max(np.abs(want))) if leaf_scale else 0.0
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=max(atol, scale))
-  for k in ("outer_loss", "inner_loss", "hypergrad_norm"):
-    np.testing.assert_allclose(ma[k], mb[k], rtol=rtol)
+  got, want = (sa.x, sa.y, sa.v), (sb.x, sb.y, sb.v)
+  if leaf_scale:  # chex takes one atol per call: one call per leaf
+    chex.assert_trees_all_equal_structs(got, want)
+    jax.tree.map(lambda g, w: chex.assert_trees_all_close(
+        g, w, rtol=rtol, atol=max(atol, rtol * float(np.max(np.abs(w))))), got, want)
+  else:
+    chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
+  keys = ("outer_loss", "inner_loss", "hypergrad_norm")
+  chex.assert_trees_all_close({k: ma[k] for k in keys}, {k: mb[k] for k in keys}, rtol=rtol)
   for k in ("coverage_x_min", "coverage_y_mean", "client_flops", "comm_bytes", "active_clients"):
     test.assertEqual(float(ma[k]), float(mb[k]), k)
 
@@ -168,18 +171,24 @@ class CompactTest(parameterized.TestCase):
 
   @pytest.mark.slow
   def test_round_is_traced_once(self):
-    traces = []
-    problem = models.hyper_representation_problem()
-    counting = problem._replace(inner_loss=lambda *a: (traces.append(1), problem.inner_loss(*a))[1])
+    chex.clear_trace_counter()
+    # flops_per_grad runs once per level group (one client function each) in a trace of the
+    # round: the first round's trace makes `groups` traced calls, a second trace would add more.
+    groups = len(_cfg().levels)
+    flops = chex.assert_max_traces(federated.default_flops_per_grad, n=groups)
     data, x0, y0 = _setup(np.float32)
-    rnd = federated.make_round(counting, _cfg(), models.mlp_layout(H), x0, submodel="compact")
+    rnd = federated.make_round(models.hyper_representation_problem(), _cfg(),
+                               models.mlp_layout(H), x0, submodel="compact",
+                               flops_per_grad=flops)
+    self.assertLen(rnd.strata, groups)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     state, _ = rnd.step(state, data)
-    first = len(traces)
+    # The first trace made all `groups` calls: one more traced call goes over the limit, and
+    # from then on so would any retrace of the round.
+    with self.assertRaisesRegex(AssertionError, f"traced > {groups} times"):
+      jax.eval_shape(flops, 1.0, 1.0)
     for _ in range(3):
       state, _ = rnd.step(state, data)
-    self.assertGreater(first, 0)
-    self.assertLen(traces, first)
 
   def test_rejects_what_compact_cannot_run(self):
     _, x0, _ = _setup(np.float32)

@@ -1,6 +1,7 @@
 """The federated round: reduction to the unpruned algorithm, vmap vs loop, tracing, seeds,
 convergence on the toy problem, and configuration errors."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +77,8 @@ class RoundTest(parameterized.TestCase):
     # Algebraically identical; the order of floating-point operations differs, and fd divides
     # rounding errors by the probe length (1e-4): 1e-16 / 1e-4 ~ 1e-12 per product.
     rtol = 1e-10 if estimator == "fd" else 1e-12
-    for got, want in ((state.x, x), (state.y, y), (state.v, v)):
-      np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 1e-2)
+    chex.assert_trees_all_close((state.x, state.y, state.v), (x, y, v), rtol=rtol,
+                                atol=rtol * 1e-2)
 
   @parameterized.parameters((np.float64, 1e-12), (np.float32, 1e-5))
   @pytest.mark.slow
@@ -86,22 +87,20 @@ class RoundTest(parameterized.TestCase):
                                     mask=masks_lib.MaskConfig("random", "unit"))
     a, ra, _ = _run(cfg, 3, dtype=dtype)
     b, rb, _ = _run(cfg, 3, dtype=dtype, client_map="loop")
-    for u, w in ((a.x, b.x), (a.y, b.y), (a.v, b.v)):
-      np.testing.assert_allclose(u, w, rtol=rtol, atol=rtol * 1e-2)
+    chex.assert_trees_all_close((a.x, a.y, a.v), (b.x, b.y, b.v), rtol=rtol, atol=rtol * 1e-2)
     self.assertEqual(ra[-1]["coverage_x_min"], rb[-1]["coverage_x_min"])
 
   def test_round_is_traced_once(self):
-    traces = []
-
-    def flops(kept_x, kept_y):
-      traces.append(1)  # runs only while tracing
-      return federated.default_flops_per_grad(kept_x, kept_y)
-
+    chex.clear_trace_counter()
+    # flops_per_grad runs once in a trace of the round (one vmapped client function): a second
+    # trace raises.
+    flops = chex.assert_max_traces(federated.default_flops_per_grad, n=1)
     cfg = federated.FederatedConfig(M, 3, client=_client(), levels=LEVELS)
-    _, records, rnd = _run(cfg, 6, flops_per_grad=flops)
+    _, records, _ = _run(cfg, 6, flops_per_grad=flops)
     self.assertLen(records, 6)
-    self.assertLen(traces, 1)
-    self.assertEqual(rnd.step._cache_size(), 1)
+    # ... and it was traced: one more traced call is its second.
+    with self.assertRaisesRegex(AssertionError, "traced > 1 times"):
+      jax.eval_shape(flops, 1.0, 1.0)
 
   def test_same_seed_same_metrics_other_seed_different(self):
     make = lambda seed: federated.FederatedConfig(M, 3, client=_client(), levels=LEVELS, seed=seed)

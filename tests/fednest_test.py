@@ -130,6 +130,50 @@ class CountTest(absltest.TestCase):
       federated.validate_config(_config(4, 2)._replace(round_kind="bogus"))
 
 
+class HyperCleaningFlopsTest(absltest.TestCase):
+  """Task 2: a client is charged for its own samples' weight logits, not every client's."""
+
+  def _step(self, per_round, owned):
+    from experiments import hyper_cleaning  # pylint: disable=g-import-not-at-top
+    counts, n_tr, d, classes = np.array([2, 3, 4]), 4, 2, 3
+    n = int(counts.sum())
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(n_tr)[None, :]
+    valid = pos < counts[:, None]
+    rng = np.random.default_rng(0)
+    inner = {"inputs": jnp.asarray(rng.normal(size=(3, n_tr, d)), jnp.float32),
+             "labels": jnp.asarray(rng.integers(0, classes, (3, n_tr))),
+             "weight": jnp.asarray(valid, jnp.float32),
+             "index": jnp.asarray(np.where(valid, offsets[:, None] + pos, 0), jnp.int32)}
+    outer = {k: inner[k] for k in ("inputs", "labels", "weight")}
+    ownership = np.repeat(np.eye(3, dtype=np.float32), counts, axis=1)  # [3, 9]
+    data = federated.FederatedData(inner, outer, jnp.asarray(counts),
+                                   {"samples": jnp.asarray(ownership)} if owned else None)
+    lay = hyper_cleaning.layout("linear", n, d, 1)
+    x0, y0 = hyper_cleaning.init_params(jax.random.key(0), "linear", n, d, 1, classes)
+    cfg = _config(3, per_round, inner_steps=2, num_steps=3, local_steps=1)
+    # The driver's full-batch count: 6 FLOPs per y parameter (here 2 x 3 + 3 = 9) per kept row.
+    flops_per_grad = lambda kx, ky: 6.0 * kx["gate"] * sum(jax.tree.leaves(ky))
+    rnd = federated.make_round(hyper_cleaning.cleaning_problem(hyper_cleaning.linear_logits, 0.1),
+                               cfg, lay, x0, flops_per_grad=flops_per_grad)
+    state = federated.init_state(x0, y0, optax.sgd(1.0))
+    _, metrics = rnd.step(state, data)
+    s_in, s_out = (np.asarray(ids) for ids in rnd.sample_fn(state.round))
+    return float(metrics["client_flops"]), counts, s_in, s_out
+
+  def test_clients_are_charged_for_their_own_samples(self):
+    # T = 2, N = 2 products, tau = 1: a FedInn client makes 1 + 2T = 5 gradient evaluations, a
+    # FedOut client 3 + 1 + 2 = 6 first-order passes and N + 1 = 3 products (2 gradients each),
+    # 12 in all. Clients own 2, 3 and 4 samples; a gradient costs 6 x 9 x (own samples).
+    flops, _, _, _ = self._step(3, owned=True)
+    self.assertEqual(flops, (5 + 12) * 6 * 9 * (2 + 3 + 4))  # 8262: every client in both phases
+    flops, counts, s_in, s_out = self._step(2, owned=True)
+    self.assertEqual(flops, 5 * 6 * 9 * counts[s_in].sum() + 12 * 6 * 9 * counts[s_out].sum())
+    # Without owned units (task 1's rule: x shared by all) every client pays for all 9 logits.
+    flops, _, _, _ = self._step(3, owned=False)
+    self.assertEqual(flops, 3 * (5 + 12) * 6 * 9 * 9)
+
+
 class QuadraticTest(absltest.TestCase):
 
   def setUp(self):

@@ -1,5 +1,9 @@
-"""Estimators vs the closed form, fd bias order, masked vs extracted subproblem."""
+"""Estimators vs the closed form, fd bias order, masked vs extracted subproblem.
 
+Every estimator check runs twice (chex.variants): the estimator jitted and called eagerly.
+"""
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +41,14 @@ def _mlp_problem():
   return models.hyper_representation_problem("tanh", l2=0.1), x, y, batch
 
 
-class EstimatorTest(parameterized.TestCase):
+def _estimator(variant, problem, **options):
+  """hypergrad.hypergradient for `problem` as the test variant runs it (jitted or not):
+  (x, y, inner_batch, outer_batch, v=, mask_x=, mask_y=) -> result; options are static."""
+  return variant(lambda x, y, inner_batch, outer_batch, **arrays: hypergrad.hypergradient(
+      problem, x, y, inner_batch, outer_batch, **options, **arrays))
+
+
+class EstimatorTest(chex.TestCase):
 
   def setUp(self):
     super().setUp()
@@ -46,17 +57,20 @@ class EstimatorTest(parameterized.TestCase):
   def test_registry_is_covered(self):
     self.assertEqual(set(hypergrad.ESTIMATORS), set(SETTINGS))
 
+  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(*SETTINGS)
   def test_matches_closed_form(self, estimator):
     data, mean, x = _toy()
     y = problems.quadratic_solution(x, data)
-    res = hypergrad.hypergradient(problems.QUADRATIC, x, y, mean, mean, estimator=estimator,
-                                  **SETTINGS[estimator])
+    estimate = _estimator(self.variant, problems.QUADRATIC, estimator=estimator,
+                          **SETTINGS[estimator])
+    res = estimate(x, y, mean, mean)
     np.testing.assert_allclose(res.hypergrad, problems.quadratic_hypergrad(x, data),
                                rtol=RTOL[estimator])
     v_star = jnp.linalg.solve(mean.A, y - mean.c)
     np.testing.assert_allclose(res.v, v_star, rtol=RTOL[estimator] * 10)
 
+  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(*SETTINGS)
   def test_masked_equals_extracted_subproblem(self, estimator):
     data, mean, x = _toy()
@@ -67,19 +81,21 @@ class EstimatorTest(parameterized.TestCase):
     v0 = jnp.asarray(rng.normal(size=8))
     kw = dict(estimator=estimator, **SETTINGS[estimator])
     kw["num_steps"] = 5  # a partial solve: equality must hold step by step, not only at the limit
-    full = hypergrad.hypergradient(problems.QUADRATIC, x, y, mean, mean, v=v0, mask_x=mx,
-                                   mask_y=my, **kw)
+    full = _estimator(self.variant, problems.QUADRATIC, **kw)(x, y, mean, mean, v=v0, mask_x=mx,
+                                                             mask_y=my)
     embed = lambda sub, idx, n: jnp.zeros(n, sub.dtype).at[idx].set(sub)
     sub_problem = problems.BilevelProblem(
         lambda xs, ys, b: problems.quadratic_inner(embed(xs, keep_x, 6), embed(ys, keep_y, 8), b),
         lambda xs, ys, b: problems.quadratic_outer(embed(xs, keep_x, 6), embed(ys, keep_y, 8), b))
-    sub = hypergrad.hypergradient(sub_problem, x[keep_x], y[keep_y], mean, mean, v=v0[keep_y], **kw)
+    sub = _estimator(self.variant, sub_problem, **kw)(x[keep_x], y[keep_y], mean, mean,
+                                                      v=v0[keep_y])
     np.testing.assert_allclose(full.hypergrad[keep_x], sub.hypergrad, rtol=1e-12, atol=1e-14)
     np.testing.assert_array_equal(np.delete(full.hypergrad, keep_x), 0.0)
     np.testing.assert_allclose(full.v[keep_y], sub.v, rtol=1e-12, atol=1e-14)
     # v outside the mask comes back as it was sent
     np.testing.assert_array_equal(np.delete(full.v, keep_y), np.delete(v0, keep_y))
 
+  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters("fd", "exact", "cg")
   def test_unit_masked_mlp_equals_compact_submodel(self, estimator):
     problem, x, y, batch = _mlp_problem()
@@ -89,7 +105,7 @@ class EstimatorTest(parameterized.TestCase):
     mx, my = masks_lib.expand_unit_masks(layout, umx, umy, x, y)
     v0 = jax.tree.map(lambda t: jnp.asarray(np.random.default_rng(1).normal(size=t.shape)), y)
     kw = dict(estimator=estimator, num_steps=4, step_size=0.3, delta=1e-4)
-    full = hypergrad.hypergradient(problem, x, y, batch, batch, v=v0, mask_x=mx, mask_y=my, **kw)
+    full = _estimator(self.variant, problem, **kw)(x, y, batch, batch, v=v0, mask_x=mx, mask_y=my)
     # The compact y keeps the head rows of units kept on both sides; x keeps its own units.
     ix = submodel.kept_indices(umx["hidden"], 4)
     iy = submodel.kept_indices(umy["hidden"], 3)
@@ -102,17 +118,18 @@ class EstimatorTest(parameterized.TestCase):
           submodel.scatter(layout.x, xs_, {"hidden": ix}, x),
           submodel.scatter(layout.y, ys_, {"hidden": iy}, y), b)
     sub_problem = problems.BilevelProblem(sub_loss(problem.inner_loss), sub_loss(problem.outer_loss))
-    sub = hypergrad.hypergradient(sub_problem, xs, ys, batch, batch, v=vs, **kw)
+    sub = _estimator(self.variant, sub_problem, **kw)(xs, ys, batch, batch, v=vs)
     back = submodel.scatter(layout.x, sub.hypergrad, {"hidden": ix}, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
-                 full.hypergrad, back)
+    chex.assert_trees_all_close(full.hypergrad, back, rtol=1e-10, atol=1e-12)
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_products_on_quadratic_are_exact(self):
     _, mean, x = _toy()
     v = jnp.asarray(np.random.default_rng(5).normal(size=8))
     y = jnp.asarray(np.random.default_rng(6).normal(size=8))
     for name, product in hypergrad.PRODUCTS.items():
-      out = product(problems.quadratic_inner, x, y, v, mean, 1e-2, True)
+      out = self.variant(lambda x, y, v, batch, product=product: product(
+          problems.quadratic_inner, x, y, v, batch, 1e-2, True))(x, y, v, mean)
       # g is quadratic in y, so central differences are exact up to rounding.
       np.testing.assert_allclose(out.hv, mean.A @ v, rtol=1e-9, err_msg=name)
       np.testing.assert_allclose(out.jv, -mean.B.T @ v, rtol=1e-9, err_msg=name)
@@ -129,6 +146,7 @@ class EstimatorTest(parameterized.TestCase):
     for big, small in zip(errs, errs[1:]):
       self.assertBetween(big / small, 3.5, 4.5)  # O(delta^2) bias: ratio 4
 
+  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters("neumann", "cg")
   @pytest.mark.slow
   def test_fd_products_match_exact_products(self, estimator):
@@ -136,21 +154,20 @@ class EstimatorTest(parameterized.TestCase):
     # 1e-8 bias times the third derivatives, plus 1e-16 / 1e-4 rounding; rtol 1e-6 leaves room.
     problem, x, y, batch = _mlp_problem()
     kw = dict(estimator=estimator, num_steps=4, step_size=0.2, delta=1e-4)
-    exact = hypergrad.hypergradient(problem, x, y, batch, batch, product="exact", **kw)
-    fd = hypergrad.hypergradient(problem, x, y, batch, batch, product="fd", **kw)
-    for got, want in zip(jax.tree.leaves((fd.hypergrad, fd.v)),
-                         jax.tree.leaves((exact.hypergrad, exact.v)), strict=True):
-      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    exact = _estimator(self.variant, problem, product="exact", **kw)(x, y, batch, batch)
+    fd = _estimator(self.variant, problem, product="fd", **kw)(x, y, batch, batch)
+    chex.assert_trees_all_close((fd.hypergrad, fd.v), (exact.hypergrad, exact.v), rtol=1e-6,
+                                atol=1e-9)
     # ... and the fd products were really used (they round differently from the exact ones).
     self.assertGreater(float(tree.norm(tree.sub(fd.hypergrad, exact.hypergrad))), 0.0)
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_projection_bounds_v(self):
     data, mean, x = _toy()
     y = problems.quadratic_solution(x, data)
-    res = hypergrad.hypergradient(problems.QUADRATIC, x, y, mean, mean, estimator="exact",
-                                  num_steps=50, step_size=0.25, radius=0.1)
-    free = hypergrad.hypergradient(problems.QUADRATIC, x, y, mean, mean, estimator="exact",
-                                   num_steps=50, step_size=0.25)
+    kw = dict(estimator="exact", num_steps=50, step_size=0.25)
+    res = _estimator(self.variant, problems.QUADRATIC, radius=0.1, **kw)(x, y, mean, mean)
+    free = _estimator(self.variant, problems.QUADRATIC, **kw)(x, y, mean, mean)
     self.assertGreater(float(jnp.linalg.norm(free.v)), 0.2)  # the constraint is active
     # Projected onto the ball: on its boundary (a v = 0 or an unprojected v fails), and in the
     # direction of the projected fixed point's gradient step, i.e. not v = 0.

@@ -1,5 +1,6 @@
 """Masked inner solve and compact-submodel extraction."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,7 +80,7 @@ class SubmodelTest(absltest.TestCase):
     back = submodel.scatter(layout.x, submodel.extract(layout.x, x, idx), idx, x)
     mx, _ = masks_lib.expand_unit_masks(layout, {"hidden": um}, {"hidden": um}, x, {"head": {
         "kernel": jnp.zeros((10, 4)), "bias": jnp.zeros(4)}})
-    jax.tree.map(lambda b, a, m: np.testing.assert_array_equal(b, a * m), back, x, mx)
+    chex.assert_trees_all_equal(back, jax.tree.map(lambda a, m: a * m, x, mx))
 
   @pytest.mark.slow
   def test_scatter_add_equals_sum_of_scatters(self):
@@ -98,7 +99,7 @@ class SubmodelTest(absltest.TestCase):
           submodel.scatter(axes, jax.tree.map(lambda t: t[i], c),
                            {g: v[i] for g, v in idx_C.items()}, like) for i in range(5)])
       got = submodel.scatter_add(axes, c, idx_C, like)
-      jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
+      chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
     # Masks of compact arrays vary along group axes only: the per-unit sum equals the full one.
     w = jnp.array([1.0, 0.0, 2.0, 3.0, 0.5])
     units = {g: (jax.random.uniform(k, idx_C[g].shape) < 0.7).astype(jnp.float32)

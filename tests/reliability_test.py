@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -222,15 +223,14 @@ class DivergenceAndDeterminismTest(absltest.TestCase):
     self.assertFalse(os.path.exists(os.path.join(workdir, "summary.json")))
     kept, meta = checkpoint.restore(workdir, _template_state())
     self.assertEqual(meta["round"], bad_round - 1)
-    for leaf in jax.tree.leaves(kept):
-      self.assertTrue(np.all(np.isfinite(leaf)))
+    chex.assert_tree_all_finite(kept)
     # The kept state is exactly that of an uninterrupted run of bad_round - 1 rounds.
     good = os.path.join(root, "good")
     self.assertEqual(_main(workdir=good, rounds=bad_round - 1, **settings)[0], 0)
     want, want_meta = checkpoint.restore(good, _template_state())
     untimed = lambda totals: {k: v for k, v in totals.items() if not k.endswith("_s")}
     self.assertEqual(untimed(meta["totals"]), untimed(want_meta["totals"]))
-    _assert_trees_equal(self, kept, want)
+    chex.assert_trees_all_equal(kept, want)  # same structure, bitwise-equal leaves
 
   @pytest.mark.slow
   def test_same_seed_identical_metrics(self):
@@ -322,13 +322,6 @@ class BadRunFilesTest(parameterized.TestCase):
     self._assert_one_clear_error(cm.exception.code, err.getvalue(),
                                  f"cannot read .*{bad}")
     self.assertEqual([_snapshot(d) for d in (good, bad, out)], before)
-
-
-def _assert_trees_equal(test, a, b):
-  """Same structure and bitwise-equal leaves (zip alone would stop at the shorter one)."""
-  test.assertEqual(jax.tree.structure(a), jax.tree.structure(b))
-  for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(u, w)
 
 
 def _template_state():

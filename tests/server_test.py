@@ -1,5 +1,6 @@
 """Coverage-mean aggregation and the server step against brute-force loops."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,14 +88,13 @@ class CoverageMeanTest(parameterized.TestCase):
     a = server.coverage_mean(deltas, masks, weights)
     b = server.coverage_mean(jax.tree.map(lambda t: t[perm], deltas),
                              jax.tree.map(lambda t: t[perm], masks), weights[perm])
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12), a, b)
+    chex.assert_trees_all_close(a, b, rtol=1e-12)
 
   def test_all_ones_masks_give_the_plain_mean(self):
     deltas, masks, _ = _case(3)
     ones = jax.tree.map(np.ones_like, masks)
     got = server.coverage_mean(deltas, ones)
-    jax.tree.map(lambda g, d: np.testing.assert_allclose(g, d.mean(axis=0), rtol=1e-12),
-                 got, deltas)
+    chex.assert_trees_all_close(got, jax.tree.map(lambda d: d.mean(axis=0), deltas), rtol=1e-12)
 
   def test_zero_fill_divides_by_all_clients(self):
     deltas, masks, weights = _case(4)

@@ -1,5 +1,6 @@
 """experiments.tune: the selection rule of the tuning protocol and the flagfile it writes."""
 
+import json
 import os
 import tempfile
 
@@ -21,16 +22,39 @@ class SelectTest(absltest.TestCase):
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
 
-  def test_highest_mean_wins_ties_to_smaller_steps_diverged_last(self):
+  def test_smallest_steps_within_one_standard_error_of_the_best(self):
+    # std 0.01 over 2 seeds: standard error 0.0071, so the bar is 0.92 - 0.0071 = 0.9129.
+    points = [_point(0.3, 0.1, 0.1, 0.92), _point(0.1, 0.1, 0.1, 0.915),
+              _point(0.03, 0.1, 0.1, 0.90)]
+    self.assertEqual(tune.select(points, 2), points[1])  # 0.90 is outside the bar
+    self.assertEqual(tune.select(points, 1000), points[0])  # SE 0.0003: only the best
+    self.assertEqual(tune.select(points[:1] + points[2:], 2), points[0])
+
+  def test_ties_to_smaller_steps_diverged_never(self):
     points = [_point(0.3, 0.1, 0.1, None),  # diverged: never chosen
               _point(0.1, 0.1, 0.1, 0.90), _point(0.03, 0.1, 0.1, 0.90),
               _point(0.03, 0.03, 0.1, 0.90), _point(0.1, 0.03, 0.03, 0.89)]
-    self.assertEqual(tune.select(points), points[3])  # tie at 0.90: smallest outer, then inner
-    self.assertEqual(tune.select(points[:2] + points[4:]), points[1])
+    self.assertEqual(tune.select(points, 2), points[3])  # tie at 0.90: smallest outer, then inner
+    self.assertEqual(tune.select(points[:2] + points[4:], 2), points[1])
+
+  def test_a_finished_point_is_reused_only_with_the_same_seeds_and_steps(self):
+    pdir = tempfile.mkdtemp()
+    os.makedirs(os.path.join(pdir, "seed_0"))
+    with open(os.path.join(pdir, "seed_0", "config.json"), "w") as f:
+      json.dump({"flags": {"outer_lr": 0.1, "inner_lr": 0.03, "v_lr": 0.1}}, f)
+    values = dict(outer_lr=0.1, inner_lr=0.03, v_lr=0.1)
+    self.assertIsNone(tune.finished_point(pdir, [0, 1], values))  # no summary: not finished
+    with open(os.path.join(pdir, "summary.json"), "w") as f:
+      json.dump({"seeds": [0, 1], "mean": {"test_accuracy": 0.9}, "std": {"test_accuracy": 0.01},
+                 "per_seed": {"0": {"test_accuracy": 0.89}, "1": {"test_accuracy": 0.91}}}, f)
+    point = tune.finished_point(pdir, [0, 1], values)
+    self.assertEqual((point["mean_accuracy"], point["std_accuracy"]), (0.9, 0.01))
+    self.assertIsNone(tune.finished_point(pdir, [0, 2], values))
+    self.assertIsNone(tune.finished_point(pdir, [0, 1], dict(values, v_lr=0.03)))
 
   def test_every_point_diverged_is_a_clear_error(self):
     with self.assertRaises(SystemExit) as e:
-      tune.select([_point(0.3, 0.1, 0.1, None)])
+      tune.select([_point(0.3, 0.1, 0.1, None)], 2)
     self.assertEqual(e.exception.code, 2)
 
   def test_the_flagfile_sets_the_chosen_steps(self):
