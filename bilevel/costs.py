@@ -1,0 +1,189 @@
+"""Per-operation FLOP model of one client's round (docs/method.md, section 3, "FLOP model").
+
+A client's round (client.client_update: K local steps of T inner steps and one hypergradient
+estimate) evaluates operations of a few kinds. `round_ops` counts them per estimator; a
+`ModelCosts` prices each kind per example from the model's layer shapes and the client's kept
+entries; `client_flops` multiplies the two and the batch rows:
+
+    client FLOPs = sum over (op, batch) of  count(op) * price(op, kept counts) * rows(batch)
+
+Operation kinds (prices per example; matmul / convolution FLOPs only, m x k times k x n = 2mkn):
+  forward_x  forward of the part that depends on x only (the MLP's hidden layer, the CNN's
+             convolutions; nothing for hyper-cleaning, where x weights the loss). Once per batch
+             and local step: every other operation on that batch reuses it (XLA computes it
+             once: common subexpressions, and loop-invariant code motion out of the scans).
+  forward_y  forward of y's layers at the solved y on the inner batch: the inner loss the
+             first local step reports (later steps' losses are dead code), and with exact
+             products the primal forward every product at that point shares.
+  grad_y     a gradient of g in y only (an inner step): forward of y's layers and the backward
+             to y's weights, never through x's layers.
+  grad_xy    the gradient of f in x and y (outer batch): grad_y's work plus the backward from
+             y's input into x's weights (its forward also gives the reported outer loss).
+  hv         H v.  exact: a jvp of grad_y g (tangent forward and tangent backward of y's
+             layers; the primal forward is forward_y's).  fd: two gradients in y at y +- d v.
+  jv         J v, the final product (its H v half is dead code).  exact: the tangent forward
+             and the tangent of the backward to y's input, then x's weight gradient once.
+             fd: two forwards at y +- d v and their backward to y's input, then x's weight
+             gradient once (the probes share x: fd_products sums their cotangents first).
+
+Counts per round (K local steps, T inner steps, N = num_steps; `hypergrad.estimator_products`):
+
+    op         batch   count
+    forward_x  inner   K
+    forward_x  outer   K
+    grad_y     inner   K T
+    forward_y  inner   K with exact products, else 1
+    hv         inner   K x (fd / exact: N with v_step="fixed", N + 1 with "cauchy" (+ N with
+                            a radius); neumann: N - 1; cg: N + 1)
+    jv         inner   K
+    grad_xy    outer   K
+
+so cg evaluates N + 2 products per estimate, neumann N, fd / exact N + 1 (fixed) or N + 2
+(cauchy). Checked against XLA's cost analysis of the compiled client update
+(tests/costs_test.py: every estimator, both tasks, the CNN) within 20 %; the measured ratios
+are in docs/method.md. Not modelled: elementwise work (activations, softmax, the sample weights,
+PyTree axpys and dots), and computations XLA can share between local steps, which happens
+only when y does not move (T = 0) or when two steps see the same rows in straight-line code
+(K = 2 with full batches, hyper-cleaning: one y forward); the model counts them again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+
+from bilevel.client import ClientConfig
+from bilevel.hypergrad import estimator_product_kind, estimator_products
+
+PyTree = Any
+Number = Any  # a float or a traced scalar (kept counts are traced in a round)
+
+OPS = ("forward_x", "forward_y", "grad_y", "grad_xy", "hv", "jv")
+INNER, OUTER = "inner", "outer"
+
+
+def round_ops(cfg: ClientConfig) -> tuple[tuple[str, str, int], ...]:
+  """(op, batch, count) of one client's round (K local steps): the table of the module
+  docstring."""
+  k, t = int(cfg.local_steps), int(cfg.inner_steps)
+  hv, jv = estimator_products(cfg.estimator, cfg.estimator_options)
+  exact = estimator_product_kind(cfg.estimator, cfg.estimator_options) == "exact"
+  return (("forward_x", INNER, k), ("forward_x", OUTER, k),
+          ("grad_y", INNER, k * t),
+          ("forward_y", INNER, k if exact else 1),
+          ("hv", INNER, k * hv), ("jv", INNER, k * jv),
+          ("grad_xy", OUTER, k))
+
+
+class ModelCosts(NamedTuple):
+  """Per-example matmul FLOPs of a model: x's part, then y's dense layers on its features.
+
+  x_forward(kept_x), x_backward(kept_x): forward of x's part, and its backward from the
+    features' cotangent to x's weights (0 when x is no layer).
+  y_layers(kept_y): kept kernel entries of y's dense layers, input side first.
+  x_in_features: True when y's input features depend on x (a representation: gradients and
+    J v pass back into x's layers); False when x enters the loss elementwise only (sample
+    weights: the x side of every gradient is elementwise).
+  """
+
+  x_forward: Callable[[PyTree], Number]
+  x_backward: Callable[[PyTree], Number]
+  y_layers: Callable[[PyTree], Sequence[Number]]
+  x_in_features: bool
+
+
+def op_prices(model: ModelCosts, product: str, kept_x: PyTree, kept_y: PyTree
+              ) -> dict[str, Number]:
+  """Per-example FLOPs of each op kind (OPS) with "fd" or "exact" products.
+
+  y's layers hold P_1 (on the features), P_2, ... kept kernel entries; a pass over a layer
+  (forward, weight gradient, input gradient) costs 2 P_i. Forward-over-reverse doubles the
+  passes of the layers whose input has a tangent (all but the first).
+  """
+  layers = list(model.y_layers(kept_y))
+  first, rest = layers[0], sum(layers[1:])
+  dep = model.x_in_features
+  fwd = 2 * first + 2 * rest
+  back_y = 2 * rest  # input gradients between y's layers
+  into_x = (2 * first + model.x_backward(kept_x)) if dep else 0  # y's input grad, x's weights
+  grad_y = 2 * fwd + back_y  # forward, weight gradients, inner input gradients
+  tangent_fwd = 2 * first + 4 * rest
+  if product == "fd":
+    hv = 2 * grad_y
+    jv = 2 * fwd + ((2 * back_y + 2 * 2 * first + model.x_backward(kept_x)) if dep else 0)
+  else:  # exact: jvp of the gradient, primal forward shared with forward_y
+    hv = 4 * first + 12 * rest
+    jv = tangent_fwd + ((4 * rest + 4 * first + model.x_backward(kept_x)) if dep else 0)
+  return dict(forward_x=model.x_forward(kept_x), forward_y=fwd, grad_y=grad_y,
+              grad_xy=grad_y + into_x, hv=hv, jv=jv)
+
+
+def client_flops(cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree,
+                 batch_sizes: tuple[Number, Number], model: ModelCosts) -> Number:
+  """Modelled FLOPs of one client's round: cfg.local_steps local steps.
+
+  kept_x, kept_y: trees like x and y holding each leaf's kept-entry count (masks.kept_counts;
+    the full sizes for an unpruned client). batch_sizes: (rows of an inner batch, rows of an
+    outer batch) the client computes on (a minibatch size, or its kept training / validation
+    rows with full batches). Works on traced counts (inside the round).
+  """
+  prices = op_prices(model, estimator_product_kind(cfg.estimator, cfg.estimator_options),
+                     kept_x, kept_y)
+  rows = {INNER: batch_sizes[0], OUTER: batch_sizes[1]}
+  return sum(count * prices[op] * rows[batch] for op, batch, count in round_ops(cfg) if count)
+
+
+def _zero(kept_x: PyTree) -> Number:
+  del kept_x
+  return 0.0
+
+
+# ------------------------------------------------------------------ the models
+
+
+def mlp_costs() -> ModelCosts:
+  """Hyper-representation MLP (models.mlp_logits): x = hidden (D x K), y = head (K x C)."""
+  return ModelCosts(
+      x_forward=lambda kx: 2 * kx["hidden"]["kernel"],
+      x_backward=lambda kx: 2 * kx["hidden"]["kernel"],  # weight gradient (inputs are data)
+      y_layers=lambda ky: [ky["head"]["kernel"]],
+      x_in_features=True)
+
+
+def cleaning_costs(classifier: str = "linear") -> ModelCosts:
+  """Hyper-cleaning (experiments/hyper_cleaning.py): x = per-sample weight logits (elementwise
+  in g), y = a linear classifier {"head"} or an MLP {"hidden", "head"} on the inputs."""
+  layers = ((lambda ky: [ky["head"]["kernel"]]) if classifier == "linear"
+            else (lambda ky: [ky["hidden"]["kernel"], ky["head"]["kernel"]]))
+  return ModelCosts(x_forward=_zero, x_backward=_zero, y_layers=layers, x_in_features=False)
+
+
+def _valid_taps(size: int, kernel: int = 3, stride: int = 2) -> int:
+  """Sum over output positions of in-bounds kernel taps, one axis, SAME padding (as XLA)."""
+  out = -(-size // stride)
+  lo = max((out - 1) * stride + kernel - size, 0) // 2
+  return sum(0 <= o * stride + k - lo < size for o in range(out) for k in range(kernel))
+
+
+def cnn_costs(input_shape: tuple[int, int, int]) -> ModelCosts:
+  """The CNN (models.cnn_logits): x = conv1, conv2 (3x3, stride 2, SAME), y = head on pooled
+  conv2 features. A convolution costs 2 x (kept kernel entries / 9) x in-bounds taps."""
+  h, w = input_shape[0], input_shape[1]
+  h1, w1 = -(-h // 2), -(-w // 2)
+  taps1 = _valid_taps(h) * _valid_taps(w) / 9
+  taps2 = _valid_taps(h1) * _valid_taps(w1) / 9
+  conv1 = lambda kx: 2 * kx["conv1"]["kernel"] * taps1
+  conv2 = lambda kx: 2 * kx["conv2"]["kernel"] * taps2
+  return ModelCosts(
+      x_forward=lambda kx: conv1(kx) + conv2(kx),
+      # conv2's weight and input gradients, conv1's weight gradient (its input is data)
+      x_backward=lambda kx: 2 * conv2(kx) + conv1(kx),
+      y_layers=lambda ky: [ky["head"]["kernel"]],
+      x_in_features=True)
+
+
+def full_counts(tree: PyTree) -> PyTree:
+  """Kept counts of an unpruned client: every leaf's size."""
+  return jax.tree.map(lambda t: math.prod(t.shape), tree)
