@@ -12,8 +12,9 @@ Algorithms as objects (bilevel.algorithms):
 """
 
 from bilevel import algorithms
-from bilevel.federated import FederatedData, run
+from bilevel.federated import FederatedData
 from bilevel.hypergrad import ESTIMATORS, HypergradResult, hypergradient
+from bilevel.loop import run
 from bilevel.masks import Axes, CoverageStats, Level, MaskConfig, UnitLayout, coverage_stats
 from bilevel.masks import parse_levels
 from bilevel.problems import BilevelProblem

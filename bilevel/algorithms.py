@@ -8,15 +8,18 @@
 
 An `Algorithm` holds the resolved `federated.FederatedConfig` (`config`), its server optimiser
 (used by both `init` and `step`, so the two cannot disagree) and the jitted round
-(`federated.make_round`, built on the first `init` or `step` for the shapes of x and cached).
-`bilevel.run(alg, state, data, num_rounds, ...)` (federated.run) drives it like a
-`federated.Round`: it only calls `.step`.
+(`build_round`: rounds.make_round, or fednest.make_fednest_round for fednest; built on the
+first `init` or `step` for the shapes of x and cached). `bilevel.run(alg, state, data,
+num_rounds, ...)` (loop.run) drives it like a `federated.Round`: it only calls `.step`.
 
 Every constructor takes the same keywords (`Options`, or see `get`); a keyword that is not given
-(or None) takes the algorithm's default. The defaults reproduce what the drivers resolve for
-`--algorithm=NAME` with default flags (experiments/common.py, `federated_config`), except the
-level profile (here one full level "1/1:1" unless given; the drivers default to
-"1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5") and, for full-model algorithms, the rule on `levels` below.
+(or None) takes the algorithm's default. The drivers build every algorithm through `get`
+(experiments/common.py, `make_algorithm`): a flag given on the command line is passed as its
+keyword, and a flag left at its default is passed too unless the algorithm sets that option
+itself (`own_options`). So the library's defaults are what the drivers resolve for
+`--algorithm=NAME` with default flags, except the drivers' level profile
+"1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5" (here one full level "1/1:1" unless given) and their
+clients_per_round 10 (here num_clients // 2: the same for their 20 clients).
 
   name       local  inner  estimator          participation       masks
   rabo       1      1      fd                 every client        random, levels as given
@@ -53,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import federated
+from bilevel import costs, federated, rounds
+from bilevel import fednest as fednest_lib  # `fednest` is this module's constructor
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig, Sampler, full_batch
 from bilevel.errors import ConfigError, check_choice
@@ -97,11 +101,19 @@ class Options(NamedTuple):
     seed: the one seed every random stream derives from (default 0).
     sample: client batch sampler (client.Sampler); default client.full_batch.
     flops_per_grad: analytic FLOPs per gradient, (kept_x, kept_y) -> FLOPs; default
-      federated.default_flops_per_grad.
-    submodel: "dense" (default) or "compact" (federated.make_round).
+      federated.default_flops_per_grad. Used when no `cost` is given: a client's round then
+      counts grad_evals_per_round gradients of that price.
+    cost: costs.CostModel, the per-operation FLOP model (op prices of the model and the batch
+      rows) a client's round is priced with instead (the drivers give it for their models).
+    submodel: "dense" (default) or "compact" (rounds.make_round).
     sampling: "uniform" or "stratified" (default: make_round's choice for the submodel).
-    available: group -> [M, K] units each client owns (federated.make_round).
-    mesh: jax.sharding.Mesh to shard the clients of a round over (federated.client_mesh).
+    available: group -> [M, K] units each client owns (rounds.make_round).
+    mesh: jax.sharding.Mesh to shard the clients of a round over (sharding.client_mesh).
+    mask_fn: `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` replacing the
+      mask policy (federated.MaskFn; dense submodels only; e.g. hyper-cleaning's rolling
+      window over each client's own samples). Default None: the policy's masks.
+    diagnostics: True adds the round's aggregated estimate and coverage counts to its metrics
+      for loop.run's diagnose_fn (rounds.make_round). Default None: off.
   """
 
   clients_per_round: int | None = None
@@ -129,10 +141,13 @@ class Options(NamedTuple):
   seed: int | None = None
   sample: Sampler | None = None
   flops_per_grad: Callable[[PyTree, PyTree], jax.Array] | None = None
+  cost: costs.CostModel | None = None
   submodel: str | None = None
   sampling: str | None = None
   available: Mapping[str, np.ndarray] | None = None
   mesh: jax.sharding.Mesh | None = None
+  mask_fn: federated.MaskFn | None = None
+  diagnostics: bool | None = None
 
 
 # What every algorithm shares (the drivers' flag defaults); clients_per_round and granularity
@@ -157,7 +172,7 @@ class _Spec(NamedTuple):
 
 _NEUMANN = _SHARED._replace(estimator="neumann", inner_steps=5, num_steps=5)
 # FedNest's config A (bilevel/fednest.py): outer_tau 1, 5 SVRG inner steps, 5 Neumann products
-# (6 terms), every step size 0.01 (federated.ALGORITHMS["fednest"]).
+# (6 terms), every step size 0.01.
 _FEDNEST = _SHARED._replace(estimator="neumann", local_steps=1, inner_steps=5, num_steps=6,
                             inner_lr=0.01, outer_lr=0.01, v_lr=0.01)
 _SPECS: dict[str, _Spec] = {
@@ -216,10 +231,12 @@ class Algorithm:
     key = _signature(x_like)
     if key not in self._rounds:
       o = self.options
-      self._rounds[key] = federated.make_round(
+      self._rounds[key] = build_round(
           self.problem, self.config, self.layout, x_like, sample=o.sample,
-          optimizer=self.optimizer, flops_per_grad=o.flops_per_grad, available=o.available,
-          submodel=o.submodel, sampling=o.sampling, mesh=o.mesh)
+          optimizer=self.optimizer, flops_per_grad=o.flops_per_grad, cost=o.cost,
+          available=o.available,
+          submodel=o.submodel, sampling=o.sampling, mesh=o.mesh, mask_fn=o.mask_fn,
+          diagnostics=bool(o.diagnostics))
     return self._rounds[key]
 
   def init(self, x: PyTree, y: PyTree) -> federated.ServerState:
@@ -249,9 +266,31 @@ class Algorithm:
     return self.make_round(state.x).step(state, data)
 
 
+def build_round(problem: BilevelProblem, config: federated.FederatedConfig,
+                layout: UnitLayout | None, x_like: PyTree, **kwargs: Any) -> federated.Round:
+  """The round config.round_kind names: rounds.make_round ("local") or
+  fednest.make_fednest_round ("fednest"), with make_round's keywords (`kwargs`)."""
+  local = config.round_kind != "fednest"
+  build = rounds.make_round if local else fednest_lib.make_fednest_round
+  return build(problem, config, layout, x_like, **kwargs)
+
+
 def names() -> tuple[str, ...]:
   """The names `get` accepts."""
   return tuple(_SPECS)
+
+
+def own_options(name: str) -> tuple[str, ...]:
+  """The options whose default `name` sets itself: those that differ from what every
+  algorithm shares (e.g. fednest's step sizes, heterofl's mask_policy) and, for algorithms
+  where every client takes part, clients_per_round. The drivers pass a flag left at its
+  default only for options not listed here, so an algorithm's own default wins over it."""
+  check_choice("algorithm", name, names())
+  spec = _SPECS[name]
+  own = [f for f in Options._fields if getattr(spec.defaults, f) != getattr(_SHARED, f)]
+  if spec.full_participation:
+    own.append("clients_per_round")
+  return tuple(own)
 
 
 def _levels(levels: str | Sequence[Any]) -> tuple[Level, ...]:
@@ -294,7 +333,8 @@ def _build(name: str, problem: BilevelProblem, num_clients: int,
   granularity = o.granularity
   if granularity is None:
     granularity = "element" if spec.full_model and o.layout is None else "unit"
-  check_choice("granularity", granularity, masks_lib.GRANULARITIES)
+  # An unknown granularity is reported by validate_config below (as mask_granularity, the
+  # config field and the drivers' flag).
   if granularity == "unit" and o.layout is None:
     raise ConfigError(
         "granularity='unit' needs the model's unit layout: pass layout= (a masks.UnitLayout, "

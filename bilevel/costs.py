@@ -135,6 +135,29 @@ def client_flops(cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree,
   return sum(count * prices[op] * rows[batch] for op, batch, count in round_ops(cfg) if count)
 
 
+class CostModel(NamedTuple):
+  """What a round needs to price its clients' work: the model's op prices and the batch rows.
+
+  rows(kept_x) -> (rows of an inner batch, rows of an outer batch) a client computes on: a
+  minibatch size, or its training / validation rows with full batches (hyper-cleaning: the
+  rows whose weights the client keeps, kept_x["gate"]).
+  """
+
+  model: ModelCosts
+  rows: Callable[[PyTree], tuple[Number, Number]]
+
+  def client_flops(self, cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree) -> Number:
+    """client_flops of one client's round on its kept entries."""
+    return client_flops(cfg, kept_x, kept_y, self.rows(kept_x), self.model)
+
+  def op_flops(self, op: str, batch: str, kept_x: PyTree, kept_y: PyTree,
+               product: str = "exact") -> Number:
+    """FLOPs of one op of kind `op` (OPS) on a whole inner or outer batch (rounds that count
+    their own ops, e.g. FedNest's)."""
+    rows = self.rows(kept_x)[0 if batch == INNER else 1]
+    return op_prices(self.model, product, kept_x, kept_y)[op] * rows
+
+
 def _zero(kept_x: PyTree) -> Number:
   del kept_x
   return 0.0

@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import federated, server, tree
+from bilevel import costs, federated, server, tree
 from bilevel.client import Sampler, full_batch, population_sampler
-from bilevel.errors import ConfigError, check_choice
+from bilevel.errors import ConfigError
 from bilevel.hypergrad import PRODUCT_GRAD_EVALS
 from bilevel.masks import UnitLayout, coverage_stats_from_counts, unit_kept_counts
 from bilevel.problems import BilevelProblem
@@ -161,25 +161,17 @@ def validate(cfg: federated.FederatedConfig, *, submodel: str, mask_fn: Any, mes
                       "pruning algorithm for these.")
 
 
-class _PerClient(list):
-  """Loop mode: per-client values kept as a list (pullbacks of different traces do not stack)."""
+# cmap(fn, stack=True) -> fn mapped over a leading client axis of every argument. stack=False
+# marks values a mapper may keep per client instead of stacking them (the products' points:
+# pullbacks of different traces do not stack); vmap stacks them anyway.
+ClientMap = Callable[..., Callable[..., Any]]
 
 
-def _mapper(mode: str, n: int) -> Callable[..., Callable[..., Any]]:
-  """cmap(fn, stack=True): fn over a leading client axis of every argument, as one vmap or a
-  Python loop (tests count calls per client). In the loop, stack=False returns a _PerClient
-  list, and a _PerClient argument is read per client."""
-  if mode == "vmap":
-    return lambda fn, stack=True: jax.vmap(fn)
-
-  def loop(fn, stack=True):
-    pick = lambda a, i: a[i] if isinstance(a, _PerClient) else tree.index(a, i)
-    def mapped(*args):
-      outs = [fn(*(pick(a, i) for a in args)) for i in range(n)]
-      return tree.stack(outs) if stack else _PerClient(outs)
-    return mapped
-
-  return loop
+def vmap_clients(fn: Callable[..., Any], stack: bool = True) -> Callable[..., Any]:
+  """The ClientMap of the round: one jax.vmap over the phase's clients. (tests/fednest_test.py
+  passes a Python-loop ClientMap to count the oracle's calls per client.)"""
+  del stack
+  return jax.vmap(fn)
 
 
 def _mean(t_C: PyTree) -> PyTree:
@@ -275,32 +267,59 @@ def _grad_evals(counts: Counts) -> tuple[int, int]:
           counts.first_order_outer + per * (counts.hvp_products + counts.cross_products))
 
 
+def _op_prices(cfg: federated.FederatedConfig, cost: costs.CostModel, kept_x: PyTree,
+               kept_y: PyTree) -> tuple[jax.Array, jax.Array]:
+  """(FLOPs of a FedInn client, of a FedIHGP + FedOut client) with the per-operation model: a
+  FedInn pass is x's forward and a gradient in y (inner batch); a FedOut pass x's forward and a
+  gradient in x and y (outer batch); products are exact (hv) and cross (jv) products on the
+  inner batch. Every pass is priced on the rows cost.rows gives (a minibatch, or the client's
+  split), also FedNest's full-split snapshot and FedOut passes when minibatches are used."""
+  counts = round_counts(cfg, 1)
+  op = lambda kind, batch, product="exact": cost.op_flops(kind, batch, kept_x, kept_y, product)
+  inner = counts.first_order_inner * (op("forward_x", costs.INNER) + op("grad_y", costs.INNER))
+  outer = (counts.first_order_outer * (op("forward_x", costs.OUTER) + op("grad_xy", costs.OUTER))
+           + counts.hvp_products * op("hv", costs.INNER)
+           + counts.cross_products * op("jv", costs.INNER))
+  return inner, outer
+
+
 def client_flops(cfg: federated.FederatedConfig, layout: UnitLayout | None, state, data,
-                 s_in: jax.Array, s_out: jax.Array, flops_per_grad) -> jax.Array:
-  """Analytic client FLOPs of one round: gradient evaluations x flops_per_grad(held_x, held_y).
+                 s_in: jax.Array, s_out: jax.Array, flops_per_grad,
+                 cost: costs.CostModel | None = None) -> jax.Array:
+  """Analytic client FLOPs of one round: gradient evaluations x flops_per_grad(held_x, held_y),
+  or with `cost` the per-operation model (_op_prices).
 
   Without owned units (data.available None, e.g. hyper-representation) every client holds all
   of x and y. With them (hyper-cleaning: a client owns the weight logits of its own samples)
   a client holds only its own units of an owned group, what a local-round client at keep
-  ratio 1 holds (masks.unit_masks keeps available units only), and flops_per_grad gets those
+  ratio 1 holds (masks.unit_masks keeps available units only), and is priced on those
   counts. A FedInn client (S_in) makes 1 + 2T gradient evaluations, a FedIHGP / FedOut client
   (S_out) the rest of round_counts(cfg, 1).
   """
   sizes = lambda t: jax.tree.map(lambda a: jnp.asarray(a.size, jnp.float32), t)
   c = s_in.shape[0]
+  if cost is not None:
+    price = lambda kx, ky: _op_prices(cfg, cost, kx, ky)
+  else:
+    inner_evals, outer_evals = _grad_evals(round_counts(cfg, 1))
+    price = lambda kx, ky: (inner_evals * flops_per_grad(kx, ky),
+                            outer_evals * flops_per_grad(kx, ky))
   if data.available is None or layout is None:
-    evals = sum(_grad_evals(round_counts(cfg, c)))
-    return evals * flops_per_grad(sizes(state.x), sizes(state.y))
+    if cost is None:
+      evals = sum(_grad_evals(round_counts(cfg, c)))
+      return evals * flops_per_grad(sizes(state.x), sizes(state.y))
+    inner, outer = price(sizes(state.x), sizes(state.y))
+    return c * (inner + outer)
   in_x, in_y = layout.groups_of(layout.x), layout.groups_of(layout.y)
 
-  def held(cid):
+  def held(cid, part):
     units = {g: (data.available[g][cid] if g in data.available else jnp.ones((n,)))
              for g, n in layout.groups.items()}
-    return flops_per_grad(unit_kept_counts({g: units[g] for g in in_x}, layout.x, state.x),
-                          unit_kept_counts({g: units[g] for g in in_y}, layout.y, state.y))
+    return price(unit_kept_counts({g: units[g] for g in in_x}, layout.x, state.x),
+                 unit_kept_counts({g: units[g] for g in in_y}, layout.y, state.y))[part]
 
-  inner, outer = _grad_evals(round_counts(cfg, 1))
-  return inner * jnp.sum(jax.vmap(held)(s_in)) + outer * jnp.sum(jax.vmap(held)(s_out))
+  return (jnp.sum(jax.vmap(lambda cid: held(cid, 0))(s_in))
+          + jnp.sum(jax.vmap(lambda cid: held(cid, 1))(s_out)))
 
 
 def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops, num_sampled):
@@ -332,29 +351,30 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
                        optimizer: optax.GradientTransformation | None = None,
                        flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = (
                            federated.default_flops_per_grad),
-                       client_map: str = "vmap", jit: bool = True, available: Any = None,
-                       mask_fn: Any = None, submodel: str = "dense", sampling: str | None = None,
+                       cost: costs.CostModel | None = None,
+                       client_map: ClientMap = vmap_clients, jit: bool = True,
+                       available: Any = None, mask_fn: Any = None, submodel: str = "dense",
+                       sampling: str | None = None,
                        mesh: Any = None, oracle: Oracle | None = None,
                        diagnostics: bool = False, **unused: Any) -> federated.Round:
   """FedNest's round `step(state, data) -> (state, metrics)` (module docstring), as a
-  federated.Round; federated.make_round's keywords (what FedNest cannot use is a ConfigError).
+  federated.Round; rounds.make_round's keywords (what FedNest cannot use is a ConfigError).
 
   sample draws FedInn's SVRG batches (FedOut and the snapshot use each client's whole split,
   as FedNest's code); `available` is accepted and unused: FedNest averages over all sampled
   clients, and the client FLOPs read the owned units from data.available as the local round's
   masks do (`client_flops`); oracle replaces make_oracle(problem) (tests count calls through it);
-  diagnostics as in federated.make_round (the estimate is FedOut's averaged h at x).
+  diagnostics as in rounds.make_round (the estimate is FedOut's averaged h at x); client_map
+  maps a phase's client function over its clients (ClientMap; default one vmap).
   """
   del x_like, sampling, available, unused
   federated.validate_config(cfg, layout)
   validate(cfg, submodel=submodel, mask_fn=mask_fn, mesh=mesh)
-  check_choice("client_map", client_map, ("vmap", "loop"))
   optimizer = optimizer or optax.sgd(cfg.server_lr)
   oracle = oracle or make_oracle(problem)
   population = np.arange(cfg.num_clients)
   c = min(cfg.clients_per_round, cfg.num_clients)
   counts = round_counts(cfg, c)
-  cmap = _mapper(client_map, c)
 
   def sample_fn(q: jax.Array) -> list[jax.Array]:
     """S_in and S_out: C clients each, drawn independently (FedNest samples per phase)."""
@@ -367,12 +387,12 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
     s_in, s_out = sample_fn(q)
     bkey = jax.random.fold_in(federated.stream_key(cfg.seed, "batches"), q)
     keys = jax.vmap(lambda cid: jax.random.fold_in(bkey, cid))(s_in)
-    y = fed_inn(oracle, cfg, state.x, state.y, data, s_in, keys, sample, cmap)
-    v, f_val = fed_ihgp(oracle, cfg, state.x, y, data, s_out, cmap)
-    dx, h, g_val = fed_out(oracle, cfg, state.x, y, v, data, s_out, cmap)
+    y = fed_inn(oracle, cfg, state.x, state.y, data, s_in, keys, sample, client_map)
+    v, f_val = fed_ihgp(oracle, cfg, state.x, y, data, s_out, client_map)
+    dx, h, g_val = fed_out(oracle, cfg, state.x, y, v, data, s_out, client_map)
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
-    flops = client_flops(cfg, layout, state, data, s_in, s_out, flops_per_grad)
+    flops = client_flops(cfg, layout, state, data, s_in, s_out, flops_per_grad, cost)
     metrics = _metrics(cfg, state, counts, h, f_val, g_val, flops, c)
     if diagnostics:  # full model: every coordinate held by the C sampled clients
       held = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, c, jnp.int32), t)

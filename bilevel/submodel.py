@@ -6,7 +6,7 @@ indices (zeros elsewhere), so masked-full and compact computations can be compar
 `scatter_add` sums a stack of compact client outputs into one full-size tree (the server's
 coverage sums) without a full-size copy per client.
 
-Compact clients (federated.make_round(..., submodel="compact")): a client at level (r_x, r_y)
+Compact clients (rounds.make_round(..., submodel="compact")): a client at level (r_x, r_y)
 keeps k_x = ceil(r_x K) units of a group only x indexes and k_y of a group only y indexes, static
 per level (masks.host_keep_count). Groups both sides index (the MLP's hidden units) keep the
 intersection on both sides (masks.unit_masks), min(k_x, k_y) units, extracted with the same

@@ -180,7 +180,7 @@ def coverage_blocks(num_slots: int, coverage: int, slot: jax.typing.ArrayLike,
 
 
 def coverage_schedule(num_slots: int, coverage: int) -> MaskFn:
-  """A `mask_fn` for federated.make_round giving every coordinate exactly C clients per round.
+  """A `mask_fn` for rounds.make_round giving every coordinate exactly C clients per round.
 
   num_slots: clients per round P; coverage: C in 1..P. The same rule is applied to every leaf
   of x and of y by flat index, so with x and y of equal shape x_j and y_j are pruned together.

@@ -132,25 +132,21 @@ def _setup(clients: int):
 
 
 def _round(clients: int, levels: str, submodel: str = "compact", mesh=None,
-           per_round: int | None = None, **kw):
-  """(Round, state, data) for one RAFBO-style round: a population of `clients` clients of
-  which `per_round` (all by default) are sampled."""
-  import optax
-  from bilevel import federated, masks, models
-  from bilevel.client import ClientConfig, minibatch_sampler
-  from bilevel.hypergrad import EstimatorOptions
+           per_round: int | None = None):
+  """(Round, state, data) for one RAFBO round (bilevel.algorithms.get): a population of
+  `clients` clients of which `per_round` (all by default) are sampled, one inner step and one
+  fd v step per local step, minibatches of --batch_size rows, stratified sampling."""
+  from bilevel import algorithms, models, sharding
+  from bilevel.client import minibatch_sampler
   data, x0, y0 = _setup(clients)
-  cfg = federated.FederatedConfig(
-      clients, per_round or clients, client=ClientConfig(local_steps=_local_steps(), inner_steps=1,
-                                            estimator="fd",
-                                            estimator_options=EstimatorOptions(num_steps=1)),
-      levels=masks.parse_levels(levels))
-  rnd = federated.make_round(models.hyper_representation_problem(), cfg,
-                             models.mlp_layout(HIDDEN.value), x0,
-                             sample=minibatch_sampler(BATCH.value), submodel=submodel,
-                             sampling="stratified", mesh=mesh, **kw)
-  state = federated.init_state(x0, y0, optax.sgd(1.0))
-  return (rnd,) + federated.replicate((state, data), mesh)
+  alg = algorithms.get(
+      "rafbo", problem=models.hyper_representation_problem(), num_clients=clients,
+      clients_per_round=per_round or clients, local_steps=_local_steps(), inner_steps=1,
+      estimator="fd", num_steps=1, levels=levels, layout=models.mlp_layout(HIDDEN.value),
+      sample=minibatch_sampler(BATCH.value), submodel=submodel, sampling="stratified",
+      mesh=mesh)
+  state = alg.init(x0, y0)
+  return (alg.make_round(x0),) + sharding.replicate((state, data), mesh)
 
 
 _COMPILED: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -209,10 +205,10 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
   --quick under 3 minutes).
   """
   import jax
-  from bilevel import federated
+  from bilevel import sharding
   ratios = [float(r) for r in KEEP_RATIOS.value]
   n = len(jax.devices())
-  mesh = federated.client_mesh() if n > 1 else None
+  mesh = sharding.client_mesh() if n > 1 else None
   one = ([ratios[0], ratios[-1]] if QUICK.value else ratios) if mesh is not None else []
   runs = {f"{n}:{r}": compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=mesh)["run"]
           for r in ratios}
@@ -329,11 +325,11 @@ def device_figures(reps: int) -> dict[str, Any]:
   """Run in a process with forced host devices: one device (no mesh) vs all, same round."""
   import jax
   import numpy as np
-  from bilevel import federated
+  from bilevel import sharding
   n = len(jax.devices())
   levels = "1/1:1" if QUICK.value else PROFILE  # --quick: one level, one client group to compile
   runs = {name: compiled_round(CLIENTS.value, levels, mesh=mesh)["run"]
-          for name, mesh in (("1", None), (str(n), federated.client_mesh()))}
+          for name, mesh in (("1", None), (str(n), sharding.client_mesh()))}
   states = {name: run()[0] for name, run in runs.items()}
   times = median_times(runs, reps)
   a, b = states["1"], states[str(n)]

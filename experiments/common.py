@@ -5,8 +5,9 @@ metrics.jsonl
 (one JSON object per logged round), summary.json (final metrics; written last, so its presence
 marks a finished run) and PNG plots.
 
-Algorithm presets (bilevel.federated.ALGORITHMS) set defaults; a flag given on the command line
-always wins over the preset.
+Algorithms are built only through `bilevel.algorithms.get` (`make_algorithm`): each algorithm
+owns its defaults there; a flag given on the command line always wins over them, and a flag left
+at its default yields to an algorithm that sets that option itself (`algorithm_options`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ from typing import Any, Callable, Mapping
 
 from absl import flags, logging
 
-from bilevel import checkpoint, federated
-from bilevel.client import ClientConfig
+from bilevel import algorithms, checkpoint, federated, loop, sharding
 from bilevel.data import DataError
 from bilevel.errors import ConfigError
-from bilevel.hypergrad import EstimatorOptions
-from bilevel.masks import Level, MaskConfig, parse_levels
 from bilevel.metrics import JsonlWriter, plot_records, to_python, write_json
 
 _LOADED_AT = time.perf_counter()
@@ -57,13 +55,15 @@ STOP_AFTER_CHECKPOINT_ENV = "BILEVEL_STOP_AFTER_CHECKPOINT"
 ROUNDS = flags.DEFINE_integer("rounds", 200, "Communication rounds Q.")
 NUM_CLIENTS = flags.DEFINE_integer("num_clients", 20, "Simulated clients M.")
 CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampled per round.")
-ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(federated.ALGORITHMS),
-                              "Algorithm or baseline preset (bilevel.federated.ALGORITHMS).")
+ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(algorithms.names()),
+                              "Algorithm or baseline (bilevel.algorithms.get; each sets its own "
+                              "defaults, docs/method.md, section 7).")
 ESTIMATOR = flags.DEFINE_string("estimator", "fd", "Hypergradient estimator: fd, exact, neumann, cg.")
 MASK_POLICY = flags.DEFINE_string("mask_policy", "random", "random, rolling, static, magnitude.")
 MASK_GRANULARITY = flags.DEFINE_string("mask_granularity", "unit", "unit or element.")
 LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5",
-                             "Resource levels rx/ry:share,... (keep ratios of x and y).")
+                             "Resource levels rx/ry:share,... (keep ratios of x and y). Ignored "
+                             "by the full-model algorithms (fednest, lfednest, simfbo, memfbo).")
 REDRAW_LEVELS = flags.DEFINE_boolean("redraw_levels", False, "Redraw client levels each round.")
 ALLOW_UNCOVERED = flags.DEFINE_boolean("allow_uncovered", False,
                                        "Accept mask settings that never cover some outer units.")
@@ -300,9 +300,9 @@ def client_mesh():
   """The client mesh for --devices (None for one device); validated in check_shared_flags."""
   import jax
   if jax.process_count() > 1:  # every process's devices
-    return federated.client_mesh()
+    return sharding.client_mesh()
   n = DEVICES.value or len(jax.devices())
-  return None if n == 1 else federated.client_mesh(n)
+  return None if n == 1 else sharding.client_mesh(n)
 
 
 def fail(message: str) -> None:
@@ -337,46 +337,38 @@ def require_workdir() -> str:
   return WORKDIR.value
 
 
-def _value(name: str, preset: Mapping[str, Any], default: Any) -> Any:
-  """The flag's value if given on the command line, else the preset's, else the flag default."""
-  if flags.FLAGS[name].present:
-    return flags.FLAGS[name].value
-  return preset.get(name, default)
+# Shared flag -> the bilevel.algorithms keyword (algorithms.Options field) it sets.
+OPTION_FLAGS = {
+    "clients_per_round": "clients_per_round", "levels": "levels",
+    "redraw_levels": "redraw_levels", "mask_granularity": "granularity",
+    "mask_policy": "mask_policy", "allow_uncovered": "allow_uncovered",
+    "local_steps": "local_steps", "inner_steps": "inner_steps", "inner_lr": "inner_lr",
+    "outer_lr": "outer_lr", "estimator": "estimator", "num_steps": "num_steps", "v_lr": "v_lr",
+    "delta": "delta", "radius": "radius", "v_step": "v_step", "server_lr": "server_lr",
+    "aggregation": "aggregation", "seed": "seed"}
 
 
-def federated_config() -> federated.FederatedConfig:
-  """FederatedConfig from the shared flags and the --algorithm preset (validated later)."""
-  preset = federated.ALGORITHMS[ALGORITHM.value]
-  levels: tuple[Level, ...] = parse_levels(LEVELS.value)
-  if preset.get("prune", True) is False and not flags.FLAGS["levels"].present:
-    levels = (Level(1.0, 1.0, 1.0),)
-  client = ClientConfig(
-      local_steps=_value("local_steps", preset, LOCAL_STEPS.value),
-      inner_steps=_value("inner_steps", preset, INNER_STEPS.value),
-      inner_lr=_value("inner_lr", preset, INNER_LR.value),
-      outer_lr=_value("outer_lr", preset, OUTER_LR.value),
-      estimator=_value("estimator", preset, ESTIMATOR.value),
-      estimator_options=EstimatorOptions(
-          num_steps=_value("num_steps", preset, NUM_STEPS.value),
-          step_size=_value("v_lr", preset, V_LR.value),
-          delta=DELTA.value, radius=RADIUS.value, v_step=V_STEP.value))
-  return federated.FederatedConfig(
-      num_clients=NUM_CLIENTS.value,
-      clients_per_round=(NUM_CLIENTS.value if preset.get("full_participation") and not
-                         flags.FLAGS["clients_per_round"].present else CLIENTS_PER_ROUND.value),
-      client=client,
-      mask=MaskConfig(_value("mask_policy", {"mask_policy": preset.get("policy")}
-                             if "policy" in preset else {}, MASK_POLICY.value),
-                      MASK_GRANULARITY.value),
-      levels=levels, redraw_levels=REDRAW_LEVELS.value,
-      only_full=preset.get("only_full", False), aggregation=AGGREGATION.value,
-      server_lr=SERVER_LR.value, allow_uncovered=ALLOW_UNCOVERED.value, seed=SEED.value,
-      round_kind=preset.get("round_kind", "local"))
+def algorithm_options() -> dict[str, Any]:
+  """bilevel.algorithms.get's keywords for --algorithm from the shared flags (OPTION_FLAGS).
+
+  A flag given on the command line or in a flagfile is passed. A flag left at its default (or
+  at a task default, e.g. hyper_cleaning.TASK_DEFAULTS) is passed too, unless the algorithm sets
+  that option itself (algorithms.own_options: fednest's step sizes, rabo's clients_per_round,
+  heterofl's mask_policy, ...): then the algorithm's own default wins. Full-model algorithms
+  ignore --levels, as the library does (docs/method.md, section 7).
+  """
+  own = algorithms.own_options(ALGORITHM.value)
+  return {option: flags.FLAGS[name].value for name, option in OPTION_FLAGS.items()
+          if flags.FLAGS[name].present or option not in own}
 
 
-def validated(cfg: federated.FederatedConfig, layout: Any) -> federated.FederatedConfig:
-  federated.validate_config(cfg, layout)
-  return cfg
+def make_algorithm(problem: Any, layout: Any, **task: Any) -> algorithms.Algorithm:
+  """--algorithm built by bilevel.algorithms.get for --num_clients clients: algorithm_options()
+  and the task's keywords (`task`: sample, flops_per_grad, submodel, mesh, available, mask_fn,
+  diagnostics, or an option the task resolves itself, which wins). Raises ConfigError."""
+  options = dict(algorithm_options(), **task)
+  return algorithms.get(ALGORITHM.value, problem=problem, num_clients=NUM_CLIENTS.value,
+                        layout=layout, **options)
 
 
 def check_shared_flags() -> list[str]:
@@ -516,13 +508,14 @@ def diagnose_fn(problem, data: federated.FederatedData):
   return diagnose
 
 
-def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerState,
+def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
                    data: federated.FederatedData, eval_fn, title: str, resume: bool = False,
                    problem=None):
   """Run (or resume) all rounds, streaming records to metrics.jsonl and checkpointing.
 
-  problem: the task's BilevelProblem, needed for --diagnose_every (the round must then be
-  built with diagnostics=True).
+  rnd: the federated.Round to run (Algorithm.make_round) or the Algorithm. problem: the task's
+  BilevelProblem, needed for --diagnose_every (the round must then be built with
+  diagnostics=True).
 
   Returns (final state, all records of the run, earlier ones included).
   """
@@ -535,7 +528,7 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
       fail(str(e))
     earlier = read_metrics(metrics_path, meta["round"])
     totals, wall_offset = meta["totals"], meta["wall_time_s"]
-  data, state = federated.replicate((data, state), client_mesh())  # once, not every round
+  data, state = sharding.replicate((data, state), client_mesh())  # once, not every round
   run_start_age = process_age_s()  # start-up before the first round: imports, data, setup
   writer = JsonlWriter(metrics_path) if is_writer() else None
   elapsed = [wall_offset]
@@ -561,14 +554,14 @@ def run_and_record(workdir: str, rnd: federated.Round, state: federated.ServerSt
       os.kill(os.getpid(), signal.SIGSTOP)
 
   try:
-    state, records = federated.run(
+    state, records = loop.run(
         rnd, state, data, ROUNDS.value, eval_fn=eval_fn, eval_every=EVAL_EVERY.value,
         on_record=on_record, log=logging.info, log_every=LOG_EVERY.value, start_totals=totals,
         checkpoint_every=CHECKPOINT_EVERY.value, on_checkpoint=on_checkpoint,
         blowup_factor=DIVERGENCE_FACTOR.value,
         diagnose_fn=diagnose_fn(problem, data) if DIAGNOSE_EVERY.value else None,
         diagnose_every=DIAGNOSE_EVERY.value)
-  except federated.DivergenceError as e:
+  except loop.DivergenceError as e:
     fail(str(e))
   finally:
     if writer is not None:

@@ -61,10 +61,11 @@ import optax
 from bilevel import theory
 from bilevel.client import ClientConfig
 from bilevel.errors import ConfigError
-from bilevel.federated import FederatedConfig, FederatedData, init_state, make_round
+from bilevel.federated import FederatedConfig, FederatedData, init_state
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig
 from bilevel.metrics import JsonlWriter, to_python
+from bilevel.rounds import make_round
 from experiments import common
 
 # --quick (common.QUICK): rounds 64..1024 and 3 seeds unless those flags are given (~1 min).
@@ -213,6 +214,9 @@ def sweep_one(cfg: SweepConfig, algorithm: str, coverage: int, coeffs: theory.Sy
                                                              delta=FD_DELTA)),
       mask=MaskConfig(policy="random", granularity="element"),
       levels=(Level(ratio, ratio, 1.0),), seed=cfg.seed)
+  # The lower-level API (rounds.make_round), not bilevel.algorithms.get: the sweep traces the
+  # unjitted round (jit=False) inside the scan of `advance` below, and runs it with its own
+  # controlled-coverage masks (mask_fn) on the theory check's synthetic problem.
   rnd = make_round(theory.SYNTHETIC, fed_cfg, None, x0, sample=theory.sample, jit=False,
                    mask_fn=theory.coverage_schedule(SLOTS, coverage))
   chunk = math.gcd(*cfg.rounds_list)

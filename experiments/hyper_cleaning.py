@@ -29,11 +29,12 @@ Outer coverage of an owned sample is at most 1 (its owner, when sampled and keep
 Inner pruning: input-feature units (group "features" = rows of the linear kernel) or hidden units
 (group "hidden": hidden.kernel[:, h], hidden.bias[h], head.kernel[h, :]) for the MLP. x and y share
 no unit group. Clients run the dense (masked full-size) computation: the compact path of
-make_round does not support client-owned units, so --submodel=compact is rejected here. Client
-FLOPs count 6 per kept y parameter per kept training row and gradient evaluation; communicated
-bytes count both x leaves (logit and gate) of a kept sample, ~1% of a round's bytes.
+rounds.make_round does not support client-owned units, so --submodel=compact is rejected here.
+Client FLOPs: the per-operation model (bilevel/costs.py, costs.cleaning_costs) on the kept
+training rows and the validation rows (or the minibatch);
+communicated bytes count both x leaves (logit and gate) of a kept sample, ~1% of a round's bytes.
 
-Baselines on this task (bilevel.federated.ALGORITHMS), as the hyper-representation driver, with
+Baselines on this task (bilevel.algorithms), as the hyper-representation driver, with
 two task-specific readings:
   heterofl : HeteroFL prunes model width, it has no notion of pruning data. A static sample mask
              would keep a weak client's leading r_x share of samples forever and never touch the
@@ -81,7 +82,7 @@ import optax
 from absl import app, flags
 
 from bilevel import data as data_lib
-from bilevel import federated, models
+from bilevel import algorithms, costs, federated, models
 from bilevel import masks as masks_lib
 from bilevel.client import MinibatchSampler, full_batch
 from bilevel.errors import ConfigError
@@ -346,9 +347,10 @@ def owned_rolling_mask_fn(mask_cfg: masks_lib.MaskConfig, lay: UnitLayout, offse
   return mask_fn
 
 
-def resolve_task_config(cfg: federated.FederatedConfig, algorithm: str,
-                        log: Callable[[str], None] = print) -> federated.FederatedConfig:
-  """Task-specific readings of the presets (module docstring): heterofl prunes only y."""
+def task_overrides(cfg: federated.FederatedConfig, algorithm: str,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Task-specific readings of an algorithm (module docstring), as bilevel.algorithms keywords
+  that replace its resolved ones: heterofl prunes only y (levels with r_x = 1)."""
   if cfg.mask.granularity != "unit":
     raise ConfigError(f"mask_granularity={cfg.mask.granularity!r}: hyper-cleaning's outer units "
                       "are the samples each client owns, which only unit masks know about; use "
@@ -366,11 +368,20 @@ def resolve_task_config(cfg: federated.FederatedConfig, algorithm: str,
           f"{never:.0%} of the training samples are never kept by their owner, so their weights "
           "stay at 1/2 and they never enter g.")
     else:
-      cfg = cfg._replace(levels=tuple(Level(1.0, lv.ry, lv.share) for lv in cfg.levels))
+      levels = tuple(Level(1.0, lv.ry, lv.share) for lv in cfg.levels)
       log("note: heterofl prunes only y on hyper-cleaning (HeteroFL prunes width, not data): "
           "r_x = 1 at every level, levels "
-          + ",".join(f"{lv.rx:g}/{lv.ry:g}:{lv.share:g}" for lv in cfg.levels) + ".")
-  return cfg
+          + ",".join(f"{lv.rx:g}/{lv.ry:g}:{lv.share:g}" for lv in levels) + ".")
+      return dict(levels=levels)
+  return {}
+
+
+def resolve_algorithm(problem: BilevelProblem, lay: UnitLayout
+                      ) -> tuple[algorithms.Algorithm, dict[str, Any]]:
+  """--algorithm for this task (validated) and the task's overrides of it (task_overrides)."""
+  alg = common.make_algorithm(problem, lay)
+  overrides = task_overrides(alg.config, common.ALGORITHM.value)
+  return (common.make_algorithm(problem, lay, **overrides) if overrides else alg), overrides
 
 
 # ------------------------------------------------------------------ driver
@@ -387,38 +398,57 @@ def check_task_flags() -> list[str]:
   return problems
 
 
-def build(cfg: federated.FederatedConfig, ds: data_lib.Dataset, cd: CleaningData
-          ) -> tuple[federated.Round, PyTree, PyTree, Logits]:
-  """The round, initial (x, y) and the classifier's logits function (validated)."""
+class Setting(NamedTuple):
+  """The classifier's logits, the client batch sampler and the bilevel problem of the flags."""
+
+  logits_fn: Logits
+  sample: Any  # KeptRowSampler(--batch_size), or client.full_batch for --batch_size=0
+  problem: BilevelProblem
+
+
+def task_setting() -> Setting:
+  """The Setting of --classifier, --activation, --batch_size and --reg."""
+  logits_fn = (linear_logits if CLASSIFIER.value == "linear"
+               else mlp_logits_fn(ACTIVATION.value))
+  batch = common.BATCH_SIZE.value
+  sample = KeptRowSampler(batch) if batch else full_batch
+  return Setting(logits_fn, sample,
+                 cleaning_problem(logits_fn, REG.value, sample if batch else None))
+
+
+def build(cfg: federated.FederatedConfig, overrides: Mapping[str, Any], setting: Setting,
+          ds: data_lib.Dataset, cd: CleaningData
+          ) -> tuple[algorithms.Algorithm, federated.Round, PyTree, PyTree]:
+  """The algorithm (bilevel.algorithms.get with the task's keywords), its round and the initial
+  (x, y); cfg: the resolved configuration (resolve_algorithm), overrides: the task's keywords."""
   in_dim = int(np.prod(ds.input_shape))
   hidden = HIDDEN.value
   lay = layout(CLASSIFIER.value, cd.num_samples, in_dim, hidden)
   x0, y0 = init_params(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
                        CLASSIFIER.value, cd.num_samples, in_dim, hidden, ds.num_classes)
-  logits_fn = (linear_logits if CLASSIFIER.value == "linear"
-               else mlp_logits_fn(ACTIVATION.value))
   batch = common.BATCH_SIZE.value
-  sample = KeptRowSampler(batch) if batch else full_batch
 
-  def flops_per_grad(kept_x, kept_y):  # per-leaf kept counts
-    # 6 FLOPs per kept y parameter per kept row (forward + backward); the weights' own work
-    # (one gather and one product per row) is negligible. Rows: the kept samples (full batch) or
-    # the batch, all of it kept rows (minibatch; none for a client that keeps no sample).
+  val_rows = jax.tree.leaves(cd.fed.outer)[0].shape[1]  # a client's (padded) validation split
+
+  def rows(kept_x):  # (inner, outer) rows a client computes on; kept_x: per-leaf kept counts
+    # Inner: the kept samples (full batch) or the batch, all of it kept rows (minibatch; none
+    # for a client that keeps no sample). The weights' own work (a gather and a product per
+    # row) is left out: costs.cleaning_costs prices the classifier's matmuls.
     kept = kept_x["gate"]
-    rows = kept if not batch else batch * jnp.minimum(kept, 1.0)
-    return 6.0 * rows * sum(jax.tree.leaves(kept_y))
+    return (kept if not batch else batch * jnp.minimum(kept, 1.0)), (batch or val_rows)
 
   mask_fn = None
   if cfg.mask.policy == "rolling":
     mask_fn = owned_rolling_mask_fn(cfg.mask, lay, cd.offsets, cd.counts,
                                     cd.fed.available["samples"])
   available = {"samples": np.asarray(cd.fed.available["samples"])}
-  problem = cleaning_problem(logits_fn, REG.value, sample if batch else None)
-  rnd = federated.make_round(problem, cfg, lay, x0,
-                             diagnostics=common.DIAGNOSE_EVERY.value > 0,
-                             sample=sample, flops_per_grad=flops_per_grad, available=available,
-                             mask_fn=mask_fn, submodel="dense", mesh=common.client_mesh())
-  return rnd, x0, y0, logits_fn
+  alg = common.make_algorithm(setting.problem, lay, **overrides,
+                              diagnostics=common.DIAGNOSE_EVERY.value > 0,
+                              sample=setting.sample,
+                              cost=costs.CostModel(costs.cleaning_costs(CLASSIFIER.value), rows),
+                              available=available, mask_fn=mask_fn, submodel="dense",
+                              mesh=common.client_mesh())
+  return alg, alg.make_round(x0), x0, y0
 
 
 Evaluate = Callable[[federated.ServerState, float], dict[str, Any]]
@@ -467,16 +497,15 @@ def run_one() -> dict:
   task_defaults = apply_task_defaults()
   problems = check_task_flags()
   shape_free = layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
-  cfg, ds = common.gather(
-      problems,
-      lambda: resolve_task_config(common.validated(common.federated_config(), shape_free),
-                                  common.ALGORITHM.value),
-      common.load_data)
+  setting = task_setting()
+  (alg, overrides), ds = common.gather(
+      problems, lambda: resolve_algorithm(setting.problem, shape_free), common.load_data)
+  cfg = alg.config
   try:
     cd = build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
                     val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value,
                     seed=cfg.seed)
-    rnd, x0, y0, logits_fn = build(cfg, ds, cd)
+    alg, rnd, x0, y0 = build(cfg, overrides, setting, ds, cd)
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
@@ -488,7 +517,7 @@ def run_one() -> dict:
   print(data_lib.dataset_summary(ds))
   print(f"{cd.num_samples} training samples, {1 - cd.clean.mean():.1%} with a wrong label "
         f"(noise {NOISE.value}); classifier {CLASSIFIER.value}")
-  evaluate = make_evaluate(ds, cd, logits_fn)
+  evaluate = make_evaluate(ds, cd, setting.logits_fn)
   runs = [(workdir, True, x0)]
   if BASELINE_UNWEIGHTED.value:
     runs.append((os.path.join(workdir, "unweighted"), False,
@@ -500,12 +529,12 @@ def run_one() -> dict:
       print("baseline: the same round with every sample weight fixed to 1 (noisy labels)")
     resume = common.start_run(run_dir, dict(common.config_dict(cfg), weighted=weighted, **task))
     init_logit = float(np.asarray(x_start["logits"])[0])
-    state = federated.init_state(x_start, y0, optax.sgd(cfg.server_lr))
+    state = alg.init(x_start, y0)
     title = ("hyper-cleaning" if weighted else "hyper-cleaning, unweighted baseline")
     _, records = common.run_and_record(run_dir, rnd, state, cd.fed,
                                        lambda st: evaluate(st, init_logit),
                                        f"{title}, {common.ALGORITHM.value}", resume,
-                                       problem=cleaning_problem(logits_fn, REG.value))
+                                       problem=cleaning_problem(setting.logits_fn, REG.value))
     if weighted:
       summary = summarize(records[-1], True)
     else:

@@ -17,7 +17,7 @@ import optax
 from absl import app, flags
 
 from bilevel import data as data_lib
-from bilevel import federated, models
+from bilevel import costs, federated, models
 from bilevel.client import full_batch, minibatch_sampler
 from bilevel.errors import ConfigError
 from experiments import common
@@ -78,22 +78,25 @@ def run_one() -> dict:
     channels = (1, 1)
   layout = (models.cnn_layout(channels) if MODEL.value == "cnn"
             else models.mlp_layout(max(HIDDEN.value, 1)))
-  cfg, ds = common.gather(
-      problems, lambda: common.validated(common.federated_config(), layout),
-      common.load_data)
+  problem = models.hyper_representation_problem(ACTIVATION.value, L2.value, MODEL.value)
+  alg, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
+                          common.load_data)  # validated before any work; rebuilt below
+  cfg = alg.config
   try:
     init_key = jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0)
     if MODEL.value == "cnn":
       x0, y0 = models.init_cnn(init_key, image_shape(ds.input_shape), channels, ds.num_classes)
-      flops_per_example = models.cnn_flops_per_grad(image_shape(ds.input_shape))
+      model_costs = costs.cnn_costs(image_shape(ds.input_shape))
     else:
       x0, y0 = models.init_mlp(init_key, int(np.prod(ds.input_shape)), HIDDEN.value,
                                ds.num_classes)
-      flops_per_example = federated.default_flops_per_grad
+      model_costs = costs.mlp_costs()
     batch = common.BATCH_SIZE.value
     sample = minibatch_sampler(batch) if batch else full_batch
     data, info = client_arrays(ds)
-    per_grad_examples = batch if batch else info["train_per_client_max"]
+    # Rows a client computes on: its minibatch, or its (padded) training / validation split.
+    rows = ((batch, batch) if batch else
+            (info["train_per_client_max"], info["val_per_client_max"]))
     # compact (the default) needs unit masks and fixed levels (and the local round: FedNest's
     # round is dense); an unset flag falls back to dense where those do not hold, an explicit
     # --submodel=compact reports the conflict.
@@ -102,12 +105,11 @@ def run_one() -> dict:
                                                 cfg.mask.granularity != "unit" or
                                                 cfg.round_kind == "fednest"):
       submodel = "dense"
-    problem = models.hyper_representation_problem(ACTIVATION.value, L2.value, MODEL.value)
-    rnd = federated.make_round(
-        problem, cfg, layout, x0,
-        sample=sample, submodel=submodel, mesh=common.client_mesh(),
-        flops_per_grad=lambda mx, my: per_grad_examples * flops_per_example(mx, my),
+    alg = common.make_algorithm(
+        problem, layout, sample=sample, submodel=submodel, mesh=common.client_mesh(),
+        cost=costs.CostModel(model_costs, lambda kept_x: rows),
         diagnostics=common.DIAGNOSE_EVERY.value > 0)
+    rnd = alg.make_round(x0)  # the checks that need x (coverage) run here
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
@@ -126,7 +128,7 @@ def run_one() -> dict:
     return {"test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test),
             "test_loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_test))}
 
-  state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+  state = alg.init(x0, y0)
   state, records = common.run_and_record(workdir, rnd, state, data, evaluate,
                                          f"hyper-representation, {common.ALGORITHM.value}", resume,
                                          problem=problem)

@@ -1,5 +1,5 @@
 """bilevel.algorithms: the user example for every algorithm, keywords, errors, and library
-defaults = driver defaults (experiments/common.py federated_config)."""
+defaults = driver defaults (experiments/common.py make_algorithm)."""
 
 import chex
 import jax
@@ -11,7 +11,7 @@ from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
 import bilevel
-from bilevel import algorithms, federated, fednest, models
+from bilevel import algorithms, federated, fednest, loop, models
 from bilevel.errors import ConfigError
 from bilevel.masks import Level
 
@@ -280,7 +280,7 @@ class DriverDefaultsTest(parameterized.TestCase):
     from experiments import common  # pylint: disable=g-import-not-at-top
     with flagsaver.flagsaver(algorithm=name):
       flags.FLAGS.mark_as_parsed()
-      driver = common.federated_config()
+      driver = common.make_algorithm(_problem(), models.mlp_layout(4)).config
       # The drivers' defaults that are not the library's: M = 20 clients and their level profile.
       alg = algorithms.get(name, problem=_problem(), num_clients=common.NUM_CLIENTS.value,
                            levels=common.LEVELS.value, layout=models.mlp_layout(4))
@@ -293,6 +293,34 @@ class DriverDefaultsTest(parameterized.TestCase):
         self.assertEqual(getattr(lib, field), getattr(driver, field), field)
     self.assertEqual(lib, driver)
 
+  def test_given_flags_win_and_own_defaults_win_over_flag_defaults(self):
+    from experiments import common  # pylint: disable=g-import-not-at-top
+    resolve = lambda: common.make_algorithm(_problem(), models.mlp_layout(4)).config
+    with flagsaver.flagsaver():
+      flags.FLAGS(["prog", "--algorithm=fednest", "--inner_lr=0.05"])
+      cfg = resolve()
+      self.assertEqual(cfg.client.inner_lr, 0.05)  # given on the command line
+      self.assertEqual(cfg.client.outer_lr, 0.01)  # fednest's own, over the flag default 0.1
+      flags.FLAGS["outer_lr"].value = 30.0  # a task default (set in code, not given)
+      self.assertEqual(resolve().client.outer_lr, 0.01)
+    with flagsaver.flagsaver():
+      flags.FLAGS(["prog", "--algorithm=rafbo"])
+      flags.FLAGS["outer_lr"].value = 30.0
+      self.assertEqual(resolve().client.outer_lr, 30.0)  # rafbo sets no outer_lr of its own
+    with flagsaver.flagsaver():
+      flags.FLAGS(["prog", "--algorithm=rabo", "--num_clients=6"])
+      self.assertEqual(resolve().clients_per_round, 6)  # rabo: every client, over the flag's 10
+      flags.FLAGS(["prog", "--algorithm=rabo", "--num_clients=6", "--clients_per_round=3"])
+      self.assertEqual(resolve().clients_per_round, 3)
+
+  @parameterized.parameters("fednest", "lfednest", "simfbo", "memfbo")
+  def test_drivers_ignore_levels_for_full_model_algorithms(self, name):
+    from experiments import common  # pylint: disable=g-import-not-at-top
+    with flagsaver.flagsaver():
+      flags.FLAGS(["prog", f"--algorithm={name}", "--levels=1/1:0.5,0.5/0.5:0.5"])
+      cfg = common.make_algorithm(_problem(), models.mlp_layout(4)).config
+    self.assertEqual(cfg.levels, (algorithms.FULL_LEVEL,))
+
 
 class ExportsTest(absltest.TestCase):
 
@@ -303,7 +331,7 @@ class ExportsTest(absltest.TestCase):
       self.assertTrue(hasattr(bilevel, name), name)
       self.assertIn(name, bilevel.__all__)
     self.assertIs(bilevel.FederatedData, federated.FederatedData)
-    self.assertIs(bilevel.run, federated.run)
+    self.assertIs(bilevel.run, loop.run)
     self.assertIn("docs/method.md", bilevel.__doc__)
     self.assertNotIn("SPEC.md", bilevel.__doc__)
 

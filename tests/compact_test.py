@@ -14,7 +14,7 @@ import pytest
 import optax
 from absl.testing import absltest, parameterized
 
-from bilevel import federated, hypergrad, models
+from bilevel import federated, hypergrad, models, rounds, sampling
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig
 from bilevel.errors import ConfigError
@@ -45,12 +45,12 @@ def _cfg(policy="random", estimator="fd", levels=LEVELS):
                                    levels=masks_lib.parse_levels(levels))
 
 
-def _run(cfg, dtype, rounds=2, **kw):
+def _run(cfg, dtype, num_rounds=2, **kw):
   data, x0, y0 = _setup(dtype)
-  rnd = federated.make_round(models.hyper_representation_problem("tanh"), cfg,
-                             models.mlp_layout(H), x0, **kw)
+  rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg,
+                          models.mlp_layout(H), x0, **kw)
   state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
-  for _ in range(rounds):
+  for _ in range(num_rounds):
     state, metrics = rnd.step(state, data)
   return state, metrics, rnd
 
@@ -93,8 +93,8 @@ class CompactTest(parameterized.TestCase):
 
   def test_compact_clients_run_on_extracted_widths(self):
     _, x0, _ = _setup(np.float32)
-    rnd = federated.make_round(models.hyper_representation_problem(), _cfg(),
-                               models.mlp_layout(H), x0, submodel="compact")
+    rnd = rounds.make_round(models.hyper_representation_problem(), _cfg(),
+                            models.mlp_layout(H), x0, submodel="compact")
     widths = {(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata}
     # hidden is shared by x and y: both keep the intersection, ceil(min(r_x, r_y) H) units.
     self.assertEqual(widths, {(1.0, 1.0): 16, (0.5, 0.25): 4, (0.25, 0.25): 4})
@@ -110,8 +110,8 @@ class CompactTest(parameterized.TestCase):
     # Level 1/0.5: x and y both keep ceil(0.5 H) hidden units, compact = dense.
     cfg = _cfg("random", "fd", levels="1/0.5:0.5,0.5/0.5:0.5")
     _, x0, _ = _setup(np.float32)
-    rnd = federated.make_round(models.hyper_representation_problem(), cfg,
-                               models.mlp_layout(H), x0, submodel="compact")
+    rnd = rounds.make_round(models.hyper_representation_problem(), cfg,
+                            models.mlp_layout(H), x0, submodel="compact")
     self.assertEqual({(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata},
                      {(1.0, 0.5): H // 2, (0.5, 0.5): H // 2})
     with jax.enable_x64(True):
@@ -120,8 +120,8 @@ class CompactTest(parameterized.TestCase):
       _assert_same(self, compact, dense, rtol=1e-12)
       # x and y keep the same hidden units (dense round, one client at the 1/0.5 level).
       data, x0, y0 = _setup(np.float64)
-      rnd = federated.make_round(models.hyper_representation_problem("tanh"), cfg,
-                                 models.mlp_layout(H), x0, submodel="dense", sampling="stratified")
+      rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg,
+                              models.mlp_layout(H), x0, submodel="dense", sampling="stratified")
       state = federated.init_state(x0, y0, optax.sgd(1.0))
       full = rnd.strata[0]
       res = rnd.client_fns[0](state, data, jnp.asarray(full.clients[0]), jnp.asarray(0),
@@ -136,7 +136,7 @@ class CompactTest(parameterized.TestCase):
     # ceil(r K) for K = 200 and 100 (float32 ceil(r K - 1e-6) gave 61 and 121 at K = 200).
     ratios = np.array([[0.3, 0.3], [0.6, 0.6], [0.7, 0.7]], dtype)
     for k, want in ((200, (140, 120, 60)), (100, (70, 60, 30))):
-      strata = federated.make_strata(ratios, np.arange(3), 3, models.mlp_layout(k))
+      strata = sampling.make_strata(ratios, np.arange(3), 3, models.mlp_layout(k))
       self.assertEqual(tuple(st.counts["hidden"] for st in strata), want)
 
   @pytest.mark.slow
@@ -153,16 +153,16 @@ class CompactTest(parameterized.TestCase):
     cfg = _cfg("random", "exact", levels="1/1:0.25,0.7/0.7:0.25,0.6/0.6:0.25,0.3/0.3:0.25")
     results = []
     for kw in (dict(submodel="compact"), dict(submodel="dense", sampling="stratified")):
-      rnd = federated.make_round(models.hyper_representation_problem("tanh"), cfg,
-                                 models.mlp_layout(hidden), x0, **kw)
+      rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg,
+                              models.mlp_layout(hidden), x0, **kw)
       results.append(rnd.step(federated.init_state(x0, y0, optax.sgd(1.0)), data))
     self.assertEqual(sorted(st.counts["hidden"] for st in rnd.strata), [60, 120, 140, 200])
     _assert_same(self, results[0], results[1], rtol=1e-5, atol=1e-6)
 
   def test_stratified_sampling_keeps_level_counts(self):
     _, x0, _ = _setup(np.float32)
-    rnd = federated.make_round(models.hyper_representation_problem(), _cfg(),
-                               models.mlp_layout(H), x0, submodel="compact")
+    rnd = rounds.make_round(models.hyper_representation_problem(), _cfg(),
+                            models.mlp_layout(H), x0, submodel="compact")
     for q in range(4):
       ids = [np.asarray(i) for i in rnd.sample_fn(jnp.asarray(q))]
       for st, got in zip(rnd.strata, ids):
@@ -177,9 +177,9 @@ class CompactTest(parameterized.TestCase):
     groups = len(_cfg().levels)
     flops = chex.assert_max_traces(federated.default_flops_per_grad, n=groups)
     data, x0, y0 = _setup(np.float32)
-    rnd = federated.make_round(models.hyper_representation_problem(), _cfg(),
-                               models.mlp_layout(H), x0, submodel="compact",
-                               flops_per_grad=flops)
+    rnd = rounds.make_round(models.hyper_representation_problem(), _cfg(),
+                            models.mlp_layout(H), x0, submodel="compact",
+                            flops_per_grad=flops)
     self.assertLen(rnd.strata, groups)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     state, _ = rnd.step(state, data)
@@ -199,9 +199,9 @@ class CompactTest(parameterized.TestCase):
              (_cfg(), dict(mask_fn=lambda *a: None), "mask_fn")]
     for cfg, kw, msg in cases:
       with self.assertRaisesRegex(ConfigError, msg):
-        federated.make_round(problem, cfg, layout, x0, submodel="compact", **kw)
+        rounds.make_round(problem, cfg, layout, x0, submodel="compact", **kw)
     with self.assertRaisesRegex(ConfigError, "submodel"):
-      federated.make_round(problem, _cfg(), layout, x0, submodel="sparse")
+      rounds.make_round(problem, _cfg(), layout, x0, submodel="sparse")
 
   @pytest.mark.slow
   def test_single_level_stratified_equals_uniform(self):
@@ -214,10 +214,10 @@ class CompactTest(parameterized.TestCase):
   def test_sharded_over_four_host_devices_equals_one_device(self):
     script = textwrap.dedent("""
         import jax, numpy as np
-        from bilevel import federated
+        from bilevel import sharding
         from tests import compact_test as ct
         assert len(jax.devices()) == 4, jax.devices()
-        mesh = federated.client_mesh()
+        mesh = sharding.client_mesh()
         # fd estimator, float64: WORKSPACE.md's tolerance table: rtol 1e-12, per leaf's largest
         # entry (the sharded
         # sums round differently and fd divides that by 2 delta = 0.02, so an entry 400x below
@@ -227,10 +227,10 @@ class CompactTest(parameterized.TestCase):
           four = ct._run(ct._cfg(), np.float64, submodel="compact", mesh=mesh)
           ct._assert_same(ct.absltest.TestCase(), one[:2], four[:2], rtol=1e-12, leaf_scale=True)
         # replicate: a whole copy on each of the 4 devices (placed once, not on every call).
-        rep = federated.replicate(one[0], mesh)
+        rep = sharding.replicate(one[0], mesh)
         for leaf in jax.tree.leaves(rep):
           assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
-        assert federated.replicate(one[0], None) is one[0]
+        assert sharding.replicate(one[0], None) is one[0]
         # The sharded round ran on all 4 devices: its outputs live on each of them.
         for leaf in jax.tree.leaves((four[0].x, four[0].y, four[0].v)):
           assert len(leaf.sharding.device_set) == 4, leaf.sharding

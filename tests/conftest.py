@@ -15,3 +15,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Float32 comparisons in the suite assume full-precision matmuls: on a GPU, the default precision
+# may run float32 matmuls in TF32 (10-bit mantissa) and break them. No effect on CPU.
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from absl.testing import absltest
 
-from bilevel import diagnostics, federated, problems, tree
+from bilevel import diagnostics, federated, loop, problems, rounds, tree
 from bilevel.client import ClientConfig
 from bilevel.masks import Level, MaskConfig
 from reliability_test import _main  # the in-process driver runner the tests share
@@ -60,7 +60,7 @@ class RunDiagnosticsTest(absltest.TestCase):
     data = problems.make_quadratic(4, d, d, seed=0, separable=True, dtype=np.float32)
     fdata = federated.FederatedData(data, data, jnp.ones(4))
     x0 = jnp.zeros(d, jnp.float32)
-    rnd = federated.make_round(problems.QUADRATIC, cfg, None, x0, diagnostics=True)
+    rnd = rounds.make_round(problems.QUADRATIC, cfg, None, x0, diagnostics=True)
     state = federated.init_state(x0, jnp.zeros(d, jnp.float32), optax.sgd(1.0))
     seen = []
 
@@ -68,8 +68,8 @@ class RunDiagnosticsTest(absltest.TestCase):
       seen.append(int(st.round))  # the state the round started from
       return {"estimate_norm": tree.norm(estimate)}
 
-    _, records = federated.run(rnd, state, fdata, 6, eval_every=2, diagnose_every=4,
-                               diagnose_fn=diagnose)
+    _, records = loop.run(rnd, state, fdata, 6, eval_every=2, diagnose_every=4,
+                          diagnose_fn=diagnose)
     self.assertEqual(seen, [3])  # round 4 started from the state after 3 rounds
     self.assertEqual([r["round"] for r in records], [2, 4, 6])
     self.assertEqual([("diag_estimate_norm" in r) for r in records], [False, True, False])

@@ -28,14 +28,14 @@ import optax
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
+from bilevel import algorithms, federated, problems
 from bilevel import data as data_lib
-from bilevel import federated
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig, MinibatchSampler, client_update, population_sampler
 from experiments import common, compare, hyper_cleaning, hyper_representation
 
 FLAGS = flags.FLAGS
-ALGORITHMS = sorted(federated.ALGORITHMS)
+ALGORITHMS = sorted(algorithms.names())
 DEFAULT_ALGORITHM = "rafbo"  # the --algorithm default: SmokeTest's runs
 TASKS = {"hyper_representation": (hyper_representation, dict(hidden=16)),
          "hyper_cleaning": (hyper_cleaning, {})}
@@ -247,8 +247,7 @@ class PresetsTest(parameterized.TestCase):
     self.assertTrue(os.path.isfile(path))
     with flagsaver.flagsaver():
       FLAGS(["prog", f"--flagfile={path}"])
-      cfg = common.federated_config()
-      federated.validate_config(cfg, masks_lib.UnitLayout({}, {}, {}))
+      cfg = common.make_algorithm(problems.QUADRATIC, masks_lib.UnitLayout({}, {}, {})).config
       self.assertEqual(FLAGS.algorithm, algorithm)
       self.assertEqual(FLAGS.partition, partition)
       # The resolved configuration holds the file's values (a preset default must not win

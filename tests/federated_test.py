@@ -1,5 +1,6 @@
-"""The federated round: reduction to the unpruned algorithm, vmap vs loop, tracing, seeds,
-convergence on the toy problem, and configuration errors."""
+"""The federated round (rounds.make_round): reduction to the unpruned algorithm, vmap vs the
+Python-loop reference round (`loop_step`, the oracle), tracing, seeds, convergence on the toy
+problem, and configuration errors."""
 
 import chex
 import jax
@@ -9,7 +10,7 @@ import optax
 import pytest
 from absl.testing import absltest, parameterized
 
-from bilevel import federated, hypergrad, inner, problems, server, tree
+from bilevel import federated, hypergrad, inner, loop, problems, rounds, server, tree
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig, grad_evals_per_round
 from bilevel.errors import ConfigError
@@ -33,12 +34,34 @@ def _setup(heterogeneity=1.0, dtype=np.float64):
   return d, data, x0, jnp.zeros(D, dtype)
 
 
-def _run(cfg, rounds, dtype=np.float64, client_map="vmap", heterogeneity=1.0, **kw):
+def loop_step(rnd: federated.Round):
+  """The reference round: rnd's own sample, client and server functions, with the clients of
+  each group run one by one in a Python loop (inside one jit) instead of one vmap."""
+
+  @jax.jit
+  def step(state, data):
+    q = state.round
+    id_groups = rnd.sample_fn(q)
+    if len(rnd.client_fns) == 1 and len(id_groups) > 1:  # dense, stratified: one group
+      id_groups = [jnp.concatenate(id_groups)]
+    outs, offset = [], 0
+    for fn, ids in zip(rnd.client_fns, id_groups):
+      slots = jnp.arange(offset, offset + ids.shape[0])
+      offset += ids.shape[0]
+      outs.append(tree.stack([fn(state, data, ids[i], slots[i], q)
+                              for i in range(ids.shape[0])]))
+    return rnd.server_fn(state, outs)
+
+  return step
+
+
+def _run(cfg, num_rounds, dtype=np.float64, reference_loop=False, heterogeneity=1.0, **kw):
   d, data, x0, y0 = _setup(heterogeneity, dtype)
-  rnd = federated.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0,
-                             client_map=client_map, **kw)
+  rnd = rounds.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0, **kw)
+  if reference_loop:
+    rnd = rnd._replace(step=loop_step(rnd))
   state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
-  state, records = federated.run(rnd, state, data, rounds, log=None,
+  state, records = loop.run(rnd, state, data, num_rounds, log=None,
                                  eval_fn=lambda s: {"true_hypergrad_norm": jnp.linalg.norm(
                                      problems.quadratic_hypergrad(s.x, d))})
   return state, records, rnd
@@ -86,7 +109,7 @@ class RoundTest(parameterized.TestCase):
     cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS,
                                     mask=masks_lib.MaskConfig("random", "unit"))
     a, ra, _ = _run(cfg, 3, dtype=dtype)
-    b, rb, _ = _run(cfg, 3, dtype=dtype, client_map="loop")
+    b, rb, _ = _run(cfg, 3, dtype=dtype, reference_loop=True)
     chex.assert_trees_all_close((a.x, a.y, a.v), (b.x, b.y, b.v), rtol=rtol, atol=rtol * 1e-2)
     self.assertEqual(ra[-1]["coverage_x_min"], rb[-1]["coverage_x_min"])
 
@@ -152,7 +175,7 @@ class RoundTest(parameterized.TestCase):
                                     weighting="examples",
                                     mask=masks_lib.MaskConfig("random", "unit"))
     d, data, x0, y0 = _setup()
-    rnd = federated.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
+    rnd = rounds.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
     state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
     state, _ = rnd.step(state, data)  # a round in: v != 0
     _, metrics = rnd.step(state, data)
@@ -189,7 +212,7 @@ def _cost_metrics(estimator, dim, levels, dtype=np.float32):
   cfg = federated.FederatedConfig(3, 3, client=_client(1, estimator),
                                   levels=masks_lib.parse_levels(levels))
   x0 = jnp.zeros(dim, dtype)
-  rnd = federated.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(dim), x0)
+  rnd = rounds.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(dim), x0)
   state = federated.init_state(x0, jnp.zeros(dim, dtype), optax.sgd(1.0))
   return rnd.step(state, federated.FederatedData(d, d, jnp.ones(3)))[1], cfg
 
@@ -200,7 +223,7 @@ class CostTest(parameterized.TestCase):
   @parameterized.parameters((200, (60, 120, 140)), (100, (30, 60, 70)))
   def test_costs_use_exact_keep_counts(self, dim, kept):
     metrics, cfg = _cost_metrics("fd", dim, "0.3/0.3:0.34,0.6/0.6:0.33,0.7/0.7:0.33")
-    evals = federated.grad_evals_per_round(cfg.client)
+    evals = grad_evals_per_round(cfg.client)
     # x and y keep k coordinates each (one shared group); fd sends x, y and v down and up.
     self.assertEqual(float(metrics["client_flops"]), evals * 6.0 * 2 * sum(kept))
     self.assertEqual(float(metrics["comm_bytes"]), 2 * 4 * 3 * sum(kept))
@@ -232,7 +255,7 @@ class ConfigErrorTest(parameterized.TestCase):
     x0 = jnp.zeros(D)
     cfg = federated.FederatedConfig(M, 3)._replace(**override)
     with self.assertRaisesRegex(ConfigError, message):
-      federated.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
+      rounds.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import optax
 from absl import flags
 from absl.testing import absltest, flagsaver
 
-from bilevel import federated, fednest, hypergrad, models, problems, server
+from bilevel import algorithms, federated, fednest, hypergrad, models, problems, rounds, server
+from bilevel import tree
 from bilevel.client import ClientConfig, minibatch_sampler
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
@@ -52,6 +53,27 @@ def _mlp_data(num_clients, rows=6, dim=5, classes=3, seed=0):
   return federated.FederatedData(split(), split(), jnp.full((num_clients,), rows))
 
 
+class _PerClient(list):
+  """Values kept per client by `_loop_clients` (pullbacks of different traces do not stack)."""
+
+
+def _loop_clients(num_clients):
+  """A fednest.ClientMap that runs the phase's clients one by one in a Python loop, so that a
+  counting oracle sees every client's calls (one vmap traces each call once). stack=False keeps
+  the per-client values in a _PerClient list, and a _PerClient argument is read per client."""
+
+  def cmap(fn, stack=True):
+    pick = lambda a, i: a[i] if isinstance(a, _PerClient) else tree.index(a, i)
+
+    def mapped(*args):
+      outs = [fn(*(pick(a, i) for a in args)) for i in range(num_clients)]
+      return tree.stack(outs) if stack else _PerClient(outs)
+
+    return mapped
+
+  return cmap
+
+
 def _counting_oracle(oracle, counts):
   """Every oracle call counted under its name."""
   def wrap(name, fn):
@@ -75,16 +97,16 @@ class CountTest(absltest.TestCase):
         return loss(x, y, b)
       return fn
 
-    problem = federated.BilevelProblem(counted("g", base.inner_loss),
-                                       counted("f", base.outer_loss))
+    problem = problems.BilevelProblem(counted("g", base.inner_loss),
+                                      counted("f", base.outer_loss))
     cfg = _config(100, 10)
     x0, y0 = models.init_mlp(jax.random.key(0), 5, 4, 3)
     oracle = _counting_oracle(fednest.make_oracle(problem), calls)
-    rnd = federated.make_round(problem, cfg, None, x0, sample=minibatch_sampler(4),
-                               client_map="loop", jit=False)
+    rnd = algorithms.build_round(problem, cfg, None, x0, sample=minibatch_sampler(4),
+                                 client_map=_loop_clients(10), jit=False)
     # Same builder, counting oracle: the test's round; the plain one above checks dispatch.
     rnd = fednest.make_fednest_round(problem, cfg, None, x0, sample=minibatch_sampler(4),
-                                     client_map="loop", jit=False, oracle=oracle)
+                                     client_map=_loop_clients(10), jit=False, oracle=oracle)
     means, steps = [0], [0]
     real_mean, real_step = fednest._mean, server.server_step
 
@@ -121,11 +143,14 @@ class CountTest(absltest.TestCase):
   def test_rejects_pruning_and_compact(self):
     x0 = jnp.zeros(3)
     with self.assertRaisesRegex(ConfigError, "round_kind='fednest'.*pruning levels"):
-      federated.make_round(problems.QUADRATIC,
-                           _config(4, 2, levels=(Level(1, 1, 0.5), Level(0.5, 0.5, 0.5))),
-                           None, x0)
+      fednest.make_fednest_round(problems.QUADRATIC,
+                                 _config(4, 2, levels=(Level(1, 1, 0.5), Level(0.5, 0.5, 0.5))),
+                                 None, x0)
     with self.assertRaisesRegex(ConfigError, "submodel='compact'"):
-      federated.make_round(problems.QUADRATIC, _config(4, 2), None, x0, submodel="compact")
+      fednest.make_fednest_round(problems.QUADRATIC, _config(4, 2), None, x0, submodel="compact")
+    # The local round's builder does not build FedNest's (bilevel.algorithms chooses).
+    with self.assertRaisesRegex(ConfigError, "fednest.make_fednest_round"):
+      rounds.make_round(problems.QUADRATIC, _config(4, 2), None, x0)
     with self.assertRaisesRegex(ConfigError, "round_kind='bogus' is not known"):
       federated.validate_config(_config(4, 2)._replace(round_kind="bogus"))
 
@@ -154,8 +179,9 @@ class HyperCleaningFlopsTest(absltest.TestCase):
     cfg = _config(3, per_round, inner_steps=2, num_steps=3, local_steps=1)
     # The driver's full-batch count: 6 FLOPs per y parameter (here 2 x 3 + 3 = 9) per kept row.
     flops_per_grad = lambda kx, ky: 6.0 * kx["gate"] * sum(jax.tree.leaves(ky))
-    rnd = federated.make_round(hyper_cleaning.cleaning_problem(hyper_cleaning.linear_logits, 0.1),
-                               cfg, lay, x0, flops_per_grad=flops_per_grad)
+    rnd = fednest.make_fednest_round(
+        hyper_cleaning.cleaning_problem(hyper_cleaning.linear_logits, 0.1), cfg, lay, x0,
+        flops_per_grad=flops_per_grad)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     _, metrics = rnd.step(state, data)
     s_in, s_out = (np.asarray(ids) for ids in rnd.sample_fn(state.round))
@@ -186,7 +212,7 @@ class QuadraticTest(absltest.TestCase):
     data = federated.FederatedData(d, d, jnp.ones(6))
     x = jnp.asarray([0.3, -0.2, 0.5])
     state = federated.init_state(x, jnp.zeros(4), optax.sgd(1.0))
-    new, metrics = federated.make_round(problems.QUADRATIC, cfg, None, x).step(state, data)
+    new, metrics = fednest.make_fednest_round(problems.QUADRATIC, cfg, None, x).step(state, data)
     return d, state, new, metrics
 
   def test_server_averaged_neumann_is_the_centralised_one(self):
@@ -207,7 +233,7 @@ class QuadraticTest(absltest.TestCase):
     data = federated.FederatedData(d, d, jnp.ones(10))
     x = jnp.asarray([1.0, -1.0, 2.0])
     state = federated.init_state(x, jnp.zeros(4), optax.sgd(1.0))
-    rnd = federated.make_round(problems.QUADRATIC, cfg, None, x)
+    rnd = fednest.make_fednest_round(problems.QUADRATIC, cfg, None, x)
     for _ in range(30):
       state, _ = rnd.step(state, data)
     before = float(jnp.linalg.norm(problems.quadratic_hypergrad(x, d)))

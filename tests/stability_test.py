@@ -21,7 +21,7 @@ import pytest
 from absl import flags
 from absl.testing import absltest
 
-from bilevel import federated, hypergrad
+from bilevel import hypergrad, loop
 from bilevel.problems import BilevelProblem
 from experiments import common
 from reliability_test import _main  # the in-process driver runner the tests share
@@ -87,14 +87,14 @@ class BlowupGuardTest(absltest.TestCase):
 
   def _feed(self, factor, values):
     totals = {}
-    guard = federated.BlowupGuard(factor, totals)
+    guard = loop.BlowupGuard(factor, totals)
     for q, value in enumerate(values, 1):
       guard(q, {"outer_loss": value, "hypergrad_norm": 1.0})
     return totals
 
   def test_stops_at_the_first_round_past_factor_times_early_value(self):
     early = [4.0, 3.0] + [2.0] * 5 + [1.0, 800.0, 9000.0]  # median 2: a blow-up starting
-    with self.assertRaisesRegex(federated.DivergenceError,      # in round 9 sets no reference
+    with self.assertRaisesRegex(loop.DivergenceError,      # in round 9 sets no reference
                                 r"round 12: outer_loss = 201 grew past 100 x its early value 2"):
       self._feed(100.0, early + [199.0, 201.0, 1e9])
 
@@ -106,11 +106,11 @@ class BlowupGuardTest(absltest.TestCase):
 
   def test_resumed_guard_keeps_the_reference(self):
     totals = self._feed(100.0, [3.0, 1.0, 2.0])  # a run checkpointed after round 3 ...
-    guard = federated.BlowupGuard(100.0, json.loads(json.dumps(totals)))  # ... and resumed
+    guard = loop.BlowupGuard(100.0, json.loads(json.dumps(totals)))  # ... and resumed
     for q in range(4, 11):
       guard(q, {"outer_loss": 2.0, "hypergrad_norm": 1.0})
     self.assertEqual(guard.totals["early_outer_loss"], 2.0)  # median of all ten rounds
-    with self.assertRaises(federated.DivergenceError):
+    with self.assertRaises(loop.DivergenceError):
       guard(11, {"outer_loss": 201.0, "hypergrad_norm": 1.0})
 
 

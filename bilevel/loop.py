@@ -1,0 +1,195 @@
+"""The run loop: rounds of a built round (a federated.Round, or anything with `.step`), records,
+checkpoint and log callbacks, and the divergence guards (docs/method.md, section 9).
+
+Every round the losses, the hypergradient norm and x, y, v are checked: a NaN or inf stops the
+run (DivergenceError, naming the round and the quantity), and so does an outer loss or
+hypergradient norm above a factor times its early value (BlowupGuard).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bilevel.federated import DIAGNOSTICS, ServerState
+from bilevel.metrics import to_python
+
+PyTree = Any
+
+
+class DivergenceError(RuntimeError):
+  """A loss, the hypergradient estimate or a parameter became NaN or infinite, or a loss or the
+  hypergradient norm grew past `blowup_factor` times its early value (a finite blow-up)."""
+
+
+# Per-round quantities whose non-finite value stops a run.
+GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")
+# Per-round quantities whose finite blow-up stops a run, and the rounds that set their early
+# value (the median over rounds 1..BLOWUP_WARMUP of the run).
+BLOWUP_METRICS = ("outer_loss", "hypergrad_norm")
+BLOWUP_WARMUP = 10
+BLOWUP_FACTOR = 100.0
+
+
+class BlowupGuard:
+  """Raises DivergenceError when a BLOWUP_METRICS value exceeds factor x its early value.
+
+  The early value of a quantity is its median over rounds 1..BLOWUP_WARMUP of the run (a median,
+  so a blow-up that starts inside those rounds does not raise its own reference); later rounds
+  are checked against it. It is kept in the run totals (`early_*`; the warm-up values under
+  `_early_values_*` until the median is final), so a resumed run uses the same reference.
+  factor None or 0 turns the guard off.
+  """
+
+  def __init__(self, factor: float | None, totals: dict[str, Any]):
+    self.factor, self.totals = factor, totals
+
+  def __call__(self, done: int, metrics: Mapping[str, Any]) -> None:
+    if not self.factor:
+      return
+    for k in BLOWUP_METRICS:
+      key, values_key = f"early_{k}", f"_early_values_{k}"
+      if done <= BLOWUP_WARMUP:
+        values = self.totals.setdefault(values_key, []) + [float(metrics[k])]
+        self.totals[values_key] = values
+        self.totals[key] = float(np.median(values))
+        if done == BLOWUP_WARMUP:
+          del self.totals[values_key]
+      elif metrics[k] > self.factor * self.totals.get(key, float("inf")):
+        raise DivergenceError(
+            f"round {done}: {k} = {metrics[k]:.4g} grew past {self.factor:g} x its early value "
+            f"{self.totals[key]:.4g} (median over rounds 1-{BLOWUP_WARMUP}); the run stopped as "
+            "diverged. Lower the step sizes (--outer_lr, --inner_lr, --v_lr); the last "
+            "checkpoint holds the last good state; --divergence_factor=0 turns this guard off.")
+
+
+def _ever_covered(ever: dict[str, PyTree] | None, diag: Mapping[str, PyTree]
+                  ) -> dict[str, PyTree]:
+  """Per coordinate of x and y: kept by some client in some round so far (numpy bool trees)."""
+  now = {side: jax.tree.map(lambda c: np.asarray(c) > 0, diag[f"count_{side}"])
+         for side in ("x", "y")}
+  if ever is None:
+    return now
+  return {side: jax.tree.map(np.logical_or, ever[side], now[side]) for side in ("x", "y")}
+
+
+@jax.jit
+def _finite_parts(state: ServerState) -> jax.Array:
+  """[x, y, v] all finite."""
+  ok = lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(t)]))
+  return jnp.stack([ok(state.x), ok(state.y), ok(state.v)])
+
+
+def _check_finite(done: int, metrics: Mapping[str, Any], state: ServerState) -> None:
+  bad = [k for k in GUARDED_METRICS if not np.isfinite(metrics[k])]
+  bad += [name for name, ok in zip(("x", "y", "v"), np.asarray(_finite_parts(state))) if not ok]
+  if bad:
+    raise DivergenceError(
+        f"round {done}: {', '.join(bad)} became NaN or infinite; the run stopped. Lower the step "
+        "sizes (--outer_lr, --inner_lr, --v_lr) or the fd probe (--delta); the last checkpoint "
+        "holds the last good state.")
+
+
+
+
+def _diagnose(ever: dict[str, PyTree] | None, diag: Mapping[str, PyTree], totals: dict[str, Any],
+              before: ServerState, done: int, diagnose_fn: Callable[..., Mapping[str, Any]] | None,
+              diagnose_every: int) -> tuple[dict[str, PyTree], dict[str, Any]]:
+  """Update the never-covered shares in totals; (ever covered so far, diag_* figures or {})."""
+  ever = _ever_covered(ever, diag)
+  for side in ("x", "y"):
+    flat = np.concatenate([np.ravel(e) for e in jax.tree.leaves(ever[side])])
+    totals[f"never_covered_{side}_share"] = float(np.mean(~flat))
+  extra = {}
+  if diagnose_fn is not None and diagnose_every and done % diagnose_every == 0:
+    extra = {f"diag_{k}": v for k, v in to_python(
+        jax.device_get(dict(diagnose_fn(before, diag["estimate"])))).items()}
+  return ever, extra
+
+
+def _accumulate(totals: dict[str, Any], metrics: Mapping[str, Any]) -> None:
+  """Cumulative FLOPs and bytes, running minimum coverages C_x*, C_y*."""
+  totals["cumulative_client_flops"] += metrics["client_flops"]
+  totals["cumulative_comm_bytes"] += metrics["comm_bytes"]
+  totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
+  totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
+
+
+def _progress(done: int, num_rounds: int, first: int, start: float, metrics: Mapping[str, Any],
+              totals: Mapping[str, Any]) -> str:
+  elapsed = time.perf_counter() - start
+  rate = (done - first) / max(elapsed, 1e-9)
+  return (f"round {done}/{num_rounds}  outer_loss {metrics['outer_loss']:.4f}  "
+          f"|hypergrad| {metrics['hypergrad_norm']:.3e}  C_x* {totals['cx_star']:g}  "
+          f"{rate:.2f} rounds/s  ETA {(num_rounds - done) / max(rate, 1e-9):.0f}s")
+
+
+def _due(done: int, every: int, num_rounds: int) -> bool:
+  """Every `every` rounds and after the last one (never for every = 0)."""
+  return bool(every) and (done % every == 0 or done == num_rounds)
+
+
+def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
+        eval_fn: Callable[[ServerState], Mapping[str, Any]] | None = None, eval_every: int = 1,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+        log: Callable[[str], None] | None = None, log_every: int = 10,
+        start_totals: Mapping[str, float] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[ServerState, dict[str, float], int], None] | None = None,
+        blowup_factor: float | None = BLOWUP_FACTOR,
+        diagnose_fn: Callable[[ServerState, PyTree], Mapping[str, Any]] | None = None,
+        diagnose_every: int = 0,
+        ) -> tuple[ServerState, list[dict[str, Any]]]:
+  """Run rounds state.round .. num_rounds - 1 of `rnd` (a federated.Round or an algorithms.
+  Algorithm: only rnd.step(state, data) is called); return the final state and the records.
+
+  A record is logged every `eval_every` rounds and after the last one: the round's metrics,
+  cumulative client FLOPs and communicated bytes, the running C_x* (min over rounds of the
+  minimum outer coverage), wall time, the time of this call's first round (first_round_s:
+  compilation included) and whatever eval_fn returns. NaN / inf and blow-ups (blowup_factor
+  times the early value; None or 0: off) raise DivergenceError (module docstring).
+  `on_checkpoint(state, totals, round)` is called every `checkpoint_every` rounds and after the
+  last one, after that round's record was passed on. `log(line)` receives a progress line
+  every `log_every` rounds (the library prints nothing itself; the drivers pass absl logging).
+  Diagnostics (a round built with diagnostics=True): every round never_covered_x_share /
+  never_covered_y_share (coordinates no client kept since this call's first round); every
+  `diagnose_every` rounds (a multiple of eval_every) `diagnose_fn(state the round started
+  from, the round's aggregated estimate)` adds figures (bilevel.diagnostics.estimate_quality).
+  """
+  totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
+                cy_star=float("inf"))
+  totals.update(start_totals or {})
+  guard = BlowupGuard(blowup_factor, totals)
+  records, ever = [], None
+  start, first = time.perf_counter(), int(state.round)
+  for q in range(first, num_rounds):
+    step_start, before = time.perf_counter(), state
+    state, metrics = rnd.step(state, data)
+    diag = metrics.pop(DIAGNOSTICS, None)
+    metrics = to_python(jax.device_get(metrics))
+    if q == first:  # this process's first round: compilation (or a cache load) included
+      totals["first_round_s"] = time.perf_counter() - step_start
+    done = q + 1
+    _check_finite(done, metrics, state)
+    guard(done, metrics)
+    extra = {}
+    if diag is not None:
+      ever, extra = _diagnose(ever, diag, totals, before, done, diagnose_fn, diagnose_every)
+    _accumulate(totals, metrics)
+    if _due(done, eval_every, num_rounds):
+      record = dict(round=done, **metrics,
+                    **{k: v for k, v in totals.items() if not k.startswith("_")}, **extra,
+                    wall_time_s=time.perf_counter() - start)
+      record.update(to_python(dict(eval_fn(state))) if eval_fn is not None else {})
+      records.append(record)
+      if on_record is not None:
+        on_record(record)
+    if on_checkpoint is not None and _due(done, checkpoint_every, num_rounds):
+      on_checkpoint(state, dict(totals), done)
+    if log is not None and _due(done, log_every, num_rounds):
+      log(_progress(done, num_rounds, first, start, metrics, totals))
+  return state, records
