@@ -26,9 +26,10 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from bilevel import client, costs, hypergrad, models
+from bilevel import algorithms, client, costs, federated, fednest, hypergrad, models
 from bilevel.hypergrad import EstimatorOptions
 
 # (estimator, v_step, product): v_step matters for fd / exact, product for neumann / cg.
@@ -325,3 +326,57 @@ def test_traced_kept_counts_and_pruning():
   eager = float(costs.client_flops(cfg, *kept(h), (rows, rows), costs.mlp_costs()))
   assert full == pytest.approx(eager, rel=1e-6)
   assert half == pytest.approx(full / 2, rel=1e-6)  # every price is linear in the width
+
+
+class TestRoundPricing:
+  """The rounds report what the per-operation model prices: the wiring, not the model."""
+
+  M, N, D, H, C = 6, 8, 12, 10, 3
+
+  def _setup(self, name, **options):
+    rng = np.random.default_rng(0)
+    split = lambda: {"inputs": jnp.asarray(rng.normal(size=(self.M, self.N, self.D)), jnp.float32),
+                     "labels": jnp.asarray(rng.integers(0, self.C, (self.M, self.N))),
+                     "weight": jnp.ones((self.M, self.N))}
+    data = federated.FederatedData(inner=split(), outer=split(),
+                                   num_examples=jnp.full((self.M,), self.N))
+    x, y = models.init_mlp(jax.random.key(0), self.D, self.H, self.C)
+    cost = costs.CostModel(costs.mlp_costs(), lambda kept_x: (self.N, self.N))
+    alg = algorithms.get(name, problem=models.hyper_representation_problem(),
+                         num_clients=self.M, clients_per_round=4, cost=cost,
+                         layout=models.mlp_layout(self.H), **options)
+    state = alg.init(x, y)
+    return alg, cost, state, data, x, y
+
+  def test_full_model_round_is_clients_times_the_model(self):
+    alg, cost, state, data, x, y = self._setup("simfbo")
+    _, metrics = alg.step(state, data)
+    want = 4 * costs.client_flops(alg.config.client, costs.full_counts(x), costs.full_counts(y),
+                                  (self.N, self.N), costs.mlp_costs())
+    # float32 sums of four equal float32 terms: relative rounding ~1e-7.
+    assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
+
+  def test_pruned_round_prices_each_client_on_its_kept_units(self):
+    alg, cost, state, data, x, y = self._setup("rafbo", levels="1/1:0.5,0.5/0.5:0.5")
+    _, metrics = alg.step(state, data)
+    rnd = alg.make_round(x)
+    ids = [int(i) for i in rnd.sample_fn(state.round)[0]]
+    want = 0.0
+    for cid in ids:  # a unit kept = its hidden-kernel column and its head row
+      k = math.ceil(rnd.client_ratios[cid, 0] * self.H)
+      kept_x = {"hidden": {"kernel": self.D * k, "bias": k}}
+      kept_y = {"head": {"kernel": k * self.C, "bias": self.C}}
+      want += costs.client_flops(alg.config.client, kept_x, kept_y, (self.N, self.N),
+                                 costs.mlp_costs())
+    assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
+
+  def test_fednest_round_prices_its_passes_and_products(self):
+    alg, cost, state, data, x, y = self._setup("fednest")
+    _, metrics = alg.step(state, data)
+    kx, ky = costs.full_counts(x), costs.full_counts(y)
+    op = lambda kind, batch: cost.op_flops(kind, batch, kx, ky)
+    c = fednest.round_counts(alg.config, 4)  # 4 sampled clients in both phases
+    want = (c.first_order_inner * (op("forward_x", "inner") + op("grad_y", "inner"))
+            + c.first_order_outer * (op("forward_x", "outer") + op("grad_xy", "outer"))
+            + c.hvp_products * op("hv", "inner") + c.cross_products * op("jv", "inner"))
+    assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
