@@ -111,7 +111,9 @@ def finished_point(workdir: str, seeds: list[int], values: dict[str, float]
     return None
   if summary.get("seeds") != seeds or any(run_flags.get(k) != v for k, v in values.items()):
     return None
-  return dict(values, seconds=0.0, command="(finished earlier)",
+  # The earlier run's seconds: its seeds' wall times (process start-up not included).
+  seconds = sum(v.get("wall_time_s", 0.0) for v in summary["per_seed"].values())
+  return dict(values, seconds=seconds, command="(finished earlier)",
               mean_accuracy=summary["mean"]["test_accuracy"],
               std_accuracy=summary["std"]["test_accuracy"],
               per_seed={s: v["test_accuracy"] for s, v in summary["per_seed"].items()},
@@ -181,7 +183,7 @@ def main(argv: Sequence[str]) -> None:
   if common.SMOKE.value:  # a tiny run for tests: two grid points, still a real selection
     values = {k: v[:2] if k == "outer_lr" else v[:1] for k, v in values.items()}
   workdir = common.require_workdir()
-  points, start = [], time.perf_counter()
+  points = []
   combos = list(itertools.product(*values.values()))
   for i, combo in enumerate(combos):
     point = dict(zip(values, combo))
@@ -191,7 +193,7 @@ def main(argv: Sequence[str]) -> None:
     acc = "diverged/failed" if result["mean_accuracy"] is None else (
         f"{result['mean_accuracy']:.4f} +- {result['std_accuracy']:.4f}")
     print(f"[{i + 1}/{len(combos)}] {point}: {acc} ({result['seconds']:.0f} s)", flush=True)
-  cost = time.perf_counter() - start
+  cost = sum(p["seconds"] for p in points)  # with the seed wall times of reused points
   best = select(points, len(seeds))
   preset = PRESET_OUT.value or (
       os.path.join(workdir, "preset.cfg") if common.SMOKE.value  # never a smoke-tuned preset
