@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel.masks import Axes, UnitLayout
+
 PyTree = Any
 Batch = Any
 Loss = Callable[[PyTree, PyTree, Batch], jax.Array]
@@ -113,7 +115,6 @@ def make_quadratic(
 
 def quadratic_layout(dim: int):
   """One unit group "coord" indexing x[j] and y[j] together (for separable problems)."""
-  from bilevel.masks import Axes, UnitLayout  # local import: masks imports nothing from here
   return UnitLayout(groups={"coord": dim}, x=Axes((("coord", 0),)), y=Axes((("coord", 0),)))
 
 

@@ -7,6 +7,7 @@ import tempfile
 from absl import flags
 from absl.testing import absltest, flagsaver
 
+from bilevel import algorithms
 from experiments import tune
 
 
@@ -69,3 +70,22 @@ class SelectTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class TunedPresetsTest(absltest.TestCase):
+  """The README tables' flagfiles: one per task and algorithm, written by tune, on its grid."""
+
+  def test_every_algorithm_has_a_tuned_preset_on_the_task_grid(self):
+    for task, grid in tune.GRIDS.items():
+      for name in algorithms.names():
+        path = os.path.join(tune.PRESETS_DIR, f"{task}_{name}.cfg")
+        self.assertTrue(os.path.isfile(path), f"no tuned preset {path}")
+        with open(path) as f:
+          text = f.read()
+        self.assertIn(f"# Tuned by experiments.tune for --task={task} --algorithm={name}:", text)
+        values = dict(line[2:].split("=", 1) for line in text.splitlines()
+                      if line.startswith("--"))
+        self.assertEqual(set(values), {"algorithm", "outer_lr", "inner_lr", "v_lr"}, path)
+        self.assertEqual(values["algorithm"], name)
+        for step in ("outer_lr", "inner_lr", "v_lr"):
+          self.assertIn(float(values[step]), grid[step], f"{path}: --{step} off the grid")
