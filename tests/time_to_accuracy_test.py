@@ -1,0 +1,93 @@
+"""experiments.time_to_accuracy: the metrics scan it polls with, and a --smoke run of the
+driver (two driver subprocesses, cold and warm cache) writing benchmark.json. Times are not
+asserted beyond being positive: the CPU is shared."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from absl.testing import absltest
+
+from experiments import time_to_accuracy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path, records, torn_tail=""):
+  with open(path, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+    f.write(torn_tail)
+
+
+class ScanMetricsTest(absltest.TestCase):
+
+  def test_first_record_at_or_above_target(self):
+    path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
+    _write(path, [{"round": 5, "test_accuracy": 0.80}, {"round": 7, "outer_loss": 1.0},
+                  {"round": 10, "test_accuracy": 0.895}, {"round": 15, "test_accuracy": 0.93}],
+           torn_tail='{"round": 20, "test_acc')
+    scan = time_to_accuracy.scan_metrics(path, 0.895)
+    self.assertEqual(scan.reached["round"], 10)  # equal to the target counts
+    self.assertEqual(scan.last["round"], 10)
+
+  def test_not_reached_gives_none_and_the_last_accuracy(self):
+    path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
+    _write(path, [{"round": 5, "test_accuracy": 0.80}, {"round": 10, "test_accuracy": 0.85}],
+           torn_tail='{"round": 15, "test_accuracy": 0.99}')  # no newline yet: not read
+    scan = time_to_accuracy.scan_metrics(path, 0.895)
+    self.assertIsNone(scan.reached)
+    self.assertEqual(scan.last["test_accuracy"], 0.85)
+
+  def test_missing_or_empty_file(self):
+    folder = tempfile.mkdtemp()
+    self.assertEqual(time_to_accuracy.scan_metrics(os.path.join(folder, "none.jsonl"), 0.5),
+                     (None, None))
+    path = os.path.join(folder, "metrics.jsonl")
+    _write(path, [])
+    self.assertEqual(time_to_accuracy.scan_metrics(path, 0.5), (None, None))
+
+
+@pytest.mark.slow
+class DriverTest(absltest.TestCase):
+
+  def test_smoke_run_times_cold_and_warm(self):
+    workdir = tempfile.mkdtemp()
+    argv = [sys.executable, "-m", "experiments.time_to_accuracy", f"--workdir={workdir}",
+            "--algorithms=rafbo", "--smoke"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(workdir, "benchmark.json")) as f:
+      result = json.load(f)
+    for key in ("versions", "device", "settings", "target", "seed", "fednest_reference_s"):
+      self.assertIn(key, result)
+    self.assertEqual(result["seed"], 1)
+    self.assertEqual(result["target"], 0.0)
+    self.assertEqual(result["fednest_reference_s"], 66.0)
+    self.assertEqual(set(result["results"]), {"rafbo"})
+    self.assertEqual(set(result["results"]["rafbo"]), {"cold", "warm"})
+    for state, r in result["results"]["rafbo"].items():
+      self.assertGreater(r["seconds_to_target"], 0, state)
+      self.assertEqual(r["round_reached"], time_to_accuracy.SMOKE_EVAL_EVERY, state)
+      self.assertAlmostEqual(r["speedup"], 66.0 / r["seconds_to_target"], msg=state)
+      self.assertIsNone(r["error"], state)
+      self.assertFalse(os.path.exists(os.path.join(workdir, f"rafbo_{state}")), state)
+    self.assertFalse(os.path.exists(os.path.join(workdir, "cache_rafbo")))
+    self.assertIn("rafbo", proc.stdout)
+
+  def test_bad_flags_are_one_error(self):
+    argv = [sys.executable, "-m", "experiments.time_to_accuracy",
+            f"--workdir={tempfile.mkdtemp()}", "--algorithms=rafbo,warp", "--target=1.5"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("2 problems", proc.stderr)
+    self.assertIn("'warp'", proc.stderr)
+
+
+if __name__ == "__main__":
+  absltest.main()
