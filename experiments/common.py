@@ -20,11 +20,11 @@ import platform
 import signal
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags, logging
 
-from bilevel import algorithms, checkpoint, federated, loop, sharding
+from bilevel import algorithms, checkpoint, federated, loop, models, sharding
 from bilevel.data import DataError
 from bilevel.errors import ConfigError
 from bilevel.metrics import JsonlWriter, plot_records, to_python, write_json
@@ -671,11 +671,20 @@ def print_table(rows: Mapping[str, Any]) -> None:
 # One name for one thing in every driver (issue 16): the MLP's width and activation, read by
 # hyper_representation (--model=mlp), hyper_cleaning (--classifier=mlp; its TASK_DEFAULTS set
 # hidden 100) and the benchmark (hidden only).
-from bilevel import models as _models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HIDDEN = flags.DEFINE_integer(
     "hidden", 200, "Hidden units of the MLP (hyper_representation's representation layer, "
     "hyper_cleaning's --classifier=mlp: default 100 there, the benchmark's MLP).")
 ACTIVATION = flags.DEFINE_enum(
-    "activation", "relu", sorted(_models.ACTIVATIONS), "Activation of the hidden layer "
+    "activation", "relu", sorted(models.ACTIVATIONS), "Activation of the hidden layer "
     "(hyper_representation: MLP and CNN; hyper_cleaning: --classifier=mlp).")
+
+# The algorithms a multi-algorithm driver runs (one flag for both; each has its own default).
+ALGORITHM_LIST = flags.DEFINE_list(
+    "algorithms", None, "Algorithms to run (coverage_rate: default rabo,rafbo; "
+    "time_to_accuracy: default rafbo,fednest).")
+
+
+def algorithm_list(default: Sequence[str]) -> list[str]:
+  """--algorithms if given, else the driver's default."""
+  return list(ALGORITHM_LIST.value if ALGORITHM_LIST.value is not None else default)

@@ -70,7 +70,7 @@ from experiments import common
 
 # --quick (common.QUICK): rounds 64..1024 and 3 seeds unless those flags are given (~1 min).
 QUICK = common.QUICK
-ALGORITHMS = flags.DEFINE_list("algorithms", ["rabo", "rafbo"], "Algorithms to sweep: rabo, rafbo.")
+DEFAULT_ALGORITHMS = ("rabo", "rafbo")  # --algorithms (experiments/common.py) when not given
 COVERAGES = flags.DEFINE_list("coverages", ["1", "2", "4", "8"],
                               "Outer coverages C_x* to sweep, each in 1..8 (clients per round).")
 ROUNDS_LIST = flags.DEFINE_list("rounds_list", ["64", "128", "256", "512", "1024", "2048", "4096"],
@@ -175,7 +175,7 @@ def config_from_flags() -> SweepConfig:
   if common.SMOKE.value:
     rounds, seeds, coverages = [str(q) for q in SMOKE_ROUNDS], 1, coverages[:2]
   cfg = SweepConfig(
-      algorithms=tuple(dict.fromkeys(ALGORITHMS.value)),
+      algorithms=tuple(dict.fromkeys(common.algorithm_list(DEFAULT_ALGORITHMS))),
       coverages=coverages, rounds_list=_ints("rounds_list", rounds),
       num_seeds=seeds, grad_noise=GRAD_NOISE.value, heterogeneity=HETEROGENEITY.value,
       dim=DIM.value, alpha0=ALPHA0.value, seed=common.SEED.value)

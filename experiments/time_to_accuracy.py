@@ -40,8 +40,9 @@ from absl import app, flags
 from bilevel import algorithms
 from experiments import common
 
-ALGORITHMS = flags.DEFINE_list("algorithms", ["rafbo", "fednest"], "Algorithms to time, each "
-                               "with its preset experiments/presets/hyper_representation_ALG.cfg.")
+# --algorithms (experiments/common.py): the algorithms to time, each with its preset
+# experiments/presets/hyper_representation_ALG.cfg; DEFAULT_ALGORITHMS when not given.
+DEFAULT_ALGORITHMS = ("rafbo", "fednest")
 TARGET = flags.DEFINE_float("target", 0.895, "Test accuracy (fraction) to reach.")
 REFERENCE_S = flags.DEFINE_float("fednest_reference_s", 66.0, "FedNest's own time to the target "
                                  "(its PyTorch code: 300-500 rounds at 0.221 s per round).")
@@ -177,7 +178,7 @@ def time_one(algorithm: str, state: str, workdir: str, cache_dir: str, rounds: i
 def check_flags() -> list[str]:
   problems = []
   known = set(algorithms.names())
-  names = ALGORITHMS.value
+  names = common.algorithm_list(DEFAULT_ALGORITHMS)
   if not names:
     problems.append("--algorithms is empty: give at least one algorithm.")
   if len(set(names)) != len(names):
@@ -242,7 +243,7 @@ def main(argv: Sequence[str]) -> None:
     rounds, eval_every, target = SMOKE_ROUNDS, SMOKE_EVAL_EVERY, SMOKE_TARGET
   start = time.perf_counter()
   results: dict[str, dict[str, dict[str, Any]]] = {}
-  for algorithm in ALGORITHMS.value:
+  for algorithm in common.algorithm_list(DEFAULT_ALGORITHMS):
     cache_dir = os.path.join(workdir, f"cache_{algorithm}")
     shutil.rmtree(cache_dir, ignore_errors=True)  # cold means empty
     os.makedirs(cache_dir)
