@@ -150,13 +150,6 @@ class CostModel(NamedTuple):
     """client_flops of one client's round on its kept entries."""
     return client_flops(cfg, kept_x, kept_y, self.rows(kept_x), self.model)
 
-  def op_flops(self, op: str, batch: str, kept_x: PyTree, kept_y: PyTree,
-               product: str = "exact") -> Number:
-    """FLOPs of one op of kind `op` (OPS) on a whole inner or outer batch (rounds that count
-    their own ops, e.g. FedNest's)."""
-    rows = self.rows(kept_x)[0 if batch == INNER else 1]
-    return op_prices(self.model, product, kept_x, kept_y)[op] * rows
-
 
 def _zero(kept_x: PyTree) -> Number:
   del kept_x

@@ -275,7 +275,9 @@ def _op_prices(cfg: federated.FederatedConfig, cost: costs.CostModel, kept_x: Py
   inner batch. Every pass is priced on the rows cost.rows gives (a minibatch, or the client's
   split), also FedNest's full-split snapshot and FedOut passes when minibatches are used."""
   counts = round_counts(cfg, 1)
-  op = lambda kind, batch, product="exact": cost.op_flops(kind, batch, kept_x, kept_y, product)
+  prices = costs.op_prices(cost.model, "exact", kept_x, kept_y)
+  rows = dict(zip((costs.INNER, costs.OUTER), cost.rows(kept_x)))
+  op = lambda kind, batch: prices[kind] * rows[batch]
   inner = counts.first_order_inner * (op("forward_x", costs.INNER) + op("grad_y", costs.INNER))
   outer = (counts.first_order_outer * (op("forward_x", costs.OUTER) + op("grad_xy", costs.OUTER))
            + counts.hvp_products * op("hv", costs.INNER)

@@ -96,6 +96,14 @@ def point_name(values: dict[str, float]) -> str:
   return "point_" + "_".join(f"{k}{v:g}" for k, v in values.items())
 
 
+def _accuracies(summary: dict[str, Any]) -> dict[str, Any]:
+  """A point's accuracy fields from its driver's combined summary.json."""
+  return dict(mean_accuracy=summary["mean"]["test_accuracy"],
+              std_accuracy=summary["std"]["test_accuracy"],
+              per_seed={s: v["test_accuracy"] for s, v in summary["per_seed"].items()},
+              error=None)
+
+
 def finished_point(workdir: str, seeds: list[int], values: dict[str, float]
                    ) -> dict[str, Any] | None:
   """A grid point an earlier tune run finished in `workdir` (same seeds and steps), or None.
@@ -113,11 +121,7 @@ def finished_point(workdir: str, seeds: list[int], values: dict[str, float]
     return None
   # The earlier run's seconds: its seeds' wall times (process start-up not included).
   seconds = sum(v.get("wall_time_s", 0.0) for v in summary["per_seed"].values())
-  return dict(values, seconds=seconds, command="(finished earlier)",
-              mean_accuracy=summary["mean"]["test_accuracy"],
-              std_accuracy=summary["std"]["test_accuracy"],
-              per_seed={s: v["test_accuracy"] for s, v in summary["per_seed"].items()},
-              error=None)
+  return dict(values, seconds=seconds, command="(finished earlier)", **_accuracies(summary))
 
 
 def run_point(workdir: str, seeds: list[int], values: dict[str, float]) -> dict[str, Any]:
@@ -137,11 +141,7 @@ def run_point(workdir: str, seeds: list[int], values: dict[str, float]) -> dict[
   summary_path = os.path.join(workdir, "summary.json")
   if proc.returncode == 0 and os.path.exists(summary_path):
     with open(summary_path, encoding="utf-8") as f:
-      summary = json.load(f)
-    out.update(mean_accuracy=summary["mean"]["test_accuracy"],
-               std_accuracy=summary["std"]["test_accuracy"],
-               per_seed={s: v["test_accuracy"] for s, v in summary["per_seed"].items()},
-               error=None)
+      out.update(_accuracies(json.load(f)))
   else:
     lines = (proc.stderr or proc.stdout).strip().splitlines()
     out.update(mean_accuracy=None, std_accuracy=None, per_seed={},

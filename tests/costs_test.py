@@ -367,7 +367,8 @@ class TestRoundPricing:
     alg, cost, state, data, x, y = self._setup("fednest")
     _, metrics = alg.step(state, data)
     kx, ky = costs.full_counts(x), costs.full_counts(y)
-    op = lambda kind, batch: cost.op_flops(kind, batch, kx, ky)
+    prices, rows = costs.op_prices(costs.mlp_costs(), "exact", kx, ky), (self.N, self.N)
+    op = lambda kind, batch: prices[kind] * rows[0 if batch == "inner" else 1]
     c = fednest.round_counts(alg.config, 4)  # 4 sampled clients in both phases
     want = (c.first_order_inner * (op("forward_x", "inner") + op("grad_y", "inner"))
             + c.first_order_outer * (op("forward_x", "outer") + op("grad_xy", "outer"))
