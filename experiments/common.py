@@ -261,9 +261,14 @@ def compilation_cache_dir() -> str | None:
 
 
 def enable_compilation_cache() -> None:
-  """Point JAX's persistent compilation cache at compilation_cache_dir() (every program that
-  took over 0.5 s to compile is kept; the README main job's rounds then load in about a second
-  instead of compiling for ten)."""
+  """Point JAX's persistent compilation cache at compilation_cache_dir().
+
+  Every program is kept, however short its compilation (min_compile_time 0; the environment's
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides it): besides the rounds, which load in
+  about a second instead of compiling for ten, a driver runs some thirty small eager
+  programs (parameter initialisation, data placement) whose compilations add up to over a
+  second; loaded from the cache they take a fraction of it (BENCHMARKS.md, start-up).
+  """
   import jax
   path = compilation_cache_dir()
   if path is None:
@@ -276,7 +281,7 @@ def enable_compilation_cache() -> None:
          "folder or --compilation_cache=none.")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.5)))
+                    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
 
 
 def versions() -> dict[str, str]:

