@@ -13,8 +13,10 @@ Operation kinds (prices per example; matmul / convolution FLOPs only, m x k time
              and local step: every other operation on that batch reuses it (XLA computes it
              once: common subexpressions, and loop-invariant code motion out of the scans).
   forward_y  forward of y's layers at the solved y on the inner batch: the inner loss the
-             first local step reports (later steps' losses are dead code), and with exact
-             products the primal forward every product at that point shares.
+             first local step reports (later steps' losses are dead code when the first step
+             runs apart, client.client_update's first_step_apart; the compact round scans
+             all K steps and computes each one's), and with exact products the primal forward
+             every product at that point shares.
   grad_y     a gradient of g in y only (an inner step): forward of y's layers and the backward
              to y's weights, never through x's layers.
   grad_xy    the gradient of f in x and y (outer batch): grad_y's work plus the backward from
@@ -32,7 +34,7 @@ Counts per round (K local steps, T inner steps, N = num_steps; `hypergrad.estima
     forward_x  inner   K
     forward_x  outer   K
     grad_y     inner   K T
-    forward_y  inner   K with exact products, else 1
+    forward_y  inner   K with exact products or all steps in one scan, else 1
     hv         inner   K x (fd / exact: N with v_step="fixed", N + 1 with "cauchy" (+ N with
                             a radius); neumann: N - 1; cg: N + 1)
     jv         inner   K
@@ -64,15 +66,16 @@ OPS = ("forward_x", "forward_y", "grad_y", "grad_xy", "hv", "jv")
 INNER, OUTER = "inner", "outer"
 
 
-def round_ops(cfg: ClientConfig) -> tuple[tuple[str, str, int], ...]:
+def round_ops(cfg: ClientConfig, first_step_apart: bool = True
+              ) -> tuple[tuple[str, str, int], ...]:
   """(op, batch, count) of one client's round (K local steps): the table of the module
-  docstring."""
+  docstring (first_step_apart: as client.client_update ran)."""
   k, t = int(cfg.local_steps), int(cfg.inner_steps)
   hv, jv = estimator_products(cfg.estimator, cfg.estimator_options)
   exact = estimator_product_kind(cfg.estimator, cfg.estimator_options) == "exact"
   return (("forward_x", INNER, k), ("forward_x", OUTER, k),
           ("grad_y", INNER, k * t),
-          ("forward_y", INNER, k if exact else 1),
+          ("forward_y", INNER, k if exact or not first_step_apart else 1),
           ("hv", INNER, k * hv), ("jv", INNER, k * jv),
           ("grad_xy", OUTER, k))
 
@@ -121,8 +124,10 @@ def op_prices(model: ModelCosts, product: str, kept_x: PyTree, kept_y: PyTree
 
 
 def client_flops(cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree,
-                 batch_sizes: tuple[Number, Number], model: ModelCosts) -> Number:
-  """Modelled FLOPs of one client's round: cfg.local_steps local steps.
+                 batch_sizes: tuple[Number, Number], model: ModelCosts,
+                 first_step_apart: bool = True) -> Number:
+  """Modelled FLOPs of one client's round: cfg.local_steps local steps (first_step_apart:
+  how client.client_update ran them).
 
   kept_x, kept_y: trees like x and y holding each leaf's kept-entry count (masks.kept_counts;
     the full sizes for an unpruned client). batch_sizes: (rows of an inner batch, rows of an
@@ -132,7 +137,8 @@ def client_flops(cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree,
   prices = op_prices(model, estimator_product_kind(cfg.estimator, cfg.estimator_options),
                      kept_x, kept_y)
   rows = {INNER: batch_sizes[0], OUTER: batch_sizes[1]}
-  return sum(count * prices[op] * rows[batch] for op, batch, count in round_ops(cfg) if count)
+  return sum(count * prices[op] * rows[batch]
+             for op, batch, count in round_ops(cfg, first_step_apart) if count)
 
 
 class CostModel(NamedTuple):
@@ -146,9 +152,10 @@ class CostModel(NamedTuple):
   model: ModelCosts
   rows: Callable[[PyTree], tuple[Number, Number]]
 
-  def client_flops(self, cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree) -> Number:
+  def client_flops(self, cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree,
+                   first_step_apart: bool = True) -> Number:
     """client_flops of one client's round on its kept entries."""
-    return client_flops(cfg, kept_x, kept_y, self.rows(kept_x), self.model)
+    return client_flops(cfg, kept_x, kept_y, self.rows(kept_x), self.model, first_step_apart)
 
 
 def _zero(kept_x: PyTree) -> Number:
