@@ -168,3 +168,6 @@ class Round(NamedTuple):
   sample_fn: Callable[[jax.Array], list[jax.Array]] | None = None
   client_fns: tuple[Callable[..., Any], ...] = ()
   server_fn: Callable[..., tuple[ServerState, dict[str, jax.Array]]] | None = None
+  # The traced step may hold constants of its own seed (a caller's mask_fn may close over
+  # them), so other seeds cannot share it (rounds.seeds_step refuses it).
+  seed_constants: bool = False

@@ -9,7 +9,7 @@ hypergradient norm above a factor times its early value (BlowupGuard).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,9 +84,11 @@ def _finite_parts(state: ServerState) -> jax.Array:
   return jnp.stack([ok(state.x), ok(state.y), ok(state.v)])
 
 
-def _check_finite(done: int, metrics: Mapping[str, Any], state: ServerState) -> None:
+def _check_finite(done: int, metrics: Mapping[str, Any], parts_finite: Any) -> None:
+  """DivergenceError when a GUARDED_METRICS value or one of x, y, v (parts_finite: [3] bool,
+  _finite_parts) is not finite."""
   bad = [k for k in GUARDED_METRICS if not np.isfinite(metrics[k])]
-  bad += [name for name, ok in zip(("x", "y", "v"), np.asarray(_finite_parts(state))) if not ok]
+  bad += [name for name, ok in zip(("x", "y", "v"), np.asarray(parts_finite)) if not ok]
   if bad:
     raise DivergenceError(
         f"round {done}: {', '.join(bad)} became NaN or infinite; the run stopped. Lower the step "
@@ -117,6 +119,24 @@ def _accumulate(totals: dict[str, Any], metrics: Mapping[str, Any]) -> None:
   totals["cumulative_comm_bytes"] += metrics["comm_bytes"]
   totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
   totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
+
+
+def _start_totals(start_totals: Mapping[str, Any] | None) -> dict[str, Any]:
+  totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
+                cy_star=float("inf"))
+  totals.update(start_totals or {})
+  return totals
+
+
+def _record(done: int, metrics: Mapping[str, Any], totals: Mapping[str, Any],
+            extra: Mapping[str, Any], start: float,
+            eval_fn: Callable[[ServerState], Mapping[str, Any]] | None, state: ServerState
+            ) -> dict[str, Any]:
+  """A logged record: the round's metrics, the run totals, extra figures, wall time, eval_fn."""
+  record = dict(round=done, **metrics, **{k: v for k, v in totals.items() if not k.startswith("_")},
+                **extra, wall_time_s=time.perf_counter() - start)
+  record.update(to_python(dict(eval_fn(state))) if eval_fn is not None else {})
+  return record
 
 
 def _progress(done: int, num_rounds: int, first: int, start: float, metrics: Mapping[str, Any],
@@ -160,9 +180,7 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
   `diagnose_every` rounds (a multiple of eval_every) `diagnose_fn(state the round started
   from, the round's aggregated estimate)` adds figures (bilevel.diagnostics.estimate_quality).
   """
-  totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
-                cy_star=float("inf"))
-  totals.update(start_totals or {})
+  totals = _start_totals(start_totals)
   guard = BlowupGuard(blowup_factor, totals)
   records, ever = [], None
   start, first = time.perf_counter(), int(state.round)
@@ -174,17 +192,14 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
     if q == first:  # this process's first round: compilation (or a cache load) included
       totals["first_round_s"] = time.perf_counter() - step_start
     done = q + 1
-    _check_finite(done, metrics, state)
+    _check_finite(done, metrics, _finite_parts(state))
     guard(done, metrics)
     extra = {}
     if diag is not None:
       ever, extra = _diagnose(ever, diag, totals, before, done, diagnose_fn, diagnose_every)
     _accumulate(totals, metrics)
     if _due(done, eval_every, num_rounds):
-      record = dict(round=done, **metrics,
-                    **{k: v for k, v in totals.items() if not k.startswith("_")}, **extra,
-                    wall_time_s=time.perf_counter() - start)
-      record.update(to_python(dict(eval_fn(state))) if eval_fn is not None else {})
+      record = _record(done, metrics, totals, extra, start, eval_fn, state)
       records.append(record)
       if on_record is not None:
         on_record(record)
@@ -193,3 +208,82 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
     if log is not None and _due(done, log_every, num_rounds):
       log(_progress(done, num_rounds, first, start, metrics, totals))
   return state, records
+
+
+def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: ServerState,
+              data: Any, num_rounds: int, *,
+              eval_fns: Sequence[Callable[[ServerState], Mapping[str, Any]] | None],
+              eval_every: int = 1,
+              on_records: Sequence[Callable[[dict[str, Any]], None] | None] | None = None,
+              log: Callable[[str], None] | None = None, log_every: int = 10,
+              start_totals: Sequence[Mapping[str, float] | None] | None = None,
+              checkpoint_every: int = 0,
+              on_checkpoints: Sequence[Callable[[ServerState, dict[str, float], int], None]
+                                       | None] | None = None,
+              blowup_factor: float | None = BLOWUP_FACTOR,
+              ) -> tuple[ServerState, list[list[dict[str, Any]]], dict[int, str]]:
+  """`run` for S seeds batched on a leading axis: `step(state, data)` advances all of them.
+
+  state and data carry a leading seed axis [S, ...] (state.round is [S] and equal across seeds);
+  step is the seeds' vmapped round (`Algorithm.seeds_step`). Each seed s keeps what `run` keeps
+  for one run, computed from its own slice: records (eval_fns[s] gets its own state), totals,
+  the NaN and blow-up guards, on_records[s] and on_checkpoints[s]. A seed that diverges is
+  stopped alone: its DivergenceError message goes into the returned `stopped` {s: message},
+  it gets no later record or checkpoint, and the others go on (the seeds do not interact, so
+  its NaNs cannot reach them). Returns (final state [S, ...], records per seed, stopped).
+  """
+  num_seeds = len(eval_fns)
+  on_records = on_records or [None] * num_seeds
+  on_checkpoints = on_checkpoints or [None] * num_seeds
+  totals = [_start_totals(t) for t in (start_totals or [None] * num_seeds)]
+  guards = [BlowupGuard(blowup_factor, t) for t in totals]
+  records: list[list[dict[str, Any]]] = [[] for _ in range(num_seeds)]
+  stopped: dict[int, str] = {}
+  rounds = np.asarray(jax.device_get(state.round))
+  if np.any(rounds != rounds[0]):
+    raise ValueError(f"run_seeds needs every seed at the same round; got {rounds.tolist()}.")
+  start, first = time.perf_counter(), int(rounds[0])
+  seed_state = lambda st, s: jax.tree.map(lambda a: a[s], st)
+  for q in range(first, num_rounds):
+    step_start = time.perf_counter()
+    state, metrics = step(state, data)
+    metrics = to_python(jax.device_get(metrics))
+    finite = np.asarray(_finite_seeds(state))
+    done = q + 1
+    live = [s for s in range(num_seeds) if s not in stopped]
+    for s in live:
+      m = {k: v[s] for k, v in metrics.items()}
+      if q == first:
+        totals[s]["first_round_s"] = time.perf_counter() - step_start
+      try:
+        _check_finite(done, m, finite[s])
+        guards[s](done, m)
+      except DivergenceError as e:
+        stopped[s] = str(e)
+        continue
+      _accumulate(totals[s], m)
+      if _due(done, eval_every, num_rounds):
+        records[s].append(_record(done, m, totals[s], {}, start, eval_fns[s], seed_state(state, s)))
+        if on_records[s] is not None:
+          on_records[s](records[s][-1])
+      if on_checkpoints[s] is not None and _due(done, checkpoint_every, num_rounds):
+        on_checkpoints[s](seed_state(state, s), dict(totals[s]), done)
+    if len(stopped) == num_seeds:
+      break
+    if log is not None and _due(done, log_every, num_rounds):
+      log(_progress_seeds(done, num_rounds, first, start, metrics, stopped, num_seeds))
+  return state, records, stopped
+
+
+_finite_seeds = jax.jit(jax.vmap(_finite_parts))
+
+
+def _progress_seeds(done: int, num_rounds: int, first: int, start: float,
+                    metrics: Mapping[str, Any], stopped: Mapping[int, str], num_seeds: int) -> str:
+  elapsed = time.perf_counter() - start
+  rate = (done - first) / max(elapsed, 1e-9)
+  live = [s for s in range(num_seeds) if s not in stopped]
+  loss = np.mean([metrics["outer_loss"][s] for s in live]) if live else float("nan")
+  return (f"round {done}/{num_rounds}  {len(live)} of {num_seeds} seeds running  mean "
+          f"outer_loss {loss:.4f}  {rate:.2f} rounds/s  ETA "
+          f"{(num_rounds - done) / max(rate, 1e-9):.0f}s")

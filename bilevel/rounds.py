@@ -106,15 +106,16 @@ def check_coverable(cfg: FederatedConfig, layout: UnitLayout | None, x_like: PyT
 
 
 def result_fn(cfg: FederatedConfig, flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
-              cost: costs.CostModel | None = None) -> FinishFn:
+              cost: costs.CostModel | None = None, first_step_apart: bool = True) -> FinishFn:
   """`finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> ClientResult`:
   the client's weight and analytic costs (FLOPs, parameters sent). FLOPs: the per-operation
-  model `cost` if given, else grad_evals_per_round gradients at flops_per_grad each."""
+  model `cost` if given (first_step_apart: how the client step runs, client.client_update),
+  else grad_evals_per_round gradients at flops_per_grad each."""
   evals = grad_evals_per_round(cfg.client)
   if cost is None:
     flops_of = lambda kx, ky: evals * flops_per_grad(kx, ky)
   else:
-    flops_of = lambda kx, ky: cost.client_flops(cfg.client, kx, ky)
+    flops_of = lambda kx, ky: cost.client_flops(cfg.client, kx, ky, first_step_apart)
   # Parameters a client receives and returns: x and y, plus v for estimators that read the warm
   # start (neumann starts its series from grad_y f: v never travels).
   y_copies = 1 if cfg.client.estimator == "neumann" else 2
@@ -184,7 +185,7 @@ def compact_client_fns(problem: BilevelProblem, cfg: FederatedConfig, layout: Un
       # is 1 for every client a compact round samples: only_full restricts the population).
       out = client_update(um_problem, with_steps(cfg.client, a.steps), x_c, y_c, v_c,
                           data.inner, data.outer, None, cmy, c.batch_key,
-                          population_sampler(sample, cid))
+                          population_sampler(sample, cid), first_step_apart=False)
       return finish(data, cid, out, cmx, cmy, c.active, idx, kept)  # the server scatter-adds
 
     return client
@@ -271,7 +272,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
       ratios, population, num_sampled, layout if cfg.mask.granularity == "unit" else None)
   args = sampling_lib.round_args(cfg, ratios, population, strata,
                                  jax.tree.leaves(x_like)[0].dtype)
-  context, finish = sampling_lib.make_context_fn(cfg), result_fn(cfg, flops_per_grad, cost)
+  context = sampling_lib.make_context_fn(cfg)
+  finish = result_fn(cfg, flops_per_grad, cost, first_step_apart=submodel == "dense")
   if submodel == "dense":
     client_fns = (dense_client_fn(problem, cfg, layout, context, finish, sample, mask_fn),)
   else:
@@ -281,4 +283,34 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   step = _step_fn(sample_fn, client_fns, server_fn, client_sharding(mesh, mesh_axis))
   bind = lambda fn: functools.partial(fn, args)
   return Round(bind(jax.jit(step) if jit else step), population, ratios, num_sampled, strata,
-               bind(sample_fn), tuple(map(bind, client_fns)), bind(server_fn))
+               bind(sample_fn), tuple(map(bind, client_fns)), bind(server_fn),
+               seed_constants=mask_fn is not None)
+
+
+def seeds_step(rnds: Sequence[Round]) -> Callable[..., tuple[ServerState, dict[str, jax.Array]]]:
+  """`step(state, data)` running the rounds of several seeds as one program: the round vmapped
+  over a leading seed axis of its RoundArgs, state and data ([S, ...]; metrics come back [S]).
+
+  rnds: make_round's Rounds of one configuration that differ only in the seed (the drivers
+  check the configurations); each seed's RoundArgs carry what the seed changes, so the round
+  traced for the first serves every seed. Seed s of the result is the round of rnds[s] to
+  float32 rounding (to 1e-10 in float64; tests/seeds_test.py). Raises ConfigError when
+  a round has no RoundArgs (FedNest's round) or a mask_fn (Round.seed_constants), or the
+  rounds differ in a static shape.
+  """
+  if not all(isinstance(r.step, functools.partial) and len(r.step.args) == 1 for r in rnds):
+    raise ConfigError("seeds_step needs rounds with RoundArgs (rounds.make_round); FedNest's "
+                      "round compiles per seed: run its seeds one after another.")
+  if any(r.seed_constants for r in rnds):
+    raise ConfigError("seeds_step: a round built with a mask_fn may hold constants of its own "
+                      "seed; run its seeds one after another.")
+  shapes = lambda r: (jax.tree.structure(r.step.args[0]),
+                      [(np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(r.step.args[0])],
+                      r.clients_per_round,
+                      [(st.rx, st.ry, st.per_round, st.counts) for st in r.strata])
+  first = shapes(rnds[0])
+  if any(shapes(r) != first for r in rnds[1:]):
+    raise ConfigError("seeds_step: the seeds' rounds differ in a static shape (levels, strata "
+                      "or client counts); run them one after another.")
+  args = jax.tree.map(lambda *a: jnp.stack(a), *(r.step.args[0] for r in rnds))
+  return functools.partial(jax.jit(jax.vmap(rnds[0].step.func)), args)

@@ -20,7 +20,7 @@ import platform
 import signal
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from absl import flags, logging
 
@@ -153,10 +153,16 @@ SEEDS = flags.DEFINE_list(
     "summary.json combining them (mean, std, min and max of every numeric summary figure). "
     "Replaces --seed.")
 
+BATCH_SEEDS = flags.DEFINE_boolean(
+    "batch_seeds", True, "Run the seeds of --seeds as one vmapped program (one compiled round "
+    "with a leading seed axis; every seed's records, checkpoints and summary as in its own "
+    "run) when they share every static shape, one device and no --diagnose_every; else, or "
+    "with --nobatch_seeds, one after another (BENCHMARKS.md, seeds).")
+
 # Flags that may differ between a run and its resumption.
 _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
-                      "reuse_host_memory", "seeds", "compilation_cache", "num_processes",
-                      "coordinator_address", "process_id")
+                      "reuse_host_memory", "seeds", "batch_seeds", "compilation_cache",
+                      "num_processes", "coordinator_address", "process_id")
 
 
 def reuse_host_memory() -> bool:
@@ -513,6 +519,56 @@ def diagnose_fn(problem, data: federated.FederatedData):
   return diagnose
 
 
+class _Recorder:
+  """One run's side of the run loop: resuming from its checkpoint, streaming its records to
+  metrics.jsonl, checkpointing (with the kill / stop test hooks) and the final plot."""
+
+  def __init__(self, workdir: str, state: federated.ServerState, resume: bool):
+    self.workdir, self.earlier, self.totals, self.wall_offset = workdir, [], None, 0.0
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if resume:
+      try:
+        state, meta = checkpoint.restore(workdir, state)
+      except checkpoint.CheckpointError as e:
+        fail(str(e))
+      self.earlier = read_metrics(self.metrics_path, meta["round"])
+      self.totals, self.wall_offset = meta["totals"], meta["wall_time_s"]
+    self.state, self.elapsed = state, self.wall_offset
+    self.writer = JsonlWriter(self.metrics_path) if is_writer() else None
+    self.run_start_age = process_age_s()  # start-up before the first round: imports, data, setup
+
+  def on_record(self, record: dict[str, Any]) -> None:
+    record["wall_time_s"] += self.wall_offset
+    record["time_to_first_round_s"] = self.run_start_age + record["first_round_s"]
+    self.elapsed = record["wall_time_s"]
+    if self.writer is not None:
+      self.writer(record)
+
+  def on_checkpoint(self, state: federated.ServerState, totals: dict[str, Any], done: int) -> None:
+    if is_writer():
+      checkpoint.save(self.workdir, state, {"round": done, "totals": totals,
+                                            "wall_time_s": self.elapsed})
+    _CHECKPOINTS_SAVED[0] += 1
+    saved = _CHECKPOINTS_SAVED[0]
+    if saved == int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0):
+      os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like `kill -9`
+    if saved == int(os.environ.get(STOP_AFTER_CHECKPOINT_ENV, "0") or 0):
+      os.kill(os.getpid(), signal.SIGSTOP)  # test hook: wait to be killed
+
+  def close(self, records: list[dict[str, Any]], title: str) -> list[dict[str, Any]]:
+    """Close metrics.jsonl, plot every record of the run (earlier ones included); return them."""
+    if self.writer is not None:
+      self.writer.close()
+    records = self.earlier + records
+    if is_writer() and records:
+      plot_records(records, os.path.join(self.workdir, "curves.png"), title)
+    return records
+
+
+# Checkpoints this process has written (the test hooks count them across seeds).
+_CHECKPOINTS_SAVED = [0]
+
+
 def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
                    data: federated.FederatedData, eval_fn, title: str, resume: bool = False,
                    problem=None):
@@ -524,57 +580,113 @@ def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
 
   Returns (final state, all records of the run, earlier ones included).
   """
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  earlier, totals, wall_offset = [], None, 0.0
-  if resume:
-    try:
-      state, meta = checkpoint.restore(workdir, state)
-    except checkpoint.CheckpointError as e:
-      fail(str(e))
-    earlier = read_metrics(metrics_path, meta["round"])
-    totals, wall_offset = meta["totals"], meta["wall_time_s"]
-  data, state = sharding.replicate((data, state), client_mesh())  # once, not every round
-  run_start_age = process_age_s()  # start-up before the first round: imports, data, setup
-  writer = JsonlWriter(metrics_path) if is_writer() else None
-  elapsed = [wall_offset]
-
-  def on_record(record):
-    record["wall_time_s"] += wall_offset
-    record["time_to_first_round_s"] = run_start_age + record["first_round_s"]
-    elapsed[0] = record["wall_time_s"]
-    if writer is not None:
-      writer(record)
-
-  kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
-  stop_after = int(os.environ.get(STOP_AFTER_CHECKPOINT_ENV, "0") or 0)
-  saved = [0]
-
-  def on_checkpoint(st, tot, done):
-    if is_writer():
-      checkpoint.save(workdir, st, {"round": done, "totals": tot, "wall_time_s": elapsed[0]})
-    saved[0] += 1
-    if saved[0] == kill_after:  # test hook (KILL_AFTER_CHECKPOINT_ENV): die like `kill -9`
-      os.kill(os.getpid(), signal.SIGKILL)
-    if saved[0] == stop_after:  # test hook (STOP_AFTER_CHECKPOINT_ENV): wait to be killed
-      os.kill(os.getpid(), signal.SIGSTOP)
-
+  rec = _Recorder(workdir, state, resume)
+  data, state = sharding.replicate((data, rec.state), client_mesh())  # once, not every round
+  records = []
   try:
     state, records = loop.run(
         rnd, state, data, ROUNDS.value, eval_fn=eval_fn, eval_every=EVAL_EVERY.value,
-        on_record=on_record, log=logging.info, log_every=LOG_EVERY.value, start_totals=totals,
-        checkpoint_every=CHECKPOINT_EVERY.value, on_checkpoint=on_checkpoint,
-        blowup_factor=DIVERGENCE_FACTOR.value,
+        on_record=rec.on_record, log=logging.info, log_every=LOG_EVERY.value,
+        start_totals=rec.totals, checkpoint_every=CHECKPOINT_EVERY.value,
+        on_checkpoint=rec.on_checkpoint, blowup_factor=DIVERGENCE_FACTOR.value,
         diagnose_fn=diagnose_fn(problem, data) if DIAGNOSE_EVERY.value else None,
         diagnose_every=DIAGNOSE_EVERY.value)
   except loop.DivergenceError as e:
+    rec.close([], title)
     fail(str(e))
-  finally:
-    if writer is not None:
-      writer.close()
-  records = earlier + records
-  if is_writer():
-    plot_records(records, os.path.join(workdir, "curves.png"), title)
-  return state, records
+  return state, rec.close(records, title)
+
+
+class SeedRun(NamedTuple):
+  """One seed's run, prepared by a driver (its prepare_one) and not yet started: what
+  run_and_record takes, and `finish(records) -> summary` (writes summary.json, prints)."""
+
+  workdir: str
+  rnd: federated.Round
+  state: federated.ServerState
+  data: federated.FederatedData
+  eval_fn: Callable[[federated.ServerState], Mapping[str, Any]]
+  title: str
+  resume: bool
+  finish: Callable[[list[dict[str, Any]]], dict[str, Any]]
+  problem: Any = None  # the task's BilevelProblem, for --diagnose_every
+
+
+def run_prepared(run: SeedRun) -> dict[str, Any]:
+  """run_and_record for one prepared seed, then its finish; returns its summary."""
+  _, records = run_and_record(run.workdir, run.rnd, run.state, run.data, run.eval_fn, run.title,
+                              run.resume, run.problem)
+  return run.finish(records)
+
+
+def _tree_signature(t: Any) -> Any:
+  """Tree structure, shapes and dtypes of t."""
+  import jax
+  import numpy as np
+  return (jax.tree.structure(t),
+          [(np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(t)])
+
+
+def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
+                      ) -> tuple[dict[int, dict[str, Any]], dict[int, str]] | None:
+  """Run prepared seeds as one vmapped program (rounds.seeds_step, loop.run_seeds): each run
+  keeps its own records, checkpoints, guards and summary in its own workdir, as if run alone.
+
+  groups: per seed, its runs (one, or e.g. hyper_cleaning's weighted run and its unweighted
+  baseline); all runs of all seeds share the program. A seed's runs finish in order once the
+  rounds are done; its summary is the last one's finish.
+  Returns ({seed index: summary}, {seed index: error of a run of it that stopped}), or None
+  (with the reason printed) when the runs cannot share one program: a static shape differs,
+  FedNest's round, a mask_fn, or resumed checkpoints at different rounds. Nothing has run
+  then; the caller runs the seeds one after another.
+  """
+  import jax
+  import jax.numpy as jnp
+  from bilevel import rounds
+  runs = [run for group in groups for run in group]
+  recorders = [_Recorder(r.workdir, r.state, r.resume) for r in runs]
+  states = [rec.state for rec in recorders]
+  reason = None
+  if any(_tree_signature((s, r.data)) != _tree_signature((states[0], runs[0].data))
+         for s, r in zip(states, runs)):
+    reason = "their data or parameters differ in shape (e.g. a non-IID partition)"
+  elif len({int(s.round) for s in states}) > 1:
+    reason = (f"their checkpoints are at different rounds "
+              f"({', '.join(str(int(s.round)) for s in states)})")
+  if reason is None:
+    try:
+      step = rounds.seeds_step([r.rnd for r in runs])
+    except ConfigError as e:
+      reason = str(e)
+  if reason is not None:
+    for rec, run in zip(recorders, runs):
+      rec.close([], run.title)
+    print(f"the seeds run one after another: {reason}.", flush=True)
+    return None
+  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+  state, data = stack(states), stack([r.data for r in runs])
+  print(f"{len(groups)} seeds ({len(runs)} runs) run as one vmapped program (--batch_seeds).",
+        flush=True)
+  _, records, stopped = loop.run_seeds(
+      step, state, data, ROUNDS.value, eval_fns=[r.eval_fn for r in runs],
+      eval_every=EVAL_EVERY.value, on_records=[rec.on_record for rec in recorders],
+      log=logging.info, log_every=LOG_EVERY.value, start_totals=[rec.totals for rec in recorders],
+      checkpoint_every=CHECKPOINT_EVERY.value,
+      on_checkpoints=[rec.on_checkpoint for rec in recorders],
+      blowup_factor=DIVERGENCE_FACTOR.value)
+  summaries, seed_errors, i = {}, {}, 0
+  for g, group in enumerate(groups):
+    for run in group:
+      recs = recorders[i].close(records[i], run.title)
+      if i in stopped:
+        print(f"error: {run.workdir}: {stopped[i]}", file=sys.stderr)
+        seed_errors.setdefault(g, stopped[i])
+      elif g not in seed_errors:  # a seed's later runs may build on its earlier ones
+        summaries[g] = run.finish(recs)
+      i += 1
+    if g in seed_errors:
+      summaries.pop(g, None)
+  return summaries, seed_errors
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
@@ -624,11 +736,16 @@ def combine_summaries(summaries: Mapping[int, Mapping[str, Any]]) -> dict[str, A
               per_seed={str(s): dict(v) for s, v in summaries.items()})
 
 
-def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
+def for_each_seed(run_one: Callable[[], Mapping[str, Any]],
+                  prepare_one: Callable[[], SeedRun | Sequence[SeedRun]] | None = None) -> None:
   """Run run_one() for --seed, or once per --seeds value into WORKDIR/seed_S, then write the
   combined summary (combine_summaries) to WORKDIR/summary.json and print its mean +- std.
 
   run_one reads the seed and the workdir from the flags and returns its run's summary.
+  prepare_one (the same run, prepared and not started: a SeedRun, or the seed's runs in the
+  order they finish) lets --batch_seeds run the seeds as one vmapped program
+  (run_seeds_batched); where they cannot share one, or without prepare_one, the seeds run one
+  after another.
   """
   seeds = parse_seeds()
   if seeds is None:
@@ -640,19 +757,31 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
   stale = os.path.join(root, "summary.json")
   if os.path.exists(stale) and is_writer():
     os.remove(stale)  # written again once every seed has finished
-  summaries, stopped = {}, []
-  for i, seed in enumerate(seeds):
-    flags.FLAGS.seed = seed
-    flags.FLAGS.workdir = os.path.join(root, f"seed_{seed}")
-    print(f"=== seed {seed} ({i + 1} of {len(seeds)}): {WORKDIR.value}", flush=True)
-    try:
-      summaries[seed] = run_one()
-    except SystemExit as e:
-      # A run that started and then stopped (e.g. diverged) does not stop the other seeds;
-      # a configuration error (nothing run yet) would stop every seed alike: end at once.
-      if not e.code or not os.path.exists(os.path.join(WORKDIR.value, "metrics.jsonl")):
-        raise
-      stopped.append(seed)
+  seed_dir = lambda seed: os.path.join(root, f"seed_{seed}")
+  batched = None
+  if prepare_one is not None and _batchable(len(seeds)):
+    groups = []
+    for seed in seeds:
+      flags.FLAGS.seed, flags.FLAGS.workdir = seed, seed_dir(seed)
+      prepared = prepare_one()
+      groups.append([prepared] if isinstance(prepared, SeedRun) else list(prepared))
+    batched = run_seeds_batched(groups)
+  if batched is not None:
+    summaries = {seeds[i]: v for i, v in batched[0].items()}
+    stopped = [seeds[i] for i in sorted(batched[1])]
+  else:
+    summaries, stopped = {}, []
+    for i, seed in enumerate(seeds):
+      flags.FLAGS.seed, flags.FLAGS.workdir = seed, seed_dir(seed)
+      print(f"=== seed {seed} ({i + 1} of {len(seeds)}): {WORKDIR.value}", flush=True)
+      try:
+        summaries[seed] = run_one()
+      except SystemExit as e:
+        # A run that started and then stopped (e.g. diverged) does not stop the other seeds;
+        # a configuration error (nothing run yet) would stop every seed alike: end at once.
+        if not e.code or not os.path.exists(os.path.join(WORKDIR.value, "metrics.jsonl")):
+          raise
+        stopped.append(seed)
   flags.FLAGS.workdir = root
   if stopped:
     fail(f"seeds {','.join(map(str, stopped))} of {','.join(map(str, seeds))} stopped (their "
@@ -664,6 +793,20 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]]) -> None:
   for k, mean in combined["mean"].items():
     print(f"  {k:<28} {mean:.4g} +- {combined['std'][k]:.2g}  "
           f"({combined['min'][k]:.4g} .. {combined['max'][k]:.4g})")
+
+
+def _batchable(num_seeds: int) -> bool:
+  """Whether --seeds may run as one vmapped program here (the flags' side of it; the seeds'
+  shapes are checked once they are built): --batch_seeds, several seeds, one device of one
+  process (the client mesh does not take a seed axis) and no --diagnose_every."""
+  if not BATCH_SEEDS.value or num_seeds < 2:
+    return False
+  reasons = [why for why, bad in (
+      ("--devices / a multi-process run shard the clients", client_mesh() is not None),
+      ("--diagnose_every computes per-seed diagnostics", DIAGNOSE_EVERY.value > 0)) if bad]
+  if reasons:
+    print(f"the seeds run one after another: {'; '.join(reasons)}.", flush=True)
+  return not reasons
 
 
 def print_table(rows: Mapping[str, Any]) -> None:

@@ -72,6 +72,7 @@ They were tuned on mnist_embedded with 20 clients, the default level profile and
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -489,11 +490,21 @@ def summarize(last: Mapping[str, Any], weighted: bool = True) -> dict[str, Any]:
 def main(argv):
   del argv
   common.start_driver()
-  common.for_each_seed(run_one)
+  common.for_each_seed(run_one, prepare_one)
 
 
 def run_one() -> dict:
   """One run (and its unweighted baseline) with --seed into --workdir; returns its summary."""
+  summary = {}
+  for run in prepare_one():
+    summary = common.run_prepared(run)
+  return summary
+
+
+def prepare_one() -> list[common.SeedRun]:
+  """The runs of --seed into --workdir (the weighted run, then with --baseline_unweighted its
+  baseline in WORKDIR/unweighted), built and not started (common.SeedRun); the last one's
+  finish gives the seed's summary."""
   task_defaults = apply_task_defaults()
   problems = check_task_flags()
   shape_free = layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
@@ -518,37 +529,47 @@ def run_one() -> dict:
   print(f"{cd.num_samples} training samples, {1 - cd.clean.mean():.1%} with a wrong label "
         f"(noise {NOISE.value}); classifier {CLASSIFIER.value}")
   evaluate = make_evaluate(ds, cd, setting.logits_fn)
-  runs = [(workdir, True, x0)]
+  specs = [(workdir, True, x0)]
   if BASELINE_UNWEIGHTED.value:
-    runs.append((os.path.join(workdir, "unweighted"), False,
-                 dict(x0, logits=jnp.full_like(x0["logits"], BASELINE_LOGIT))))
-  summary = {}
-  for run_dir, weighted, x_start in runs:
+    print("baseline: the same round with every sample weight fixed to 1 (noisy labels), in "
+          f"{os.path.join(workdir, 'unweighted')}")
+    specs.append((os.path.join(workdir, "unweighted"), False,
+                  dict(x0, logits=jnp.full_like(x0["logits"], BASELINE_LOGIT))))
+  summary: dict[str, Any] = {}  # the seed's summary, filled by its runs' finish in order
+  runs = []
+  for i, (run_dir, weighted, x_start) in enumerate(specs):
     os.makedirs(run_dir, exist_ok=True)
-    if not weighted:
-      print("baseline: the same round with every sample weight fixed to 1 (noisy labels)")
     resume = common.start_run(run_dir, dict(common.config_dict(cfg), weighted=weighted, **task))
     init_logit = float(np.asarray(x_start["logits"])[0])
-    state = alg.init(x_start, y0)
     title = ("hyper-cleaning" if weighted else "hyper-cleaning, unweighted baseline")
-    _, records = common.run_and_record(run_dir, rnd, state, cd.fed,
-                                       lambda st: evaluate(st, init_logit),
-                                       f"{title}, {common.ALGORITHM.value}", resume,
-                                       problem=cleaning_problem(setting.logits_fn, REG.value))
-    if weighted:
-      summary = summarize(records[-1], True)
-    else:
-      base = summarize(records[-1], False)
-      common.write_summary(run_dir, base)
-      summary.update(unweighted_test_accuracy=base["test_accuracy"],
-                     unweighted_wall_time_s=base["wall_time_s"],
-                     accuracy_gain=summary["test_accuracy"] - base["test_accuracy"])
-    # The weighted run's summary is written as soon as it is finished, and again with the
-    # baseline's figures added.
-    common.write_summary(workdir, summary)
-  print("final:")
-  common.print_table({k: v for k, v in summary.items() if v is not None})
-  return summary
+    finish = functools.partial(finish_run, workdir, run_dir, weighted, summary,
+                               i == len(specs) - 1)
+    runs.append(common.SeedRun(
+        run_dir, rnd, alg.init(x_start, y0), cd.fed,
+        functools.partial(evaluate, init_logit=init_logit),
+        f"{title}, {common.ALGORITHM.value}", resume, finish,
+        cleaning_problem(setting.logits_fn, REG.value)))
+  return runs
+
+
+def finish_run(workdir: str, run_dir: str, weighted: bool, summary: dict[str, Any], last: bool,
+               records: list[dict[str, Any]]) -> dict[str, Any]:
+  """A finished run's part of the seed's summary (weighted run: its figures; the unweighted
+  baseline: its own summary.json and unweighted_test_accuracy / accuracy_gain in the seed's).
+  The seed's summary.json is written after each run, the final table after the last."""
+  if weighted:
+    summary.update(summarize(records[-1], True))
+  else:
+    base = summarize(records[-1], False)
+    common.write_summary(run_dir, base)
+    summary.update(unweighted_test_accuracy=base["test_accuracy"],
+                   unweighted_wall_time_s=base["wall_time_s"],
+                   accuracy_gain=summary["test_accuracy"] - base["test_accuracy"])
+  common.write_summary(workdir, summary)
+  if last:
+    print("final:")
+    common.print_table({k: v for k, v in summary.items() if v is not None})
+  return dict(summary)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ Metric: test accuracy of the global (x, y).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,11 +64,26 @@ def client_arrays(ds: data_lib.Dataset) -> tuple[federated.FederatedData, dict]:
 def main(argv):
   del argv
   common.start_driver()
-  common.for_each_seed(run_one)
+  common.for_each_seed(run_one, prepare_one)
 
 
 def run_one() -> dict:
   """One run with --seed into --workdir; returns its summary."""
+  return common.run_prepared(prepare_one())
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def evaluate(state: federated.ServerState, x_test: jax.Array, y_test: jax.Array, model: str,
+             activation: str) -> dict[str, jax.Array]:
+  """Test accuracy and loss of the global (x, y) (the test set is an argument, so every seed
+  of a --seeds run uses one compiled program)."""
+  logits = models.LOGITS[model](state.x, state.y, x_test, activation)
+  return {"test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test),
+          "test_loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_test))}
+
+
+def prepare_one() -> common.SeedRun:
+  """The run of --seed into --workdir, built and not started (common.SeedRun)."""
   problems = common.check_shared_flags()
   if HIDDEN.value < 1:
     problems.append(f"--hidden={HIDDEN.value} must be >= 1.")
@@ -121,17 +138,15 @@ def run_one() -> dict:
   test_shape = image_shape(ds.input_shape) if MODEL.value == "cnn" else (-1,)
   x_test = jnp.asarray(ds.x_test.reshape((len(ds.x_test),) + tuple(test_shape)))
   y_test = jnp.asarray(ds.y_test)
+  eval_fn = lambda st: evaluate(st, x_test, y_test, MODEL.value, ACTIVATION.value)
+  title = f"hyper-representation, {common.ALGORITHM.value}"
+  finish = lambda records: summarize(workdir, records)
+  return common.SeedRun(workdir, rnd, alg.init(x0, y0), data, eval_fn, title, resume, finish,
+                        problem)
 
-  @jax.jit
-  def evaluate(state):
-    logits = models.LOGITS[MODEL.value](state.x, state.y, x_test, ACTIVATION.value)
-    return {"test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test),
-            "test_loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_test))}
 
-  state = alg.init(x0, y0)
-  state, records = common.run_and_record(workdir, rnd, state, data, evaluate,
-                                         f"hyper-representation, {common.ALGORITHM.value}", resume,
-                                         problem=problem)
+def summarize(workdir: str, records: list[dict]) -> dict:
+  """The run's summary from its records: written to workdir/summary.json and printed."""
   last = records[-1]
   summary = dict(
       task="hyper_representation", algorithm=common.ALGORITHM.value,

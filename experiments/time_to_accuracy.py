@@ -19,8 +19,10 @@ is FedNest's own PyTorch code at config A: 0.895 after 300-500 rounds at 0.221 s
 best about 66 s (--fednest_reference_s); speedup = reference / seconds_to_target.
 
 --seed defaults to 1 here (the config-A seed of the README), not the shared flag's 0.
+With --seed_batch=S (default 10; 0 skips it) it then times the README main job (whole process:
+one seed cold and warm, S seeds as one vmapped program and one after another; time_seeds).
 Writes WORKDIR/benchmark.json (versions, device, settings, per algorithm and cache state:
-seconds_to_target, round_reached, speedup, ...) and prints a table.
+seconds_to_target, round_reached, speedup, ...; main_job: the seed timings) and prints a table.
 
   python -m experiments.time_to_accuracy --workdir=runs/tta
 """
@@ -46,6 +48,11 @@ DEFAULT_ALGORITHMS = ("rafbo", "fednest")
 TARGET = flags.DEFINE_float("target", 0.895, "Test accuracy (fraction) to reach.")
 REFERENCE_S = flags.DEFINE_float("fednest_reference_s", 66.0, "FedNest's own time to the target "
                                  "(its PyTorch code: 300-500 rounds at 0.221 s per round).")
+SEED_BATCH = flags.DEFINE_integer(
+    "seed_batch", 10, "Also time the README main job (hyper_representation at its defaults, "
+    "whole process, cache as named): one seed cold and warm, and this many seeds (--seeds=0,"
+    "...,S-1) as one vmapped program (cold: its first run compiles it; warm) and one after "
+    "another (--nobatch_seeds, warm). 0 skips it.")
 MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 500, "Rounds a run may take (--rounds of the "
                                   "driver process); one that ends below the target counts null.")
 
@@ -175,6 +182,57 @@ def time_one(algorithm: str, state: str, workdir: str, cache_dir: str, rounds: i
   return out
 
 
+def time_process(cmd: Sequence[str], log_path: str) -> tuple[float, int]:
+  """(whole-process wall seconds, exit code) of one command, its output into log_path."""
+  with open(log_path, "w", encoding="utf-8") as log:
+    start = time.perf_counter()
+    code = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+  return time.perf_counter() - start, code
+
+
+def time_seeds(workdir: str, num_seeds: int) -> dict[str, Any]:
+  """The README main job: one seed (cold, warm cache) against num_seeds seeds batched (cold
+  for the batched program, then warm) and one after another (warm); one cache folder."""
+  cache_dir = os.path.join(workdir, "cache_main")
+  shutil.rmtree(cache_dir, ignore_errors=True)
+  seeds = ",".join(str(s) for s in range(num_seeds))
+  runs = (("one_seed_cold", []), ("one_seed_warm", []),
+          ("seeds_batched_cold", [f"--seeds={seeds}"]),
+          ("seeds_batched_warm", [f"--seeds={seeds}"]),
+          ("seeds_sequential_warm", [f"--seeds={seeds}", "--nobatch_seeds"]))
+  out: dict[str, Any] = {"num_seeds": num_seeds, "commands": {}}
+  for name, extra in runs:
+    run_dir = os.path.join(workdir, f"main_{name}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    cmd = [sys.executable, "-m", "experiments.hyper_representation", f"--workdir={run_dir}",
+           f"--compilation_cache={cache_dir}", *extra] + (["--smoke"] if common.SMOKE.value
+                                                          else [])
+    print(f"=== main job: {name.replace('_', ' ')}", flush=True)
+    seconds, code = time_process(cmd, os.path.join(workdir, f"main_{name}.log"))
+    out[f"{name}_s"] = seconds if code == 0 else None
+    out["commands"][name] = " ".join(cmd[1:])
+    try:
+      with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+      summary = summary.get("mean", summary)  # several seeds: the mean over them
+      out[f"{name}_time_to_first_round_s"] = summary.get("time_to_first_round_s")
+    except (OSError, ValueError):
+      out[f"{name}_time_to_first_round_s"] = None
+    if code != 0:
+      out.setdefault("errors", {})[name] = (f"exit code {code}, log "
+                                            f"{os.path.join(workdir, f'main_{name}.log')}")
+    else:
+      shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"  {_fmt(out[f'{name}_s'], '.1f')} s", flush=True)
+  one = out["one_seed_warm_s"]
+  for name in ("seeds_batched_warm", "seeds_sequential_warm"):
+    out[f"{name}_over_one_seed"] = (out[f"{name}_s"] / one
+                                    if out[f"{name}_s"] and one else None)
+  shutil.rmtree(cache_dir, ignore_errors=True)
+  return out
+
+
 def check_flags() -> list[str]:
   problems = []
   known = set(algorithms.names())
@@ -193,6 +251,8 @@ def check_flags() -> list[str]:
     problems.append(f"--target={TARGET.value} is outside the allowed range [0, 1] (a fraction).")
   if not REFERENCE_S.value > 0:
     problems.append(f"--fednest_reference_s={REFERENCE_S.value} must be > 0.")
+  if SEED_BATCH.value < 0 or SEED_BATCH.value == 1:
+    problems.append(f"--seed_batch={SEED_BATCH.value} must be 0 (skip) or >= 2.")
   if MAX_ROUNDS.value < 1:
     problems.append(f"--max_rounds={MAX_ROUNDS.value} must be >= 1.")
   if common.SEED.value < 0:
@@ -256,6 +316,7 @@ def main(argv: Sequence[str]) -> None:
             f"{_fmt(r['round_reached'], '')} (last accuracy "
             f"{_fmt(r['last_test_accuracy'], '.4f')})", flush=True)
     shutil.rmtree(cache_dir, ignore_errors=True)
+  main_job = time_seeds(workdir, SEED_BATCH.value) if SEED_BATCH.value else None
   # JAX starts in this process only now, after the timed processes: on a GPU it would
   # otherwise hold (preallocate) device memory while they run.
   result = dict(
@@ -268,14 +329,23 @@ def main(argv: Sequence[str]) -> None:
                     cpu_count=os.cpu_count(),
                     persistent_cache_min_compile_time_s=float(os.environ.get(
                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0))),
-      results=results, total_time_s=time.perf_counter() - start)
+      results=results, main_job=main_job, total_time_s=time.perf_counter() - start)
   path = os.path.join(workdir, "benchmark.json")
   from bilevel.metrics import write_json  # pylint: disable=g-import-not-at-top
   write_json(path, result)
   print_results(results, target)
+  if main_job is not None:
+    print(f"README main job, whole process: one seed {_fmt(main_job['one_seed_cold_s'], '.1f')} s "
+          f"cold, {_fmt(main_job['one_seed_warm_s'], '.1f')} s warm; {main_job['num_seeds']} "
+          f"seeds batched {_fmt(main_job['seeds_batched_warm_s'], '.1f')} s warm "
+          f"({_fmt(main_job['seeds_batched_warm_over_one_seed'], '.1f')}x one seed; first "
+          f"batched run {_fmt(main_job['seeds_batched_cold_s'], '.1f')} s), one after another "
+          f"{_fmt(main_job['seeds_sequential_warm_s'], '.1f')} s "
+          f"({_fmt(main_job['seeds_sequential_warm_over_one_seed'], '.1f')}x)")
   print(f"wrote {path}")
   failed = [f"{a} ({s})" for a, states in results.items() for s, r in states.items()
             if r["error"]]
+  failed += [f"main job ({name})" for name in (main_job or {}).get("errors", {})]
   if failed:
     common.fail(f"the driver process of {', '.join(failed)} stopped with an error (its last "
                 f"line is in {path}; its folder and driver.log are kept).")

@@ -1,5 +1,6 @@
 """experiments.time_to_accuracy: the metrics scan it polls with, and a --smoke run of the
-driver (two driver subprocesses, cold and warm cache) writing benchmark.json. Times are not
+driver (two driver subprocesses, cold and warm cache, then the main job's five seed timings)
+writing benchmark.json. Times are not
 asserted beyond being positive: the CPU is shared."""
 
 import json
@@ -78,6 +79,17 @@ class DriverTest(absltest.TestCase):
       self.assertFalse(os.path.exists(os.path.join(workdir, f"rafbo_{state}")), state)
     self.assertFalse(os.path.exists(os.path.join(workdir, "cache_rafbo")))
     self.assertIn("rafbo", proc.stdout)
+    main = result["main_job"]  # the README main job, --smoke: 2 rounds, the first 2 seeds
+    self.assertNotIn("errors", main)
+    for name in ("one_seed_cold", "one_seed_warm", "seeds_batched_cold", "seeds_batched_warm",
+                 "seeds_sequential_warm"):
+      self.assertGreater(main[f"{name}_s"], 0, name)
+      self.assertGreater(main[f"{name}_time_to_first_round_s"], 0, name)
+    self.assertIn("--nobatch_seeds", main["commands"]["seeds_sequential_warm"])
+    self.assertAlmostEqual(main["seeds_batched_warm_over_one_seed"],
+                           main["seeds_batched_warm_s"] / main["one_seed_warm_s"])
+    self.assertFalse(os.path.exists(os.path.join(workdir, "cache_main")))
+    self.assertIn("README main job", proc.stdout)
 
   def test_bad_flags_are_one_error(self):
     argv = [sys.executable, "-m", "experiments.time_to_accuracy",
