@@ -38,6 +38,7 @@ the library's forward-over-reverse PRODUCTS["exact"] would recompute the gradien
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -46,6 +47,7 @@ import numpy as np
 import optax
 
 from bilevel import costs, federated, server, tree
+from bilevel import sampling as sampling_lib
 from bilevel.client import Sampler, full_batch, population_sampler
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import PRODUCT_GRAD_EVALS
@@ -369,7 +371,7 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   diagnostics as in rounds.make_round (the estimate is FedOut's averaged h at x); client_map
   maps a phase's client function over its clients (ClientMap; default one vmap).
   """
-  del x_like, sampling, available, unused
+  del sampling, available, unused
   federated.validate_config(cfg, layout)
   validate(cfg, submodel=submodel, mask_fn=mask_fn, mesh=mesh)
   optimizer = optimizer or optax.sgd(cfg.server_lr)
@@ -378,20 +380,22 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   c = min(cfg.clients_per_round, cfg.num_clients)
   counts = round_counts(cfg, c)
 
-  def sample_fn(q: jax.Array) -> list[jax.Array]:
+  def sample_fn(a: federated.RoundArgs, q: jax.Array) -> list[jax.Array]:
     """S_in and S_out: C clients each, drawn independently (FedNest samples per phase)."""
-    key = jax.random.fold_in(federated.stream_key(cfg.seed, "sample"), q)
-    return [jax.random.choice(jax.random.fold_in(key, k), jnp.asarray(population), (c,),
-                              replace=False) for k in (0, 1)]
+    key = jax.random.fold_in(a.keys["sample"], q)
+    return [jax.random.choice(jax.random.fold_in(key, k), a.population, (c,), replace=False)
+            for k in (0, 1)]
 
-  def step(state: federated.ServerState, data: federated.FederatedData):
+  def step(a: federated.RoundArgs, state: federated.ServerState,
+           data: federated.FederatedData):
     q = state.round
-    s_in, s_out = sample_fn(q)
-    bkey = jax.random.fold_in(federated.stream_key(cfg.seed, "batches"), q)
+    s_in, s_out = sample_fn(a, q)
+    bkey = jax.random.fold_in(a.keys["batches"], q)
     keys = jax.vmap(lambda cid: jax.random.fold_in(bkey, cid))(s_in)
-    y = fed_inn(oracle, cfg, state.x, state.y, data, s_in, keys, sample, client_map)
-    v, f_val = fed_ihgp(oracle, cfg, state.x, y, data, s_out, client_map)
-    dx, h, g_val = fed_out(oracle, cfg, state.x, y, v, data, s_out, client_map)
+    cfg_q = cfg._replace(client=federated.with_steps(cfg.client, a.steps))  # traced steps
+    y = fed_inn(oracle, cfg_q, state.x, state.y, data, s_in, keys, sample, client_map)
+    v, f_val = fed_ihgp(oracle, cfg_q, state.x, y, data, s_out, client_map)
+    dx, h, g_val = fed_out(oracle, cfg_q, state.x, y, v, data, s_out, client_map)
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
     flops = client_flops(cfg, layout, state, data, s_in, s_out, flops_per_grad, cost)
@@ -402,5 +406,11 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
                                             count_y=held(state.y))
     return federated.ServerState(x, y, v, opt_state, q + 1), metrics
 
-  return federated.Round(jax.jit(step) if jit else step, population,
-                         np.ones((cfg.num_clients, 2)), c, (), sample_fn)
+  ratios = np.ones((cfg.num_clients, 2))
+  # Seed streams and step sizes as jit arguments (federated.RoundArgs): one program for every
+  # seed and step size (sampling_lib.ROUND_STREAMS holds the streams FedNest reads).
+  args = sampling_lib.round_args(cfg, ratios, population, (),
+                                 jax.tree.leaves(x_like)[0].dtype)
+  bind = lambda fn: functools.partial(fn, args)
+  return federated.Round(bind(jax.jit(step) if jit else step), population, ratios, c, (),
+                         bind(sample_fn))

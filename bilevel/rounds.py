@@ -291,16 +291,17 @@ def seeds_step(rnds: Sequence[Round]) -> Callable[..., tuple[ServerState, dict[s
   """`step(state, data)` running the rounds of several seeds as one program: the round vmapped
   over a leading seed axis of its RoundArgs, state and data ([S, ...]; metrics come back [S]).
 
-  rnds: make_round's Rounds of one configuration that differ only in the seed (the drivers
+  rnds: Rounds of one configuration that differ only in the seed (the drivers
   check the configurations); each seed's RoundArgs carry what the seed changes, so the round
   traced for the first serves every seed. Seed s of the result is the round of rnds[s] to
-  float32 rounding (to 1e-10 in float64; tests/seeds_test.py). Raises ConfigError when
-  a round has no RoundArgs (FedNest's round) or a mask_fn (Round.seed_constants), or the
-  rounds differ in a static shape.
+  float32 rounding (to 1e-10 in float64; tests/seeds_test.py). FedNest's round qualifies
+  too. Raises ConfigError when a round has no bound RoundArgs or a mask_fn
+  (Round.seed_constants), or the rounds differ in a static shape.
   """
   if not all(isinstance(r.step, functools.partial) and len(r.step.args) == 1 for r in rnds):
-    raise ConfigError("seeds_step needs rounds with RoundArgs (rounds.make_round); FedNest's "
-                      "round compiles per seed: run its seeds one after another.")
+    raise ConfigError("seeds_step needs rounds whose step binds its RoundArgs (rounds."
+                      "make_round, fednest.make_fednest_round); run these seeds one after "
+                      "another.")
   if any(r.seed_constants for r in rnds):
     raise ConfigError("seeds_step: a round built with a mask_fn may hold constants of its own "
                       "seed; run its seeds one after another.")

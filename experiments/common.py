@@ -128,7 +128,8 @@ COMPILATION_CACHE = flags.DEFINE_string(
 REUSE_HOST_MEMORY = flags.DEFINE_boolean(
     "reuse_host_memory", True, "Keep freed host memory for the next round (glibc mallopt) "
     "instead of page-faulting fresh memory in every round: ~1.35x faster 100-client rounds "
-    "on the 2-core CPU (BENCHMARKS.md); no effect on results.")
+    "on the 2-core CPU (BENCHMARKS.md); no effect on results. CPU runs only: skipped where "
+    "JAX may use an accelerator (common.accelerator_possible).")
 
 EVAL_SPLIT = flags.DEFINE_enum(
     "eval_split", "test", ["test", "holdout"], "What test_accuracy is measured on: the test set, "
@@ -203,7 +204,21 @@ def start_driver() -> bool:
       fail(f"--cpu_devices={CPU_DEVICES.value} must be set before JAX starts: {e}")
   enable_compilation_cache()
   start_distributed()
-  return REUSE_HOST_MEMORY.value and reuse_host_memory()
+  return REUSE_HOST_MEMORY.value and not accelerator_possible() and reuse_host_memory()
+
+
+def accelerator_possible() -> bool:
+  """Whether JAX may run on an accelerator in this process, decided without starting its
+  backends: JAX_PLATFORMS names a platform other than cpu, or it is unset and an accelerator
+  plugin (a `jax_plugins` entry point or package, e.g. jax-cuda12-plugin) or libtpu is
+  installed. Host-memory tuning (--reuse_host_memory) is for CPU runs only."""
+  import importlib.util
+  platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return any(p != "cpu" for p in platforms)
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return True
+  return any(importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
 
 
 def start_distributed() -> None:
@@ -637,7 +652,7 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   rounds are done; its summary is the last one's finish.
   Returns ({seed index: summary}, {seed index: error of a run of it that stopped}), or None
   (with the reason printed) when the runs cannot share one program: a static shape differs,
-  FedNest's round, a mask_fn, or resumed checkpoints at different rounds. Nothing has run
+  a mask_fn, or resumed checkpoints at different rounds. Nothing has run
   then; the caller runs the seeds one after another.
   """
   import jax

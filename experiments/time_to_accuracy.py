@@ -53,6 +53,10 @@ SEED_BATCH = flags.DEFINE_integer(
     "whole process, cache as named): one seed cold and warm, and this many seeds (--seeds=0,"
     "...,S-1) as one vmapped program (cold: its first run compiles it; warm) and one after "
     "another (--nobatch_seeds, warm). 0 skips it.")
+DRIVER_FLAGS = flags.DEFINE_list(
+    "driver_flags", [], "Flags added to every timed RAFBO / FedNest driver command, e.g. "
+    "--driver_flags=--submodel=dense (a run of the algorithm as the preset and these flags "
+    "set it).")
 MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 500, "Rounds a run may take (--rounds of the "
                                   "driver process); one that ends below the target counts null.")
 
@@ -108,7 +112,7 @@ def command(algorithm: str, run_dir: str, cache_dir: str, rounds: int,
   return [sys.executable, "-m", "experiments.hyper_representation", f"--workdir={run_dir}",
           f"--flagfile={preset(algorithm)}", *CONFIG_A, f"--rounds={rounds}",
           f"--eval_every={eval_every}", f"--seed={common.SEED.value}",
-          f"--compilation_cache={cache_dir}", "--log_every=100000"]
+          f"--compilation_cache={cache_dir}", "--log_every=100000", *DRIVER_FLAGS.value]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -325,6 +329,7 @@ def main(argv: Sequence[str]) -> None:
       fednest_reference="FedNest's PyTorch code at config A: 0.895 test accuracy after 300-500 "
                         "rounds at 0.221 s per round, at best about 66 s",
       settings=dict(max_rounds=rounds, eval_every=eval_every, config_a=list(CONFIG_A),
+                    driver_flags=list(DRIVER_FLAGS.value),
                     poll_interval_s=POLL_S, smoke=common.SMOKE.value,
                     cpu_count=os.cpu_count(),
                     persistent_cache_min_compile_time_s=float(os.environ.get(

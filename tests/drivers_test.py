@@ -442,5 +442,17 @@ class HostMemoryTest(absltest.TestCase):
     self.assertLess(faults, size // 4096 // 10)
 
 
+  def test_host_memory_tuning_is_for_cpu_runs_only(self):
+    with mock.patch.dict(os.environ, {"JAX_PLATFORMS": "cuda,cpu"}):
+      self.assertTrue(common.accelerator_possible())
+    with mock.patch.dict(os.environ, {"JAX_PLATFORMS": "cpu"}):
+      self.assertFalse(common.accelerator_possible())
+    with mock.patch.dict(os.environ, {"JAX_PLATFORMS": ""}), \
+        mock.patch("importlib.util.find_spec", lambda name: object() if name == "libtpu"
+                   else None), \
+        mock.patch("importlib.metadata.entry_points", lambda group: []):
+      self.assertTrue(common.accelerator_possible())  # libtpu installed, platform unset
+
+
 if __name__ == "__main__":
   absltest.main()

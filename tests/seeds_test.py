@@ -1,12 +1,14 @@
 """Seeds batched in one program (rounds.seeds_step, loop.run_seeds, --batch_seeds).
 
-- Library: three seeds of a compact round (different seeds, initial points and data) run as one
-  vmapped program give every seed's records and final state of its own run: to 1e-10 in
+- Library: three seeds of a compact round, and of FedNest's round (different seeds, initial
+  points and data) run as one vmapped program give every seed's records and final state of
+  its own run: to 1e-10 in
   float64 (the same operations; only XLA's batching of them differs), to float32 rounding over
   one round (rtol 1e-5: ~1e-7 per operation, summed over the round's reductions).
 - A seed that becomes NaN stops alone, with the message its own run gives; the others finish
   as they would alone.
-- seeds_step refuses rounds that cannot share a program (FedNest's, other strata).
+- seeds_step refuses rounds that cannot share a program (other strata, a mask_fn, no
+  RoundArgs).
 - Driver: --seeds=0,1 batched writes per seed what --nobatch_seeds writes (float32: the runs
   agree to rtol 1e-4 over 3 rounds: rounding differences of 1e-7 grow through the updates),
   hyper_cleaning's weighted and unweighted runs of every seed included; a round with a mask_fn
@@ -50,8 +52,9 @@ def _cfg(seed):
                                    levels=masks.parse_levels(LEVELS), seed=seed)
 
 
-def _seed_run(seed, dtype, poison=False):
-  """(round, initial state, data) of one seed: its own initial point and data."""
+def _seed_run(seed, dtype, poison=False, fednest=False):
+  """(round, initial state, data) of one seed: its own initial point and data (fednest: the
+  fednest preset's round, FedNest's communicating round)."""
   rng = np.random.default_rng(seed)
 
   def split():
@@ -63,6 +66,10 @@ def _seed_run(seed, dtype, poison=False):
 
   data = federated.FederatedData(split(), split(), jnp.full((M,), N))
   x0, y0 = models.init_mlp(jax.random.key(seed), DIN, H, CL, dtype)
+  if fednest:
+    alg = algorithms.get("fednest", problem=models.hyper_representation_problem("tanh"),
+                         num_clients=M, clients_per_round=4, seed=seed)
+    return alg.make_round(x0), alg.init(x0, y0), data
   cfg = _cfg(seed)
   rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg, models.mlp_layout(H),
                           x0, submodel="compact")
@@ -80,8 +87,8 @@ def _numeric(record):
 
 class LibraryTest(parameterized.TestCase):
 
-  def _both(self, dtype, rounds_run, poison=()):
-    runs = [_seed_run(s, dtype, poison=s in poison) for s in SEEDS]
+  def _both(self, dtype, rounds_run, poison=(), fednest=False):
+    runs = [_seed_run(s, dtype, poison=s in poison, fednest=fednest) for s in SEEDS]
     alone = []
     for rnd, state, data in runs:
       try:
@@ -94,10 +101,11 @@ class LibraryTest(parameterized.TestCase):
         eval_fns=[None] * len(SEEDS), blowup_factor=None)
     return alone, (state, records, stopped)
 
-  @parameterized.parameters((np.float64, 4, 1e-10), (np.float32, 1, 1e-5))
-  def test_each_seed_is_its_own_run(self, dtype, rounds_run, rtol):
+  @parameterized.parameters((np.float64, 4, 1e-10, False), (np.float32, 1, 1e-5, False),
+                            (np.float64, 3, 1e-10, True))
+  def test_each_seed_is_its_own_run(self, dtype, rounds_run, rtol, fednest):
     with jax.enable_x64(dtype == np.float64):
-      alone, (state, records, stopped) = self._both(dtype, rounds_run)
+      alone, (state, records, stopped) = self._both(dtype, rounds_run, fednest=fednest)
     self.assertEqual(stopped, {})
     for i, (final, want) in enumerate(alone):
       self.assertLen(records[i], rounds_run)
@@ -132,10 +140,9 @@ class LibraryTest(parameterized.TestCase):
                               models.mlp_layout(H), x0, submodel="compact")
     with self.assertRaisesRegex(ConfigError, "static shape"):
       rounds.seeds_step([rnd, other])
-    fednest = algorithms.get("fednest", problem=models.hyper_representation_problem("tanh"),
-                             num_clients=M).make_round(x0)
-    with self.assertRaisesRegex(ConfigError, "FedNest"):
-      rounds.seeds_step([fednest, fednest])
+    unbound = rnd._replace(step=rnd.step.func)  # a round without RoundArgs
+    with self.assertRaisesRegex(ConfigError, "RoundArgs"):
+      rounds.seeds_step([unbound, unbound])
 
 
 def _records(path):
