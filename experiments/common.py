@@ -848,6 +848,14 @@ ALGORITHM_LIST = flags.DEFINE_list(
     "time_to_accuracy: default rafbo,fednest).")
 
 
+# Flags passed on to the driver processes a driver starts (one flag for tune and
+# time_to_accuracy).
+DRIVER_FLAGS = flags.DEFINE_list(
+    "driver_flags", [], "Further flags passed to every driver process this one starts (tune: "
+    "every grid point's run, e.g. --driver_flags=--num_clients=100,--partition=shards; "
+    "time_to_accuracy: every timed RAFBO / FedNest run, e.g. --driver_flags=--submodel=dense).")
+
+
 def algorithm_list(default: Sequence[str]) -> list[str]:
   """--algorithms if given, else the driver's default."""
   return list(ALGORITHM_LIST.value if ALGORITHM_LIST.value is not None else default)

@@ -53,10 +53,9 @@ SEED_BATCH = flags.DEFINE_integer(
     "whole process, cache as named): one seed cold and warm, and this many seeds (--seeds=0,"
     "...,S-1) as one vmapped program (cold: its first run compiles it; warm) and one after "
     "another (--nobatch_seeds, warm). 0 skips it.")
-DRIVER_FLAGS = flags.DEFINE_list(
-    "driver_flags", [], "Flags added to every timed RAFBO / FedNest driver command, e.g. "
-    "--driver_flags=--submodel=dense (a run of the algorithm as the preset and these flags "
-    "set it).")
+# --driver_flags (experiments/common.py): flags added to every timed RAFBO / FedNest driver
+# command, e.g. --driver_flags=--submodel=dense.
+DRIVER_FLAGS = common.DRIVER_FLAGS
 MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 500, "Rounds a run may take (--rounds of the "
                                   "driver process); one that ends below the target counts null.")
 

@@ -47,8 +47,8 @@ GRID_V = flags.DEFINE_list("grid_v_lr", None, "v_lr values: v step or Neumann st
                            "GRIDS[task]).")
 PRESET_OUT = flags.DEFINE_string("preset_out", None, "Flagfile to write (default "
                                  "experiments/presets/TASK_ALGORITHM.cfg).")
-EXTRA = flags.DEFINE_list("driver_flags", [], "Further flags passed to every driver run, e.g. "
-                          "--driver_flags=--num_clients=100,--partition=shards.")
+# --driver_flags (experiments/common.py): further flags passed to every driver run.
+EXTRA = common.DRIVER_FLAGS
 
 # The one grid per task, the same for every algorithm: each step at the task's hand-set default
 # (task 1: 0.1 everywhere; task 2: outer 30, inner 0.05, v 0.05) and about a third of it, 8
