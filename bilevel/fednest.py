@@ -350,6 +350,14 @@ def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops, num_sampled):
       communication_rounds=jnp.asarray(counts.communication_rounds, jnp.int32))
 
 
+def phase_samples(a: federated.RoundArgs, q: jax.Array, c: int) -> list[jax.Array]:
+  """S_in and S_out of round q: C clients each, drawn independently (FedNest samples per
+  phase)."""
+  key = jax.random.fold_in(a.keys["sample"], q)
+  return [jax.random.choice(jax.random.fold_in(key, k), a.population, (c,), replace=False)
+          for k in (0, 1)]
+
+
 def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, layout: Any,
                        x_like: PyTree, *, sample: Sampler = full_batch,
                        optimizer: optax.GradientTransformation | None = None,
@@ -380,16 +388,10 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   c = min(cfg.clients_per_round, cfg.num_clients)
   counts = round_counts(cfg, c)
 
-  def sample_fn(a: federated.RoundArgs, q: jax.Array) -> list[jax.Array]:
-    """S_in and S_out: C clients each, drawn independently (FedNest samples per phase)."""
-    key = jax.random.fold_in(a.keys["sample"], q)
-    return [jax.random.choice(jax.random.fold_in(key, k), a.population, (c,), replace=False)
-            for k in (0, 1)]
-
   def step(a: federated.RoundArgs, state: federated.ServerState,
            data: federated.FederatedData):
     q = state.round
-    s_in, s_out = sample_fn(a, q)
+    s_in, s_out = phase_samples(a, q, c)
     bkey = jax.random.fold_in(a.keys["batches"], q)
     keys = jax.vmap(lambda cid: jax.random.fold_in(bkey, cid))(s_in)
     cfg_q = cfg._replace(client=federated.with_steps(cfg.client, a.steps))  # traced steps
@@ -406,11 +408,9 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
                                             count_y=held(state.y))
     return federated.ServerState(x, y, v, opt_state, q + 1), metrics
 
+  # Seed streams and step sizes as jit arguments (RoundArgs): one program for every seed and
+  # step size (sampling_lib.ROUND_STREAMS holds the streams FedNest reads).
   ratios = np.ones((cfg.num_clients, 2))
-  # Seed streams and step sizes as jit arguments (federated.RoundArgs): one program for every
-  # seed and step size (sampling_lib.ROUND_STREAMS holds the streams FedNest reads).
-  args = sampling_lib.round_args(cfg, ratios, population, (),
-                                 jax.tree.leaves(x_like)[0].dtype)
-  bind = lambda fn: functools.partial(fn, args)
-  return federated.Round(bind(jax.jit(step) if jit else step), population, ratios, c, (),
-                         bind(sample_fn))
+  args = sampling_lib.round_args(cfg, ratios, population, (), jax.tree.leaves(x_like)[0].dtype)
+  return federated.Round(functools.partial(jax.jit(step) if jit else step, args), population,
+                         ratios, c, (), functools.partial(phase_samples, args, c=c))

@@ -232,26 +232,23 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
   it gets no later record or checkpoint, and the others go on (the seeds do not interact, so
   its NaNs cannot reach them). Returns (final state [S, ...], records per seed, stopped).
   """
-  num_seeds = len(eval_fns)
+  num_seeds, stopped = len(eval_fns), {}
   on_records = on_records or [None] * num_seeds
   on_checkpoints = on_checkpoints or [None] * num_seeds
   totals = [_start_totals(t) for t in (start_totals or [None] * num_seeds)]
   guards = [BlowupGuard(blowup_factor, t) for t in totals]
   records: list[list[dict[str, Any]]] = [[] for _ in range(num_seeds)]
-  stopped: dict[int, str] = {}
   rounds = np.asarray(jax.device_get(state.round))
   if np.any(rounds != rounds[0]):
     raise ValueError(f"run_seeds needs every seed at the same round; got {rounds.tolist()}.")
   start, first = time.perf_counter(), int(rounds[0])
-  seed_state = lambda st, s: jax.tree.map(lambda a: a[s], st)
   for q in range(first, num_rounds):
     step_start = time.perf_counter()
     state, metrics = step(state, data)
     metrics = to_python(jax.device_get(metrics))
     finite = np.asarray(_finite_seeds(state))
     done = q + 1
-    live = [s for s in range(num_seeds) if s not in stopped]
-    for s in live:
+    for s in [s for s in range(num_seeds) if s not in stopped]:
       m = {k: v[s] for k, v in metrics.items()}
       if q == first:
         totals[s]["first_round_s"] = time.perf_counter() - step_start
@@ -263,11 +260,11 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
         continue
       _accumulate(totals[s], m)
       if _due(done, eval_every, num_rounds):
-        records[s].append(_record(done, m, totals[s], {}, start, eval_fns[s], seed_state(state, s)))
+        records[s].append(_record(done, m, totals[s], {}, start, eval_fns[s], _slice(state, s)))
         if on_records[s] is not None:
           on_records[s](records[s][-1])
       if on_checkpoints[s] is not None and _due(done, checkpoint_every, num_rounds):
-        on_checkpoints[s](seed_state(state, s), dict(totals[s]), done)
+        on_checkpoints[s](_slice(state, s), dict(totals[s]), done)
     if len(stopped) == num_seeds:
       break
     if log is not None and _due(done, log_every, num_rounds):
@@ -276,6 +273,11 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
 
 
 _finite_seeds = jax.jit(jax.vmap(_finite_parts))
+
+
+def _slice(state: ServerState, s: int) -> ServerState:
+  """Seed s's state from the seeds' stacked state."""
+  return jax.tree.map(lambda a: a[s], state)
 
 
 def _progress_seeds(done: int, num_rounds: int, first: int, start: float,
