@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import costs, federated, rounds
+from bilevel import costs, federated, rounds, tree
 from bilevel import fednest as fednest_lib  # `fednest` is this module's constructor
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig, Sampler, full_batch
@@ -188,12 +188,6 @@ _SPECS: dict[str, _Spec] = {
 }
 
 
-def _signature(x: PyTree) -> tuple[Any, ...]:
-  """Tree structure, shapes and dtypes of x: the round is built once per signature."""
-  leaves, treedef = jax.tree.flatten(x)
-  return (treedef,) + tuple((np.shape(a), str(jnp.result_type(a))) for a in leaves)
-
-
 def _strongly_typed(t: PyTree) -> PyTree:
   """Every leaf as an array of its dtype, weak types dropped (jnp.array(1.0) is weakly typed;
   the round returns strongly typed arrays, and a weak input would retrace the second step)."""
@@ -228,7 +222,7 @@ class Algorithm:
       ConfigError: make_round's checks that need x (e.g. static masks that leave outer
         coordinates uncovered forever).
     """
-    key = _signature(x_like)
+    key = tree.signature(x_like)  # the round is built once per signature
     if key not in self._rounds:
       o = self.options
       self._rounds[key] = build_round(

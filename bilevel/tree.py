@@ -79,3 +79,9 @@ def stack(trees: list[PyTree]) -> PyTree:
 
 def index(tree: PyTree, i: int) -> PyTree:
   return jax.tree.map(lambda t: t[i], tree)
+
+
+def signature(t: PyTree) -> tuple[Any, ...]:
+  """Tree structure, shapes and dtypes of t (what a jitted function is traced for)."""
+  leaves, treedef = jax.tree.flatten(t)
+  return (treedef,) + tuple((jnp.shape(a), str(jnp.result_type(a))) for a in leaves)

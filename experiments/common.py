@@ -570,12 +570,14 @@ class _Recorder:
     if saved == int(os.environ.get(STOP_AFTER_CHECKPOINT_ENV, "0") or 0):
       os.kill(os.getpid(), signal.SIGSTOP)  # test hook: wait to be killed
 
-  def close(self, records: list[dict[str, Any]], title: str) -> list[dict[str, Any]]:
-    """Close metrics.jsonl, plot every record of the run (earlier ones included); return them."""
+  def close(self, records: list[dict[str, Any]], title: str, plot: bool = True
+            ) -> list[dict[str, Any]]:
+    """Close metrics.jsonl and (plot) draw every record of the run, earlier ones included (a
+    run that stopped, or was never started, is not drawn); return the records."""
     if self.writer is not None:
       self.writer.close()
     records = self.earlier + records
-    if is_writer() and records:
+    if plot and is_writer() and records:
       plot_records(records, os.path.join(self.workdir, "curves.png"), title)
     return records
 
@@ -607,7 +609,7 @@ def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
         diagnose_fn=diagnose_fn(problem, data) if DIAGNOSE_EVERY.value else None,
         diagnose_every=DIAGNOSE_EVERY.value)
   except loop.DivergenceError as e:
-    rec.close([], title)
+    rec.close([], title, plot=False)
     fail(str(e))
   return state, rec.close(records, title)
 
@@ -634,14 +636,6 @@ def run_prepared(run: SeedRun) -> dict[str, Any]:
   return run.finish(records)
 
 
-def _tree_signature(t: Any) -> Any:
-  """Tree structure, shapes and dtypes of t."""
-  import jax
-  import numpy as np
-  return (jax.tree.structure(t),
-          [(np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(t)])
-
-
 def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
                       ) -> tuple[dict[int, dict[str, Any]], dict[int, str]] | None:
   """Run prepared seeds as one vmapped program (rounds.seeds_step, loop.run_seeds): each run
@@ -657,12 +651,12 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   """
   import jax
   import jax.numpy as jnp
-  from bilevel import rounds
+  from bilevel import rounds, tree
   runs = [run for group in groups for run in group]
   recorders = [_Recorder(r.workdir, r.state, r.resume) for r in runs]
   states = [rec.state for rec in recorders]
   reason = None
-  if any(_tree_signature((s, r.data)) != _tree_signature((states[0], runs[0].data))
+  if any(tree.signature((s, r.data)) != tree.signature((states[0], runs[0].data))
          for s, r in zip(states, runs)):
     reason = "their data or parameters differ in shape (e.g. a non-IID partition)"
   elif len({int(s.round) for s in states}) > 1:
@@ -675,7 +669,7 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
       reason = str(e)
   if reason is not None:
     for rec, run in zip(recorders, runs):
-      rec.close([], run.title)
+      rec.close([], run.title, plot=False)
     print(f"the seeds run one after another: {reason}.", flush=True)
     return None
   stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
@@ -692,7 +686,7 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   summaries, seed_errors, i = {}, {}, 0
   for g, group in enumerate(groups):
     for run in group:
-      recs = recorders[i].close(records[i], run.title)
+      recs = recorders[i].close(records[i], run.title, plot=i not in stopped)
       if i in stopped:
         print(f"error: {run.workdir}: {stopped[i]}", file=sys.stderr)
         seed_errors.setdefault(g, stopped[i])
