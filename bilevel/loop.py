@@ -3,7 +3,8 @@ checkpoint and log callbacks, and the divergence guards (docs/method.md, section
 
 Every round the losses, the hypergradient norm and x, y, v are checked: a NaN or inf stops the
 run (DivergenceError, naming the round and the quantity), and so does an outer loss or
-hypergradient norm above a factor times its early value (BlowupGuard).
+hypergradient norm above a factor times its early value (BlowupGuard). `run_seeds` does the
+same for several seeds batched in one program (rounds.seeds_step), each seed on its own.
 """
 
 from __future__ import annotations
@@ -139,13 +140,17 @@ def _record(done: int, metrics: Mapping[str, Any], totals: Mapping[str, Any],
   return record
 
 
+def _pace(done: int, num_rounds: int, first: int, start: float) -> str:
+  """Rounds per second since this call's first round, and the time left."""
+  rate = (done - first) / max(time.perf_counter() - start, 1e-9)
+  return f"{rate:.2f} rounds/s  ETA {(num_rounds - done) / max(rate, 1e-9):.0f}s"
+
+
 def _progress(done: int, num_rounds: int, first: int, start: float, metrics: Mapping[str, Any],
               totals: Mapping[str, Any]) -> str:
-  elapsed = time.perf_counter() - start
-  rate = (done - first) / max(elapsed, 1e-9)
   return (f"round {done}/{num_rounds}  outer_loss {metrics['outer_loss']:.4f}  "
           f"|hypergrad| {metrics['hypergrad_norm']:.3e}  C_x* {totals['cx_star']:g}  "
-          f"{rate:.2f} rounds/s  ETA {(num_rounds - done) / max(rate, 1e-9):.0f}s")
+          f"{_pace(done, num_rounds, first, start)}")
 
 
 def _due(done: int, every: int, num_rounds: int) -> bool:
@@ -225,7 +230,7 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
   """`run` for S seeds batched on a leading axis: `step(state, data)` advances all of them.
 
   state and data carry a leading seed axis [S, ...] (state.round is [S] and equal across seeds);
-  step is the seeds' vmapped round (`Algorithm.seeds_step`). Each seed s keeps what `run` keeps
+  step is the seeds' vmapped round (`rounds.seeds_step`; rounds built without diagnostics). Each seed s keeps what `run` keeps
   for one run, computed from its own slice: records (eval_fns[s] gets its own state), totals,
   the NaN and blow-up guards, on_records[s] and on_checkpoints[s]. A seed that diverges is
   stopped alone: its DivergenceError message goes into the returned `stopped` {s: message},
@@ -282,10 +287,7 @@ def _slice(state: ServerState, s: int) -> ServerState:
 
 def _progress_seeds(done: int, num_rounds: int, first: int, start: float,
                     metrics: Mapping[str, Any], stopped: Mapping[int, str], num_seeds: int) -> str:
-  elapsed = time.perf_counter() - start
-  rate = (done - first) / max(elapsed, 1e-9)
   live = [s for s in range(num_seeds) if s not in stopped]
   loss = np.mean([metrics["outer_loss"][s] for s in live]) if live else float("nan")
   return (f"round {done}/{num_rounds}  {len(live)} of {num_seeds} seeds running  mean "
-          f"outer_loss {loss:.4f}  {rate:.2f} rounds/s  ETA "
-          f"{(num_rounds - done) / max(rate, 1e-9):.0f}s")
+          f"outer_loss {loss:.4f}  {_pace(done, num_rounds, first, start)}")
