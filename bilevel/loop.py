@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel import tree
 from bilevel.federated import DIAGNOSTICS, ServerState
 from bilevel.metrics import to_python
 
@@ -230,9 +231,10 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
   """`run` for S seeds batched on a leading axis: `step(state, data)` advances all of them.
 
   state and data carry a leading seed axis [S, ...] (state.round is [S] and equal across seeds);
-  step is the seeds' vmapped round (`rounds.seeds_step`; rounds built without diagnostics). Each seed s keeps what `run` keeps
-  for one run, computed from its own slice: records (eval_fns[s] gets its own state), totals,
-  the NaN and blow-up guards, on_records[s] and on_checkpoints[s]. A seed that diverges is
+  step is the seeds' vmapped round (`rounds.seeds_step`; rounds built without diagnostics).
+  Each seed s keeps what `run` keeps for one run, computed from its own slice: records
+  (eval_fns[s] gets its own state), totals, the NaN and blow-up guards, on_records[s] and
+  on_checkpoints[s]. A seed that diverges is
   stopped alone: its DivergenceError message goes into the returned `stopped` {s: message},
   it gets no later record or checkpoint, and the others go on (the seeds do not interact, so
   its NaNs cannot reach them). Returns (final state [S, ...], records per seed, stopped).
@@ -265,11 +267,11 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
         continue
       _accumulate(totals[s], m)
       if _due(done, eval_every, num_rounds):
-        records[s].append(_record(done, m, totals[s], {}, start, eval_fns[s], _slice(state, s)))
+        records[s].append(_record(done, m, totals[s], {}, start, eval_fns[s], tree.index(state, s)))
         if on_records[s] is not None:
           on_records[s](records[s][-1])
       if on_checkpoints[s] is not None and _due(done, checkpoint_every, num_rounds):
-        on_checkpoints[s](_slice(state, s), dict(totals[s]), done)
+        on_checkpoints[s](tree.index(state, s), dict(totals[s]), done)
     if len(stopped) == num_seeds:
       break
     if log is not None and _due(done, log_every, num_rounds):
@@ -278,11 +280,6 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
 
 
 _finite_seeds = jax.jit(jax.vmap(_finite_parts))
-
-
-def _slice(state: ServerState, s: int) -> ServerState:
-  """Seed s's state from the seeds' stacked state."""
-  return jax.tree.map(lambda a: a[s], state)
 
 
 def _progress_seeds(done: int, num_rounds: int, first: int, start: float,

@@ -305,13 +305,11 @@ def seeds_step(rnds: Sequence[Round]) -> Callable[..., tuple[ServerState, dict[s
   if any(r.seed_constants for r in rnds):
     raise ConfigError("seeds_step: a round built with a mask_fn may hold constants of its own "
                       "seed; run its seeds one after another.")
-  shapes = lambda r: (jax.tree.structure(r.step.args[0]),
-                      [(np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(r.step.args[0])],
-                      r.clients_per_round,
+  shapes = lambda r: (tree.signature(r.step.args[0]), r.clients_per_round,
                       [(st.rx, st.ry, st.per_round, st.counts) for st in r.strata])
   first = shapes(rnds[0])
   if any(shapes(r) != first for r in rnds[1:]):
     raise ConfigError("seeds_step: the seeds' rounds differ in a static shape (levels, strata "
                       "or client counts); run them one after another.")
-  args = jax.tree.map(lambda *a: jnp.stack(a), *(r.step.args[0] for r in rnds))
+  args = tree.stack([r.step.args[0] for r in rnds])
   return functools.partial(jax.jit(jax.vmap(rnds[0].step.func)), args)

@@ -649,8 +649,6 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   a mask_fn, or resumed checkpoints at different rounds. Nothing has run
   then; the caller runs the seeds one after another.
   """
-  import jax
-  import jax.numpy as jnp
   from bilevel import rounds, tree
   runs = [run for group in groups for run in group]
   recorders = [_Recorder(r.workdir, r.state, r.resume) for r in runs]
@@ -672,8 +670,7 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
       rec.close([], run.title, plot=False)
     print(f"the seeds run one after another: {reason}.", flush=True)
     return None
-  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
-  state, data = stack(states), stack([r.data for r in runs])
+  state, data = tree.stack(states), tree.stack([r.data for r in runs])
   print(f"{len(groups)} seeds ({len(runs)} runs) run as one vmapped program (--batch_seeds).",
         flush=True)
   _, records, stopped = loop.run_seeds(

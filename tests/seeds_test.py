@@ -32,7 +32,7 @@ import pytest
 from absl import flags
 from absl.testing import absltest, parameterized
 
-from bilevel import algorithms, federated, loop, masks, models, rounds
+from bilevel import algorithms, federated, loop, masks, models, rounds, tree
 from bilevel.client import ClientConfig
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
@@ -61,8 +61,8 @@ def _seed_run(seed, dtype, poison=False, fednest=False):
     inputs = rng.normal(size=(M, N, DIN))
     if poison:
       inputs[:] = np.nan
-    return {"inputs": jnp.asarray(inputs, dtype), "labels": jnp.asarray(rng.integers(0, CL, (M, N))),
-            "weight": jnp.ones((M, N), dtype)}
+    return {"inputs": jnp.asarray(inputs, dtype),
+            "labels": jnp.asarray(rng.integers(0, CL, (M, N))), "weight": jnp.ones((M, N), dtype)}
 
   data = federated.FederatedData(split(), split(), jnp.full((M,), N))
   x0, y0 = models.init_mlp(jax.random.key(seed), DIN, H, CL, dtype)
@@ -74,10 +74,6 @@ def _seed_run(seed, dtype, poison=False, fednest=False):
   rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg, models.mlp_layout(H),
                           x0, submodel="compact")
   return rnd, federated.init_state(x0, y0, optax.sgd(cfg.server_lr)), data
-
-
-def _stack(trees):
-  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
 def _numeric(record):
@@ -97,7 +93,8 @@ class LibraryTest(parameterized.TestCase):
         alone.append(str(e))
     step = rounds.seeds_step([r for r, _, _ in runs])
     state, records, stopped = loop.run_seeds(
-        step, _stack([s for _, s, _ in runs]), _stack([d for _, _, d in runs]), rounds_run,
+        step, tree.stack([s for _, s, _ in runs]), tree.stack([d for _, _, d in runs]),
+        rounds_run,
         eval_fns=[None] * len(SEEDS), blowup_factor=None)
     return alone, (state, records, stopped)
 
