@@ -12,9 +12,9 @@ cos terms make the outer level non-convex. The noise vectors are drawn by `sampl
 local step, N(0, sigma^2 I), and enter the losses linearly, so every first-order gradient gets
 zero-mean noise of level sigma while the second-order terms (H = a_i, J = -b) stay exact (g
 reads only xi_y of its batch).
-s is the outer-loss scale (1 for Phi): the theory experiment puts the Q- and C-dependent factor of
-the outer step size into s, so that one compiled round serves every Q (the x update is
--outer_lr * s * hypergradient, and the v iteration is linear, so v simply tracks s v*).
+s is an outer-loss scale (1 for Phi; `make_clients(scale=...)`). The theory check keeps s = 1 and
+sets its step sizes through the round's traced step arguments (RoundArgs.steps), so that one
+compiled round serves every step size.
 
 With bars for client means (global lower level, docs/method.md, section 2):
 
@@ -22,18 +22,46 @@ With bars for client means (global lower level, docs/method.md, section 2):
     Phi(x)       = (1/M) sum_i sum_j [ 1/2 (y*_j(x) - t_ij)^2 + k_ij cos(x_j) ]
     dPhi/dx_j    = (b_j / abar_j) (y*_j(x) - tbar_j) - kbar_j sin(x_j)
 
-Every client-specific coefficient enters a client's (y, v, x) update affinely, so with one local
-step the mean over a uniformly random set of C clients is an unbiased estimate of the full update;
-heterogeneity then acts as extra sampling noise (variance ~ zeta^2 (M - C) / (C (M - 1))).
+With one local step (K = 1) and fixed inner and v steps (ClientConfig inner_step="fixed":
+y <- y - beta grad_y g; hypergrad v_step="fixed": v <- v - eta r), a client's (y, v, x) update is
+affine in its coefficients (a, e, t, k) and noise draws, given the state it received, so the mean
+over a uniformly random set of C clients is an unbiased estimate of the full update;
+heterogeneity then acts as extra sampling noise (variance ~ zeta^2 (M - C) / (C (M - 1))). This
+does not hold under the library's default Cauchy steps, t = min(eta, r'r / r'Hr) for v and
+min(beta, g'g / g'Hg) for y: t is one scalar over all the client's kept coordinates, so the
+update is not affine in a_ij and couples the kept coordinates; nor with K > 1 local steps
+(products of a client's coefficients across steps). experiments/coverage_rate.py therefore runs
+fixed steps by default (--v_step, --inner_step) and says so in its summary.
 
 Controlled coverage (`coverage_schedule`): with P slots (clients per round) and coverage C,
 coordinate j belongs to block j mod P, and the client in slot p keeps block b in round q iff
 (b - p - q) mod P < C. Every coordinate of x (and of y, pruned together with x) is then kept by
 exactly C clients in every round, each client keeps C/P of the coordinates, so the minimum outer
-coverage is C_x* = C. Because the problem is separable, a submodel computes the exact update of
+coverage is C_x* = C. With coverage=None the schedule reads C from the client's keep ratio,
+C = round(r_x P), a traced round argument (RoundArgs.ratios), so one compiled round serves every
+C. Because the problem is separable and the steps fixed, a submodel computes the exact update of
 the coordinates it keeps (zeroing the others changes nothing for them), so each client works on
 a C/P share of the model and the coverage mean over the C clients that keep a coordinate divides
 the noise variance of its update by C.
+
+Uneven coverage (`pattern_schedule`): coordinate j's coverage in round q is
+c_j(q) = pattern[(j // P + q) mod L] (L = len(pattern)), held by the slots p with
+(j - p - q) mod P < c_j(q). The minimum coverage is min(pattern), the mean coverage over
+coordinates mean(pattern) (when L divides d / P), and every coordinate passes through every
+entry of the pattern, so schedules with equal mean and different minimum (or the reverse) can be
+compared on the same problem.
+
+Non-separable problems (`make_coupled`, `COUPLED`): the same outer loss, and the inner loss
+
+    g_i(x, y) = 1/2 y'A_i y - y'(B x + e_i) + (1/n) sum_r log(1 + exp(-l_ir z_ir'y)) - y . xi_y^in
+
+with A_i = diag(a_i) + coupling * S (S symmetric, zero diagonal, spectral norm 1), B = diag(b) +
+coupling * R (spectral norm of R 1) and n logistic rows (z_ir, l_ir) per client (n = 0: the
+coupled quadratic). A client's gradient of its kept coordinates then reads coordinates it does
+not keep (zeroed at the pruned point), so pruning biases the estimate; with n > 0 g is not
+quadratic in y and the fd products are inexact (bias O(delta^2)). Phi and grad Phi are computed
+by Newton's method on the global inner problem and the implicit function theorem
+(`coupled_phi`, `coupled_phi_grad`); with coupling = 0 and n = 0 they equal `phi`, `phi_grad`.
 """
 
 from __future__ import annotations
@@ -172,33 +200,177 @@ def phi_grad(x: jax.Array, coeffs: SyntheticCoeffs) -> jax.Array:
 # ------------------------------------------------------------------ controlled coverage
 
 
-def coverage_blocks(num_slots: int, coverage: int, slot: jax.typing.ArrayLike,
+def coverage_blocks(num_slots: int, coverage: jax.typing.ArrayLike, slot: jax.typing.ArrayLike,
                     round_idx: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
   """bool [shape]: flat index j is kept iff ((j mod P) - slot - round) mod P < C."""
   block = jnp.arange(int(np.prod(shape))) % num_slots
   return (jnp.mod(block - slot - round_idx, num_slots) < coverage).reshape(shape)
 
 
-def coverage_schedule(num_slots: int, coverage: int) -> MaskFn:
+def coverage_schedule(num_slots: int, coverage: int | None = None) -> MaskFn:
   """A `mask_fn` for rounds.make_round giving every coordinate exactly C clients per round.
 
-  num_slots: clients per round P; coverage: C in 1..P. The same rule is applied to every leaf
-  of x and of y by flat index, so with x and y of equal shape x_j and y_j are pruned together.
-  The keep ratio of every client is C/P (exactly when P divides the leaf size). The resource
-  levels, the policy and the key of the round are not used: the schedule replaces them.
+  num_slots: clients per round P; coverage: C in 1..P, or None to read C = round(r_x P) from the
+  client's keep ratio (a traced RoundArgs entry: one compiled round for every C). The same rule
+  is applied to every leaf of x and of y by flat index, so with x and y of equal shape x_j and
+  y_j are pruned together. The keep ratio of every client is C/P (exactly when P divides the
+  leaf size). The policy and the key of the round are not used: the schedule replaces them.
   """
-  if int(num_slots) != num_slots or num_slots < 1:
-    raise ConfigError(f"num_slots={num_slots!r} must be an integer >= 1.")
-  if int(coverage) != coverage or not 1 <= coverage <= num_slots:
-    raise ConfigError(f"coverage={coverage!r} is outside the allowed range [1, {num_slots}] "
-                      "(clients per round).")
+  _check_slots(num_slots)
+  if coverage is not None:
+    _check_coverage("coverage", coverage, num_slots)
+
+  def mask_fn(state: ServerState, client_id: jax.Array, slot: jax.Array, round_idx: jax.Array,
+              rx: jax.Array, ry: jax.Array, key: jax.Array) -> tuple[PyTree, PyTree]:
+    del client_id, ry, key
+    c = jnp.round(rx * num_slots) if coverage is None else coverage
+    side = lambda params: jax.tree.map(
+        lambda p: coverage_blocks(num_slots, c, slot, round_idx, p.shape).astype(p.dtype),
+        params)
+    return side(state.x), side(state.y)
+
+  return mask_fn
+
+
+def pattern_blocks(num_slots: int, pattern: tuple[int, ...], slot: jax.typing.ArrayLike,
+                   round_idx: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
+  """bool [shape]: flat index j is kept iff (j - slot - round) mod P < c_j(round), with
+  c_j(q) = pattern[(j // P + q) mod len(pattern)]."""
+  j = jnp.arange(int(np.prod(shape)))
+  c = jnp.asarray(pattern)[jnp.mod(j // num_slots + round_idx, len(pattern))]
+  return (jnp.mod(j - slot - round_idx, num_slots) < c).reshape(shape)
+
+
+def pattern_schedule(num_slots: int, pattern: tuple[int, ...]) -> MaskFn:
+  """A `mask_fn` with uneven coverage: coordinate j is held by c_j(q) clients in round q
+  (`pattern_blocks`; module docstring). C_x* = min(pattern); the mean coverage is mean(pattern)
+  when len(pattern) divides (leaf size / P). x_j and y_j are pruned together."""
+  _check_slots(num_slots)
+  pattern = tuple(pattern)
+  if not pattern:
+    raise ConfigError("pattern is empty; give at least one coverage.")
+  for c in pattern:
+    _check_coverage("pattern entry", c, num_slots)
+  pattern = tuple(int(c) for c in pattern)
 
   def mask_fn(state: ServerState, client_id: jax.Array, slot: jax.Array, round_idx: jax.Array,
               rx: jax.Array, ry: jax.Array, key: jax.Array) -> tuple[PyTree, PyTree]:
     del client_id, rx, ry, key
     side = lambda params: jax.tree.map(
-        lambda p: coverage_blocks(num_slots, coverage, slot, round_idx, p.shape).astype(p.dtype),
+        lambda p: pattern_blocks(num_slots, pattern, slot, round_idx, p.shape).astype(p.dtype),
         params)
     return side(state.x), side(state.y)
 
   return mask_fn
+
+
+def _check_slots(num_slots: int) -> None:
+  if int(num_slots) != num_slots or num_slots < 1:
+    raise ConfigError(f"num_slots={num_slots!r} must be an integer >= 1.")
+
+
+def _check_coverage(name: str, coverage: Any, num_slots: int) -> None:
+  if int(coverage) != coverage or not 1 <= coverage <= num_slots:
+    raise ConfigError(f"{name}={coverage!r} is outside the allowed range [1, {num_slots}] "
+                      "(clients per round).")
+
+
+# ------------------------------------------------------------------ non-separable problems
+
+
+class CoupledCoeffs(NamedTuple):
+  """Coefficients of the non-separable problem: leading [M] for all clients, none for one."""
+
+  a: jax.Array  # [M, d, d] inner curvature A_i = diag(a_i) + coupling * S (symmetric)
+  b: jax.Array  # [M, d, d] x-y coupling B (the same for every client)
+  e: jax.Array  # [M, d] inner linear term
+  t: jax.Array  # [M, d] outer target of y
+  k: jax.Array  # [M, d] amplitude of the cos(x) term
+  z: jax.Array  # [M, n, d] logistic features (n = 0: the coupled quadratic)
+  labels: jax.Array  # [M, n] in {-1, 1}
+
+
+def coupled_inner_loss(x: jax.Array, y: jax.Array, batch: SyntheticBatch) -> jax.Array:
+  c = batch.coeffs
+  rows = max(c.labels.shape[-1], 1)
+  logistic = jnp.sum(jax.nn.softplus(-c.labels * (c.z @ y))) / rows
+  return (0.5 * y @ (c.a @ y) - y @ (c.b @ x + c.e) + logistic) - jnp.sum(y * batch.noise_y)
+
+
+COUPLED = BilevelProblem(coupled_inner_loss, outer_loss)  # outer_loss reads only e, t, k fields
+
+
+def make_coupled(num_clients: int, dim: int, *, seed: int, heterogeneity: float = 0.5,
+                 coupling: float = 0.0, logistic_rows: int = 0, feature_std: float = 1.0,
+                 dtype: Any = np.float64) -> CoupledCoeffs:
+  """Non-separable clients [M, ...] on top of `make_synthetic(M, d, seed, heterogeneity)`.
+
+  S (symmetric, zero diagonal) and R are random with spectral norm 1; coupling < 0.5 keeps every
+  A_i positive definite (a_ij >= 1/2). Logistic rows: z ~ N(0, feature_std^2), labels
+  sign(z'u + N(0, 1/4)) for a common u; with heterogeneity 0 every client holds the same rows.
+  """
+  if not 0.0 <= coupling < 0.5:
+    raise ConfigError(f"coupling={coupling!r} is outside the allowed range [0, 0.5).")
+  if int(logistic_rows) != logistic_rows or logistic_rows < 0:
+    raise ConfigError(f"logistic_rows={logistic_rows!r} must be an integer >= 0.")
+  base = make_synthetic(num_clients, dim, seed=seed, heterogeneity=heterogeneity, dtype=dtype)
+  rng = np.random.default_rng([seed, 1])
+  s = rng.normal(size=(dim, dim))
+  s = s + s.T
+  np.fill_diagonal(s, 0.0)
+  s /= np.linalg.norm(s, 2)
+  r = rng.normal(size=(dim, dim))
+  r /= np.linalg.norm(r, 2)
+  u = rng.normal(size=dim)
+  shape = (num_clients if heterogeneity > 0 else 1, logistic_rows, dim)
+  z = np.broadcast_to(feature_std * rng.normal(size=shape), (num_clients, logistic_rows, dim))
+  labels = np.where(z @ u + 0.5 * rng.normal(size=shape[:2]) >= 0, 1.0, -1.0)
+  eye = np.eye(dim)
+  a = np.asarray(base.a)[:, :, None] * eye + coupling * s
+  b = np.asarray(base.b)[:, :, None] * eye + coupling * r
+  cast = lambda v: jnp.asarray(v, dtype=dtype)
+  return CoupledCoeffs(cast(a), cast(b), base.e, base.t, base.k, cast(z), cast(labels))
+
+
+def _inner_grad_hess(x: jax.Array, y: jax.Array,
+                     coeffs: CoupledCoeffs) -> tuple[jax.Array, jax.Array]:
+  """grad_y G and hess_yy G of G(x, y) = (1/M) sum_i g_i(x, y) without noise (closed form)."""
+  m = mean_coeffs(coeffs)
+  rows = max(coeffs.labels.shape[-1], 1)
+  margin = coeffs.labels * jnp.einsum("mnd,d->mn", coeffs.z, y)  # [M, n]
+  weight = jax.nn.sigmoid(-margin)  # -d softplus(-margin) / d margin
+  grad = m.a @ y - m.b @ x - m.e - jnp.einsum("mn,mnd->d", coeffs.labels * weight,
+                                              coeffs.z) / (rows * coeffs.z.shape[0])
+  curv = weight * (1.0 - weight)
+  hess = m.a + jnp.einsum("mn,mnd,mne->de", curv, coeffs.z, coeffs.z) / (rows * coeffs.z.shape[0])
+  return grad, hess
+
+
+NEWTON_STEPS = 10  # quadratic convergence from the quadratic part's solution (tested: grad < 1e-12)
+
+
+def coupled_solution(x: jax.Array, coeffs: CoupledCoeffs) -> jax.Array:
+  """y*(x) = argmin_y G(x, y) by Newton's method (exact in one step for the coupled quadratic)."""
+  m = mean_coeffs(coeffs)
+  y0 = jnp.linalg.solve(m.a, m.b @ x + m.e)
+
+  def newton(y, _):
+    grad, hess = _inner_grad_hess(x, y, coeffs)
+    return y - jnp.linalg.solve(hess, grad), None
+
+  return jax.lax.scan(newton, y0, None, length=NEWTON_STEPS)[0]
+
+
+def coupled_phi(x: jax.Array, coeffs: CoupledCoeffs) -> jax.Array:
+  """Phi(x) = (1/M) sum_i f_i(x, y*(x)) without noise and with s = 1."""
+  ys = coupled_solution(x, coeffs)
+  return jnp.mean(jnp.sum(0.5 * (ys[None] - coeffs.t) ** 2 + coeffs.k * jnp.cos(x)[None], axis=1))
+
+
+def coupled_phi_grad(x: jax.Array, coeffs: CoupledCoeffs) -> jax.Array:
+  """grad Phi(x) = grad_x F - J v* = -kbar sin(x) + Bbar' v*, v* = H^{-1} (y*(x) - tbar), H the
+  inner Hessian at y*(x) (implicit function theorem; J v = -B'v since g meets x only in -y'Bx)."""
+  m = mean_coeffs(coeffs)
+  ys = coupled_solution(x, coeffs)
+  v = jnp.linalg.solve(_inner_grad_hess(x, ys, coeffs)[1], ys - m.t)
+  return -m.k * jnp.sin(x) + m.b.T @ v
