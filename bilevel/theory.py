@@ -1,5 +1,5 @@
-"""Theory check (docs/method.md, section 10): a synthetic problem with closed-form Phi,
-controlled coverage.
+"""Theory check (docs/method.md, section 10): synthetic problems with known Phi, and controlled
+(even and uneven) coverage.
 
 Synthetic separable federated bilevel problem. Legend: M = clients, d = coordinates (x and y are
 both [d]; coordinate j of x meets only coordinate j of y). Client i, batch noise (xi_x, xi_y):
