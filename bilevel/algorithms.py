@@ -85,6 +85,8 @@ class Options(NamedTuple):
     local_steps: local steps K per round.
     inner_steps: inner steps T per local step.
     inner_lr: inner step size beta.
+    inner_step: "cauchy" (step min(beta, g'g / g'Hg), one product per inner step; the
+      default) or "fixed" (beta always); inner.inner_solve. FedNest's round ignores it.
     outer_lr: outer (hypergradient) step size alpha.
     estimator: hypergradient estimator (hypergrad.ESTIMATORS: fd, exact, neumann, cg).
     num_steps: v updates / Neumann terms / CG iterations.
@@ -126,6 +128,7 @@ class Options(NamedTuple):
   local_steps: int | None = None
   inner_steps: int | None = None
   inner_lr: float | None = None
+  inner_step: str | None = None
   outer_lr: float | None = None
   estimator: str | None = None
   num_steps: int | None = None
@@ -154,7 +157,8 @@ class Options(NamedTuple):
 # are resolved per algorithm in `_build`.
 _SHARED = Options(
     levels="1/1:1", redraw_levels=False, mask_policy="random", allow_uncovered=False,
-    local_steps=5, inner_steps=1, inner_lr=0.1, outer_lr=0.1, estimator="fd", num_steps=1,
+    local_steps=5, inner_steps=1, inner_lr=0.1, inner_step="cauchy", outer_lr=0.1,
+    estimator="fd", num_steps=1,
     v_lr=0.1, delta=1e-3, radius=None, v_step="cauchy", product="exact", server_lr=1.0,
     aggregation="coverage", weighting="uniform", seed=0, sample=full_batch,
     flops_per_grad=federated.default_flops_per_grad, submodel="dense")
@@ -339,7 +343,7 @@ def _build(name: str, problem: BilevelProblem, num_clients: int,
   o = o._replace(clients_per_round=clients_per_round, levels=levels, granularity=granularity)
   client = ClientConfig(
       local_steps=o.local_steps, inner_steps=o.inner_steps, inner_lr=o.inner_lr,
-      outer_lr=o.outer_lr, estimator=o.estimator,
+      outer_lr=o.outer_lr, estimator=o.estimator, inner_step=o.inner_step,
       estimator_options=EstimatorOptions(
           num_steps=o.num_steps, step_size=o.v_lr, delta=o.delta, radius=o.radius,
           product=o.product, v_step=o.v_step))

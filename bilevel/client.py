@@ -19,7 +19,9 @@ import jax.numpy as jnp
 
 from bilevel import tree
 from bilevel.errors import ConfigError, check_choice
-from bilevel.hypergrad import ESTIMATORS, EstimatorOptions, estimator_grad_evals, validate_options
+from bilevel.hypergrad import (ESTIMATORS, PRODUCT_GRAD_EVALS, EstimatorOptions, estimator_grad_evals,
+                               estimator_product_kind, validate_options)
+from bilevel.inner import STEP_RULES as INNER_STEP_RULES
 from bilevel.inner import inner_solve
 from bilevel.problems import BilevelProblem
 
@@ -79,6 +81,9 @@ class ClientConfig(NamedTuple):
   outer_lr: float = 0.1  # alpha
   estimator: str = "fd"
   estimator_options: EstimatorOptions = EstimatorOptions()
+  # "cauchy": inner step min(beta, g'g / g'Hg) with the estimator's product (inner.py);
+  # "fixed": beta always.
+  inner_step: str = "cauchy"
 
 
 def validate_client_config(cfg: ClientConfig) -> None:
@@ -90,13 +95,18 @@ def validate_client_config(cfg: ClientConfig) -> None:
     if not getattr(cfg, name) > 0:
       raise ConfigError(f"{name}={getattr(cfg, name)!r} is outside the allowed range (0, inf).")
   check_choice("estimator", cfg.estimator, ESTIMATORS)
+  check_choice("inner_step", cfg.inner_step, INNER_STEP_RULES)
   validate_options(cfg.estimator, cfg.estimator_options)
 
 
 def grad_evals_per_round(cfg: ClientConfig) -> float:
-  """Analytic gradient evaluations of one client in one round (inner steps + estimator)."""
-  return cfg.local_steps * (cfg.inner_steps + estimator_grad_evals(cfg.estimator,
-                                                                   cfg.estimator_options))
+  """Analytic gradient evaluations of one client in one round (inner steps, each with one
+  product H g under the Cauchy inner step, + the estimator)."""
+  per_inner = 1.0 + (PRODUCT_GRAD_EVALS[estimator_product_kind(cfg.estimator,
+                                                               cfg.estimator_options)]
+                     if cfg.inner_step == "cauchy" else 0.0)
+  return cfg.local_steps * (cfg.inner_steps * per_inner +
+                            estimator_grad_evals(cfg.estimator, cfg.estimator_options))
 
 
 class ClientOutput(NamedTuple):
@@ -125,6 +135,7 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
   so keeping the first step apart shares nothing between them.
   """
   estimate = ESTIMATORS[cfg.estimator]
+  product = estimator_product_kind(cfg.estimator, cfg.estimator_options)
 
   def local_step(carry, k):
     xk, yk, vk = carry
@@ -132,7 +143,9 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
     inner_batch = sample(inner_data, jax.random.fold_in(step_key, 0))
     outer_batch = sample(outer_data, jax.random.fold_in(step_key, 1))
     yk = inner_solve(problem.inner_loss, xk, yk, inner_batch, num_steps=cfg.inner_steps,
-                     step_size=cfg.inner_lr, mask_x=mask_x, mask_y=mask_y)
+                     step_size=cfg.inner_lr, mask_x=mask_x, mask_y=mask_y,
+                     step_rule=cfg.inner_step, product=product,
+                     delta=cfg.estimator_options.delta)
     res = estimate(problem, xk, yk, inner_batch, outer_batch, vk, mask_x, mask_y,
                    cfg.estimator_options)
     xm, ym = tree.masked(xk, mask_x), tree.masked(yk, mask_y)

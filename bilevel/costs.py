@@ -36,7 +36,8 @@ Counts per round (K local steps, T inner steps, N = num_steps; `hypergrad.estima
     grad_y     inner   K T
     forward_y  inner   K with exact products or all steps in one scan, else 1
     hv         inner   K x (fd / exact: N with v_step="fixed", N + 1 with "cauchy" (+ N with
-                            a radius); neumann: N - 1; cg: N + 1)
+                            a radius); neumann: N - 1; cg: N + 1), + K T with the Cauchy
+                            inner step (H g per inner step, client.ClientConfig.inner_step)
     jv         inner   K
     grad_xy    outer   K
 
@@ -73,10 +74,12 @@ def round_ops(cfg: ClientConfig, first_step_apart: bool = True
   k, t = int(cfg.local_steps), int(cfg.inner_steps)
   hv, jv = estimator_products(cfg.estimator, cfg.estimator_options)
   exact = estimator_product_kind(cfg.estimator, cfg.estimator_options) == "exact"
+  cauchy_inner = k * t if cfg.inner_step == "cauchy" else 0  # H g per inner step
   return (("forward_x", INNER, k), ("forward_x", OUTER, k),
           ("grad_y", INNER, k * t),
           ("forward_y", INNER, k if exact or not first_step_apart else 1),
-          ("hv", INNER, k * hv), ("jv", INNER, k * jv),
+          ("hv", INNER, k * hv + cauchy_inner),
+          ("jv", INNER, k * jv),
           ("grad_xy", OUTER, k))
 
 
@@ -191,8 +194,8 @@ def _valid_taps(size: int, kernel: int = 3, stride: int = 2) -> int:
 
 
 def cnn_costs(input_shape: tuple[int, int, int]) -> ModelCosts:
-  """The CNN (models.cnn_logits): x = conv1, conv2 (3x3, stride 2, SAME), y = head on pooled
-  conv2 features. A convolution costs 2 x (kept kernel entries / 9) x in-bounds taps."""
+  """The CNN (models.cnn_logits): x = conv1, conv2 (3x3, stride 2, SAME), y = head on the
+  flattened conv2 features (its kept kernel entries count every position). A convolution costs 2 x (kept kernel entries / 9) x in-bounds taps."""
   h, w = input_shape[0], input_shape[1]
   h1, w1 = -(-h // 2), -(-w // 2)
   taps1 = _valid_taps(h) * _valid_taps(w) / 9

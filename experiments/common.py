@@ -70,6 +70,10 @@ ALLOW_UNCOVERED = flags.DEFINE_boolean("allow_uncovered", False,
 LOCAL_STEPS = flags.DEFINE_integer("local_steps", 5, "Local steps K per round (RAFBO).")
 INNER_STEPS = flags.DEFINE_integer("inner_steps", 1, "Inner steps T per local step.")
 INNER_LR = flags.DEFINE_float("inner_lr", 0.1, "Inner step size beta.")
+INNER_STEP = flags.DEFINE_enum("inner_step", "cauchy", ["cauchy", "fixed"],
+                               "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg) along the "
+                               "inner gradient g (one product per step; holds under label skew, "
+                               "docs/method.md section 8), fixed = inner_lr always.")
 OUTER_LR = flags.DEFINE_float("outer_lr", 0.1, "Outer (hypergradient) step size alpha.")
 NUM_STEPS = flags.DEFINE_integer("num_steps", 1, "v updates / Neumann terms / CG iterations.")
 V_LR = flags.DEFINE_float("v_lr", 0.1, "Step size eta of the v update and Neumann series.")
@@ -369,7 +373,8 @@ OPTION_FLAGS = {
     "redraw_levels": "redraw_levels", "mask_granularity": "granularity",
     "mask_policy": "mask_policy", "allow_uncovered": "allow_uncovered",
     "local_steps": "local_steps", "inner_steps": "inner_steps", "inner_lr": "inner_lr",
-    "outer_lr": "outer_lr", "estimator": "estimator", "num_steps": "num_steps", "v_lr": "v_lr",
+    "inner_step": "inner_step", "outer_lr": "outer_lr", "estimator": "estimator",
+    "num_steps": "num_steps", "v_lr": "v_lr",
     "delta": "delta", "radius": "radius", "v_step": "v_step", "server_lr": "server_lr",
     "aggregation": "aggregation", "seed": "seed"}
 

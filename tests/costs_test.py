@@ -292,7 +292,8 @@ def test_cg_evaluates_num_steps_plus_two_products(num_steps):
   hv, jv = hypergrad.estimator_products("cg", opts)
   assert (hv, jv) == (num_steps + 1, 1)
   ops = dict(((op, batch), n) for op, batch, n in
-             costs.round_ops(client.ClientConfig(estimator="cg", estimator_options=opts)))
+             costs.round_ops(client.ClientConfig(estimator="cg", estimator_options=opts,
+                                                 inner_step="fixed")))
   assert ops[("hv", costs.INNER)] + ops[("jv", costs.INNER)] == num_steps + 2
 
 
@@ -317,7 +318,8 @@ def test_hand_count_mlp_fd():
   expected = (2 * (2 * d * h)  # the hidden layer's forward on the inner and the outer batch
               + 2 * head  # one inner step: head forward, head weight gradient
               + head  # the reported inner loss
-              + 2 * 2 * (2 * head)  # two H v (warm start, one step), each two probes
+              + 3 * 2 * (2 * head)  # three H v (the Cauchy inner step's H g, the warm
+              # start, one v step), each two probes
               + 2 * (2 * head) + 2 * d * h  # J v: two probes forward and back, hidden weights
               + 3 * head + 2 * d * h)  # grad f: head forward, weights, input; hidden weights
   assert costs.client_flops(cfg, x, y, (rows, rows), costs.mlp_costs()) == rows * expected

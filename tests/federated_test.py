@@ -87,7 +87,10 @@ class RoundTest(parameterized.TestCase):
     def local(x, y, v, batch):
       for _ in range(local_steps):
         y = inner.inner_solve(problems.quadratic_inner, x, y, batch,
-                              num_steps=client.inner_steps, step_size=client.inner_lr)
+                              num_steps=client.inner_steps, step_size=client.inner_lr,
+                              step_rule=client.inner_step,
+                              product=hypergrad.estimator_product_kind(estimator, opts),
+                              delta=opts.delta)
         res = hypergrad.hypergradient(problems.QUADRATIC, x, y, batch, batch, v=v,
                                       estimator=estimator, num_steps=opts.num_steps,
                                       step_size=opts.step_size, delta=opts.delta)
@@ -159,9 +162,10 @@ class RoundTest(parameterized.TestCase):
     self.assertEqual(rec["comm_bytes"], 2 * 8 * np.sum(kept[:, 0] + 2 * kept[:, 1]))
     self.assertEqual(rec["coverage_x_min"], np.sum(rnd.client_ratios[:, 0] == 1))
     self.assertEqual(rec["cumulative_client_flops"], 2 * rec["client_flops"])
-    # Hand count: per local step (3) the inner steps (2), one grad of f, and fd products of 2
-    # grads of g each: num_steps (2) H v, the Cauchy step's warm-start H v, the final J v.
-    evals = 3 * (2 + 1 + 2 * (2 + 1 + 1))
+    # Hand count: per local step (3) the inner steps (2), each a gradient and the Cauchy
+    # inner step's H g (an fd product, 2 grads), one grad of f, and fd products of 2 grads of
+    # g each: num_steps (2) H v, the Cauchy step's warm-start H v, the final J v.
+    evals = 3 * (2 * (1 + 2) + 1 + 2 * (2 + 1 + 1))
     self.assertEqual(grad_evals_per_round(cfg.client), evals)
     # Every client's gradients cost 6 FLOPs per kept entry of x and y.
     self.assertEqual(rec["client_flops"], evals * 6 * np.sum(kept))
