@@ -1,9 +1,10 @@
 """Models as flax linen modules with explicit layer names, split into outer x and inner y.
 
 CNN (hyper-representation on images, e.g. CIFAR-10): x = {"conv1", "conv2"} (3x3 convolutions,
-stride 2, SAME padding), y = {"head": Dense(classes)} on globally average-pooled features. Unit
-groups: output channels of conv1 ("conv1": its kernel's last axis, its bias, conv2's input-channel
-axis) and of conv2 ("conv2": its kernel's last axis, its bias, the head's input rows). No
+stride 2, SAME padding), y = {"head": Dense(classes)} on the flattened conv2 features, its kernel
+stored as [positions, channels, classes]. Unit groups: output channels of conv1 ("conv1": its
+kernel's last axis, its bias, conv2's input-channel axis) and of conv2 ("conv2": its kernel's last
+axis, its bias, the head kernel's channel axis 1). No
 BatchNorm (docs/method.md, section 4: it fails under heterogeneous submodels).
 
 MLP (hyper-representation, FedNest): x = {"hidden": Dense(K)}, y = {"head": Dense(classes)}.
@@ -78,7 +79,7 @@ class CNN(nn.Module):
     act = ACTIVATIONS[self.activation]
     h = act(nn.Conv(self.channels[0], (3, 3), strides=2, name="conv1")(inputs))
     h = act(nn.Conv(self.channels[1], (3, 3), strides=2, name="conv2")(h))
-    return nn.Dense(self.classes, name="head")(jnp.mean(h, axis=(1, 2)))
+    return nn.Dense(self.classes, name="head")(h.reshape(h.shape[0], -1))
 
 
 def init_cnn(key: jax.Array, input_shape: tuple[int, int, int], channels: tuple[int, int],
@@ -86,7 +87,10 @@ def init_cnn(key: jax.Array, input_shape: tuple[int, int, int], channels: tuple[
   """(x, y) = ({"conv1", "conv2"}, {"head"}) from the flax initialisers. input_shape: (H, W, C)."""
   params = CNN(tuple(channels), classes).init(key, jnp.zeros((1,) + tuple(input_shape), dtype))
   params = jax.tree.map(lambda p: p.astype(dtype), params["params"])
-  return {"conv1": params["conv1"], "conv2": params["conv2"]}, {"head": params["head"]}
+  # The head's kernel [positions * channels, classes] as [positions, channels, classes]: NHWC
+  # flattening puts conv2's channel c at rows p * channels + c, so axis 1 is the channel unit.
+  head = dict(params["head"], kernel=params["head"]["kernel"].reshape(-1, channels[1], classes))
+  return {"conv1": params["conv1"], "conv2": params["conv2"]}, {"head": head}
 
 
 def _conv(params: PyTree, inputs: jax.Array) -> jax.Array:
@@ -100,7 +104,8 @@ def cnn_logits(x: PyTree, y: PyTree, inputs: jax.Array, activation: str = "relu"
   """Same numbers as CNN.apply, for any channel widths (compact submodels). inputs [N, H, W, C]."""
   act = ACTIVATIONS[activation]
   h = act(_conv(x["conv2"], act(_conv(x["conv1"], inputs))))
-  return dense(y["head"], jnp.mean(h, axis=(1, 2)))
+  h = h.reshape(h.shape[0], -1, h.shape[-1])  # [N, positions, channels]
+  return jnp.einsum("npc,pck->nk", h, y["head"]["kernel"]) + y["head"]["bias"][None, :]
 
 
 def cnn_layout(channels: tuple[int, int]) -> UnitLayout:
@@ -108,7 +113,7 @@ def cnn_layout(channels: tuple[int, int]) -> UnitLayout:
       groups={"conv1": channels[0], "conv2": channels[1]},
       x={"conv1": {"kernel": Axes((("conv1", 3),)), "bias": Axes((("conv1", 0),))},
          "conv2": {"kernel": Axes((("conv1", 2), ("conv2", 3))), "bias": Axes((("conv2", 0),))}},
-      y={"head": {"kernel": Axes((("conv2", 0),)), "bias": Axes()}})
+      y={"head": {"kernel": Axes((("conv2", 1),)), "bias": Axes()}})
 
 
 def cnn_flops_per_grad(input_shape: tuple[int, int, int]):

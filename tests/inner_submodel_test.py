@@ -69,7 +69,10 @@ class SubmodelTest(absltest.TestCase):
     masked = models.cnn_logits(jax.tree.map(jnp.multiply, x, mx), jax.tree.map(jnp.multiply, y, my),
                                inputs)
     np.testing.assert_allclose(models.cnn_logits(xs, ys, inputs), masked, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(models.CNN((6, 8), 5).apply({"params": {**x, **y}}, inputs),
+    # flax's Dense keeps the head kernel as [positions * channels, classes]
+    flax_head = dict(y["head"], kernel=y["head"]["kernel"].reshape(-1, 5))
+    np.testing.assert_allclose(models.CNN((6, 8), 5).apply({"params": {**x, "head": flax_head}},
+                                                           inputs),
                                models.cnn_logits(x, y, inputs), rtol=1e-5, atol=1e-6)
 
   def test_scatter_inverts_extract_on_kept_entries(self):
@@ -142,20 +145,20 @@ class CnnFlopsTest(absltest.TestCase):
 
   def test_cnn_flops_per_grad_matches_a_hand_count(self):
     # 8x8x3 input, 3x3 convs with stride 2 (SAME): conv1 3*3*3*6 = 162 kernel entries at 4x4
-    # positions, conv2 3*3*6*8 = 432 at 2x2, head (after global average pooling) 8*5 = 40
+    # positions, conv2 3*3*6*8 = 432 at 2x2, head on the flattened 2x2x8 features 4*8*5 = 160
     # entries; 6 FLOPs per
     # multiply-add (forward + backward), per example.
     x, y = models.init_cnn(jax.random.key(0), (8, 8, 3), (6, 8), 5)
     self.assertEqual(x["conv1"]["kernel"].shape, (3, 3, 3, 6))
     self.assertEqual(x["conv2"]["kernel"].shape, (3, 3, 6, 8))
-    self.assertEqual(y["head"]["kernel"].shape, (8, 5))
+    self.assertEqual(y["head"]["kernel"].shape, (4, 8, 5))
     count = lambda t: jax.tree.map(lambda a: float(a.size), t)
     flops = models.cnn_flops_per_grad((8, 8, 3))
-    self.assertEqual(float(flops(count(x), count(y))), 6 * (162 * 16 + 432 * 4 + 40))
+    self.assertEqual(float(flops(count(x), count(y))), 6 * (162 * 16 + 432 * 4 + 160))
     # Pruned: half of conv1's kernel kept.
     half = jax.tree.map(lambda a: a, count(x))
     half["conv1"]["kernel"] = 81.0
-    self.assertEqual(float(flops(half, count(y))), 6 * (81 * 16 + 432 * 4 + 40))
+    self.assertEqual(float(flops(half, count(y))), 6 * (81 * 16 + 432 * 4 + 160))
 
 if __name__ == "__main__":
   absltest.main()
