@@ -26,7 +26,8 @@ clients_per_round 10 (here num_clients // 2: the same for their 20 clients).
   rafbo      5      1      fd                 half the clients    random, levels as given
   lfednest   5      5      neumann (5 terms)  half the clients    full model (levels ignored)
   fednest    1      5      FedNest's round    half the clients    full model (levels ignored)
-             (tau)  (SVRG) (6 terms, server-averaged; bilevel/fednest.py; all step sizes 0.01)
+             (tau)  (epochs (N = 5 products, its code's v; bilevel/fednest.py; hlr = outer_lr
+                    of SVRG) = v_lr = 0.01, lr = inner_lr = 0.01: FedNest's own)
   simfbo     5      1      exact              half the clients    full model (levels ignored)
   memfbo     5      1      fd                 half the clients    full model (levels ignored)
   full_only  5      1      fd                 half the clients    only clients at level 1/1 train
@@ -116,6 +117,8 @@ class Options(NamedTuple):
       window over each client's own samples). Default None: the policy's masks.
     diagnostics: True adds the round's aggregated estimate and coverage counts to its metrics
       for loop.run's diagnose_fn (rounds.make_round). Default None: off.
+    fednest_neumann: fednest's v: "code" (FedNest's code's closed form, the default) or
+      "series" (the series it intends; fednest.NEUMANN_FORMS). Other algorithms: "code" only.
   """
 
   clients_per_round: int | None = None
@@ -151,6 +154,7 @@ class Options(NamedTuple):
   mesh: jax.sharding.Mesh | None = None
   mask_fn: federated.MaskFn | None = None
   diagnostics: bool | None = None
+  fednest_neumann: str | None = None
 
 
 # What every algorithm shares (the drivers' flag defaults); clients_per_round and granularity
@@ -161,7 +165,7 @@ _SHARED = Options(
     estimator="fd", num_steps=1,
     v_lr=0.1, delta=1e-3, radius=None, v_step="cauchy", product="exact", server_lr=1.0,
     aggregation="coverage", weighting="uniform", seed=0, sample=full_batch,
-    flops_per_grad=federated.default_flops_per_grad, submodel="dense")
+    flops_per_grad=federated.default_flops_per_grad, submodel="dense", fednest_neumann="code")
 
 
 class _Spec(NamedTuple):
@@ -175,8 +179,8 @@ class _Spec(NamedTuple):
 
 
 _NEUMANN = _SHARED._replace(estimator="neumann", inner_steps=5, num_steps=5)
-# FedNest's config A (bilevel/fednest.py): outer_tau 1, 5 SVRG inner steps, 5 Neumann products
-# (6 terms), every step size 0.01.
+# FedNest's own hyperparameters (config A, bilevel/fednest.py): outer_tau 1, local_ep 5 epochs
+# of SVRG steps (inner_steps), 5 Neumann products (6 terms), hlr = lr = 0.01 (v_lr = outer_lr).
 _FEDNEST = _SHARED._replace(estimator="neumann", local_steps=1, inner_steps=5, num_steps=6,
                             inner_lr=0.01, outer_lr=0.01, v_lr=0.01)
 _SPECS: dict[str, _Spec] = {
@@ -234,7 +238,7 @@ class Algorithm:
           optimizer=self.optimizer, flops_per_grad=o.flops_per_grad, cost=o.cost,
           available=o.available,
           submodel=o.submodel, sampling=o.sampling, mesh=o.mesh, mask_fn=o.mask_fn,
-          diagnostics=bool(o.diagnostics))
+          diagnostics=bool(o.diagnostics), fednest_neumann=o.fednest_neumann)
     return self._rounds[key]
 
   def init(self, x: PyTree, y: PyTree) -> federated.ServerState:
@@ -265,12 +269,15 @@ class Algorithm:
 
 
 def build_round(problem: BilevelProblem, config: federated.FederatedConfig,
-                layout: UnitLayout | None, x_like: PyTree, **kwargs: Any) -> federated.Round:
+                layout: UnitLayout | None, x_like: PyTree, *, fednest_neumann: str = "code",
+                **kwargs: Any) -> federated.Round:
   """The round config.round_kind names: rounds.make_round ("local") or
-  fednest.make_fednest_round ("fednest"), with make_round's keywords (`kwargs`)."""
-  local = config.round_kind != "fednest"
-  build = rounds.make_round if local else fednest_lib.make_fednest_round
-  return build(problem, config, layout, x_like, **kwargs)
+  fednest.make_fednest_round ("fednest", its v given by fednest_neumann), with make_round's
+  keywords (`kwargs`)."""
+  if config.round_kind != "fednest":
+    return rounds.make_round(problem, config, layout, x_like, **kwargs)
+  return fednest_lib.make_fednest_round(problem, config, layout, x_like,
+                                        neumann=fednest_neumann, **kwargs)
 
 
 def names() -> tuple[str, ...]:
@@ -303,6 +310,17 @@ def _levels(levels: str | Sequence[Any]) -> tuple[Level, ...]:
   return out
 
 
+def _fednest_steps(o: Options, given: Mapping[str, Any]) -> None:
+  """FedNest has one step hlr (its Neumann step, the scale of v and the client x step):
+  outer_lr. A v_lr given apart from it is a ConfigError; otherwise v_lr follows outer_lr."""
+  if "v_lr" in given and given["v_lr"] != o.outer_lr:
+    raise ConfigError(
+        f"fednest has one step hlr (FedNest's --hlr: the Neumann step, the scale of v and the "
+        f"client x step), outer_lr={o.outer_lr!r}; v_lr={given['v_lr']!r} cannot differ from it "
+        "(give outer_lr only).")
+  check_choice("fednest_neumann", o.fednest_neumann, fednest_lib.NEUMANN_FORMS)
+
+
 def _build(name: str, problem: BilevelProblem, num_clients: int,
            options: Mapping[str, Any]) -> Algorithm:
   """Resolve `options` over the algorithm's defaults into an Algorithm (validated)."""
@@ -325,6 +343,11 @@ def _build(name: str, problem: BilevelProblem, num_clients: int,
     raise ConfigError("give server_optimizer or server_lr, not both: server_lr is the step of the "
                       "default server optimiser optax.sgd(server_lr).")
   o = spec.defaults._replace(**given)
+  if spec.round_kind == "fednest":
+    _fednest_steps(o, given)
+    o = o._replace(v_lr=o.outer_lr)  # one hlr
+  elif o.fednest_neumann != "code":
+    raise ConfigError(f"fednest_neumann={o.fednest_neumann!r} is fednest's option only.")
   levels = _levels(o.levels)  # validated even where ignored
   if spec.full_model:
     levels = (FULL_LEVEL,)
@@ -403,10 +426,13 @@ def fednest(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Alg
   Per round: FedInn (SVRG inner steps, 2 communication rounds), FedIHGP (the Neumann series
   averaged on the server after every term, 1 + N rounds), FedOut (hypergradient mean, then tau
   SVRG x steps and their mean, 2 rounds): one outer update of x. config.round_kind is
-  "fednest". Defaults (FedNest's config A): local_steps 1 (outer_tau), inner_steps 5,
-  num_steps 6 (Neumann terms: 5 products), inner_lr = outer_lr = v_lr = 0.01,
-  clients_per_round max(1, num_clients // 2). Full model: `levels` is ignored; submodel
-  "compact", weighting "examples" and estimators other than neumann are ConfigErrors.
+  "fednest". Defaults, FedNest's own hyperparameters (config A): local_steps 1 (outer_tau),
+  inner_steps 5 (local_ep: epochs of SVRG steps over each client's train split in batches of
+  the sampler's batch_size), num_steps 6 (Neumann terms: 5 products), outer_lr 0.01 (hlr:
+  also the Neumann step, so v_lr follows it; a different v_lr is a ConfigError), inner_lr
+  0.01 (lr), fednest_neumann "code" (v as FedNest's code computes it; "series": the intended
+  series), clients_per_round max(1, num_clients // 2). Full model: `levels` is ignored;
+  submodel "compact", weighting "examples" and estimators other than neumann are ConfigErrors.
   """
   return _build("fednest", problem, num_clients, options)
 

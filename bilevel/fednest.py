@@ -1,45 +1,59 @@
-"""FedNest (Tarzanagh et al., ICML 2022): FedInn, FedIHGP and FedOut in one jitted round.
+"""FedNest (Tarzanagh et al., ICML 2022) as its authors' code runs it: FedInn, FedIHGP, FedOut.
 
-The algorithm of the authors' code (github.com/ucr-optml/FedNest, main_hr.py with
---optim svrg --hvp_method global_batch), full model, one round = one outer update of x.
-C clients per phase; T = inner_steps (FedNest's local epochs), N = num_steps - 1 Neumann
-products (FedNest's --neumann; the series has N + 1 terms, as the library's neumann estimator
-with num_steps terms), tau = local_steps (FedNest's outer_tau); beta = inner_lr, eta = v_lr
-(Neumann step), alpha = outer_lr. Every server mean is a plain mean over the phase's clients.
+The per-round computation of github.com/ucr-optml/FedNest, `main_hr.py --optim svrg
+--hvp_method global_batch` (FedNest's algorithm), full model, one round = one outer update of x.
+Its hyperparameters and ours: hlr = outer_lr (ONE step: the Neumann step, the scale of v and
+the client x step; v_lr must equal it), lr = inner_lr (FedInn's SVRG step), local_ep =
+inner_steps (FedInn epochs), local_bs = the sampler's batch_size (a full split without one),
+neumann = num_steps - 1 = N products, outer_tau = local_steps = tau. C clients per phase, drawn
+independently for FedInn (S_in) and FedOut (S_out); every server mean is a plain mean over the
+phase's clients; n_i rows in client i's train split.
 
-FedInn (clients S_in, 2 communication rounds):
+FedInn (S_in, 2 communication rounds):
     1. client i: s_i = grad_y g_i(x, y0) on its whole train split;      server: s = mean s_i
-    2. client i: T SVRG steps from y0 on batches B_t (both gradients on the same batch):
-         y <- y - beta (grad_y g_i(x, y; B_t) - grad_y g_i(x, y0; B_t) + s)
-       server: y+ = mean y_i
-FedIHGP (clients S_out, drawn independently of S_in; 1 + N communication rounds):
-    3. client i: grad_y f_i(x, y+) (validation split);                  server: c_0 = p = mean
-    4. n = 1..N: client i: H_i c_{n-1}, H_i = hess_yy g_i(x, y+) on its train split;
-       server: c_n = c_{n-1} - eta mean_i H_i c_{n-1},  p <- p + c_n
-       v = eta p = eta sum_{n=0..N} (I - eta H)^n grad_y f   (H and grad_y f: client means)
+    2. client i: local_ep epochs; an epoch shuffles the split and steps through it in
+       ceil(n_i / B) batches of B = local_bs rows (the last one short):
+         y <- y - lr (grad_y g_i(x, y; B_t) - grad_y g_i(x, y0; B_t) + s)
+       server: y+ = mean y_i.  (Config A, 300-row splits: 5 x 5 = 25 SVRG steps per client.)
+FedIHGP (S_out, 1 + N communication rounds), hlr = eta:
+    3. client i: grad_y f_i(x, y+) (validation split);                  server: c0 = mean
+    4. FedNest's code keeps a Neumann counter per client, c_i <- (I - eta H_i) c_i from c_i =
+       c0 (H_i = hess_yy g_i(x, y+), whole train split), and each of the N server averagings
+       averages every message received so far (its message list is never cleared), where
+       client i's message in averaging k is p_{k-1} + c_i. So p_k = p_{k-1} + mean_i c_i / k:
+         v = eta p_N = eta [c0 + sum_{k=1..N} (1/k) mean_i (I - eta H_i)^k c0]    ("code")
+       With neumann="series" the counter is the server's (the paper's algorithm, and the
+       centralised series of the mean problem; H, grad_y f client means):
+         v = eta sum_{n=0..N} (I - eta H)^n c0                                   ("series")
 FedOut (same clients, 2 communication rounds):
     5. client i: h_i = grad_x f_i(x, y+) - J_i v, J_i v = d/dy[grad_x g_i](x, y+) v;
        server: h = mean h_i (the hypergradient estimate)
-    6. client i: tau steps x_i <- x_i - alpha (grad_x f_i(x_i, y+) - grad_x f_i(x, y+) + h)
-       from x_i = x; server: x <- x + server step of mean (x_i - x)  (SGD(1): x - alpha h at tau 1)
+    6. client i: tau steps x_i <- x_i - eta (grad_x f_i(x_i, y+) - grad_x f_i(x, y+) + h)
+       from x_i = x; server: x <- x + server step of mean (x_i - x)  (SGD(1): x - eta h at tau 1)
 
-Per round (analytic metrics, equal to the counted calls in tests/fednest_test.py):
-    first-order passes  C (1 + 2T)  in FedInn,  C (3 + [N > 0] + 2 tau)  in FedOut
+Per round (analytic metrics; tests/fednest_test.py checks them against FedNest's code's counts):
+    first-order passes (sweeps of a whole split) C (1 + 2 local_ep) in FedInn (a snapshot, then
+      two gradients per SVRG step: each epoch sweeps the split twice),
+      C (3 + [N > 0] + 2 tau) in FedOut;  svrg_steps sum_{i in S_in} local_ep ceil(n_i / B);
     Hessian-vector products C N,  cross (Jacobian-vector) products C,
     communication rounds 2 + (1 + N) + 2,  messages 2 C x communication rounds (down + up).
-At FedNest's config A (C = 10, T = 5, N = 5, tau = 1): 110, 60, 50, 10 and 10 rounds.
+At FedNest's config A (C = 10, local_ep 5, N = 5, tau = 1, B = 64, 300-row splits): 110, 60
+passes, 250 SVRG steps, 50, 10 products, 10 rounds, 200 messages.
 
-The FedOut passes mirror the paper's code: grad_y f (a), the linearisation of grad_y g that
+The FedOut passes mirror FedNest's code: grad_y f (a), the linearisation of grad_y g that
 the N products replay (b; skipped when N = 0), a second linearisation for the cross product
 (c), grad_x f (d), and two grad_x f per SVRG x step. Products are reverse-over-reverse
-(jax.vjp of the gradient, replayed N times, as torch's double backward on a retained graph);
-the library's forward-over-reverse PRODUCTS["exact"] would recompute the gradient per product.
+(jax.vjp of the gradient, replayed N times, as torch's double backward on a retained graph).
+Client FLOPs price every pass at the rows it runs on (`_client_prices`): whole-split passes at
+the client's split rows, an epoch's SVRG batches at its train split's rows (they partition it).
+Whole-split quantities are exact split means; FedNest's code averages its minibatches' means
+(the same when n_i <= B or B divides n_i).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,15 +119,17 @@ def make_oracle(problem: BilevelProblem) -> Oracle:
 
 # Metrics FedNest's round reports besides the local round's keys (per round, all clients).
 COUNT_METRICS = ("messages", "first_order_passes", "first_order_passes_inner",
-                 "first_order_passes_outer", "hvp_products", "cross_products",
+                 "first_order_passes_outer", "svrg_steps", "hvp_products", "cross_products",
                  "communication_rounds")
+# FedIHGP's v: FedNest's code's closed form, or the series it intends (module docstring).
+NEUMANN_FORMS = ("code", "series")
 
 
 class Counts(NamedTuple):
-  """Operations of one round (all sampled clients together)."""
+  """Operations of one round (all sampled clients together) that do not depend on the data."""
 
-  first_order_inner: int  # first-order passes in FedInn
-  first_order_outer: int  # first-order passes in FedIHGP + FedOut
+  first_order_inner: int  # sweeps of a whole train split in FedInn
+  first_order_outer: int  # sweeps of a whole split in FedIHGP + FedOut
   hvp_products: int
   cross_products: int
   communication_rounds: int
@@ -122,10 +138,17 @@ class Counts(NamedTuple):
 
 def round_counts(cfg: federated.FederatedConfig, num_sampled: int) -> Counts:
   """Analytic per-round counts (module docstring); num_sampled = C."""
-  c, t, tau = num_sampled, cfg.client.inner_steps, cfg.client.local_steps
+  c, epochs, tau = num_sampled, cfg.client.inner_steps, cfg.client.local_steps
   n = neumann_products(cfg)
   rounds = 2 + (1 + n) + 2
-  return Counts(c * (1 + 2 * t), c * (3 + (n > 0) + 2 * tau), c * n, c, rounds, 2 * c * rounds)
+  return Counts(c * (1 + 2 * epochs), c * (3 + (n > 0) + 2 * tau), c * n, c, rounds,
+                2 * c * rounds)
+
+
+def svrg_steps(rows: int, batch_size: int | None, epochs: int) -> int:
+  """FedInn's SVRG steps of one client with `rows` train rows: epochs x ceil(rows / batch_size)
+  (FedNest's local_ep x the batches of its DataLoader); one step per epoch without a batch."""
+  return epochs * (-(-rows // batch_size) if batch_size else 1)
 
 
 def neumann_products(cfg: federated.FederatedConfig) -> int:
@@ -137,24 +160,31 @@ def comm_floats(nx: int, ny: int, n: int) -> int:
   """Floats one FedInn client and one FedOut client send and receive in a round.
 
   FedInn: model down + s_i up, s down + y_i up.  FedOut: model down + grad_y f_i up,
-  N x (c down + H_i c up), v down + h_i up, h down + x_i - x up.
+  N x (p down + message up), v down + h_i up, h down + x_i - x up.
   """
   return (nx + ny + ny) + (ny + ny) + (nx + ny + ny) + n * 2 * ny + (ny + nx) + 2 * nx
 
 
-def validate(cfg: federated.FederatedConfig, *, submodel: str, mask_fn: Any, mesh: Any) -> None:
-  """FedNest runs the full model with uniform weights and exact Neumann products only."""
+def validate(cfg: federated.FederatedConfig, *, submodel: str, mask_fn: Any, mesh: Any,
+             neumann: str = "code") -> None:
+  """FedNest runs the full model with uniform weights, exact Neumann products and one hlr."""
   problems = []
   if any(lv.rx != 1 or lv.ry != 1 for lv in cfg.levels):
     problems.append("pruning levels " + ",".join(f"{lv.rx:g}/{lv.ry:g}" for lv in cfg.levels)
                     + " (needs the single level 1/1)")
+  v_lr, hlr = cfg.client.estimator_options.step_size, cfg.client.outer_lr
   for name, bad in (("submodel='compact'", submodel == "compact"),
                     ("a mask_fn", mask_fn is not None), ("a device mesh", mesh is not None),
                     (f"weighting={cfg.weighting!r} (needs 'uniform')", cfg.weighting != "uniform"),
                     (f"estimator={cfg.client.estimator!r} (needs 'neumann')",
                      cfg.client.estimator != "neumann"),
                     (f"product={cfg.client.estimator_options.product!r} (needs 'exact')",
-                     cfg.client.estimator_options.product != "exact")):
+                     cfg.client.estimator_options.product != "exact"),
+                    (f"v_lr={v_lr!r} apart from outer_lr={hlr!r} (FedNest's one step hlr is the "
+                     "Neumann step, the scale of v and the x step: give outer_lr only)",
+                     v_lr != hlr),
+                    (f"neumann={neumann!r} (one of {', '.join(NEUMANN_FORMS)})",
+                     neumann not in NEUMANN_FORMS)):
     if bad:
       problems.append(name)
   if problems:
@@ -181,40 +211,88 @@ def _mean(t_C: PyTree) -> PyTree:
   return jax.tree.map(lambda a: jnp.mean(a, axis=0), t_C)
 
 
+def split_rows(split: Any, cid: jax.Array) -> jax.Array:
+  """Rows of client cid's split: its valid rows ("weight" > 0, valid rows first, the
+  MinibatchSampler convention), else every row of its padded split."""
+  if isinstance(split, Mapping) and "weight" in split:
+    return jnp.sum(split["weight"][cid] > 0)
+  return jnp.asarray(jax.tree.leaves(split)[0].shape[1])
+
+
+def sweep_batch_size(sample: Sampler, split: Any) -> int | None:
+  """Rows of FedInn's SVRG batches: the sampler's batch_size (FedNest's local_bs), capped at the
+  padded split; the whole split for a sampler without one. None when the split has no "weight"
+  rows to sweep: then every epoch is one step on a batch of `sample`."""
+  if not (isinstance(split, Mapping) and "weight" in split):
+    return None
+  n_pad = split["weight"].shape[1]
+  return min(int(getattr(sample, "batch_size", 0) or n_pad), n_pad)
+
+
+def epoch_batch(split: Any, cid: jax.Array, key: jax.Array, b: jax.Array,
+                batch_size: int) -> Any:
+  """Batch b of one epoch of client cid (key: the epoch's): positions b B .. b B + B - 1 of a
+  random order of its valid rows; positions past its n_i rows get weight 0 (the short last
+  batch). FedNest's DataLoader(shuffle=True) batches. One row gather from [M * N, ...]."""
+  valid = split["weight"][cid] > 0
+  n_pad = valid.shape[0]
+  order = jnp.argsort(jnp.where(valid, jax.random.uniform(key, (n_pad,)), 2.0))
+  pos = b * batch_size + jnp.arange(batch_size)
+  rows = cid * n_pad + order[jnp.minimum(pos, n_pad - 1)]
+  batch = jax.tree.map(lambda t: t.reshape(-1, *t.shape[2:]).at[rows].get(
+      mode="promise_in_bounds"), split)
+  return dict(batch, weight=batch["weight"] * (pos < jnp.sum(valid)))
+
+
 def fed_inn(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y0: PyTree,
             data: federated.FederatedData, ids: jax.Array, keys: jax.Array, sample: Sampler,
-            cmap: Callable) -> PyTree:
+            cmap: Callable, lr: jax.Array) -> PyTree:
   """FedInn with SVRG (steps 1-2 of the module docstring); returns y+ = mean_i y_i.
 
   s = mean_i grad_y g_i(x, y0) (whole train split; communication round 1), then per client
-  T steps y <- y - beta (grad_y g_i(x, y; B_t) - grad_y g_i(x, y0; B_t) + s) on batches
-  B_t = sample(...) (communication round 2: the server averages the y_i).
+  local_ep = cfg.client.inner_steps epochs of steps y <- y - lr (grad_y g_i(x, y; B_t) -
+  grad_y g_i(x, y0; B_t) + s) over epoch_batch's batches (communication round 2: the server
+  averages the y_i). The scan runs ceil(N / B) steps per epoch for the padded N rows; a
+  client's steps past its own ceil(n_i / B) leave y as it is. Without "weight" rows an epoch
+  is one step on sample's batch.
   """
   whole = lambda cid: population_sampler(full_batch, cid)(data.inner, None)
   s = _mean(cmap(lambda cid: oracle.grad_g(x, y0, whole(cid)))(ids))
-  beta = cfg.client.inner_lr
+  bsz = sweep_batch_size(sample, data.inner)
+  per_epoch = 1 if bsz is None else -(-data.inner["weight"].shape[1] // bsz)
 
   def client(cid, key):
     draw = population_sampler(sample, cid)
+    n = split_rows(data.inner, cid)
 
     def step(y, t):
-      batch = draw(data.inner, jax.random.fold_in(key, t))
+      if bsz is None:
+        batch, active = draw(data.inner, jax.random.fold_in(key, t)), None
+      else:
+        e, b = t // per_epoch, t % per_epoch
+        batch = epoch_batch(data.inner, cid, jax.random.fold_in(key, e), b, bsz)
+        active = b * bsz < n
       d = tree.add(tree.sub(oracle.grad_g(x, y, batch), oracle.grad_g(x, y0, batch)), s)
-      return tree.axpy(-beta, d, y), None
+      new = tree.axpy(-lr, d, y)
+      if active is not None:
+        new = jax.tree.map(lambda a, o: jnp.where(active, a, o), new, y)
+      return new, None
 
-    return jax.lax.scan(step, y0, jnp.arange(cfg.client.inner_steps))[0]
+    return jax.lax.scan(step, y0, jnp.arange(cfg.client.inner_steps * per_epoch))[0]
 
   return _mean(cmap(client)(ids, keys))
 
 
 def fed_ihgp(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTree,
-             data: federated.FederatedData, ids: jax.Array, cmap: Callable):
-  """FedIHGP (steps 3-4): v = eta sum_{n=0..N} c_n, c_0 = mean_i grad_y f_i,
-  c_n = c_{n-1} - eta mean_i H_i c_{n-1}: the server averages after every term.
+             data: federated.FederatedData, ids: jax.Array, cmap: Callable, eta: jax.Array,
+             neumann: str = "code"):
+  """FedIHGP (steps 3-4): v from c0 = mean_i grad_y f_i and N rounds of products H_i c.
 
-  Returns (v, mean_i f_i(x, y)). 1 + N communication rounds.
+  neumann="code": per-client counters c_i <- c_i - eta H_i c_i from c0 and
+  p_k = p_{k-1} + mean_i c_i / k (FedNest's code), v = eta p_N. "series": the server's
+  counter c <- c - eta mean_i H_i c, p <- p + c, v = eta p. Returns (v, mean_i f_i(x, y)).
   """
-  eta, n = cfg.client.estimator_options.step_size, neumann_products(cfg)
+  n = neumann_products(cfg)
   outer = lambda cid: population_sampler(full_batch, cid)(data.outer, None)
   inner = lambda cid: population_sampler(full_batch, cid)(data.inner, None)
   f_i, gyf_i = cmap(lambda cid: oracle.grad_f_y(x, y, outer(cid)))(ids)
@@ -222,21 +300,32 @@ def fed_ihgp(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTre
   if n == 0:
     return tree.scale(eta, c0), jnp.mean(f_i)
   points = cmap(lambda cid: oracle.hvp_point(x, y, inner(cid)), stack=False)(ids)
+  step = lambda pt, c: tree.axpy(-eta, oracle.hvp(pt, c), c)  # c - eta H_i c
 
-  def term(carry, _):
-    c, p = carry
-    hc = _mean(cmap(lambda pt: oracle.hvp(pt, c))(points))  # one communication round
-    c = tree.axpy(-eta, hc, c)
-    return (c, tree.add(p, c)), None
+  if neumann == "series":
+    def term(carry, _):
+      c, p = carry
+      hc = _mean(cmap(lambda pt: oracle.hvp(pt, c))(points))  # one communication round
+      c = tree.axpy(-eta, hc, c)
+      return (c, tree.add(p, c)), None
 
-  (_, p), _ = jax.lax.scan(term, (c0, c0), None, length=n)
+    (_, p), _ = jax.lax.scan(term, (c0, c0), None, length=n)
+  else:
+    def term(carry, k):
+      c_C, p = carry
+      c_C = cmap(step)(points, c_C)  # each client's own counter; one communication round
+      return (c_C, tree.axpy(1.0 / k, _mean(c_C), p)), None
+
+    dtype = jax.tree.leaves(c0)[0].dtype
+    c_C = jax.tree.map(lambda a: jnp.broadcast_to(a, (ids.shape[0],) + a.shape), c0)
+    (_, p), _ = jax.lax.scan(term, (c_C, c0), jnp.arange(1, n + 1).astype(dtype))
   return tree.scale(eta, p), jnp.mean(f_i)
 
 
 def fed_out(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTree, v: PyTree,
-            data: federated.FederatedData, ids: jax.Array, cmap: Callable):
+            data: federated.FederatedData, ids: jax.Array, cmap: Callable, eta: jax.Array):
   """FedOut (steps 5-6): h = mean_i (grad_x f_i - J_i v) (communication round 1), then tau
-  SVRG steps x_i <- x_i - alpha (grad_x f_i(x_i) - grad_x f_i(x) + h) per client and the mean
+  SVRG steps x_i <- x_i - eta (grad_x f_i(x_i) - grad_x f_i(x) + h) per client and the mean
   of x_i - x (communication round 2). Returns (mean delta, h, mean_i g_i(x, y))."""
   outer = lambda cid: population_sampler(full_batch, cid)(data.outer, None)
   inner = lambda cid: population_sampler(full_batch, cid)(data.inner, None)
@@ -247,13 +336,12 @@ def fed_out(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTree
 
   h_i, g_i = cmap(hypergrad)(ids)
   h = _mean(h_i)
-  alpha = cfg.client.outer_lr
 
   def client(cid):
     def step(xi, _):
       d = tree.add(tree.sub(oracle.grad_f_x(xi, y, outer(cid)),
                             oracle.grad_f_x(x, y, outer(cid))), h)
-      return tree.axpy(-alpha, d, xi), None
+      return tree.axpy(-eta, d, xi), None
 
     xi = jax.lax.scan(step, x, None, length=cfg.client.local_steps)[0]
     return tree.sub(xi, x)
@@ -269,64 +357,87 @@ def _grad_evals(counts: Counts) -> tuple[int, int]:
           counts.first_order_outer + per * (counts.hvp_products + counts.cross_products))
 
 
-def _op_prices(cfg: federated.FederatedConfig, cost: costs.CostModel, kept_x: PyTree,
-               kept_y: PyTree) -> tuple[jax.Array, jax.Array]:
-  """(FLOPs of a FedInn client, of a FedIHGP + FedOut client) with the per-operation model: a
-  FedInn pass is x's forward and a gradient in y (inner batch); a FedOut pass x's forward and a
-  gradient in x and y (outer batch); products are exact (hv) and cross (jv) products on the
-  inner batch. Every pass is priced on the rows cost.rows gives (a minibatch, or the client's
-  split), also FedNest's full-split snapshot and FedOut passes when minibatches are used."""
-  counts = round_counts(cfg, 1)
-  prices = costs.op_prices(cost.model, "exact", kept_x, kept_y)
-  rows = dict(zip((costs.INNER, costs.OUTER), cost.rows(kept_x)))
-  op = lambda kind, batch: prices[kind] * rows[batch]
-  inner = counts.first_order_inner * (op("forward_x", costs.INNER) + op("grad_y", costs.INNER))
-  outer = (counts.first_order_outer * (op("forward_x", costs.OUTER) + op("grad_xy", costs.OUTER))
-           + counts.hvp_products * op("hv", costs.INNER)
-           + counts.cross_products * op("jv", costs.INNER))
+def _client_prices(cfg: federated.FederatedConfig, model: costs.ModelCosts, kept_x: PyTree,
+                   kept_y: PyTree, n_in: jax.Array, n_out: jax.Array,
+                   epoch_rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(FLOPs of a FedInn client, of a FedIHGP + FedOut client) with the per-operation model, each
+  pass at the rows it runs on: n_in / n_out rows of the client's train / validation split.
+
+  FedInn: the snapshot sweeps the train split (x's forward and a gradient in y per row), each
+  epoch's SVRG steps take two such gradients on epoch_rows rows (the split's rows when the
+  batches partition it). FedIHGP + FedOut: grad_y f, grad_x f and 2 tau grad_x f on the
+  validation split, the two linearisations (hvp_point when N > 0, cross_point) on the train
+  split, each priced as x's forward and a gradient in x and y; N exact H v and one J v
+  products on the train split."""
+  prices = costs.op_prices(model, "exact", kept_x, kept_y)
+  epochs, tau, n = cfg.client.inner_steps, cfg.client.local_steps, neumann_products(cfg)
+  g_y = prices["forward_x"] + prices["grad_y"]
+  g_xy = prices["forward_x"] + prices["grad_xy"]
+  inner = n_in * g_y + 2 * epochs * epoch_rows * g_y
+  outer = (((2 + 2 * tau) * n_out + (1 + (n > 0)) * n_in) * g_xy
+           + n * n_in * prices["hv"] + n_in * prices["jv"])
   return inner, outer
 
 
 def client_flops(cfg: federated.FederatedConfig, layout: UnitLayout | None, state, data,
                  s_in: jax.Array, s_out: jax.Array, flops_per_grad,
-                 cost: costs.CostModel | None = None) -> jax.Array:
-  """Analytic client FLOPs of one round: gradient evaluations x flops_per_grad(held_x, held_y),
-  or with `cost` the per-operation model (_op_prices).
+                 cost: costs.CostModel | None = None, sample: Sampler = full_batch
+                 ) -> jax.Array:
+  """Analytic client FLOPs of one round: with `cost` the per-operation model (_client_prices:
+  whole-split passes at each client's split rows), else gradient evaluations x
+  flops_per_grad(held_x, held_y).
 
   Without owned units (data.available None, e.g. hyper-representation) every client holds all
   of x and y. With them (hyper-cleaning: a client owns the weight logits of its own samples)
   a client holds only its own units of an owned group, what a local-round client at keep
-  ratio 1 holds (masks.unit_masks keeps available units only), and is priced on those
-  counts. A FedInn client (S_in) makes 1 + 2T gradient evaluations, a FedIHGP / FedOut client
-  (S_out) the rest of round_counts(cfg, 1).
+  ratio 1 holds (masks.unit_kept_counts), and is priced on those counts. A FedInn client (S_in)
+  pays FedInn's work, a FedIHGP / FedOut client (S_out) the rest.
   """
   sizes = lambda t: jax.tree.map(lambda a: jnp.asarray(a.size, jnp.float32), t)
-  c = s_in.shape[0]
-  if cost is not None:
-    price = lambda kx, ky: _op_prices(cfg, cost, kx, ky)
-  else:
-    inner_evals, outer_evals = _grad_evals(round_counts(cfg, 1))
-    price = lambda kx, ky: (inner_evals * flops_per_grad(kx, ky),
-                            outer_evals * flops_per_grad(kx, ky))
-  if data.available is None or layout is None:
-    if cost is None:
-      evals = sum(_grad_evals(round_counts(cfg, c)))
-      return evals * flops_per_grad(sizes(state.x), sizes(state.y))
-    inner, outer = price(sizes(state.x), sizes(state.y))
-    return c * (inner + outer)
-  in_x, in_y = layout.groups_of(layout.x), layout.groups_of(layout.y)
+  owned = data.available is not None and layout is not None
 
-  def held(cid, part):
+  def held(cid):
+    if not owned:
+      return sizes(state.x), sizes(state.y)
+    in_x, in_y = layout.groups_of(layout.x), layout.groups_of(layout.y)
     units = {g: (data.available[g][cid] if g in data.available else jnp.ones((n,)))
              for g, n in layout.groups.items()}
-    return price(unit_kept_counts({g: units[g] for g in in_x}, layout.x, state.x),
-                 unit_kept_counts({g: units[g] for g in in_y}, layout.y, state.y))[part]
+    return (unit_kept_counts({g: units[g] for g in in_x}, layout.x, state.x),
+            unit_kept_counts({g: units[g] for g in in_y}, layout.y, state.y))
 
-  return (jnp.sum(jax.vmap(lambda cid: held(cid, 0))(s_in))
-          + jnp.sum(jax.vmap(lambda cid: held(cid, 1))(s_out)))
+  if cost is None:
+    evals = _grad_evals(round_counts(cfg, 1))
+    if not owned:
+      return (s_in.shape[0] * evals[0] + s_out.shape[0] * evals[1]) * flops_per_grad(
+          *held(None))
+    price = lambda cid, part: evals[part] * flops_per_grad(*held(cid))
+  else:
+    sweep = sweep_batch_size(sample, data.inner) is not None
+    dtype = jnp.float32
+
+    def price(cid, part):
+      kx, ky = held(cid)
+      n_in = split_rows(data.inner, cid).astype(dtype)
+      n_out = split_rows(data.outer, cid).astype(dtype)
+      epoch_rows = n_in if sweep else cost.rows(kx)[0]
+      return _client_prices(cfg, cost.model, kx, ky, n_in, n_out, epoch_rows)[part]
+
+  return (jnp.sum(jax.vmap(lambda cid: price(cid, 0))(s_in))
+          + jnp.sum(jax.vmap(lambda cid: price(cid, 1))(s_out)))
 
 
-def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops, num_sampled):
+def fedinn_svrg_steps(cfg: federated.FederatedConfig, data, s_in: jax.Array,
+                      sample: Sampler) -> jax.Array:
+  """SVRG steps of the round's FedInn clients: sum_i local_ep ceil(n_i / B) (svrg_steps)."""
+  bsz = sweep_batch_size(sample, data.inner)
+  epochs = cfg.client.inner_steps
+  if bsz is None:
+    return jnp.asarray(epochs * s_in.shape[0], jnp.int32)
+  n = jax.vmap(lambda cid: split_rows(data.inner, cid))(s_in)
+  return jnp.sum(epochs * ((n + bsz - 1) // bsz)).astype(jnp.int32)
+
+
+def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops, steps, num_sampled):
   """The generic round's metric keys (full model: coverage = C everywhere) plus the counts."""
   full = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, num_sampled, jnp.int32), t)
   cov_x = coverage_stats_from_counts(full(state.x))
@@ -345,6 +456,7 @@ def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops, num_sampled):
                                      jnp.int32),
       first_order_passes_inner=jnp.asarray(counts.first_order_inner, jnp.int32),
       first_order_passes_outer=jnp.asarray(counts.first_order_outer, jnp.int32),
+      svrg_steps=steps,
       hvp_products=jnp.asarray(counts.hvp_products, jnp.int32),
       cross_products=jnp.asarray(counts.cross_products, jnp.int32),
       communication_rounds=jnp.asarray(counts.communication_rounds, jnp.int32))
@@ -368,20 +480,23 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
                        available: Any = None, mask_fn: Any = None, submodel: str = "dense",
                        sampling: str | None = None,
                        mesh: Any = None, oracle: Oracle | None = None,
-                       diagnostics: bool = False, **unused: Any) -> federated.Round:
+                       diagnostics: bool = False, neumann: str = "code",
+                       **unused: Any) -> federated.Round:
   """FedNest's round `step(state, data) -> (state, metrics)` (module docstring), as a
   federated.Round; rounds.make_round's keywords (what FedNest cannot use is a ConfigError).
 
-  sample draws FedInn's SVRG batches (FedOut and the snapshot use each client's whole split,
-  as FedNest's code); `available` is accepted and unused: FedNest averages over all sampled
-  clients, and the client FLOPs read the owned units from data.available as the local round's
-  masks do (`client_flops`); oracle replaces make_oracle(problem) (tests count calls through it);
+  sample: its batch_size is FedNest's local_bs for FedInn's epoch sweeps (a sampler without
+  one: whole-split steps; FedOut and the snapshot always use each client's whole split, as
+  FedNest's code); neumann: "code" (FedNest's code's v, the default) or "series" (NEUMANN_FORMS);
+  `available` is accepted and unused: FedNest averages over all sampled clients, and the
+  client FLOPs read the owned units from data.available as the local round's masks do
+  (`client_flops`); oracle replaces make_oracle(problem) (tests count calls through it);
   diagnostics as in rounds.make_round (the estimate is FedOut's averaged h at x); client_map
   maps a phase's client function over its clients (ClientMap; default one vmap).
   """
   del sampling, available, unused
   federated.validate_config(cfg, layout)
-  validate(cfg, submodel=submodel, mask_fn=mask_fn, mesh=mesh)
+  validate(cfg, submodel=submodel, mask_fn=mask_fn, mesh=mesh, neumann=neumann)
   optimizer = optimizer or optax.sgd(cfg.server_lr)
   oracle = oracle or make_oracle(problem)
   population = np.arange(cfg.num_clients)
@@ -394,14 +509,15 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
     s_in, s_out = phase_samples(a, q, c)
     bkey = jax.random.fold_in(a.keys["batches"], q)
     keys = jax.vmap(lambda cid: jax.random.fold_in(bkey, cid))(s_in)
-    cfg_q = cfg._replace(client=federated.with_steps(cfg.client, a.steps))  # traced steps
-    y = fed_inn(oracle, cfg_q, state.x, state.y, data, s_in, keys, sample, client_map)
-    v, f_val = fed_ihgp(oracle, cfg_q, state.x, y, data, s_out, client_map)
-    dx, h, g_val = fed_out(oracle, cfg_q, state.x, y, v, data, s_out, client_map)
+    hlr, lr = a.steps["outer_lr"], a.steps["inner_lr"]  # traced: one program for every step
+    y = fed_inn(oracle, cfg, state.x, state.y, data, s_in, keys, sample, client_map, lr)
+    v, f_val = fed_ihgp(oracle, cfg, state.x, y, data, s_out, client_map, hlr, neumann)
+    dx, h, g_val = fed_out(oracle, cfg, state.x, y, v, data, s_out, client_map, hlr)
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
-    flops = client_flops(cfg, layout, state, data, s_in, s_out, flops_per_grad, cost)
-    metrics = _metrics(cfg, state, counts, h, f_val, g_val, flops, c)
+    flops = client_flops(cfg, layout, state, data, s_in, s_out, flops_per_grad, cost, sample)
+    steps = fedinn_svrg_steps(cfg, data, s_in, sample)
+    metrics = _metrics(cfg, state, counts, h, f_val, g_val, flops, steps, c)
     if diagnostics:  # full model: every coordinate held by the C sampled clients
       held = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, c, jnp.int32), t)
       metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=held(state.x),

@@ -68,7 +68,9 @@ REDRAW_LEVELS = flags.DEFINE_boolean("redraw_levels", False, "Redraw client leve
 ALLOW_UNCOVERED = flags.DEFINE_boolean("allow_uncovered", False,
                                        "Accept mask settings that never cover some outer units.")
 LOCAL_STEPS = flags.DEFINE_integer("local_steps", 5, "Local steps K per round (RAFBO).")
-INNER_STEPS = flags.DEFINE_integer("inner_steps", 1, "Inner steps T per local step.")
+INNER_STEPS = flags.DEFINE_integer("inner_steps", 1, "Inner steps T per local step (fednest: "
+                                   "FedNest's local_ep, epochs of SVRG steps over each client's "
+                                   "train split in batches of --batch_size).")
 INNER_LR = flags.DEFINE_float("inner_lr", 0.1, "Inner step size beta.")
 INNER_STEP = flags.DEFINE_enum("inner_step", "cauchy", ["cauchy", "fixed"],
                                "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg) along the "
@@ -76,7 +78,12 @@ INNER_STEP = flags.DEFINE_enum("inner_step", "cauchy", ["cauchy", "fixed"],
                                "docs/method.md section 8), fixed = inner_lr always.")
 OUTER_LR = flags.DEFINE_float("outer_lr", 0.1, "Outer (hypergradient) step size alpha.")
 NUM_STEPS = flags.DEFINE_integer("num_steps", 1, "v updates / Neumann terms / CG iterations.")
-V_LR = flags.DEFINE_float("v_lr", 0.1, "Step size eta of the v update and Neumann series.")
+V_LR = flags.DEFINE_float("v_lr", 0.1, "Step size eta of the v update and Neumann series "
+                          "(fednest: follows --outer_lr, FedNest's one step hlr).")
+FEDNEST_NEUMANN = flags.DEFINE_enum(
+    "fednest_neumann", "code", ["code", "series"], "fednest's v: code = FedNest's code's closed "
+    "form (per-client counters, never-cleared message list; docs/method.md, section 7), "
+    "series = the Neumann series it intends, averaged on the server after every term.")
 DELTA = flags.DEFINE_float("delta", 1e-3, "Finite-difference probe length (fd).")
 RADIUS = flags.DEFINE_float("radius", None, "Optional projection radius for v.")
 V_STEP = flags.DEFINE_enum("v_step", "cauchy", ["cauchy", "fixed"],
@@ -376,7 +383,7 @@ OPTION_FLAGS = {
     "inner_step": "inner_step", "outer_lr": "outer_lr", "estimator": "estimator",
     "num_steps": "num_steps", "v_lr": "v_lr",
     "delta": "delta", "radius": "radius", "v_step": "v_step", "server_lr": "server_lr",
-    "aggregation": "aggregation", "seed": "seed"}
+    "aggregation": "aggregation", "seed": "seed", "fednest_neumann": "fednest_neumann"}
 
 
 def algorithm_options() -> dict[str, Any]:

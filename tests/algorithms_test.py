@@ -124,11 +124,13 @@ class KeywordsTest(parameterized.TestCase):
     server_optimizer = optax.adam(0.01)
     # FedNest's round is its Neumann series by definition (another estimator: ConfigError).
     estimator = "neumann" if name == "fednest" else "exact"
+    # FedNest has one step hlr (outer_lr): its Neumann step v_lr must equal it.
+    hlr = dict(outer_lr=0.05) if name == "fednest" else {}
     flops = _traced_once_flops()
     alg = bilevel.algorithms.get(
         name, problem=problem, num_clients=6, levels=(Level(1, 1, 0.5), Level(0.5, 0.5, 0.5)),
         granularity="element", seed=3, local_steps=2, estimator=estimator, v_lr=0.05,
-        server_optimizer=server_optimizer, flops_per_grad=flops)
+        server_optimizer=server_optimizer, flops_per_grad=flops, **hlr)
     cfg = alg.config
     self.assertEqual((cfg.client.local_steps, cfg.client.estimator,
                       cfg.client.estimator_options.step_size, cfg.seed), (2, estimator, 0.05, 3))
