@@ -4,7 +4,10 @@ For --task and --algorithm, every point of the grid (outer_lr x inner_lr x v_lr;
 Neumann-series algorithms v_lr is the series step) runs the task driver with
 `--eval_split=holdout` (a class-stratified share of the TRAINING data, taken away from the
 clients, stands in for the test set, which is never read) over --seeds (default 0,1; at least
-2). Selection is the one-standard-error rule: among the points whose mean held-out accuracy
+2) and on every data partition of --tune_partitions (default: IID and Dirichlet(0.1) label
+skew), each on the same held-out rows. A point's score is its worst partition's mean held-out
+accuracy, so the chosen steps hold on both: one flagfile per algorithm and task serves every
+partition (docs/method.md, section 7). Selection is the one-standard-error rule: among the points whose mean held-out accuracy
 is within one standard error (sample std over seeds / sqrt(seeds)) of the best mean, the one
 with the smallest steps wins (the smaller outer_lr, then inner_lr, then v_lr). Points that
 close are not told apart by two seeds, and the smaller steps are the ones that hold on seeds
@@ -45,6 +48,10 @@ GRID_OUTER = flags.DEFINE_list("grid_outer_lr", None, "outer_lr values (default:
 GRID_INNER = flags.DEFINE_list("grid_inner_lr", None, "inner_lr values (default: GRIDS[task]).")
 GRID_V = flags.DEFINE_list("grid_v_lr", None, "v_lr values: v step or Neumann step (default: "
                            "GRIDS[task]).")
+PARTITIONS = flags.DEFINE_list(
+    "tune_partitions", ["iid", "dirichlet:0.1"],
+    "Data partitions every grid point runs on: iid, shards, or dirichlet:ALPHA; a point scores "
+    "its worst partition's mean held-out accuracy.")
 PRESET_OUT = flags.DEFINE_string("preset_out", None, "Flagfile to write (default "
                                  "experiments/presets/TASK_ALGORITHM.cfg).")
 # --driver_flags (experiments/common.py): further flags passed to every driver run.
@@ -61,7 +68,43 @@ GRIDS = {
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 # Flags the driver gets from tune itself; --driver_flags must not set them.
 _OWN_FLAGS = ("outer_lr", "inner_lr", "v_lr", "seeds", "seed", "workdir", "eval_split",
-              "algorithm")
+              "algorithm", "partition", "alpha")
+
+
+def partitions() -> dict[str, dict[str, Any]]:
+  """--tune_partitions as {name: the driver flags that select it}."""
+  out = {}
+  for item in PARTITIONS.value:
+    scheme, _, alpha = item.partition(":")
+    if scheme in ("iid", "shards") and not alpha:
+      out[scheme] = dict(partition=scheme)
+    elif scheme == "dirichlet":
+      try:
+        value = float(alpha)
+        assert value > 0
+      except (ValueError, AssertionError):
+        common.fail(f"--tune_partitions: {item!r} needs a concentration > 0, e.g. dirichlet:0.1.")
+      out[f"dirichlet{value:g}"] = dict(partition="dirichlet", alpha=value)
+    else:
+      common.fail(f"--tune_partitions: {item!r} is not iid, shards or dirichlet:ALPHA.")
+  if not out:
+    common.fail("--tune_partitions is empty.")
+  return out
+
+
+def combine_partitions(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """A point's score from its runs on each partition: the worst partition's mean held-out
+  accuracy and that partition's std (None if a run on any partition diverged or failed)."""
+  first = next(iter(results.values()))
+  out = {k: first[k] for k in ("outer_lr", "inner_lr", "v_lr")}
+  out.update(seconds=sum(r["seconds"] for r in results.values()), per_partition=results)
+  failed = [name for name, r in results.items() if r["mean_accuracy"] is None]
+  if failed:
+    return dict(out, mean_accuracy=None, std_accuracy=None, worst_partition=failed[0],
+                error=results[failed[0]]["error"])
+  worst = min(results, key=lambda name: results[name]["mean_accuracy"])
+  return dict(out, mean_accuracy=results[worst]["mean_accuracy"],
+              std_accuracy=results[worst]["std_accuracy"], worst_partition=worst, error=None)
 
 
 def grid() -> dict[str, tuple[float, ...]]:
@@ -124,8 +167,9 @@ def finished_point(workdir: str, seeds: list[int], values: dict[str, float]
   return dict(values, seconds=seconds, command="(finished earlier)", **_accuracies(summary))
 
 
-def run_point(workdir: str, seeds: list[int], values: dict[str, float]) -> dict[str, Any]:
-  """One grid point over the seeds in a driver process; its per-seed held-out accuracy."""
+def run_point(workdir: str, seeds: list[int], values: dict[str, Any]) -> dict[str, Any]:
+  """One grid point on one partition (values: the steps and the partition's driver flags) over
+  the seeds in a driver process; its per-seed held-out accuracy."""
   cmd = [sys.executable, "-m", f"experiments.{TASK.value}", f"--workdir={workdir}",
          f"--algorithm={common.ALGORITHM.value}", "--eval_split=holdout",
          f"--holdout_fraction={common.HOLDOUT_FRACTION.value}",
@@ -152,9 +196,11 @@ def run_point(workdir: str, seeds: list[int], values: dict[str, float]) -> dict[
 def write_preset(path: str, best: dict[str, Any], seeds: list[int], cost_s: float) -> None:
   lines = [
       f"# Tuned by experiments.tune for --task={TASK.value} --algorithm={common.ALGORITHM.value}:",
-      f"# grid {json.dumps(grid())}, seeds {seeds}, selected on held-out training data",
+      f"# grid {json.dumps(grid())}, seeds {seeds}, partitions {','.join(PARTITIONS.value)} "
+      f"(score: the worst partition), selected on held-out training data",
       f"# (--eval_split=holdout --holdout_fraction={common.HOLDOUT_FRACTION.value}); held-out "
-      f"accuracy {best['mean_accuracy']:.4f} +- {best['std_accuracy']:.4f}; "
+      f"accuracy {best['mean_accuracy']:.4f} +- {best['std_accuracy']:.4f} "
+      f"({best['worst_partition']}); "
       f"tuning cost {cost_s:.0f} s.",
       f"# Driver flags during tuning: {' '.join(EXTRA.value) or '(none)'}",
       f"--algorithm={common.ALGORITHM.value}",
@@ -182,16 +228,23 @@ def main(argv: Sequence[str]) -> None:
   values = grid()
   if common.SMOKE.value:  # a tiny run for tests: two grid points, still a real selection
     values = {k: v[:2] if k == "outer_lr" else v[:1] for k, v in values.items()}
+  parts = partitions()
   workdir = common.require_workdir()
   points = []
   combos = list(itertools.product(*values.values()))
   for i, combo in enumerate(combos):
     point = dict(zip(values, combo))
-    pdir = os.path.join(workdir, point_name(point))
-    result = finished_point(pdir, seeds, point) or run_point(pdir, seeds, point)
+    runs = {}
+    for name, part_flags in parts.items():
+      pdir = os.path.join(workdir, point_name(point), name)
+      run_values = dict(point, **part_flags)
+      runs[name] = (finished_point(pdir, seeds, run_values) or
+                    run_point(pdir, seeds, run_values))
+    result = combine_partitions(runs)
     points.append(result)
-    acc = "diverged/failed" if result["mean_accuracy"] is None else (
-        f"{result['mean_accuracy']:.4f} +- {result['std_accuracy']:.4f}")
+    acc = (f"diverged/failed on {result['worst_partition']}" if result["mean_accuracy"] is None
+           else f"{result['mean_accuracy']:.4f} +- {result['std_accuracy']:.4f} (worst: "
+           f"{result['worst_partition']})")
     print(f"[{i + 1}/{len(combos)}] {point}: {acc} ({result['seconds']:.0f} s)", flush=True)
   cost = sum(p["seconds"] for p in points)  # with the seed wall times of reused points
   best = select(points, len(seeds))
@@ -201,6 +254,7 @@ def main(argv: Sequence[str]) -> None:
   write_preset(preset, best, seeds, cost)
   common.write_summary(workdir, dict(task=TASK.value, algorithm=common.ALGORITHM.value,
                                      seeds=seeds, grid=values, points=points,
+                                     partitions=list(parts),
                                      best={k: best[k] for k in values}, preset=preset,
                                      best_mean_accuracy=best["mean_accuracy"], cost_s=cost))
   print(f"best {dict((k, best[k]) for k in values)}: held-out accuracy "

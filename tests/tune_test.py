@@ -53,6 +53,29 @@ class SelectTest(absltest.TestCase):
     self.assertIsNone(tune.finished_point(pdir, [0, 2], values))
     self.assertIsNone(tune.finished_point(pdir, [0, 1], dict(values, v_lr=0.03)))
 
+  def test_a_point_scores_its_worst_partition(self):
+    runs = {"iid": dict(_point(0.1, 0.1, 0.1, 0.92), seconds=3.0, error=None),
+            "dirichlet0.1": dict(_point(0.1, 0.1, 0.1, 0.85), seconds=5.0, error=None)}
+    runs["dirichlet0.1"]["std_accuracy"] = 0.03
+    out = tune.combine_partitions(runs)
+    self.assertEqual((out["mean_accuracy"], out["std_accuracy"]), (0.85, 0.03))
+    self.assertEqual((out["worst_partition"], out["seconds"]), ("dirichlet0.1", 8.0))
+    runs["dirichlet0.1"] = dict(_point(0.1, 0.1, 0.1, None), seconds=1.0, error="diverged")
+    out = tune.combine_partitions(runs)  # holds on IID, diverges on label skew: never chosen
+    self.assertIsNone(out["mean_accuracy"])
+    self.assertEqual((out["worst_partition"], out["error"]), ("dirichlet0.1", "diverged"))
+    with self.assertRaises(SystemExit):
+      tune.select([out], 2)
+
+  def test_partitions_flag(self):
+    with flagsaver.flagsaver(tune_partitions=["iid", "dirichlet:0.1", "shards"]):
+      self.assertEqual(tune.partitions(), {
+          "iid": dict(partition="iid"), "dirichlet0.1": dict(partition="dirichlet", alpha=0.1),
+          "shards": dict(partition="shards")})
+    for bad in (["dirichlet"], ["dirichlet:-1"], ["pathological"], []):
+      with flagsaver.flagsaver(tune_partitions=bad), self.assertRaises(SystemExit):
+        tune.partitions()
+
   def test_every_point_diverged_is_a_clear_error(self):
     with self.assertRaises(SystemExit) as e:
       tune.select([_point(0.3, 0.1, 0.1, None)], 2)
@@ -61,7 +84,8 @@ class SelectTest(absltest.TestCase):
   def test_the_flagfile_sets_the_chosen_steps(self):
     path = os.path.join(tempfile.mkdtemp(), "p.cfg")
     with flagsaver.flagsaver(algorithm="simfbo", task="hyper_cleaning"):
-      tune.write_preset(path, _point(10.0, 0.05, 0.02, 0.88), [0, 1], 12.0)
+      tune.write_preset(path, dict(_point(10.0, 0.05, 0.02, 0.88), worst_partition="iid"),
+                        [0, 1], 12.0)
     with open(path) as f:
       lines = [line.strip() for line in f if not line.startswith("#")]
     self.assertEqual(lines, ["--algorithm=simfbo", "--outer_lr=10", "--inner_lr=0.05",
