@@ -22,7 +22,8 @@ Neumann terms or CG iterations):
               the default: the exact line-search step on 1/2 v'Hv - v' grad_y f, capped at
               eta, so the iteration cannot diverge when eta lambda_max(H) > 2), or eta
               (v_step="fixed", the plain SOBA/SimFBO update).
-  neumann   : v = eta sum_{k<N} (I - eta H)^k grad_y f   (FedNest; exact products).
+  neumann   : v = eta sum_{k<max(N,1)} (I - eta H)^k grad_y f   (FedNest; exact products;
+              N = 0 gives the one term eta grad_y f, as N = 1).
   cg        : conjugate gradient on H v = grad_y f from the warm start (exact products).
 
 Dual pruning (docs/method.md, sections 3-4): with masks m_x, m_y every quantity is evaluated at
@@ -183,7 +184,7 @@ def _v_iteration(product_name: str):
 
 def neumann_estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mask_x, mask_y,
                       opts: EstimatorOptions) -> HypergradResult:
-  """v = eta sum_{k<N} (I - eta H)^k grad_y f (FedNest). The warm start v is not used."""
+  """v = eta sum_{k<max(N,1)} (I - eta H)^k grad_y f (FedNest); the warm start v is not used."""
   product = PRODUCTS[opts.product]
   xm, ym, gxf, gyf, _ = _setup(problem, x, y, outer_batch, None, mask_x, mask_y)
 
