@@ -222,6 +222,10 @@ def main(argv: Sequence[str]) -> None:
   if len(set(seeds)) < 2:
     common.fail(f"--seeds={','.join(given)}: the protocol selects over at least 2 distinct "
                 "seeds.")
+  if common.ALGORITHM.value == "fednest":
+    common.fail("fednest is not tuned: its presets hold FedNest's own hyperparameters, and its "
+                "one step hlr (outer_lr = v_lr) cannot take the grid's separate outer and v "
+                "steps (docs/method.md, section 7).")
   clash = [f for f in EXTRA.value if f.lstrip("-").split("=")[0] in _OWN_FLAGS]
   if clash:
     common.fail(f"--driver_flags may not set {', '.join(clash)}: tune sets those itself.")

@@ -76,6 +76,12 @@ class SelectTest(absltest.TestCase):
       with flagsaver.flagsaver(tune_partitions=bad), self.assertRaises(SystemExit):
         tune.partitions()
 
+  def test_fednest_is_refused_with_the_reason(self):
+    with flagsaver.flagsaver(algorithm="fednest", workdir=tempfile.mkdtemp()), \
+        self.assertRaises(SystemExit) as e:
+      tune.main(["tune"])
+    self.assertEqual(e.exception.code, 2)
+
   def test_every_point_diverged_is_a_clear_error(self):
     with self.assertRaises(SystemExit) as e:
       tune.select([_point(0.3, 0.1, 0.1, None)], 2)
