@@ -210,9 +210,10 @@ class DivergenceAndDeterminismTest(absltest.TestCase):
   @pytest.mark.slow
   def test_nan_stops_with_round_and_quantity_and_keeps_last_good_checkpoint(self):
     # inner_lr 1e5 against the head's L2 penalty multiplies y by ~200 per inner step: finite
-    # for two rounds, overflowing float32 in round 3 (a real, deterministic divergence).
+    # for two rounds, overflowing float32 in round 3 (a real, deterministic divergence). The
+    # fixed inner step: the default Cauchy step would cap 1e5 at 1 / curvature.
     root = _tmpdir(self)
-    settings = dict(TINY, inner_lr=1e5, checkpoint_every=1)
+    settings = dict(TINY, inner_lr=1e5, inner_step="fixed", checkpoint_every=1)
     workdir = os.path.join(root, "diverged")
     code, err = _main(workdir=workdir, rounds=12, **settings)
     self.assertEqual(code, 2)
