@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from bilevel import tree
 from bilevel.errors import ConfigError, check_choice
-from bilevel.hypergrad import (ESTIMATORS, PRODUCT_GRAD_EVALS, EstimatorOptions, estimator_grad_evals,
-                               estimator_product_kind, validate_options)
+from bilevel.hypergrad import (ESTIMATORS, PRODUCT_GRAD_EVALS, EstimatorOptions,
+                               estimator_grad_evals, estimator_product_kind, validate_options)
 from bilevel.inner import STEP_RULES as INNER_STEP_RULES
 from bilevel.inner import inner_solve
 from bilevel.problems import BilevelProblem

@@ -195,7 +195,8 @@ def _valid_taps(size: int, kernel: int = 3, stride: int = 2) -> int:
 
 def cnn_costs(input_shape: tuple[int, int, int]) -> ModelCosts:
   """The CNN (models.cnn_logits): x = conv1, conv2 (3x3, stride 2, SAME), y = head on the
-  flattened conv2 features (its kept kernel entries count every position). A convolution costs 2 x (kept kernel entries / 9) x in-bounds taps."""
+  flattened conv2 features (its kept kernel entries count every position). A convolution
+  costs 2 x (kept kernel entries / 9) x in-bounds taps."""
   h, w = input_shape[0], input_shape[1]
   h1, w1 = -(-h // 2), -(-w // 2)
   taps1 = _valid_taps(h) * _valid_taps(w) / 9

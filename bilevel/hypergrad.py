@@ -109,6 +109,12 @@ class EstimatorOptions(NamedTuple):
   v_step: str = "cauchy"  # fd / exact: "cauchy" (curvature-capped step) or "fixed" (eta always)
 
 
+def cauchy_step(cap: Any, dd: jax.Array, dhd: jax.Array) -> jax.Array:
+  """min(cap, d'd / d'Hd): the exact line-search step along d on a quadratic of curvature
+  d'Hd / d'd, capped at cap; cap itself when d'Hd <= 0 (the v step and inner.inner_solve)."""
+  return jnp.where(dhd > 0, jnp.minimum(cap, dd / jnp.where(dhd > 0, dhd, 1.0)), cap)
+
+
 def _project(v: PyTree, radius: float | None) -> PyTree:
   if radius is None:
     return v
@@ -163,9 +169,7 @@ def _v_iteration(product_name: str):
         vk, hvk = carry
         r = tree.sub(hvk, gyf)
         hr = hv_of(r)
-        rr, rhr = tree.vdot(r, r), tree.vdot(r, hr)
-        t = jnp.where(rhr > 0, jnp.minimum(opts.step_size, rr / jnp.where(rhr > 0, rhr, 1.0)),
-                      opts.step_size)
+        t = cauchy_step(opts.step_size, tree.vdot(r, r), tree.vdot(r, hr))
         vk, hvk = tree.axpy(-t, r, vk), tree.axpy(-t, hr, hvk)
         if opts.radius is not None:  # a projection breaks the recursion: recompute H v
           vk = _project(vk, opts.radius)

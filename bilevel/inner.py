@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from bilevel import tree
-from bilevel.hypergrad import fd_products
+from bilevel.hypergrad import cauchy_step, fd_products
 from bilevel.problems import Loss
 
 PyTree = Any
@@ -51,9 +50,7 @@ def inner_solve(inner_loss: Loss, x: PyTree, y: PyTree, batch: Any, *, num_steps
       hg = hvp(g) if product == "exact" else fd_products(inner_loss, xm, ym, g, batch, delta,
                                                           False).hv
       hg = tree.masked(hg, mask_y)
-      gg, ghg = tree.vdot(g, g), tree.vdot(g, hg)
-      t = jnp.where(ghg > 0, jnp.minimum(step_size, gg / jnp.where(ghg > 0, ghg, 1.0)),
-                    step_size)
+      t = cauchy_step(step_size, tree.vdot(g, g), tree.vdot(g, hg))
     return tree.axpy(-t, g, yk), None
 
   y, _ = jax.lax.scan(step, y, None, length=num_steps)

@@ -50,10 +50,14 @@ def init_mlp(key: jax.Array, in_dim: int, hidden: int, classes: int,
   return {"hidden": params["hidden"]}, {"head": params["head"]}
 
 
+def mlp_features(x: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.Array:
+  """The representation x computes: the hidden activations [N, K]."""
+  return ACTIVATIONS[activation](dense(x["hidden"], inputs))
+
+
 def mlp_logits(x: PyTree, y: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.Array:
   """Same numbers as MLP.apply, for any hidden width (compact submodels)."""
-  h = ACTIVATIONS[activation](dense(x["hidden"], inputs))
-  return dense(y["head"], h)
+  return dense(y["head"], mlp_features(x, inputs, activation))
 
 
 def dense(params: PyTree, inputs: jax.Array) -> jax.Array:
@@ -100,11 +104,16 @@ def _conv(params: PyTree, inputs: jax.Array) -> jax.Array:
   return out + params["bias"][None, None, None, :]
 
 
-def cnn_logits(x: PyTree, y: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.Array:
-  """Same numbers as CNN.apply, for any channel widths (compact submodels). inputs [N, H, W, C]."""
+def cnn_features(x: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.Array:
+  """The representation x computes: conv2's activations as [N, positions, channels]."""
   act = ACTIVATIONS[activation]
   h = act(_conv(x["conv2"], act(_conv(x["conv1"], inputs))))
-  h = h.reshape(h.shape[0], -1, h.shape[-1])  # [N, positions, channels]
+  return h.reshape(h.shape[0], -1, h.shape[-1])
+
+
+def cnn_logits(x: PyTree, y: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.Array:
+  """Same numbers as CNN.apply, for any channel widths (compact submodels). inputs [N, H, W, C]."""
+  h = cnn_features(x, inputs, activation)
   return jnp.einsum("npc,pck->nk", h, y["head"]["kernel"]) + y["head"]["bias"][None, :]
 
 
@@ -135,6 +144,7 @@ def weighted_ce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.
 
 
 LOGITS = {"mlp": mlp_logits, "cnn": cnn_logits}
+FEATURES = {"mlp": mlp_features, "cnn": cnn_features}
 
 
 def hyper_representation_problem(activation: str = "relu", l2: float = 1e-3,

@@ -35,14 +35,6 @@ PROBE_EVERY = flags.DEFINE_integer("probe_every", 10, "Measure the state every t
 POWER_STEPS = flags.DEFINE_integer("power_steps", 30, "Power-iteration steps per curvature.")
 
 
-def _features(x, inputs):
-  if task.MODEL.value == "cnn":
-    act = models.ACTIVATIONS[task.ACTIVATION.value]
-    h = act(models._conv(x["conv2"], act(models._conv(x["conv1"], inputs))))
-    return h.reshape(h.shape[0], -1)
-  return models.ACTIVATIONS[task.ACTIVATION.value](models.dense(x["hidden"], inputs))
-
-
 def make_measure(problem, data, x_test):
   """state -> dict of the module docstring's figures (one jitted program)."""
   rows = data.inner["weight"].reshape(-1) > 0
@@ -65,7 +57,8 @@ def make_measure(problem, data, x_test):
     glob = curvature(x, y, everything, jax.random.key(1))
     per_client = jax.vmap(lambda b: curvature(x, y, b, jax.random.key(2)))(data.inner)
     logits = models.LOGITS[task.MODEL.value](x, y, x_test, task.ACTIVATION.value)
-    feats = _features(x, x_test)
+    feats = models.FEATURES[task.MODEL.value](x, x_test, task.ACTIVATION.value)
+    feats = feats.reshape(feats.shape[0], -1)
     return dict(norm_x=tree.norm(x), norm_y=tree.norm(y), norm_v=tree.norm(state.v),
                 feature_norm=jnp.sqrt(jnp.mean(jnp.sum(feats ** 2, -1))),
                 logit_max=jnp.mean(jnp.max(jnp.abs(logits), -1)),

@@ -132,14 +132,18 @@ class CombineSummariesTest(absltest.TestCase):
     self.assertEqual(out["per_seed"]["3"]["acc"], 0.8)
 
 
-@pytest.mark.slow
-class ReadmeSettingTest(absltest.TestCase):
-  """README levels, 20 clients, K = 5, outer_lr 0.1, v_lr 0.1: seed 2 diverged in round 10-19."""
+class _DriverRunTest(absltest.TestCase):
+  """Runs hyper_representation in-process (its flags parsed as in a test process)."""
 
   def setUp(self):
     super().setUp()
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
+
+
+@pytest.mark.slow
+class ReadmeSettingTest(_DriverRunTest):
+  """README levels, 20 clients, K = 5, outer_lr 0.1, v_lr 0.1: seed 2 diverged in round 10-19."""
 
   def test_default_step_runs_where_the_fixed_step_diverged(self):
     root = tempfile.mkdtemp()
@@ -160,13 +164,8 @@ class ReadmeSettingTest(absltest.TestCase):
 
 
 @pytest.mark.slow
-class NonIidTest(absltest.TestCase):
+class NonIidTest(_DriverRunTest):
   """Dirichlet(0.1) label skew, README levels, library-default steps (0.1 everywhere)."""
-
-  def setUp(self):
-    super().setUp()
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
 
   def test_cauchy_inner_step_holds_where_the_fixed_step_blows_up(self):
     root = tempfile.mkdtemp()
