@@ -186,7 +186,12 @@ def round_sums(res: ClientResult, layout: UnitLayout | None, state: Any) -> Roun
       count_y=as_count(units_y(nonzero(res.mask_y), ones)),
       weight=jnp.sum(w), inner_loss=jnp.sum(w * out.inner_loss),
       outer_loss=jnp.sum(w * out.outer_loss), flops=jnp.sum(res.stats["flops"]),
-      params_sent=jnp.sum(res.stats["params_sent"]), active=jnp.sum(w > 0))
+      params_sent=jnp.sum(res.stats["params_sent"]),
+      # Counted in w's float type, like count_x: sharded over devices, every sum here is then
+      # one cross-device all-reduce. An int sum was a second one which, constant in compact
+      # rounds, XLA:CPU could run first: one device then waited in it, holding one of the two
+      # CPU threads, while the other ran its clients alone (BENCHMARKS.md, keep ratio).
+      active=as_count(jnp.sum((w > 0).astype(w.dtype))))
 
 
 def server_update(state: Any, results: Sequence[ClientResult], layout: UnitLayout | None, *,
