@@ -68,6 +68,13 @@ HIDDEN, BATCH = common.HIDDEN, common.BATCH_SIZE
 CLIENTS, LOCAL_STEPS = common.CLIENTS_PER_ROUND, common.LOCAL_STEPS
 flags.FLAGS.set_default("clients_per_round", 100)
 flags.FLAGS.set_default("local_steps", 2)
+COMPARE = flags.DEFINE_string(
+    "compare", None, "A git revision (commit, tag, branch) of this repository to measure side "
+    "by side with this checkout: --passes runs of each, alternating (ref, this, this, ref, ...), "
+    "each a benchmark process with the same flags in its own tree (the revision is checked out "
+    "into WORKDIR/ref_tree); prints and writes WORKDIR/compare.json: every figure's median over "
+    "the passes on both sides and their ratio.")
+PASSES = flags.DEFINE_integer("passes", 2, "Runs of each side for --compare.")
 DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the device figure "
                                      "in this (forced multi-device) process and print JSON.")
 
@@ -194,6 +201,19 @@ def _one_level() -> str:
   return f"{_last_ratio()}/{_last_ratio()}:1"
 
 
+def round_time_model(times: dict[float, float]) -> dict[str, float]:
+  """Least-squares fit t(r) = a + b r of round times against keep ratio (three or more r): a is
+  the part of a round no keep ratio removes (sampling, minibatch gathers, server step, small
+  ops), b the part that scales with r; t(r)/t(1) = (a + b r) / (a + b) then reads off what a keep
+  ratio buys. max_rel_residual: the fit's worst relative miss on the measured points."""
+  rs, ts = list(times), list(times.values())
+  mr, mt = statistics.fmean(rs), statistics.fmean(ts)
+  b = (sum((r - mr) * (t - mt) for r, t in zip(rs, ts)) / sum((r - mr) ** 2 for r in rs))
+  a = mt - b * mr
+  return dict(a_s=a, b_s=b, fixed_share_at_r1=a / (a + b),
+              max_rel_residual=max(abs(a + b * r - t) / t for r, t in zip(rs, ts)))
+
+
 def keep_ratio_figures(reps: int) -> dict[str, Any]:
   """Round time against keep ratio r (one level r/r), on the devices of this process.
 
@@ -220,8 +240,11 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
 
   def figure(devices: int, rs: list[float]) -> dict[str, Any]:
     t = {r: times[f"{devices}:{r}"] for r in rs}
-    return dict(round_time_s={str(r): v for r, v in t.items()},
-                time_ratio={str(r): t[r] / t[rs[0]] for r in rs[1:]})
+    out = dict(round_time_s={str(r): v for r, v in t.items()},
+               time_ratio={str(r): t[r] / t[rs[0]] for r in rs[1:]})
+    if len(rs) >= 3:
+      out["model"] = round_time_model(t)
+    return out
 
   headline = figure(n, ratios)
   return dict(
@@ -359,6 +382,88 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def commit() -> dict[str, Any] | None:
+  """{"sha", "dirty"} of the git checkout holding this file (None outside one): which code the
+  figures are of (dirty: tracked files differ from the commit)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
+                                  timeout=60)
+  try:
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if sha.returncode != 0:
+    return None
+  return {"sha": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
+  """The numeric figures of a benchmark.json, flattened to "a.b.c" names (settings aside)."""
+  out: dict[str, float] = {}
+  for key, value in result.items():
+    if prefix == "" and key in ("versions", "device", "argv", "settings", "commit"):
+      continue
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_figures(value, name + "."))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      out[name] = float(value)
+  return out
+
+
+def compare(ref: str, passes: int, workdir: str) -> None:
+  """--compare: this checkout and revision `ref` measured in alternating benchmark processes."""
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tree = os.path.join(workdir, "ref_tree")
+  subprocess.run(["git", "-C", here, "worktree", "remove", "--force", tree],
+                 capture_output=True, check=False)
+  made = subprocess.run(["git", "-C", here, "worktree", "add", "--detach", tree, ref],
+                        capture_output=True, text=True, check=False)
+  if made.returncode != 0:
+    common.fail(f"--compare={ref}: cannot check it out into {tree}: {made.stderr.strip()}")
+  own = {"compare", "passes", "workdir"}
+  name = lambda a: a.lstrip("-").split("=")[0]
+  argv = [a for a in sys.argv[1:] if name(a) not in own | {"no" + o for o in own}]
+  runs: dict[str, list[dict[str, float]]] = {"ref": [], "this": []}
+  try:
+    for i in range(passes):
+      for side in (("ref", "this") if i % 2 == 0 else ("this", "ref")):
+        root = tree if side == "ref" else here
+        out = os.path.join(workdir, f"{side}_{i}")
+        print(f"=== pass {i + 1}/{passes}: {side} ({ref if side == 'ref' else 'this checkout'})",
+              flush=True)
+        env = dict(os.environ, PYTHONPATH=root)
+        proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", *argv,
+                               f"--workdir={out}"], cwd=root, env=env, check=False)
+        if proc.returncode != 0:
+          common.fail(f"--compare: the {side} benchmark process failed (exit "
+                      f"{proc.returncode}); its output is above.")
+        with open(os.path.join(out, "benchmark.json"), encoding="utf-8") as f:
+          runs[side].append(_figures(json.load(f)))
+  finally:
+    subprocess.run(["git", "-C", here, "worktree", "remove", "--force", tree],
+                   capture_output=True, check=False)
+  names = [n for n in runs["this"][0] if all(n in r for r in runs["ref"] + runs["this"])]
+  rows = {}
+  for n in names:
+    a = statistics.median(r[n] for r in runs["ref"])
+    b = statistics.median(r[n] for r in runs["this"])
+    rows[n] = {"ref": a, "this": b, "this_over_ref": b / a if a else None,
+               "ref_runs": [r[n] for r in runs["ref"]], "this_runs": [r[n] for r in runs["this"]]}
+  print(f"{'figure':<52} {ref[:12]:>12} {'this':>12} {'this/ref':>9}")
+  for n, r in rows.items():
+    if n.endswith("total_time_s"):
+      continue
+    ratio = f"{r['this_over_ref']:.3f}" if r["this_over_ref"] is not None else "-"
+    print(f"{n[:52]:<52} {r['ref']:>12.4g} {r['this']:>12.4g} {ratio:>9}")
+  from bilevel.metrics import write_json
+  write_json(os.path.join(workdir, "compare.json"),
+             {"ref": ref, "this": commit(), "passes": passes, "argv": list(sys.argv),
+              "figures": rows})
+  print(f"wrote {os.path.join(workdir, 'compare.json')}")
+
+
 # --smoke (common.SMOKE, for tests): --quick's fewer compiles, these tiny sizes and one
 # repetition; the flags that choose what is measured (--sections, --keep_ratios, --bench_devices)
 # keep their values.
@@ -378,11 +483,17 @@ def main(argv):
     print(json.dumps(device_figures(reps)))
     return
   workdir = common.require_workdir()
+  if COMPARE.value:
+    if PASSES.value < 1:
+      common.fail(f"--passes={PASSES.value} must be >= 1.")
+    compare(COMPARE.value, PASSES.value, workdir)
+    return
   counts = [int(s) for s in (SCALING.value or (["100"] if QUICK.value
                                                 else ["10", "100", "1000"]))]
   start = time.perf_counter()
   result: dict[str, Any] = dict(
       versions=common.versions(), device=common.device_info(), argv=list(sys.argv),
+      commit=commit(),
       settings=dict(quick=QUICK.value, reps=reps, min_time_s=_min_time(), in_dim=IN_DIM.value,
                     hidden=HIDDEN.value,
                     classes=CLASSES.value, batch=BATCH.value, clients=CLIENTS.value,

@@ -10,7 +10,40 @@ import tempfile
 import pytest
 from absl.testing import absltest
 
+from experiments import benchmark
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class HelpersTest(absltest.TestCase):
+
+  def test_round_time_model_recovers_a_line(self):
+    # t(r) = 0.06 + 0.25 r exactly: the fit returns a and b and no residual; t(0.25)/t(1)
+    # then reads (a + b/4) / (a + b).
+    times = {r: 0.06 + 0.25 * r for r in (1.0, 0.5, 0.25, 0.125)}
+    model = benchmark.round_time_model(times)
+    self.assertAlmostEqual(model["a_s"], 0.06, places=12)
+    self.assertAlmostEqual(model["b_s"], 0.25, places=12)
+    self.assertAlmostEqual(model["fixed_share_at_r1"], 0.06 / 0.31, places=12)
+    self.assertLess(model["max_rel_residual"], 1e-12)
+    # A point off the line shows in the residual.
+    times[0.5] *= 1.2
+    self.assertGreater(benchmark.round_time_model(times)["max_rel_residual"], 0.05)
+
+  def test_figures_flatten_numbers_and_skip_settings(self):
+    result = {"versions": {"jax": "x"}, "settings": {"reps": 5}, "commit": {"sha": "abc"},
+              "keep_ratio_time_ratio": {"0.5": 0.6, "0.25": 0.4}, "keep_ratio_devices": 2,
+              "device": {"count": 2}, "note": "text", "flag": True}
+    self.assertEqual(benchmark._figures(result),
+                     {"keep_ratio_time_ratio.0.5": 0.6, "keep_ratio_time_ratio.0.25": 0.4,
+                      "keep_ratio_devices": 2.0})
+
+  def test_commit_is_this_checkout(self):
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=False)
+    if head.returncode != 0:
+      self.skipTest("not a git checkout")
+    self.assertEqual(benchmark.commit()["sha"], head.stdout.strip())
 
 
 @pytest.mark.slow
@@ -37,10 +70,28 @@ class BenchmarkTest(absltest.TestCase):
     self.assertEqual(set(result["vmap_over_loop_time_ratio"]), {"2", "3"})
     self.assertEqual(set(result["estimator_cost_grad_evals"]), {"fd", "exact", "neumann", "cg"})
     self.assertEqual(result["clients_scaling"][0]["clients_per_round"], 2)
-    for key in ("versions", "device", "settings"):
+    for key in ("versions", "device", "settings", "commit"):
       self.assertIn(key, result)
     self.assertIn("device_kind", result["device"])
     self.assertIn("jax", result["versions"])
+
+  def test_compare_runs_both_sides(self):
+    # The same commit on both sides: the FLOP ratios (exact, not timed) must agree, every
+    # figure has one value per pass on each side, and the checked-out tree is removed.
+    workdir = tempfile.mkdtemp()
+    argv = [sys.executable, "-m", "experiments.benchmark", f"--workdir={workdir}", "--smoke",
+            "--sections=keep_ratio", "--bench_devices=0", "--compare=HEAD", "--passes=1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(workdir, "compare.json")) as f:
+      result = json.load(f)
+    rows = result["figures"]
+    self.assertEqual(rows["keep_ratio_flop_ratio.0.25"]["this_over_ref"], 1.0)
+    for row in rows.values():
+      self.assertEqual((len(row["ref_runs"]), len(row["this_runs"])), (1, 1))
+    self.assertFalse(os.path.exists(os.path.join(workdir, "ref_tree")))
+    self.assertIn("this/ref", proc.stdout)
 
   def test_bad_flags_are_clear_errors(self):
     for flag, message in (("--sections=warp_drive", "warp_drive"),

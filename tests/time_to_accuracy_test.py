@@ -77,7 +77,14 @@ class DriverTest(absltest.TestCase):
       self.assertAlmostEqual(r["speedup"], 66.0 / r["seconds_to_target"], msg=state)
       self.assertIsNone(r["error"], state)
       self.assertFalse(os.path.exists(os.path.join(workdir, f"rafbo_{state}")), state)
-    self.assertFalse(os.path.exists(os.path.join(workdir, "cache_rafbo")))
+    self.assertFalse(os.path.exists(os.path.join(workdir, "home_rafbo")))
+    # Each run started with HOME=a new folder (cold) or that folder again (warm) and used the
+    # compilation cache under it: the cold run filled it, the warm one loaded every program.
+    runs = result["results"]["rafbo"]
+    self.assertGreater(runs["cold"]["cache_files"], 0)
+    self.assertEqual(runs["warm"]["cache_files"], runs["cold"]["cache_files"])
+    self.assertIn("--algorithm=rafbo", runs["cold"]["command"])
+    self.assertNotIn("--flagfile", runs["cold"]["command"])
     self.assertIn("rafbo", proc.stdout)
     main = result["main_job"]  # the README main job, --smoke: 2 rounds, the first 2 seeds
     self.assertNotIn("errors", main)
@@ -88,7 +95,7 @@ class DriverTest(absltest.TestCase):
     self.assertIn("--nobatch_seeds", main["commands"]["seeds_sequential_warm"])
     self.assertAlmostEqual(main["seeds_batched_warm_over_one_seed"],
                            main["seeds_batched_warm_s"] / main["one_seed_warm_s"])
-    self.assertFalse(os.path.exists(os.path.join(workdir, "cache_main")))
+    self.assertFalse(os.path.exists(os.path.join(workdir, "home_main")))
     self.assertIn("README main job", proc.stdout)
 
   def test_bad_flags_are_one_error(self):
