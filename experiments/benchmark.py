@@ -251,6 +251,7 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
       keep_ratio_devices=n,
       keep_ratio_round_time_s=headline["round_time_s"],
       keep_ratio_time_ratio=headline["time_ratio"],
+      **({"keep_ratio_model": headline["model"]} if "model" in headline else {}),
       keep_ratio_flop_ratio={str(r): flops[r] for r in ratios[1:]},
       keep_ratio_one_device=figure(1, one) if one else headline)
 
@@ -415,6 +416,7 @@ def _figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
 def compare(ref: str, passes: int, workdir: str) -> None:
   """--compare: this checkout and revision `ref` measured in alternating benchmark processes."""
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = os.path.abspath(workdir)  # the sides run in their own trees
   tree = os.path.join(workdir, "ref_tree")
   subprocess.run(["git", "-C", here, "worktree", "remove", "--force", tree],
                  capture_output=True, check=False)

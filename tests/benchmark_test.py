@@ -67,6 +67,9 @@ class BenchmarkTest(absltest.TestCase):
     self.assertEqual(result["keep_ratio_devices"], 2)
     self.assertEqual(set(result["keep_ratio_one_device"]["time_ratio"]), {"0.5", "0.25"})
     self.assertEqual(set(result["keep_ratio_one_device"]["round_time_s"]), {"1.0", "0.5", "0.25"})
+    # Three keep ratios: the round-time model t(r) = a + b r is fitted per device count.
+    for model in (result["keep_ratio_model"], result["keep_ratio_one_device"]["model"]):
+      self.assertEqual(set(model), {"a_s", "b_s", "fixed_share_at_r1", "max_rel_residual"})
     self.assertEqual(set(result["vmap_over_loop_time_ratio"]), {"2", "3"})
     self.assertEqual(set(result["estimator_cost_grad_evals"]), {"fd", "exact", "neumann", "cg"})
     self.assertEqual(result["clients_scaling"][0]["clients_per_round"], 2)
@@ -78,19 +81,24 @@ class BenchmarkTest(absltest.TestCase):
   def test_compare_runs_both_sides(self):
     # The same commit on both sides: the FLOP ratios (exact, not timed) must agree, every
     # figure has one value per pass on each side, and the checked-out tree is removed.
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                      check=False).returncode != 0:
+      self.skipTest("not a git checkout")
     workdir = tempfile.mkdtemp()
+    # A relative --workdir: each side runs in its own tree, the results land in this one.
+    workdir = os.path.relpath(workdir, ROOT)
     argv = [sys.executable, "-m", "experiments.benchmark", f"--workdir={workdir}", "--smoke",
             "--sections=keep_ratio", "--bench_devices=0", "--compare=HEAD", "--passes=1"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    with open(os.path.join(workdir, "compare.json")) as f:
+    with open(os.path.join(ROOT, workdir, "compare.json")) as f:
       result = json.load(f)
     rows = result["figures"]
     self.assertEqual(rows["keep_ratio_flop_ratio.0.25"]["this_over_ref"], 1.0)
     for row in rows.values():
       self.assertEqual((len(row["ref_runs"]), len(row["this_runs"])), (1, 1))
-    self.assertFalse(os.path.exists(os.path.join(workdir, "ref_tree")))
+    self.assertFalse(os.path.exists(os.path.join(ROOT, workdir, "ref_tree")))
     self.assertIn("this/ref", proc.stdout)
 
   def test_bad_flags_are_clear_errors(self):

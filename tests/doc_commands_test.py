@@ -15,7 +15,9 @@ written again word for word (another doc repeating it) runs once.
 
 Skipped, by these rules only (each skip is printed):
   * --data_dir: local dataset files the test cannot have;
-  * a flag value with an upper-case placeholder (--workdir=W, runs/hr_ALG, --data_dir=DIR).
+  * a flag value with an upper-case placeholder (--workdir=W, runs/hr_ALG, --data_dir=DIR);
+  * benchmark --compare=REV: needs this repository's git history (the run folder is not a
+    checkout; tests/benchmark_test.py runs --compare=HEAD in the checkout).
 """
 
 import math
@@ -107,6 +109,8 @@ def skip_reason(command: DocCommand) -> str | None:
   for word in shlex.split(command.text):
     if word.startswith("--data_dir"):
       return "needs local dataset files (--data_dir)"
+    if word.startswith("--compare="):
+      return "needs the git history (--compare)"
     if word.startswith("--") and "=" in word and _PLACEHOLDER.search(word.split("=", 1)[1]):
       return f"placeholder in {word}"
   return None
@@ -171,6 +175,8 @@ class ExtractionTest(absltest.TestCase):
 
   def test_skip_rules(self):
     for text, skipped in (("python -m experiments.a --workdir=W", True),
+                          ("python -m experiments.benchmark --compare=HEAD~1 --workdir=runs/c",
+                           True),
                           ("python -m experiments.a --workdir=runs/hr_ALG", True),
                           ("python -m experiments.a --dataset=mnist --data_dir=~/d", True),
                           ("python -m experiments.a --workdir=runs/hr --keep_ratios=1,0.5", False),
