@@ -57,17 +57,17 @@ SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "compact_dense",
                                          "vmap_loop", "estimators", "scaling", "devices"],
                              "Which figures to measure.")
 CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-# The benchmark splits a CPU into one JAX device per core (--cpu_devices, common.py): the
-# keep-ratio figure shards its rounds' clients over every device; all other figures use one.
-flags.FLAGS.set_default("cpu_devices", CPU_CORES)
 # Shared flags (common.py) the benchmark reads, with its own defaults: the MLP's hidden units K
 # (--hidden, 200), client minibatch rows, which are also each client's rows (--batch_size, 64;
 # >= 1 here), clients per round of the keep-ratio, compact/dense and device figures
 # (--clients_per_round) and local steps per round (--local_steps; 1 = a RABO round).
 HIDDEN, BATCH = common.HIDDEN, common.BATCH_SIZE
 CLIENTS, LOCAL_STEPS = common.CLIENTS_PER_ROUND, common.LOCAL_STEPS
-flags.FLAGS.set_default("clients_per_round", 100)
-flags.FLAGS.set_default("local_steps", 2)
+# The benchmark's own values of shared flags, applied in main() to those not given (not at
+# import: a process that only imports this module, e.g. the test suite, keeps the drivers'
+# defaults). It splits a CPU into one JAX device per core (--cpu_devices, common.py): the
+# keep-ratio figure shards its rounds' clients over every device; all other figures use one.
+BENCH_DEFAULTS = {"cpu_devices": CPU_CORES, "clients_per_round": 100, "local_steps": 2}
 COMPARE = flags.DEFINE_string(
     "compare", None, "A git revision (commit, tag, branch) of this repository to measure side "
     "by side with this checkout: --passes runs of each, alternating (ref, this, this, ref, ...), "
@@ -476,6 +476,9 @@ SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, hidden=8,
 
 def main(argv):
   del argv
+  for name, value in BENCH_DEFAULTS.items():
+    if not flags.FLAGS[name].present:
+      setattr(flags.FLAGS, name, value)
   if common.SMOKE.value and not DEVICES_CHILD.value:
     for name, value in SMOKE_SIZES.items():
       setattr(flags.FLAGS, name, value)

@@ -38,6 +38,15 @@ class HelpersTest(absltest.TestCase):
                      {"keep_ratio_time_ratio.0.5": 0.6, "keep_ratio_time_ratio.0.25": 0.4,
                       "keep_ratio_devices": 2.0})
 
+  def test_import_leaves_the_shared_flag_defaults(self):
+    # The benchmark applies its own --cpu_devices / --clients_per_round / --local_steps in
+    # main(); importing it (as this file does) must not change them for other drivers' tests.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    common_defaults = {"cpu_devices": 1, "clients_per_round": 10, "local_steps": 5}  # common.py
+    self.assertEqual(set(common_defaults), set(benchmark.BENCH_DEFAULTS))
+    for name, default in common_defaults.items():
+      self.assertEqual(flags.FLAGS[name].default, default, name)
+
   def test_commit_is_this_checkout(self):
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=False)
