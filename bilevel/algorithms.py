@@ -89,6 +89,8 @@ class Options(NamedTuple):
     inner_step: "cauchy" (step min(beta, g'g / g'Hg), one product per inner step; the
       default) or "fixed" (beta always); inner.inner_solve. FedNest's round ignores it.
     outer_lr: outer (hypergradient) step size alpha.
+    x_trust: trust region on each client's x delta, relative to its submodel's ||x|| (client
+      .trust_region; 0 = off, the default). x_trust_scope: "layer" (default) or "model".
     estimator: hypergradient estimator (hypergrad.ESTIMATORS: fd, exact, neumann, cg).
     num_steps: v updates / Neumann terms / CG iterations.
     v_lr: step size eta of the v update and Neumann series (EstimatorOptions.step_size).
@@ -133,6 +135,8 @@ class Options(NamedTuple):
   inner_lr: float | None = None
   inner_step: str | None = None
   outer_lr: float | None = None
+  x_trust: float | None = None
+  x_trust_scope: str | None = None
   estimator: str | None = None
   num_steps: int | None = None
   v_lr: float | None = None
@@ -162,7 +166,7 @@ class Options(NamedTuple):
 _SHARED = Options(
     levels="1/1:1", redraw_levels=False, mask_policy="random", allow_uncovered=False,
     local_steps=5, inner_steps=1, inner_lr=0.1, inner_step="cauchy", outer_lr=0.1,
-    estimator="fd", num_steps=1,
+    x_trust=0.0, x_trust_scope="layer", estimator="fd", num_steps=1,
     v_lr=0.1, delta=1e-3, radius=None, v_step="cauchy", product="exact", server_lr=1.0,
     aggregation="coverage", weighting="uniform", seed=0, sample=full_batch,
     flops_per_grad=federated.default_flops_per_grad, submodel="dense", fednest_neumann="code")
@@ -367,6 +371,7 @@ def _build(name: str, problem: BilevelProblem, num_clients: int,
   client = ClientConfig(
       local_steps=o.local_steps, inner_steps=o.inner_steps, inner_lr=o.inner_lr,
       outer_lr=o.outer_lr, estimator=o.estimator, inner_step=o.inner_step,
+      x_trust=o.x_trust, x_trust_scope=o.x_trust_scope,
       estimator_options=EstimatorOptions(
           num_steps=o.num_steps, step_size=o.v_lr, delta=o.delta, radius=o.radius,
           product=o.product, v_step=o.v_step))

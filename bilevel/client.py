@@ -84,6 +84,11 @@ class ClientConfig(NamedTuple):
   # "cauchy": inner step min(beta, g'g / g'Hg) with the estimator's product (inner.py);
   # "fixed": beta always.
   inner_step: str = "cauchy"
+  # Trust region on the client's x delta (docs/method.md, section 8; 0 = off, the default):
+  # D_x is scaled down to norm x_trust * ||x_0|| (x_0 the client's submodel at the start of
+  # the round), over the whole of x ("model") or over each top-level layer of x ("layer").
+  x_trust: float = 0.0
+  x_trust_scope: str = "layer"
 
 
 def validate_client_config(cfg: ClientConfig) -> None:
@@ -96,7 +101,26 @@ def validate_client_config(cfg: ClientConfig) -> None:
       raise ConfigError(f"{name}={getattr(cfg, name)!r} is outside the allowed range (0, inf).")
   check_choice("estimator", cfg.estimator, ESTIMATORS)
   check_choice("inner_step", cfg.inner_step, INNER_STEP_RULES)
+  if not cfg.x_trust >= 0:
+    raise ConfigError(f"x_trust={cfg.x_trust!r} is outside the allowed range [0, inf) (0 = off).")
+  check_choice("x_trust_scope", cfg.x_trust_scope, TRUST_SCOPES)
   validate_options(cfg.estimator, cfg.estimator_options)
+
+
+TRUST_SCOPES = ("layer", "model")
+
+
+def trust_region(delta: PyTree, x0: PyTree, radius: float, scope: str = "layer") -> PyTree:
+  """delta scaled by min(1, radius ||x0|| / ||delta||): over all of x (scope "model") or per
+  top-level entry of x (scope "layer": each layer's kernel and bias together). x0 and delta are
+  the client's masked (or compact) trees, so the radius is relative to its submodel's norm."""
+  def clip(d, x):
+    scale = jnp.minimum(1.0, radius * tree.norm(x) / jnp.maximum(tree.norm(d), 1e-30))
+    return tree.scale(scale.astype(jax.tree.leaves(d)[0].dtype), d)
+
+  if scope == "model" or not isinstance(delta, dict):
+    return clip(delta, x0)
+  return {k: clip(delta[k], x0[k]) for k in delta}
 
 
 def grad_evals_per_round(cfg: ClientConfig) -> float:
@@ -164,8 +188,11 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
   else:
     carry, steps = jax.lax.scan(local_step, (x, y, v), jnp.arange(cfg.local_steps))
   (xK, yK, vK), (grads, (g_loss, f_loss)) = carry, steps
+  delta_x = tree.masked(tree.sub(xK, x), mask_x)
+  if cfg.x_trust:  # a Python float: 0 (off) traces nothing
+    delta_x = trust_region(delta_x, tree.masked(x, mask_x), cfg.x_trust, cfg.x_trust_scope)
   return ClientOutput(
-      delta_x=tree.masked(tree.sub(xK, x), mask_x),
+      delta_x=delta_x,
       delta_y=tree.masked(tree.sub(yK, y), mask_y),
       delta_v=tree.masked(tree.sub(vK, v), mask_y),
       hypergrad=jax.tree.map(lambda t: jnp.mean(t, axis=0), grads),

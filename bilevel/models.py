@@ -148,15 +148,58 @@ FEATURES = {"mlp": mlp_features, "cnn": cnn_features}
 
 
 def hyper_representation_problem(activation: str = "relu", l2: float = 1e-3,
-                                 model: str = "mlp") -> BilevelProblem:
-  """g_i = CE(train) + l2/2 ||y||^2, f_i = CE(val); batches {"inputs", "labels", "weight"}."""
-  logits = LOGITS[model]
+                                 model: str = "mlp", outer_l2: float = 0.0,
+                                 feature_l2: float = 0.0,
+                                 width_scale_units: int = 0) -> BilevelProblem:
+  """g_i = CE(train) + l2/2 ||y||^2, f_i = CE(val); batches {"inputs", "labels", "weight"}.
+
+  Opt-in terms (docs/method.md, section 8; each off at 0, the default, adding nothing to the
+  traced losses):
+    outer_l2     f_i += outer_l2/2 ||x||^2 (weight decay on the representation);
+    feature_l2   f_i += feature_l2/2 * mean over the batch rows of ||features(x; row)||^2
+                 (the representation's scale in function space);
+    width_scale_units  K, the full model's units of the last x layer (the MLP's hidden units,
+                 the CNN's conv2 channels): a submodel's features are multiplied by K / k, k its
+                 kept units (columns of that layer's kernel that are not all zero), in g and f:
+                 the 1/r scaler of HeteroFL / dropout, so a submodel's logits have the full
+                 model's scale. The full model (k = K) is unchanged.
+  """
+  feats_of = FEATURES[model]
+
+  def head(y, h):
+    if model == "cnn":
+      return jnp.einsum("npc,pck->nk", h, y["head"]["kernel"]) + y["head"]["bias"][None, :]
+    return dense(y["head"], h)
+
+  def features(x, inputs):
+    h = feats_of(x, inputs, activation)
+    if width_scale_units:
+      kernel = x["conv2" if model == "cnn" else "hidden"]["kernel"]
+      live = jnp.any(jax.lax.stop_gradient(kernel) != 0,
+                     axis=tuple(range(kernel.ndim - 1)))
+      h = h * (width_scale_units / jnp.maximum(jnp.sum(live), 1)).astype(h.dtype)
+    return h
 
   def inner(x, y, b):
-    ce = weighted_ce(logits(x, y, b["inputs"], activation), b["labels"], b["weight"])
+    if width_scale_units:
+      logits = head(y, features(x, b["inputs"]))
+    else:
+      logits = LOGITS[model](x, y, b["inputs"], activation)
+    ce = weighted_ce(logits, b["labels"], b["weight"])
     return ce + 0.5 * l2 * sum(jnp.sum(t ** 2) for t in jax.tree.leaves(y))
 
   def outer(x, y, b):
-    return weighted_ce(logits(x, y, b["inputs"], activation), b["labels"], b["weight"])
+    if width_scale_units or feature_l2:
+      h = features(x, b["inputs"])
+      ce = weighted_ce(head(y, h), b["labels"], b["weight"])
+      if feature_l2:
+        sq = jnp.sum(h.reshape(h.shape[0], -1) ** 2, -1)
+        w = b["weight"]
+        ce = ce + 0.5 * feature_l2 * jnp.sum(w * sq) / jnp.maximum(jnp.sum(w), 1e-12)
+    else:
+      ce = weighted_ce(LOGITS[model](x, y, b["inputs"], activation), b["labels"], b["weight"])
+    if outer_l2:  # a Python float: 0 (the default) adds nothing to the traced loss
+      ce = ce + 0.5 * outer_l2 * sum(jnp.sum(t ** 2) for t in jax.tree.leaves(x))
+    return ce
 
   return BilevelProblem(inner, outer)

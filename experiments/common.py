@@ -77,6 +77,12 @@ INNER_STEP = flags.DEFINE_enum("inner_step", "cauchy", ["cauchy", "fixed"],
                                "inner gradient g (one product per step; holds under label skew, "
                                "docs/method.md section 8), fixed = inner_lr always.")
 OUTER_LR = flags.DEFINE_float("outer_lr", 0.1, "Outer (hypergradient) step size alpha.")
+X_TRUST = flags.DEFINE_float(
+    "x_trust", 0.0, "Trust region on each client's x delta: its norm is capped at x_trust times "
+    "the norm of the client's submodel x (per layer, or whole with --x_trust_scope=model); "
+    "0 = off (docs/method.md, section 8).")
+X_TRUST_SCOPE = flags.DEFINE_enum("x_trust_scope", "layer", ["layer", "model"],
+                                  "Where --x_trust measures norms: per layer of x, or all of x.")
 NUM_STEPS = flags.DEFINE_integer("num_steps", 1, "v updates / Neumann terms / CG iterations.")
 V_LR = flags.DEFINE_float("v_lr", 0.1, "Step size eta of the v update and Neumann series "
                           "(fednest: follows --outer_lr, FedNest's one step hlr).")
@@ -381,6 +387,7 @@ OPTION_FLAGS = {
     "mask_policy": "mask_policy", "allow_uncovered": "allow_uncovered",
     "local_steps": "local_steps", "inner_steps": "inner_steps", "inner_lr": "inner_lr",
     "inner_step": "inner_step", "outer_lr": "outer_lr", "estimator": "estimator",
+    "x_trust": "x_trust", "x_trust_scope": "x_trust_scope",
     "num_steps": "num_steps", "v_lr": "v_lr",
     "delta": "delta", "radius": "radius", "v_step": "v_step", "server_lr": "server_lr",
     "aggregation": "aggregation", "seed": "seed", "fednest_neumann": "fednest_neumann"}
@@ -441,6 +448,8 @@ def config_dict(cfg: federated.FederatedConfig) -> dict[str, Any]:
   d = cfg._asdict()
   d["client"] = cfg.client._asdict()
   d["client"]["estimator_options"] = cfg.client.estimator_options._asdict()
+  if not cfg.client.x_trust:  # off: recorded as before the option existed (resume, frozen runs)
+    del d["client"]["x_trust"], d["client"]["x_trust_scope"]
   d["mask"] = cfg.mask._asdict()
   d["levels"] = [lv._asdict() for lv in cfg.levels]
   return d

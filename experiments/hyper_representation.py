@@ -31,6 +31,14 @@ CHANNELS = flags.DEFINE_list("channels", ["16", "32"], "Output channels of conv1
 HIDDEN = common.HIDDEN
 ACTIVATION = common.ACTIVATION
 L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
+OUTER_L2 = flags.DEFINE_float("outer_l2", 0.0, "L2 penalty (weight decay) on the representation "
+                              "x in the outer loss; 0 = off (docs/method.md, section 8).")
+FEATURE_L2 = flags.DEFINE_float(
+    "feature_l2", 0.0, "Penalty feature_l2/2 * mean ||features||^2 on the representation's "
+    "scale in the outer loss; 0 = off (docs/method.md, section 8).")
+WIDTH_SCALE = flags.DEFINE_boolean(
+    "width_scale", False, "Scale a submodel's features by K / k (full / kept units of x's last "
+    "layer; HeteroFL's 1/r scaler) in g and f; off by default (docs/method.md, section 8).")
 
 
 def image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -95,7 +103,9 @@ def prepare_one() -> common.SeedRun:
     channels = (1, 1)
   layout = (models.cnn_layout(channels) if MODEL.value == "cnn"
             else models.mlp_layout(max(HIDDEN.value, 1)))
-  problem = models.hyper_representation_problem(ACTIVATION.value, L2.value, MODEL.value)
+  problem = models.hyper_representation_problem(
+      ACTIVATION.value, L2.value, MODEL.value, OUTER_L2.value, FEATURE_L2.value,
+      (channels[1] if MODEL.value == "cnn" else HIDDEN.value) if WIDTH_SCALE.value else 0)
   alg, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
                           common.load_data)  # validated before any work; rebuilt below
   cfg = alg.config
@@ -133,7 +143,10 @@ def prepare_one() -> common.SeedRun:
   resume = common.start_run(workdir, dict(
       common.config_dict(cfg), task="hyper_representation", model=MODEL.value,
       hidden=HIDDEN.value, channels=list(channels),
-      activation=ACTIVATION.value, l2=L2.value, dataset=data_lib.dataset_summary(ds), **info))
+      activation=ACTIVATION.value, l2=L2.value,
+      **{k: v for k, v in (("outer_l2", OUTER_L2.value), ("feature_l2", FEATURE_L2.value),
+                           ("width_scale", WIDTH_SCALE.value)) if v},
+      dataset=data_lib.dataset_summary(ds), **info))
   print(data_lib.dataset_summary(ds))
   test_shape = image_shape(ds.input_shape) if MODEL.value == "cnn" else (-1,)
   x_test = jnp.asarray(ds.x_test.reshape((len(ds.x_test),) + tuple(test_shape)))

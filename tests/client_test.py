@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from bilevel import tree
-from bilevel.client import full_batch, minibatch_sampler, population_sampler
+from bilevel import problems, tree
+from bilevel.client import ClientConfig, client_update, full_batch, minibatch_sampler
+from bilevel.client import population_sampler, trust_region
+from bilevel.errors import ConfigError
+from bilevel.client import validate_client_config
 
 
 def _population(valid=(5, 3, 8), rows=8, dim=4):
@@ -50,6 +53,47 @@ class SamplerTest(absltest.TestCase):
     got = population_sampler(full_batch, jnp.asarray(1))(data, jax.random.key(0))
     for name in data:
       np.testing.assert_array_equal(got[name], data[name][1])
+
+
+class TrustRegionTest(absltest.TestCase):
+  """client.trust_region: the x delta's norm capped at radius * ||x_0|| (section 8)."""
+
+  def test_caps_each_layer_at_its_radius_and_keeps_short_deltas(self):
+    x0 = {"a": {"k": jnp.full((4,), 2.0), "b": jnp.zeros(2)}, "c": {"k": jnp.ones((9,))}}
+    d = {"a": {"k": jnp.full((4,), 1.0), "b": jnp.ones(2)}, "c": {"k": jnp.full((9,), 0.01)}}
+    out = trust_region(d, x0, 0.1, "layer")
+    # layer a: ||x0|| = 4, ||d|| = sqrt(6) > 0.4: scaled to norm 0.4, direction kept
+    self.assertAlmostEqual(float(tree.norm(out["a"])), 0.4, places=5)
+    np.testing.assert_allclose(out["a"]["k"] / out["a"]["b"][0], 1.0, rtol=1e-6)
+    # layer c: ||x0|| = 3, ||d|| = 0.03 < 0.3: unchanged
+    np.testing.assert_array_equal(out["c"]["k"], d["c"]["k"])
+    # scope model: one factor for all of x, ||x0|| = 5
+    whole = trust_region(d, x0, 0.1, "model")
+    self.assertAlmostEqual(float(tree.norm(whole)), 0.5, places=5)
+    np.testing.assert_allclose(whole["c"]["k"] / d["c"]["k"], whole["a"]["k"][0] / d["a"]["k"][0],
+                               rtol=1e-6)
+
+  def test_client_update_applies_it_and_zero_is_off(self):
+    data = tree.index(problems.make_quadratic(2, 6, 4, seed=0, dtype=np.float32), 0)
+    x, y = jnp.full((6,), 0.5), jnp.zeros(4)
+    run = lambda cfg: client_update(problems.QUADRATIC, cfg, x, y, jnp.zeros(4), data, data,
+                                    None, None, jax.random.key(0))
+    base = ClientConfig(local_steps=3, outer_lr=0.5)
+    free = run(base)
+    np.testing.assert_array_equal(run(base._replace(x_trust=0.0)).delta_x, free.delta_x)
+    radius = 0.1 * float(tree.norm(x))
+    self.assertGreater(float(tree.norm(free.delta_x)), radius)  # the cap binds here
+    capped = run(base._replace(x_trust=0.1))
+    self.assertAlmostEqual(float(tree.norm(capped.delta_x)), radius, places=5)
+    np.testing.assert_allclose(capped.delta_x * float(tree.norm(free.delta_x)) / radius,
+                               free.delta_x, rtol=1e-5)
+    np.testing.assert_array_equal(capped.delta_y, free.delta_y)  # x's delta only
+
+  def test_rejects_negative_radius_and_unknown_scope(self):
+    with self.assertRaises(ConfigError):
+      validate_client_config(ClientConfig(x_trust=-1.0))
+    with self.assertRaises(ConfigError):
+      validate_client_config(ClientConfig(x_trust=0.1, x_trust_scope="unit"))
 
 
 if __name__ == "__main__":

@@ -283,6 +283,17 @@ def test_model_equals_matmul_flops_of_looped_program(task, estimator, v_step, pr
   assert _model_flops(t, cfg) == pytest.approx(dots, rel=1e-9)
 
 
+def test_label_skew_options_add_no_matmul_flops():
+  """feature_l2 / outer_l2 (outer loss) and x_trust (client) are elementwise work: the looped
+  program's matmul FLOPs still equal the model's count (docs/method.md, section 8)."""
+  t = _mlp_task(in_dim=32, hidden=64, classes=64)
+  t["problem"] = models.hyper_representation_problem(feature_l2=1e-3, outer_l2=1e-3)
+  cfg = _cfg("fd", "cauchy", "exact", local_steps=3, inner_steps=2, num_steps=3)
+  cfg = cfg._replace(x_trust=0.05)
+  assert _model_flops(t, cfg) == pytest.approx(_hlo_dot_flops(_compiled(t, cfg).as_text()),
+                                               rel=1e-9)
+
+
 # ------------------------------------------------------------------ counts and prices
 
 

@@ -1,0 +1,130 @@
+"""Opt-in remedies measured under label skew (docs/method.md, section 8): the representation
+penalties of the hyper-representation problem (feature_l2, outer_l2), the width scaler, and the
+client x-delta trust region, each off by default and the same on the compact and dense paths."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest
+
+from bilevel import federated, models, rounds
+from bilevel import masks as masks_lib
+from bilevel.client import ClientConfig
+from bilevel.hypergrad import EstimatorOptions
+
+M, N, DIN, H, CL = 8, 10, 12, 16, 4
+
+
+def _batch(dtype=np.float32, seed=1):
+  rng = np.random.default_rng(seed)
+  return {"inputs": jnp.asarray(rng.normal(size=(N, DIN)), dtype),
+          "labels": jnp.asarray(rng.integers(0, CL, N)),
+          "weight": jnp.asarray((np.arange(N) < N - 2).astype(dtype))}  # 2 padding rows
+
+
+class ProblemTermsTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.x, self.y = models.init_mlp(jax.random.key(0), DIN, H, CL)
+    self.x["hidden"]["bias"] = jnp.linspace(-0.5, 0.5, H)
+    self.b = _batch()
+
+  def test_off_is_the_default_loss_bit_for_bit(self):
+    base = models.hyper_representation_problem()
+    off = models.hyper_representation_problem(outer_l2=0.0, feature_l2=0.0, width_scale_units=0)
+    for loss in ("inner_loss", "outer_loss"):
+      self.assertEqual(float(getattr(off, loss)(self.x, self.y, self.b)),
+                       float(getattr(base, loss)(self.x, self.y, self.b)))
+
+  def test_feature_l2_adds_the_weighted_mean_squared_feature_norm(self):
+    base = models.hyper_representation_problem()
+    pen = models.hyper_representation_problem(feature_l2=0.3)
+    h = models.mlp_features(self.x, self.b["inputs"])
+    w = self.b["weight"]
+    want = 0.15 * float(jnp.sum(w * jnp.sum(h ** 2, -1)) / jnp.sum(w))  # padding rows left out
+    got = float(pen.outer_loss(self.x, self.y, self.b) - base.outer_loss(self.x, self.y, self.b))
+    self.assertAlmostEqual(got, want, places=5)
+    self.assertGreater(want, 0.01)
+    # g is untouched (the penalty is on the upper level only)
+    self.assertEqual(float(pen.inner_loss(self.x, self.y, self.b)),
+                     float(base.inner_loss(self.x, self.y, self.b)))
+    # its x-gradient pulls the features' scale down: one small step on the penalty alone
+    g = jax.grad(lambda x: pen.outer_loss(x, self.y, self.b) - base.outer_loss(x, self.y, self.b))
+    x1 = jax.tree.map(lambda p, d: p - 0.01 * d, self.x, g(self.x))
+    self.assertLess(float(jnp.sum(models.mlp_features(x1, self.b["inputs"]) ** 2)),
+                    float(jnp.sum(h ** 2)))
+
+  def test_outer_l2_adds_half_the_squared_norm_of_x(self):
+    base = models.hyper_representation_problem()
+    pen = models.hyper_representation_problem(outer_l2=0.2)
+    sq = sum(float(jnp.sum(t ** 2)) for t in jax.tree.leaves(self.x))
+    self.assertAlmostEqual(float(pen.outer_loss(self.x, self.y, self.b) -
+                                 base.outer_loss(self.x, self.y, self.b)), 0.1 * sq, places=4)
+
+  def test_width_scale_gives_a_submodel_the_full_models_scale(self):
+    scaled = models.hyper_representation_problem(width_scale_units=H)
+    base = models.hyper_representation_problem()
+    keep = (jnp.arange(H) < H // 4).astype(jnp.float32)  # a quarter-width submodel
+    xm = {"hidden": {"kernel": self.x["hidden"]["kernel"] * keep[None, :], "bias":
+                     self.x["hidden"]["bias"] * keep}}
+    y4 = {"head": {"kernel": self.y["head"]["kernel"] * 4.0, "bias": self.y["head"]["bias"]}}
+    for loss in ("inner_loss", "outer_loss"):
+      # features x4 at the submodel = head x4 (the l2 term of g differs: compare f only there)
+      if loss == "outer_loss":
+        self.assertAlmostEqual(float(scaled.outer_loss(xm, self.y, self.b)),
+                               float(base.outer_loss(xm, y4, self.b)), places=5)
+      # the full model is unchanged
+      self.assertEqual(float(getattr(scaled, loss)(self.x, self.y, self.b)),
+                       float(getattr(base, loss)(self.x, self.y, self.b)))
+
+
+def _round_setup(dtype):
+  rng = np.random.default_rng(0)
+
+  def split():
+    return {"inputs": jnp.asarray(rng.normal(size=(M, N, DIN)), dtype),
+            "labels": jnp.asarray(rng.integers(0, CL, (M, N))), "weight": jnp.ones((M, N), dtype)}
+
+  data = federated.FederatedData(split(), split(), jnp.full((M,), N))
+  x0, y0 = models.init_mlp(jax.random.key(0), DIN, H, CL, dtype)
+  return data, x0, y0
+
+
+class CompactEqualsDenseTest(absltest.TestCase):
+  """The options read a client's kept arrays: compact (extracted) and dense (masked) agree."""
+
+  def test_feature_l2_and_trust_region_compact_equals_dense_float64(self):
+    with jax.enable_x64(True):
+      client = ClientConfig(local_steps=2, inner_steps=1, inner_lr=0.2, outer_lr=0.5,
+                            estimator_options=EstimatorOptions(1, 0.2, 1e-2),
+                            x_trust=0.01, x_trust_scope="layer")
+      cfg = federated.FederatedConfig(
+          M, 6, client=client, mask=masks_lib.MaskConfig("random"),
+          levels=masks_lib.parse_levels("1/1:0.375,0.5/0.5:0.375,0.25/0.25:0.25"))
+      problem = models.hyper_representation_problem("tanh", feature_l2=0.05)
+      out = {}
+      for submodel in ("compact", "dense"):
+        data, x0, y0 = _round_setup(np.float64)
+        rnd = rounds.make_round(problem, cfg, models.mlp_layout(H), x0, submodel=submodel,
+                                sampling="stratified")
+        state = federated.init_state(x0, y0, optax.sgd(1.0))
+        first, _ = rnd.step(state, data)
+        state, _ = rnd.step(first, data)
+        out[submodel], out[submodel + "_1"] = state, first
+      chex.assert_trees_all_close((out["compact"].x, out["compact"].y),
+                                  (out["dense"].x, out["dense"].y), rtol=1e-10, atol=1e-12)
+      # the trust region bound: no client moves x by more than 1% of its submodel's norm
+      # (<= ||x||), and |coverage mean_j| <= max_i |D_ij|, so one round moves x by at most
+      # sqrt(C) x 1% of ||x|| (checked over the first round)
+      moved = float(jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(
+          jax.tree.leaves(out["dense_1"].x), jax.tree.leaves(x0)))))
+      self.assertGreater(moved, 0.0)
+      self.assertLessEqual(moved, np.sqrt(6) * 0.01 * float(jnp.sqrt(sum(
+          jnp.sum(t ** 2) for t in jax.tree.leaves(x0)))) + 1e-12)
+
+
+if __name__ == "__main__":
+  absltest.main()
