@@ -7,6 +7,9 @@ entries; `client_flops` multiplies the two and the batch rows:
 
     client FLOPs = sum over (op, batch) of  count(op) * price(op, kept counts) * rows(batch)
 
+Each task prices its model: bilevel/tasks/hyper_representation.py (mlp_costs, cnn_costs,
+cost_model) and bilevel/tasks/hyper_cleaning.py (model_costs, cost_model).
+
 Operation kinds (prices per example; matmul / convolution FLOPs only, m x k times k x n = 2mkn):
   forward_x  forward of the part that depends on x only (the MLP's hidden layer, the CNN's
              convolutions; nothing for hyper-cleaning, where x weights the loss). Once per batch
@@ -159,56 +162,6 @@ class CostModel(NamedTuple):
                    first_step_apart: bool = True) -> Number:
     """client_flops of one client's round on its kept entries."""
     return client_flops(cfg, kept_x, kept_y, self.rows(kept_x), self.model, first_step_apart)
-
-
-def _zero(kept_x: PyTree) -> Number:
-  del kept_x
-  return 0.0
-
-
-# ------------------------------------------------------------------ the models
-
-
-def mlp_costs() -> ModelCosts:
-  """Hyper-representation MLP (models.mlp_logits): x = hidden (D x K), y = head (K x C)."""
-  return ModelCosts(
-      x_forward=lambda kx: 2 * kx["hidden"]["kernel"],
-      x_backward=lambda kx: 2 * kx["hidden"]["kernel"],  # weight gradient (inputs are data)
-      y_layers=lambda ky: [ky["head"]["kernel"]],
-      x_in_features=True)
-
-
-def cleaning_costs(classifier: str = "linear") -> ModelCosts:
-  """Hyper-cleaning (experiments/hyper_cleaning.py): x = per-sample weight logits (elementwise
-  in g), y = a linear classifier {"head"} or an MLP {"hidden", "head"} on the inputs."""
-  layers = ((lambda ky: [ky["head"]["kernel"]]) if classifier == "linear"
-            else (lambda ky: [ky["hidden"]["kernel"], ky["head"]["kernel"]]))
-  return ModelCosts(x_forward=_zero, x_backward=_zero, y_layers=layers, x_in_features=False)
-
-
-def _valid_taps(size: int, kernel: int = 3, stride: int = 2) -> int:
-  """Sum over output positions of in-bounds kernel taps, one axis, SAME padding (as XLA)."""
-  out = -(-size // stride)
-  lo = max((out - 1) * stride + kernel - size, 0) // 2
-  return sum(0 <= o * stride + k - lo < size for o in range(out) for k in range(kernel))
-
-
-def cnn_costs(input_shape: tuple[int, int, int]) -> ModelCosts:
-  """The CNN (models.cnn_logits): x = conv1, conv2 (3x3, stride 2, SAME), y = head on the
-  flattened conv2 features (its kept kernel entries count every position). A convolution
-  costs 2 x (kept kernel entries / 9) x in-bounds taps."""
-  h, w = input_shape[0], input_shape[1]
-  h1, w1 = -(-h // 2), -(-w // 2)
-  taps1 = _valid_taps(h) * _valid_taps(w) / 9
-  taps2 = _valid_taps(h1) * _valid_taps(w1) / 9
-  conv1 = lambda kx: 2 * kx["conv1"]["kernel"] * taps1
-  conv2 = lambda kx: 2 * kx["conv2"]["kernel"] * taps2
-  return ModelCosts(
-      x_forward=lambda kx: conv1(kx) + conv2(kx),
-      # conv2's weight and input gradients, conv1's weight gradient (its input is data)
-      x_backward=lambda kx: 2 * conv2(kx) + conv1(kx),
-      y_layers=lambda ky: [ky["head"]["kernel"]],
-      x_in_features=True)
 
 
 def full_counts(tree: PyTree) -> PyTree:

@@ -44,6 +44,7 @@ from bilevel.client import ClientConfig, minibatch_sampler
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig
+from bilevel.tasks import hyper_representation as hr_task
 
 def _config(num_clients, per_round, *, inner_steps=5, num_steps=6, local_steps=1, lr=0.01,
             **kw):
@@ -230,13 +231,13 @@ class CountTest(parameterized.TestCase):
     counts = np.array([100, 70, 30, 100])
     cfg = _config(4, 4)
     x0, y0 = models.init_mlp(jax.random.key(0), 5, 4, 3)
-    cost = costs.CostModel(costs.mlp_costs(), lambda kept_x: (64, 64))
+    cost = costs.CostModel(hr_task.mlp_costs(), lambda kept_x: (64, 64))
     rnd = fednest.make_fednest_round(models.hyper_representation_problem("tanh"), cfg, None,
                                      x0, sample=minibatch_sampler(64), cost=cost)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     _, metrics = rnd.step(state, _rows_data(4, counts, 60))
     self.assertEqual(int(metrics["svrg_steps"]), 5 * (2 + 2 + 1 + 2))
-    p = costs.op_prices(costs.mlp_costs(), "exact", costs.full_counts(x0), costs.full_counts(y0))
+    p = costs.op_prices(hr_task.mlp_costs(), "exact", costs.full_counts(x0), costs.full_counts(y0))
     g_y, g_xy = p["forward_x"] + p["grad_y"], p["forward_x"] + p["grad_xy"]
     inner = sum((1 + 2 * 5) * n * g_y for n in counts)  # snapshot + 5 epochs x 2 gradients
     outer = sum((1 + 1 + 2) * 60 * g_xy  # grad_y f, grad_x f, 2 per SVRG x step (validation)
@@ -264,7 +265,7 @@ class HyperCleaningFlopsTest(absltest.TestCase):
   """Task 2: a client is charged for its own samples' weight logits, not every client's."""
 
   def _step(self, per_round, owned):
-    from experiments import hyper_cleaning  # pylint: disable=g-import-not-at-top
+    from bilevel.tasks import hyper_cleaning  # pylint: disable=g-import-not-at-top
     counts, n_tr, d, classes = np.array([2, 3, 4]), 4, 2, 3
     n = int(counts.sum())
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
