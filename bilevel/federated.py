@@ -6,14 +6,14 @@ Round q (docs/method.md, section 6), jitted once (state.round is traced, shapes 
      (bilevel/sampling.py);
   2. per client: masks (masks.make_masks) and the local update on its submodel
      (client.client_update), dense or compact, vmapped over the client axis and optionally
-     sharded over devices (bilevel/rounds.py, bilevel/sharding.py);
+     sharded over devices (bilevel/algorithms/rafbo.py, bilevel/sharding.py);
   3. sum the weighted masked deltas and masks over the clients (`server.round_sums`: one
      full-size sum per quantity, scatter-adds for compact clients), coverage-mean them
      (server.AGGREGATORS divide the sums); step x with the server optimiser and add the mean
      deltas to y and v; coordinates no client kept do not move (bilevel/server.py);
   4. metrics: losses, norm of the aggregated hypergradient, coverage of x and y, analytic client
      FLOPs and communicated bytes of the submodels actually run.
-`rounds.make_round` builds that round; `fednest.make_fednest_round` builds FedNest's
+`rafbo.make_round` builds that round; `fednest.make_fednest_round` builds FedNest's
 (round_kind "fednest"); `bilevel.algorithms` picks the builder by algorithm; `loop.run` drives
 either.
 
@@ -22,7 +22,7 @@ STREAMS[name]); per-round key
 fold_in(stream, round); per-client key fold_in(round key, client id).
 
 RABO = local_steps 1 with every client in every round; RAFBO = local_steps K > 1 with partial
-participation. Baselines are presets over the same code (bilevel/algorithms.py).
+participation. Baselines are presets over the same code (bilevel/algorithms/).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class FederatedConfig(NamedTuple):
   allow_uncovered: bool = False
   seed: int = 0
   # "local": the round above (K local steps per client, one aggregation); "fednest": FedNest's
-  # communicating round (bilevel/fednest.py: FedInn, FedIHGP, FedOut; full model only).
+  # communicating round (bilevel/algorithms/fednest.py: FedInn, FedIHGP, FedOut; full model only).
   round_kind: str = "local"
 
 
@@ -120,7 +120,7 @@ def default_flops_per_grad(kept_x: PyTree, kept_y: PyTree) -> jax.Array:
 
 
 # (state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y): masks that replace the
-# policy's (rounds.make_round's mask_fn).
+# policy's (rafbo.make_round's mask_fn).
 MaskFn = Callable[..., tuple[PyTree, PyTree]]
 SUBMODELS = ("dense", "compact")
 SAMPLINGS = ("uniform", "stratified")
@@ -169,5 +169,5 @@ class Round(NamedTuple):
   client_fns: tuple[Callable[..., Any], ...] = ()
   server_fn: Callable[..., tuple[ServerState, dict[str, jax.Array]]] | None = None
   # The traced step may hold constants of its own seed (a caller's mask_fn may close over
-  # them), so other seeds cannot share it (rounds.seeds_step refuses it).
+  # them), so other seeds cannot share it (loop.seeds_step refuses it).
   seed_constants: bool = False

@@ -650,7 +650,7 @@ def run_prepared(run: SeedRun) -> dict[str, Any]:
 
 def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
                       ) -> tuple[dict[int, dict[str, Any]], dict[int, str]] | None:
-  """Run prepared seeds as one vmapped program (rounds.seeds_step, loop.run_seeds): each run
+  """Run prepared seeds as one vmapped program (loop.seeds_step, loop.run_seeds): each run
   keeps its own records, checkpoints, guards and summary in its own workdir, as if run alone.
 
   groups: per seed, its runs (one, or e.g. hyper_cleaning's weighted run and its unweighted
@@ -661,7 +661,7 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   a mask_fn, or resumed checkpoints at different rounds. Nothing has run
   then; the caller runs the seeds one after another.
   """
-  from bilevel import rounds, tree
+  from bilevel import tree
   runs = [run for group in groups for run in group]
   recorders = [_Recorder(r.workdir, r.state, r.resume) for r in runs]
   states = [rec.state for rec in recorders]
@@ -674,7 +674,7 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
               f"({', '.join(str(int(s.round)) for s in states)})")
   if reason is None:
     try:
-      step = rounds.seeds_step([r.rnd for r in runs])
+      step = loop.seeds_step([r.rnd for r in runs])
     except ConfigError as e:
       reason = str(e)
   if reason is not None:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bilevel import algorithms, client, costs, federated, fednest, hypergrad, models
+from bilevel import algorithms, client, costs, federated, hypergrad, models
+from bilevel.algorithms import fednest
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.tasks import hyper_cleaning as hc_task
 from bilevel.tasks import hyper_representation as hr_task

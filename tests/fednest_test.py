@@ -1,4 +1,4 @@
-"""FedNest's communicating round (bilevel/fednest.py) against FedNest's own code.
+"""FedNest's communicating round (bilevel/algorithms/fednest.py) against FedNest's own code.
 
 The expected counts are numbers read from FedNest's code (github.com/ucr-optml/FedNest), not
 from fednest.py: utils/options.py defaults local_ep 5, neumann 5, frac 0.1; reproduce/fig2.sh
@@ -37,8 +37,8 @@ import optax
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
-from bilevel import algorithms, costs, federated, fednest, hypergrad, models, problems
-from bilevel import rounds, server
+from bilevel import algorithms, costs, federated, hypergrad, models, problems, server
+from bilevel.algorithms import fednest, rafbo
 from bilevel import tree
 from bilevel.client import ClientConfig, minibatch_sampler
 from bilevel.errors import ConfigError
@@ -156,8 +156,8 @@ class CountTest(parameterized.TestCase):
     cfg = _config(100, 10)  # FedNest's defaults: 5 epochs, 5 products, tau 1, steps 0.01
     x0, y0 = models.init_mlp(jax.random.key(0), 5, 4, 3)
     # The plain builder dispatches to FedNest's round; the counting one is the test's.
-    algorithms.build_round(problem, cfg, None, x0, sample=minibatch_sampler(64),
-                           client_map=_loop_clients(10), jit=False)
+    fednest.FEDNEST.make_round(problem, cfg, None, x0, sample=minibatch_sampler(64),
+                               client_map=_loop_clients(10), jit=False)
     rnd = fednest.make_fednest_round(problem, cfg, None, x0, sample=minibatch_sampler(64),
                                      client_map=_loop_clients(10), jit=False, oracle=oracle)
     means, steps = [0], [0]
@@ -256,7 +256,7 @@ class CountTest(parameterized.TestCase):
       fednest.make_fednest_round(problems.QUADRATIC, _config(4, 2), None, x0, submodel="compact")
     # The local round's builder does not build FedNest's (bilevel.algorithms chooses).
     with self.assertRaisesRegex(ConfigError, "fednest.make_fednest_round"):
-      rounds.make_round(problems.QUADRATIC, _config(4, 2), None, x0)
+      rafbo.make_round(problems.QUADRATIC, _config(4, 2), None, x0)
     with self.assertRaisesRegex(ConfigError, "round_kind='bogus' is not known"):
       federated.validate_config(_config(4, 2)._replace(round_kind="bogus"))
 
