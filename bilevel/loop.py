@@ -219,31 +219,31 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
 
 
 def seeds_step(rnds: Sequence[Any]) -> Callable[..., tuple[ServerState, dict[str, jax.Array]]]:
-  """`step(state, data)` running the rounds of several seeds as one program: the round vmapped
-  over a leading seed axis of its RoundArgs, state and data ([S, ...]; metrics come back [S]).
+  """`step(state, data)` running the rounds of several seeds as one program: the round's
+  `apply` vmapped over a leading seed axis of its per-run values (Round.hyper), state and data
+  ([S, ...]; metrics come back [S]).
 
   rnds: Rounds of one configuration that differ only in the seed (the drivers
   check the configurations); each seed's RoundArgs carry what the seed changes, so the round
   traced for the first serves every seed. Seed s of the result is the round of rnds[s] to
   float32 rounding (to 1e-10 in float64; tests/seeds_test.py). FedNest's round qualifies
-  too. Raises ConfigError when a round has no bound RoundArgs or a mask_fn
+  too. Raises ConfigError when a round has no per-run values apart or a mask_fn
   (Round.seed_constants), or the rounds differ in a static shape.
   """
-  if not all(isinstance(r.step, functools.partial) and len(r.step.args) == 1 for r in rnds):
-    raise ConfigError("seeds_step needs rounds whose step binds its RoundArgs (rafbo."
-                      "make_round, fednest.make_fednest_round); run these seeds one after "
-                      "another.")
+  if any(r.apply is None or r.hyper is None for r in rnds):
+    raise ConfigError("seeds_step needs rounds with their per-run values apart (Round.hyper "
+                      "and Round.apply: rafbo.make_round, fednest.make_fednest_round); run "
+                      "these seeds one after another.")
   if any(r.seed_constants for r in rnds):
     raise ConfigError("seeds_step: a round built with a mask_fn may hold constants of its own "
                       "seed; run its seeds one after another.")
-  shapes = lambda r: (tree.signature(r.step.args[0]), r.clients_per_round,
+  shapes = lambda r: (tree.signature(r.hyper), r.clients_per_round,
                       [(st.rx, st.ry, st.per_round, st.counts) for st in r.strata])
   first = shapes(rnds[0])
   if any(shapes(r) != first for r in rnds[1:]):
     raise ConfigError("seeds_step: the seeds' rounds differ in a static shape (levels, strata "
                       "or client counts); run them one after another.")
-  args = tree.stack([r.step.args[0] for r in rnds])
-  return functools.partial(jax.jit(jax.vmap(rnds[0].step.func)), args)
+  return functools.partial(jax.jit(jax.vmap(rnds[0].apply)), tree.stack([r.hyper for r in rnds]))
 
 
 def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: ServerState,

@@ -385,7 +385,7 @@ def make_runner(spec: ProblemSpec, algorithm: str, mask_fn: Any, cfg: SweepConfi
   # ratios = C/8 and step sizes per run) and controlled-coverage masks (mask_fn).
   rnd = make_round(spec.problem, fed_cfg, None, x0, sample=theory.sample, jit=False,
                    mask_fn=mask_fn)
-  step_fn, args = rnd.step.func, rnd.step.args[0]
+  step_fn, args = rnd.apply, rnd.hyper
 
   @jax.jit
   def advance(state, data, args, coeffs, totals, measure):

@@ -138,8 +138,8 @@ class LibraryTest(parameterized.TestCase):
                               models.mlp_layout(H), x0, submodel="compact")
     with self.assertRaisesRegex(ConfigError, "static shape"):
       loop.seeds_step([rnd, other])
-    unbound = rnd._replace(step=rnd.step.func)  # a round without RoundArgs
-    with self.assertRaisesRegex(ConfigError, "RoundArgs"):
+    unbound = rnd._replace(hyper=None, apply=None)  # a round without its per-run values apart
+    with self.assertRaisesRegex(ConfigError, "per-run values"):
       loop.seeds_step([unbound, unbound])
 
 

@@ -87,10 +87,7 @@ def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any)
     name: one of names().
     problem: bilevel.BilevelProblem(inner_loss, outer_loss); each loss (x, y, batch) -> scalar.
     num_clients: population size M (the leading axis of the FederatedData passed to `step`).
-    **options: any field of `base.Options` (clients_per_round, levels, granularity, seed,
-      layout, sample, local_steps, inner_steps, inner_lr, outer_lr, estimator, num_steps, v_lr,
-      delta, radius, v_step, mask_policy, server_optimizer, server_lr, aggregation, weighting,
-      submodel, flops_per_grad, ...); None or absent = the algorithm's default.
+    **options: any field of `base.Options`; None or absent = the algorithm's default.
 
   Returns:
     An Algorithm with init(x, y), step(state, data), config and name.

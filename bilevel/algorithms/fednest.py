@@ -529,8 +529,9 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   # step size (sampling_lib.ROUND_STREAMS holds the streams FedNest reads).
   ratios = np.ones((cfg.num_clients, 2))
   args = sampling_lib.round_args(cfg, ratios, population, (), jax.tree.leaves(x_like)[0].dtype)
-  return federated.Round(functools.partial(jax.jit(step) if jit else step, args), population,
-                         ratios, c, (), functools.partial(phase_samples, args, c=c))
+  apply = jax.jit(step) if jit else step
+  return federated.Round(functools.partial(apply, args), population, ratios, c, (),
+                         functools.partial(phase_samples, args, c=c), hyper=args, apply=apply)
 
 
 # ------------------------------------------------------------------ the algorithm

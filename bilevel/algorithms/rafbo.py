@@ -128,10 +128,11 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
                                                                     slots, q)))
     return server_fn(a, state, outs)  # 3. coverage mean and server step
 
+  apply = jax.jit(step) if jit else step
   bind = lambda fn: functools.partial(fn, args)
-  return Round(bind(jax.jit(step) if jit else step), population, ratios, num_sampled, strata,
-               bind(sample_fn), tuple(map(bind, client_fns)), bind(server_fn),
-               seed_constants=mask_fn is not None)
+  return Round(bind(apply), population, ratios, num_sampled, strata, bind(sample_fn),
+               tuple(map(bind, client_fns)), bind(server_fn),
+               seed_constants=mask_fn is not None, hyper=args, apply=apply)
 
 
 # ------------------------------------------------------------------ the algorithms
