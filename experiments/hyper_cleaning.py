@@ -1,13 +1,10 @@
 r"""Federated data hyper-cleaning (README, Expected results, task 2): the driver.
 
-The task (data, model, problem, sampler, masks, metrics, op prices) is
-bilevel/tasks/hyper_cleaning.py; this driver reads the flags, builds it and runs it.
-Clients run the dense (masked full-size) computation: the compact path does not support
-client-owned units, so --submodel=compact is rejected here. heterofl prunes only y here
-(`tasks.hyper_cleaning.heterofl_levels`); fedrolex's window rolls over each client's own
-samples. Explicit --mask_policy=static with r_x < 1 is rejected (masks.check_coverable) unless
---allow_uncovered; magnitude is not (its ranking follows the trained weights, so a sample can
-enter later).
+The task (data, model, problem, sampler, masks, heterofl's and fedrolex's readings, metrics,
+op prices) is bilevel/tasks/hyper_cleaning.py; this driver reads the flags, builds it and runs
+it. Clients run the dense computation (--submodel=compact is rejected: the compact path does
+not take client-owned units). Explicit --mask_policy=static with r_x < 1 is rejected
+(masks.check_coverable) unless --allow_uncovered.
 
 --baseline_unweighted also trains the classifier on the noisy labels with every weight 1 (the
 same rounds, algorithm, masks and seeds) into WORKDIR/unweighted/ and adds
@@ -28,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +34,6 @@ from absl import app, flags
 
 from bilevel import data as data_lib
 from bilevel import algorithms, federated
-from bilevel.client import full_batch
 from bilevel.errors import ConfigError
 from bilevel.masks import UnitLayout
 from bilevel.problems import BilevelProblem
@@ -130,47 +126,20 @@ def check_task_flags() -> list[str]:
   return problems
 
 
-class Setting(NamedTuple):
-  """The classifier's logits, the client batch sampler and the bilevel problem of the flags."""
-
-  logits_fn: task.Logits
-  sample: Any  # task.KeptRowSampler(--batch_size), or client.full_batch for --batch_size=0
-  problem: BilevelProblem
-
-
-def task_setting() -> Setting:
-  """The Setting of --classifier, --activation, --batch_size and --reg."""
-  logits_fn = (task.linear_logits if CLASSIFIER.value == "linear"
-               else task.mlp_logits_fn(ACTIVATION.value))
-  batch = common.BATCH_SIZE.value
-  sample = task.KeptRowSampler(batch) if batch else full_batch
-  return Setting(logits_fn, sample,
-                 task.cleaning_problem(logits_fn, REG.value, sample if batch else None))
-
-
-def build(cfg: federated.FederatedConfig, overrides: Mapping[str, Any], setting: Setting,
+def build(cfg: federated.FederatedConfig, overrides: Mapping[str, Any], setting: task.Setting,
           ds: data_lib.Dataset, cd: task.CleaningData
           ) -> tuple[algorithms.Algorithm, federated.Round, PyTree, PyTree]:
   """The algorithm (bilevel.algorithms.get with the task's keywords), its round and the initial
   (x, y); cfg: the resolved configuration (resolve_algorithm), overrides: the task's keywords."""
   in_dim = int(np.prod(ds.input_shape))
-  hidden = HIDDEN.value
-  lay = task.layout(CLASSIFIER.value, cd.num_samples, in_dim, hidden)
+  lay = task.layout(CLASSIFIER.value, cd.num_samples, in_dim, HIDDEN.value)
   x0, y0 = task.init_params(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
-                       CLASSIFIER.value, cd.num_samples, in_dim, hidden, ds.num_classes)
-  mask_fn = None
-  if cfg.mask.policy == "rolling":
-    mask_fn = task.owned_rolling_mask_fn(cfg.mask, lay, cd.offsets, cd.counts,
-                                    cd.fed.available["samples"])
-  available = {"samples": np.asarray(cd.fed.available["samples"])}
-  val_rows = jax.tree.leaves(cd.fed.outer)[0].shape[1]  # a client's (padded) validation split
-  alg = common.make_algorithm(setting.problem, lay, **overrides,
-                              diagnostics=common.DIAGNOSE_EVERY.value > 0,
-                              sample=setting.sample,
-                              cost=task.cost_model(CLASSIFIER.value, common.BATCH_SIZE.value,
-                                                   val_rows),
-                              available=available, mask_fn=mask_fn, submodel="dense",
-                              mesh=common.client_mesh())
+                            CLASSIFIER.value, cd.num_samples, in_dim, HIDDEN.value,
+                            ds.num_classes)
+  alg = common.make_algorithm(
+      setting.problem, lay, **overrides, diagnostics=common.DIAGNOSE_EVERY.value > 0,
+      sample=setting.sample, mesh=common.client_mesh(),
+      **task.round_keywords(cd, lay, CLASSIFIER.value, common.BATCH_SIZE.value, cfg.mask))
   return alg, alg.make_round(x0), x0, y0
 
 
@@ -208,7 +177,7 @@ def prepare_one() -> list[common.SeedRun]:
   task_defaults = apply_task_defaults()
   problems = check_task_flags()
   shape_free = task.layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
-  setting = task_setting()
+  setting = task.setting(CLASSIFIER.value, ACTIVATION.value, common.BATCH_SIZE.value, REG.value)
   (alg, overrides), ds = common.gather(
       problems, lambda: resolve_algorithm(setting.problem, shape_free), common.load_data)
   cfg = alg.config

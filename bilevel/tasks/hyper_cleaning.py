@@ -67,7 +67,7 @@ import optax
 from bilevel import costs, federated, models
 from bilevel import data as data_lib
 from bilevel import masks as masks_lib
-from bilevel.client import MinibatchSampler
+from bilevel.client import MinibatchSampler, full_batch
 from bilevel.masks import Axes, Level, UnitLayout
 from bilevel.problems import BilevelProblem
 
@@ -228,6 +228,37 @@ def cleaning_problem(logits_fn: Logits, reg: float,
     return models.weighted_ce(logits_fn(y, b["inputs"]), b["labels"], b["weight"])
 
   return BilevelProblem(inner, outer)
+
+
+class Setting(NamedTuple):
+  """The classifier's logits, the client batch sampler and the bilevel problem."""
+
+  logits_fn: Logits
+  sample: Any  # KeptRowSampler(batch_size), or client.full_batch for batch_size 0
+  problem: BilevelProblem
+
+
+def setting(classifier: str, activation: str, batch_size: int, reg: float) -> Setting:
+  """The Setting of a classifier ("linear" or "mlp" with `activation`), a client batch size
+  (0: full batches) and the penalty c = reg."""
+  logits_fn = linear_logits if classifier == "linear" else mlp_logits_fn(activation)
+  sample = KeptRowSampler(batch_size) if batch_size else full_batch
+  return Setting(logits_fn, sample,
+                 cleaning_problem(logits_fn, reg, sample if batch_size else None))
+
+
+def round_keywords(cd: CleaningData, lay: UnitLayout, classifier: str, batch_size: int,
+                   mask_cfg: masks_lib.MaskConfig) -> dict[str, Any]:
+  """The bilevel.algorithms keywords this task's round needs besides the setting's: the
+  samples each client owns (available), the owned rolling window for rolling masks (mask_fn),
+  the FLOP model (cost) and dense clients (the compact path does not take owned units)."""
+  mask_fn = None
+  if mask_cfg.policy == "rolling":
+    mask_fn = owned_rolling_mask_fn(mask_cfg, lay, cd.offsets, cd.counts,
+                                    cd.fed.available["samples"])
+  val_rows = jax.tree.leaves(cd.fed.outer)[0].shape[1]  # a client's (padded) validation split
+  return dict(available={"samples": np.asarray(cd.fed.available["samples"])}, mask_fn=mask_fn,
+              cost=cost_model(classifier, batch_size, val_rows), submodel="dense")
 
 
 # ------------------------------------------------------------------ metrics
