@@ -707,6 +707,18 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   return summaries, seed_errors
 
 
+def run_summary(task: str, last: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+  """A run's summary from its last record: what every task reports, and `keys` of the record."""
+  return dict(
+      task=task, algorithm=ALGORITHM.value, rounds=last["round"],
+      wall_time_s=last["wall_time_s"], first_round_s=last["first_round_s"],
+      time_to_first_round_s=last["time_to_first_round_s"], min_coverage_x=last["cx_star"],
+      min_coverage_y=last["cy_star"], final_outer_loss=last["outer_loss"],
+      final_inner_loss=last["inner_loss"], final_hypergrad_norm=last["hypergrad_norm"],
+      **{k: last[k] for k in ("test_accuracy", "test_loss", "cumulative_client_flops",
+                              "cumulative_comm_bytes") + keys})
+
+
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   if is_writer():
     write_json(os.path.join(workdir, "summary.json"), summary)

@@ -96,17 +96,7 @@ def prepare_one() -> common.SeedRun:
 
 def summarize(workdir: str, records: list[dict]) -> dict:
   """The run's summary from its records: written to workdir/summary.json and printed."""
-  last = records[-1]
-  summary = dict(
-      task="hyper_representation", algorithm=common.ALGORITHM.value,
-      test_accuracy=last["test_accuracy"], test_loss=last["test_loss"], rounds=last["round"],
-      wall_time_s=last["wall_time_s"], first_round_s=last["first_round_s"],
-      time_to_first_round_s=last["time_to_first_round_s"],
-      cumulative_client_flops=last["cumulative_client_flops"],
-      cumulative_comm_bytes=last["cumulative_comm_bytes"],
-      min_coverage_x=last["cx_star"], min_coverage_y=last["cy_star"],
-      final_outer_loss=last["outer_loss"], final_inner_loss=last["inner_loss"],
-      final_hypergrad_norm=last["hypergrad_norm"])
+  summary = common.run_summary("hyper_representation", records[-1])
   common.write_summary(workdir, summary)
   print("final:")
   common.print_table(summary)
