@@ -17,8 +17,8 @@ import jax
 from bilevel import masks as masks_lib
 from bilevel import server, tree
 from bilevel import submodel as submodel_lib
-from bilevel.client import Sampler, client_update, population_sampler
-from bilevel.federated import FederatedConfig, FederatedData, RoundArgs, ServerState, with_steps
+from bilevel.client import ClientConfig, Sampler, client_update, population_sampler
+from bilevel.federated import FederatedData, RoundArgs, ServerState, with_steps
 from bilevel.masks import UnitLayout
 from bilevel.problems import BilevelProblem
 from bilevel.sampling import ContextFn, Stratum
@@ -27,11 +27,12 @@ from bilevel.sampling import ContextFn, Stratum
 ClientFn = Callable[..., server.ClientResult]
 
 
-def compact_client_fns(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout,
-                       strata: Sequence[Stratum], context: ContextFn, finish: ClientFn,
-                       sample: Sampler) -> tuple[ClientFn, ...]:
+def compact_client_fns(problem: BilevelProblem, client_cfg: ClientConfig, mask_policy: str,
+                       layout: UnitLayout, strata: Sequence[Stratum], context: ContextFn,
+                       finish: ClientFn, sample: Sampler) -> tuple[ClientFn, ...]:
   """One compact client step per stratum (its static widths `counts`), on the units-major
-  model (submodel.units_major_layout / units_major_problem)."""
+  model (submodel.units_major_layout / units_major_problem); client_cfg: the local update's
+  configuration (its step sizes come from the round's RoundArgs)."""
   um_layout = submodel_lib.units_major_layout(layout)
   um_problem = submodel_lib.units_major_problem(problem, layout)
 
@@ -40,7 +41,7 @@ def compact_client_fns(problem: BilevelProblem, cfg: FederatedConfig, layout: Un
                slot: jax.Array, q: jax.Array) -> server.ClientResult:
       del slot
       c = context(a, data, cid, q)
-      umx, umy = masks_lib.unit_masks(layout, cfg.mask.policy, c.rx, c.ry, c.mask_key, q,
+      umx, umy = masks_lib.unit_masks(layout, mask_policy, c.rx, c.ry, c.mask_key, q,
                                       state.x, state.y)
       idx = submodel_lib.compact_indices(layout, umx, umy, counts)
       # Units-major (submodel.to_units_major): the kept units are whole rows, gathered here
@@ -55,7 +56,7 @@ def compact_client_fns(problem: BilevelProblem, cfg: FederatedConfig, layout: Un
               masks_lib.unit_kept_counts(cuy, um_layout.y, y_c))
       # x's compact mask is all ones: the client computes on exactly its kept x units (active
       # is 1 for every client a compact round samples: only_full restricts the population).
-      out = client_update(um_problem, with_steps(cfg.client, a.steps), x_c, y_c, v_c,
+      out = client_update(um_problem, with_steps(client_cfg, a.steps), x_c, y_c, v_c,
                           data.inner, data.outer, None, cmy, c.batch_key,
                           population_sampler(sample, cid), first_step_apart=False)
       return finish(data, cid, out, cmx, cmy, c.active, idx, kept)  # the server scatter-adds

@@ -172,28 +172,30 @@ def full_counts(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda t: math.prod(t.shape), tree)
 
 
-def result_fn(cfg: Any, flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
+def result_fn(client: ClientConfig, weighting: str,
+              flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
               cost: CostModel | None = None, first_step_apart: bool = True
               ) -> Callable[..., server.ClientResult]:
   """`finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> ClientResult`
-  for the local round of cfg (a federated.FederatedConfig; bilevel/algorithms/rafbo.py):
-  the client's weight and analytic costs (FLOPs, parameters sent). FLOPs: the per-operation
+  for a client of the local round (bilevel/algorithms/rafbo.py) running `client`: its weight
+  (1, or its example count with weighting "examples") and analytic costs (FLOPs, parameters
+  sent). FLOPs: the per-operation
   model `cost` if given (first_step_apart: how the client step runs, client.client_update),
   else grad_evals_per_round gradients at flops_per_grad each."""
-  evals = grad_evals_per_round(cfg.client)
+  evals = grad_evals_per_round(client)
   if cost is None:
     flops_of = lambda kx, ky: evals * flops_per_grad(kx, ky)
   else:
-    flops_of = lambda kx, ky: cost.client_flops(cfg.client, kx, ky, first_step_apart)
+    flops_of = lambda kx, ky: cost.client_flops(client, kx, ky, first_step_apart)
   # Parameters a client receives and returns: x and y, plus v for estimators that read the warm
   # start (neumann starts its series from grad_y f: v never travels).
-  y_copies = 1 if cfg.client.estimator == "neumann" else 2
+  y_copies = 1 if client.estimator == "neumann" else 2
 
   def finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> server.ClientResult:
     """kept = per-leaf kept counts (computed from the masks if None; compact clients count
     from unit masks rather than reduce full-size broadcast masks)."""
     weight = active * (data.num_examples[cid].astype(jnp.float32)
-                       if cfg.weighting == "examples" else 1.0)
+                       if weighting == "examples" else 1.0)
     kept_x, kept_y = kept or (masks_lib.kept_counts(mask_x), masks_lib.kept_counts(mask_y))
     sent = sum(jax.tree.leaves(kept_x)) + y_copies * sum(jax.tree.leaves(kept_y))
     stats = dict(flops=flops_of(kept_x, kept_y), params_sent=sent)

@@ -122,6 +122,12 @@ class RoundArgs(NamedTuple):
   steps: dict[str, jax.Array]  # outer_lr, inner_lr, v_lr as scalars of x's dtype
 
 
+def step_sizes(cfg: ClientConfig) -> dict[str, float]:
+  """The step sizes a round takes as jit arguments (RoundArgs.steps; with_steps reads them)."""
+  return dict(outer_lr=cfg.outer_lr, inner_lr=cfg.inner_lr,
+              v_lr=cfg.estimator_options.step_size)
+
+
 def with_steps(cfg: ClientConfig, steps: Mapping[str, Any]) -> ClientConfig:
   """cfg with outer_lr, inner_lr and the v / Neumann step taken from `steps` (traced)."""
   opts = cfg.estimator_options._replace(step_size=steps["v_lr"])

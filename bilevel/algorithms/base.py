@@ -18,7 +18,7 @@ import optax
 from bilevel import costs, federated, tree
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig, Sampler, full_batch
-from bilevel.errors import ConfigError, check_choice
+from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig, UnitLayout
 from bilevel.problems import BilevelProblem

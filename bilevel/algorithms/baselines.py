@@ -26,22 +26,14 @@ FEDROLEX = Spec(SHARED._replace(mask_policy="rolling"), make_round)
 
 
 def lfednest(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
-  """LFedNest-style baseline: local Neumann hypergradients on the full model.
-
-  Each client runs K local steps of T = 5 inner steps and a 5-term Neumann hypergradient
-  (exact products); the server averages once per round (no extra communication rounds for the
-  inner problem or the hypergradient). Defaults: local_steps 5, inner_steps 5, estimator
-  neumann, num_steps 5, clients_per_round max(1, num_clients // 2); full model.
-  """
+  """LFedNest-style baseline: K local steps of T = 5 inner steps and a 5-term Neumann
+  hypergradient per client on the full model, averaged once per round (no extra communication
+  rounds for the inner problem or the hypergradient)."""
   return build("lfednest", LFEDNEST, problem, num_clients, options)
 
 
 def simfbo(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
-  """SimFBO-style baseline: exact Hessian-vector products for v, full model.
-
-  Defaults: local_steps 5, estimator exact, num_steps 1, clients_per_round
-  max(1, num_clients // 2).
-  """
+  """SimFBO-style baseline: exact Hessian-vector products for v, full model."""
   return build("simfbo", SIMFBO, problem, num_clients, options)
 
 
@@ -51,22 +43,15 @@ def memfbo(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algo
 
 
 def full_only(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
-  """Resource-unaware baseline: only clients at level 1/1 take part (the others sit out).
-
-  Defaults as rafbo; config.only_full is True. The population that can be sampled is the
-  clients assigned level 1/1 (with "1/1:0.5,0.5/0.5:0.5" half of them), so a round has
-  min(clients_per_round, that many) clients. A profile without a 1/1 level is a ConfigError.
-  """
+  """Resource-unaware baseline: only clients at level 1/1 take part (config.only_full): a
+  round has min(clients_per_round, that many) clients; a profile without 1/1 is a ConfigError."""
   return build("full_only", FULL_ONLY, problem, num_clients, options)
 
 
 def heterofl(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
-  """HeteroFL-style baseline: static nested masks (each client always keeps the first units).
-
-  Defaults as rafbo with mask_policy "static". Static masks never reach units that no client
-  keeps, so the profile needs a level with r_x = 1 (else `init` raises ConfigError, unless
-  allow_uncovered=True).
-  """
+  """HeteroFL-style baseline: static nested masks (each client always keeps the first units),
+  so the profile needs a level with r_x = 1 (else `init` raises ConfigError, unless
+  allow_uncovered=True)."""
   return build("heterofl", HETEROFL, problem, num_clients, options)
 
 

@@ -528,7 +528,8 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   # Seed streams and step sizes as jit arguments (RoundArgs): one program for every seed and
   # step size (sampling_lib.ROUND_STREAMS holds the streams FedNest reads).
   ratios = np.ones((cfg.num_clients, 2))
-  args = sampling_lib.round_args(cfg, ratios, population, (), jax.tree.leaves(x_like)[0].dtype)
+  args = sampling_lib.round_args(cfg.seed, federated.step_sizes(cfg.client), ratios, population,
+                                 (), jax.tree.leaves(x_like)[0].dtype)
   apply = jax.jit(step) if jit else step
   return federated.Round(functools.partial(apply, args), population, ratios, c, (),
                          functools.partial(phase_samples, args, c=c), hyper=args, apply=apply)
@@ -558,17 +559,10 @@ FEDNEST = base.Spec(
 
 
 def fednest(*, problem: BilevelProblem, num_clients: int, **options: Any) -> base.Algorithm:
-  """FedNest (Tarzanagh et al., 2022): its communicating round (module docstring).
-
-  Per round: FedInn (SVRG inner steps, 2 communication rounds), FedIHGP (the Neumann series
-  averaged on the server after every term, 1 + N rounds), FedOut (hypergradient mean, then tau
-  SVRG x steps and their mean, 2 rounds): one outer update of x. config.round_kind is
-  "fednest". Defaults, FedNest's own hyperparameters (config A): local_steps 1 (outer_tau),
-  inner_steps 5 (local_ep: epochs of SVRG steps over each client's train split in batches of
-  the sampler's batch_size), num_steps 6 (Neumann terms: 5 products), outer_lr 0.01 (hlr:
-  also the Neumann step, so v_lr follows it; a different v_lr is a ConfigError), inner_lr
-  0.01 (lr), fednest_neumann "code" (v as FedNest's code computes it; "series": the intended
-  series), clients_per_round max(1, num_clients // 2). Full model: `levels` is ignored;
-  submodel "compact", weighting "examples" and estimators other than neumann are ConfigErrors.
+  """FedNest (Tarzanagh et al., 2022): its communicating round (module docstring), at its
+  own hyperparameters (FEDNEST: local_steps = outer_tau 1, inner_steps = local_ep 5 epochs of
+  SVRG steps, num_steps 6 Neumann terms, outer_lr = hlr = v_lr 0.01, inner_lr = lr 0.01,
+  fednest_neumann "code"). Full model: `levels` is ignored; submodel "compact", weighting
+  "examples" and estimators other than neumann are ConfigErrors.
   """
   return base.build("fednest", FEDNEST, problem, num_clients, options)

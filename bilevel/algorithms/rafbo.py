@@ -36,7 +36,7 @@ from bilevel.client import Sampler, client_update, full_batch, population_sample
 from bilevel.errors import ConfigError, check_choice
 from bilevel.federated import DIAGNOSTICS, SAMPLINGS, SUBMODELS, FederatedConfig, FederatedData
 from bilevel.federated import MaskFn, Round, RoundArgs, ServerState, default_flops_per_grad
-from bilevel.federated import validate_config, with_steps
+from bilevel.federated import step_sizes, validate_config, with_steps
 from bilevel.masks import UnitLayout
 from bilevel.problems import BilevelProblem
 from bilevel.sharding import client_sharding
@@ -80,11 +80,12 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   num_sampled = min(cfg.clients_per_round, len(population))
   strata = () if sampling == "uniform" else sampling_lib.make_strata(
       ratios, population, num_sampled, layout if cfg.mask.granularity == "unit" else None)
-  args = sampling_lib.round_args(cfg, ratios, population, strata,
+  args = sampling_lib.round_args(cfg.seed, step_sizes(cfg.client), ratios, population, strata,
                                  jax.tree.leaves(x_like)[0].dtype)
   sample_fn = sampling_lib.make_sample_fn(sampling, num_sampled, strata)
-  context = sampling_lib.make_context_fn(cfg)
-  finish = costs.result_fn(cfg, flops_per_grad, cost, first_step_apart=submodel == "dense")
+  context = sampling_lib.make_context_fn(cfg.levels, cfg.redraw_levels, cfg.only_full)
+  finish = costs.result_fn(cfg.client, cfg.weighting, flops_per_grad, cost,
+                           first_step_apart=submodel == "dense")
   aggregate = server.AGGREGATORS[cfg.aggregation]
   shard = client_sharding(mesh, mesh_axis)
 
@@ -104,7 +105,8 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
     return finish(data, cid, out, mask_x, mask_y, c.active)
 
   client_fns = ((dense_client,) if submodel == "dense" else
-                compact.compact_client_fns(problem, cfg, layout, strata, context, finish, sample))
+                compact.compact_client_fns(problem, cfg.client, cfg.mask.policy, layout, strata,
+                                           context, finish, sample))
 
   def server_fn(a: RoundArgs, state: ServerState, results):
     state, metrics, diag = server.server_update(
@@ -143,21 +145,14 @@ RABO = Spec(SHARED._replace(local_steps=1), make_round, full_participation=True)
 
 
 def rabo(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
-  """RABO: one local step (K = 1) per round, every client in every round, pruned submodels.
-
-  Defaults: local_steps 1, clients_per_round num_clients, estimator fd, mask_policy random,
-  levels "1/1:1" (give a profile to prune). Other keywords: see `base.Options`.
-  """
+  """RABO: one local step (K = 1) per round, every client in every round, pruned submodels
+  (give `levels` to prune; keywords: base.Options, defaults: bilevel.algorithms)."""
   return build("rabo", RABO, problem, num_clients, options)
 
 
 def rafbo(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
-  """RAFBO: K = 5 local steps per round, partial participation, pruned submodels.
-
-  Defaults: local_steps 5, clients_per_round max(1, num_clients // 2), estimator fd,
-  mask_policy random, levels "1/1:1" (give a profile to prune). Other keywords: see
-  `base.Options`.
-  """
+  """RAFBO: K = 5 local steps per round, partial participation, pruned submodels (give
+  `levels` to prune; keywords: base.Options, defaults: bilevel.algorithms)."""
   return build("rafbo", RAFBO, problem, num_clients, options)
 
 
