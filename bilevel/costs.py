@@ -7,6 +7,9 @@ entries; `client_flops` multiplies the two and the batch rows:
 
     client FLOPs = sum over (op, batch) of  count(op) * price(op, kept counts) * rows(batch)
 
+Each task prices its model: bilevel/tasks/hyper_representation.py (mlp_costs, cnn_costs,
+cost_model) and bilevel/tasks/hyper_cleaning.py (model_costs, cost_model).
+
 Operation kinds (prices per example; matmul / convolution FLOPs only, m x k times k x n = 2mkn):
   forward_x  forward of the part that depends on x only (the MLP's hidden layer, the CNN's
              convolutions; nothing for hyper-cleaning, where x weights the loss). Once per batch
@@ -56,8 +59,11 @@ import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 
-from bilevel.client import ClientConfig
+from bilevel import masks as masks_lib
+from bilevel import server
+from bilevel.client import ClientConfig, grad_evals_per_round
 from bilevel.hypergrad import estimator_product_kind, estimator_products
 
 PyTree = Any
@@ -161,56 +167,38 @@ class CostModel(NamedTuple):
     return client_flops(cfg, kept_x, kept_y, self.rows(kept_x), self.model, first_step_apart)
 
 
-def _zero(kept_x: PyTree) -> Number:
-  del kept_x
-  return 0.0
-
-
-# ------------------------------------------------------------------ the models
-
-
-def mlp_costs() -> ModelCosts:
-  """Hyper-representation MLP (models.mlp_logits): x = hidden (D x K), y = head (K x C)."""
-  return ModelCosts(
-      x_forward=lambda kx: 2 * kx["hidden"]["kernel"],
-      x_backward=lambda kx: 2 * kx["hidden"]["kernel"],  # weight gradient (inputs are data)
-      y_layers=lambda ky: [ky["head"]["kernel"]],
-      x_in_features=True)
-
-
-def cleaning_costs(classifier: str = "linear") -> ModelCosts:
-  """Hyper-cleaning (experiments/hyper_cleaning.py): x = per-sample weight logits (elementwise
-  in g), y = a linear classifier {"head"} or an MLP {"hidden", "head"} on the inputs."""
-  layers = ((lambda ky: [ky["head"]["kernel"]]) if classifier == "linear"
-            else (lambda ky: [ky["hidden"]["kernel"], ky["head"]["kernel"]]))
-  return ModelCosts(x_forward=_zero, x_backward=_zero, y_layers=layers, x_in_features=False)
-
-
-def _valid_taps(size: int, kernel: int = 3, stride: int = 2) -> int:
-  """Sum over output positions of in-bounds kernel taps, one axis, SAME padding (as XLA)."""
-  out = -(-size // stride)
-  lo = max((out - 1) * stride + kernel - size, 0) // 2
-  return sum(0 <= o * stride + k - lo < size for o in range(out) for k in range(kernel))
-
-
-def cnn_costs(input_shape: tuple[int, int, int]) -> ModelCosts:
-  """The CNN (models.cnn_logits): x = conv1, conv2 (3x3, stride 2, SAME), y = head on the
-  flattened conv2 features (its kept kernel entries count every position). A convolution
-  costs 2 x (kept kernel entries / 9) x in-bounds taps."""
-  h, w = input_shape[0], input_shape[1]
-  h1, w1 = -(-h // 2), -(-w // 2)
-  taps1 = _valid_taps(h) * _valid_taps(w) / 9
-  taps2 = _valid_taps(h1) * _valid_taps(w1) / 9
-  conv1 = lambda kx: 2 * kx["conv1"]["kernel"] * taps1
-  conv2 = lambda kx: 2 * kx["conv2"]["kernel"] * taps2
-  return ModelCosts(
-      x_forward=lambda kx: conv1(kx) + conv2(kx),
-      # conv2's weight and input gradients, conv1's weight gradient (its input is data)
-      x_backward=lambda kx: 2 * conv2(kx) + conv1(kx),
-      y_layers=lambda ky: [ky["head"]["kernel"]],
-      x_in_features=True)
-
-
 def full_counts(tree: PyTree) -> PyTree:
   """Kept counts of an unpruned client: every leaf's size."""
   return jax.tree.map(lambda t: math.prod(t.shape), tree)
+
+
+def result_fn(client: ClientConfig, weighting: str,
+              flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
+              cost: CostModel | None = None, first_step_apart: bool = True
+              ) -> Callable[..., server.ClientResult]:
+  """`finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> ClientResult`
+  for a client of the local round (bilevel/algorithms/rafbo.py) running `client`: its weight
+  (1, or its example count with weighting "examples") and analytic costs (FLOPs, parameters
+  sent). FLOPs: the per-operation
+  model `cost` if given (first_step_apart: how the client step runs, client.client_update),
+  else grad_evals_per_round gradients at flops_per_grad each."""
+  evals = grad_evals_per_round(client)
+  if cost is None:
+    flops_of = lambda kx, ky: evals * flops_per_grad(kx, ky)
+  else:
+    flops_of = lambda kx, ky: cost.client_flops(client, kx, ky, first_step_apart)
+  # Parameters a client receives and returns: x and y, plus v for estimators that read the warm
+  # start (neumann starts its series from grad_y f: v never travels).
+  y_copies = 1 if client.estimator == "neumann" else 2
+
+  def finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> server.ClientResult:
+    """kept = per-leaf kept counts (computed from the masks if None; compact clients count
+    from unit masks rather than reduce full-size broadcast masks)."""
+    weight = active * (data.num_examples[cid].astype(jnp.float32)
+                       if weighting == "examples" else 1.0)
+    kept_x, kept_y = kept or (masks_lib.kept_counts(mask_x), masks_lib.kept_counts(mask_y))
+    sent = sum(jax.tree.leaves(kept_x)) + y_copies * sum(jax.tree.leaves(kept_y))
+    stats = dict(flops=flops_of(kept_x, kept_y), params_sent=sent)
+    return server.ClientResult(out, mask_x, mask_y, weight, stats, idx)
+
+  return finish

@@ -1,28 +1,9 @@
 """The federated setting: configuration, client data, server state, seed streams, round types.
 
-Round q (docs/method.md, section 6), jitted once (state.round is traced, shapes are static):
-  1. sample C clients from the population (partial participation; without replacement) and
-     give each its keep ratios (fixed per client or redrawn), keys and owned units
-     (bilevel/sampling.py);
-  2. per client: masks (masks.make_masks) and the local update on its submodel
-     (client.client_update), dense or compact, vmapped over the client axis and optionally
-     sharded over devices (bilevel/rounds.py, bilevel/sharding.py);
-  3. sum the weighted masked deltas and masks over the clients (`server.round_sums`: one
-     full-size sum per quantity, scatter-adds for compact clients), coverage-mean them
-     (server.AGGREGATORS divide the sums); step x with the server optimiser and add the mean
-     deltas to y and v; coordinates no client kept do not move (bilevel/server.py);
-  4. metrics: losses, norm of the aggregated hypergradient, coverage of x and y, analytic client
-     FLOPs and communicated bytes of the submodels actually run.
-`rounds.make_round` builds that round; `fednest.make_fednest_round` builds FedNest's
-(round_kind "fednest"); `bilevel.algorithms` picks the builder by algorithm; `loop.run` drives
-either.
-
-Randomness (WORKSPACE.md, Seed streams): one seed; named streams fold_in(key(seed),
-STREAMS[name]); per-round key
+The round itself: bilevel/algorithms/rafbo.py (RAFBO / RABO and the baselines over it) and
+bilevel/algorithms/fednest.py; `loop.run` drives either. Randomness (WORKSPACE.md, Seed
+streams): one seed; named streams fold_in(key(seed), STREAMS[name]); per-round key
 fold_in(stream, round); per-client key fold_in(round key, client id).
-
-RABO = local_steps 1 with every client in every round; RAFBO = local_steps K > 1 with partial
-participation. Baselines are presets over the same code (bilevel/algorithms.py).
 """
 
 from __future__ import annotations
@@ -63,7 +44,7 @@ class FederatedConfig(NamedTuple):
   allow_uncovered: bool = False
   seed: int = 0
   # "local": the round above (K local steps per client, one aggregation); "fednest": FedNest's
-  # communicating round (bilevel/fednest.py: FedInn, FedIHGP, FedOut; full model only).
+  # communicating round (bilevel/algorithms/fednest.py: FedInn, FedIHGP, FedOut; full model only).
   round_kind: str = "local"
 
 
@@ -120,7 +101,7 @@ def default_flops_per_grad(kept_x: PyTree, kept_y: PyTree) -> jax.Array:
 
 
 # (state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y): masks that replace the
-# policy's (rounds.make_round's mask_fn).
+# policy's (rafbo.make_round's mask_fn).
 MaskFn = Callable[..., tuple[PyTree, PyTree]]
 SUBMODELS = ("dense", "compact")
 SAMPLINGS = ("uniform", "stratified")
@@ -141,6 +122,12 @@ class RoundArgs(NamedTuple):
   steps: dict[str, jax.Array]  # outer_lr, inner_lr, v_lr as scalars of x's dtype
 
 
+def step_sizes(cfg: ClientConfig) -> dict[str, float]:
+  """The step sizes a round takes as jit arguments (RoundArgs.steps; with_steps reads them)."""
+  return dict(outer_lr=cfg.outer_lr, inner_lr=cfg.inner_lr,
+              v_lr=cfg.estimator_options.step_size)
+
+
 def with_steps(cfg: ClientConfig, steps: Mapping[str, Any]) -> ClientConfig:
   """cfg with outer_lr, inner_lr and the v / Neumann step taken from `steps` (traced)."""
   opts = cfg.estimator_options._replace(step_size=steps["v_lr"])
@@ -151,8 +138,10 @@ def with_steps(cfg: ClientConfig, steps: Mapping[str, Any]) -> ClientConfig:
 class Round(NamedTuple):
   """The jitted round and what the host needs to drive it.
 
-  `step(state, data)` is the jitted round with its RoundArgs bound (functools.partial: the
-  arguments stay jit arguments). The unjitted pieces `step` is made of are exposed for
+  `step(state, data)` is `apply(hyper, state, data)`, the jitted round, with its per-run values
+  `hyper` (RoundArgs: the seed's keys, the level assignment, the step sizes) bound
+  (functools.partial: they stay jit arguments), so seeds or grid points batch by vmapping
+  `apply` over stacked `hyper` (loop.seeds_step). The unjitted pieces `step` is made of are exposed for
   benchmarks and tests (tests/federated_test.py runs them in a Python loop as the reference):
   `sample_fn(round) -> [ids per stratum]` (one array with uniform sampling),
   `client_fns[s](state, data, client_id, slot, round) -> server.ClientResult` (per stratum; one
@@ -169,5 +158,7 @@ class Round(NamedTuple):
   client_fns: tuple[Callable[..., Any], ...] = ()
   server_fn: Callable[..., tuple[ServerState, dict[str, jax.Array]]] | None = None
   # The traced step may hold constants of its own seed (a caller's mask_fn may close over
-  # them), so other seeds cannot share it (rounds.seeds_step refuses it).
+  # them), so other seeds cannot share it (loop.seeds_step refuses it).
   seed_constants: bool = False
+  hyper: RoundArgs | None = None  # the per-run values `step` binds
+  apply: Callable[..., tuple[ServerState, dict[str, jax.Array]]] | None = None

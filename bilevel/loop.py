@@ -4,11 +4,12 @@ checkpoint and log callbacks, and the divergence guards (docs/method.md, section
 Every round the losses, the hypergradient norm and x, y, v are checked: a NaN or inf stops the
 run (DivergenceError, naming the round and the quantity), and so does an outer loss or
 hypergradient norm above a factor times its early value (BlowupGuard). `run_seeds` does the
-same for several seeds batched in one program (rounds.seeds_step), each seed on its own.
+same for several seeds batched in one program (seeds_step), each seed on its own.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel import tree
+from bilevel.errors import ConfigError
 from bilevel.federated import DIAGNOSTICS, ServerState
 from bilevel.metrics import to_python
 
@@ -216,6 +218,34 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
   return state, records
 
 
+def seeds_step(rnds: Sequence[Any]) -> Callable[..., tuple[ServerState, dict[str, jax.Array]]]:
+  """`step(state, data)` running the rounds of several seeds as one program: the round's
+  `apply` vmapped over a leading seed axis of its per-run values (Round.hyper), state and data
+  ([S, ...]; metrics come back [S]).
+
+  rnds: Rounds of one configuration that differ only in the seed (the drivers
+  check the configurations); each seed's RoundArgs carry what the seed changes, so the round
+  traced for the first serves every seed. Seed s of the result is the round of rnds[s] to
+  float32 rounding (to 1e-10 in float64; tests/seeds_test.py). FedNest's round qualifies
+  too. Raises ConfigError when a round has no per-run values apart or a mask_fn
+  (Round.seed_constants), or the rounds differ in a static shape.
+  """
+  if any(r.apply is None or r.hyper is None for r in rnds):
+    raise ConfigError("seeds_step needs rounds with their per-run values apart (Round.hyper "
+                      "and Round.apply: rafbo.make_round, fednest.make_fednest_round); run "
+                      "these seeds one after another.")
+  if any(r.seed_constants for r in rnds):
+    raise ConfigError("seeds_step: a round built with a mask_fn may hold constants of its own "
+                      "seed; run its seeds one after another.")
+  shapes = lambda r: (tree.signature(r.hyper), r.clients_per_round,
+                      [(st.rx, st.ry, st.per_round, st.counts) for st in r.strata])
+  first = shapes(rnds[0])
+  if any(shapes(r) != first for r in rnds[1:]):
+    raise ConfigError("seeds_step: the seeds' rounds differ in a static shape (levels, strata "
+                      "or client counts); run them one after another.")
+  return functools.partial(jax.jit(jax.vmap(rnds[0].apply)), tree.stack([r.hyper for r in rnds]))
+
+
 def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: ServerState,
               data: Any, num_rounds: int, *,
               eval_fns: Sequence[Callable[[ServerState], Mapping[str, Any]] | None],
@@ -231,7 +261,7 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
   """`run` for S seeds batched on a leading axis: `step(state, data)` advances all of them.
 
   state and data carry a leading seed axis [S, ...] (state.round is [S] and equal across seeds);
-  step is the seeds' vmapped round (`rounds.seeds_step`; rounds built without diagnostics).
+  step is the seeds' vmapped round (`seeds_step`; rounds built without diagnostics).
   Each seed s keeps what `run` keeps for one run, computed from its own slice: records
   (eval_fns[s] gets its own state), totals, the NaN and blow-up guards, on_records[s] and
   on_checkpoints[s]. A seed that diverges is

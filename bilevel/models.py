@@ -125,18 +125,6 @@ def cnn_layout(channels: tuple[int, int]) -> UnitLayout:
       y={"head": {"kernel": Axes((("conv2", 1),)), "bias": Axes()}})
 
 
-def cnn_flops_per_grad(input_shape: tuple[int, int, int]):
-  """6 x (kept conv kernel entries x output positions + kept head entries), per example."""
-  h1, w1 = -(-input_shape[0] // 2), -(-input_shape[1] // 2)
-  h2, w2 = -(-h1 // 2), -(-w1 // 2)
-
-  def flops(kept_x: PyTree, kept_y: PyTree) -> jax.Array:  # per-leaf kept counts
-    return 6.0 * (kept_x["conv1"]["kernel"] * h1 * w1 + kept_x["conv2"]["kernel"] * h2 * w2
-                  + kept_y["head"]["kernel"])
-
-  return flops
-
-
 def weighted_ce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:
   """sum_n w_n CE_n / max(sum_n w_n, 1e-12). Shapes: logits [N, classes], labels/weight [N]."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -129,12 +129,6 @@ def quadratic_solution(x: jax.Array, data: QuadraticData) -> jax.Array:
   return jnp.linalg.solve(m.A, m.B @ x + m.b)
 
 
-def quadratic_phi(x: jax.Array, data: QuadraticData, rho: float = 0.1) -> jax.Array:
-  """Phi(x) = F(x, y*(x)) in closed form."""
-  return jnp.mean(jax.vmap(quadratic_outer, (None, None, 0, None))(
-      x, quadratic_solution(x, data), data, rho))
-
-
 def quadratic_hypergrad(x: jax.Array, data: QuadraticData, rho: float = 0.1) -> jax.Array:
   """grad Phi(x) = rho (x - a) + B' A^{-1} (y*(x) - c), with client-averaged coefficients."""
   m = quadratic_mean(data)

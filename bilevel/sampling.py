@@ -14,7 +14,7 @@ Everything a seed changes enters as `federated.RoundArgs` (jit arguments).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ import numpy as np
 from bilevel import masks as masks_lib
 from bilevel import submodel as submodel_lib
 from bilevel.federated import FederatedConfig, FederatedData, RoundArgs, stream_key
-from bilevel.masks import UnitLayout
+from bilevel.masks import Level, UnitLayout
 
 # Streams a round reads (RoundArgs.keys); "init" is the drivers' (initial parameters).
 ROUND_STREAMS = ("sample", "levels", "masks", "batches")
@@ -72,16 +72,15 @@ def make_strata(ratios: np.ndarray, population: np.ndarray, clients_per_round: i
   return tuple(strata)
 
 
-def round_args(cfg: FederatedConfig, ratios: np.ndarray, population: np.ndarray,
-               strata: tuple[Stratum, ...], dtype: Any) -> RoundArgs:
-  """The RoundArgs of cfg: its seed's streams, level assignment and step sizes (x's dtype)."""
+def round_args(seed: int, steps: Mapping[str, float], ratios: np.ndarray,
+               population: np.ndarray, strata: tuple[Stratum, ...], dtype: Any) -> RoundArgs:
+  """The RoundArgs of a run: its seed's streams, level assignment and step sizes (as scalars
+  of x's dtype; steps: outer_lr, inner_lr, v_lr, federated.step_sizes)."""
   return RoundArgs(
-      keys={name: stream_key(cfg.seed, name) for name in ROUND_STREAMS},
+      keys={name: stream_key(seed, name) for name in ROUND_STREAMS},
       ratios=jnp.asarray(ratios), population=jnp.asarray(population),
       strata=tuple(jnp.asarray(st.clients) for st in strata),
-      steps={name: jnp.asarray(value, dtype) for name, value in (
-          ("outer_lr", cfg.client.outer_lr), ("inner_lr", cfg.client.inner_lr),
-          ("v_lr", cfg.client.estimator_options.step_size))})
+      steps={name: jnp.asarray(value, dtype) for name, value in steps.items()})
 
 
 SampleFn = Callable[[RoundArgs, jax.Array], list[jax.Array]]
@@ -116,20 +115,21 @@ class ClientContext(NamedTuple):
 ContextFn = Callable[[RoundArgs, FederatedData, jax.Array, jax.Array], ClientContext]
 
 
-def make_context_fn(cfg: FederatedConfig) -> ContextFn:
-  """`context(args, data, client_id, round) -> ClientContext` for cfg's level rule."""
-  level_table = jnp.array([[lv.rx, lv.ry] for lv in cfg.levels])
-  level_p = jnp.array([lv.share for lv in cfg.levels])
+def make_context_fn(levels: Sequence[Level], redraw_levels: bool, only_full: bool) -> ContextFn:
+  """`context(args, data, client_id, round) -> ClientContext`: a client's fixed level, or one
+  drawn from `levels` each round (redraw_levels); with only_full only level 1/1 takes part."""
+  level_table = jnp.array([[lv.rx, lv.ry] for lv in levels])
+  level_p = jnp.array([lv.share for lv in levels])
 
   def context(a: RoundArgs, data: FederatedData, cid: jax.Array, q: jax.Array) -> ClientContext:
-    if cfg.redraw_levels:
+    if redraw_levels:
       lvl = jax.random.choice(jax.random.fold_in(jax.random.fold_in(a.keys["levels"], q), cid),
-                              len(cfg.levels), p=level_p)
+                              len(levels), p=level_p)
       rx, ry = level_table[lvl, 0], level_table[lvl, 1]
     else:
       rx, ry = a.ratios[cid, 0], a.ratios[cid, 1]
     active = jnp.asarray(1.0)
-    if cfg.only_full:
+    if only_full:
       active = ((rx == 1) & (ry == 1)).astype(jnp.float32)
     mkey = jax.random.fold_in(jax.random.fold_in(a.keys["masks"], q), cid)
     avail = None if data.available is None else {g: t[cid] for g, t in data.available.items()}

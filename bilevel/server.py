@@ -62,22 +62,11 @@ def coverage_mean(deltas_C: PyTree, masks_C: PyTree, weights_C: jax.Array | None
   return coverage_from_sums(*masked_sums(deltas_C, masks_C, weights_C), None)
 
 
-def zero_fill_mean(deltas_C: PyTree, masks_C: PyTree, weights_C: jax.Array | None = None) -> PyTree:
-  """FedAvg with zero-filled deltas: sum_i w_i m_i D_i / sum_i w_i (ablation)."""
-  num, den = masked_sums(deltas_C, masks_C, weights_C)
-  return zero_fill_from_sums(num, den, jnp.sum(_weights(masks_C, weights_C)))
-
-
 # The round aggregates from sums (RoundSums): compact clients add their deltas into one
 # full-size sum and never build the per-client [C, ...] stacks the functions above read.
 Aggregator = Callable[[PyTree, PyTree, jax.Array], PyTree]
 AGGREGATORS: dict[str, Aggregator] = {"coverage": coverage_from_sums,
                                       "zero_fill": zero_fill_from_sums}
-
-
-def covered(masks_C: PyTree, weights_C: jax.Array | None = None) -> PyTree:
-  """1 where some client with positive weight keeps the coordinate."""
-  return covered_from_sums(tree.weighted_sum(masks_C, _weights(masks_C, weights_C)))
 
 
 def covered_from_sums(den: PyTree) -> PyTree:

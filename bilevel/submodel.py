@@ -1,12 +1,11 @@
 """Extract / scatter between full parameters and compact submodels for unit masks.
 
 A client whose unit mask keeps k of K units of a group runs on arrays whose axes indexed by that
-group have length k (`jnp.take` of the kept indices). `scatter` puts a compact tree back at those
-indices (zeros elsewhere), so masked-full and compact computations can be compared;
-`scatter_add` sums a stack of compact client outputs into one full-size tree (the server's
-coverage sums) without a full-size copy per client.
+group have length k (`jnp.take` of the kept indices). `scatter_add` sums a stack of compact
+client outputs into one full-size tree (the server's coverage sums) without a full-size copy
+per client.
 
-Compact clients (rounds.make_round(..., submodel="compact")): a client at level (r_x, r_y)
+Compact clients (rafbo.make_round(..., submodel="compact")): a client at level (r_x, r_y)
 keeps k_x = ceil(r_x K) units of a group only x indexes and k_y of a group only y indexes, static
 per level (masks.host_keep_count). Groups both sides index (the MLP's hidden units) keep the
 intersection on both sides (masks.unit_masks), min(k_x, k_y) units, extracted with the same
@@ -58,21 +57,6 @@ def extract(axes_tree: PyTree, params: PyTree, idx: Indices) -> PyTree:
   return jax.tree.map(leaf, axes_tree, params)
 
 
-def scatter(axes_tree: PyTree, compact: PyTree, idx: Indices, like: PyTree) -> PyTree:
-  """Inverse of `extract`: full-size arrays (shapes of `like`), zero outside the kept indices."""
-
-  def leaf(axes: Axes, c: jax.Array, full: jax.Array) -> jax.Array:
-    for g, ax in axes.pairs:
-      if g not in idx:
-        continue
-      shape = list(c.shape)
-      shape[ax] = full.shape[ax]
-      c = jnp.zeros(shape, c.dtype).at[(slice(None),) * ax + (idx[g],)].set(c)
-    return c
-
-  return jax.tree.map(leaf, axes_tree, compact, like)
-
-
 def _scatter_add_leaf(axes: Axes, c: jax.Array, idx_C: Indices, shape: tuple[int, ...],
                       weights: jax.Array | None):
   """sum_i w_i c[i] placed at idx_C[., i] along the leaf's group axes, into zeros(shape).
@@ -100,7 +84,8 @@ def _scatter_add_leaf(axes: Axes, c: jax.Array, idx_C: Indices, shape: tuple[int
 
 def scatter_add(axes_tree: PyTree, compact_C: PyTree, idx_C: Indices, like: PyTree,
                 weights: jax.Array | None = None) -> PyTree:
-  """sum_c w_c scatter(compact_C[c], idx_C[c]) without materialising the [C, full] stack.
+  """sum_c w_c (compact_C[c] put back at idx_C[c], zeros elsewhere) without materialising the
+  [C, full] stack.
 
   compact_C: compact trees stacked on a leading client axis [C, ...]; idx_C: group -> [C, k];
   weights: [C] (ones by default). The work is C x (compact size), not C x (full size).

@@ -208,7 +208,7 @@ def coverage_blocks(num_slots: int, coverage: jax.typing.ArrayLike, slot: jax.ty
 
 
 def coverage_schedule(num_slots: int, coverage: int | None = None) -> MaskFn:
-  """A `mask_fn` for rounds.make_round giving every coordinate exactly C clients per round.
+  """A `mask_fn` for rafbo.make_round giving every coordinate exactly C clients per round.
 
   num_slots: clients per round P; coverage: C in 1..P, or None to read C = round(r_x P) from the
   client's keep ratio (a traced RoundArgs entry: one compiled round for every C). The same rule

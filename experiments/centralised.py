@@ -19,6 +19,7 @@ from absl import app, flags
 
 from bilevel import models
 from experiments import common
+from bilevel.tasks import hyper_representation as hr_task
 from experiments import hyper_representation as task
 
 EPOCHS = flags.DEFINE_integer("epochs", 20, "Passes over the training images.")
@@ -68,7 +69,7 @@ def main(argv):
   if EPOCHS.value < 1 or LR.value <= 0 or common.BATCH_SIZE.value < 1:
     common.fail("--epochs and --batch_size must be >= 1 and --lr > 0.")
   ds = common.load_data()
-  shape = (task.image_shape(ds.input_shape) if task.MODEL.value == "cnn"
+  shape = (hr_task.image_shape(ds.input_shape) if task.MODEL.value == "cnn"
            else (int(np.prod(ds.input_shape)),))
   seeds = common.parse_seeds() or [common.SEED.value]
   final = {s: train(s, ds, shape)[-1] for s in seeds}

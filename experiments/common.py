@@ -659,7 +659,7 @@ def run_prepared(run: SeedRun) -> dict[str, Any]:
 
 def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
                       ) -> tuple[dict[int, dict[str, Any]], dict[int, str]] | None:
-  """Run prepared seeds as one vmapped program (rounds.seeds_step, loop.run_seeds): each run
+  """Run prepared seeds as one vmapped program (loop.seeds_step, loop.run_seeds): each run
   keeps its own records, checkpoints, guards and summary in its own workdir, as if run alone.
 
   groups: per seed, its runs (one, or e.g. hyper_cleaning's weighted run and its unweighted
@@ -670,7 +670,7 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   a mask_fn, or resumed checkpoints at different rounds. Nothing has run
   then; the caller runs the seeds one after another.
   """
-  from bilevel import rounds, tree
+  from bilevel import tree
   runs = [run for group in groups for run in group]
   recorders = [_Recorder(r.workdir, r.state, r.resume) for r in runs]
   states = [rec.state for rec in recorders]
@@ -683,7 +683,7 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
               f"({', '.join(str(int(s.round)) for s in states)})")
   if reason is None:
     try:
-      step = rounds.seeds_step([r.rnd for r in runs])
+      step = loop.seeds_step([r.rnd for r in runs])
     except ConfigError as e:
       reason = str(e)
   if reason is not None:
@@ -714,6 +714,18 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
     if g in seed_errors:
       summaries.pop(g, None)
   return summaries, seed_errors
+
+
+def run_summary(task: str, last: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+  """A run's summary from its last record: what every task reports, and `keys` of the record."""
+  return dict(
+      task=task, algorithm=ALGORITHM.value, rounds=last["round"],
+      wall_time_s=last["wall_time_s"], first_round_s=last["first_round_s"],
+      time_to_first_round_s=last["time_to_first_round_s"], min_coverage_x=last["cx_star"],
+      min_coverage_y=last["cy_star"], final_outer_loss=last["outer_loss"],
+      final_inner_loss=last["inner_loss"], final_hypergrad_norm=last["hypergrad_norm"],
+      **{k: last[k] for k in ("test_accuracy", "test_loss", "cumulative_client_flops",
+                              "cumulative_comm_bytes") + keys})
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:

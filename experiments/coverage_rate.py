@@ -78,7 +78,7 @@ from bilevel.federated import FederatedConfig, FederatedData, init_state
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig
 from bilevel.metrics import JsonlWriter, to_python
-from bilevel.rounds import make_round
+from bilevel.algorithms.rafbo import make_round
 from experiments import common
 
 # --quick (common.QUICK): rounds 64..1024, 3 seeds and the rate part only unless those flags
@@ -380,12 +380,12 @@ def make_runner(spec: ProblemSpec, algorithm: str, mask_fn: Any, cfg: SweepConfi
                           inner_step=cfg.inner_step),
       mask=MaskConfig(policy="random", granularity="element"),
       levels=(Level(1.0, 1.0, 1.0),), seed=cfg.seed)
-  # The lower-level API (rounds.make_round), not bilevel.algorithms.get: the sweep traces the
+  # The lower-level API (rafbo.make_round), not bilevel.algorithms.get: the sweep traces the
   # unjitted round (jit=False) inside the scan of `advance` below with its own RoundArgs (keep
   # ratios = C/8 and step sizes per run) and controlled-coverage masks (mask_fn).
   rnd = make_round(spec.problem, fed_cfg, None, x0, sample=theory.sample, jit=False,
                    mask_fn=mask_fn)
-  step_fn, args = rnd.step.func, rnd.step.args[0]
+  step_fn, args = rnd.apply, rnd.hyper
 
   @jax.jit
   def advance(state, data, args, coeffs, totals, measure):

@@ -1,69 +1,18 @@
-r"""Federated data hyper-cleaning (README, Expected results, task 2; benchopt / MemFBO setup).
+r"""Federated data hyper-cleaning (README, Expected results, task 2): the driver.
 
-Training labels are replaced by a uniformly random label with probability --noise
-(`data.corrupt_labels`); every client's validation split keeps its clean labels.
-
-    x = {"logits": [N], "gate": [N]}    one weight logit per TRAINING sample of every client
-                                        (global vector; client m owns its own rows), and a
-                                        constant-1 gate (see "Outer pruning" below)
-    y = classifier: linear {"head": {"kernel": [D, C], "bias": [C]}} (default) or, with
-        --classifier=mlp, {"hidden": Dense(H), "head": Dense(C)} (both layers are inner)
-
-    g_i(x, y) = sum_j gate_j sigmoid(x_j) CE_j(y) / sum_j gate_j  +  c ||y||^2     (c = --reg)
-    f_i(x, y) = CE of y on client i's clean validation split
-
-over the client's train rows j (all of them, or with --batch_size=B > 0 a minibatch of B rows drawn
-uniformly, with replacement, from the rows the client keeps this round: `KeptRowSampler`); every
-row carries its global sample index, and g gathers x[index].
-
-Outer pruning (dual pruning, docs/method.md, section 4): the unit group "samples" indexes both
-x leaves;
-`FederatedData.available` = ownership [M, N], so in a round a client keeps an r_x share of ITS
-OWN samples. A kept sample is the client's submodel: its weight gets a hypergradient and it
-enters g_i. A sample outside the round's mask is outside the submodel: at the pruned point its
-gate is 0, so it adds nothing to g_i (and to the client's work) this round, instead of silently
-entering with the weight sigmoid(0) = 1/2 that a zeroed logit alone would give. The gate is
-held out of autodiff (stop_gradient), so its hypergradient and delta are exactly 0 and it stays 1.
-Outer coverage of an owned sample is at most 1 (its owner, when sampled and keeping it): read
-`uncovered_x_share` per round; C_x* (= min_coverage_x) is 0 under partial participation by nature.
-Inner pruning: input-feature units (group "features" = rows of the linear kernel) or hidden units
-(group "hidden": hidden.kernel[:, h], hidden.bias[h], head.kernel[h, :]) for the MLP. x and y share
-no unit group. Clients run the dense (masked full-size) computation: the compact path of
-rounds.make_round does not support client-owned units, so --submodel=compact is rejected here.
-Client FLOPs: the per-operation model (bilevel/costs.py, costs.cleaning_costs) on the kept
-training rows and the validation rows (or the minibatch);
-communicated bytes count both x leaves (logit and gate) of a kept sample, ~1% of a round's bytes.
-
-Baselines on this task (bilevel.algorithms), as the hyper-representation driver, with
-two task-specific readings:
-  heterofl : HeteroFL prunes model width, it has no notion of pruning data. A static sample mask
-             would keep a weak client's leading r_x share of samples forever and never touch the
-             rest, so here heterofl prunes ONLY y (static leading features / hidden units) and
-             every level's r_x is set to 1 (printed). With --allow_uncovered the profile's r_x is
-             kept and a warning names the share of samples that are never updated.
-  fedrolex : the rolling window of an owned group rolls over the client's OWN samples (one of
-             its samples per round, wrapping), not over the global index (where a client's window
-             would only move while the global window start passes its rows, i.e. almost never);
-             y's feature / hidden window rolls over all units, shared by all clients.
-Explicit --mask_policy=static with r_x < 1 is rejected (masks.check_coverable) unless
---allow_uncovered; magnitude is not (its ranking follows the trained weights, so a sample can
-enter later).
-
-Metrics per logged round: test accuracy / loss of y, and how well w = sigmoid(x) separates the
-training samples whose label is correct (positive) from those whose label is wrong: `weight_auc`
-(rank AUC, ties averaged), `weight_precision` / `weight_recall` of "w >= 0.5 means clean".
-A label replaced by chance with the true label counts as clean (no method could tell it apart).
+The task (data, model, problem, sampler, masks, heterofl's and fedrolex's readings, metrics,
+op prices) is bilevel/tasks/hyper_cleaning.py; this driver reads the flags, builds it and runs
+it. Clients run the dense computation (--submodel=compact is rejected: the compact path does
+not take client-owned units). Explicit --mask_policy=static with r_x < 1 is rejected
+(masks.check_coverable) unless --allow_uncovered.
 
 --baseline_unweighted also trains the classifier on the noisy labels with every weight 1 (the
 same rounds, algorithm, masks and seeds) into WORKDIR/unweighted/ and adds
-`unweighted_test_accuracy` and `accuracy_gain` to the summary. It is the same compiled round
-started from logits BASELINE_LOGIT = 100: sigmoid(100) is 1 and its derivative 0 in float32 and
-float64, so every weight is exactly 1, every hypergradient exactly 0 and x never moves.
+`unweighted_test_accuracy` and `accuracy_gain` to the summary (the same compiled round started
+from logits task.BASELINE_LOGIT).
 
-Task defaults: the shared flags in TASK_DEFAULTS take these values unless given (command line,
-flagfile or code); an --algorithm preset still sets its own values (e.g. fednest's inner steps).
-They were tuned on mnist_embedded with 20 clients, the default level profile and noise 0.5
-(weight AUC ~0.95, test accuracy ~0.88 against ~0.72 unweighted, about a minute on 2 CPU cores).
+Task defaults (TASK_DEFAULTS) apply to the shared flags not given; an --algorithm preset still
+sets its own values (e.g. fednest's inner steps).
 
   python -m experiments.hyper_cleaning --workdir=runs/hc_rafbo --baseline_unweighted
   python -m experiments.hyper_cleaning --flagfile=experiments/presets/hyper_cleaning_default.cfg \
@@ -74,21 +23,19 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 
 from bilevel import data as data_lib
-from bilevel import algorithms, costs, federated, models
-from bilevel import masks as masks_lib
-from bilevel.client import MinibatchSampler, full_batch
+from bilevel import algorithms, federated
 from bilevel.errors import ConfigError
-from bilevel.masks import Axes, Level, UnitLayout
+from bilevel.masks import UnitLayout
 from bilevel.problems import BilevelProblem
+from bilevel.tasks import hyper_cleaning as task
 from experiments import common
 
 PyTree = Any
@@ -107,14 +54,12 @@ BASELINE_UNWEIGHTED = flags.DEFINE_boolean(
     "rounds and settings) into WORKDIR/unweighted/; the summary gets unweighted_test_accuracy.")
 
 # Shared flags whose default differs on this task (tuned on mnist_embedded, 20 clients, noise 0.5,
-# the default level profile; hidden: the width of --classifier=mlp). A value given on the command
-# line or in a flagfile wins.
+# the default level profile: weight AUC ~0.95, test accuracy ~0.88 against ~0.72 unweighted;
+# hidden: the width of --classifier=mlp). A value given on the command line or a flagfile wins.
 TASK_DEFAULTS: dict[str, Any] = dict(
     rounds=300, local_steps=5, inner_steps=1, inner_lr=0.05, outer_lr=30.0, v_lr=0.05,
     num_steps=1, batch_size=0, eval_every=10, hidden=100)
 
-NOISE_STREAM = 5  # numpy seed salt of the label corruption (numpy side of the seed streams)
-BASELINE_LOGIT = 100.0  # weight exactly 1 with an exactly zero derivative (see the docstring)
 
 
 def _given(name: str) -> bool:
@@ -136,217 +81,6 @@ def apply_task_defaults() -> dict[str, Any]:
   return applied
 
 
-# ------------------------------------------------------------------ data
-
-
-class CleaningData(NamedTuple):
-  fed: federated.FederatedData
-  clean: np.ndarray  # [N] bool: the sample's training label is correct
-  replaced: np.ndarray  # [N] bool: the label was chosen for replacement (rate --noise)
-  offsets: np.ndarray  # [M] global index of each client's first sample
-  counts: np.ndarray  # [M] samples each client owns
-  num_samples: int  # N
-
-
-def build_data(ds: data_lib.Dataset, num_clients: int, scheme: str, *, noise: float,
-               val_fraction: float, alpha: float, seed: int) -> CleaningData:
-  """Partition, split train/val per client, corrupt the TRAIN labels, index samples globally.
-
-  Global sample index: client 0's train rows first, then client 1's, ... (in each client the
-  valid rows come first, see data.ClientData), so client m owns [offsets[m], offsets[m] + n_m).
-  """
-  parts = data_lib.partition(ds.y_train, num_clients, scheme, seed=seed, alpha=alpha)
-  cd = data_lib.make_client_data(ds.x_train, ds.y_train, parts, val_fraction=val_fraction,
-                                 seed=seed)
-  noise_seed = int(np.random.SeedSequence([seed, NOISE_STREAM]).generate_state(1)[0])
-  noisy, replaced = data_lib.corrupt_labels(ds.y_train, noise, ds.num_classes, seed=noise_seed)
-  valid = cd.train_mask > 0
-  counts = cd.num_train.astype(np.int64)
-  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  n = int(counts.sum())
-  pos = np.arange(cd.train_mask.shape[1])[None, :]
-  gidx = np.where(valid, offsets[:, None] + pos, 0).astype(np.int32)
-  rows = cd.train_index[valid]  # [N] source rows, in global-index order (row-major)
-  train_labels = np.where(valid, noisy[np.maximum(cd.train_index, 0)], 0).astype(np.int32)
-  ownership = np.zeros((num_clients, n), np.float32)
-  for m in range(num_clients):
-    ownership[m, offsets[m]:offsets[m] + counts[m]] = 1.0
-  flat = lambda a: a.reshape(a.shape[:2] + (-1,))
-  inner = {"inputs": jnp.asarray(flat(cd.train_x)), "labels": jnp.asarray(train_labels),
-           "weight": jnp.asarray(cd.train_mask), "index": jnp.asarray(gidx)}
-  outer = {"inputs": jnp.asarray(flat(cd.val_x)), "labels": jnp.asarray(cd.val_y),
-           "weight": jnp.asarray(cd.val_mask)}
-  fed = federated.FederatedData(inner, outer, jnp.asarray(cd.num_train),
-                                {"samples": jnp.asarray(ownership)})
-  return CleaningData(fed, noisy[rows] == ds.y_train[rows], replaced[rows], offsets, counts, n)
-
-
-# ------------------------------------------------------------------ model and problem
-
-
-Logits = Callable[[PyTree, jax.Array], jax.Array]  # (y, inputs [B, D]) -> [B, C]
-
-
-def linear_logits(y: PyTree, inputs: jax.Array) -> jax.Array:
-  return models.dense(y["head"], inputs)
-
-
-def mlp_logits_fn(activation: str) -> Logits:
-  def logits(y: PyTree, inputs: jax.Array) -> jax.Array:
-    hidden = models.ACTIVATIONS[activation](models.dense(y["hidden"], inputs))
-    return models.dense(y["head"], hidden)
-  return logits
-
-
-def init_params(key: jax.Array, classifier: str, num_samples: int, in_dim: int, hidden: int,
-                classes: int) -> tuple[PyTree, PyTree]:
-  """x = zero logits (every weight 1/2) and unit gates; y = zero linear head or flax-init MLP."""
-  x = {"logits": jnp.zeros((num_samples,), jnp.float32),
-       "gate": jnp.ones((num_samples,), jnp.float32)}
-  if classifier == "linear":
-    y = {"head": {"kernel": jnp.zeros((in_dim, classes), jnp.float32),
-                  "bias": jnp.zeros((classes,), jnp.float32)}}
-  else:
-    h, head = models.init_mlp(key, in_dim, hidden, classes)
-    y = {"hidden": h["hidden"], "head": head["head"]}
-  return x, y
-
-
-def layout(classifier: str, num_samples: int, in_dim: int, hidden: int) -> UnitLayout:
-  sample = Axes((("samples", 0),))
-  x = {"logits": sample, "gate": sample}
-  if classifier == "linear":
-    return UnitLayout(groups={"samples": num_samples, "features": in_dim}, x=x,
-                      y={"head": {"kernel": Axes((("features", 0),)), "bias": Axes()}})
-  unit = lambda ax: Axes((("hidden", ax),))
-  return UnitLayout(groups={"samples": num_samples, "hidden": hidden}, x=x,
-                    y={"hidden": {"kernel": unit(1), "bias": unit(0)},
-                       "head": {"kernel": unit(0), "bias": Axes()}})
-
-
-class KeptRowSampler(NamedTuple):
-  """Inner minibatches of batch_size rows drawn uniformly, with replacement, from the rows the
-  client keeps this round (client.MinibatchSampler's rule over kept instead of valid rows);
-  outer (validation) minibatches, whose rows are never pruned, are MinibatchSampler's.
-
-  A client keeps a row when the row is valid and its sample's gate is nonzero at the point g is
-  evaluated at: the pruned point, where the gate is x["gate"] * m_x (1 on the samples the
-  round's mask keeps). The round draws batches before and apart from the masks (a sampler gets
-  the data and a key only), so the sampler returns a *draw*, {"population": the stacked data
-  [M, N_tr, ...], "client": id, "key": key}, and g (`cleaning_problem(..., sampler=...)`)
-  resolves it at its x (`resolve`): every evaluation of one local step resolves it to the same
-  rows. With every valid row kept (r_x = 1, FedNest's full model) the rows are exactly
-  MinibatchSampler's (same key, same count).
-  """
-
-  batch_size: int
-
-  def __call__(self, data: Any, key: jax.Array) -> dict[str, Any]:
-    return self.from_population(jax.tree.map(lambda t: t[None], data), 0, key)
-
-  def from_population(self, data: Any, client_id: jax.Array, key: jax.Array) -> dict[str, Any]:
-    if "index" not in data:  # validation rows (no sample index, no weight to prune)
-      return MinibatchSampler(self.batch_size).from_population(data, client_id, key)
-    return {"population": data, "client": jnp.asarray(client_id, jnp.int32), "key": key}
-
-  def resolve(self, gate: jax.Array, draw: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """The batch: the r-th kept row of the client for r ~ U{0, ..., kept - 1}, gathered as one
-    row gather from [M * N_tr, ...]. A client keeping no row gets rows of weight 0."""
-    data, cid = draw["population"], draw["client"]
-    n = data["weight"].shape[1]
-    kept = (jax.lax.stop_gradient(gate)[data["index"][cid]] != 0) & (data["weight"][cid] > 0)
-    r = jax.random.randint(draw["key"], (self.batch_size,), 0, jnp.maximum(jnp.sum(kept), 1))
-    pos = jnp.minimum(jnp.searchsorted(jnp.cumsum(kept), r, side="right"), n - 1)
-    rows = cid * n + pos
-    batch = jax.tree.map(lambda t: t.reshape(-1, *t.shape[2:]).at[rows].get(
-        mode="promise_in_bounds"), data)
-    return dict(batch, weight=batch["weight"] * kept[pos])
-
-
-def cleaning_problem(logits_fn: Logits, reg: float,
-                     sampler: KeptRowSampler | None = None) -> BilevelProblem:
-  """g_i = sum_j gate_j w_j CE_j / sum_j gate_j + reg ||y||^2 (w_j = sigmoid(x_j)); f_i = CE(val).
-
-  Inner batch {"inputs" [B, D], "labels" [B], "weight" [B] (1 valid row, 0 padding),
-  "index" [B] (global sample index)}, or a draw of `sampler` (resolved at x); outer batch
-  {"inputs", "labels", "weight"}.
-  """
-
-  def inner(x, y, b):
-    if sampler is not None and "population" in b:
-      b = sampler.resolve(x["gate"], b)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(y, b["inputs"]), b["labels"])
-    gate = jax.lax.stop_gradient(x["gate"][b["index"]]) * b["weight"]
-    w = jax.nn.sigmoid(x["logits"][b["index"]])
-    penalty = sum(jnp.sum(t ** 2) for t in jax.tree.leaves(y))
-    return jnp.sum(gate * w * ce) / jnp.maximum(jnp.sum(gate), 1.0) + reg * penalty
-
-  def outer(x, y, b):
-    del x
-    return models.weighted_ce(logits_fn(y, b["inputs"]), b["labels"], b["weight"])
-
-  return BilevelProblem(inner, outer)
-
-
-# ------------------------------------------------------------------ metrics
-
-
-def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-  """P(score of a random positive > that of a random negative), ties counted 1/2 (Mann-Whitney).
-
-  AUC = (sum of the positives' ranks - P (P + 1) / 2) / (P Q), ranks 1..N with tied scores
-  sharing their average rank. None when one class is empty.
-  """
-  scores = np.asarray(scores, np.float64)
-  positive = np.asarray(positive, bool)
-  num_pos, num_neg = int(positive.sum()), int((~positive).sum())
-  if num_pos == 0 or num_neg == 0:
-    return None
-  _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-  avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
-  ranks = avg_rank[inverse]
-  return float((ranks[positive].sum() - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
-
-
-def weight_metrics(logits: np.ndarray, clean: np.ndarray, init_logit: float = 0.0
-                   ) -> dict[str, Any]:
-  """weight_auc, precision / recall of "sigmoid(x) >= 0.5 means clean", share of moved weights."""
-  logits = np.asarray(logits)
-  pred = logits >= 0.0  # sigmoid(x) >= 0.5
-  tp = float(np.sum(pred & clean))
-  return dict(weight_auc=rank_auc(logits, clean),
-              weight_precision=tp / max(float(pred.sum()), 1.0),
-              weight_recall=tp / max(float(clean.sum()), 1.0),
-              mean_weight_clean=float(np.mean(1 / (1 + np.exp(-logits[clean])))) if clean.any()
-              else None,
-              mean_weight_noisy=float(np.mean(1 / (1 + np.exp(-logits[~clean])))) if (~clean).any()
-              else None,
-              samples_updated_share=float(np.mean(logits != init_logit)))
-
-
-# ------------------------------------------------------------------ masks
-
-
-def owned_rolling_mask_fn(mask_cfg: masks_lib.MaskConfig, lay: UnitLayout, offsets: np.ndarray,
-                          counts: np.ndarray, available: jax.Array) -> federated.MaskFn:
-  """FedRolex on owned samples: the window rolls over the client's own samples.
-
-  masks._ranks rolls by (index - round) mod N over the global index; a client owning the block
-  [o, o + n) gets the window starting at its own sample (round mod n) by passing the round
-  o + (round mod n) for the x masks. y masks use the true round (window shared by all clients).
-  """
-  offsets_j, counts_j = jnp.asarray(offsets), jnp.maximum(jnp.asarray(counts), 1)
-
-  def mask_fn(state, cid, slot, q, rx, ry, key):
-    del slot
-    avail = {"samples": available[cid]}
-    _, mask_y = masks_lib.make_masks(mask_cfg, lay, state.x, state.y, rx, ry, key, q, avail)
-    q_own = offsets_j[cid] + q % counts_j[cid]
-    mask_x, _ = masks_lib.make_masks(mask_cfg, lay, state.x, state.y, rx, ry, key, q_own, avail)
-    return mask_x, mask_y
-
-  return mask_fn
-
 
 def task_overrides(cfg: federated.FederatedConfig, algorithm: str,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -361,18 +95,9 @@ def task_overrides(cfg: federated.FederatedConfig, algorithm: str,
                       "(masked full-size) client computation only: its outer units are the "
                       "samples each client owns, which the compact path does not support; use "
                       "--submodel=dense or leave the flag unset.")
-  if algorithm == "heterofl" and cfg.mask.policy == "static" and any(
-      lv.rx < 1 for lv in cfg.levels):
-    if cfg.allow_uncovered:
-      never = sum(lv.share * (1 - lv.rx) for lv in cfg.levels)
-      log(f"warning: heterofl with static sample masks and --allow_uncovered: about "
-          f"{never:.0%} of the training samples are never kept by their owner, so their weights "
-          "stay at 1/2 and they never enter g.")
-    else:
-      levels = tuple(Level(1.0, lv.ry, lv.share) for lv in cfg.levels)
-      log("note: heterofl prunes only y on hyper-cleaning (HeteroFL prunes width, not data): "
-          "r_x = 1 at every level, levels "
-          + ",".join(f"{lv.rx:g}/{lv.ry:g}:{lv.share:g}" for lv in levels) + ".")
+  if algorithm == "heterofl":
+    levels = task.heterofl_levels(cfg.levels, cfg.mask.policy, cfg.allow_uncovered, log)
+    if levels is not None:
       return dict(levels=levels)
   return {}
 
@@ -399,92 +124,27 @@ def check_task_flags() -> list[str]:
   return problems
 
 
-class Setting(NamedTuple):
-  """The classifier's logits, the client batch sampler and the bilevel problem of the flags."""
-
-  logits_fn: Logits
-  sample: Any  # KeptRowSampler(--batch_size), or client.full_batch for --batch_size=0
-  problem: BilevelProblem
-
-
-def task_setting() -> Setting:
-  """The Setting of --classifier, --activation, --batch_size and --reg."""
-  logits_fn = (linear_logits if CLASSIFIER.value == "linear"
-               else mlp_logits_fn(ACTIVATION.value))
-  batch = common.BATCH_SIZE.value
-  sample = KeptRowSampler(batch) if batch else full_batch
-  return Setting(logits_fn, sample,
-                 cleaning_problem(logits_fn, REG.value, sample if batch else None))
-
-
-def build(cfg: federated.FederatedConfig, overrides: Mapping[str, Any], setting: Setting,
-          ds: data_lib.Dataset, cd: CleaningData
+def build(cfg: federated.FederatedConfig, overrides: Mapping[str, Any], setting: task.Setting,
+          ds: data_lib.Dataset, cd: task.CleaningData
           ) -> tuple[algorithms.Algorithm, federated.Round, PyTree, PyTree]:
   """The algorithm (bilevel.algorithms.get with the task's keywords), its round and the initial
   (x, y); cfg: the resolved configuration (resolve_algorithm), overrides: the task's keywords."""
   in_dim = int(np.prod(ds.input_shape))
-  hidden = HIDDEN.value
-  lay = layout(CLASSIFIER.value, cd.num_samples, in_dim, hidden)
-  x0, y0 = init_params(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
-                       CLASSIFIER.value, cd.num_samples, in_dim, hidden, ds.num_classes)
-  batch = common.BATCH_SIZE.value
-
-  val_rows = jax.tree.leaves(cd.fed.outer)[0].shape[1]  # a client's (padded) validation split
-
-  def rows(kept_x):  # (inner, outer) rows a client computes on; kept_x: per-leaf kept counts
-    # Inner: the kept samples (full batch) or the batch, all of it kept rows (minibatch; none
-    # for a client that keeps no sample). The weights' own work (a gather and a product per
-    # row) is left out: costs.cleaning_costs prices the classifier's matmuls.
-    kept = kept_x["gate"]
-    return (kept if not batch else batch * jnp.minimum(kept, 1.0)), (batch or val_rows)
-
-  mask_fn = None
-  if cfg.mask.policy == "rolling":
-    mask_fn = owned_rolling_mask_fn(cfg.mask, lay, cd.offsets, cd.counts,
-                                    cd.fed.available["samples"])
-  available = {"samples": np.asarray(cd.fed.available["samples"])}
-  alg = common.make_algorithm(setting.problem, lay, **overrides,
-                              diagnostics=common.DIAGNOSE_EVERY.value > 0,
-                              sample=setting.sample,
-                              cost=costs.CostModel(costs.cleaning_costs(CLASSIFIER.value), rows),
-                              available=available, mask_fn=mask_fn, submodel="dense",
-                              mesh=common.client_mesh())
+  lay = task.layout(CLASSIFIER.value, cd.num_samples, in_dim, HIDDEN.value)
+  x0, y0 = task.init_params(jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0),
+                            CLASSIFIER.value, cd.num_samples, in_dim, HIDDEN.value,
+                            ds.num_classes)
+  alg = common.make_algorithm(
+      setting.problem, lay, **overrides, diagnostics=common.DIAGNOSE_EVERY.value > 0,
+      sample=setting.sample, mesh=common.client_mesh(),
+      **task.round_keywords(cd, lay, CLASSIFIER.value, common.BATCH_SIZE.value, cfg.mask))
   return alg, alg.make_round(x0), x0, y0
 
 
-Evaluate = Callable[[federated.ServerState, float], dict[str, Any]]
-
-
-def make_evaluate(ds: data_lib.Dataset, cd: CleaningData, logits_fn: Logits) -> Evaluate:
-  """`evaluate(state, init_logit)`: test accuracy / loss of y and the weight metrics of x."""
-  x_test = jnp.asarray(ds.x_test.reshape(len(ds.x_test), -1))
-  y_test = jnp.asarray(ds.y_test)
-
-  @jax.jit
-  def test_metrics(y):
-    logits = logits_fn(y, x_test)
-    return {"test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y_test),
-            "test_loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_test))}
-
-  def evaluate(state, init_logit):
-    out = dict(jax.device_get(test_metrics(state.y)))
-    out.update(weight_metrics(np.asarray(state.x["logits"]), cd.clean, init_logit))
-    return out
-
-  return evaluate
-
-
 def summarize(last: Mapping[str, Any], weighted: bool = True) -> dict[str, Any]:
-  keys = ("test_accuracy", "test_loss", "weight_auc", "weight_precision", "weight_recall",
-          "mean_weight_clean", "mean_weight_noisy", "samples_updated_share",
-          "cumulative_client_flops", "cumulative_comm_bytes")
-  return dict(
-      task="hyper_cleaning", algorithm=common.ALGORITHM.value, weighted=weighted,
-      rounds=last["round"], wall_time_s=last["wall_time_s"], first_round_s=last["first_round_s"],
-      time_to_first_round_s=last["time_to_first_round_s"], min_coverage_x=last["cx_star"],
-      min_coverage_y=last["cy_star"], final_outer_loss=last["outer_loss"],
-      final_inner_loss=last["inner_loss"], final_hypergrad_norm=last["hypergrad_norm"],
-      **{k: last[k] for k in keys})
+  return dict(common.run_summary("hyper_cleaning", last, "weight_auc", "weight_precision",
+                                 "weight_recall", "mean_weight_clean", "mean_weight_noisy",
+                                 "samples_updated_share"), weighted=weighted)
 
 
 def main(argv):
@@ -507,39 +167,40 @@ def prepare_one() -> list[common.SeedRun]:
   finish gives the seed's summary."""
   task_defaults = apply_task_defaults()
   problems = check_task_flags()
-  shape_free = layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
-  setting = task_setting()
+  shape_free = task.layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
+  setting = task.setting(CLASSIFIER.value, ACTIVATION.value, common.BATCH_SIZE.value, REG.value)
   (alg, overrides), ds = common.gather(
       problems, lambda: resolve_algorithm(setting.problem, shape_free), common.load_data)
   cfg = alg.config
   try:
-    cd = build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
+    cd = task.build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
                     val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value,
                     seed=cfg.seed)
     alg, rnd, x0, y0 = build(cfg, overrides, setting, ds, cd)
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
-  task = dict(task="hyper_cleaning", noise=NOISE.value, classifier=CLASSIFIER.value,
-              hidden=HIDDEN.value, activation=ACTIVATION.value, reg=REG.value,
-              dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples,
-              clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
-              submodel="dense", task_defaults_applied=task_defaults)
+  task_config = dict(task="hyper_cleaning", noise=NOISE.value, classifier=CLASSIFIER.value,
+                     hidden=HIDDEN.value, activation=ACTIVATION.value, reg=REG.value,
+                     dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples,
+                     clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
+                     submodel="dense", task_defaults_applied=task_defaults)
   print(data_lib.dataset_summary(ds))
   print(f"{cd.num_samples} training samples, {1 - cd.clean.mean():.1%} with a wrong label "
         f"(noise {NOISE.value}); classifier {CLASSIFIER.value}")
-  evaluate = make_evaluate(ds, cd, setting.logits_fn)
+  evaluate = task.make_evaluate(ds, cd, setting.logits_fn)
   specs = [(workdir, True, x0)]
   if BASELINE_UNWEIGHTED.value:
     print("baseline: the same round with every sample weight fixed to 1 (noisy labels), in "
           f"{os.path.join(workdir, 'unweighted')}")
     specs.append((os.path.join(workdir, "unweighted"), False,
-                  dict(x0, logits=jnp.full_like(x0["logits"], BASELINE_LOGIT))))
+                  dict(x0, logits=jnp.full_like(x0["logits"], task.BASELINE_LOGIT))))
   summary: dict[str, Any] = {}  # the seed's summary, filled by its runs' finish in order
   runs = []
   for i, (run_dir, weighted, x_start) in enumerate(specs):
     os.makedirs(run_dir, exist_ok=True)
-    resume = common.start_run(run_dir, dict(common.config_dict(cfg), weighted=weighted, **task))
+    resume = common.start_run(run_dir, dict(common.config_dict(cfg), weighted=weighted,
+                                            **task_config))
     init_logit = float(np.asarray(x_start["logits"])[0])
     title = ("hyper-cleaning" if weighted else "hyper-cleaning, unweighted baseline")
     finish = functools.partial(finish_run, workdir, run_dir, weighted, summary,
@@ -548,7 +209,7 @@ def prepare_one() -> list[common.SeedRun]:
         run_dir, rnd, alg.init(x_start, y0), cd.fed,
         functools.partial(evaluate, init_logit=init_logit),
         f"{title}, {common.ALGORITHM.value}", resume, finish,
-        cleaning_problem(setting.logits_fn, REG.value)))
+        task.cleaning_problem(setting.logits_fn, REG.value)))
   return runs
 
 

@@ -29,6 +29,7 @@ from absl import app, flags
 
 from bilevel import hypergrad, models, tree
 from experiments import common
+from bilevel.tasks import hyper_representation as hr_task
 from experiments import hyper_representation as task
 
 PROBE_EVERY = flags.DEFINE_integer("probe_every", 10, "Measure the state every this many rounds.")
@@ -75,8 +76,7 @@ def main(argv):
   common.start_driver()
   run = task.prepare_one()
   ds = common.load_data()
-  shape = (task.image_shape(ds.input_shape) if task.MODEL.value == "cnn" else (-1,))
-  x_test = jnp.asarray(ds.x_test.reshape((len(ds.x_test),) + tuple(shape)))
+  x_test, _ = hr_task.test_arrays(ds, task.MODEL.value)
   measure = make_measure(run.problem, run.data, x_test)
   state = run.state
   for q in range(int(state.round), common.ROUNDS.value):

@@ -11,7 +11,8 @@ from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
 import bilevel
-from bilevel import algorithms, federated, fednest, loop, models
+from bilevel import algorithms, federated, loop, models
+from bilevel.algorithms import fednest
 from bilevel.errors import ConfigError
 from bilevel.masks import Level
 
@@ -95,7 +96,7 @@ class UserExampleTest(parameterized.TestCase):
     exec(example, scope)  # pylint: disable=exec-used
     alg, state, metrics = scope["alg"], scope["state"], scope["metrics"]
     self.assertEqual(alg.name, name)
-    # fednest also reports its analytic per-round operation counts (bilevel/fednest.py).
+    # fednest also reports its analytic per-round operation counts (bilevel/algorithms/fednest.py).
     extra = set(fednest.COUNT_METRICS) if name == "fednest" else set()
     self.assertEqual(set(metrics), METRIC_KEYS | extra)
     for k, v in metrics.items():
@@ -148,8 +149,8 @@ class KeywordsTest(parameterized.TestCase):
   def test_step_traces_once(self):
     problem, data, x0, y0 = _regression()
     flops = _traced_once_flops()
-    alg = algorithms.rafbo(problem=problem, num_clients=6, granularity="element",
-                           flops_per_grad=flops)
+    alg = algorithms.rafbo.rafbo(problem=problem, num_clients=6, granularity="element",
+                                 flops_per_grad=flops)
     state, _ = alg.step(alg.init(x0, y0), data)
     _assert_traced(self, flops)  # the first step traced; any retrace from now on raises
     for _ in range(5):
@@ -194,9 +195,13 @@ class KeywordsTest(parameterized.TestCase):
                      bilevel.MaskConfig("random", "element"))
 
   def test_constructors_equal_get(self):
+    """Each algorithm's constructor (in its module: rafbo.py, fednest.py, baselines.py) builds
+    what get builds."""
     kw = dict(problem=_problem(), num_clients=5, granularity="element", local_steps=3)
+    modules = (algorithms.rafbo, algorithms.fednest, algorithms.baselines)
     for name in algorithms.names():
-      self.assertEqual(getattr(algorithms, name)(**kw).config, algorithms.get(name, **kw).config)
+      (constructor,) = [getattr(m, name) for m in modules if callable(getattr(m, name, None))]
+      self.assertEqual(constructor(**kw).config, algorithms.get(name, **kw).config)
 
   def test_bilevel_run_drives_an_algorithm(self):
     problem, data, x0, y0 = _regression()

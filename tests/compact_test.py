@@ -14,7 +14,8 @@ import pytest
 import optax
 from absl.testing import absltest, parameterized
 
-from bilevel import federated, hypergrad, models, rounds, sampling
+from bilevel import federated, hypergrad, models, sampling
+from bilevel.algorithms import rafbo
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig
 from bilevel.errors import ConfigError
@@ -47,7 +48,7 @@ def _cfg(policy="random", estimator="fd", levels=LEVELS):
 
 def _run(cfg, dtype, num_rounds=2, **kw):
   data, x0, y0 = _setup(dtype)
-  rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg,
+  rnd = rafbo.make_round(models.hyper_representation_problem("tanh"), cfg,
                           models.mlp_layout(H), x0, **kw)
   state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
   for _ in range(num_rounds):
@@ -93,7 +94,7 @@ class CompactTest(parameterized.TestCase):
 
   def test_compact_clients_run_on_extracted_widths(self):
     _, x0, _ = _setup(np.float32)
-    rnd = rounds.make_round(models.hyper_representation_problem(), _cfg(),
+    rnd = rafbo.make_round(models.hyper_representation_problem(), _cfg(),
                             models.mlp_layout(H), x0, submodel="compact")
     widths = {(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata}
     # hidden is shared by x and y: both keep the intersection, ceil(min(r_x, r_y) H) units.
@@ -110,7 +111,7 @@ class CompactTest(parameterized.TestCase):
     # Level 1/0.5: x and y both keep ceil(0.5 H) hidden units, compact = dense.
     cfg = _cfg("random", "fd", levels="1/0.5:0.5,0.5/0.5:0.5")
     _, x0, _ = _setup(np.float32)
-    rnd = rounds.make_round(models.hyper_representation_problem(), cfg,
+    rnd = rafbo.make_round(models.hyper_representation_problem(), cfg,
                             models.mlp_layout(H), x0, submodel="compact")
     self.assertEqual({(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata},
                      {(1.0, 0.5): H // 2, (0.5, 0.5): H // 2})
@@ -120,7 +121,7 @@ class CompactTest(parameterized.TestCase):
       _assert_same(self, compact, dense, rtol=1e-12)
       # x and y keep the same hidden units (dense round, one client at the 1/0.5 level).
       data, x0, y0 = _setup(np.float64)
-      rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg,
+      rnd = rafbo.make_round(models.hyper_representation_problem("tanh"), cfg,
                               models.mlp_layout(H), x0, submodel="dense", sampling="stratified")
       state = federated.init_state(x0, y0, optax.sgd(1.0))
       full = rnd.strata[0]
@@ -153,7 +154,7 @@ class CompactTest(parameterized.TestCase):
     cfg = _cfg("random", "exact", levels="1/1:0.25,0.7/0.7:0.25,0.6/0.6:0.25,0.3/0.3:0.25")
     results = []
     for kw in (dict(submodel="compact"), dict(submodel="dense", sampling="stratified")):
-      rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg,
+      rnd = rafbo.make_round(models.hyper_representation_problem("tanh"), cfg,
                               models.mlp_layout(hidden), x0, **kw)
       results.append(rnd.step(federated.init_state(x0, y0, optax.sgd(1.0)), data))
     self.assertEqual(sorted(st.counts["hidden"] for st in rnd.strata), [60, 120, 140, 200])
@@ -161,7 +162,7 @@ class CompactTest(parameterized.TestCase):
 
   def test_stratified_sampling_keeps_level_counts(self):
     _, x0, _ = _setup(np.float32)
-    rnd = rounds.make_round(models.hyper_representation_problem(), _cfg(),
+    rnd = rafbo.make_round(models.hyper_representation_problem(), _cfg(),
                             models.mlp_layout(H), x0, submodel="compact")
     for q in range(4):
       ids = [np.asarray(i) for i in rnd.sample_fn(jnp.asarray(q))]
@@ -177,7 +178,7 @@ class CompactTest(parameterized.TestCase):
     groups = len(_cfg().levels)
     flops = chex.assert_max_traces(federated.default_flops_per_grad, n=groups)
     data, x0, y0 = _setup(np.float32)
-    rnd = rounds.make_round(models.hyper_representation_problem(), _cfg(),
+    rnd = rafbo.make_round(models.hyper_representation_problem(), _cfg(),
                             models.mlp_layout(H), x0, submodel="compact",
                             flops_per_grad=flops)
     self.assertLen(rnd.strata, groups)
@@ -199,9 +200,9 @@ class CompactTest(parameterized.TestCase):
              (_cfg(), dict(mask_fn=lambda *a: None), "mask_fn")]
     for cfg, kw, msg in cases:
       with self.assertRaisesRegex(ConfigError, msg):
-        rounds.make_round(problem, cfg, layout, x0, submodel="compact", **kw)
+        rafbo.make_round(problem, cfg, layout, x0, submodel="compact", **kw)
     with self.assertRaisesRegex(ConfigError, "submodel"):
-      rounds.make_round(problem, _cfg(), layout, x0, submodel="sparse")
+      rafbo.make_round(problem, _cfg(), layout, x0, submodel="sparse")
 
   @pytest.mark.slow
   def test_single_level_stratified_equals_uniform(self):

@@ -29,8 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bilevel import algorithms, client, costs, federated, fednest, hypergrad, models
+from bilevel import algorithms, client, costs, federated, hypergrad, models
+from bilevel.algorithms import fednest
 from bilevel.hypergrad import EstimatorOptions
+from bilevel.tasks import hyper_cleaning as hc_task
+from bilevel.tasks import hyper_representation as hr_task
 
 # (estimator, v_step, product): v_step matters for fd / exact, product for neumann / cg.
 VARIANTS = [("fd", "cauchy", "exact"), ("fd", "fixed", "exact"), ("exact", "cauchy", "exact"),
@@ -61,7 +64,7 @@ def _mlp_task(rows=64, in_dim=784, hidden=200, classes=10):
 
   return dict(problem=models.hyper_representation_problem(), x=x, y=y,
               inner=batch(jax.random.key(1)), outer=batch(jax.random.key(2)),
-              model=costs.mlp_costs(), rows=(rows, rows))
+              model=hr_task.mlp_costs(), rows=(rows, rows))
 
 
 def _cnn_task(rows=32, shape=(16, 16, 3), channels=(8, 16), classes=10):
@@ -74,30 +77,29 @@ def _cnn_task(rows=32, shape=(16, 16, 3), channels=(8, 16), classes=10):
 
   return dict(problem=models.hyper_representation_problem(model="cnn"), x=x, y=y,
               inner=batch(jax.random.key(1)), outer=batch(jax.random.key(2)),
-              model=costs.cnn_costs(shape), rows=(rows, rows))
+              model=hr_task.cnn_costs(shape), rows=(rows, rows))
 
 
 def _cleaning_task(classifier="linear", rows=64, val_rows=48, samples=256, in_dim=784,
                    classes=10):
   """Task 2 (hyper-cleaning): x = one weight logit per training sample, y = the classifier."""
-  from experiments import hyper_cleaning  # pylint: disable=g-import-not-at-top
   keys = jax.random.split(jax.random.key(0), 8)
   x = {"logits": jax.random.normal(keys[0], (samples,)), "gate": jnp.ones((samples,))}
   if classifier == "linear":
     y = {"head": {"kernel": 0.01 * jax.random.normal(keys[1], (in_dim, classes)),
                   "bias": jnp.zeros((classes,))}}
-    logits = hyper_cleaning.linear_logits
+    logits = hc_task.linear_logits
   else:
     h, head = models.init_mlp(keys[1], in_dim, 100, classes)
     y = {"hidden": h["hidden"], "head": head["head"]}
-    logits = hyper_cleaning.mlp_logits_fn("relu")
+    logits = hc_task.mlp_logits_fn("relu")
   inner = {"inputs": jax.random.normal(keys[2], (rows, in_dim)), "labels": _labels(keys[3], rows),
            "weight": jnp.ones((rows,)),
            "index": jax.random.randint(keys[4], (rows,), 0, samples)}
   outer = {"inputs": jax.random.normal(keys[5], (val_rows, in_dim)),
            "labels": _labels(keys[6], val_rows), "weight": jnp.ones((val_rows,))}
-  return dict(problem=hyper_cleaning.cleaning_problem(logits, 1e-3), x=x, y=y, inner=inner,
-              outer=outer, model=costs.cleaning_costs(classifier), rows=(rows, val_rows))
+  return dict(problem=hc_task.cleaning_problem(logits, 1e-3), x=x, y=y, inner=inner,
+              outer=outer, model=hc_task.model_costs(classifier), rows=(rows, val_rows))
 
 
 TASKS = {"mlp": _mlp_task, "linear": _cleaning_task, "cnn": _cnn_task,
@@ -333,7 +335,7 @@ def test_hand_count_mlp_fd():
               # start, one v step), each two probes
               + 2 * (2 * head) + 2 * d * h  # J v: two probes forward and back, hidden weights
               + 3 * head + 2 * d * h)  # grad f: head forward, weights, input; hidden weights
-  assert costs.client_flops(cfg, x, y, (rows, rows), costs.mlp_costs()) == rows * expected
+  assert costs.client_flops(cfg, x, y, (rows, rows), hr_task.mlp_costs()) == rows * expected
 
 
 def test_traced_kept_counts_and_pruning():
@@ -342,9 +344,9 @@ def test_traced_kept_counts_and_pruning():
   cfg = _cfg("fd", "cauchy", "exact")
   kept = lambda k: ({"hidden": {"kernel": jnp.float32(d * k), "bias": jnp.float32(k)}},
                     {"head": {"kernel": jnp.float32(k * c), "bias": jnp.float32(c)}})
-  f = jax.jit(lambda kx, ky: costs.client_flops(cfg, kx, ky, (rows, rows), costs.mlp_costs()))
+  f = jax.jit(lambda kx, ky: costs.client_flops(cfg, kx, ky, (rows, rows), hr_task.mlp_costs()))
   full, half = float(f(*kept(h))), float(f(*kept(h // 2)))
-  eager = float(costs.client_flops(cfg, *kept(h), (rows, rows), costs.mlp_costs()))
+  eager = float(costs.client_flops(cfg, *kept(h), (rows, rows), hr_task.mlp_costs()))
   assert full == pytest.approx(eager, rel=1e-6)
   assert half == pytest.approx(full / 2, rel=1e-6)  # every price is linear in the width
 
@@ -362,7 +364,7 @@ class TestRoundPricing:
     data = federated.FederatedData(inner=split(), outer=split(),
                                    num_examples=jnp.full((self.M,), self.N))
     x, y = models.init_mlp(jax.random.key(0), self.D, self.H, self.C)
-    cost = costs.CostModel(costs.mlp_costs(), lambda kept_x: (self.N, self.N))
+    cost = costs.CostModel(hr_task.mlp_costs(), lambda kept_x: (self.N, self.N))
     alg = algorithms.get(name, problem=models.hyper_representation_problem(),
                          num_clients=self.M, clients_per_round=4, cost=cost,
                          layout=models.mlp_layout(self.H), **options)
@@ -373,7 +375,7 @@ class TestRoundPricing:
     alg, cost, state, data, x, y = self._setup("simfbo")
     _, metrics = alg.step(state, data)
     want = 4 * costs.client_flops(alg.config.client, costs.full_counts(x), costs.full_counts(y),
-                                  (self.N, self.N), costs.mlp_costs())
+                                  (self.N, self.N), hr_task.mlp_costs())
     # float32 sums of four equal float32 terms: relative rounding ~1e-7.
     assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
 
@@ -388,14 +390,14 @@ class TestRoundPricing:
       kept_x = {"hidden": {"kernel": self.D * k, "bias": k}}
       kept_y = {"head": {"kernel": k * self.C, "bias": self.C}}
       want += costs.client_flops(alg.config.client, kept_x, kept_y, (self.N, self.N),
-                                 costs.mlp_costs())
+                                 hr_task.mlp_costs())
     assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
 
   def test_fednest_round_prices_its_passes_and_products(self):
     alg, cost, state, data, x, y = self._setup("fednest")
     _, metrics = alg.step(state, data)
     kx, ky = costs.full_counts(x), costs.full_counts(y)
-    prices, rows = costs.op_prices(costs.mlp_costs(), "exact", kx, ky), (self.N, self.N)
+    prices, rows = costs.op_prices(hr_task.mlp_costs(), "exact", kx, ky), (self.N, self.N)
     op = lambda kind, batch: prices[kind] * rows[0 if batch == "inner" else 1]
     c = fednest.round_counts(alg.config, 4)  # 4 sampled clients in both phases
     want = (c.first_order_inner * (op("forward_x", "inner") + op("grad_y", "inner"))

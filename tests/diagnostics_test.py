@@ -13,7 +13,8 @@ import pytest
 from absl import flags
 from absl.testing import absltest
 
-from bilevel import diagnostics, federated, loop, problems, rounds, tree
+from bilevel import diagnostics, federated, loop, problems, tree
+from bilevel.algorithms import rafbo
 from bilevel.client import ClientConfig
 from bilevel.masks import Level, MaskConfig
 from reliability_test import _main  # the in-process driver runner the tests share
@@ -60,7 +61,7 @@ class RunDiagnosticsTest(absltest.TestCase):
     data = problems.make_quadratic(4, d, d, seed=0, separable=True, dtype=np.float32)
     fdata = federated.FederatedData(data, data, jnp.ones(4))
     x0 = jnp.zeros(d, jnp.float32)
-    rnd = rounds.make_round(problems.QUADRATIC, cfg, None, x0, diagnostics=True)
+    rnd = rafbo.make_round(problems.QUADRATIC, cfg, None, x0, diagnostics=True)
     state = federated.init_state(x0, jnp.zeros(d, jnp.float32), optax.sgd(1.0))
     seen = []
 

@@ -1,4 +1,4 @@
-"""The federated round (rounds.make_round): reduction to the unpruned algorithm, vmap vs the
+"""The federated round (rafbo.make_round): reduction to the unpruned algorithm, vmap vs the
 Python-loop reference round (`loop_step`, the oracle), tracing, seeds, convergence on the toy
 problem, and configuration errors."""
 
@@ -10,7 +10,8 @@ import optax
 import pytest
 from absl.testing import absltest, parameterized
 
-from bilevel import federated, hypergrad, inner, loop, problems, rounds, server, tree
+from bilevel import federated, hypergrad, inner, loop, problems, server, tree
+from bilevel.algorithms import rafbo
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig, grad_evals_per_round
 from bilevel.errors import ConfigError
@@ -57,7 +58,7 @@ def loop_step(rnd: federated.Round):
 
 def _run(cfg, num_rounds, dtype=np.float64, reference_loop=False, heterogeneity=1.0, **kw):
   d, data, x0, y0 = _setup(heterogeneity, dtype)
-  rnd = rounds.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0, **kw)
+  rnd = rafbo.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0, **kw)
   if reference_loop:
     rnd = rnd._replace(step=loop_step(rnd))
   state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
@@ -179,7 +180,7 @@ class RoundTest(parameterized.TestCase):
                                     weighting="examples",
                                     mask=masks_lib.MaskConfig("random", "unit"))
     d, data, x0, y0 = _setup()
-    rnd = rounds.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
+    rnd = rafbo.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
     state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
     state, _ = rnd.step(state, data)  # a round in: v != 0
     _, metrics = rnd.step(state, data)
@@ -216,7 +217,7 @@ def _cost_metrics(estimator, dim, levels, dtype=np.float32):
   cfg = federated.FederatedConfig(3, 3, client=_client(1, estimator),
                                   levels=masks_lib.parse_levels(levels))
   x0 = jnp.zeros(dim, dtype)
-  rnd = rounds.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(dim), x0)
+  rnd = rafbo.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(dim), x0)
   state = federated.init_state(x0, jnp.zeros(dim, dtype), optax.sgd(1.0))
   return rnd.step(state, federated.FederatedData(d, d, jnp.ones(3)))[1], cfg
 
@@ -259,7 +260,7 @@ class ConfigErrorTest(parameterized.TestCase):
     x0 = jnp.zeros(D)
     cfg = federated.FederatedConfig(M, 3)._replace(**override)
     with self.assertRaisesRegex(ConfigError, message):
-      rounds.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
+      rafbo.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
 
 
 if __name__ == "__main__":

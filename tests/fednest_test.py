@@ -1,4 +1,4 @@
-"""FedNest's communicating round (bilevel/fednest.py) against FedNest's own code.
+"""FedNest's communicating round (bilevel/algorithms/fednest.py) against FedNest's own code.
 
 The expected counts are numbers read from FedNest's code (github.com/ucr-optml/FedNest), not
 from fednest.py: utils/options.py defaults local_ep 5, neumann 5, frac 0.1; reproduce/fig2.sh
@@ -37,13 +37,14 @@ import optax
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
-from bilevel import algorithms, costs, federated, fednest, hypergrad, models, problems
-from bilevel import rounds, server
+from bilevel import algorithms, costs, federated, hypergrad, models, problems, server
+from bilevel.algorithms import fednest, rafbo
 from bilevel import tree
 from bilevel.client import ClientConfig, minibatch_sampler
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
 from bilevel.masks import Level, MaskConfig
+from bilevel.tasks import hyper_representation as hr_task
 
 def _config(num_clients, per_round, *, inner_steps=5, num_steps=6, local_steps=1, lr=0.01,
             **kw):
@@ -155,8 +156,8 @@ class CountTest(parameterized.TestCase):
     cfg = _config(100, 10)  # FedNest's defaults: 5 epochs, 5 products, tau 1, steps 0.01
     x0, y0 = models.init_mlp(jax.random.key(0), 5, 4, 3)
     # The plain builder dispatches to FedNest's round; the counting one is the test's.
-    algorithms.build_round(problem, cfg, None, x0, sample=minibatch_sampler(64),
-                           client_map=_loop_clients(10), jit=False)
+    fednest.FEDNEST.make_round(problem, cfg, None, x0, sample=minibatch_sampler(64),
+                               client_map=_loop_clients(10), jit=False)
     rnd = fednest.make_fednest_round(problem, cfg, None, x0, sample=minibatch_sampler(64),
                                      client_map=_loop_clients(10), jit=False, oracle=oracle)
     means, steps = [0], [0]
@@ -230,13 +231,13 @@ class CountTest(parameterized.TestCase):
     counts = np.array([100, 70, 30, 100])
     cfg = _config(4, 4)
     x0, y0 = models.init_mlp(jax.random.key(0), 5, 4, 3)
-    cost = costs.CostModel(costs.mlp_costs(), lambda kept_x: (64, 64))
+    cost = costs.CostModel(hr_task.mlp_costs(), lambda kept_x: (64, 64))
     rnd = fednest.make_fednest_round(models.hyper_representation_problem("tanh"), cfg, None,
                                      x0, sample=minibatch_sampler(64), cost=cost)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     _, metrics = rnd.step(state, _rows_data(4, counts, 60))
     self.assertEqual(int(metrics["svrg_steps"]), 5 * (2 + 2 + 1 + 2))
-    p = costs.op_prices(costs.mlp_costs(), "exact", costs.full_counts(x0), costs.full_counts(y0))
+    p = costs.op_prices(hr_task.mlp_costs(), "exact", costs.full_counts(x0), costs.full_counts(y0))
     g_y, g_xy = p["forward_x"] + p["grad_y"], p["forward_x"] + p["grad_xy"]
     inner = sum((1 + 2 * 5) * n * g_y for n in counts)  # snapshot + 5 epochs x 2 gradients
     outer = sum((1 + 1 + 2) * 60 * g_xy  # grad_y f, grad_x f, 2 per SVRG x step (validation)
@@ -255,7 +256,7 @@ class CountTest(parameterized.TestCase):
       fednest.make_fednest_round(problems.QUADRATIC, _config(4, 2), None, x0, submodel="compact")
     # The local round's builder does not build FedNest's (bilevel.algorithms chooses).
     with self.assertRaisesRegex(ConfigError, "fednest.make_fednest_round"):
-      rounds.make_round(problems.QUADRATIC, _config(4, 2), None, x0)
+      rafbo.make_round(problems.QUADRATIC, _config(4, 2), None, x0)
     with self.assertRaisesRegex(ConfigError, "round_kind='bogus' is not known"):
       federated.validate_config(_config(4, 2)._replace(round_kind="bogus"))
 
@@ -264,7 +265,7 @@ class HyperCleaningFlopsTest(absltest.TestCase):
   """Task 2: a client is charged for its own samples' weight logits, not every client's."""
 
   def _step(self, per_round, owned):
-    from experiments import hyper_cleaning  # pylint: disable=g-import-not-at-top
+    from bilevel.tasks import hyper_cleaning  # pylint: disable=g-import-not-at-top
     counts, n_tr, d, classes = np.array([2, 3, 4]), 4, 2, 3
     n = int(counts.sum())
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])

@@ -13,6 +13,7 @@ from absl.testing import absltest, parameterized
 from bilevel import hypergrad, models, problems, submodel, tree
 from bilevel import masks as masks_lib
 from bilevel.errors import ConfigError
+from inner_submodel_test import scatter  # the inverse of submodel.extract (a test helper)
 
 # Settings under which each estimator reaches its own accuracy on the quadratic (spectrum [1, 4]):
 # v-iteration / Neumann contract by (1 - 0.25 * 1)^N, CG is exact in dim_y steps.
@@ -115,11 +116,11 @@ class EstimatorTest(chex.TestCase):
     # x units kept but whose head row is pruned still feed the head through no row: embed y rows.
     def sub_loss(loss):
       return lambda xs_, ys_, b: loss(
-          submodel.scatter(layout.x, xs_, {"hidden": ix}, x),
-          submodel.scatter(layout.y, ys_, {"hidden": iy}, y), b)
+          scatter(layout.x, xs_, {"hidden": ix}, x),
+          scatter(layout.y, ys_, {"hidden": iy}, y), b)
     sub_problem = problems.BilevelProblem(sub_loss(problem.inner_loss), sub_loss(problem.outer_loss))
     sub = _estimator(self.variant, sub_problem, **kw)(xs, ys, batch, batch, v=vs)
-    back = submodel.scatter(layout.x, sub.hypergrad, {"hidden": ix}, x)
+    back = scatter(layout.x, sub.hypergrad, {"hidden": ix}, x)
     chex.assert_trees_all_close(full.hypergrad, back, rtol=1e-10, atol=1e-12)
 
   @chex.variants(with_jit=True, without_jit=True)

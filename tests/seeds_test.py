@@ -1,4 +1,4 @@
-"""Seeds batched in one program (rounds.seeds_step, loop.run_seeds, --batch_seeds).
+"""Seeds batched in one program (loop.seeds_step, loop.run_seeds, --batch_seeds).
 
 - Library: three seeds of a compact round, and of FedNest's round (different seeds, initial
   points and data) run as one vmapped program give every seed's records and final state of
@@ -32,7 +32,8 @@ import pytest
 from absl import flags
 from absl.testing import absltest, parameterized
 
-from bilevel import algorithms, federated, loop, masks, models, rounds, tree
+from bilevel import algorithms, federated, loop, masks, models, tree
+from bilevel.algorithms import rafbo
 from bilevel.client import ClientConfig
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
@@ -71,7 +72,7 @@ def _seed_run(seed, dtype, poison=False, fednest=False):
                          num_clients=M, clients_per_round=4, seed=seed)
     return alg.make_round(x0), alg.init(x0, y0), data
   cfg = _cfg(seed)
-  rnd = rounds.make_round(models.hyper_representation_problem("tanh"), cfg, models.mlp_layout(H),
+  rnd = rafbo.make_round(models.hyper_representation_problem("tanh"), cfg, models.mlp_layout(H),
                           x0, submodel="compact")
   return rnd, federated.init_state(x0, y0, optax.sgd(cfg.server_lr)), data
 
@@ -91,7 +92,7 @@ class LibraryTest(parameterized.TestCase):
         alone.append(loop.run(rnd, state, data, rounds_run, blowup_factor=None))
       except loop.DivergenceError as e:
         alone.append(str(e))
-    step = rounds.seeds_step([r for r, _, _ in runs])
+    step = loop.seeds_step([r for r, _, _ in runs])
     state, records, stopped = loop.run_seeds(
         step, tree.stack([s for _, s, _ in runs]), tree.stack([d for _, _, d in runs]),
         rounds_run,
@@ -130,16 +131,16 @@ class LibraryTest(parameterized.TestCase):
   def test_refuses_rounds_that_cannot_share_a_program(self):
     rnd, _, _ = _seed_run(0, np.float32)
     with self.assertRaisesRegex(ConfigError, "mask_fn"):
-      rounds.seeds_step([rnd, rnd._replace(seed_constants=True)])
+      loop.seeds_step([rnd, rnd._replace(seed_constants=True)])
     x0, _ = models.init_mlp(jax.random.key(0), DIN, H, CL)
-    other = rounds.make_round(models.hyper_representation_problem("tanh"),
+    other = rafbo.make_round(models.hyper_representation_problem("tanh"),
                               _cfg(1)._replace(levels=masks.parse_levels("1/1:0.5,0.5/0.5:0.5")),
                               models.mlp_layout(H), x0, submodel="compact")
     with self.assertRaisesRegex(ConfigError, "static shape"):
-      rounds.seeds_step([rnd, other])
-    unbound = rnd._replace(step=rnd.step.func)  # a round without RoundArgs
-    with self.assertRaisesRegex(ConfigError, "RoundArgs"):
-      rounds.seeds_step([unbound, unbound])
+      loop.seeds_step([rnd, other])
+    unbound = rnd._replace(hyper=None, apply=None)  # a round without its per-run values apart
+    with self.assertRaisesRegex(ConfigError, "per-run values"):
+      loop.seeds_step([unbound, unbound])
 
 
 def _records(path):

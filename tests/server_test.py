@@ -12,6 +12,20 @@ from bilevel import server
 import bilevel
 
 
+def covered_by_some(masks_C, weights_C=None):
+  """1 where some client with positive weight keeps the coordinate (sum_i w_i m_i > 0)."""
+  return server.covered_from_sums(server.masked_sums(masks_C, masks_C, weights_C)[1])
+
+
+def zero_fill_mean(deltas_C, masks_C, weights_C=None):
+  """FedAvg with zero-filled deltas, sum_i w_i m_i D_i / sum_i w_i: the round's zero_fill
+  aggregator on the stacked clients' sums."""
+  num, den = server.masked_sums(deltas_C, masks_C, weights_C)
+  clients = jax.tree.leaves(masks_C)[0].shape[0]
+  total = jnp.sum(jnp.ones(clients) if weights_C is None else jnp.asarray(weights_C))
+  return server.zero_fill_from_sums(num, den, total)
+
+
 def _case(seed=0, c=6):
   rng = np.random.default_rng(seed)
   deltas = {"w": rng.normal(size=(c, 4, 3)), "b": rng.normal(size=(c, 5))}
@@ -46,7 +60,7 @@ class CoverageMeanTest(parameterized.TestCase):
     masks["b"][:, 2] = 0.0
     params = {"w": jnp.ones((4, 3)), "b": jnp.arange(5.0)}
     agg = server.coverage_mean(deltas, masks)
-    cover = server.covered(masks)
+    cover = covered_by_some(masks)
     for opt in (optax.sgd(1.0), optax.adam(0.1)):
       new, _ = server.server_step(params, agg, cover, opt, opt.init(params))
       self.assertEqual(float(new["b"][2]), 2.0)
@@ -62,7 +76,7 @@ class CoverageMeanTest(parameterized.TestCase):
     deltas, masks, _ = _case(6)
     masks["b"][:, 2] = 0.0
     params = {"w": jnp.ones((4, 3)), "b": jnp.arange(5.0)}
-    agg, cover = server.coverage_mean(deltas, masks), server.covered(masks)
+    agg, cover = server.coverage_mean(deltas, masks), covered_by_some(masks)
     opt = optax.adam(0.1) if name == "adam" else optax.sgd(0.1, momentum=0.9)
     state = opt.init(params)
     # A round in: nonzero moments everywhere (every coordinate covered once).
@@ -98,7 +112,7 @@ class CoverageMeanTest(parameterized.TestCase):
 
   def test_zero_fill_divides_by_all_clients(self):
     deltas, masks, weights = _case(4)
-    got = server.zero_fill_mean(deltas, masks, weights)
+    got = zero_fill_mean(deltas, masks, weights)
     for name in deltas:
       expected = np.tensordot(weights, masks[name] * deltas[name], axes=1) / weights.sum()
       np.testing.assert_allclose(got[name], expected, rtol=1e-12)
@@ -127,8 +141,8 @@ class ZeroWeightTest(absltest.TestCase):
     want.append(0.0)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     self.assertEqual(float(got[3]), 0.0)  # kept only by the zero-weight client: no step
-    np.testing.assert_array_equal(server.covered(masks, weights)["a"], [1, 1, 1, 0])
-    zero = server.zero_fill_mean(deltas, masks, weights)["a"]
+    np.testing.assert_array_equal(covered_by_some(masks, weights)["a"], [1, 1, 1, 0])
+    zero = zero_fill_mean(deltas, masks, weights)["a"]
     np.testing.assert_allclose(zero, (w[1:, None] * m[1:] * d[1:]).sum(0) / w[1:].sum(),
                                rtol=1e-6)
 

@@ -62,8 +62,9 @@ import optax
 
 from bilevel import costs, federated, server, tree
 from bilevel import sampling as sampling_lib
+from bilevel.algorithms import base
 from bilevel.client import Sampler, full_batch, population_sampler
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, check_choice
 from bilevel.hypergrad import PRODUCT_GRAD_EVALS
 from bilevel.masks import UnitLayout, coverage_stats_from_counts, unit_kept_counts
 from bilevel.problems import BilevelProblem
@@ -483,7 +484,7 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
                        diagnostics: bool = False, neumann: str = "code",
                        **unused: Any) -> federated.Round:
   """FedNest's round `step(state, data) -> (state, metrics)` (module docstring), as a
-  federated.Round; rounds.make_round's keywords (what FedNest cannot use is a ConfigError).
+  federated.Round; rafbo.make_round's keywords (what FedNest cannot use is a ConfigError).
 
   sample: its batch_size is FedNest's local_bs for FedInn's epoch sweeps (a sampler without
   one: whole-split steps; FedOut and the snapshot always use each client's whole split, as
@@ -491,7 +492,7 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   `available` is accepted and unused: FedNest averages over all sampled clients, and the
   client FLOPs read the owned units from data.available as the local round's masks do
   (`client_flops`); oracle replaces make_oracle(problem) (tests count calls through it);
-  diagnostics as in rounds.make_round (the estimate is FedOut's averaged h at x); client_map
+  diagnostics as in rafbo.make_round (the estimate is FedOut's averaged h at x); client_map
   maps a phase's client function over its clients (ClientMap; default one vmap).
   """
   del sampling, available, unused
@@ -527,6 +528,41 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   # Seed streams and step sizes as jit arguments (RoundArgs): one program for every seed and
   # step size (sampling_lib.ROUND_STREAMS holds the streams FedNest reads).
   ratios = np.ones((cfg.num_clients, 2))
-  args = sampling_lib.round_args(cfg, ratios, population, (), jax.tree.leaves(x_like)[0].dtype)
-  return federated.Round(functools.partial(jax.jit(step) if jit else step, args), population,
-                         ratios, c, (), functools.partial(phase_samples, args, c=c))
+  args = sampling_lib.round_args(cfg.seed, federated.step_sizes(cfg.client), ratios, population,
+                                 (), jax.tree.leaves(x_like)[0].dtype)
+  apply = jax.jit(step) if jit else step
+  return federated.Round(functools.partial(apply, args), population, ratios, c, (),
+                         functools.partial(phase_samples, args, c=c), hyper=args, apply=apply)
+
+
+# ------------------------------------------------------------------ the algorithm
+
+
+def _one_step_size(o: base.Options, given: Mapping[str, Any]) -> base.Options:
+  """FedNest has one step hlr (its Neumann step, the scale of v and the client x step):
+  outer_lr. A v_lr given apart from it is a ConfigError; otherwise v_lr follows outer_lr."""
+  if "v_lr" in given and given["v_lr"] != o.outer_lr:
+    raise ConfigError(
+        f"fednest has one step hlr (FedNest's --hlr: the Neumann step, the scale of v and the "
+        f"client x step), outer_lr={o.outer_lr!r}; v_lr={given['v_lr']!r} cannot differ from it "
+        "(give outer_lr only).")
+  check_choice("fednest_neumann", o.fednest_neumann, NEUMANN_FORMS)
+  return o._replace(v_lr=o.outer_lr)
+
+
+# FedNest's own hyperparameters (config A): outer_tau 1, local_ep 5 epochs of SVRG steps
+# (inner_steps), 5 Neumann products (6 terms), hlr = lr = 0.01 (v_lr = outer_lr).
+FEDNEST = base.Spec(
+    base.SHARED._replace(estimator="neumann", local_steps=1, inner_steps=5, num_steps=6,
+                         inner_lr=0.01, outer_lr=0.01, v_lr=0.01),
+    make_fednest_round, full_model=True, round_kind="fednest", resolve=_one_step_size)
+
+
+def fednest(*, problem: BilevelProblem, num_clients: int, **options: Any) -> base.Algorithm:
+  """FedNest (Tarzanagh et al., 2022): its communicating round (module docstring), at its
+  own hyperparameters (FEDNEST: local_steps = outer_tau 1, inner_steps = local_ep 5 epochs of
+  SVRG steps, num_steps 6 Neumann terms, outer_lr = hlr = v_lr 0.01, inner_lr = lr 0.01,
+  fednest_neumann "code"). Full model: `levels` is ignored; submodel "compact", weighting
+  "examples" and estimators other than neumann are ConfigErrors.
+  """
+  return base.build("fednest", FEDNEST, problem, num_clients, options)

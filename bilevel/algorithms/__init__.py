@@ -1,0 +1,104 @@
+"""The algorithms: one constructor per algorithm, each owning every default that defines it.
+
+    alg = bilevel.algorithms.get("rafbo", problem=problem, num_clients=8, clients_per_round=4,
+                                 levels="1/1:0.5,0.5/0.5:0.5", granularity="element")
+    state = alg.init(x, y)                      # a federated.ServerState
+    for _ in range(rounds):
+      state, metrics = alg.step(state, data)    # data: a federated.FederatedData; jitted once
+
+Where each one lives: rafbo.py (RAFBO and RABO: the local round, top to bottom), fednest.py
+(FedNest's communicating round), baselines.py (the other baselines: the local round with their
+own defaults), base.py (the keywords every algorithm takes, `Options`, and the configured
+`Algorithm`). An `Algorithm` holds the resolved `federated.FederatedConfig` (`config`), its
+server optimiser (used by both `init` and `step`, so the two cannot disagree) and the jitted
+round (built on the first `init` or `step` for the shapes of x and cached). `bilevel.run(alg,
+state, data, num_rounds, ...)` (loop.run) drives it like a `federated.Round`: it only calls
+`.step`.
+
+Every constructor takes the same keywords (`base.Options`); a keyword that is not given (or
+None) takes the algorithm's default. The drivers build every algorithm through `get`
+(experiments/common.py, `make_algorithm`): a flag given on the command line is passed as its
+keyword, and a flag left at its default is passed too unless the algorithm sets that option
+itself (`own_options`). So the library's defaults are what the drivers resolve for
+`--algorithm=NAME` with default flags, except the drivers' level profile
+"1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5" (here one full level "1/1:1" unless given) and their
+clients_per_round 10 (here num_clients // 2: the same for their 20 clients).
+
+  name       local  inner  estimator          participation       masks
+  rabo       1      1      fd                 every client        random, levels as given
+  rafbo      5      1      fd                 half the clients    random, levels as given
+  lfednest   5      5      neumann (5 terms)  half the clients    full model (levels ignored)
+  fednest    1      5      FedNest's round    half the clients    full model (levels ignored)
+             (tau)  (epochs (N = 5 products, its code's v; fednest.py; hlr = outer_lr
+                    of SVRG) = v_lr = 0.01, lr = inner_lr = 0.01: FedNest's own)
+  simfbo     5      1      exact              half the clients    full model (levels ignored)
+  memfbo     5      1      fd                 half the clients    full model (levels ignored)
+  full_only  5      1      fd                 half the clients    only clients at level 1/1 train
+  heterofl   5      1      fd                 half the clients    static (nested) masks
+  fedrolex   5      1      fd                 half the clients    rolling masks
+
+Shared defaults (fednest: its own, above): inner_lr 0.1, outer_lr 0.1, num_steps 1 (lfednest 5),
+v_lr 0.1, delta 1e-3, radius None, v_step "cauchy", granularity "unit" (needs `layout`),
+aggregation "coverage", weighting "uniform", server optimiser optax.sgd(server_lr = 1.0),
+full-batch client sampling, dense submodels, seed 0. "Half the clients" is
+max(1, num_clients // 2) (the drivers' 10 of 20). Full-model algorithms' config has the single
+level 1/1:1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bilevel.algorithms import baselines, base, fednest, rafbo
+from bilevel.algorithms.base import FULL_LEVEL, Algorithm, Options
+from bilevel.errors import check_choice
+from bilevel.problems import BilevelProblem
+
+# name -> what defines the algorithm (each module's constructor builds the same from its Spec)
+_SPECS: dict[str, base.Spec] = {
+    "rabo": rafbo.RABO, "rafbo": rafbo.RAFBO, "fednest": fednest.FEDNEST,
+    "lfednest": baselines.LFEDNEST, "simfbo": baselines.SIMFBO, "memfbo": baselines.MEMFBO,
+    "full_only": baselines.FULL_ONLY, "heterofl": baselines.HETEROFL,
+    "fedrolex": baselines.FEDROLEX}
+
+
+def names() -> tuple[str, ...]:
+  """The names `get` accepts."""
+  return tuple(_SPECS)
+
+
+def own_options(name: str) -> tuple[str, ...]:
+  """The options whose default `name` sets itself: those that differ from what every
+  algorithm shares (e.g. fednest's step sizes, heterofl's mask_policy) and, for algorithms
+  where every client takes part, clients_per_round. The drivers pass a flag left at its
+  default only for options not listed here, so an algorithm's own default wins over it."""
+  check_choice("algorithm", name, names())
+  spec = _SPECS[name]
+  own = [f for f in Options._fields if getattr(spec.defaults, f) != getattr(base.SHARED, f)]
+  if spec.full_participation:
+    own.append("clients_per_round")
+  return tuple(own)
+
+
+def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
+  """The algorithm `name` (see `names()`) configured by keywords over its own defaults.
+
+  Args:
+    name: one of names().
+    problem: bilevel.BilevelProblem(inner_loss, outer_loss); each loss (x, y, batch) -> scalar.
+    num_clients: population size M (the leading axis of the FederatedData passed to `step`).
+    **options: any field of `base.Options`; None or absent = the algorithm's default.
+
+  Returns:
+    An Algorithm with init(x, y), step(state, data), config and name.
+
+  Raises:
+    ConfigError: an unknown name or keyword (naming the allowed ones) or a value outside its
+      range (federated.validate_config).
+  """
+  check_choice("algorithm", name, names())
+  return base.build(name, _SPECS[name], problem, num_clients, options)
+
+
+__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "own_options", "rafbo", "fednest",
+           "baselines", "base"]

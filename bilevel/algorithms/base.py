@@ -1,0 +1,297 @@
+"""What every algorithm shares: the keywords it takes (`Options`), the defaults they share
+(`SHARED`), how an algorithm is defined (`Spec`: its defaults, its round builder and how its
+clients take part) and the configured algorithm (`Algorithm`: `init(x, y)` and a jitted
+`step(state, data)`), resolved and validated by `build`. The algorithms themselves:
+rafbo.py (rabo, rafbo), fednest.py, baselines.py; the registry: bilevel.algorithms.get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bilevel import costs, federated, tree
+from bilevel import masks as masks_lib
+from bilevel.client import ClientConfig, Sampler, full_batch
+from bilevel.errors import ConfigError
+from bilevel.hypergrad import EstimatorOptions
+from bilevel.masks import Level, MaskConfig, UnitLayout
+from bilevel.problems import BilevelProblem
+
+PyTree = Any
+FULL_LEVEL = Level(1.0, 1.0, 1.0)
+
+
+class Options(NamedTuple):
+  """Every keyword an algorithm constructor takes; None = the algorithm's default.
+
+  Attributes:
+    clients_per_round: clients sampled per round C (rabo: num_clients; others: num_clients // 2).
+    levels: resource levels, a profile "rx/ry:share,..." (masks.parse_levels) or a sequence of
+      masks.Level (or (rx, ry, share) triples); default "1/1:1". Ignored by full-model algorithms.
+    redraw_levels: draw each client's level anew every round (default False).
+    granularity: "unit" (needs `layout`) or "element"; default "unit" (full-model algorithms
+      without a layout: "element", their masks keep everything either way).
+    layout: masks.UnitLayout of the model (e.g. bilevel.models.mlp_layout(hidden)).
+    mask_policy: masks.POLICIES ("random", "rolling", "static", "magnitude").
+    allow_uncovered: accept mask settings that never cover some outer coordinates.
+    local_steps: local steps K per round.
+    inner_steps: inner steps T per local step.
+    inner_lr: inner step size beta.
+    inner_step: "cauchy" (step min(beta, g'g / g'Hg), one product per inner step; the
+      default) or "fixed" (beta always); inner.inner_solve. FedNest's round ignores it.
+    outer_lr: outer (hypergradient) step size alpha.
+    x_trust: trust region on each client's x delta, relative to its submodel's ||x|| (client
+      .trust_region; 0 = off, the default). x_trust_scope: "layer" (default) or "model".
+    estimator: hypergradient estimator (hypergrad.ESTIMATORS: fd, exact, neumann, cg).
+    num_steps: v updates / Neumann terms / CG iterations.
+    v_lr: step size eta of the v update and Neumann series (EstimatorOptions.step_size).
+    delta: finite-difference probe length (fd).
+    radius: optional projection radius for v.
+    v_step: "cauchy" or "fixed" (fd / exact v update; hypergrad.EstimatorOptions).
+    product: Hessian-vector product of neumann / cg ("exact" or "fd").
+    server_optimizer: optax transformation the server steps x with; default
+      optax.sgd(server_lr). Give this or server_lr, not both.
+    server_lr: step of the default SGD server optimiser (default 1.0).
+    aggregation: server.AGGREGATORS ("coverage", "zero_fill").
+    weighting: "uniform" or "examples" (w_i = the client's example count).
+    seed: the one seed every random stream derives from (default 0).
+    sample: client batch sampler (client.Sampler); default client.full_batch.
+    flops_per_grad: analytic FLOPs per gradient, (kept_x, kept_y) -> FLOPs; default
+      federated.default_flops_per_grad. Used when no `cost` is given: a client's round then
+      counts grad_evals_per_round gradients of that price.
+    cost: costs.CostModel, the per-operation FLOP model (op prices of the model and the batch
+      rows) a client's round is priced with instead (the drivers give it for their models).
+    submodel: "dense" (default) or "compact" (rafbo.make_round).
+    sampling: "uniform" or "stratified" (default: make_round's choice for the submodel).
+    available: group -> [M, K] units each client owns (rafbo.make_round).
+    mesh: jax.sharding.Mesh to shard the clients of a round over (sharding.client_mesh).
+    mask_fn: `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` replacing the
+      mask policy (federated.MaskFn; dense submodels only; e.g. hyper-cleaning's rolling
+      window over each client's own samples). Default None: the policy's masks.
+    diagnostics: True adds the round's aggregated estimate and coverage counts to its metrics
+      for loop.run's diagnose_fn (rafbo.make_round). Default None: off.
+    fednest_neumann: fednest's v: "code" (FedNest's code's closed form, the default) or
+      "series" (the series it intends; fednest.NEUMANN_FORMS). Other algorithms: "code" only.
+  """
+
+  clients_per_round: int | None = None
+  levels: str | Sequence[Level] | None = None
+  redraw_levels: bool | None = None
+  granularity: str | None = None
+  layout: UnitLayout | None = None
+  mask_policy: str | None = None
+  allow_uncovered: bool | None = None
+  local_steps: int | None = None
+  inner_steps: int | None = None
+  inner_lr: float | None = None
+  inner_step: str | None = None
+  outer_lr: float | None = None
+  x_trust: float | None = None
+  x_trust_scope: str | None = None
+  estimator: str | None = None
+  num_steps: int | None = None
+  v_lr: float | None = None
+  delta: float | None = None
+  radius: float | None = None
+  v_step: str | None = None
+  product: str | None = None
+  server_optimizer: optax.GradientTransformation | None = None
+  server_lr: float | None = None
+  aggregation: str | None = None
+  weighting: str | None = None
+  seed: int | None = None
+  sample: Sampler | None = None
+  flops_per_grad: Callable[[PyTree, PyTree], jax.Array] | None = None
+  cost: costs.CostModel | None = None
+  submodel: str | None = None
+  sampling: str | None = None
+  available: Mapping[str, np.ndarray] | None = None
+  mesh: jax.sharding.Mesh | None = None
+  mask_fn: federated.MaskFn | None = None
+  diagnostics: bool | None = None
+  fednest_neumann: str | None = None
+
+
+# What every algorithm shares (the drivers' flag defaults); clients_per_round and granularity
+# are resolved per algorithm in `build`.
+SHARED = Options(
+    levels="1/1:1", redraw_levels=False, mask_policy="random", allow_uncovered=False,
+    local_steps=5, inner_steps=1, inner_lr=0.1, inner_step="cauchy", outer_lr=0.1,
+    x_trust=0.0, x_trust_scope="layer", estimator="fd", num_steps=1,
+    v_lr=0.1, delta=1e-3, radius=None, v_step="cauchy", product="exact", server_lr=1.0,
+    aggregation="coverage", weighting="uniform", seed=0, sample=full_batch,
+    flops_per_grad=federated.default_flops_per_grad, submodel="dense", fednest_neumann="code")
+
+
+class Spec(NamedTuple):
+  """What defines an algorithm: its defaults, its round and how its clients take part.
+
+  make_round(problem, config, layout, x_like, **keywords) -> federated.Round: the round
+  builder (rafbo.make_round, or fednest.make_fednest_round, which also takes `neumann`).
+  """
+
+  defaults: Options
+  make_round: Callable[..., federated.Round]
+  full_participation: bool = False  # clients_per_round defaults to num_clients
+  full_model: bool = False  # every client runs the full model (levels ignored)
+  only_full: bool = False  # only clients at level 1/1 take part
+  round_kind: str = "local"  # federated.FederatedConfig.round_kind
+  # (options, the keywords given) -> options: the algorithm's own rules over them (fednest:
+  # one step size); raises ConfigError.
+  resolve: Callable[[Options, Mapping[str, Any]], Options] | None = None
+
+
+def _strongly_typed(t: PyTree) -> PyTree:
+  """Every leaf as an array of its dtype, weak types dropped (jnp.array(1.0) is weakly typed;
+  the round returns strongly typed arrays, and a weak input would retrace the second step)."""
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.result_type(a)), t)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Algorithm:
+  """A configured federated bilevel algorithm: `init(x, y)` and a jitted `step(state, data)`.
+
+  Attributes:
+    name: the algorithm's name (a key of bilevel.algorithms.names()).
+    spec: what defines it (its defaults and round builder).
+    config: the resolved federated.FederatedConfig.
+    problem: the BilevelProblem (inner and outer losses).
+    layout: the model's UnitLayout (None for element masks).
+    optimizer: the server optimiser; `init` initialises its state, `step` applies it.
+    options: every keyword, resolved (Options with no None left but optional ones).
+  """
+
+  name: str
+  spec: Spec
+  config: federated.FederatedConfig
+  problem: BilevelProblem
+  layout: UnitLayout | None
+  optimizer: optax.GradientTransformation
+  options: Options
+  _rounds: dict[Any, federated.Round] = dataclasses.field(default_factory=dict, repr=False)
+
+  def make_round(self, x_like: PyTree) -> federated.Round:
+    """The federated.Round for parameters shaped like x_like (built once per shape, cached).
+
+    Raises:
+      ConfigError: make_round's checks that need x (e.g. static masks that leave outer
+        coordinates uncovered forever).
+    """
+    key = tree.signature(x_like)  # the round is built once per signature
+    if key not in self._rounds:
+      o = self.options
+      own = dict(neumann=o.fednest_neumann) if self.spec.round_kind == "fednest" else {}
+      self._rounds[key] = self.spec.make_round(
+          self.problem, self.config, self.layout, x_like, sample=o.sample,
+          optimizer=self.optimizer, flops_per_grad=o.flops_per_grad, cost=o.cost,
+          available=o.available,
+          submodel=o.submodel, sampling=o.sampling, mesh=o.mesh, mask_fn=o.mask_fn,
+          diagnostics=bool(o.diagnostics), **own)
+    return self._rounds[key]
+
+  def init(self, x: PyTree, y: PyTree) -> federated.ServerState:
+    """The server state at (x, y) (v = 0, round 0); builds and validates the round for x.
+
+    Leaves of x and y become arrays of their dtype with weak types dropped (Python scalars,
+    jnp.array(1.0)), so that the state `step` returns has the types it was given and `step`
+    compiles once.
+    """
+    x, y = _strongly_typed(x), _strongly_typed(y)
+    self.make_round(x)
+    return federated.init_state(x, y, self.optimizer)
+
+  def step(self, state: federated.ServerState,
+           data: federated.FederatedData) -> tuple[federated.ServerState, dict[str, jax.Array]]:
+    """One round: (next state, metrics). Compiled on the first call, not retraced after.
+
+    Args:
+      state: from `init` (or an earlier `step`, or a restored checkpoint).
+      data: client data stacked on a leading [num_clients] axis.
+
+    Returns:
+      The next state and the round's metrics (outer_loss, inner_loss, hypergrad_norm,
+      coverage_x_min / _mean, coverage_y_min / _mean, uncovered shares, client_flops,
+      comm_bytes, active_clients), each a scalar jax.Array.
+    """
+    return self.make_round(state.x).step(state, data)
+
+
+def _levels(levels: str | Sequence[Any]) -> tuple[Level, ...]:
+  if isinstance(levels, str):
+    return masks_lib.parse_levels(levels)
+  try:
+    out = tuple(lv if isinstance(lv, Level) else Level(*map(float, lv)) for lv in levels)
+  except (TypeError, ValueError):
+    raise ConfigError(f"levels={levels!r} is neither a profile 'rx/ry:share,...' nor a sequence "
+                      "of masks.Level(rx, ry, share).") from None
+  masks_lib.validate_levels(out)
+  return out
+
+
+def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
+          options: Mapping[str, Any]) -> Algorithm:
+  """Resolve `options` over the defaults of `spec` into the Algorithm `name` (validated)."""
+  unknown = sorted(set(options) - set(Options._fields))
+  if unknown:
+    raise ConfigError(f"unknown keyword(s) {', '.join(unknown)} for algorithm {name!r}; allowed "
+                      f"keywords: problem, num_clients, {', '.join(Options._fields)}.")
+  if not isinstance(problem, BilevelProblem):
+    raise ConfigError(f"problem={problem!r} must be a bilevel.BilevelProblem(inner, outer).")
+  try:
+    bad = isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1
+  except (TypeError, ValueError):
+    bad = True
+  if bad:
+    raise ConfigError(f"num_clients={num_clients!r} must be an integer >= 1.")
+  num_clients = int(num_clients)
+  given = {k: v for k, v in options.items() if v is not None}
+  if "server_optimizer" in given and "server_lr" in given:
+    raise ConfigError("give server_optimizer or server_lr, not both: server_lr is the step of the "
+                      "default server optimiser optax.sgd(server_lr).")
+  o = spec.defaults._replace(**given)
+  if spec.resolve is not None:
+    o = spec.resolve(o, given)
+  elif o.fednest_neumann != "code":
+    raise ConfigError(f"fednest_neumann={o.fednest_neumann!r} is fednest's option only.")
+  levels = _levels(o.levels)  # validated even where ignored
+  if spec.full_model:
+    levels = (FULL_LEVEL,)
+  granularity = o.granularity
+  if granularity is None:
+    granularity = "element" if spec.full_model and o.layout is None else "unit"
+  # An unknown granularity is reported by validate_config below (as mask_granularity, the
+  # config field and the drivers' flag).
+  if granularity == "unit" and o.layout is None:
+    raise ConfigError(
+        "granularity='unit' needs the model's unit layout: pass layout= (a masks.UnitLayout, "
+        "e.g. bilevel.models.mlp_layout(hidden)), or use granularity='element'.")
+  clients_per_round = o.clients_per_round
+  if clients_per_round is None:
+    clients_per_round = num_clients if spec.full_participation else max(1, num_clients // 2)
+  o = o._replace(clients_per_round=clients_per_round, levels=levels, granularity=granularity)
+  client = ClientConfig(
+      local_steps=o.local_steps, inner_steps=o.inner_steps, inner_lr=o.inner_lr,
+      outer_lr=o.outer_lr, estimator=o.estimator, inner_step=o.inner_step,
+      x_trust=o.x_trust, x_trust_scope=o.x_trust_scope,
+      estimator_options=EstimatorOptions(
+          num_steps=o.num_steps, step_size=o.v_lr, delta=o.delta, radius=o.radius,
+          product=o.product, v_step=o.v_step))
+  config = federated.FederatedConfig(
+      num_clients=num_clients, clients_per_round=clients_per_round, client=client,
+      mask=MaskConfig(o.mask_policy, granularity), levels=levels,
+      redraw_levels=o.redraw_levels, only_full=spec.only_full, aggregation=o.aggregation,
+      weighting=o.weighting, server_lr=o.server_lr, allow_uncovered=o.allow_uncovered,
+      seed=o.seed, round_kind=spec.round_kind)
+  federated.validate_config(config, o.layout)
+  if o.server_optimizer is not None and not isinstance(o.server_optimizer,
+                                                       optax.GradientTransformation):
+    raise ConfigError(f"server_optimizer={o.server_optimizer!r} must be an optax "
+                      "GradientTransformation (e.g. optax.adam(1e-2)).")
+  optimizer = o.server_optimizer or optax.sgd(o.server_lr)
+  return Algorithm(name, spec, config, problem, o.layout, optimizer, o)

@@ -1,0 +1,206 @@
+"""RAFBO and RABO (docs/method.md, section 6): the local round, top to bottom.
+
+One round q is one jitted call of step(args, state, data) (args: federated.RoundArgs, the
+per-run values: the seed's keys, the level assignment and the step sizes):
+  1. sample the round's clients from the population: uniformly without replacement, or a fixed
+     count per resource level (stratified; bilevel/sampling.py);
+  2. per client, vmapped (and optionally sharded over devices): its keep ratios and keys
+     (sampling.make_context_fn), its masks (masks.make_masks, or a mask_fn) and
+     client.client_update at the pruned point: K local steps of y, v and x, deltas masked;
+  3. the server step (server.server_update): the clients' weighted masked deltas summed,
+     divided by the coverage (server.AGGREGATORS), x stepped by the optax server optimiser,
+     y and v moved where some client kept the coordinate; the round's metrics.
+RABO = one local step with every client; RAFBO = K local steps with partial participation.
+
+The dense client (masked full-size arrays) is the reference. The compact client
+(bilevel/compact.py) computes the same update on extracted submodels (tests/compact_test.py).
+A client's FLOPs and bytes: costs.result_fn. FedNest's round: bilevel/algorithms/fednest.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bilevel import compact, costs
+from bilevel import masks as masks_lib
+from bilevel import sampling as sampling_lib
+from bilevel import server, tree
+from bilevel.algorithms.base import SHARED, Algorithm, Spec, build
+from bilevel.client import Sampler, client_update, full_batch, population_sampler
+from bilevel.errors import ConfigError, check_choice
+from bilevel.federated import DIAGNOSTICS, SAMPLINGS, SUBMODELS, FederatedConfig, FederatedData
+from bilevel.federated import MaskFn, Round, RoundArgs, ServerState, default_flops_per_grad
+from bilevel.federated import step_sizes, validate_config, with_steps
+from bilevel.masks import UnitLayout
+from bilevel.problems import BilevelProblem
+from bilevel.sharding import client_sharding
+
+PyTree = Any
+
+
+def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout | None,
+               x_like: PyTree, *, sample: Sampler = full_batch,
+               optimizer: optax.GradientTransformation | None = None,
+               flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = default_flops_per_grad,
+               cost: costs.CostModel | None = None, jit: bool = True,
+               available: Mapping[str, np.ndarray] | None = None,
+               mask_fn: MaskFn | None = None, submodel: str = "dense",
+               sampling: str | None = None, mesh: jax.sharding.Mesh | None = None,
+               mesh_axis: str = "clients", diagnostics: bool = False) -> Round:
+  """The local round `step(state, data) -> (state, metrics)` (validated up front; ConfigError).
+
+  diagnostics: metrics[DIAGNOSTICS] = {"estimate": the round's aggregated hypergradient
+  estimate (like x, at the state the round started from), "count_x" / "count_y": clients
+  keeping each coordinate} for `loop.run(..., diagnose_fn=...)`.
+  mask_fn: `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` replacing the
+  policy masks (dense only), e.g. the theory check's controlled-coverage schedules.
+  submodel: "dense" (masked full-size arrays: the reference) or "compact" (module docstring;
+  needs unit masks, fixed levels, no `available` units, no mask_fn, and losses that accept
+  compact arrays). Compact = dense in float64 to 1e-12 (tests/compact_test.py).
+  sampling: "uniform" (dense default) or "stratified" (required by compact); see
+  bilevel/sampling.py. With one level both draw the same clients.
+  mesh: shard the client axis of the sampled ids and of every client output over `mesh_axis`
+  (sharding.client_mesh); the same numbers as one device up to summation order. Place the
+  data and state with `sharding.replicate(tree, mesh)` first, or every call copies them.
+  jit: False returns the traced-per-call step (for callers that jit a larger program).
+  cost: the per-operation FLOP model (costs.CostModel) client FLOPs are priced with; without
+  it a client's round counts grad_evals_per_round gradients at flops_per_grad each.
+  """
+  sampling = check_round(cfg, layout, submodel=submodel, sampling=sampling, mask_fn=mask_fn,
+                         available=available)
+  optimizer = optimizer or optax.sgd(cfg.server_lr)
+  ratios, population = sampling_lib.client_levels(cfg)
+  check_coverable(cfg, layout, x_like, ratios, population, available)
+  num_sampled = min(cfg.clients_per_round, len(population))
+  strata = () if sampling == "uniform" else sampling_lib.make_strata(
+      ratios, population, num_sampled, layout if cfg.mask.granularity == "unit" else None)
+  args = sampling_lib.round_args(cfg.seed, step_sizes(cfg.client), ratios, population, strata,
+                                 jax.tree.leaves(x_like)[0].dtype)
+  sample_fn = sampling_lib.make_sample_fn(sampling, num_sampled, strata)
+  context = sampling_lib.make_context_fn(cfg.levels, cfg.redraw_levels, cfg.only_full)
+  finish = costs.result_fn(cfg.client, cfg.weighting, flops_per_grad, cost,
+                           first_step_apart=submodel == "dense")
+  aggregate = server.AGGREGATORS[cfg.aggregation]
+  shard = client_sharding(mesh, mesh_axis)
+
+  def dense_client(a: RoundArgs, state: ServerState, data: FederatedData, cid: jax.Array,
+                   slot: jax.Array, q: jax.Array) -> server.ClientResult:
+    """One client on masked full-size arrays (slot: its position 0..C-1 in the round)."""
+    c = context(a, data, cid, q)
+    if mask_fn is None:
+      mask_x, mask_y = masks_lib.make_masks(cfg.mask, layout, state.x, state.y, c.rx, c.ry,
+                                            c.mask_key, q, c.available)
+    else:
+      mask_x, mask_y = mask_fn(state, cid, slot, q, c.rx, c.ry, c.mask_key)
+    mask_x, mask_y = tree.scale(c.active, mask_x), tree.scale(c.active, mask_y)
+    out = client_update(problem, with_steps(cfg.client, a.steps), state.x, state.y, state.v,
+                        data.inner, data.outer, mask_x, mask_y, c.batch_key,
+                        population_sampler(sample, cid))
+    return finish(data, cid, out, mask_x, mask_y, c.active)
+
+  client_fns = ((dense_client,) if submodel == "dense" else
+                compact.compact_client_fns(problem, cfg.client, cfg.mask.policy, layout, strata,
+                                           context, finish, sample))
+
+  def server_fn(a: RoundArgs, state: ServerState, results):
+    state, metrics, diag = server.server_update(
+        state, results, layout, aggregate=aggregate, optimizer=optimizer,
+        outer_lr=a.steps["outer_lr"], local_steps=cfg.client.local_steps)
+    if diagnostics:
+      metrics[DIAGNOSTICS] = diag
+    return state, metrics
+
+  def step(a: RoundArgs, state: ServerState, data: FederatedData):
+    q = state.round
+    id_groups = sample_fn(a, q)  # 1. the round's clients (one group per stratum)
+    if len(client_fns) == 1 and len(id_groups) > 1:  # dense, stratified: one vmap (full size)
+      id_groups = [jnp.concatenate(id_groups)]
+    outs, offset = [], 0
+    for fn, ids in zip(client_fns, id_groups):  # 2. masks and local update, vmapped
+      ids = shard(ids)
+      slots = jnp.arange(offset, offset + ids.shape[0])
+      offset += ids.shape[0]
+      outs.append(shard(jax.vmap(fn, (None, None, None, 0, 0, None))(a, state, data, ids,
+                                                                    slots, q)))
+    return server_fn(a, state, outs)  # 3. coverage mean and server step
+
+  apply = jax.jit(step) if jit else step
+  bind = lambda fn: functools.partial(fn, args)
+  return Round(bind(apply), population, ratios, num_sampled, strata, bind(sample_fn),
+               tuple(map(bind, client_fns)), bind(server_fn),
+               seed_constants=mask_fn is not None, hyper=args, apply=apply)
+
+
+# ------------------------------------------------------------------ the algorithms
+
+
+RAFBO = Spec(SHARED, make_round)
+RABO = Spec(SHARED._replace(local_steps=1), make_round, full_participation=True)
+
+
+def rabo(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
+  """RABO: one local step (K = 1) per round, every client in every round, pruned submodels
+  (give `levels` to prune; keywords: base.Options, defaults: bilevel.algorithms)."""
+  return build("rabo", RABO, problem, num_clients, options)
+
+
+def rafbo(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
+  """RAFBO: K = 5 local steps per round, partial participation, pruned submodels (give
+  `levels` to prune; keywords: base.Options, defaults: bilevel.algorithms)."""
+  return build("rafbo", RAFBO, problem, num_clients, options)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def check_round(cfg: FederatedConfig, layout: UnitLayout | None, *, submodel: str,
+                sampling: str | None, mask_fn: MaskFn | None,
+                available: Mapping[str, np.ndarray] | None) -> str:
+  """make_round's configuration checks (ConfigError); returns the resolved sampling."""
+  validate_config(cfg, layout)
+  if cfg.round_kind != "local":
+    raise ConfigError(f"round_kind={cfg.round_kind!r} is not the local round: FedNest's "
+                      "communicating round is built by fednest.make_fednest_round "
+                      "(bilevel.algorithms.get('fednest', ...) does so).")
+  check_choice("submodel", submodel, SUBMODELS)
+  sampling = sampling or ("stratified" if submodel == "compact" else "uniform")
+  check_choice("sampling", sampling, SAMPLINGS)
+  if sampling == "stratified" and cfg.redraw_levels:
+    raise ConfigError("sampling='stratified' (and submodel='compact') needs fixed client levels; "
+                      "redraw_levels=True draws a level per round: use submodel='dense' with "
+                      "sampling='uniform'.")
+  if submodel == "compact":
+    problems = []
+    if cfg.mask.granularity != "unit":
+      problems.append(f"mask_granularity={cfg.mask.granularity!r} (needs 'unit')")
+    if sampling != "stratified":
+      problems.append(f"sampling={sampling!r} (needs 'stratified': static group sizes)")
+    if mask_fn is not None:
+      problems.append("a mask_fn (masks must come from the unit policies)")
+    if available is not None:
+      problems.append("client-owned units `available` (they index the client's data)")
+    if problems:
+      raise ConfigError("submodel='compact' cannot run with " + "; ".join(problems) +
+                        "; use submodel='dense'.")
+  return sampling
+
+
+def check_coverable(cfg: FederatedConfig, layout: UnitLayout | None, x_like: PyTree,
+                    ratios: np.ndarray, population: np.ndarray,
+                    available: Mapping[str, np.ndarray] | None) -> None:
+  """masks.check_coverable for the levels the population can hold (the profile when redrawn)."""
+  if cfg.redraw_levels:
+    profile_ratios = np.array([[lv.rx, lv.ry] for lv in cfg.levels])
+    masks_lib.check_coverable(cfg.mask, layout, x_like, profile_ratios, None,
+                              allow_uncovered=cfg.allow_uncovered)
+  else:
+    masks_lib.check_coverable(
+        cfg.mask, layout, x_like, ratios[population],
+        None if available is None else {g: np.asarray(a)[population] for g, a in available.items()},
+        allow_uncovered=cfg.allow_uncovered)

@@ -1,0 +1,2 @@
+"""The paper's tasks as library code: data -> client arrays, model and layout, problem,
+samplers, mask functions, metrics and op prices (hyper_representation, hyper_cleaning, theory)."""
