@@ -9,7 +9,8 @@ import numpy as np
 import optax
 from absl.testing import absltest
 
-from bilevel import federated, models, rounds
+from bilevel import federated, models
+from bilevel.algorithms import rafbo
 from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig
 from bilevel.hypergrad import EstimatorOptions
@@ -108,8 +109,8 @@ class CompactEqualsDenseTest(absltest.TestCase):
       out = {}
       for submodel in ("compact", "dense"):
         data, x0, y0 = _round_setup(np.float64)
-        rnd = rounds.make_round(problem, cfg, models.mlp_layout(H), x0, submodel=submodel,
-                                sampling="stratified")
+        rnd = rafbo.make_round(problem, cfg, models.mlp_layout(H), x0, submodel=submodel,
+                               sampling="stratified")
         state = federated.init_state(x0, y0, optax.sgd(1.0))
         first, _ = rnd.step(state, data)
         state, _ = rnd.step(first, data)
