@@ -16,7 +16,9 @@ coverage count c_j in the round:
                     the correlation of sum over rounds of 1/c_j with the unit's norm (> 0: units
                     kept by few clients grew most)
 
-  python -m experiments.unit_probe --workdir=runs/unit_probe --flagfile=experiments/presets/hyper_representation_rafbo.cfg --partition=shards --num_clients=100 --clients_per_round=10 --rounds=120
+  python -m experiments.unit_probe --workdir=runs/unit_probe --partition=shards \\
+      --flagfile=experiments/presets/hyper_representation_rafbo.cfg --num_clients=100 \\
+      --clients_per_round=10 --rounds=120
 
 Measurement only (MLP only): it writes the run's config.json into --workdir and nothing else.
 """
@@ -37,7 +39,8 @@ def main(argv):
   common.start_driver()
   run = task.prepare_one()
   layout = models.mlp_layout(task.HIDDEN.value)
-  alg = common.make_algorithm(run.problem, layout, sample=minibatch_sampler(common.BATCH_SIZE.value),
+  alg = common.make_algorithm(run.problem, layout,
+                              sample=minibatch_sampler(common.BATCH_SIZE.value),
                               submodel="dense", sampling="stratified")
   state = run.state
   rnd = alg.make_round(state.x)
@@ -61,7 +64,8 @@ def main(argv):
     rad_x = jnp.sum(A * W, 0) / jnp.linalg.norm(W, axis=0)
     B = new.y["head"]["kernel"] - state.y["head"]["kernel"]
     agg_dy = jnp.sqrt(jnp.sum(B ** 2, -1))
-    rad_y = jnp.sum(B * state.y["head"]["kernel"], -1) / jnp.linalg.norm(state.y["head"]["kernel"], axis=-1)
+    head = state.y["head"]["kernel"]
+    rad_y = jnp.sum(B * head, -1) / jnp.linalg.norm(head, axis=-1)
     mean_client = jnp.sum(dxc * m, 0) / jnp.maximum(c, 1)
     level = jnp.asarray(rnd.client_ratios)[ids, 0]
     return new, metrics, dict(c=c, agg_dx=agg_dx, rad_x=rad_x, agg_dy=agg_dy, rad_y=rad_y,
@@ -93,7 +97,8 @@ def main(argv):
       out["client_dx_by_level"] = {str(r): round(float(np.nanmean(acc[("lvl", r)])), 4)
                                    for r in (1.0, 0.5, 0.25)}
       wn = d["wn"]
-      out["W_col_norm q10/50/90/max"] = [round(float(v), 2) for v in np.percentile(wn, [10, 50, 90, 100])]
+      out["W_col_norm q10/50/90/max"] = [round(float(v), 2)
+                                         for v in np.percentile(wn, [10, 50, 90, 100])]
       out["corr(cum 1/c, W norm)"] = round(float(np.corrcoef(cum_inv, wn)[0, 1]), 3)
       out["corr(cum 1/c, head norm)"] = round(float(np.corrcoef(cum_inv, d["hn"])[0, 1]), 3)
       print(json.dumps(out), flush=True)
