@@ -15,7 +15,8 @@ from bilevel import masks as masks_lib
 from bilevel.client import ClientConfig
 from bilevel.hypergrad import EstimatorOptions
 
-M, N, DIN, H, CL = 8, 10, 12, 16, 4
+from compact_test import CL, DIN, H, M, N  # the compact = dense test's sizes and data
+from compact_test import _setup as _round_setup
 
 
 def _batch(dtype=np.float32, seed=1):
@@ -81,17 +82,6 @@ class ProblemTermsTest(absltest.TestCase):
       self.assertEqual(float(getattr(scaled, loss)(self.x, self.y, self.b)),
                        float(getattr(base, loss)(self.x, self.y, self.b)))
 
-
-def _round_setup(dtype):
-  rng = np.random.default_rng(0)
-
-  def split():
-    return {"inputs": jnp.asarray(rng.normal(size=(M, N, DIN)), dtype),
-            "labels": jnp.asarray(rng.integers(0, CL, (M, N))), "weight": jnp.ones((M, N), dtype)}
-
-  data = federated.FederatedData(split(), split(), jnp.full((M,), N))
-  x0, y0 = models.init_mlp(jax.random.key(0), DIN, H, CL, dtype)
-  return data, x0, y0
 
 
 class CompactEqualsDenseTest(absltest.TestCase):
