@@ -135,17 +135,24 @@ LOGITS = {"mlp": mlp_logits, "cnn": cnn_logits}
 FEATURES = {"mlp": mlp_features, "cnn": cnn_features}
 
 
+# Task 1's penalty on the representation's scale (docs/method.md, section 8): without it, pruned
+# models under label skew inflate their features until the inner curvature blows the run up.
+FEATURE_L2 = 3e-3
+
+
 def hyper_representation_problem(activation: str = "relu", l2: float = 1e-3,
                                  model: str = "mlp", outer_l2: float = 0.0,
-                                 feature_l2: float = 0.0,
+                                 feature_l2: float = FEATURE_L2,
                                  width_scale_units: int = 0) -> BilevelProblem:
-  """g_i = CE(train) + l2/2 ||y||^2, f_i = CE(val); batches {"inputs", "labels", "weight"}.
+  """g_i = CE(train) + l2/2 ||y||^2, f_i = CE(val) + feature_l2/2 mean_rows ||features||^2.
 
-  Opt-in terms (docs/method.md, section 8; each off at 0, the default, adding nothing to the
-  traced losses):
+  Batches {"inputs", "labels", "weight"}. feature_l2 (default FEATURE_L2; 0 drops the term
+  from the traced loss) penalises the representation's scale in function space: the mean over
+  the batch rows of the squared norm of a row's features (the MLP's hidden activations, the
+  CNN's flattened conv2 activations), at each client's pruned point (docs/method.md, section 8).
+
+  Opt-in terms (each off at 0, the default, adding nothing to the traced losses):
     outer_l2     f_i += outer_l2/2 ||x||^2 (weight decay on the representation);
-    feature_l2   f_i += feature_l2/2 * mean over the batch rows of ||features(x; row)||^2
-                 (the representation's scale in function space);
     width_scale_units  K, the full model's units of the last x layer (the MLP's hidden units,
                  the CNN's conv2 channels): a submodel's features are multiplied by K / k, k its
                  kept units (columns of that layer's kernel that are not all zero), in g and f:

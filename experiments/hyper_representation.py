@@ -29,8 +29,9 @@ L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
 OUTER_L2 = flags.DEFINE_float("outer_l2", 0.0, "L2 penalty (weight decay) on the representation "
                               "x in the outer loss; 0 = off (docs/method.md, section 8).")
 FEATURE_L2 = flags.DEFINE_float(
-    "feature_l2", 0.0, "Penalty feature_l2/2 * mean ||features||^2 on the representation's "
-    "scale in the outer loss; 0 = off (docs/method.md, section 8).")
+    "feature_l2", models.FEATURE_L2, "Penalty feature_l2/2 * mean ||features||^2 on the "
+    "representation's scale in the outer loss (task 1's default); 0 = off (docs/method.md, "
+    "section 8).")
 WIDTH_SCALE = flags.DEFINE_boolean(
     "width_scale", False, "Scale a submodel's features by K / k (full / kept units of x's last "
     "layer; HeteroFL's 1/r scaler) in g and f; off by default (docs/method.md, section 8).")

@@ -1,6 +1,6 @@
-"""Opt-in remedies measured under label skew (docs/method.md, section 8): the representation
-penalties of the hyper-representation problem (feature_l2, outer_l2), the width scaler, and the
-client x-delta trust region, each off by default and the same on the compact and dense paths."""
+"""Remedies measured under label skew (docs/method.md, section 8): the representation penalties
+of the hyper-representation problem (feature_l2, task 1's default; outer_l2, opt-in), the width
+scaler and the client x-delta trust region (opt-in), the same on the compact and dense paths."""
 
 import chex
 import jax
@@ -34,15 +34,22 @@ class ProblemTermsTest(absltest.TestCase):
     self.x["hidden"]["bias"] = jnp.linspace(-0.5, 0.5, H)
     self.b = _batch()
 
-  def test_off_is_the_default_loss_bit_for_bit(self):
-    base = models.hyper_representation_problem()
-    off = models.hyper_representation_problem(outer_l2=0.0, feature_l2=0.0, width_scale_units=0)
+  def test_default_is_feature_l2_only_bit_for_bit(self):
+    default = models.hyper_representation_problem()
+    explicit = models.hyper_representation_problem(outer_l2=0.0, feature_l2=models.FEATURE_L2,
+                                                   width_scale_units=0)
+    off = models.hyper_representation_problem(feature_l2=0.0)
+    self.assertGreater(models.FEATURE_L2, 0.0)
     for loss in ("inner_loss", "outer_loss"):
-      self.assertEqual(float(getattr(off, loss)(self.x, self.y, self.b)),
-                       float(getattr(base, loss)(self.x, self.y, self.b)))
+      self.assertEqual(float(getattr(explicit, loss)(self.x, self.y, self.b)),
+                       float(getattr(default, loss)(self.x, self.y, self.b)))
+    self.assertEqual(float(off.inner_loss(self.x, self.y, self.b)),
+                     float(default.inner_loss(self.x, self.y, self.b)))
+    self.assertGreater(float(default.outer_loss(self.x, self.y, self.b)),
+                       float(off.outer_loss(self.x, self.y, self.b)))
 
   def test_feature_l2_adds_the_weighted_mean_squared_feature_norm(self):
-    base = models.hyper_representation_problem()
+    base = models.hyper_representation_problem(feature_l2=0.0)
     pen = models.hyper_representation_problem(feature_l2=0.3)
     h = models.mlp_features(self.x, self.b["inputs"])
     w = self.b["weight"]
@@ -67,8 +74,9 @@ class ProblemTermsTest(absltest.TestCase):
                                  base.outer_loss(self.x, self.y, self.b)), 0.1 * sq, places=4)
 
   def test_width_scale_gives_a_submodel_the_full_models_scale(self):
-    scaled = models.hyper_representation_problem(width_scale_units=H)
-    base = models.hyper_representation_problem()
+    # without the feature penalty: it reads the (scaled) features, the head x4 does not
+    scaled = models.hyper_representation_problem(feature_l2=0.0, width_scale_units=H)
+    base = models.hyper_representation_problem(feature_l2=0.0)
     keep = (jnp.arange(H) < H // 4).astype(jnp.float32)  # a quarter-width submodel
     xm = {"hidden": {"kernel": self.x["hidden"]["kernel"] * keep[None, :], "bias":
                      self.x["hidden"]["bias"] * keep}}
