@@ -32,7 +32,9 @@ from bilevel.metrics import JsonlWriter, plot_records, to_python, write_json
 _LOADED_AT = time.perf_counter()
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, "
                               "summary.json and plots (created if missing).")
-SEED = flags.DEFINE_integer("seed", 0, "The one seed every random stream is derived from.")
+# The library's defaults (those of the drivers' default algorithm, rafbo) are the flags'.
+_LIB = algorithms.defaults("rafbo")
+SEED = flags.DEFINE_integer("seed", _LIB.seed, "The one seed every random stream is derived from.")
 QUICK = flags.DEFINE_boolean("quick", False, "A small, fast version of the experiment "
                              "(benchmark, coverage_rate).")
 SMOKE = flags.DEFINE_boolean(
@@ -58,46 +60,46 @@ CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampl
 ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(algorithms.names()),
                               "Algorithm or baseline (bilevel.algorithms.get; each sets its own "
                               "defaults, docs/method.md, section 7).")
-ESTIMATOR = flags.DEFINE_string("estimator", "fd", "Hypergradient estimator: fd, exact, neumann, cg.")
-MASK_POLICY = flags.DEFINE_string("mask_policy", "random", "random, rolling, static, magnitude.")
+ESTIMATOR = flags.DEFINE_string("estimator", _LIB.estimator, "Hypergradient estimator: fd, exact, neumann, cg.")
+MASK_POLICY = flags.DEFINE_string("mask_policy", _LIB.mask_policy, "random, rolling, static, magnitude.")
 MASK_GRANULARITY = flags.DEFINE_string("mask_granularity", "unit", "unit or element.")
 LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5",
                              "Resource levels rx/ry:share,... (keep ratios of x and y). Ignored "
                              "by the full-model algorithms (fednest, lfednest, simfbo, memfbo).")
-REDRAW_LEVELS = flags.DEFINE_boolean("redraw_levels", False, "Redraw client levels each round.")
-ALLOW_UNCOVERED = flags.DEFINE_boolean("allow_uncovered", False,
+REDRAW_LEVELS = flags.DEFINE_boolean("redraw_levels", _LIB.redraw_levels, "Redraw client levels each round.")
+ALLOW_UNCOVERED = flags.DEFINE_boolean("allow_uncovered", _LIB.allow_uncovered,
                                        "Accept mask settings that never cover some outer units.")
-LOCAL_STEPS = flags.DEFINE_integer("local_steps", 5, "Local steps K per round (RAFBO).")
-INNER_STEPS = flags.DEFINE_integer("inner_steps", 1, "Inner steps T per local step (fednest: "
+LOCAL_STEPS = flags.DEFINE_integer("local_steps", _LIB.local_steps, "Local steps K per round (RAFBO).")
+INNER_STEPS = flags.DEFINE_integer("inner_steps", _LIB.inner_steps, "Inner steps T per local step (fednest: "
                                    "FedNest's local_ep, epochs of SVRG steps over each client's "
                                    "train split in batches of --batch_size).")
-INNER_LR = flags.DEFINE_float("inner_lr", 0.1, "Inner step size beta.")
-INNER_STEP = flags.DEFINE_enum("inner_step", "cauchy", ["cauchy", "fixed"],
+INNER_LR = flags.DEFINE_float("inner_lr", _LIB.inner_lr, "Inner step size beta.")
+INNER_STEP = flags.DEFINE_enum("inner_step", _LIB.inner_step, ["cauchy", "fixed"],
                                "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg) along the "
                                "inner gradient g (one product per step; holds under label skew, "
                                "docs/method.md section 8), fixed = inner_lr always.")
-OUTER_LR = flags.DEFINE_float("outer_lr", 0.1, "Outer (hypergradient) step size alpha.")
+OUTER_LR = flags.DEFINE_float("outer_lr", _LIB.outer_lr, "Outer (hypergradient) step size alpha.")
 X_TRUST = flags.DEFINE_float(
-    "x_trust", 0.0, "Trust region on each client's x delta: its norm is capped at x_trust times "
+    "x_trust", _LIB.x_trust, "Trust region on each client's x delta: its norm is capped at x_trust times "
     "the norm of the client's submodel x (per layer, or whole with --x_trust_scope=model); "
     "0 = off (docs/method.md, section 8).")
-X_TRUST_SCOPE = flags.DEFINE_enum("x_trust_scope", "layer", ["layer", "model"],
+X_TRUST_SCOPE = flags.DEFINE_enum("x_trust_scope", _LIB.x_trust_scope, ["layer", "model"],
                                   "Where --x_trust measures norms: per layer of x, or all of x.")
-NUM_STEPS = flags.DEFINE_integer("num_steps", 1, "v updates / Neumann terms / CG iterations.")
-V_LR = flags.DEFINE_float("v_lr", 0.1, "Step size eta of the v update and Neumann series "
+NUM_STEPS = flags.DEFINE_integer("num_steps", _LIB.num_steps, "v updates / Neumann terms / CG iterations.")
+V_LR = flags.DEFINE_float("v_lr", _LIB.v_lr, "Step size eta of the v update and Neumann series "
                           "(fednest: follows --outer_lr, FedNest's one step hlr).")
 FEDNEST_NEUMANN = flags.DEFINE_enum(
-    "fednest_neumann", "code", ["code", "series"], "fednest's v: code = FedNest's code's closed "
+    "fednest_neumann", _LIB.fednest_neumann, ["code", "series"], "fednest's v: code = FedNest's code's closed "
     "form (per-client counters, never-cleared message list; docs/method.md, section 7), "
     "series = the Neumann series it intends, averaged on the server after every term.")
-DELTA = flags.DEFINE_float("delta", 1e-3, "Finite-difference probe length (fd).")
-RADIUS = flags.DEFINE_float("radius", None, "Optional projection radius for v.")
-V_STEP = flags.DEFINE_enum("v_step", "cauchy", ["cauchy", "fixed"],
+DELTA = flags.DEFINE_float("delta", _LIB.delta, "Finite-difference probe length (fd).")
+RADIUS = flags.DEFINE_float("radius", _LIB.radius, "Optional projection radius for v.")
+V_STEP = flags.DEFINE_enum("v_step", _LIB.v_step, ["cauchy", "fixed"],
                            "v update of fd / exact: cauchy = step min(v_lr, r'r / r'Hr) along the "
                            "residual r = Hv - grad_y f (cannot diverge; docs/method.md), fixed = "
                            "v_lr always.")
-SERVER_LR = flags.DEFINE_float("server_lr", 1.0, "Server step s on the coverage mean.")
-AGGREGATION = flags.DEFINE_string("aggregation", "coverage", "coverage or zero_fill (ablation).")
+SERVER_LR = flags.DEFINE_float("server_lr", _LIB.server_lr, "Server step s on the coverage mean.")
+AGGREGATION = flags.DEFINE_string("aggregation", _LIB.aggregation, "coverage or zero_fill (ablation).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client minibatch size (0 = full batch).")
 DATASET = flags.DEFINE_string("dataset", "mnist_embedded",
                               "mnist_embedded, digits, mnist, fashion_mnist, cifar10.")
