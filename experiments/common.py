@@ -609,6 +609,13 @@ class _Recorder:
 _CHECKPOINTS_SAVED = [0]
 
 
+def _loop_flags() -> dict[str, Any]:
+  """loop.run's keywords from the shared flags (every run of a driver alike)."""
+  return dict(num_rounds=ROUNDS.value, eval_every=EVAL_EVERY.value, log=logging.info,
+              log_every=LOG_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
+              blowup_factor=DIVERGENCE_FACTOR.value)
+
+
 def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
                    data: federated.FederatedData, eval_fn, title: str, resume: bool = False,
                    problem=None):
@@ -625,12 +632,10 @@ def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
   records = []
   try:
     state, records = loop.run(
-        rnd, state, data, ROUNDS.value, eval_fn=eval_fn, eval_every=EVAL_EVERY.value,
-        on_record=rec.on_record, log=logging.info, log_every=LOG_EVERY.value,
-        start_totals=rec.totals, checkpoint_every=CHECKPOINT_EVERY.value,
-        on_checkpoint=rec.on_checkpoint, blowup_factor=DIVERGENCE_FACTOR.value,
+        rnd, state, data, eval_fn=eval_fn, on_record=rec.on_record, start_totals=rec.totals,
+        on_checkpoint=rec.on_checkpoint,
         diagnose_fn=diagnose_fn(problem, data) if DIAGNOSE_EVERY.value else None,
-        diagnose_every=DIAGNOSE_EVERY.value)
+        diagnose_every=DIAGNOSE_EVERY.value, **_loop_flags())
   except loop.DivergenceError as e:
     rec.close([], title, plot=False)
     fail(str(e))
@@ -697,12 +702,10 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   print(f"{len(groups)} seeds ({len(runs)} runs) run as one vmapped program (--batch_seeds).",
         flush=True)
   _, records, stopped = loop.run_seeds(
-      step, state, data, ROUNDS.value, eval_fns=[r.eval_fn for r in runs],
-      eval_every=EVAL_EVERY.value, on_records=[rec.on_record for rec in recorders],
-      log=logging.info, log_every=LOG_EVERY.value, start_totals=[rec.totals for rec in recorders],
-      checkpoint_every=CHECKPOINT_EVERY.value,
-      on_checkpoints=[rec.on_checkpoint for rec in recorders],
-      blowup_factor=DIVERGENCE_FACTOR.value)
+      step, state, data, eval_fns=[r.eval_fn for r in runs],
+      on_record=[rec.on_record for rec in recorders],
+      start_totals=[rec.totals for rec in recorders],
+      on_checkpoint=[rec.on_checkpoint for rec in recorders], **_loop_flags())
   summaries, seed_errors, i = {}, {}, 0
   for g, group in enumerate(groups):
     for run in group:
