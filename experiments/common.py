@@ -60,46 +60,57 @@ CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampl
 ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(algorithms.names()),
                               "Algorithm or baseline (bilevel.algorithms.get; each sets its own "
                               "defaults, docs/method.md, section 7).")
-ESTIMATOR = flags.DEFINE_string("estimator", _LIB.estimator, "Hypergradient estimator: fd, exact, neumann, cg.")
-MASK_POLICY = flags.DEFINE_string("mask_policy", _LIB.mask_policy, "random, rolling, static, magnitude.")
-MASK_GRANULARITY = flags.DEFINE_string("mask_granularity", "unit", "unit or element.")
 LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5",
                              "Resource levels rx/ry:share,... (keep ratios of x and y). Ignored "
                              "by the full-model algorithms (fednest, lfednest, simfbo, memfbo).")
-REDRAW_LEVELS = flags.DEFINE_boolean("redraw_levels", _LIB.redraw_levels, "Redraw client levels each round.")
-ALLOW_UNCOVERED = flags.DEFINE_boolean("allow_uncovered", _LIB.allow_uncovered,
-                                       "Accept mask settings that never cover some outer units.")
-LOCAL_STEPS = flags.DEFINE_integer("local_steps", _LIB.local_steps, "Local steps K per round (RAFBO).")
-INNER_STEPS = flags.DEFINE_integer("inner_steps", _LIB.inner_steps, "Inner steps T per local step (fednest: "
-                                   "FedNest's local_ep, epochs of SVRG steps over each client's "
-                                   "train split in batches of --batch_size).")
-INNER_LR = flags.DEFINE_float("inner_lr", _LIB.inner_lr, "Inner step size beta.")
-INNER_STEP = flags.DEFINE_enum("inner_step", _LIB.inner_step, ["cauchy", "fixed"],
-                               "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg) along the "
-                               "inner gradient g (one product per step; holds under label skew, "
-                               "docs/method.md section 8), fixed = inner_lr always.")
-OUTER_LR = flags.DEFINE_float("outer_lr", _LIB.outer_lr, "Outer (hypergradient) step size alpha.")
-X_TRUST = flags.DEFINE_float(
-    "x_trust", _LIB.x_trust, "Trust region on each client's x delta: its norm is capped at x_trust times "
-    "the norm of the client's submodel x (per layer, or whole with --x_trust_scope=model); "
-    "0 = off (docs/method.md, section 8).")
-X_TRUST_SCOPE = flags.DEFINE_enum("x_trust_scope", _LIB.x_trust_scope, ["layer", "model"],
-                                  "Where --x_trust measures norms: per layer of x, or all of x.")
-NUM_STEPS = flags.DEFINE_integer("num_steps", _LIB.num_steps, "v updates / Neumann terms / CG iterations.")
-V_LR = flags.DEFINE_float("v_lr", _LIB.v_lr, "Step size eta of the v update and Neumann series "
-                          "(fednest: follows --outer_lr, FedNest's one step hlr).")
-FEDNEST_NEUMANN = flags.DEFINE_enum(
-    "fednest_neumann", _LIB.fednest_neumann, ["code", "series"], "fednest's v: code = FedNest's code's closed "
-    "form (per-client counters, never-cleared message list; docs/method.md, section 7), "
-    "series = the Neumann series it intends, averaged on the server after every term.")
-DELTA = flags.DEFINE_float("delta", _LIB.delta, "Finite-difference probe length (fd).")
-RADIUS = flags.DEFINE_float("radius", _LIB.radius, "Optional projection radius for v.")
-V_STEP = flags.DEFINE_enum("v_step", _LIB.v_step, ["cauchy", "fixed"],
-                           "v update of fd / exact: cauchy = step min(v_lr, r'r / r'Hr) along the "
-                           "residual r = Hv - grad_y f (cannot diverge; docs/method.md), fixed = "
-                           "v_lr always.")
-SERVER_LR = flags.DEFINE_float("server_lr", _LIB.server_lr, "Server step s on the coverage mean.")
-AGGREGATION = flags.DEFINE_string("aggregation", _LIB.aggregation, "coverage or zero_fill (ablation).")
+# Shared flag -> (the bilevel.algorithms keyword it sets, help, choices of an enum flag); each
+# flag's default is the library's (_LIB), but mask_granularity's: "unit".
+_ALGORITHM_FLAGS = {
+    "estimator": ("estimator", "Hypergradient estimator: fd, exact, neumann, cg.", None),
+    "mask_policy": ("mask_policy", "random, rolling, static, magnitude.", None),
+    "mask_granularity": ("granularity", "unit or element.", None),
+    "redraw_levels": ("redraw_levels", "Redraw client levels each round.", None),
+    "allow_uncovered": ("allow_uncovered", "Accept mask settings that never cover some outer "
+                        "units.", None),
+    "local_steps": ("local_steps", "Local steps K per round (RAFBO).", None),
+    "inner_steps": ("inner_steps", "Inner steps T per local step (fednest: FedNest's local_ep, "
+                    "epochs of SVRG steps over each client's train split in batches of "
+                    "--batch_size).", None),
+    "inner_lr": ("inner_lr", "Inner step size beta.", None),
+    "inner_step": ("inner_step", "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg) along the "
+                   "inner gradient g (one product per step; holds under label skew, "
+                   "docs/method.md section 8), fixed = inner_lr always.", ["cauchy", "fixed"]),
+    "outer_lr": ("outer_lr", "Outer (hypergradient) step size alpha.", None),
+    "x_trust": ("x_trust", "Trust region on each client's x delta: its norm is capped at "
+                "x_trust times the norm of the client's submodel x (per layer, or whole with "
+                "--x_trust_scope=model); 0 = off (docs/method.md, section 8).", None),
+    "x_trust_scope": ("x_trust_scope", "Where --x_trust measures norms: per layer of x, or all "
+                      "of x.", ["layer", "model"]),
+    "num_steps": ("num_steps", "v updates / Neumann terms / CG iterations.", None),
+    "v_lr": ("v_lr", "Step size eta of the v update and Neumann series (fednest: follows "
+             "--outer_lr, FedNest's one step hlr).", None),
+    "fednest_neumann": ("fednest_neumann", "fednest's v: code = FedNest's code's closed form "
+                        "(per-client counters, never-cleared message list; docs/method.md, "
+                        "section 7), series = the Neumann series it intends, averaged on the "
+                        "server after every term.", ["code", "series"]),
+    "delta": ("delta", "Finite-difference probe length (fd).", None),
+    "radius": ("radius", "Optional projection radius for v.", None),
+    "v_step": ("v_step", "v update of fd / exact: cauchy = step min(v_lr, r'r / r'Hr) along the "
+               "residual r = Hv - grad_y f (cannot diverge; docs/method.md), fixed = v_lr "
+               "always.", ["cauchy", "fixed"]),
+    "server_lr": ("server_lr", "Server step s on the coverage mean.", None),
+    "aggregation": ("aggregation", "coverage or zero_fill (ablation).", None),
+}
+_DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string, type(None): flags.DEFINE_float}
+for _name, (_option, _help, _choices) in _ALGORITHM_FLAGS.items():
+  _default = "unit" if _option == "granularity" else getattr(_LIB, _option)
+  if _choices:
+    flags.DEFINE_enum(_name, _default, _choices, _help)
+  else:
+    _DEFINE[type(_default)](_name, _default, _help)
+LOCAL_STEPS, INNER_LR, INNER_STEP, V_STEP = (
+    flags.FLAGS[n] for n in ("local_steps", "inner_lr", "inner_step", "v_step"))
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client minibatch size (0 = full batch).")
 DATASET = flags.DEFINE_string("dataset", "mnist_embedded",
                               "mnist_embedded, digits, mnist, fashion_mnist, cifar10.")
@@ -291,12 +302,22 @@ def process_age_s() -> float:
     return time.perf_counter() - _LOADED_AT
 
 
+def default_cache_dir(home: str | None = None) -> str:
+  """The drivers' compilation cache folder without --compilation_cache or
+  $JAX_COMPILATION_CACHE_DIR: $XDG_CACHE_HOME/bilevel_jax, else HOME/.cache/bilevel_jax
+  (home: this user's by default; given, the folder of a process started with HOME=home and
+  no XDG_CACHE_HOME)."""
+  if home is not None:
+    return os.path.join(home, ".cache", "bilevel_jax")
+  return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                      "bilevel_jax")
+
+
 def compilation_cache_dir() -> str | None:
   """The persistent compilation cache folder of --compilation_cache (None: off)."""
   value = COMPILATION_CACHE.value
   if value is None:
-    value = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bilevel_jax")
+    value = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir()
   return None if value.lower() == "none" else value
 
 
@@ -382,21 +403,8 @@ def require_workdir() -> str:
   return WORKDIR.value
 
 
-# Shared flag -> the bilevel.algorithms keyword (algorithms.Options field) it sets.
-OPTION_FLAGS = {
-    "clients_per_round": "clients_per_round", "levels": "levels",
-    "redraw_levels": "redraw_levels", "mask_granularity": "granularity",
-    "mask_policy": "mask_policy", "allow_uncovered": "allow_uncovered",
-    "local_steps": "local_steps", "inner_steps": "inner_steps", "inner_lr": "inner_lr",
-    "inner_step": "inner_step", "outer_lr": "outer_lr", "estimator": "estimator",
-    "x_trust": "x_trust", "x_trust_scope": "x_trust_scope",
-    "num_steps": "num_steps", "v_lr": "v_lr",
-    "delta": "delta", "radius": "radius", "v_step": "v_step", "server_lr": "server_lr",
-    "aggregation": "aggregation", "seed": "seed", "fednest_neumann": "fednest_neumann"}
-
-
 def algorithm_options() -> dict[str, Any]:
-  """bilevel.algorithms.get's keywords for --algorithm from the shared flags (OPTION_FLAGS).
+  """bilevel.algorithms.get's keywords for --algorithm from the shared flags (_ALGORITHM_FLAGS).
 
   A flag given on the command line or in a flagfile is passed. A flag left at its default (or
   at a task default, e.g. hyper_cleaning.TASK_DEFAULTS) is passed too, unless the algorithm sets
@@ -405,7 +413,9 @@ def algorithm_options() -> dict[str, Any]:
   ignore --levels, as the library does (docs/method.md, section 7).
   """
   own = algorithms.own_options(ALGORITHM.value)
-  return {option: flags.FLAGS[name].value for name, option in OPTION_FLAGS.items()
+  options = dict(clients_per_round="clients_per_round", levels="levels", seed="seed",
+                 **{name: option for name, (option, _, _) in _ALGORITHM_FLAGS.items()})
+  return {option: flags.FLAGS[name].value for name, option in options.items()
           if flags.FLAGS[name].present or option not in own}
 
 
