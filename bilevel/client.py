@@ -75,7 +75,7 @@ def population_sampler(sample: Sampler, client_id: jax.Array) -> Sampler:
 
 
 class ClientConfig(NamedTuple):
-  local_steps: int = 1  # K
+  local_steps: int = 5  # K (RABO: 1)
   inner_steps: int = 1  # T
   inner_lr: float = 0.1  # beta
   outer_lr: float = 0.1  # alpha

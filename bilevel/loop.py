@@ -3,14 +3,15 @@ checkpoint and log callbacks, and the divergence guards (docs/method.md, section
 
 Every round the losses, the hypergradient norm and x, y, v are checked: a NaN or inf stops the
 run (DivergenceError, naming the round and the quantity), and so does an outer loss or
-hypergradient norm above a factor times its early value (BlowupGuard). `run_seeds` does the
-same for several seeds batched in one program (seeds_step), each seed on its own.
+hypergradient norm above a factor times its early value (BlowupGuard). `run(..., seeds=S)`
+does the same for S runs batched in one program (seeds_step, run_seeds), each run on its own.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import types
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -156,66 +157,104 @@ def _progress(done: int, num_rounds: int, first: int, start: float, metrics: Map
           f"{_pace(done, num_rounds, first, start)}")
 
 
+def _progress_seeds(done: int, num_rounds: int, first: int, start: float,
+                    metrics: Mapping[str, Any], stopped: Mapping[int, str], num_seeds: int) -> str:
+  live = [s for s in range(num_seeds) if s not in stopped]
+  loss = np.mean([metrics["outer_loss"][s] for s in live]) if live else float("nan")
+  return (f"round {done}/{num_rounds}  {len(live)} of {num_seeds} seeds running  mean "
+          f"outer_loss {loss:.4f}  {_pace(done, num_rounds, first, start)}")
+
+
 def _due(done: int, every: int, num_rounds: int) -> bool:
   """Every `every` rounds and after the last one (never for every = 0)."""
   return bool(every) and (done % every == 0 or done == num_rounds)
 
 
+_finite_seeds = jax.jit(jax.vmap(_finite_parts))
+
+
 def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
-        eval_fn: Callable[[ServerState], Mapping[str, Any]] | None = None, eval_every: int = 1,
-        on_record: Callable[[dict[str, Any]], None] | None = None,
+        eval_fn: Any = None, eval_every: int = 1, on_record: Any = None,
         log: Callable[[str], None] | None = None, log_every: int = 10,
-        start_totals: Mapping[str, float] | None = None,
-        checkpoint_every: int = 0,
-        on_checkpoint: Callable[[ServerState, dict[str, float], int], None] | None = None,
+        start_totals: Any = None, checkpoint_every: int = 0, on_checkpoint: Any = None,
         blowup_factor: float | None = BLOWUP_FACTOR,
         diagnose_fn: Callable[[ServerState, PyTree], Mapping[str, Any]] | None = None,
-        diagnose_every: int = 0,
-        ) -> tuple[ServerState, list[dict[str, Any]]]:
+        diagnose_every: int = 0, seeds: int | None = None) -> tuple[Any, ...]:
   """Run rounds state.round .. num_rounds - 1 of `rnd` (a federated.Round or an algorithms.
   Algorithm: only rnd.step(state, data) is called); return the final state and the records.
 
   A record is logged every `eval_every` rounds and after the last one: the round's metrics,
   cumulative client FLOPs and communicated bytes, the running C_x* (min over rounds of the
   minimum outer coverage), wall time, the time of this call's first round (first_round_s:
-  compilation included) and whatever eval_fn returns. NaN / inf and blow-ups (blowup_factor
-  times the early value; None or 0: off) raise DivergenceError (module docstring).
-  `on_checkpoint(state, totals, round)` is called every `checkpoint_every` rounds and after the
-  last one, after that round's record was passed on. `log(line)` receives a progress line
-  every `log_every` rounds (the library prints nothing itself; the drivers pass absl logging).
+  compilation included) and whatever eval_fn(state) returns. NaN / inf and blow-ups
+  (blowup_factor times the early value; None or 0: off) raise DivergenceError (module
+  docstring). `on_checkpoint(state, totals, round)` is called every `checkpoint_every` rounds
+  and after the last one, after that round's record was passed on (on_record(record)).
+  `log(line)` receives a progress line every `log_every` rounds (the library prints nothing
+  itself; the drivers pass absl logging). `start_totals`: the totals a resumed run continues.
   Diagnostics (a round built with diagnostics=True): every round never_covered_x_share /
   never_covered_y_share (coordinates no client kept since this call's first round); every
   `diagnose_every` rounds (a multiple of eval_every) `diagnose_fn(state the round started
   from, the round's aggregated estimate)` adds figures (bilevel.diagnostics.estimate_quality).
+
+  seeds=S: S runs batched on a leading axis of state and data (state.round [S], equal across
+  them), advanced together by rnd.step (seeds_step; rounds built without diagnostics).
+  eval_fn, on_record, start_totals and on_checkpoint are then sequences of S, one per run, and
+  each run keeps what one run keeps, computed from its own slice. A run that diverges stops
+  alone: its DivergenceError message goes into `stopped` {s: message}, it gets no later record
+  or checkpoint, and the others go on (the runs do not interact). Returns (final state
+  [S, ...], records per run, stopped).
   """
-  totals = _start_totals(start_totals)
-  guard = BlowupGuard(blowup_factor, totals)
-  records, ever = [], None
-  start, first = time.perf_counter(), int(state.round)
+  batched = seeds is not None
+  num = seeds if batched else 1
+  per_run = lambda v: list(v) if batched and v is not None else [v] * num
+  eval_fns, on_records, on_checkpoints = per_run(eval_fn), per_run(on_record), per_run(on_checkpoint)
+  totals = [_start_totals(t) for t in per_run(start_totals)]
+  guards = [BlowupGuard(blowup_factor, t) for t in totals]
+  records: list[list[dict[str, Any]]] = [[] for _ in range(num)]
+  stopped: dict[int, str] = {}
+  rounds = np.asarray(jax.device_get(state.round)).reshape(-1)
+  if np.any(rounds != rounds[0]):
+    raise ValueError(f"run needs every seed at the same round; got {rounds.tolist()}.")
+  start, first, ever = time.perf_counter(), int(rounds[0]), None
   for q in range(first, num_rounds):
     step_start, before = time.perf_counter(), state
     state, metrics = rnd.step(state, data)
     diag = metrics.pop(DIAGNOSTICS, None)
     metrics = to_python(jax.device_get(metrics))
     if q == first:  # this process's first round: compilation (or a cache load) included
-      totals["first_round_s"] = time.perf_counter() - step_start
+      first_round_s = time.perf_counter() - step_start
+    finite = np.asarray(_finite_seeds(state) if batched else _finite_parts(state)[None])
     done = q + 1
-    _check_finite(done, metrics, _finite_parts(state))
-    guard(done, metrics)
-    extra = {}
-    if diag is not None:
-      ever, extra = _diagnose(ever, diag, totals, before, done, diagnose_fn, diagnose_every)
-    _accumulate(totals, metrics)
-    if _due(done, eval_every, num_rounds):
-      record = _record(done, metrics, totals, extra, start, eval_fn, state)
-      records.append(record)
-      if on_record is not None:
-        on_record(record)
-    if on_checkpoint is not None and _due(done, checkpoint_every, num_rounds):
-      on_checkpoint(state, dict(totals), done)
+    for s in [s for s in range(num) if s not in stopped]:
+      m = {k: v[s] for k, v in metrics.items()} if batched else metrics
+      run_state = (lambda s=s: tree.index(state, s)) if batched else (lambda: state)
+      if q == first:
+        totals[s]["first_round_s"] = first_round_s
+      try:
+        _check_finite(done, m, finite[s])
+        guards[s](done, m)
+      except DivergenceError as e:
+        if not batched:
+          raise
+        stopped[s] = str(e)
+        continue
+      extra = {}
+      if diag is not None and not batched:
+        ever, extra = _diagnose(ever, diag, totals[s], before, done, diagnose_fn, diagnose_every)
+      _accumulate(totals[s], m)
+      if _due(done, eval_every, num_rounds):
+        records[s].append(_record(done, m, totals[s], extra, start, eval_fns[s], run_state()))
+        if on_records[s] is not None:
+          on_records[s](records[s][-1])
+      if on_checkpoints[s] is not None and _due(done, checkpoint_every, num_rounds):
+        on_checkpoints[s](run_state(), dict(totals[s]), done)
+    if len(stopped) == num:
+      break
     if log is not None and _due(done, log_every, num_rounds):
-      log(_progress(done, num_rounds, first, start, metrics, totals))
-  return state, records
+      log(_progress_seeds(done, num_rounds, first, start, metrics, stopped, num) if batched
+          else _progress(done, num_rounds, first, start, metrics, totals[0]))
+  return (state, records, stopped) if batched else (state, records[0])
 
 
 def seeds_step(rnds: Sequence[Any]) -> Callable[..., tuple[ServerState, dict[str, jax.Array]]]:
@@ -249,72 +288,13 @@ def seeds_step(rnds: Sequence[Any]) -> Callable[..., tuple[ServerState, dict[str
 def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: ServerState,
               data: Any, num_rounds: int, *,
               eval_fns: Sequence[Callable[[ServerState], Mapping[str, Any]] | None],
-              eval_every: int = 1,
-              on_records: Sequence[Callable[[dict[str, Any]], None] | None] | None = None,
-              log: Callable[[str], None] | None = None, log_every: int = 10,
-              start_totals: Sequence[Mapping[str, float] | None] | None = None,
-              checkpoint_every: int = 0,
-              on_checkpoints: Sequence[Callable[[ServerState, dict[str, float], int], None]
-                                       | None] | None = None,
-              blowup_factor: float | None = BLOWUP_FACTOR,
-              ) -> tuple[ServerState, list[list[dict[str, Any]]], dict[int, str]]:
-  """`run` for S seeds batched on a leading axis: `step(state, data)` advances all of them.
-
-  state and data carry a leading seed axis [S, ...] (state.round is [S] and equal across seeds);
-  step is the seeds' vmapped round (`seeds_step`; rounds built without diagnostics).
-  Each seed s keeps what `run` keeps for one run, computed from its own slice: records
-  (eval_fns[s] gets its own state), totals, the NaN and blow-up guards, on_records[s] and
-  on_checkpoints[s]. A seed that diverges is
-  stopped alone: its DivergenceError message goes into the returned `stopped` {s: message},
-  it gets no later record or checkpoint, and the others go on (the seeds do not interact, so
-  its NaNs cannot reach them). Returns (final state [S, ...], records per seed, stopped).
+              **keywords: Any) -> tuple[ServerState, list[list[dict[str, Any]]], dict[int, str]]:
+  """`run(..., seeds=len(eval_fns))` of the seeds' vmapped round `step(state, data)`
+  (seeds_step); keywords: run's, the per-run ones (on_record, start_totals, on_checkpoint)
+  also as on_records, on_checkpoints. Returns (final state [S, ...], records per seed, stopped).
   """
-  num_seeds, stopped = len(eval_fns), {}
-  on_records = on_records or [None] * num_seeds
-  on_checkpoints = on_checkpoints or [None] * num_seeds
-  totals = [_start_totals(t) for t in (start_totals or [None] * num_seeds)]
-  guards = [BlowupGuard(blowup_factor, t) for t in totals]
-  records: list[list[dict[str, Any]]] = [[] for _ in range(num_seeds)]
-  rounds = np.asarray(jax.device_get(state.round))
-  if np.any(rounds != rounds[0]):
-    raise ValueError(f"run_seeds needs every seed at the same round; got {rounds.tolist()}.")
-  start, first = time.perf_counter(), int(rounds[0])
-  for q in range(first, num_rounds):
-    step_start = time.perf_counter()
-    state, metrics = step(state, data)
-    metrics = to_python(jax.device_get(metrics))
-    finite = np.asarray(_finite_seeds(state))
-    done = q + 1
-    for s in [s for s in range(num_seeds) if s not in stopped]:
-      m = {k: v[s] for k, v in metrics.items()}
-      if q == first:
-        totals[s]["first_round_s"] = time.perf_counter() - step_start
-      try:
-        _check_finite(done, m, finite[s])
-        guards[s](done, m)
-      except DivergenceError as e:
-        stopped[s] = str(e)
-        continue
-      _accumulate(totals[s], m)
-      if _due(done, eval_every, num_rounds):
-        records[s].append(_record(done, m, totals[s], {}, start, eval_fns[s], tree.index(state, s)))
-        if on_records[s] is not None:
-          on_records[s](records[s][-1])
-      if on_checkpoints[s] is not None and _due(done, checkpoint_every, num_rounds):
-        on_checkpoints[s](tree.index(state, s), dict(totals[s]), done)
-    if len(stopped) == num_seeds:
-      break
-    if log is not None and _due(done, log_every, num_rounds):
-      log(_progress_seeds(done, num_rounds, first, start, metrics, stopped, num_seeds))
-  return state, records, stopped
-
-
-_finite_seeds = jax.jit(jax.vmap(_finite_parts))
-
-
-def _progress_seeds(done: int, num_rounds: int, first: int, start: float,
-                    metrics: Mapping[str, Any], stopped: Mapping[int, str], num_seeds: int) -> str:
-  live = [s for s in range(num_seeds) if s not in stopped]
-  loss = np.mean([metrics["outer_loss"][s] for s in live]) if live else float("nan")
-  return (f"round {done}/{num_rounds}  {len(live)} of {num_seeds} seeds running  mean "
-          f"outer_loss {loss:.4f}  {_pace(done, num_rounds, first, start)}")
+  for plural, singular in (("on_records", "on_record"), ("on_checkpoints", "on_checkpoint")):
+    if plural in keywords:
+      keywords[singular] = keywords.pop(plural)
+  return run(types.SimpleNamespace(step=step), state, data, num_rounds, eval_fn=eval_fns,
+             seeds=len(eval_fns), **keywords)

@@ -32,7 +32,9 @@ from bilevel.metrics import JsonlWriter, plot_records, to_python, write_json
 _LOADED_AT = time.perf_counter()
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, "
                               "summary.json and plots (created if missing).")
-SEED = flags.DEFINE_integer("seed", 0, "The one seed every random stream is derived from.")
+# The library's defaults (those of the drivers' default algorithm, rafbo) are the flags'.
+_LIB = algorithms.defaults("rafbo")
+SEED = flags.DEFINE_integer("seed", _LIB.seed, "The one seed every random stream is derived from.")
 QUICK = flags.DEFINE_boolean("quick", False, "A small, fast version of the experiment "
                              "(benchmark, coverage_rate).")
 SMOKE = flags.DEFINE_boolean(
@@ -58,46 +60,57 @@ CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampl
 ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(algorithms.names()),
                               "Algorithm or baseline (bilevel.algorithms.get; each sets its own "
                               "defaults, docs/method.md, section 7).")
-ESTIMATOR = flags.DEFINE_string("estimator", "fd", "Hypergradient estimator: fd, exact, neumann, cg.")
-MASK_POLICY = flags.DEFINE_string("mask_policy", "random", "random, rolling, static, magnitude.")
-MASK_GRANULARITY = flags.DEFINE_string("mask_granularity", "unit", "unit or element.")
 LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5",
                              "Resource levels rx/ry:share,... (keep ratios of x and y). Ignored "
                              "by the full-model algorithms (fednest, lfednest, simfbo, memfbo).")
-REDRAW_LEVELS = flags.DEFINE_boolean("redraw_levels", False, "Redraw client levels each round.")
-ALLOW_UNCOVERED = flags.DEFINE_boolean("allow_uncovered", False,
-                                       "Accept mask settings that never cover some outer units.")
-LOCAL_STEPS = flags.DEFINE_integer("local_steps", 5, "Local steps K per round (RAFBO).")
-INNER_STEPS = flags.DEFINE_integer("inner_steps", 1, "Inner steps T per local step (fednest: "
-                                   "FedNest's local_ep, epochs of SVRG steps over each client's "
-                                   "train split in batches of --batch_size).")
-INNER_LR = flags.DEFINE_float("inner_lr", 0.1, "Inner step size beta.")
-INNER_STEP = flags.DEFINE_enum("inner_step", "cauchy", ["cauchy", "fixed"],
-                               "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg) along the "
-                               "inner gradient g (one product per step; holds under label skew, "
-                               "docs/method.md section 8), fixed = inner_lr always.")
-OUTER_LR = flags.DEFINE_float("outer_lr", 0.1, "Outer (hypergradient) step size alpha.")
-X_TRUST = flags.DEFINE_float(
-    "x_trust", 0.0, "Trust region on each client's x delta: its norm is capped at x_trust times "
-    "the norm of the client's submodel x (per layer, or whole with --x_trust_scope=model); "
-    "0 = off (docs/method.md, section 8).")
-X_TRUST_SCOPE = flags.DEFINE_enum("x_trust_scope", "layer", ["layer", "model"],
-                                  "Where --x_trust measures norms: per layer of x, or all of x.")
-NUM_STEPS = flags.DEFINE_integer("num_steps", 1, "v updates / Neumann terms / CG iterations.")
-V_LR = flags.DEFINE_float("v_lr", 0.1, "Step size eta of the v update and Neumann series "
-                          "(fednest: follows --outer_lr, FedNest's one step hlr).")
-FEDNEST_NEUMANN = flags.DEFINE_enum(
-    "fednest_neumann", "code", ["code", "series"], "fednest's v: code = FedNest's code's closed "
-    "form (per-client counters, never-cleared message list; docs/method.md, section 7), "
-    "series = the Neumann series it intends, averaged on the server after every term.")
-DELTA = flags.DEFINE_float("delta", 1e-3, "Finite-difference probe length (fd).")
-RADIUS = flags.DEFINE_float("radius", None, "Optional projection radius for v.")
-V_STEP = flags.DEFINE_enum("v_step", "cauchy", ["cauchy", "fixed"],
-                           "v update of fd / exact: cauchy = step min(v_lr, r'r / r'Hr) along the "
-                           "residual r = Hv - grad_y f (cannot diverge; docs/method.md), fixed = "
-                           "v_lr always.")
-SERVER_LR = flags.DEFINE_float("server_lr", 1.0, "Server step s on the coverage mean.")
-AGGREGATION = flags.DEFINE_string("aggregation", "coverage", "coverage or zero_fill (ablation).")
+# Shared flag -> (the bilevel.algorithms keyword it sets, help, choices of an enum flag); each
+# flag's default is the library's (_LIB), but mask_granularity's: "unit".
+_ALGORITHM_FLAGS = {
+    "estimator": ("estimator", "Hypergradient estimator: fd, exact, neumann, cg.", None),
+    "mask_policy": ("mask_policy", "random, rolling, static, magnitude.", None),
+    "mask_granularity": ("granularity", "unit or element.", None),
+    "redraw_levels": ("redraw_levels", "Redraw client levels each round.", None),
+    "allow_uncovered": ("allow_uncovered", "Accept mask settings that never cover some outer "
+                        "units.", None),
+    "local_steps": ("local_steps", "Local steps K per round (RAFBO).", None),
+    "inner_steps": ("inner_steps", "Inner steps T per local step (fednest: FedNest's local_ep, "
+                    "epochs of SVRG steps over each client's train split in batches of "
+                    "--batch_size).", None),
+    "inner_lr": ("inner_lr", "Inner step size beta.", None),
+    "inner_step": ("inner_step", "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg) along the "
+                   "inner gradient g (one product per step; holds under label skew, "
+                   "docs/method.md section 8), fixed = inner_lr always.", ["cauchy", "fixed"]),
+    "outer_lr": ("outer_lr", "Outer (hypergradient) step size alpha.", None),
+    "x_trust": ("x_trust", "Trust region on each client's x delta: its norm is capped at "
+                "x_trust times the norm of the client's submodel x (per layer, or whole with "
+                "--x_trust_scope=model); 0 = off (docs/method.md, section 8).", None),
+    "x_trust_scope": ("x_trust_scope", "Where --x_trust measures norms: per layer of x, or all "
+                      "of x.", ["layer", "model"]),
+    "num_steps": ("num_steps", "v updates / Neumann terms / CG iterations.", None),
+    "v_lr": ("v_lr", "Step size eta of the v update and Neumann series (fednest: follows "
+             "--outer_lr, FedNest's one step hlr).", None),
+    "fednest_neumann": ("fednest_neumann", "fednest's v: code = FedNest's code's closed form "
+                        "(per-client counters, never-cleared message list; docs/method.md, "
+                        "section 7), series = the Neumann series it intends, averaged on the "
+                        "server after every term.", ["code", "series"]),
+    "delta": ("delta", "Finite-difference probe length (fd).", None),
+    "radius": ("radius", "Optional projection radius for v.", None),
+    "v_step": ("v_step", "v update of fd / exact: cauchy = step min(v_lr, r'r / r'Hr) along the "
+               "residual r = Hv - grad_y f (cannot diverge; docs/method.md), fixed = v_lr "
+               "always.", ["cauchy", "fixed"]),
+    "server_lr": ("server_lr", "Server step s on the coverage mean.", None),
+    "aggregation": ("aggregation", "coverage or zero_fill (ablation).", None),
+}
+_DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string, type(None): flags.DEFINE_float}
+for _name, (_option, _help, _choices) in _ALGORITHM_FLAGS.items():
+  _default = "unit" if _option == "granularity" else getattr(_LIB, _option)
+  if _choices:
+    flags.DEFINE_enum(_name, _default, _choices, _help)
+  else:
+    _DEFINE[type(_default)](_name, _default, _help)
+LOCAL_STEPS, INNER_LR, INNER_STEP, V_STEP = (
+    flags.FLAGS[n] for n in ("local_steps", "inner_lr", "inner_step", "v_step"))
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client minibatch size (0 = full batch).")
 DATASET = flags.DEFINE_string("dataset", "mnist_embedded",
                               "mnist_embedded, digits, mnist, fashion_mnist, cifar10.")
@@ -289,12 +302,22 @@ def process_age_s() -> float:
     return time.perf_counter() - _LOADED_AT
 
 
+def default_cache_dir(home: str | None = None) -> str:
+  """The drivers' compilation cache folder without --compilation_cache or
+  $JAX_COMPILATION_CACHE_DIR: $XDG_CACHE_HOME/bilevel_jax, else HOME/.cache/bilevel_jax
+  (home: this user's by default; given, the folder of a process started with HOME=home and
+  no XDG_CACHE_HOME)."""
+  if home is not None:
+    return os.path.join(home, ".cache", "bilevel_jax")
+  return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                      "bilevel_jax")
+
+
 def compilation_cache_dir() -> str | None:
   """The persistent compilation cache folder of --compilation_cache (None: off)."""
   value = COMPILATION_CACHE.value
   if value is None:
-    value = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bilevel_jax")
+    value = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir()
   return None if value.lower() == "none" else value
 
 
@@ -380,21 +403,8 @@ def require_workdir() -> str:
   return WORKDIR.value
 
 
-# Shared flag -> the bilevel.algorithms keyword (algorithms.Options field) it sets.
-OPTION_FLAGS = {
-    "clients_per_round": "clients_per_round", "levels": "levels",
-    "redraw_levels": "redraw_levels", "mask_granularity": "granularity",
-    "mask_policy": "mask_policy", "allow_uncovered": "allow_uncovered",
-    "local_steps": "local_steps", "inner_steps": "inner_steps", "inner_lr": "inner_lr",
-    "inner_step": "inner_step", "outer_lr": "outer_lr", "estimator": "estimator",
-    "x_trust": "x_trust", "x_trust_scope": "x_trust_scope",
-    "num_steps": "num_steps", "v_lr": "v_lr",
-    "delta": "delta", "radius": "radius", "v_step": "v_step", "server_lr": "server_lr",
-    "aggregation": "aggregation", "seed": "seed", "fednest_neumann": "fednest_neumann"}
-
-
 def algorithm_options() -> dict[str, Any]:
-  """bilevel.algorithms.get's keywords for --algorithm from the shared flags (OPTION_FLAGS).
+  """bilevel.algorithms.get's keywords for --algorithm from the shared flags (_ALGORITHM_FLAGS).
 
   A flag given on the command line or in a flagfile is passed. A flag left at its default (or
   at a task default, e.g. hyper_cleaning.TASK_DEFAULTS) is passed too, unless the algorithm sets
@@ -403,7 +413,9 @@ def algorithm_options() -> dict[str, Any]:
   ignore --levels, as the library does (docs/method.md, section 7).
   """
   own = algorithms.own_options(ALGORITHM.value)
-  return {option: flags.FLAGS[name].value for name, option in OPTION_FLAGS.items()
+  options = dict(clients_per_round="clients_per_round", levels="levels", seed="seed",
+                 **{name: option for name, (option, _, _) in _ALGORITHM_FLAGS.items()})
+  return {option: flags.FLAGS[name].value for name, option in options.items()
           if flags.FLAGS[name].present or option not in own}
 
 
@@ -607,6 +619,13 @@ class _Recorder:
 _CHECKPOINTS_SAVED = [0]
 
 
+def _loop_flags() -> dict[str, Any]:
+  """loop.run's keywords from the shared flags (every run of a driver alike)."""
+  return dict(num_rounds=ROUNDS.value, eval_every=EVAL_EVERY.value, log=logging.info,
+              log_every=LOG_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
+              blowup_factor=DIVERGENCE_FACTOR.value)
+
+
 def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
                    data: federated.FederatedData, eval_fn, title: str, resume: bool = False,
                    problem=None):
@@ -623,12 +642,10 @@ def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
   records = []
   try:
     state, records = loop.run(
-        rnd, state, data, ROUNDS.value, eval_fn=eval_fn, eval_every=EVAL_EVERY.value,
-        on_record=rec.on_record, log=logging.info, log_every=LOG_EVERY.value,
-        start_totals=rec.totals, checkpoint_every=CHECKPOINT_EVERY.value,
-        on_checkpoint=rec.on_checkpoint, blowup_factor=DIVERGENCE_FACTOR.value,
+        rnd, state, data, eval_fn=eval_fn, on_record=rec.on_record, start_totals=rec.totals,
+        on_checkpoint=rec.on_checkpoint,
         diagnose_fn=diagnose_fn(problem, data) if DIAGNOSE_EVERY.value else None,
-        diagnose_every=DIAGNOSE_EVERY.value)
+        diagnose_every=DIAGNOSE_EVERY.value, **_loop_flags())
   except loop.DivergenceError as e:
     rec.close([], title, plot=False)
     fail(str(e))
@@ -695,12 +712,10 @@ def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
   print(f"{len(groups)} seeds ({len(runs)} runs) run as one vmapped program (--batch_seeds).",
         flush=True)
   _, records, stopped = loop.run_seeds(
-      step, state, data, ROUNDS.value, eval_fns=[r.eval_fn for r in runs],
-      eval_every=EVAL_EVERY.value, on_records=[rec.on_record for rec in recorders],
-      log=logging.info, log_every=LOG_EVERY.value, start_totals=[rec.totals for rec in recorders],
-      checkpoint_every=CHECKPOINT_EVERY.value,
-      on_checkpoints=[rec.on_checkpoint for rec in recorders],
-      blowup_factor=DIVERGENCE_FACTOR.value)
+      step, state, data, eval_fns=[r.eval_fn for r in runs],
+      on_record=[rec.on_record for rec in recorders],
+      start_totals=[rec.totals for rec in recorders],
+      on_checkpoint=[rec.on_checkpoint for rec in recorders], **_loop_flags())
   summaries, seed_errors, i = {}, {}, 0
   for g, group in enumerate(groups):
     for run in group:

@@ -11,7 +11,7 @@ same rounds, algorithm, masks and seeds) into WORKDIR/unweighted/ and adds
 `unweighted_test_accuracy` and `accuracy_gain` to the summary (the same compiled round started
 from logits task.BASELINE_LOGIT).
 
-Task defaults (TASK_DEFAULTS) apply to the shared flags not given; an --algorithm preset still
+Task defaults (bilevel.tasks.hyper_cleaning.DEFAULTS) apply to the shared flags not given; an --algorithm preset still
 sets its own values (e.g. fednest's inner steps).
 
   python -m experiments.hyper_cleaning --workdir=runs/hc_rafbo --baseline_unweighted
@@ -45,7 +45,7 @@ NOISE = flags.DEFINE_float("noise", 0.5, "Probability that a training label is r
 CLASSIFIER = flags.DEFINE_enum("classifier", "linear", ["linear", "mlp"],
                                "Inner model y: linear (multinomial logistic regression) or mlp.")
 # --hidden and --activation (of --classifier=mlp) are defined once in common.py: the
-# hyper-representation driver shares them (this task's default width, 100: TASK_DEFAULTS).
+# hyper-representation driver shares them (this task's default width, 100: task.DEFAULTS).
 HIDDEN = common.HIDDEN
 ACTIVATION = common.ACTIVATION
 REG = flags.DEFINE_float("reg", 1e-3, "c in g_i: + c ||y||^2 (>= 0).")
@@ -53,13 +53,7 @@ BASELINE_UNWEIGHTED = flags.DEFINE_boolean(
     "baseline_unweighted", False, "Also train y on the noisy labels with all weights 1 (same "
     "rounds and settings) into WORKDIR/unweighted/; the summary gets unweighted_test_accuracy.")
 
-# Shared flags whose default differs on this task (tuned on mnist_embedded, 20 clients, noise 0.5,
-# the default level profile: weight AUC ~0.95, test accuracy ~0.88 against ~0.72 unweighted;
-# hidden: the width of --classifier=mlp). A value given on the command line or a flagfile wins.
-TASK_DEFAULTS: dict[str, Any] = dict(
-    rounds=300, local_steps=5, inner_steps=1, inner_lr=0.05, outer_lr=30.0, v_lr=0.05,
-    num_steps=1, batch_size=0, eval_every=10, hidden=100)
-
+TASK_DEFAULTS = task.DEFAULTS  # the shared flags' defaults on this task
 
 
 def _given(name: str) -> bool:

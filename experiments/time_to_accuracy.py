@@ -156,8 +156,8 @@ def _age_at(record: dict[str, Any]) -> float | None:
 
 
 def cache_files(home: str) -> int:
-  """Files in the driver's default compilation cache folder under home (~/.cache/bilevel_jax)."""
-  folder = os.path.join(home, ".cache", "bilevel_jax")
+  """Files in the driver's default compilation cache folder under home (user_env)."""
+  folder = common.default_cache_dir(home)
   return len(os.listdir(folder)) if os.path.isdir(folder) else 0
 
 

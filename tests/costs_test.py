@@ -305,8 +305,8 @@ def test_cg_evaluates_num_steps_plus_two_products(num_steps):
   hv, jv = hypergrad.estimator_products("cg", opts)
   assert (hv, jv) == (num_steps + 1, 1)
   ops = dict(((op, batch), n) for op, batch, n in
-             costs.round_ops(client.ClientConfig(estimator="cg", estimator_options=opts,
-                                                 inner_step="fixed")))
+             costs.round_ops(client.ClientConfig(local_steps=1, estimator="cg",
+                                                 estimator_options=opts, inner_step="fixed")))
   assert ops[("hv", costs.INNER)] + ops[("jv", costs.INNER)] == num_steps + 2
 
 

@@ -52,6 +52,21 @@ class ScanMetricsTest(absltest.TestCase):
     self.assertEqual(time_to_accuracy.scan_metrics(path, 0.5), (None, None))
 
 
+class CacheFolderTest(absltest.TestCase):
+
+  def test_cache_files_counts_the_drivers_default_folder_under_home(self):
+    from experiments import common  # pylint: disable=g-import-not-at-top
+    home = tempfile.mkdtemp()
+    self.assertEqual(time_to_accuracy.cache_files(home), 0)
+    folder = common.default_cache_dir(home)
+    with absltest.mock.patch.dict(os.environ, time_to_accuracy.user_env(home), clear=True):
+      self.assertEqual(common.default_cache_dir(), folder)  # what a driver started so uses
+    os.makedirs(folder)
+    for name in ("a", "b"):
+      open(os.path.join(folder, name), "w", encoding="utf-8").close()
+    self.assertEqual(time_to_accuracy.cache_files(home), 2)
+
+
 @pytest.mark.slow
 class DriverTest(absltest.TestCase):
 

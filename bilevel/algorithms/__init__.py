@@ -9,8 +9,8 @@
 Where each one lives: rafbo.py (RAFBO and RABO: the local round, top to bottom), fednest.py
 (FedNest's communicating round), baselines.py (the other baselines: the local round with their
 own defaults), base.py (the keywords every algorithm takes, `Options`, and the configured
-`Algorithm`). An `Algorithm` holds the resolved `federated.FederatedConfig` (`config`), its
-server optimiser (used by both `init` and `step`, so the two cannot disagree) and the jitted
+`Algorithm`). An `Algorithm` holds its resolved keywords (`options`; `config` is the same as
+the round builders' `federated.FederatedConfig`), its server optimiser (used by both `init` and `step`, so the two cannot disagree) and the jitted
 round (built on the first `init` or `step` for the shapes of x and cached). `bilevel.run(alg,
 state, data, num_rounds, ...)` (loop.run) drives it like a `federated.Round`: it only calls
 `.step`.
@@ -67,6 +67,13 @@ def names() -> tuple[str, ...]:
   return tuple(_SPECS)
 
 
+def defaults(name: str) -> Options:
+  """The options `name` resolves to when no keyword is given (None: resolved per call:
+  clients_per_round, granularity; or optional: layout, cost, ...)."""
+  check_choice("algorithm", name, names())
+  return _SPECS[name].defaults
+
+
 def own_options(name: str) -> tuple[str, ...]:
   """The options whose default `name` sets itself: those that differ from what every
   algorithm shares (e.g. fednest's step sizes, heterofl's mask_policy) and, for algorithms
@@ -100,5 +107,5 @@ def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any)
   return base.build(name, _SPECS[name], problem, num_clients, options)
 
 
-__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "own_options", "rafbo", "fednest",
+__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "defaults", "own_options", "rafbo", "fednest",
            "baselines", "base"]

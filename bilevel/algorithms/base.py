@@ -17,10 +17,9 @@ import optax
 
 from bilevel import costs, federated, tree
 from bilevel import masks as masks_lib
-from bilevel.client import ClientConfig, Sampler, full_batch
+from bilevel.client import Sampler, full_batch
 from bilevel.errors import ConfigError
-from bilevel.hypergrad import EstimatorOptions
-from bilevel.masks import Level, MaskConfig, UnitLayout
+from bilevel.masks import Level, UnitLayout
 from bilevel.problems import BilevelProblem
 
 PyTree = Any
@@ -118,15 +117,43 @@ class Options(NamedTuple):
   fednest_neumann: str | None = None
 
 
-# What every algorithm shares (the drivers' flag defaults); clients_per_round and granularity
-# are resolved per algorithm in `build`.
+# Option -> where it lives in the federated.FederatedConfig an algorithm resolves to. The
+# configuration types' field defaults (federated.FederatedConfig, client.ClientConfig,
+# hypergrad.EstimatorOptions, masks.MaskConfig) are the library's defaults, defined there once.
+CONFIG_PATHS: dict[str, tuple[str, ...]] = {
+    "clients_per_round": ("clients_per_round",), "levels": ("levels",),
+    "redraw_levels": ("redraw_levels",), "granularity": ("mask", "granularity"),
+    "mask_policy": ("mask", "policy"), "allow_uncovered": ("allow_uncovered",),
+    "local_steps": ("client", "local_steps"), "inner_steps": ("client", "inner_steps"),
+    "inner_lr": ("client", "inner_lr"), "inner_step": ("client", "inner_step"),
+    "outer_lr": ("client", "outer_lr"), "x_trust": ("client", "x_trust"),
+    "x_trust_scope": ("client", "x_trust_scope"), "estimator": ("client", "estimator"),
+    **{k: ("client", "estimator_options", f) for k, f in (
+        ("num_steps", "num_steps"), ("v_lr", "step_size"), ("delta", "delta"),
+        ("radius", "radius"), ("v_step", "v_step"), ("product", "product"))},
+    "server_lr": ("server_lr",), "aggregation": ("aggregation",), "weighting": ("weighting",),
+    "seed": ("seed",)}
+RESOLVED = ("clients_per_round", "granularity")  # per algorithm and call, in `build`
+
+
+def _get(t: Any, path: Sequence[str]) -> Any:
+  for name in path:
+    t = getattr(t, name)
+  return t
+
+
+def _set(t: Any, path: Sequence[str], value: Any) -> Any:
+  head = path[0]
+  return t._replace(**{head: value if len(path) == 1 else _set(getattr(t, head), path[1:], value)})
+
+
+# What every algorithm shares: the configuration types' defaults, and the defaults of the
+# round's keywords (rafbo.make_round and fednest.make_fednest_round take theirs from here).
+_DEFAULT_CONFIG = federated.FederatedConfig(num_clients=1, clients_per_round=1)
 SHARED = Options(
-    levels="1/1:1", redraw_levels=False, mask_policy="random", allow_uncovered=False,
-    local_steps=5, inner_steps=1, inner_lr=0.1, inner_step="cauchy", outer_lr=0.1,
-    x_trust=0.0, x_trust_scope="layer", estimator="fd", num_steps=1,
-    v_lr=0.1, delta=1e-3, radius=None, v_step="cauchy", product="exact", server_lr=1.0,
-    aggregation="coverage", weighting="uniform", seed=0, sample=full_batch,
-    flops_per_grad=federated.default_flops_per_grad, submodel="dense", fednest_neumann="code")
+    **{k: _get(_DEFAULT_CONFIG, p) for k, p in CONFIG_PATHS.items() if k not in RESOLVED},
+    sample=full_batch, flops_per_grad=federated.default_flops_per_grad, submodel="dense",
+    fednest_neumann="code")
 
 
 class Spec(NamedTuple):
@@ -160,21 +187,30 @@ class Algorithm:
   Attributes:
     name: the algorithm's name (a key of bilevel.algorithms.names()).
     spec: what defines it (its defaults and round builder).
-    config: the resolved federated.FederatedConfig.
     problem: the BilevelProblem (inner and outer losses).
-    layout: the model's UnitLayout (None for element masks).
+    num_clients: the population size M.
+    options: every keyword, resolved (Options with no None left but optional ones): the
+      algorithm's configuration. `config` is the same, as the round builders' structured view.
     optimizer: the server optimiser; `init` initialises its state, `step` applies it.
-    options: every keyword, resolved (Options with no None left but optional ones).
   """
 
   name: str
   spec: Spec
-  config: federated.FederatedConfig
   problem: BilevelProblem
-  layout: UnitLayout | None
-  optimizer: optax.GradientTransformation
+  num_clients: int
   options: Options
+  optimizer: optax.GradientTransformation
   _rounds: dict[Any, federated.Round] = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def config(self) -> federated.FederatedConfig:
+    """The resolved federated.FederatedConfig: `options` placed at CONFIG_PATHS."""
+    return _config(self.spec, self.num_clients, self.options)
+
+  @property
+  def layout(self) -> UnitLayout | None:
+    """The model's UnitLayout (None for element masks)."""
+    return self.options.layout
 
   def make_round(self, x_like: PyTree) -> federated.Round:
     """The federated.Round for parameters shaped like x_like (built once per shape, cached).
@@ -275,23 +311,19 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
   if clients_per_round is None:
     clients_per_round = num_clients if spec.full_participation else max(1, num_clients // 2)
   o = o._replace(clients_per_round=clients_per_round, levels=levels, granularity=granularity)
-  client = ClientConfig(
-      local_steps=o.local_steps, inner_steps=o.inner_steps, inner_lr=o.inner_lr,
-      outer_lr=o.outer_lr, estimator=o.estimator, inner_step=o.inner_step,
-      x_trust=o.x_trust, x_trust_scope=o.x_trust_scope,
-      estimator_options=EstimatorOptions(
-          num_steps=o.num_steps, step_size=o.v_lr, delta=o.delta, radius=o.radius,
-          product=o.product, v_step=o.v_step))
-  config = federated.FederatedConfig(
-      num_clients=num_clients, clients_per_round=clients_per_round, client=client,
-      mask=MaskConfig(o.mask_policy, granularity), levels=levels,
-      redraw_levels=o.redraw_levels, only_full=spec.only_full, aggregation=o.aggregation,
-      weighting=o.weighting, server_lr=o.server_lr, allow_uncovered=o.allow_uncovered,
-      seed=o.seed, round_kind=spec.round_kind)
-  federated.validate_config(config, o.layout)
+  federated.validate_config(_config(spec, num_clients, o), o.layout)
   if o.server_optimizer is not None and not isinstance(o.server_optimizer,
                                                        optax.GradientTransformation):
     raise ConfigError(f"server_optimizer={o.server_optimizer!r} must be an optax "
                       "GradientTransformation (e.g. optax.adam(1e-2)).")
   optimizer = o.server_optimizer or optax.sgd(o.server_lr)
-  return Algorithm(name, spec, config, problem, o.layout, optimizer, o)
+  return Algorithm(name, spec, problem, num_clients, o, optimizer)
+
+
+def _config(spec: Spec, num_clients: int, o: Options) -> federated.FederatedConfig:
+  """The FederatedConfig of resolved options `o` (CONFIG_PATHS) for `spec`."""
+  config = federated.FederatedConfig(num_clients=num_clients, clients_per_round=0,
+                                     only_full=spec.only_full, round_kind=spec.round_kind)
+  for k, path in CONFIG_PATHS.items():
+    config = _set(config, path, getattr(o, k))
+  return config

@@ -140,7 +140,7 @@ class Counts(NamedTuple):
 def round_counts(cfg: federated.FederatedConfig, num_sampled: int) -> Counts:
   """Analytic per-round counts (module docstring); num_sampled = C."""
   c, epochs, tau = num_sampled, cfg.client.inner_steps, cfg.client.local_steps
-  n = neumann_products(cfg)
+  n = neumann_products(cfg.client.estimator_options.num_steps)
   rounds = 2 + (1 + n) + 2
   return Counts(c * (1 + 2 * epochs), c * (3 + (n > 0) + 2 * tau), c * n, c, rounds,
                 2 * c * rounds)
@@ -152,9 +152,9 @@ def svrg_steps(rows: int, batch_size: int | None, epochs: int) -> int:
   return epochs * (-(-rows // batch_size) if batch_size else 1)
 
 
-def neumann_products(cfg: federated.FederatedConfig) -> int:
+def neumann_products(num_steps: int) -> int:
   """N = num_steps - 1: the series has num_steps terms (hypergrad.neumann_estimator's count)."""
-  return max(cfg.client.estimator_options.num_steps - 1, 0)
+  return max(num_steps - 1, 0)
 
 
 def comm_floats(nx: int, ny: int, n: int) -> int:
@@ -245,13 +245,13 @@ def epoch_batch(split: Any, cid: jax.Array, key: jax.Array, b: jax.Array,
   return dict(batch, weight=batch["weight"] * (pos < jnp.sum(valid)))
 
 
-def fed_inn(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y0: PyTree,
+def fed_inn(oracle: Oracle, epochs: int, x: PyTree, y0: PyTree,
             data: federated.FederatedData, ids: jax.Array, keys: jax.Array, sample: Sampler,
             cmap: Callable, lr: jax.Array) -> PyTree:
   """FedInn with SVRG (steps 1-2 of the module docstring); returns y+ = mean_i y_i.
 
   s = mean_i grad_y g_i(x, y0) (whole train split; communication round 1), then per client
-  local_ep = cfg.client.inner_steps epochs of steps y <- y - lr (grad_y g_i(x, y; B_t) -
+  local_ep = `epochs` (inner_steps) epochs of steps y <- y - lr (grad_y g_i(x, y; B_t) -
   grad_y g_i(x, y0; B_t) + s) over epoch_batch's batches (communication round 2: the server
   averages the y_i). The scan runs ceil(N / B) steps per epoch for the padded N rows; a
   client's steps past its own ceil(n_i / B) leave y as it is. Without "weight" rows an epoch
@@ -279,21 +279,20 @@ def fed_inn(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y0: PyTre
         new = jax.tree.map(lambda a, o: jnp.where(active, a, o), new, y)
       return new, None
 
-    return jax.lax.scan(step, y0, jnp.arange(cfg.client.inner_steps * per_epoch))[0]
+    return jax.lax.scan(step, y0, jnp.arange(epochs * per_epoch))[0]
 
   return _mean(cmap(client)(ids, keys))
 
 
-def fed_ihgp(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTree,
+def fed_ihgp(oracle: Oracle, n: int, x: PyTree, y: PyTree,
              data: federated.FederatedData, ids: jax.Array, cmap: Callable, eta: jax.Array,
              neumann: str = "code"):
-  """FedIHGP (steps 3-4): v from c0 = mean_i grad_y f_i and N rounds of products H_i c.
+  """FedIHGP (steps 3-4): v from c0 = mean_i grad_y f_i and N = n rounds of products H_i c.
 
   neumann="code": per-client counters c_i <- c_i - eta H_i c_i from c0 and
   p_k = p_{k-1} + mean_i c_i / k (FedNest's code), v = eta p_N. "series": the server's
   counter c <- c - eta mean_i H_i c, p <- p + c, v = eta p. Returns (v, mean_i f_i(x, y)).
   """
-  n = neumann_products(cfg)
   outer = lambda cid: population_sampler(full_batch, cid)(data.outer, None)
   inner = lambda cid: population_sampler(full_batch, cid)(data.inner, None)
   f_i, gyf_i = cmap(lambda cid: oracle.grad_f_y(x, y, outer(cid)))(ids)
@@ -323,7 +322,7 @@ def fed_ihgp(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTre
   return tree.scale(eta, p), jnp.mean(f_i)
 
 
-def fed_out(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTree, v: PyTree,
+def fed_out(oracle: Oracle, tau: int, x: PyTree, y: PyTree, v: PyTree,
             data: federated.FederatedData, ids: jax.Array, cmap: Callable, eta: jax.Array):
   """FedOut (steps 5-6): h = mean_i (grad_x f_i - J_i v) (communication round 1), then tau
   SVRG steps x_i <- x_i - eta (grad_x f_i(x_i) - grad_x f_i(x) + h) per client and the mean
@@ -344,7 +343,7 @@ def fed_out(oracle: Oracle, cfg: federated.FederatedConfig, x: PyTree, y: PyTree
                             oracle.grad_f_x(x, y, outer(cid))), h)
       return tree.axpy(-eta, d, xi), None
 
-    xi = jax.lax.scan(step, x, None, length=cfg.client.local_steps)[0]
+    xi = jax.lax.scan(step, x, None, length=tau)[0]
     return tree.sub(xi, x)
 
   return _mean(cmap(client)(ids)), h, jnp.mean(g_i)
@@ -371,7 +370,8 @@ def _client_prices(cfg: federated.FederatedConfig, model: costs.ModelCosts, kept
   split, each priced as x's forward and a gradient in x and y; N exact H v and one J v
   products on the train split."""
   prices = costs.op_prices(model, "exact", kept_x, kept_y)
-  epochs, tau, n = cfg.client.inner_steps, cfg.client.local_steps, neumann_products(cfg)
+  epochs, tau = cfg.client.inner_steps, cfg.client.local_steps
+  n = neumann_products(cfg.client.estimator_options.num_steps)
   g_y = prices["forward_x"] + prices["grad_y"]
   g_xy = prices["forward_x"] + prices["grad_xy"]
   inner = n_in * g_y + 2 * epochs * epoch_rows * g_y
@@ -427,24 +427,22 @@ def client_flops(cfg: federated.FederatedConfig, layout: UnitLayout | None, stat
           + jnp.sum(jax.vmap(lambda cid: price(cid, 1))(s_out)))
 
 
-def fedinn_svrg_steps(cfg: federated.FederatedConfig, data, s_in: jax.Array,
-                      sample: Sampler) -> jax.Array:
+def fedinn_svrg_steps(epochs: int, data, s_in: jax.Array, sample: Sampler) -> jax.Array:
   """SVRG steps of the round's FedInn clients: sum_i local_ep ceil(n_i / B) (svrg_steps)."""
   bsz = sweep_batch_size(sample, data.inner)
-  epochs = cfg.client.inner_steps
   if bsz is None:
     return jnp.asarray(epochs * s_in.shape[0], jnp.int32)
   n = jax.vmap(lambda cid: split_rows(data.inner, cid))(s_in)
   return jnp.sum(epochs * ((n + bsz - 1) // bsz)).astype(jnp.int32)
 
 
-def _metrics(cfg, state, counts: Counts, h, f_val, g_val, flops, steps, num_sampled):
+def _metrics(n, state, counts: Counts, h, f_val, g_val, flops, steps, num_sampled):
   """The generic round's metric keys (full model: coverage = C everywhere) plus the counts."""
   full = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, num_sampled, jnp.int32), t)
   cov_x = coverage_stats_from_counts(full(state.x))
   cov_y = coverage_stats_from_counts(full(state.y))
   itemsize = jax.tree.leaves(state.x)[0].dtype.itemsize
-  floats = comm_floats(tree.size(state.x), tree.size(state.y), neumann_products(cfg))
+  floats = comm_floats(tree.size(state.x), tree.size(state.y), n)
   return dict(
       inner_loss=g_val, outer_loss=f_val, hypergrad_norm=tree.norm(h),
       coverage_x_min=cov_x.min, coverage_x_mean=cov_x.mean, uncovered_x_share=cov_x.uncovered_share,
@@ -472,16 +470,17 @@ def phase_samples(a: federated.RoundArgs, q: jax.Array, c: int) -> list[jax.Arra
 
 
 def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, layout: Any,
-                       x_like: PyTree, *, sample: Sampler = full_batch,
+                       x_like: PyTree, *, sample: Sampler = base.SHARED.sample,
                        optimizer: optax.GradientTransformation | None = None,
                        flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = (
-                           federated.default_flops_per_grad),
+                           base.SHARED.flops_per_grad),
                        cost: costs.CostModel | None = None,
                        client_map: ClientMap = vmap_clients, jit: bool = True,
-                       available: Any = None, mask_fn: Any = None, submodel: str = "dense",
+                       available: Any = None, mask_fn: Any = None,
+                       submodel: str = base.SHARED.submodel,
                        sampling: str | None = None,
                        mesh: Any = None, oracle: Oracle | None = None,
-                       diagnostics: bool = False, neumann: str = "code",
+                       diagnostics: bool = False, neumann: str = base.SHARED.fednest_neumann,
                        **unused: Any) -> federated.Round:
   """FedNest's round `step(state, data) -> (state, metrics)` (module docstring), as a
   federated.Round; rafbo.make_round's keywords (what FedNest cannot use is a ConfigError).
@@ -503,6 +502,8 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
   population = np.arange(cfg.num_clients)
   c = min(cfg.clients_per_round, cfg.num_clients)
   counts = round_counts(cfg, c)
+  epochs, tau = cfg.client.inner_steps, cfg.client.local_steps
+  n = neumann_products(cfg.client.estimator_options.num_steps)
 
   def step(a: federated.RoundArgs, state: federated.ServerState,
            data: federated.FederatedData):
@@ -511,14 +512,14 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
     bkey = jax.random.fold_in(a.keys["batches"], q)
     keys = jax.vmap(lambda cid: jax.random.fold_in(bkey, cid))(s_in)
     hlr, lr = a.steps["outer_lr"], a.steps["inner_lr"]  # traced: one program for every step
-    y = fed_inn(oracle, cfg, state.x, state.y, data, s_in, keys, sample, client_map, lr)
-    v, f_val = fed_ihgp(oracle, cfg, state.x, y, data, s_out, client_map, hlr, neumann)
-    dx, h, g_val = fed_out(oracle, cfg, state.x, y, v, data, s_out, client_map, hlr)
+    y = fed_inn(oracle, epochs, state.x, state.y, data, s_in, keys, sample, client_map, lr)
+    v, f_val = fed_ihgp(oracle, n, state.x, y, data, s_out, client_map, hlr, neumann)
+    dx, h, g_val = fed_out(oracle, tau, state.x, y, v, data, s_out, client_map, hlr)
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
     flops = client_flops(cfg, layout, state, data, s_in, s_out, flops_per_grad, cost, sample)
-    steps = fedinn_svrg_steps(cfg, data, s_in, sample)
-    metrics = _metrics(cfg, state, counts, h, f_val, g_val, flops, steps, c)
+    steps = fedinn_svrg_steps(epochs, data, s_in, sample)
+    metrics = _metrics(n, state, counts, h, f_val, g_val, flops, steps, c)
     if diagnostics:  # full model: every coordinate held by the C sampled clients
       held = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, c, jnp.int32), t)
       metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=held(state.x),

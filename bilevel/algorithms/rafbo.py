@@ -32,10 +32,10 @@ from bilevel import masks as masks_lib
 from bilevel import sampling as sampling_lib
 from bilevel import server, tree
 from bilevel.algorithms.base import SHARED, Algorithm, Spec, build
-from bilevel.client import Sampler, client_update, full_batch, population_sampler
+from bilevel.client import Sampler, client_update, population_sampler
 from bilevel.errors import ConfigError, check_choice
 from bilevel.federated import DIAGNOSTICS, SAMPLINGS, SUBMODELS, FederatedConfig, FederatedData
-from bilevel.federated import MaskFn, Round, RoundArgs, ServerState, default_flops_per_grad
+from bilevel.federated import MaskFn, Round, RoundArgs, ServerState
 from bilevel.federated import step_sizes, validate_config, with_steps
 from bilevel.masks import UnitLayout
 from bilevel.problems import BilevelProblem
@@ -45,12 +45,12 @@ PyTree = Any
 
 
 def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout | None,
-               x_like: PyTree, *, sample: Sampler = full_batch,
+               x_like: PyTree, *, sample: Sampler = SHARED.sample,
                optimizer: optax.GradientTransformation | None = None,
-               flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = default_flops_per_grad,
+               flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = SHARED.flops_per_grad,
                cost: costs.CostModel | None = None, jit: bool = True,
                available: Mapping[str, np.ndarray] | None = None,
-               mask_fn: MaskFn | None = None, submodel: str = "dense",
+               mask_fn: MaskFn | None = None, submodel: str = SHARED.submodel,
                sampling: str | None = None, mesh: jax.sharding.Mesh | None = None,
                mesh_axis: str = "clients", diagnostics: bool = False) -> Round:
   """The local round `step(state, data) -> (state, metrics)` (validated up front; ConfigError).

@@ -76,6 +76,13 @@ PyTree = Any
 
 NOISE_STREAM = 5  # numpy seed salt of the label corruption (numpy side of the seed streams)
 BASELINE_LOGIT = 100.0  # weight exactly 1 with an exactly zero derivative (see the docstring)
+# The task's defaults where they differ from the library's and the drivers' (tuned on
+# mnist_embedded, 20 clients, noise 0.5, the drivers' level profile: weight AUC ~0.95, test
+# accuracy ~0.88 against ~0.72 unweighted; hidden: the width of the MLP classifier), by the
+# drivers' flag names; the driver applies them to the flags not given.
+DEFAULTS: dict[str, Any] = dict(
+    rounds=300, local_steps=5, inner_steps=1, inner_lr=0.05, outer_lr=30.0, v_lr=0.05,
+    num_steps=1, batch_size=0, eval_every=10, hidden=100)
 
 
 # ------------------------------------------------------------------ data
