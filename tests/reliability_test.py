@@ -1,11 +1,5 @@
 """Checkpoint / resume after SIGKILL, torn metrics lines, divergence guard, determinism and
-one clear error (no traceback) for each of many bad inputs.
-
-Compilation dominates these tiny driver runs, so the module compiles with
-jax_disable_most_optimizations, and the subprocesses it starts (`_env`) with
-JAX_DISABLE_MOST_OPTIMIZATIONS: an in-process run and a subprocess run of one configuration
-compile the same program, so their results still compare exactly.
-"""
+one clear error (no traceback) for each of many bad inputs."""
 
 import contextlib
 import io
@@ -34,19 +28,9 @@ TINY = dict(dataset="digits", num_clients=6, clients_per_round=3, hidden=16, eva
             log_every=1000, checkpoint_every=10)
 
 
-_saved_optimizations = None
-
-
 def setUpModule():
-  global _saved_optimizations
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  _saved_optimizations = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-
-
-def tearDownModule():
-  jax.config.update("jax_disable_most_optimizations", _saved_optimizations)
 
 
 def _tmpdir(test):
@@ -77,9 +61,7 @@ def _main(**overrides):
 
 
 def _env(**extra):
-  """A driver subprocess's environment: compiled as the in-process runs of this module."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-              JAX_DISABLE_MOST_OPTIMIZATIONS="true", **extra)
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **extra)
 
 
 def _snapshot(root):
