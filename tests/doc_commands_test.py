@@ -7,11 +7,16 @@ starts with `python -m experiments.` (optionally after `NAME=value` environment 
 as `JAX_PLATFORMS=cpu`), or such a segment of a `&&` chain; backslash-continued lines are joined
 and `# comments` dropped. Inline `code` in prose is not a command.
 
-How it runs: `python` is this interpreter, `--smoke` is appended, the working directory is one
-temporary folder holding a link to experiments/ (so relative --flagfile paths resolve), and an
-absolute /tmp/... path in a flag is moved into that folder (nothing is written outside it).
+How it runs: `python` is this interpreter, `--smoke` is appended, XLA compiles with most
+optimisations off (JAX_DISABLE_MOST_OPTIMIZATIONS: compilation dominates a smoke run and only
+the exit status is checked; a command's own environment assignments still win), the working
+directory is one temporary folder holding a link to experiments/ (so relative --flagfile paths
+resolve), and an absolute /tmp/... path in a flag is moved into that folder (nothing is written
+outside it). Each command's wall time is printed (pytest -s shows it).
 A compare command must name workdirs that an earlier command of the docs produced. A command
-written again word for word (another doc repeating it) runs once.
+written again word for word (another doc repeating it) runs once, and so does one that differs
+from an earlier command only in its --workdir when both start in a new workdir (the same run; its
+workdir becomes a link to the earlier one's, so a later compare of it finds the results).
 
 Skipped, by these rules only (each skip is printed):
   * --data_dir: local dataset files the test cannot have;
@@ -27,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from typing import NamedTuple
 
 import pytest
@@ -128,6 +134,11 @@ def to_argv(command: DocCommand, tmp: str) -> tuple[dict[str, str], list[str]]:
   return env, argv + ["--smoke"]
 
 
+def same_run_key(command: DocCommand) -> tuple[str, ...]:
+  """The command's words without its --workdir: two commands with one key are the same run."""
+  return tuple(w for w in shlex.split(command.text) if not w.startswith("--workdir="))
+
+
 def _flag(argv: list[str], name: str) -> str | None:
   for word in argv:
     if word.startswith(f"--{name}="):
@@ -173,6 +184,15 @@ class ExtractionTest(absltest.TestCase):
     self.assertIn("=/T/_tmp/cov", to_argv(DocCommand("x", 1, "python -m experiments.c "
                                                      "--workdir=/tmp/cov"), "/T")[1][3])
 
+  def test_same_run_rule(self):
+    key = lambda text: same_run_key(DocCommand("x", 1, text))
+    self.assertEqual(key("python -m experiments.a --q --workdir=runs/a"),
+                     key("python -m experiments.a --q --workdir=/tmp/b"))
+    self.assertNotEqual(key("python -m experiments.a --q --workdir=runs/a"),
+                        key("python -m experiments.a --workdir=runs/a"))
+    self.assertNotEqual(key("X=1 python -m experiments.a --workdir=runs/a"),
+                        key("python -m experiments.a --workdir=runs/a"))
+
   def test_skip_rules(self):
     for text, skipped in (("python -m experiments.a --workdir=W", True),
                           ("python -m experiments.benchmark --compare=HEAD~1 --workdir=runs/c",
@@ -217,18 +237,32 @@ class DocCommandsTest(absltest.TestCase):
     failures, ran = [], 0
     with tempfile.TemporaryDirectory() as tmp:
       os.symlink(os.path.join(REPO, "experiments"), os.path.join(tmp, "experiments"))
-      env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+      env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+                 JAX_DISABLE_MOST_OPTIMIZATIONS="true")
       done = {}
       for command in commands:
         if command.text in done:  # the same command again: the same result (or a resume)
-          print(f"{command.where}: ran already as {done[command.text]}")
+          print(f"{command.where}: ran already as {done[command.text][0]}")
           continue
-        done[command.text] = command.where
         reason = skip_reason(command)
         if reason:
+          done[command.text] = (command.where, None)
           print(f"skipped {command.where}: {reason}: {command.text}")
           continue
         extra_env, argv = to_argv(command, tmp)
+        workdir = _flag(argv, "workdir")
+        fresh = workdir is not None and not os.path.lexists(os.path.join(tmp, workdir))
+        same_run = same_run_key(command)
+        if fresh and same_run in done:  # a fresh run of an earlier fresh run: link to its workdir
+          where, earlier = done[same_run]
+          os.makedirs(os.path.dirname(os.path.join(tmp, workdir)), exist_ok=True)
+          os.symlink(os.path.join(tmp, earlier), os.path.join(tmp, workdir))
+          print(f"{command.where}: ran already as {where} (another --workdir)")
+          done[command.text] = (where, earlier)
+          continue
+        done[command.text] = (command.where, workdir)
+        if fresh:  # a run into an existing workdir (a resume) stands for no other
+          done[same_run] = (command.where, workdir)
         if argv[2] == "experiments.compare":
           missing = [w for w in (_flag(argv, "workdirs") or "").split(",")
                      if w and not os.path.isfile(os.path.join(tmp, w, "summary.json"))]
@@ -236,12 +270,14 @@ class DocCommandsTest(absltest.TestCase):
             failures.append(f"{command.where}: `{command.text}` compares {missing}, which no "
                             "earlier command of the docs produced")
             continue
+        start = time.perf_counter()
         try:
           proc = subprocess.run(argv, cwd=tmp, env=dict(env, **extra_env), capture_output=True,
                                 text=True, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
           failures.append(f"{command.where}: `{command.text}` ran past {TIMEOUT_S} s with --smoke")
           continue
+        print(f"{command.where}: {time.perf_counter() - start:.1f} s")
         ran += 1
         if proc.returncode != 0:
           failures.append(f"{command.where}: `{command.text}` exited {proc.returncode}:\n"

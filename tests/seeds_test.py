@@ -14,6 +14,12 @@
   hyper_cleaning's weighted and unweighted runs of every seed included; a round with a mask_fn
   or --diagnose_every runs the seeds one after another; a batched run killed between its
   seeds' checkpoints resumes to the uninterrupted result.
+
+Compilation dominates every test here (the 3-level compact round, alone and batched), so the
+module compiles with jax_disable_most_optimizations (as tests/drivers_test.py does; the
+killed-batch test's subprocesses too): each comparison is between two programs compiled the
+same way, and the drivers run on the small digits data with 16 hidden units (what the tests
+check does not depend on the sizes).
 """
 
 import json
@@ -154,12 +160,23 @@ def _assert_same_records(test, got, want, rtol):
     chex.assert_trees_all_close(_numeric(a), _numeric(b), rtol=rtol)
 
 
+_saved_optimizations = None
+
+
 def setUpModule():
+  global _saved_optimizations
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  _saved_optimizations = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
 
 
-SETTINGS = dict(rounds=3, eval_every=1, num_clients=10, clients_per_round=4, checkpoint_every=1)
+def tearDownModule():
+  jax.config.update("jax_disable_most_optimizations", _saved_optimizations)
+
+
+SETTINGS = dict(rounds=3, eval_every=1, num_clients=10, clients_per_round=4, checkpoint_every=1,
+                dataset="digits", hidden=16)
 
 
 class DriverTest(absltest.TestCase):
@@ -219,6 +236,9 @@ class DriverTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(root, "summary.json")))
 
 
+NOOPT = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}  # the subprocesses compile as this module does
+
+
 @pytest.mark.slow
 class KilledBatchTest(absltest.TestCase):
 
@@ -231,7 +251,7 @@ class KilledBatchTest(absltest.TestCase):
     cmd = [sys.executable, "-m", "experiments.hyper_representation"] + flags_
     full, killed = os.path.join(root, "full"), os.path.join(root, "killed")
     for workdir, extra in ((full, {}), (killed, {common.KILL_AFTER_CHECKPOINT_ENV: "3"})):
-      proc = subprocess.run(cmd + [f"--workdir={workdir}"], env=_env(**extra), cwd=REPO,
+      proc = subprocess.run(cmd + [f"--workdir={workdir}"], env=_env(**extra, **NOOPT), cwd=REPO,
                             capture_output=True, text=True, timeout=300)
       if extra:
         self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr[-2000:])
@@ -239,7 +259,7 @@ class KilledBatchTest(absltest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertLen(_records(os.path.join(killed, "seed_0", "metrics.jsonl")), 2)
     self.assertLen(_records(os.path.join(killed, "seed_1", "metrics.jsonl")), 1)
-    proc = subprocess.run(cmd + [f"--workdir={killed}"], env=_env(), cwd=REPO,
+    proc = subprocess.run(cmd + [f"--workdir={killed}"], env=_env(**NOOPT), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertIn("checkpoints are at different rounds (2, 1)", proc.stdout)
