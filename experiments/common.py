@@ -407,7 +407,7 @@ def algorithm_options() -> dict[str, Any]:
   """bilevel.algorithms.get's keywords for --algorithm from the shared flags (_ALGORITHM_FLAGS).
 
   A flag given on the command line or in a flagfile is passed. A flag left at its default (or
-  at a task default, e.g. hyper_cleaning.TASK_DEFAULTS) is passed too, unless the algorithm sets
+  at a task default, e.g. bilevel.tasks.hyper_cleaning.DEFAULTS) is passed too, unless the algorithm sets
   that option itself (algorithms.own_options: fednest's step sizes, rabo's clients_per_round,
   heterofl's mask_policy, ...): then the algorithm's own default wins. Full-model algorithms
   ignore --levels, as the library does (docs/method.md, section 7).
@@ -871,7 +871,7 @@ def print_table(rows: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------ model flags
 # One name for one thing in every driver (issue 16): the MLP's width and activation, read by
-# hyper_representation (--model=mlp), hyper_cleaning (--classifier=mlp; its TASK_DEFAULTS set
+# hyper_representation (--model=mlp), hyper_cleaning (--classifier=mlp; its task.DEFAULTS set
 # hidden 100) and the benchmark (hidden only).
 
 HIDDEN = flags.DEFINE_integer(

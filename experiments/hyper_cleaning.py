@@ -53,8 +53,6 @@ BASELINE_UNWEIGHTED = flags.DEFINE_boolean(
     "baseline_unweighted", False, "Also train y on the noisy labels with all weights 1 (same "
     "rounds and settings) into WORKDIR/unweighted/; the summary gets unweighted_test_accuracy.")
 
-TASK_DEFAULTS = task.DEFAULTS  # the shared flags' defaults on this task
-
 
 def _given(name: str) -> bool:
   """Parsed (command line, flagfile) or assigned in code (FLAGS.name = v, absl's flagsaver)."""
@@ -63,12 +61,12 @@ def _given(name: str) -> bool:
 
 
 def apply_task_defaults() -> dict[str, Any]:
-  """Set TASK_DEFAULTS on the shared flags that were not given; return what was set.
+  """Set task.DEFAULTS on the shared flags that were not given; return what was set.
 
   Setting Flag.value directly leaves the flag "not given", so a second call is idempotent.
   """
   applied = {}
-  for name, value in TASK_DEFAULTS.items():
+  for name, value in task.DEFAULTS.items():
     if not _given(name):
       flags.FLAGS[name].value = value
       applied[name] = value

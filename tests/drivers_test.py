@@ -284,7 +284,7 @@ class PresetsTest(parameterized.TestCase):
       self.assertGreaterEqual(checked, 8)
       if name.startswith("hyper_cleaning"):
         # The preset spells out the driver's task defaults.
-        for key, value in hyper_cleaning.TASK_DEFAULTS.items():
+        for key, value in hyper_cleaning.task.DEFAULTS.items():
           self.assertEqual(FLAGS[key].value, value, key)
 
 
