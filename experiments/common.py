@@ -46,7 +46,7 @@ SMOKE = flags.DEFINE_boolean(
 SMOKE_ROUNDS = 2
 SMOKE_SEEDS = 2  # --smoke with --seeds runs the first two seeds only
 # Test hook: BILEVEL_KILL_AFTER_CHECKPOINT=N makes a driver send itself SIGKILL right after it
-# has written its N-th checkpoint of this process (run_and_record), a deterministic kill point
+# has written its N-th checkpoint of this process (_Recorder), a deterministic kill point
 # for the resume tests (WORKSPACE.md, "Runs: checkpoints, resume, errors").
 KILL_AFTER_CHECKPOINT_ENV = "BILEVEL_KILL_AFTER_CHECKPOINT"
 # BILEVEL_STOP_AFTER_CHECKPOINT=N: SIGSTOP instead, so that a test can SIGKILL it from outside
@@ -446,6 +446,8 @@ def check_shared_flags() -> list[str]:
   if not 0 < HOLDOUT_FRACTION.value < 1:
     problems.append(f"--holdout_fraction={HOLDOUT_FRACTION.value} is outside the allowed range "
                     "(0, 1).")
+  if HIDDEN.value < 1:
+    problems.append(f"--hidden={HIDDEN.value} must be >= 1.")
   if DIVERGENCE_FACTOR.value < 0:
     problems.append(f"--divergence_factor={DIVERGENCE_FACTOR.value} must be >= 0 (0 = off).")
   import jax
@@ -626,35 +628,9 @@ def _loop_flags() -> dict[str, Any]:
               blowup_factor=DIVERGENCE_FACTOR.value)
 
 
-def run_and_record(workdir: str, rnd: Any, state: federated.ServerState,
-                   data: federated.FederatedData, eval_fn, title: str, resume: bool = False,
-                   problem=None):
-  """Run (or resume) all rounds, streaming records to metrics.jsonl and checkpointing.
-
-  rnd: the federated.Round to run (Algorithm.make_round) or the Algorithm. problem: the task's
-  BilevelProblem, needed for --diagnose_every (the round must then be built with
-  diagnostics=True).
-
-  Returns (final state, all records of the run, earlier ones included).
-  """
-  rec = _Recorder(workdir, state, resume)
-  data, state = sharding.replicate((data, rec.state), client_mesh())  # once, not every round
-  records = []
-  try:
-    state, records = loop.run(
-        rnd, state, data, eval_fn=eval_fn, on_record=rec.on_record, start_totals=rec.totals,
-        on_checkpoint=rec.on_checkpoint,
-        diagnose_fn=diagnose_fn(problem, data) if DIAGNOSE_EVERY.value else None,
-        diagnose_every=DIAGNOSE_EVERY.value, **_loop_flags())
-  except loop.DivergenceError as e:
-    rec.close([], title, plot=False)
-    fail(str(e))
-  return state, rec.close(records, title)
-
-
 class SeedRun(NamedTuple):
-  """One seed's run, prepared by a driver (its prepare_one) and not yet started: what
-  run_and_record takes, and `finish(records) -> summary` (writes summary.json, prints)."""
+  """One seed's run, prepared by a driver (its prepare_one) and not yet started: the round, the
+  state, data and evaluation, and `finish(records) -> summary` (writes summary.json, prints)."""
 
   workdir: str
   rnd: federated.Round
@@ -664,14 +640,28 @@ class SeedRun(NamedTuple):
   title: str
   resume: bool
   finish: Callable[[list[dict[str, Any]]], dict[str, Any]]
-  problem: Any = None  # the task's BilevelProblem, for --diagnose_every
+  problem: Any = None  # the task's BilevelProblem, for --diagnose_every (rnd built to diagnose)
 
 
-def run_prepared(run: SeedRun) -> dict[str, Any]:
-  """run_and_record for one prepared seed, then its finish; returns its summary."""
-  _, records = run_and_record(run.workdir, run.rnd, run.state, run.data, run.eval_fn, run.title,
-                              run.resume, run.problem)
-  return run.finish(records)
+def run_prepared(runs: SeedRun | Sequence[SeedRun]) -> dict[str, Any]:
+  """Run (or resume) a prepared seed's runs in order, each streaming its records to
+  metrics.jsonl and checkpointing, then its finish (given every record of the run, earlier
+  ones included); returns the last one's summary."""
+  summary = {}
+  for run in [runs] if isinstance(runs, SeedRun) else runs:
+    rec = _Recorder(run.workdir, run.state, run.resume)
+    data, state = sharding.replicate((run.data, rec.state), client_mesh())  # once, not per round
+    try:
+      _, records = loop.run(
+          run.rnd, state, data, eval_fn=run.eval_fn, on_record=rec.on_record,
+          start_totals=rec.totals, on_checkpoint=rec.on_checkpoint,
+          diagnose_fn=diagnose_fn(run.problem, data) if DIAGNOSE_EVERY.value else None,
+          diagnose_every=DIAGNOSE_EVERY.value, **_loop_flags())
+    except loop.DivergenceError as e:
+      rec.close([], run.title, plot=False)
+      fail(str(e))
+    summary = run.finish(rec.close(records, run.title))
+  return summary
 
 
 def run_seeds_batched(groups: Sequence[Sequence[SeedRun]]
@@ -790,18 +780,17 @@ def combine_summaries(summaries: Mapping[int, Mapping[str, Any]]) -> dict[str, A
               per_seed={str(s): dict(v) for s, v in summaries.items()})
 
 
-def for_each_seed(run_one: Callable[[], Mapping[str, Any]],
-                  prepare_one: Callable[[], SeedRun | Sequence[SeedRun]] | None = None) -> None:
-  """Run run_one() for --seed, or once per --seeds value into WORKDIR/seed_S, then write the
-  combined summary (combine_summaries) to WORKDIR/summary.json and print its mean +- std.
+def for_each_seed(prepare_one: Callable[[], SeedRun | Sequence[SeedRun]]) -> None:
+  """Run --seed, or each --seeds value into WORKDIR/seed_S, then write the combined summary
+  (combine_summaries) to WORKDIR/summary.json and print its mean +- std.
 
-  run_one reads the seed and the workdir from the flags and returns its run's summary.
-  prepare_one (the same run, prepared and not started: a SeedRun, or the seed's runs in the
-  order they finish) lets --batch_seeds run the seeds as one vmapped program
-  (run_seeds_batched); where they cannot share one, or without prepare_one, the seeds run one
-  after another.
+  prepare_one reads the seed and the workdir from the flags and returns its runs, prepared and
+  not started (a SeedRun, or the seed's runs in the order they finish; run_prepared runs them).
+  --batch_seeds runs the seeds as one vmapped program (run_seeds_batched); where they cannot
+  share one, the seeds run one after another.
   """
   seeds = parse_seeds()
+  run_one = lambda: run_prepared(prepare_one())
   if seeds is None:
     run_one()
     return
@@ -813,7 +802,7 @@ def for_each_seed(run_one: Callable[[], Mapping[str, Any]],
     os.remove(stale)  # written again once every seed has finished
   seed_dir = lambda seed: os.path.join(root, f"seed_{seed}")
   batched = None
-  if prepare_one is not None and _batchable(len(seeds)):
+  if _batchable(len(seeds)):
     groups = []
     for seed in seeds:
       flags.FLAGS.seed, flags.FLAGS.workdir = seed, seed_dir(seed)
@@ -861,6 +850,12 @@ def _batchable(num_seeds: int) -> bool:
   if reasons:
     print(f"the seeds run one after another: {'; '.join(reasons)}.", flush=True)
   return not reasons
+
+
+def print_final(summary: Mapping[str, Any]) -> None:
+  """A run's summary as the final table (figures that are None left out)."""
+  print("final:")
+  print_table({k: v for k, v in summary.items() if v is not None})
 
 
 def print_table(rows: Mapping[str, Any]) -> None:

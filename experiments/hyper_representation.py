@@ -40,19 +40,12 @@ WIDTH_SCALE = flags.DEFINE_boolean(
 def main(argv):
   del argv
   common.start_driver()
-  common.for_each_seed(run_one, prepare_one)
-
-
-def run_one() -> dict:
-  """One run with --seed into --workdir; returns its summary."""
-  return common.run_prepared(prepare_one())
+  common.for_each_seed(prepare_one)
 
 
 def prepare_one() -> common.SeedRun:
   """The run of --seed into --workdir, built and not started (common.SeedRun)."""
   problems = common.check_shared_flags()
-  if HIDDEN.value < 1:
-    problems.append(f"--hidden={HIDDEN.value} must be >= 1.")
   try:
     channels = tuple(int(c) for c in CHANNELS.value)
     assert len(channels) == 2 and min(channels) >= 1
@@ -112,8 +105,7 @@ def summarize(workdir: str, records: list[dict]) -> dict:
   """The run's summary from its records: written to workdir/summary.json and printed."""
   summary = common.run_summary("hyper_representation", records[-1])
   common.write_summary(workdir, summary)
-  print("final:")
-  common.print_table(summary)
+  common.print_final(summary)
   return summary
 
 

@@ -1,5 +1,5 @@
-"""Theory check: the synthetic problem's closed forms, the controlled-coverage schedule and a tiny
-sweep of the coverage_rate driver."""
+"""Theory check: the synthetic problem's closed forms (bilevel/theory.py), the controlled-coverage
+schedule, and the sweep (bilevel/tasks/coverage_rate.py) through a tiny run of its driver."""
 
 import json
 import math
@@ -18,6 +18,7 @@ from absl.testing import absltest, flagsaver, parameterized
 from bilevel import federated, hypergrad, theory
 from bilevel.client import ClientConfig, client_update
 from bilevel.errors import ConfigError
+from bilevel.tasks import coverage_rate as sweep
 from experiments import coverage_rate
 
 M, D = 6, 8
@@ -279,7 +280,7 @@ TINY_ALL = dict(algorithms=["rabo", "rafbo"], coverages=["1", "2", "8"], rounds_
 def _run_driver(test, overrides, **patches):
   workdir = test.enter_context(tempfile.TemporaryDirectory())
   for name, value in patches.items():
-    test.enter_context(mock.patch.object(coverage_rate, name, value))
+    test.enter_context(mock.patch.object(sweep, name, value))
   with flagsaver.flagsaver(workdir=workdir, **overrides):
     cfg = coverage_rate.config_from_flags()
     coverage_rate.main(["coverage_rate"])
@@ -310,7 +311,7 @@ class DriverTest(parameterized.TestCase):
       flags.FLAGS.mark_as_parsed()  # pytest never parses absl flags
 
   def _check_summary_is_a_function_of_the_records(self, cfg, summary, records):
-    again = coverage_rate.summarize(cfg, records)  # the records as read back from the file
+    again = sweep.summarize(cfg, records)  # the records as read back from the file
     written = {k: v for k, v in summary.items() if k not in ("wall_time_s", "part_wall_time_s")}
     self.assertEqual(json.loads(json.dumps(again)), written)
 
@@ -435,7 +436,7 @@ class DriverTest(parameterized.TestCase):
 
   def test_summaries_recover_known_exponents(self):
     """The summary functions on records built from known power laws (no JAX)."""
-    cfg = coverage_rate.SweepConfig(
+    cfg = sweep.SweepConfig(
         algorithms=("rabo",), coverages=(1, 2, 4, 8), rounds_list=(64, 256), num_seeds=1,
         grad_noise=3.0, heterogeneity=0.5, dim=32, alpha0=0.5, seed=0,
         parts=("step_rules", "uneven", "bias"), part_rounds=(64, 256, 1024), part_seeds=1,
@@ -452,7 +453,7 @@ class DriverTest(parameterized.TestCase):
     for p in cfg.uneven_patterns:
       inv = float(np.mean([1.0 / c for c in p]))
       for q in cfg.part_rounds:
-        records += [dict(part="uneven", algorithm="rabo", pattern=coverage_rate.pattern_name(p),
+        records += [dict(part="uneven", algorithm="rabo", pattern=sweep.pattern_name(p),
                          rounds=q, grad_noise=n, avg_sq_grad_norm=1.0 + (n > 0) * 5.0 * inv)
                     for n in (3.0, 0.0)]
     for c in cfg.coverages:
@@ -460,7 +461,7 @@ class DriverTest(parameterized.TestCase):
         floor = 0.3 * c ** -0.8 if c < 8 else d ** 4
         records.append(dict(part="bias", problem="logistic", delta=d, coverage=c, rounds=128,
                             tail_sq_grad_norm=floor, tail_rounds=64, alpha=0.1, heterogeneity=0.0))
-    summary = coverage_rate.summarize(cfg, records)
+    summary = sweep.summarize(cfg, records)
     for rule in ("sqrt_c_over_q", "fixed", "inv_sqrt_q"):
       e = summary["step_rules"][rule]["rabo"]
       self.assertAlmostEqual(e["noise_term_exponents"]["joint"]["c"], -1.0, places=12)

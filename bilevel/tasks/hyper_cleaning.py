@@ -76,6 +76,9 @@ PyTree = Any
 
 NOISE_STREAM = 5  # numpy seed salt of the label corruption (numpy side of the seed streams)
 BASELINE_LOGIT = 100.0  # weight exactly 1 with an exactly zero derivative (see the docstring)
+# What a run reports of x besides the shared figures (the keys of weight_metrics).
+WEIGHT_METRICS = ("weight_auc", "weight_precision", "weight_recall", "mean_weight_clean",
+                  "mean_weight_noisy", "samples_updated_share")
 # The task's defaults where they differ from the library's and the drivers' (tuned on
 # mnist_embedded, 20 clients, noise 0.5, the drivers' level profile: weight AUC ~0.95, test
 # accuracy ~0.88 against ~0.72 unweighted; hidden: the width of the MLP classifier), by the
@@ -159,6 +162,15 @@ def init_params(key: jax.Array, classifier: str, num_samples: int, in_dim: int, 
     h, head = models.init_mlp(key, in_dim, hidden, classes)
     y = {"hidden": h["hidden"], "head": head["head"]}
   return x, y
+
+
+def model(classifier: str, num_samples: int, ds: data_lib.Dataset, hidden: int,
+          seed: int) -> tuple[UnitLayout, PyTree, PyTree]:
+  """The unit layout and the initial (x, y) of a run seeded `seed` (its init stream)."""
+  in_dim = int(np.prod(ds.input_shape))
+  x, y = init_params(jax.random.fold_in(federated.stream_key(seed, "init"), 0), classifier,
+                     num_samples, in_dim, hidden, ds.num_classes)
+  return layout(classifier, num_samples, in_dim, hidden), x, y
 
 
 def layout(classifier: str, num_samples: int, in_dim: int, hidden: int) -> UnitLayout:

@@ -1,0 +1,582 @@
+r"""The theory check (docs/method.md, section 10) as library code: convergence against the outer
+coverage C_x* and the rounds Q on the synthetic problems of `bilevel.theory`, in four parts; the
+driver experiments/coverage_rate.py reads the flags into a `SweepConfig`, runs `sweep_part` per
+part and writes `summarize` of the records.
+
+Element masks from `theory.coverage_schedule` give every outer coordinate (and its inner twin)
+exactly C clients in every round, so C_x* = C; the coverage is read from the clients' keep
+ratio r_x = C/8, a traced round argument, and the step sizes are traced too, so one compiled
+round (`make_runner`) serves every C, step and Q of an algorithm. The measured quantity (true
+gradient, float64):
+
+    avg_sq_grad_norm(C, Q) = (1/Q) sum_{q<Q} ||grad Phi(x_q)||^2
+
+Algorithms (docs/method.md, section 6, the project's reading), `ALGORITHM_SETUPS`:
+  rabo  : 8 clients, all of them in every round (8 slots), K = 1 local step.
+  rafbo : 16 clients, 8 sampled per round (partial participation), K = 4 local steps.
+Both use the `fd` estimator with one v step per local step (warm start), one inner step per
+local step (beta = 0.5), coverage-mean aggregation and server step 1. The v and inner steps are
+`v_step` / `inner_step`: "fixed" (v <- v - 0.5 r, y <- y - 0.5 grad_y g; with K = 1 a client's
+update is then affine in its coefficients, the argument of bilevel/theory.py) or "cauchy"
+(under which that argument does not hold); the summary states which (`step_note`).
+
+Parts (the outer step alpha is per local step divided by K for RAFBO in every rule, `step_alpha`):
+  rate       alpha = alpha0 sqrt(C/Q) (the theory's choice: it balances 2 Delta/(alpha Q) against
+             L alpha sigma^2 / C at O(1/sqrt(C Q))); this rule builds a C^-1/2 Q^-1/2
+             dependence into the optimisation term itself.
+  step_rules the same grid under steps that do not depend on C: alpha = fixed_alpha (fixed) and
+             alpha0 / sqrt(Q) (inv_sqrt_q), each with noise and without, and the rate rule
+             without noise; the noise term (noisy minus noise-free) is the part the coverage
+             mean can divide.
+  uneven     uneven coverage (`theory.pattern_schedule`): patterns with the same mean coverage
+             and different minimum, and the reverse, at alpha = alpha0/sqrt(Q), with and
+             without noise.
+  bias       RABO without noise on the separable problem and two non-separable ones (coupled
+             quadratic, logistic inner level), at a fixed step (BIAS_ALPHA) for BIAS_ROUNDS, for
+             every C and fd probe delta: the floor (1/TAIL) sum of the last TAIL ||grad
+             Phi(x_q)||^2. Clients are identical (bias_heterogeneity=0) unless asked, so only
+             pruning and fd bias can keep grad Phi from 0.
+
+Seeds: `seed` fixes the problem instance and the starting point; run r = 0..num_seeds-1
+permutes which client holds which coefficients and salts the noise draws.
+
+Records (one per run): part, algorithm, problem, pattern, step rule, alpha, C, Q, seed, noise,
+delta; measured C_x*, C_y* and mean coverage, and the run's averages. `summarize` computes the
+summary from those records alone: for the rate part `avg_sq_grad_norm` {algorithm: {C: {Q: mean
+over seeds}}}, `slopes` {algorithm: {C: fitted log-log slope in Q}}, `c_exponents` {algorithm:
+{Q: slope in C}}, the ratio between the smallest and largest C at the largest Q against
+1/sqrt(C), checks; `step_rules`, `uneven`, `bias` for the other parts; `v_step`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bilevel import theory
+from bilevel.algorithms.rafbo import make_round
+from bilevel.client import ClientConfig
+from bilevel.errors import ConfigError
+from bilevel.federated import FederatedConfig, FederatedData, init_state
+from bilevel.hypergrad import EstimatorOptions
+from bilevel.masks import Level, MaskConfig
+
+PARTS = ("rate", "step_rules", "uneven", "bias")
+SLOTS = 8  # clients per round P for both algorithms: the largest possible coverage
+ALGORITHM_SETUPS = {  # algorithm -> (clients M, local steps K)
+    "rabo": (8, 1),  # M = P: every client in every round
+    "rafbo": (16, 4),  # partial participation: P = 8 of M = 16
+}
+INNER_LR = 0.5  # beta (a_ij <= 2.5, so beta * a < 2)
+V_STEP = 0.5  # eta of the v iteration
+FD_DELTA = 1e-3
+SLOPE_RANGE = (-0.7, -0.3)
+STEP_RULES = ("sqrt_c_over_q", "fixed", "inv_sqrt_q")
+# The bias part: RABO, no noise, a fixed step, long enough to settle (the floor at both Q is
+# recorded, so a reader sees whether it still moved), the floor averaged over the last TAIL
+# rounds (a multiple of the schedule's period 8).
+BIAS_ALGORITHM = "rabo"
+BIAS_ALPHA = 0.1
+BIAS_ROUNDS = (1024, 2048)
+BIAS_TAIL = 256
+BIAS_PROBLEMS = {  # name -> (coupling, logistic rows)
+    "separable": None,
+    "coupled_quadratic": (0.3, 0),
+    "logistic": (0.0, 64),
+}
+FLOOR_ZERO = 1e-20  # a floor below this is float64 rounding of a converged run: not fitted
+
+
+class SweepConfig(NamedTuple):
+  algorithms: tuple[str, ...]
+  coverages: tuple[int, ...]
+  rounds_list: tuple[int, ...]
+  num_seeds: int
+  grad_noise: float
+  heterogeneity: float
+  dim: int
+  alpha0: float
+  seed: int
+  parts: tuple[str, ...] = ("rate",)
+  v_step: str = "fixed"
+  inner_step: str = "fixed"
+  fixed_alpha: float = 0.05
+  uneven_patterns: tuple[tuple[int, ...], ...] = ()
+  bias_deltas: tuple[float, ...] = (FD_DELTA,)
+  bias_heterogeneity: float = 0.0
+  bias_rounds: tuple[int, ...] = BIAS_ROUNDS
+  part_rounds: tuple[int, ...] = (256, 1024, 4096)
+  part_seeds: int = 3
+
+
+def pattern_name(pattern: Sequence[int]) -> str:
+  return "/".join(str(c) for c in pattern)
+
+
+def validate(cfg: SweepConfig) -> None:
+  """Every range check, with the value and the allowed range (ConfigError)."""
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      raise ConfigError(message)
+
+  need(cfg.algorithms, "algorithms is empty; give rabo, rafbo or both.")
+  for alg in cfg.algorithms:
+    need(alg in ALGORITHM_SETUPS,
+         f"algorithms contains {alg!r}; allowed: {', '.join(ALGORITHM_SETUPS)}.")
+  need(cfg.parts, f"parts is empty; give some of {', '.join(PARTS)}.")
+  for part in cfg.parts:
+    need(part in PARTS, f"parts contains {part!r}; allowed: {', '.join(PARTS)}.")
+  need(1 <= cfg.coverages[0] and cfg.coverages[-1] <= SLOTS,
+       f"coverages={list(cfg.coverages)} is outside the allowed range [1, {SLOTS}] (clients per "
+       "round).")
+  for name in ("rounds_list", "part_rounds"):
+    q = getattr(cfg, name)
+    need(q[0] >= 1 and len(q) >= 2,
+         f"{name}={list(q)} needs at least two distinct values >= 1 to fit a slope.")
+  for name in ("num_seeds", "part_seeds"):
+    need(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1.")
+  need(cfg.grad_noise >= 0, f"grad_noise={cfg.grad_noise} is outside the allowed range [0, inf).")
+  for name in ("heterogeneity", "bias_heterogeneity"):
+    need(0 <= getattr(cfg, name) <= 1,
+         f"{name}={getattr(cfg, name)} is outside the allowed range [0, 1].")
+  need(cfg.dim >= SLOTS and not cfg.dim % SLOTS,
+       f"dim={cfg.dim} must be a positive multiple of {SLOTS} (one block of coordinates per "
+       "slot, so that the keep ratio is exactly C/8).")
+  need(cfg.alpha0 > 0, f"alpha0={cfg.alpha0} is outside the allowed range (0, inf).")
+  largest = cfg.alpha0 * math.sqrt(cfg.coverages[-1] / min(cfg.rounds_list[0],
+                                                          cfg.part_rounds[0]))
+  need(largest <= 1, f"alpha0={cfg.alpha0} gives the step alpha0 * sqrt(C/Q) = {largest:.3g} > 1 "
+       f"at C={cfg.coverages[-1]} and the smallest Q of rounds_list or part_rounds; lower alpha0 "
+       "or raise the smallest Q.")
+  need(0 < cfg.fixed_alpha <= 1,
+       f"fixed_alpha={cfg.fixed_alpha} is outside the allowed range (0, 1].")
+  if "uneven" in cfg.parts:
+    need(len(cfg.uneven_patterns) >= 2, "uneven_patterns needs at least two patterns to compare.")
+    for p in cfg.uneven_patterns:
+      need(p and min(p) >= 1 and max(p) <= SLOTS and not (cfg.dim // SLOTS) % len(p),
+           f"uneven_patterns entry {pattern_name(p)!r}: every coverage must be in [1, {SLOTS}] "
+           f"and the length must divide dim / {SLOTS} = {cfg.dim // SLOTS}.")
+  need(cfg.grad_noise > 0 or not {"step_rules", "uneven"} & set(cfg.parts),
+       "grad_noise=0 with the step_rules or uneven part: those parts compare noisy runs with "
+       "noise-free ones; give grad_noise > 0 or leave them out of parts.")
+  need(cfg.bias_deltas and min(cfg.bias_deltas) > 0,
+       f"bias_deltas={list(cfg.bias_deltas)} must be numbers in (0, inf).")
+
+
+# ------------------------------------------------------------------ problems and step rules
+
+
+class ProblemSpec(NamedTuple):
+  problem: Any  # BilevelProblem
+  coeffs: Any  # [M, ...] coefficients
+  phi: Callable[[jax.Array, Any], jax.Array]
+  phi_grad: Callable[[jax.Array, Any], jax.Array]
+
+
+def separable(num_clients: int, cfg: SweepConfig, heterogeneity: float) -> ProblemSpec:
+  coeffs = theory.make_synthetic(num_clients, cfg.dim, seed=cfg.seed, heterogeneity=heterogeneity)
+  return ProblemSpec(theory.SYNTHETIC, coeffs, theory.phi, theory.phi_grad)
+
+
+def bias_problem(name: str, cfg: SweepConfig) -> ProblemSpec:
+  num_clients = ALGORITHM_SETUPS[BIAS_ALGORITHM][0]
+  if BIAS_PROBLEMS[name] is None:
+    return separable(num_clients, cfg, cfg.bias_heterogeneity)
+  coupling, rows = BIAS_PROBLEMS[name]
+  coeffs = theory.make_coupled(num_clients, cfg.dim, seed=cfg.seed,
+                               heterogeneity=cfg.bias_heterogeneity, coupling=coupling,
+                               logistic_rows=rows)
+  return ProblemSpec(theory.COUPLED, coeffs, theory.coupled_phi, theory.coupled_phi_grad)
+
+
+def bias_deltas(name: str, cfg: SweepConfig) -> tuple[float, ...]:
+  """The fd probes a bias problem runs: all for the logistic one; the smallest and largest for
+  the quadratic ones (where fd products are exact, so the two must agree)."""
+  if name == "logistic":
+    return cfg.bias_deltas
+  return tuple(sorted({cfg.bias_deltas[0], cfg.bias_deltas[-1]}))
+
+
+def step_alpha(rule: str, cfg: SweepConfig, coverage: int, rounds: int) -> float:
+  """The outer step alpha of a run (RAFBO takes alpha / K per local step)."""
+  if rule == "sqrt_c_over_q":
+    return cfg.alpha0 * math.sqrt(coverage / rounds)
+  if rule == "inv_sqrt_q":
+    return cfg.alpha0 / math.sqrt(rounds)
+  if rule == "fixed":
+    return cfg.fixed_alpha
+  if rule == "bias":
+    return BIAS_ALPHA
+  raise ValueError(rule)
+
+
+# ------------------------------------------------------------------ one compiled round, many runs
+
+
+class Runner(NamedTuple):
+  """One compiled chunk of rounds: every C (through the keep ratio), step and seed runs on it."""
+
+  advance: Callable[..., Any]
+  finish: Callable[..., Any]
+  args: Any  # the round's RoundArgs
+  local_steps: int
+  num_clients: int
+
+
+def make_runner(spec: ProblemSpec, algorithm: str, mask_fn: Any, cfg: SweepConfig, x0: jax.Array,
+                chunk: int, delta: float = FD_DELTA) -> Runner:
+  num_clients, local_steps = ALGORITHM_SETUPS[algorithm]
+  fed_cfg = FederatedConfig(
+      num_clients=num_clients, clients_per_round=SLOTS,
+      client=ClientConfig(local_steps=local_steps, inner_steps=1, inner_lr=INNER_LR,
+                          outer_lr=cfg.alpha0 / local_steps, estimator="fd",
+                          estimator_options=EstimatorOptions(num_steps=1, step_size=V_STEP,
+                                                             delta=delta, v_step=cfg.v_step),
+                          inner_step=cfg.inner_step),
+      mask=MaskConfig(policy="random", granularity="element"),
+      levels=(Level(1.0, 1.0, 1.0),), seed=cfg.seed)
+  # The lower-level API (rafbo.make_round), not bilevel.algorithms.get: the sweep traces the
+  # unjitted round (jit=False) inside the scan of `advance` below with its own RoundArgs (keep
+  # ratios = C/8 and step sizes per run) and controlled-coverage masks (mask_fn).
+  rnd = make_round(spec.problem, fed_cfg, None, x0, sample=theory.sample, jit=False,
+                   mask_fn=mask_fn)
+  step_fn, args = rnd.apply, rnd.hyper
+
+  @jax.jit
+  def advance(state, data, args, coeffs, totals, measure):
+    """`chunk` rounds; totals = (C_x* so far, C_y* so far, sum of the rounds' mean outer
+    coverage); also returns this chunk's sum of ||grad Phi(x_q)||^2 when `measure` (a traced
+    bool; 0 otherwise), summed per chunk on the host, so that a floor in the last chunk is not
+    lost to cancellation against the early rounds."""
+
+    def body(carry, _):
+      state, sq_sum, (cx, cy, cx_mean) = carry
+      sq_sum = sq_sum + jax.lax.cond(measure, lambda: jnp.sum(spec.phi_grad(state.x, coeffs) ** 2),
+                                     lambda: jnp.zeros((), sq_sum.dtype))
+      state, metrics = step_fn(args, state, data)
+      cx = jnp.minimum(cx, metrics["coverage_x_min"].astype(cx.dtype))
+      cy = jnp.minimum(cy, metrics["coverage_y_min"].astype(cy.dtype))
+      cx_mean = cx_mean + metrics["coverage_x_mean"].astype(cx.dtype)
+      return (state, sq_sum, (cx, cy, cx_mean)), None
+
+    zero = jnp.zeros((), totals[0].dtype)
+    (state, sq_sum, totals), _ = jax.lax.scan(body, (state, zero, totals), None, length=chunk)
+    return state, totals, sq_sum
+
+  @jax.jit
+  def finish(x, coeffs):
+    return jnp.sum(spec.phi_grad(x, coeffs) ** 2), spec.phi(x, coeffs)
+
+  return Runner(advance, finish, args, local_steps, num_clients)
+
+
+def run_once(runner: Runner, spec: ProblemSpec, x0: jax.Array, *, coverage_ratio: float,
+             alpha: float, checkpoints: Sequence[int], seed: int, noise: float, chunk: int,
+             cfg: SweepConfig, measure_all: bool = True) -> dict[int, dict[str, Any]]:
+  """One run of max(checkpoints) rounds (multiples of chunk) -> {checkpoint q: the run's
+  figures after q rounds}. Seed r permutes the clients' coefficients and salts the noise.
+  measure_all: ||grad Phi(x_q)||^2 in every round (avg_sq_grad_norm); otherwise only in the
+  chunks that end at a checkpoint (tail_sq_grad_norm; avg_sq_grad_norm is None)."""
+  perm = np.random.default_rng([cfg.seed, seed]).permutation(runner.num_clients)
+  clients = theory.make_clients(jax.tree.map(lambda z: z[perm], spec.coeffs), noise_std=noise,
+                                salt=seed)
+  data = FederatedData(inner=clients, outer=clients,
+                       num_examples=jnp.ones((runner.num_clients,)))
+  f64 = lambda v: jnp.asarray(v, jnp.float64)  # explicit dtype: a weak type would retrace
+  args = runner.args._replace(
+      ratios=jnp.full_like(runner.args.ratios, coverage_ratio),
+      steps=dict(runner.args.steps, outer_lr=f64(alpha / runner.local_steps)))
+  state = init_state(x0, jnp.zeros_like(x0), optax.sgd(1.0))  # y and v start at 0
+  inf = f64(jnp.inf)
+  totals = (inf, inf, f64(0.0))
+  chunk_sums, out = [], {}
+  for i in range(max(checkpoints) // chunk):
+    end = (i + 1) * chunk
+    state, totals, sq = runner.advance(state, data, args, spec.coeffs, totals,
+                                       jnp.asarray(measure_all or end in checkpoints))
+    chunk_sums.append(sq)
+    if end in checkpoints:
+      sums = np.asarray(jax.device_get(chunk_sums))
+      final_sq, final_phi = runner.finish(state.x, spec.coeffs)
+      cx, cy, cx_mean = (float(v) for v in jax.device_get(totals))
+      out[end] = dict(avg_sq_grad_norm=float(np.sum(sums)) / end if measure_all else None,
+                      final_sq_grad_norm=float(final_sq), final_phi=float(final_phi),
+                      tail_sq_grad_norm=float(sums[-1]) / chunk, tail_rounds=chunk,
+                      cx_star=cx, cy_star=cy, cx_mean=cx_mean / end)
+  return out
+
+
+# ------------------------------------------------------------------ the parts
+
+
+def x_start(cfg: SweepConfig) -> jax.Array:
+  return jnp.asarray(np.random.default_rng([cfg.seed, 10**6]).normal(0.0, 2.0, cfg.dim))
+
+
+def _runners(cfg: SweepConfig, part: str):
+  """Per compiled runner of a part: (algorithm, problem name, spec, delta, heterogeneity,
+  mask_fn, the coverage patterns run on it). coverage_schedule reads C from the keep ratio, so
+  one runner serves every C; each uneven pattern and each bias delta has its own."""
+  if part == "bias":
+    for name in BIAS_PROBLEMS:
+      spec = bias_problem(name, cfg)
+      for delta in bias_deltas(name, cfg):
+        yield (BIAS_ALGORITHM, name, spec, delta, cfg.bias_heterogeneity,
+               theory.coverage_schedule(SLOTS), [(c,) for c in cfg.coverages])
+    return
+  for alg in cfg.algorithms:
+    # Same seed: the same Phi for every algorithm, only the client split differs.
+    spec = separable(ALGORITHM_SETUPS[alg][0], cfg, cfg.heterogeneity)
+    if part == "uneven":
+      for p in cfg.uneven_patterns:
+        yield (alg, "separable", spec, FD_DELTA, cfg.heterogeneity,
+               theory.pattern_schedule(SLOTS, p), [p])
+    else:
+      yield (alg, "separable", spec, FD_DELTA, cfg.heterogeneity,
+             theory.coverage_schedule(SLOTS), [(c,) for c in cfg.coverages])
+
+
+def sweep_part(cfg: SweepConfig, part: str, emit: Callable[[dict], None],
+               log: Callable[[str], None] = print) -> None:
+  """Runs one part; every run goes to emit(record). The bias part runs each point once to
+  max(bias_rounds) and records the tail at every Q of bias_rounds; the others run each Q."""
+  x0 = x_start(cfg)
+  noise = cfg.grad_noise
+  if part == "bias":
+    checkpoints, seeds, runs = [cfg.bias_rounds], 1, [("bias", 0.0)]
+    chunk = math.gcd(BIAS_TAIL, *cfg.bias_rounds)
+  else:
+    rounds, seeds = ((cfg.rounds_list, cfg.num_seeds) if part == "rate" else
+                     (cfg.part_rounds, cfg.part_seeds))
+    checkpoints, chunk = [(q,) for q in rounds], math.gcd(*rounds)
+    runs = {"rate": [("sqrt_c_over_q", noise)], "uneven": [("inv_sqrt_q", noise), ("inv_sqrt_q", 0.0)],
+            "step_rules": [(rule, n) for rule in STEP_RULES for n in (noise, 0.0)]}[part]
+  for alg, problem, spec, delta, heterogeneity, mask_fn, patterns in _runners(cfg, part):
+    t0 = time.perf_counter()
+    runner = make_runner(spec, alg, mask_fn, cfg, x0, chunk, delta)
+    for pattern in patterns:
+      c = min(pattern)
+      scheduled = {} if part == "bias" else dict(coverage_mean_scheduled=float(np.mean(pattern)))
+      for rule, sigma in runs:
+        for points in checkpoints:
+          alpha = step_alpha(rule, cfg, c, points[-1])
+          for s in range(seeds):
+            results = run_once(runner, spec, x0, coverage_ratio=c / SLOTS, alpha=alpha,
+                               checkpoints=points, seed=s, noise=sigma, chunk=chunk, cfg=cfg,
+                               measure_all=part != "bias")
+            for q, result in results.items():
+              emit(dict(part=part, algorithm=alg, problem=problem, pattern=pattern_name(pattern),
+                        coverage=c, step_rule=rule, rounds=q, seed=s, grad_noise=sigma,
+                        delta=delta, heterogeneity=heterogeneity, alpha=alpha, **scheduled,
+                        **result))
+    log(f"{part} {alg} {problem} delta={delta:g} patterns "
+        f"{','.join(pattern_name(p) for p in patterns)}: done in {time.perf_counter() - t0:.1f}s")
+
+
+# ------------------------------------------------------------------ summary (from the records)
+
+
+def loglog_slope(xs: Sequence[float], values: Sequence[float]) -> float | None:
+  """Least-squares slope of log(value) against log(x) (x = Q: the slope in Q), or None when
+  fewer than two distinct x or a value is not positive and finite."""
+  if len(set(xs)) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
+    return None
+  return float(np.polyfit(np.log(xs), np.log(values), 1)[0])
+
+
+def joint_fit(points: Sequence[tuple[float, float, float]]) -> dict[str, float] | None:
+  """log v = a + p log C + s log Q by least squares over (C, Q, v): {"c": p, "q": s}."""
+  if not points or any(not v > 0 for _, _, v in points):
+    return None
+  a = np.array([[1.0, math.log(c), math.log(q)] for c, q, _ in points])
+  coef = np.linalg.lstsq(a, np.log([v for _, _, v in points]), rcond=None)[0]
+  return dict(c=float(coef[1]), q=float(coef[2]))
+
+
+def _mean_over_seeds(records: Sequence[dict], key_fn, field: str = "avg_sq_grad_norm"):
+  groups: dict[Any, list[float]] = {}
+  for r in records:
+    groups.setdefault(key_fn(r), []).append(r[field])
+  return ({k: float(np.mean(v)) for k, v in groups.items()},
+          {k: float(np.std(v)) for k, v in groups.items()})
+
+
+def _nest(flat: dict[tuple, float]) -> dict:
+  """{(a, b, c): v} -> {"a": {"b": {"c": v}}} (string keys for JSON)."""
+  out: dict = {}
+  for key, v in flat.items():
+    d = out
+    for k in key[:-1]:
+      d = d.setdefault(str(k), {})
+    d[str(key[-1])] = v
+  return out
+
+
+def _grid_exponents(means: dict[tuple[int, int], float]) -> dict[str, Any]:
+  """means {(C, Q): v} -> q_exponents {C}, c_exponents {Q}, joint {c, q}."""
+  cs = sorted({c for c, _ in means})
+  qs = sorted({q for _, q in means})
+  return dict(q_exponents={str(c): loglog_slope(qs, [means[c, q] for q in qs]) for c in cs},
+              c_exponents={str(q): loglog_slope(cs, [means[c, q] for c in cs]) for q in qs},
+              joint=joint_fit([(c, q, v) for (c, q), v in means.items()]))
+
+
+def summarize_rate(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
+  """The rate part's summary: means and stds over seeds, slopes in Q, exponents of C, the
+  ratio of the extreme coverages at the largest Q against 1/sqrt(C), checks, a flat table."""
+  means, stds = _mean_over_seeds(records, lambda r: (r["algorithm"], r["coverage"], r["rounds"]))
+  q_max, c_min, c_max = cfg.rounds_list[-1], cfg.coverages[0], cfg.coverages[-1]
+  slopes, c_exponents, joint, ratios, checks, table = {}, {}, {}, {}, {}, []
+  for alg in cfg.algorithms:
+    grid = {(c, q): means[alg, c, q] for c in cfg.coverages for q in cfg.rounds_list}
+    exps = _grid_exponents(grid)
+    slopes[alg], c_exponents[alg], joint[alg] = (exps[k] for k in ("q_exponents", "c_exponents",
+                                                                   "joint"))
+    at_max = [grid[c, q_max] for c in cfg.coverages]
+    measured = at_max[0] / at_max[-1]
+    predicted = math.sqrt(c_max / c_min)
+    ratios[alg] = dict(measured=measured, predicted=predicted,
+                       measured_over_predicted=measured / predicted, rounds=q_max,
+                       coverage_low=c_min, coverage_high=c_max)
+    checks[alg] = dict(
+        slopes_in_range=all(s is not None and SLOPE_RANGE[0] <= s <= SLOPE_RANGE[1]
+                            for s in slopes[alg].values()),
+        monotone_in_coverage_at_largest_rounds=bool(np.all(np.diff(at_max) < 0)),
+        ratio_within_factor_2=0.5 <= measured / predicted <= 2.0)
+    for c in cfg.coverages:
+      for q in cfg.rounds_list:
+        table.append(dict(algorithm=alg, coverage=c, rounds=q,
+                          alpha=step_alpha("sqrt_c_over_q", cfg, c, q),
+                          avg_sq_grad_norm=grid[c, q], std_over_seeds=stds[alg, c, q],
+                          num_seeds=cfg.num_seeds))
+  return dict(avg_sq_grad_norm=_nest(means), avg_sq_grad_norm_std=_nest(stds),
+              slopes=slopes,
+              c_exponents=c_exponents, joint_exponents=joint, slope_range=list(SLOPE_RANGE),
+              coverage_ratio=ratios, checks=checks, table=table)
+
+
+def summarize_step_rules(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
+  """Per step rule and algorithm: the noisy and noise-free grids, the noise term (difference)
+  and the fitted exponents of each in C and Q."""
+  means, _ = _mean_over_seeds(records, lambda r: (r["step_rule"], r["grad_noise"] > 0,
+                                                   r["algorithm"], r["coverage"], r["rounds"]))
+  out: dict[str, Any] = {}
+  for rule in STEP_RULES:
+    for alg in cfg.algorithms:
+      grid = lambda noisy: {(c, q): means.get((rule, noisy, alg, c, q))
+                            for c in cfg.coverages for q in cfg.part_rounds}
+      noisy, clean = grid(True), grid(False)
+      if any(v is None for v in (*noisy.values(), *clean.values())):
+        continue
+      term = {k: noisy[k] - clean[k] for k in noisy}
+      out.setdefault(rule, {})[alg] = dict(
+          avg_sq_grad_norm=_nest(noisy), noise_free=_nest(clean), noise_term=_nest(term),
+          noisy_exponents=_grid_exponents(noisy), noise_free_exponents=_grid_exponents(clean),
+          noise_term_exponents=_grid_exponents(term))
+  return out
+
+
+def summarize_uneven(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
+  """Per algorithm and Q: each pattern's value, and the fitted exponents against the minimum
+  coverage among patterns of equal mean, against the mean among patterns of equal minimum, and
+  against mean_j(1/c_j) over all patterns (of the noisy value and of the noise term)."""
+  means, _ = _mean_over_seeds(records, lambda r: (r["algorithm"], r["pattern"], r["grad_noise"] > 0,
+                                                   r["rounds"]))
+  out: dict[str, Any] = {}
+  for alg in cfg.algorithms:
+    per_pattern, fits = {}, {}
+    for q in cfg.part_rounds:
+      rows = []
+      for p in cfg.uneven_patterns:
+        name = pattern_name(p)
+        noisy, clean = means[alg, name, True, q], means[alg, name, False, q]
+        rows.append((min(p), float(np.mean(p)), float(np.mean([1.0 / c for c in p])), noisy,
+                     noisy - clean))
+        entry = per_pattern.setdefault(name, dict(min=min(p), mean=float(np.mean(p)),
+                                                  inverse_mean=rows[-1][2], avg_sq_grad_norm={},
+                                                  noise_free={}, noise_term={}))
+        entry["avg_sq_grad_norm"][str(q)] = noisy
+        entry["noise_free"][str(q)] = clean
+        entry["noise_term"][str(q)] = noisy - clean
+      fit = {}
+      for label, col in (("value", 3), ("noise_term", 4)):
+        by_mean, by_min = {}, {}
+        for r in rows:
+          by_mean.setdefault(r[1], []).append(r)
+          by_min.setdefault(r[0], []).append(r)
+        fit[f"{label}_vs_min_at_equal_mean"] = {
+            f"{m:g}": loglog_slope([r[0] for r in rs], [r[col] for r in rs])
+            for m, rs in sorted(by_mean.items()) if len({r[0] for r in rs}) > 1}
+        fit[f"{label}_vs_mean_at_equal_min"] = {
+            f"{m:g}": loglog_slope([r[1] for r in rs], [r[col] for r in rs])
+            for m, rs in sorted(by_min.items()) if len({r[1] for r in rs}) > 1}
+        fit[f"{label}_vs_inverse_mean"] = loglog_slope([r[2] for r in rows], [r[col] for r in rows])
+      fits[str(q)] = fit
+    out[alg] = dict(patterns=per_pattern, exponents=fits)
+  return out
+
+
+def summarize_bias(records: Sequence[dict]) -> dict[str, Any]:
+  """floor {problem: {delta: {C: the tail average at the largest Q}}}, the floor at every Q, and
+  the fitted exponents of the floor in C (over C < 8, at each delta) and in delta (at each C),
+  over the floors above FLOOR_ZERO (None with fewer than two)."""
+  floors = {(r["problem"], r["delta"], r["coverage"], r["rounds"]): r["tail_sq_grad_norm"]
+            for r in records}
+  q_max = max(k[3] for k in floors)
+  at_max = {k[:3]: v for k, v in floors.items() if k[3] == q_max}
+
+  def fit(points):
+    points = [(x, v) for x, v in points if v > FLOOR_ZERO]
+    return loglog_slope(*zip(*points)) if len(points) > 1 else None
+
+  c_exps, delta_exps = {}, {}
+  for name, delta, c in sorted(at_max):
+    c_exps.setdefault(name, {})[f"{delta:g}"] = fit(
+        [(cc, v) for (n, d, cc), v in sorted(at_max.items())
+         if n == name and d == delta and cc < SLOTS])
+    delta_exps.setdefault(name, {})[str(c)] = fit(
+        [(d, v) for (n, d, cc), v in sorted(at_max.items()) if n == name and cc == c])
+  return dict(floor=_nest({(n, f"{d:g}", c): v for (n, d, c), v in at_max.items()}),
+              floor_by_rounds=_nest({(n, f"{d:g}", c, q): v for (n, d, c, q), v in floors.items()}),
+              rounds=q_max, tail_rounds=records[0]["tail_rounds"], alpha=records[0]["alpha"],
+              heterogeneity=records[0]["heterogeneity"], floor_zero=FLOOR_ZERO,
+              c_exponents=c_exps, delta_exponents=delta_exps)
+
+
+def step_note(v_step: str, inner_step: str) -> str:
+  """What the sweep's inner and v steps mean for the affine argument of bilevel/theory.py."""
+  if v_step == inner_step == "fixed":
+    return ("fixed inner and v steps (y <- y - 0.5 grad_y g, v <- v - 0.5 (H v - grad_y f)): with "
+            "K = 1 (RABO) a client's update is affine in its coefficients and, on the separable "
+            "problem, a submodel computes the exact update of its kept coordinates "
+            "(bilevel/theory.py; tests/theory_test.py); with K = 4 (RAFBO) the update is not "
+            "affine (products of coefficients across local steps)")
+  cauchy = [n for n, v in (("inner", inner_step), ("v", v_step)) if v == "cauchy"]
+  return (f"Cauchy {' and '.join(cauchy)} step (min(0.5, r'r / r'Hr), one scalar per client over "
+          "its kept coordinates): a client's update is not affine in its coefficients and a "
+          "submodel's update depends on which coordinates it keeps, so the affine argument of "
+          "bilevel/theory.py does not apply")
+
+
+def summarize(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
+  """The summary of every part run, computed from the run records alone."""
+  by_part = lambda p: [r for r in records if r["part"] == p]
+  summary: dict[str, Any] = dict(parts=list(cfg.parts), v_step=cfg.v_step,
+                                 inner_step=cfg.inner_step,
+                                 step_note=step_note(cfg.v_step, cfg.inner_step))
+  if "rate" in cfg.parts:
+    summary.update(summarize_rate(cfg, by_part("rate")))
+  if "step_rules" in cfg.parts:
+    summary["step_rules"] = summarize_step_rules(cfg, by_part("step_rules"))
+  if "uneven" in cfg.parts:
+    summary["uneven"] = summarize_uneven(cfg, by_part("uneven"))
+  if "bias" in cfg.parts:
+    summary["bias"] = summarize_bias(by_part("bias"))
+  return summary
+
