@@ -127,3 +127,53 @@ class TunedPresetsTest(absltest.TestCase):
         self.assertEqual(values["algorithm"], name)
         for step in ("outer_lr", "inner_lr", "v_lr"):
           self.assertIn(float(values[step]), grid[step], f"{path}: --{step} off the grid")
+
+
+def _flagfile_steps(path):
+  """(outer, inner, v) a flagfile sets; v follows outer where it is not set (fednest's one hlr)."""
+  values = dict(line[2:].strip().split("=", 1) for line in open(path)
+                if line.startswith("--") and "=" in line)
+  outer = float(values["outer_lr"])
+  return outer, float(values["inner_lr"]), float(values.get("v_lr", outer))
+
+
+def readme_step_rows(text):
+  """[(task, algorithm, (outer, inner, v))] of every README table with a 'steps (outer, inner,
+  v)' column; the task is that of the section heading above the table (task 2's heading names
+  hyper-cleaning, every other section is task 1)."""
+  rows, task, column = [], "hyper_representation", None
+  for line in text.splitlines():
+    if line.startswith("#"):
+      task = "hyper_cleaning" if "hyper-cleaning" in line.lower() else "hyper_representation"
+      column = None
+    elif line.startswith("|"):
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      if column is None:
+        column = next((i for i, c in enumerate(cells) if "steps (outer, inner, v)" in c), None)
+      elif column is not None and not set(cells[0]) <= set("-: "):
+        name = cells[0].split()[0].rstrip(",")
+        steps = tuple(float(v) for v in cells[column].split("(")[0].split(","))
+        rows.append((task, name, steps))
+    else:
+      column = None
+  return rows
+
+
+class ReadmeStepsTest(absltest.TestCase):
+  """The README's result tables state the steps of the flagfiles their commands pass."""
+
+  def test_every_row_states_its_flagfiles_steps(self):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = readme_step_rows(open(os.path.join(root, "README.md")).read())
+    self.assertGreaterEqual(len({(t, a) for t, a, _ in rows}), 18)  # both tasks, every algorithm
+    for task, name, steps in rows:
+      with self.subTest(task=task, algorithm=name):
+        path = os.path.join(tune.PRESETS_DIR, f"{task}_{name}.cfg")
+        self.assertEqual(steps, _flagfile_steps(path))
+
+  def test_a_changed_step_is_reported(self):
+    text = ("### Task 2: federated data hyper-cleaning\n"
+            "| algorithm | tuned steps (outer, inner, v) |\n|---|---|\n| rafbo (pruned) | 1, 2, 3 |\n")
+    self.assertEqual(readme_step_rows(text), [("hyper_cleaning", "rafbo", (1.0, 2.0, 3.0))])
+    self.assertNotEqual(readme_step_rows(text)[0][2], _flagfile_steps(
+        os.path.join(tune.PRESETS_DIR, "hyper_cleaning_rafbo.cfg")))
