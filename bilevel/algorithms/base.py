@@ -120,7 +120,7 @@ class Options(NamedTuple):
   available: Mapping[str, np.ndarray] | None = None
   mesh: jax.sharding.Mesh | None = None
   mask_fn: federated.MaskFn | None = None
-  diagnostics: bool = False
+  diagnostics: bool | None = None  # None: off
   fednest_neumann: str = "code"
 
 
