@@ -144,7 +144,7 @@ class SmokeTest(parameterized.TestCase):
     self.assertEqual(base["weight_auc"], 0.5)  # weights never move: every score tied
     config = _read(os.path.join(self.dirs["hc"], "config.json"))["config"]
     self.assertEqual(config["noise"], 0.5)
-    self.assertEqual(config["client"]["local_steps"], 1)  # given flags beat task defaults
+    self.assertEqual(config["local_steps"], 1)  # given flags beat task defaults
     self.assertNotIn("local_steps", config["task_defaults_applied"])
 
   def test_compare(self):
