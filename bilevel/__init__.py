@@ -15,12 +15,12 @@ from bilevel import algorithms
 from bilevel.federated import FederatedData
 from bilevel.hypergrad import ESTIMATORS, HypergradResult, hypergradient
 from bilevel.loop import run
-from bilevel.masks import Axes, CoverageStats, Level, MaskConfig, UnitLayout, coverage_stats
+from bilevel.masks import Axes, CoverageStats, Level, UnitLayout, coverage_stats
 from bilevel.masks import parse_levels
 from bilevel.problems import BilevelProblem
 from bilevel.server import coverage_mean
 
 __all__ = ["BilevelProblem", "hypergradient", "HypergradResult", "ESTIMATORS", "coverage_mean",
            "coverage_stats", "CoverageStats", "FederatedData", "algorithms", "run", "Level",
-           "MaskConfig", "UnitLayout", "Axes", "parse_levels"]
+           "UnitLayout", "Axes", "parse_levels"]
 __version__ = "0.1.0"

@@ -18,10 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from bilevel import tree
-from bilevel.errors import ConfigError, check_choice
 from bilevel.hypergrad import (ESTIMATORS, PRODUCT_GRAD_EVALS, EstimatorOptions,
-                               estimator_grad_evals, estimator_product_kind, validate_options)
-from bilevel.inner import STEP_RULES as INNER_STEP_RULES
+                               estimator_grad_evals, estimator_product_kind)
 from bilevel.inner import inner_solve
 from bilevel.problems import BilevelProblem
 
@@ -74,39 +72,6 @@ def population_sampler(sample: Sampler, client_id: jax.Array) -> Sampler:
   return lambda data, key: sample(tree.index(data, client_id), key)
 
 
-class ClientConfig(NamedTuple):
-  local_steps: int = 5  # K (RABO: 1)
-  inner_steps: int = 1  # T
-  inner_lr: float = 0.1  # beta
-  outer_lr: float = 0.1  # alpha
-  estimator: str = "fd"
-  estimator_options: EstimatorOptions = EstimatorOptions()
-  # "cauchy": inner step min(beta, g'g / g'Hg) with the estimator's product (inner.py);
-  # "fixed": beta always.
-  inner_step: str = "cauchy"
-  # Trust region on the client's x delta (docs/method.md, section 8; 0 = off, the default):
-  # D_x is scaled down to norm x_trust * ||x_0|| (x_0 the client's submodel at the start of
-  # the round), over the whole of x ("model") or over each top-level layer of x ("layer").
-  x_trust: float = 0.0
-  x_trust_scope: str = "layer"
-
-
-def validate_client_config(cfg: ClientConfig) -> None:
-  for name in ("local_steps", "inner_steps"):
-    value = getattr(cfg, name)
-    if int(value) != value or value < (1 if name == "local_steps" else 0):
-      raise ConfigError(f"{name}={value!r} must be an integer >= {1 if name == 'local_steps' else 0}.")
-  for name in ("inner_lr", "outer_lr"):
-    if not getattr(cfg, name) > 0:
-      raise ConfigError(f"{name}={getattr(cfg, name)!r} is outside the allowed range (0, inf).")
-  check_choice("estimator", cfg.estimator, ESTIMATORS)
-  check_choice("inner_step", cfg.inner_step, INNER_STEP_RULES)
-  if not cfg.x_trust >= 0:
-    raise ConfigError(f"x_trust={cfg.x_trust!r} is outside the allowed range [0, inf) (0 = off).")
-  check_choice("x_trust_scope", cfg.x_trust_scope, TRUST_SCOPES)
-  validate_options(cfg.estimator, cfg.estimator_options)
-
-
 TRUST_SCOPES = ("layer", "model")
 
 
@@ -123,14 +88,14 @@ def trust_region(delta: PyTree, x0: PyTree, radius: float, scope: str = "layer")
   return {k: clip(delta[k], x0[k]) for k in delta}
 
 
-def grad_evals_per_round(cfg: ClientConfig) -> float:
+def grad_evals_per_round(*, local_steps: int, inner_steps: int, inner_step: str, estimator: str,
+                         estimator_options: EstimatorOptions) -> float:
   """Analytic gradient evaluations of one client in one round (inner steps, each with one
   product H g under the Cauchy inner step, + the estimator)."""
-  per_inner = 1.0 + (PRODUCT_GRAD_EVALS[estimator_product_kind(cfg.estimator,
-                                                               cfg.estimator_options)]
-                     if cfg.inner_step == "cauchy" else 0.0)
-  return cfg.local_steps * (cfg.inner_steps * per_inner +
-                            estimator_grad_evals(cfg.estimator, cfg.estimator_options))
+  per_inner = 1.0 + (PRODUCT_GRAD_EVALS[estimator_product_kind(estimator, estimator_options)]
+                     if inner_step == "cauchy" else 0.0)
+  return local_steps * (inner_steps * per_inner +
+                        estimator_grad_evals(estimator, estimator_options))
 
 
 class ClientOutput(NamedTuple):
@@ -142,11 +107,16 @@ class ClientOutput(NamedTuple):
   outer_loss: jax.Array
 
 
-def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTree, v: PyTree,
+def client_update(problem: BilevelProblem, x: PyTree, y: PyTree, v: PyTree,
                   inner_data: Any, outer_data: Any, mask_x: PyTree | None, mask_y: PyTree | None,
-                  key: jax.Array, sample: Sampler = full_batch,
-                  first_step_apart: bool = True) -> ClientOutput:
-  """K local steps on the submodel given by (mask_x, mask_y); see the module docstring.
+                  key: jax.Array, *, local_steps: int, inner_steps: int, inner_lr: Any,
+                  outer_lr: Any, estimator: str, estimator_options: EstimatorOptions,
+                  inner_step: str, x_trust: float, x_trust_scope: str,
+                  sample: Sampler = full_batch, first_step_apart: bool = True) -> ClientOutput:
+  """K = local_steps local steps on the submodel given by (mask_x, mask_y); see the module
+  docstring. T = inner_steps inner steps of inner_lr (inner_step: inner.STEP_RULES), the
+  estimator (hypergrad.ESTIMATORS) with its options, x steps of outer_lr, then the trust region
+  x_trust (0 = off) over x_trust_scope (trust_region). Step sizes may be traced.
 
   A mask of None keeps every coordinate (compact clients pass None for x: they run on exactly
   the kept units). Batches are sample(inner_data, key) and sample(outer_data, key): the
@@ -158,23 +128,22 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
   gradients). The compact round passes False: its clients' x are their own extracted arrays,
   so keeping the first step apart shares nothing between them.
   """
-  estimate = ESTIMATORS[cfg.estimator]
-  product = estimator_product_kind(cfg.estimator, cfg.estimator_options)
+  estimate = ESTIMATORS[estimator]
+  product = estimator_product_kind(estimator, estimator_options)
 
   def local_step(carry, k):
     xk, yk, vk = carry
     step_key = jax.random.fold_in(key, k)
     inner_batch = sample(inner_data, jax.random.fold_in(step_key, 0))
     outer_batch = sample(outer_data, jax.random.fold_in(step_key, 1))
-    yk = inner_solve(problem.inner_loss, xk, yk, inner_batch, num_steps=cfg.inner_steps,
-                     step_size=cfg.inner_lr, mask_x=mask_x, mask_y=mask_y,
-                     step_rule=cfg.inner_step, product=product,
-                     delta=cfg.estimator_options.delta)
+    yk = inner_solve(problem.inner_loss, xk, yk, inner_batch, num_steps=inner_steps,
+                     step_size=inner_lr, mask_x=mask_x, mask_y=mask_y,
+                     step_rule=inner_step, product=product, delta=estimator_options.delta)
     res = estimate(problem, xk, yk, inner_batch, outer_batch, vk, mask_x, mask_y,
-                   cfg.estimator_options)
+                   estimator_options)
     xm, ym = tree.masked(xk, mask_x), tree.masked(yk, mask_y)
     losses = (problem.inner_loss(xm, ym, inner_batch), problem.outer_loss(xm, ym, outer_batch))
-    xk = tree.axpy(-cfg.outer_lr, res.hypergrad, xk)
+    xk = tree.axpy(-outer_lr, res.hypergrad, xk)
     return (xk, yk, res.v), (res.hypergrad, losses)
 
   # The first step runs outside the scan: x is still the server's (shared by the clients of a
@@ -182,15 +151,15 @@ def client_update(problem: BilevelProblem, cfg: ClientConfig, x: PyTree, y: PyTr
   if first_step_apart:
     carry, first = local_step((x, y, v), 0)
     steps = jax.tree.map(lambda t: t[None], first)
-    if cfg.local_steps > 1:
-      carry, rest = jax.lax.scan(local_step, carry, jnp.arange(1, cfg.local_steps))
+    if local_steps > 1:
+      carry, rest = jax.lax.scan(local_step, carry, jnp.arange(1, local_steps))
       steps = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), steps, rest)
   else:
-    carry, steps = jax.lax.scan(local_step, (x, y, v), jnp.arange(cfg.local_steps))
+    carry, steps = jax.lax.scan(local_step, (x, y, v), jnp.arange(local_steps))
   (xK, yK, vK), (grads, (g_loss, f_loss)) = carry, steps
   delta_x = tree.masked(tree.sub(xK, x), mask_x)
-  if cfg.x_trust:  # a Python float: 0 (off) traces nothing
-    delta_x = trust_region(delta_x, tree.masked(x, mask_x), cfg.x_trust, cfg.x_trust_scope)
+  if x_trust:  # a Python float: 0 (off) traces nothing
+    delta_x = trust_region(delta_x, tree.masked(x, mask_x), x_trust, x_trust_scope)
   return ClientOutput(
       delta_x=delta_x,
       delta_y=tree.masked(tree.sub(yK, y), mask_y),

@@ -10,15 +10,15 @@ scatter-adds the rows into full-size sums (server.round_sums).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
 from bilevel import masks as masks_lib
 from bilevel import server, tree
 from bilevel import submodel as submodel_lib
-from bilevel.client import ClientConfig, Sampler, client_update, population_sampler
-from bilevel.federated import FederatedData, RoundArgs, ServerState, with_steps
+from bilevel.client import Sampler, population_sampler
+from bilevel.federated import FederatedData, RoundArgs, ServerState
 from bilevel.masks import UnitLayout
 from bilevel.problems import BilevelProblem
 from bilevel.sampling import ContextFn, Stratum
@@ -27,12 +27,13 @@ from bilevel.sampling import ContextFn, Stratum
 ClientFn = Callable[..., server.ClientResult]
 
 
-def compact_client_fns(problem: BilevelProblem, client_cfg: ClientConfig, mask_policy: str,
-                       layout: UnitLayout, strata: Sequence[Stratum], context: ContextFn,
-                       finish: ClientFn, sample: Sampler) -> tuple[ClientFn, ...]:
+def compact_client_fns(problem: BilevelProblem, mask_policy: str, layout: UnitLayout,
+                       strata: Sequence[Stratum], context: ContextFn, finish: ClientFn,
+                       sample: Sampler, update: Callable[..., Any]) -> tuple[ClientFn, ...]:
   """One compact client step per stratum (its static widths `counts`), on the units-major
-  model (submodel.units_major_layout / units_major_problem); client_cfg: the local update's
-  configuration (its step sizes come from the round's RoundArgs)."""
+  model (submodel.units_major_layout / units_major_problem); update(args, problem, x, y, v,
+  inner, outer, mask_x, mask_y, key, sample=, first_step_apart=): the round's
+  client.client_update with its options and the step sizes of args (RoundArgs)."""
   um_layout = submodel_lib.units_major_layout(layout)
   um_problem = submodel_lib.units_major_problem(problem, layout)
 
@@ -56,9 +57,8 @@ def compact_client_fns(problem: BilevelProblem, client_cfg: ClientConfig, mask_p
               masks_lib.unit_kept_counts(cuy, um_layout.y, y_c))
       # x's compact mask is all ones: the client computes on exactly its kept x units (active
       # is 1 for every client a compact round samples: only_full restricts the population).
-      out = client_update(um_problem, with_steps(client_cfg, a.steps), x_c, y_c, v_c,
-                          data.inner, data.outer, None, cmy, c.batch_key,
-                          population_sampler(sample, cid), first_step_apart=False)
+      out = update(a, um_problem, x_c, y_c, v_c, data.inner, data.outer, None, cmy,
+                   c.batch_key, sample=population_sampler(sample, cid), first_step_apart=False)
       return finish(data, cid, out, cmx, cmy, c.active, idx, kept)  # the server scatter-adds
 
     return client

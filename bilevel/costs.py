@@ -40,7 +40,7 @@ Counts per round (K local steps, T inner steps, N = num_steps; `hypergrad.estima
     forward_y  inner   K with exact products or all steps in one scan, else 1
     hv         inner   K x (fd / exact: N with v_step="fixed", N + 1 with "cauchy" (+ N with
                             a radius); neumann: N - 1; cg: N + 1), + K T with the Cauchy
-                            inner step (H g per inner step, client.ClientConfig.inner_step)
+                            inner step (H g per inner step, client.client_update's inner_step)
     jv         inner   K
     grad_xy    outer   K
 
@@ -63,8 +63,8 @@ import jax.numpy as jnp
 
 from bilevel import masks as masks_lib
 from bilevel import server
-from bilevel.client import ClientConfig, grad_evals_per_round
-from bilevel.hypergrad import estimator_product_kind, estimator_products
+from bilevel.client import grad_evals_per_round
+from bilevel.hypergrad import EstimatorOptions, estimator_product_kind, estimator_products
 
 PyTree = Any
 Number = Any  # a float or a traced scalar (kept counts are traced in a round)
@@ -73,14 +73,15 @@ OPS = ("forward_x", "forward_y", "grad_y", "grad_xy", "hv", "jv")
 INNER, OUTER = "inner", "outer"
 
 
-def round_ops(cfg: ClientConfig, first_step_apart: bool = True
+def round_ops(*, local_steps: int, inner_steps: int, inner_step: str, estimator: str,
+              estimator_options: EstimatorOptions, first_step_apart: bool = True
               ) -> tuple[tuple[str, str, int], ...]:
   """(op, batch, count) of one client's round (K local steps): the table of the module
   docstring (first_step_apart: as client.client_update ran)."""
-  k, t = int(cfg.local_steps), int(cfg.inner_steps)
-  hv, jv = estimator_products(cfg.estimator, cfg.estimator_options)
-  exact = estimator_product_kind(cfg.estimator, cfg.estimator_options) == "exact"
-  cauchy_inner = k * t if cfg.inner_step == "cauchy" else 0  # H g per inner step
+  k, t = int(local_steps), int(inner_steps)
+  hv, jv = estimator_products(estimator, estimator_options)
+  exact = estimator_product_kind(estimator, estimator_options) == "exact"
+  cauchy_inner = k * t if inner_step == "cauchy" else 0  # H g per inner step
   return (("forward_x", INNER, k), ("forward_x", OUTER, k),
           ("grad_y", INNER, k * t),
           ("forward_y", INNER, k if exact or not first_step_apart else 1),
@@ -132,22 +133,21 @@ def op_prices(model: ModelCosts, product: str, kept_x: PyTree, kept_y: PyTree
               grad_xy=grad_y + into_x, hv=hv, jv=jv)
 
 
-def client_flops(cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree,
-                 batch_sizes: tuple[Number, Number], model: ModelCosts,
-                 first_step_apart: bool = True) -> Number:
-  """Modelled FLOPs of one client's round: cfg.local_steps local steps (first_step_apart:
-  how client.client_update ran them).
+def client_flops(kept_x: PyTree, kept_y: PyTree, batch_sizes: tuple[Number, Number],
+                 model: ModelCosts, **work: Any) -> Number:
+  """Modelled FLOPs of one client's round; work: round_ops's keywords (local_steps,
+  inner_steps, inner_step, estimator, estimator_options, first_step_apart).
 
   kept_x, kept_y: trees like x and y holding each leaf's kept-entry count (masks.kept_counts;
     the full sizes for an unpruned client). batch_sizes: (rows of an inner batch, rows of an
     outer batch) the client computes on (a minibatch size, or its kept training / validation
     rows with full batches). Works on traced counts (inside the round).
   """
-  prices = op_prices(model, estimator_product_kind(cfg.estimator, cfg.estimator_options),
-                     kept_x, kept_y)
+  prices = op_prices(model, estimator_product_kind(work["estimator"],
+                                                    work["estimator_options"]), kept_x, kept_y)
   rows = {INNER: batch_sizes[0], OUTER: batch_sizes[1]}
   return sum(count * prices[op] * rows[batch]
-             for op, batch, count in round_ops(cfg, first_step_apart) if count)
+             for op, batch, count in round_ops(**work) if count)
 
 
 class CostModel(NamedTuple):
@@ -161,10 +161,9 @@ class CostModel(NamedTuple):
   model: ModelCosts
   rows: Callable[[PyTree], tuple[Number, Number]]
 
-  def client_flops(self, cfg: ClientConfig, kept_x: PyTree, kept_y: PyTree,
-                   first_step_apart: bool = True) -> Number:
-    """client_flops of one client's round on its kept entries."""
-    return client_flops(cfg, kept_x, kept_y, self.rows(kept_x), self.model, first_step_apart)
+  def client_flops(self, kept_x: PyTree, kept_y: PyTree, **work: Any) -> Number:
+    """client_flops of one client's round on its kept entries (work: round_ops's keywords)."""
+    return client_flops(kept_x, kept_y, self.rows(kept_x), self.model, **work)
 
 
 def full_counts(tree: PyTree) -> PyTree:
@@ -172,24 +171,28 @@ def full_counts(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda t: math.prod(t.shape), tree)
 
 
-def result_fn(client: ClientConfig, weighting: str,
-              flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
-              cost: CostModel | None = None, first_step_apart: bool = True
-              ) -> Callable[..., server.ClientResult]:
+def result_fn(*, weighting: str, flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
+              cost: CostModel | None, first_step_apart: bool, local_steps: int,
+              inner_steps: int, inner_step: str, estimator: str,
+              estimator_options: EstimatorOptions) -> Callable[..., server.ClientResult]:
   """`finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> ClientResult`
-  for a client of the local round (bilevel/algorithms/rafbo.py) running `client`: its weight
+  for a client of the local round (bilevel/algorithms/rafbo.py) running that local update
+  (local_steps, ..., estimator_options: client.client_update's): its weight
   (1, or its example count with weighting "examples") and analytic costs (FLOPs, parameters
   sent). FLOPs: the per-operation
   model `cost` if given (first_step_apart: how the client step runs, client.client_update),
   else grad_evals_per_round gradients at flops_per_grad each."""
-  evals = grad_evals_per_round(client)
+  work = dict(local_steps=local_steps, inner_steps=inner_steps, inner_step=inner_step,
+              estimator=estimator, estimator_options=estimator_options)
+  evals = grad_evals_per_round(**work)
   if cost is None:
     flops_of = lambda kx, ky: evals * flops_per_grad(kx, ky)
   else:
-    flops_of = lambda kx, ky: cost.client_flops(client, kx, ky, first_step_apart)
+    flops_of = lambda kx, ky: cost.client_flops(kx, ky, first_step_apart=first_step_apart,
+                                                **work)
   # Parameters a client receives and returns: x and y, plus v for estimators that read the warm
   # start (neumann starts its series from grad_y f: v never travels).
-  y_copies = 1 if client.estimator == "neumann" else 2
+  y_copies = 1 if estimator == "neumann" else 2
 
   def finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> server.ClientResult:
     """kept = per-leaf kept counts (computed from the masks if None; compact clients count

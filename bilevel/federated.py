@@ -1,4 +1,4 @@
-"""The federated setting: configuration, client data, server state, seed streams, round types.
+"""The federated setting: client data, server state, seed streams, round types.
 
 The round itself: bilevel/algorithms/rafbo.py (RAFBO / RABO and the baselines over it) and
 bilevel/algorithms/fednest.py; `loop.run` drives either. Randomness (WORKSPACE.md, Seed
@@ -15,11 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import masks as masks_lib
-from bilevel import server, tree
-from bilevel.client import ClientConfig, validate_client_config
-from bilevel.errors import ConfigError, check_choice
-from bilevel.masks import Level, MaskConfig, UnitLayout
+from bilevel import tree
 
 PyTree = Any
 STREAMS = {"init": 0, "sample": 1, "masks": 2, "batches": 3, "levels": 4}
@@ -28,46 +24,6 @@ DIAGNOSTICS = "_diagnostics"  # metrics key of make_round(diagnostics=True)'s pe
 
 def stream_key(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), STREAMS[name])
-
-
-class FederatedConfig(NamedTuple):
-  num_clients: int
-  clients_per_round: int
-  client: ClientConfig = ClientConfig()
-  mask: MaskConfig = MaskConfig()
-  levels: tuple[Level, ...] = (Level(1.0, 1.0, 1.0),)
-  redraw_levels: bool = False  # draw each client's level anew every round
-  only_full: bool = False  # resource-unaware baseline: only full-size clients take part
-  aggregation: str = "coverage"
-  weighting: str = "uniform"  # or "examples": w_i = the client's example count
-  server_lr: float = 1.0
-  allow_uncovered: bool = False
-  seed: int = 0
-  # "local": the round above (K local steps per client, one aggregation); "fednest": FedNest's
-  # communicating round (bilevel/algorithms/fednest.py: FedInn, FedIHGP, FedOut; full model only).
-  round_kind: str = "local"
-
-
-ROUND_KINDS = ("local", "fednest")
-
-
-def validate_config(cfg: FederatedConfig, layout: UnitLayout | None = None) -> None:
-  """Every range and name check of the configuration, with the value and the allowed range."""
-  if int(cfg.num_clients) != cfg.num_clients or cfg.num_clients < 1:
-    raise ConfigError(f"num_clients={cfg.num_clients!r} must be an integer >= 1.")
-  if not 1 <= cfg.clients_per_round <= cfg.num_clients:
-    raise ConfigError(f"clients_per_round={cfg.clients_per_round!r} is outside the allowed range "
-                      f"[1, num_clients={cfg.num_clients}].")
-  validate_client_config(cfg.client)
-  masks_lib.validate_mask_config(cfg.mask, layout)
-  masks_lib.validate_levels(cfg.levels)
-  check_choice("aggregation", cfg.aggregation, server.AGGREGATORS)
-  check_choice("weighting", cfg.weighting, ("uniform", "examples"))
-  check_choice("round_kind", cfg.round_kind, ROUND_KINDS)
-  if not cfg.server_lr > 0:
-    raise ConfigError(f"server_lr={cfg.server_lr!r} is outside the allowed range (0, inf).")
-  if cfg.only_full and not any(lv.rx == 1 and lv.ry == 1 for lv in cfg.levels):
-    raise ConfigError("only_full=True but no resource level is 1/1: no client could take part.")
 
 
 class FederatedData(NamedTuple):
@@ -120,19 +76,6 @@ class RoundArgs(NamedTuple):
   population: jax.Array  # ids that may be sampled
   strata: tuple[jax.Array, ...]  # per stratum, its client ids
   steps: dict[str, jax.Array]  # outer_lr, inner_lr, v_lr as scalars of x's dtype
-
-
-def step_sizes(cfg: ClientConfig) -> dict[str, float]:
-  """The step sizes a round takes as jit arguments (RoundArgs.steps; with_steps reads them)."""
-  return dict(outer_lr=cfg.outer_lr, inner_lr=cfg.inner_lr,
-              v_lr=cfg.estimator_options.step_size)
-
-
-def with_steps(cfg: ClientConfig, steps: Mapping[str, Any]) -> ClientConfig:
-  """cfg with outer_lr, inner_lr and the v / Neumann step taken from `steps` (traced)."""
-  opts = cfg.estimator_options._replace(step_size=steps["v_lr"])
-  return cfg._replace(outer_lr=steps["outer_lr"], inner_lr=steps["inner_lr"],
-                      estimator_options=opts)
 
 
 class Round(NamedTuple):

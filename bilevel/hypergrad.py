@@ -101,6 +101,8 @@ V_STEPS = ("cauchy", "fixed")
 
 
 class EstimatorOptions(NamedTuple):
+  """An estimator's options, at their defaults (the one place they are defined)."""
+
   num_steps: int = 1
   step_size: float = 0.1
   delta: float = 1e-3
@@ -296,9 +298,7 @@ def validate_options(estimator: str, opts: EstimatorOptions) -> None:
 def hypergradient(problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: Any,
                   outer_batch: Any, *, estimator: str = "fd", v: PyTree | None = None,
                   mask_x: PyTree | None = None, mask_y: PyTree | None = None,
-                  num_steps: int = 1, step_size: float = 0.1, delta: float = 1e-3,
-                  radius: float | None = None, product: str = "exact",
-                  v_step: str = "cauchy") -> HypergradResult:
+                  **options: Any) -> HypergradResult:
   """Estimate grad Phi(x) at (x, y) on one client's batches; see the module docstring.
 
   Args:
@@ -308,6 +308,7 @@ def hypergradient(problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: An
     estimator: a key of ESTIMATORS.
     v: warm start for the linear-system solution (like y); zeros if None.
     mask_x, mask_y: 0/1 PyTrees like x and y (dual pruning); None keeps everything.
+    **options: EstimatorOptions' fields (defaults there):
     num_steps: v updates (fd, exact), Neumann terms (neumann) or CG iterations (cg).
     step_size: eta of the v update / Neumann series.
     delta: finite-difference probe length (fd products only).
@@ -317,6 +318,6 @@ def hypergradient(problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: An
   Returns:
     HypergradResult(hypergrad like x, v like y).
   """
-  opts = EstimatorOptions(num_steps, step_size, delta, radius, product, v_step)
+  opts = EstimatorOptions(**options)
   validate_options(estimator, opts)
   return ESTIMATORS[estimator](problem, x, y, inner_batch, outer_batch, v, mask_x, mask_y, opts)

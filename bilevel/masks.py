@@ -279,33 +279,29 @@ def element_masks(policy: str, rx: jax.typing.ArrayLike, ry: jax.typing.ArrayLik
   return side(x, rx, 0), side(y, ry, 1)
 
 
-class MaskConfig(NamedTuple):
-  policy: str = "random"
-  granularity: str = "unit"
-
-
-def validate_mask_config(cfg: MaskConfig, layout: UnitLayout | None) -> None:
-  check_choice("mask_policy", cfg.policy, POLICIES)
-  check_choice("mask_granularity", cfg.granularity, GRANULARITIES)
-  if cfg.granularity == "unit" and layout is None:
+def validate_masks(layout: UnitLayout | None, *, policy: str, granularity: str) -> None:
+  check_choice("mask_policy", policy, POLICIES)
+  check_choice("mask_granularity", granularity, GRANULARITIES)
+  if granularity == "unit" and layout is None:
     raise ConfigError("mask_granularity='unit' needs a UnitLayout for the model; use 'element' "
                       "for models without one.")
 
 
-def make_masks(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree, y: PyTree,
-               rx: jax.typing.ArrayLike, ry: jax.typing.ArrayLike, key: jax.Array,
-               round_idx: jax.typing.ArrayLike,
-               available: UnitMasks | None = None) -> tuple[PyTree, PyTree]:
-  """One client's (mask_x, mask_y) for this round. x, y: the current global model."""
-  if cfg.granularity == "element":
-    return element_masks(cfg.policy, rx, ry, key, round_idx, x, y)
-  umx, umy = unit_masks(layout, cfg.policy, rx, ry, key, round_idx, x, y, available)
+def make_masks(layout: UnitLayout | None, x: PyTree, y: PyTree, rx: jax.typing.ArrayLike,
+               ry: jax.typing.ArrayLike, key: jax.Array, round_idx: jax.typing.ArrayLike,
+               available: UnitMasks | None = None, *, policy: str,
+               granularity: str) -> tuple[PyTree, PyTree]:
+  """One client's (mask_x, mask_y) for this round (policy: POLICIES, granularity "unit" or
+  "element"). x, y: the current global model."""
+  if granularity == "element":
+    return element_masks(policy, rx, ry, key, round_idx, x, y)
+  umx, umy = unit_masks(layout, policy, rx, ry, key, round_idx, x, y, available)
   return expand_unit_masks(layout, umx, umy, x, y)
 
 
-def check_coverable(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree,
-                    client_ratios: np.ndarray, available: Mapping[str, np.ndarray] | None = None,
-                    *, allow_uncovered: bool = False) -> None:
+def check_coverable(layout: UnitLayout | None, x: PyTree, client_ratios: np.ndarray,
+                    available: Mapping[str, np.ndarray] | None = None, *, policy: str,
+                    granularity: str, allow_uncovered: bool = False) -> None:
   """Reject configurations under which some outer coordinate can never be covered.
 
   With `static` masks the kept set never reaches a unit that no client keeps at the start, so
@@ -316,11 +312,11 @@ def check_coverable(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree,
   Counts are host_keep_count's, the ones the masks use.
   client_ratios: [M, 2] keep ratios (r_x, r_y) of the clients that can take part.
   """
-  if allow_uncovered or cfg.policy not in _STUCK_POLICIES:
+  if allow_uncovered or policy not in _STUCK_POLICIES:
     return
   rx, ry = np.asarray(client_ratios)[:, 0], np.asarray(client_ratios)[:, 1]
   shared = set()
-  if cfg.granularity == "element":
+  if granularity == "element":
     sizes = {f"x leaf {i}": int(np.prod(np.shape(p))) for i, p in enumerate(jax.tree.leaves(x))}
   else:
     sizes = {g: layout.groups[g] for g in sorted(layout.groups_of(layout.x))}
@@ -339,7 +335,7 @@ def check_coverable(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree,
       short = kept(g, own) < own
       if np.any(short):
         raise ConfigError(
-            f"mask_policy={cfg.policy!r} with client-owned outer units in group {g!r} and keep "
+            f"mask_policy={policy!r} with client-owned outer units in group {g!r} and keep "
             f"ratio r_x={rx[np.argmax(short)]} < 1 leaves those units uncovered forever; use "
             "mask_policy random or rolling, r_x = 1, or allow uncovered coordinates explicitly.")
       continue
@@ -349,7 +345,7 @@ def check_coverable(cfg: MaskConfig, layout: UnitLayout | None, x: PyTree,
       via_y = (f" (shared with y: r_y={ry[best]} of that client bounds it)"
                if k[best] < host_keep_count(rx[best], n) else "")
       raise ConfigError(
-          f"mask_policy={cfg.policy!r} with largest outer keep ratio r_x={rx.max()}{via_y} leaves "
+          f"mask_policy={policy!r} with largest outer keep ratio r_x={rx.max()}{via_y} leaves "
           f"{n - k.max()} of {n} outer units in {g!r} uncovered in every round; add a level "
           "with r_x = r_y = 1 on shared groups (r_x = 1 otherwise), use mask_policy random or "
           "rolling, or allow uncovered coordinates explicitly.")

@@ -22,7 +22,7 @@ import numpy as np
 
 from bilevel import masks as masks_lib
 from bilevel import submodel as submodel_lib
-from bilevel.federated import FederatedConfig, FederatedData, RoundArgs, stream_key
+from bilevel.federated import FederatedData, RoundArgs, stream_key
 from bilevel.masks import Level, UnitLayout
 
 # Streams a round reads (RoundArgs.keys); "init" is the drivers' (initial parameters).
@@ -39,12 +39,13 @@ class Stratum(NamedTuple):
   counts: dict[str, int]  # static compact width per unit group
 
 
-def client_levels(cfg: FederatedConfig) -> tuple[np.ndarray, np.ndarray]:
+def client_levels(levels: Sequence[Level], num_clients: int, seed: int, *, only_full: bool,
+                  redraw_levels: bool) -> tuple[np.ndarray, np.ndarray]:
   """(ratios [M, 2], population): each client's fixed keep ratios (masks.assign_levels, seeded
-  by cfg.seed) and the ids that may be sampled (with only_full and fixed levels: level 1/1)."""
-  ratios = masks_lib.assign_levels(cfg.levels, cfg.num_clients, cfg.seed)
-  population = np.arange(cfg.num_clients)
-  if cfg.only_full and not cfg.redraw_levels:
+  by `seed`) and the ids that may be sampled (with only_full and fixed levels: level 1/1)."""
+  ratios = masks_lib.assign_levels(levels, num_clients, seed)
+  population = np.arange(num_clients)
+  if only_full and not redraw_levels:
     population = population[(ratios[:, 0] == 1) & (ratios[:, 1] == 1)]
   return ratios, population
 
@@ -75,7 +76,7 @@ def make_strata(ratios: np.ndarray, population: np.ndarray, clients_per_round: i
 def round_args(seed: int, steps: Mapping[str, float], ratios: np.ndarray,
                population: np.ndarray, strata: tuple[Stratum, ...], dtype: Any) -> RoundArgs:
   """The RoundArgs of a run: its seed's streams, level assignment and step sizes (as scalars
-  of x's dtype; steps: outer_lr, inner_lr, v_lr, federated.step_sizes)."""
+  of x's dtype; steps: outer_lr, inner_lr, v_lr)."""
   return RoundArgs(
       keys={name: stream_key(seed, name) for name in ROUND_STREAMS},
       ratios=jnp.asarray(ratios), population=jnp.asarray(population),

@@ -22,7 +22,7 @@ With bars for client means (global lower level, docs/method.md, section 2):
     Phi(x)       = (1/M) sum_i sum_j [ 1/2 (y*_j(x) - t_ij)^2 + k_ij cos(x_j) ]
     dPhi/dx_j    = (b_j / abar_j) (y*_j(x) - tbar_j) - kbar_j sin(x_j)
 
-With one local step (K = 1) and fixed inner and v steps (ClientConfig inner_step="fixed":
+With one local step (K = 1) and fixed inner and v steps (inner_step="fixed":
 y <- y - beta grad_y g; hypergrad v_step="fixed": v <- v - eta r), a client's (y, v, x) update is
 affine in its coefficients (a, e, t, k) and noise draws, given the state it received, so the mean
 over a uniformly random set of C clients is an unbiased estimate of the full update;

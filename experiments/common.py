@@ -458,15 +458,13 @@ def check_shared_flags() -> list[str]:
   return problems
 
 
-def config_dict(cfg: federated.FederatedConfig) -> dict[str, Any]:
-  d = cfg._asdict()
-  d["client"] = cfg.client._asdict()
-  d["client"]["estimator_options"] = cfg.client.estimator_options._asdict()
-  if not cfg.client.x_trust:  # off: recorded as before the option existed (resume, frozen runs)
-    del d["client"]["x_trust"], d["client"]["x_trust_scope"]
-  d["mask"] = cfg.mask._asdict()
-  d["levels"] = [lv._asdict() for lv in cfg.levels]
-  return d
+def config_dict(alg: algorithms.Algorithm) -> dict[str, Any]:
+  """alg's resolved configuration for config.json: its name, population and every option with
+  a plain value (samplers, layouts, meshes, ... aside), levels as dicts."""
+  plain = {k: v for k, v in alg.options._asdict().items()
+           if isinstance(v, (type(None), bool, int, float, str))}
+  return dict(algorithm=alg.name, num_clients=alg.num_clients, **plain,
+              levels=[lv._asdict() for lv in alg.options.levels])
 
 
 def _config_record(config: Mapping[str, Any]) -> dict[str, Any]:

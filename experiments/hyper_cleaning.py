@@ -63,16 +63,16 @@ def resolve_algorithm(problem: BilevelProblem, lay: UnitLayout
   ones: heterofl prunes only y (task.heterofl_levels). The outer units are the samples each
   client owns: unit masks and dense clients only."""
   alg = common.make_algorithm(problem, lay)
-  cfg = alg.config
-  if cfg.mask.granularity != "unit":
-    raise ConfigError(f"mask_granularity={cfg.mask.granularity!r}: hyper-cleaning's outer units "
+  o = alg.options
+  if o.granularity != "unit":
+    raise ConfigError(f"mask_granularity={o.granularity!r}: hyper-cleaning's outer units "
                       "are the samples each client owns, which only unit masks know about; use "
                       "--mask_granularity=unit.")
   if _given("submodel") and common.SUBMODEL.value != "dense":
     raise ConfigError(f"--submodel={common.SUBMODEL.value}: hyper-cleaning runs dense clients "
                       "only (the compact path does not take the samples each client owns as "
                       "units); use --submodel=dense or leave the flag unset.")
-  levels = (task.heterofl_levels(cfg.levels, cfg.mask.policy, cfg.allow_uncovered)
+  levels = (task.heterofl_levels(o.levels, o.mask_policy, o.allow_uncovered)
             if common.ALGORITHM.value == "heterofl" else None)
   if levels is None:
     return alg, {}
@@ -99,16 +99,17 @@ def prepare_one() -> list[common.SeedRun]:
   setting = task.setting(CLASSIFIER.value, ACTIVATION.value, common.BATCH_SIZE.value, REG.value)
   (alg, overrides), ds = common.gather(
       problems, lambda: resolve_algorithm(setting.problem, shape_free), common.load_data)
-  cfg = alg.config
+  resolved, o = alg, alg.options
   try:
     cd = task.build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
                          val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value,
-                         seed=cfg.seed)
-    lay, x0, y0 = task.model(CLASSIFIER.value, cd.num_samples, ds, HIDDEN.value, cfg.seed)
+                         seed=o.seed)
+    lay, x0, y0 = task.model(CLASSIFIER.value, cd.num_samples, ds, HIDDEN.value, o.seed)
     alg = common.make_algorithm(
         setting.problem, lay, **overrides, diagnostics=common.DIAGNOSE_EVERY.value > 0,
         sample=setting.sample, mesh=common.client_mesh(),
-        **task.round_keywords(cd, lay, CLASSIFIER.value, common.BATCH_SIZE.value, cfg.mask))
+        **task.round_keywords(cd, lay, CLASSIFIER.value, common.BATCH_SIZE.value,
+                              mask_policy=o.mask_policy, granularity=o.granularity))
     rnd = alg.make_round(x0)
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
@@ -132,7 +133,7 @@ def prepare_one() -> list[common.SeedRun]:
   runs = []
   for i, (run_dir, weighted, x_start, title) in enumerate(specs):
     os.makedirs(run_dir, exist_ok=True)
-    resume = common.start_run(run_dir, dict(common.config_dict(cfg), weighted=weighted,
+    resume = common.start_run(run_dir, dict(common.config_dict(resolved), weighted=weighted,
                                             **task_config))
     init_logit = float(np.asarray(x_start["logits"])[0])
     runs.append(common.SeedRun(

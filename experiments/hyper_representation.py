@@ -59,9 +59,9 @@ def prepare_one() -> common.SeedRun:
       (channels[1] if MODEL.value == "cnn" else HIDDEN.value) if WIDTH_SCALE.value else 0)
   alg, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
                           common.load_data)  # validated before any work; rebuilt below
-  cfg = alg.config
+  resolved, o = alg, alg.options
   try:
-    init_key = jax.random.fold_in(federated.stream_key(cfg.seed, "init"), 0)
+    init_key = jax.random.fold_in(federated.stream_key(o.seed, "init"), 0)
     x0, y0 = task.init_params(init_key, MODEL.value, ds.input_shape, ds.num_classes,
                               hidden=HIDDEN.value, channels=channels)
     batch = common.BATCH_SIZE.value
@@ -73,9 +73,8 @@ def prepare_one() -> common.SeedRun:
     # round is dense); an unset flag falls back to dense where those do not hold, an explicit
     # --submodel=compact reports the conflict.
     submodel = common.SUBMODEL.value
-    if not flags.FLAGS["submodel"].present and (cfg.redraw_levels or
-                                                cfg.mask.granularity != "unit" or
-                                                cfg.round_kind == "fednest"):
+    if not flags.FLAGS["submodel"].present and (o.redraw_levels or o.granularity != "unit" or
+                                                alg.spec.round_kind == "fednest"):
       submodel = "dense"
     alg = common.make_algorithm(
         problem, layout, sample=sample, submodel=submodel, mesh=common.client_mesh(),
@@ -86,7 +85,7 @@ def prepare_one() -> common.SeedRun:
     common.fail(str(e))
   workdir = common.require_workdir()
   resume = common.start_run(workdir, dict(
-      common.config_dict(cfg), task="hyper_representation", model=MODEL.value,
+      common.config_dict(resolved), task="hyper_representation", model=MODEL.value,
       hidden=HIDDEN.value, channels=list(channels),
       activation=ACTIVATION.value, l2=L2.value,
       **{k: v for k, v in (("outer_l2", OUTER_L2.value), ("feature_l2", FEATURE_L2.value),

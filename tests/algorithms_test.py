@@ -132,9 +132,8 @@ class KeywordsTest(parameterized.TestCase):
         name, problem=problem, num_clients=6, levels=(Level(1, 1, 0.5), Level(0.5, 0.5, 0.5)),
         granularity="element", seed=3, local_steps=2, estimator=estimator, v_lr=0.05,
         server_optimizer=server_optimizer, flops_per_grad=flops, **hlr)
-    cfg = alg.config
-    self.assertEqual((cfg.client.local_steps, cfg.client.estimator,
-                      cfg.client.estimator_options.step_size, cfg.seed), (2, estimator, 0.05, 3))
+    o = alg.options
+    self.assertEqual((o.local_steps, o.estimator, o.v_lr, o.seed), (2, estimator, 0.05, 3))
     self.assertIs(alg.optimizer, server_optimizer)
     state = alg.init(x0, y0)
     self.assertIsInstance(state.opt_state[0], optax.ScaleByAdamState)
@@ -160,39 +159,38 @@ class KeywordsTest(parameterized.TestCase):
     kw = dict(problem=_problem(), num_clients=4, granularity="element")
     a = algorithms.get("rafbo", levels="1/1:0.5,0.5/0.25:0.5", **kw)
     b = algorithms.get("rafbo", levels=[Level(1, 1, 0.5), (0.5, 0.25, 0.5)], **kw)
-    self.assertEqual(a.config, b.config)
-    self.assertEqual(a.config.levels, (Level(1, 1, 0.5), Level(0.5, 0.25, 0.5)))
+    self.assertEqual(a.options, b.options)
+    self.assertEqual(a.options.levels, (Level(1, 1, 0.5), Level(0.5, 0.25, 0.5)))
 
   def test_defining_defaults(self):
     kw = dict(problem=_problem(), num_clients=8, granularity="element",
               levels="1/1:0.5,0.5/0.5:0.5")
-    rabo = algorithms.get("rabo", **kw).config
-    self.assertEqual((rabo.client.local_steps, rabo.clients_per_round), (1, 8))
-    self.assertEqual(algorithms.get("rabo", clients_per_round=3, **kw).config.clients_per_round, 3)
-    rafbo = algorithms.get("rafbo", **kw).config
-    self.assertEqual((rafbo.client.local_steps, rafbo.clients_per_round), (5, 4))
+    rabo = algorithms.get("rabo", **kw).options
+    self.assertEqual((rabo.local_steps, rabo.clients_per_round), (1, 8))
+    self.assertEqual(algorithms.get("rabo", clients_per_round=3, **kw).options.clients_per_round, 3)
+    rafbo = algorithms.get("rafbo", **kw).options
+    self.assertEqual((rafbo.local_steps, rafbo.clients_per_round), (5, 4))
     self.assertEqual(rafbo.levels, bilevel.parse_levels("1/1:0.5,0.5/0.5:0.5"))
     for name in FULL_MODEL:
-      self.assertEqual(algorithms.get(name, **kw).config.levels, (Level(1, 1, 1),), name)
-    lnest = algorithms.get("lfednest", **kw).config
-    self.assertEqual((lnest.round_kind, lnest.client.estimator, lnest.client.inner_steps,
-                      lnest.client.estimator_options.num_steps), ("local", "neumann", 5, 5))
-    nest = algorithms.get("fednest", **kw).config
-    self.assertEqual((nest.round_kind, nest.client.local_steps, nest.client.inner_steps,
-                      nest.client.estimator_options.num_steps, nest.client.inner_lr,
-                      nest.client.outer_lr, nest.client.estimator_options.step_size),
-                     ("fednest", 1, 5, 6, 0.01, 0.01, 0.01))
-    self.assertEqual(algorithms.get("simfbo", **kw).config.client.estimator, "exact")
-    self.assertTrue(algorithms.get("full_only", **kw).config.only_full)
-    self.assertEqual(algorithms.get("heterofl", **kw).config.mask.policy, "static")
-    self.assertEqual(algorithms.get("fedrolex", **kw).config.mask.policy, "rolling")
-    self.assertEqual(algorithms.get("fedrolex", mask_policy="random", **kw).config.mask.policy,
+      self.assertEqual(algorithms.get(name, **kw).options.levels, (Level(1, 1, 1),), name)
+    lnest = algorithms.get("lfednest", **kw)
+    self.assertEqual((lnest.spec.round_kind, lnest.options.estimator, lnest.options.inner_steps,
+                      lnest.options.num_steps), ("local", "neumann", 5, 5))
+    nest = algorithms.get("fednest", **kw)
+    o = nest.options
+    self.assertEqual((nest.spec.round_kind, o.local_steps, o.inner_steps, o.num_steps,
+                      o.inner_lr, o.outer_lr, o.v_lr), ("fednest", 1, 5, 6, 0.01, 0.01, 0.01))
+    self.assertEqual(algorithms.get("simfbo", **kw).options.estimator, "exact")
+    self.assertTrue(algorithms.get("full_only", **kw).spec.only_full)
+    self.assertEqual(algorithms.get("heterofl", **kw).options.mask_policy, "static")
+    self.assertEqual(algorithms.get("fedrolex", **kw).options.mask_policy, "rolling")
+    self.assertEqual(algorithms.get("fedrolex", mask_policy="random", **kw).options.mask_policy,
                      "random")
     default = algorithms.get("rafbo", problem=_problem(), num_clients=8, granularity="element")
-    self.assertEqual(default.config.levels, (Level(1, 1, 1),))
+    self.assertEqual(default.options.levels, (Level(1, 1, 1),))
     # Full-model algorithms need no layout: their masks keep everything.
-    self.assertEqual(algorithms.get("simfbo", problem=_problem(), num_clients=2).config.mask,
-                     bilevel.MaskConfig("random", "element"))
+    o = algorithms.get("simfbo", problem=_problem(), num_clients=2).options
+    self.assertEqual((o.mask_policy, o.granularity), ("random", "element"))
 
   def test_constructors_equal_get(self):
     """Each algorithm's constructor (in its module: rafbo.py, fednest.py, baselines.py) builds
@@ -201,7 +199,7 @@ class KeywordsTest(parameterized.TestCase):
     modules = (algorithms.rafbo, algorithms.fednest, algorithms.baselines)
     for name in algorithms.names():
       (constructor,) = [getattr(m, name) for m in modules if callable(getattr(m, name, None))]
-      self.assertEqual(constructor(**kw).config, algorithms.get(name, **kw).config)
+      self.assertEqual(constructor(**kw).options, algorithms.get(name, **kw).options)
 
   def test_bilevel_run_drives_an_algorithm(self):
     problem, data, x0, y0 = _regression()
@@ -230,7 +228,7 @@ class KeywordsTest(parameterized.TestCase):
       alg = algorithms.get("rafbo", problem=problem, num_clients=M,
                            levels="1/1:0.5,0.5/0.5:0.5", layout=models.mlp_layout(hidden),
                            submodel=submodel, local_steps=2)
-      self.assertEqual(alg.config.mask.granularity, "unit")
+      self.assertEqual(alg.options.granularity, "unit")
       state, metrics = alg.step(alg.init(x0, y0), data)
       self.assertTrue(np.isfinite(metrics["outer_loss"]), submodel)
 
@@ -280,40 +278,36 @@ class ErrorsTest(parameterized.TestCase):
 
 
 class DriverDefaultsTest(parameterized.TestCase):
-  """get(name, ...).config equals what experiments/common.py resolves for --algorithm=name."""
+  """get(name, ...).options equal what experiments/common.py resolves for --algorithm=name."""
 
   @parameterized.named_parameters((n, n) for n in algorithms.names())
   def test_library_defaults_are_driver_defaults(self, name):
     from experiments import common  # pylint: disable=g-import-not-at-top
     with flagsaver.flagsaver(algorithm=name):
       flags.FLAGS.mark_as_parsed()
-      driver = common.make_algorithm(_problem(), models.mlp_layout(4)).config
+      driver = common.make_algorithm(_problem(), models.mlp_layout(4)).options
       # The drivers' defaults that are not the library's: M = 20 clients and their level profile.
       alg = algorithms.get(name, problem=_problem(), num_clients=common.NUM_CLIENTS.value,
                            levels=common.LEVELS.value, layout=models.mlp_layout(4))
-    lib = alg.config
-    for field in federated.FederatedConfig._fields:
-      if field == "client":
-        for cf in type(lib.client)._fields:
-          self.assertEqual(getattr(lib.client, cf), getattr(driver.client, cf), f"client.{cf}")
-      else:
-        self.assertEqual(getattr(lib, field), getattr(driver, field), field)
+    lib = alg.options
+    for field in lib._fields:
+      self.assertEqual(getattr(lib, field), getattr(driver, field), field)
     self.assertEqual(lib, driver)
 
   def test_given_flags_win_and_own_defaults_win_over_flag_defaults(self):
     from experiments import common  # pylint: disable=g-import-not-at-top
-    resolve = lambda: common.make_algorithm(_problem(), models.mlp_layout(4)).config
+    resolve = lambda: common.make_algorithm(_problem(), models.mlp_layout(4)).options
     with flagsaver.flagsaver():
       flags.FLAGS(["prog", "--algorithm=fednest", "--inner_lr=0.05"])
       cfg = resolve()
-      self.assertEqual(cfg.client.inner_lr, 0.05)  # given on the command line
-      self.assertEqual(cfg.client.outer_lr, 0.01)  # fednest's own, over the flag default 0.1
+      self.assertEqual(cfg.inner_lr, 0.05)  # given on the command line
+      self.assertEqual(cfg.outer_lr, 0.01)  # fednest's own, over the flag default 0.1
       flags.FLAGS["outer_lr"].value = 30.0  # a task default (set in code, not given)
-      self.assertEqual(resolve().client.outer_lr, 0.01)
+      self.assertEqual(resolve().outer_lr, 0.01)
     with flagsaver.flagsaver():
       flags.FLAGS(["prog", "--algorithm=rafbo"])
       flags.FLAGS["outer_lr"].value = 30.0
-      self.assertEqual(resolve().client.outer_lr, 30.0)  # rafbo sets no outer_lr of its own
+      self.assertEqual(resolve().outer_lr, 30.0)  # rafbo sets no outer_lr of its own
     with flagsaver.flagsaver():
       flags.FLAGS(["prog", "--algorithm=rabo", "--num_clients=6"])
       self.assertEqual(resolve().clients_per_round, 6)  # rabo: every client, over the flag's 10
@@ -325,7 +319,7 @@ class DriverDefaultsTest(parameterized.TestCase):
     from experiments import common  # pylint: disable=g-import-not-at-top
     with flagsaver.flagsaver():
       flags.FLAGS(["prog", f"--algorithm={name}", "--levels=1/1:0.5,0.5/0.5:0.5"])
-      cfg = common.make_algorithm(_problem(), models.mlp_layout(4)).config
+      cfg = common.make_algorithm(_problem(), models.mlp_layout(4)).options
     self.assertEqual(cfg.levels, (algorithms.FULL_LEVEL,))
 
 
@@ -333,7 +327,7 @@ class ExportsTest(absltest.TestCase):
 
   def test_exports(self):
     for name in ("BilevelProblem", "FederatedData", "algorithms", "run", "hypergradient",
-                 "coverage_mean", "coverage_stats", "Level", "MaskConfig", "UnitLayout", "Axes",
+                 "coverage_mean", "coverage_stats", "Level", "UnitLayout", "Axes",
                  "parse_levels", "HypergradResult", "ESTIMATORS", "CoverageStats"):
       self.assertTrue(hasattr(bilevel, name), name)
       self.assertIn(name, bilevel.__all__)

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from bilevel import problems, tree
-from bilevel.client import ClientConfig, client_update, full_batch, minibatch_sampler
+from bilevel import algorithms, problems, tree
+from bilevel.client import client_update, full_batch, minibatch_sampler
 from bilevel.client import population_sampler, trust_region
 from bilevel.errors import ConfigError
-from bilevel.client import validate_client_config
+from bilevel.hypergrad import EstimatorOptions
 
 
 def _population(valid=(5, 3, 8), rows=8, dim=4):
@@ -76,24 +76,26 @@ class TrustRegionTest(absltest.TestCase):
   def test_client_update_applies_it_and_zero_is_off(self):
     data = tree.index(problems.make_quadratic(2, 6, 4, seed=0, dtype=np.float32), 0)
     x, y = jnp.full((6,), 0.5), jnp.zeros(4)
-    run = lambda cfg: client_update(problems.QUADRATIC, cfg, x, y, jnp.zeros(4), data, data,
-                                    None, None, jax.random.key(0))
-    base = ClientConfig(local_steps=3, outer_lr=0.5)
-    free = run(base)
-    np.testing.assert_array_equal(run(base._replace(x_trust=0.0)).delta_x, free.delta_x)
+    run = lambda **kw: client_update(problems.QUADRATIC, x, y, jnp.zeros(4), data, data,
+                                     None, None, jax.random.key(0), local_steps=3, inner_steps=1,
+                                     inner_lr=0.1, outer_lr=0.5, estimator="fd",
+                                     estimator_options=EstimatorOptions(), inner_step="cauchy",
+                                     x_trust_scope="layer", **kw)
+    free = run(x_trust=0.0)
     radius = 0.1 * float(tree.norm(x))
     self.assertGreater(float(tree.norm(free.delta_x)), radius)  # the cap binds here
-    capped = run(base._replace(x_trust=0.1))
+    capped = run(x_trust=0.1)
     self.assertAlmostEqual(float(tree.norm(capped.delta_x)), radius, places=5)
     np.testing.assert_allclose(capped.delta_x * float(tree.norm(free.delta_x)) / radius,
                                free.delta_x, rtol=1e-5)
     np.testing.assert_array_equal(capped.delta_y, free.delta_y)  # x's delta only
 
   def test_rejects_negative_radius_and_unknown_scope(self):
-    with self.assertRaises(ConfigError):
-      validate_client_config(ClientConfig(x_trust=-1.0))
-    with self.assertRaises(ConfigError):
-      validate_client_config(ClientConfig(x_trust=0.1, x_trust_scope="unit"))
+    kw = dict(problem=problems.QUADRATIC, num_clients=2, granularity="element")
+    with self.assertRaisesRegex(ConfigError, "x_trust=-1.0"):
+      algorithms.get("rafbo", x_trust=-1.0, **kw)
+    with self.assertRaisesRegex(ConfigError, "x_trust_scope='unit'"):
+      algorithms.get("rafbo", x_trust=0.1, x_trust_scope="unit", **kw)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ import pytest
 import optax
 from absl.testing import absltest, parameterized
 
-from bilevel import federated, hypergrad, models, sampling
-from bilevel.algorithms import rafbo
+from bilevel import algorithms, federated, hypergrad, models, sampling
 from bilevel import masks as masks_lib
-from bilevel.client import ClientConfig
 from bilevel.errors import ConfigError
-from bilevel.hypergrad import EstimatorOptions
 
 M, N, DIN, H, CL = 8, 10, 12, 16, 4
 # Nested levels with r_y < r_x (0.5/0.25) exercise y's mask inside the compact arrays.
@@ -40,17 +37,22 @@ def _setup(dtype):
 
 def _cfg(policy="random", estimator="fd", levels=LEVELS):
   # delta 1e-2: fd divides rounding differences by delta (1e-16 / 1e-2 stays below 1e-12).
-  client = ClientConfig(local_steps=2, inner_steps=2, inner_lr=0.2, outer_lr=0.2,
-                        estimator=estimator, estimator_options=EstimatorOptions(2, 0.2, 1e-2))
-  return federated.FederatedConfig(M, 6, client=client, mask=masks_lib.MaskConfig(policy),
-                                   levels=masks_lib.parse_levels(levels))
+  return dict(clients_per_round=6, local_steps=2, inner_steps=2, inner_lr=0.2, outer_lr=0.2,
+              estimator=estimator, num_steps=2, v_lr=0.2, delta=1e-2, mask_policy=policy,
+              levels=masks_lib.parse_levels(levels))
+
+
+def _make(problem, cfg, layout, x0, **kw):
+  """rafbo's round of options cfg and kw (bilevel.algorithms.get) for parameters like x0."""
+  return algorithms.get("rafbo", problem=problem, num_clients=M, layout=layout, **cfg,
+                        **kw).make_round(x0)
 
 
 def _run(cfg, dtype, num_rounds=2, **kw):
   data, x0, y0 = _setup(dtype)
-  rnd = rafbo.make_round(models.hyper_representation_problem("tanh"), cfg,
+  rnd = _make(models.hyper_representation_problem("tanh"), cfg,
                           models.mlp_layout(H), x0, **kw)
-  state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+  state = federated.init_state(x0, y0, optax.sgd(1.0))
   for _ in range(num_rounds):
     state, metrics = rnd.step(state, data)
   return state, metrics, rnd
@@ -94,7 +96,7 @@ class CompactTest(parameterized.TestCase):
 
   def test_compact_clients_run_on_extracted_widths(self):
     _, x0, _ = _setup(np.float32)
-    rnd = rafbo.make_round(models.hyper_representation_problem(), _cfg(),
+    rnd = _make(models.hyper_representation_problem(), _cfg(),
                             models.mlp_layout(H), x0, submodel="compact")
     widths = {(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata}
     # hidden is shared by x and y: both keep the intersection, ceil(min(r_x, r_y) H) units.
@@ -111,7 +113,7 @@ class CompactTest(parameterized.TestCase):
     # Level 1/0.5: x and y both keep ceil(0.5 H) hidden units, compact = dense.
     cfg = _cfg("random", "fd", levels="1/0.5:0.5,0.5/0.5:0.5")
     _, x0, _ = _setup(np.float32)
-    rnd = rafbo.make_round(models.hyper_representation_problem(), cfg,
+    rnd = _make(models.hyper_representation_problem(), cfg,
                             models.mlp_layout(H), x0, submodel="compact")
     self.assertEqual({(st.rx, st.ry): st.counts["hidden"] for st in rnd.strata},
                      {(1.0, 0.5): H // 2, (0.5, 0.5): H // 2})
@@ -121,7 +123,7 @@ class CompactTest(parameterized.TestCase):
       _assert_same(self, compact, dense, rtol=1e-12)
       # x and y keep the same hidden units (dense round, one client at the 1/0.5 level).
       data, x0, y0 = _setup(np.float64)
-      rnd = rafbo.make_round(models.hyper_representation_problem("tanh"), cfg,
+      rnd = _make(models.hyper_representation_problem("tanh"), cfg,
                               models.mlp_layout(H), x0, submodel="dense", sampling="stratified")
       state = federated.init_state(x0, y0, optax.sgd(1.0))
       full = rnd.strata[0]
@@ -154,7 +156,7 @@ class CompactTest(parameterized.TestCase):
     cfg = _cfg("random", "exact", levels="1/1:0.25,0.7/0.7:0.25,0.6/0.6:0.25,0.3/0.3:0.25")
     results = []
     for kw in (dict(submodel="compact"), dict(submodel="dense", sampling="stratified")):
-      rnd = rafbo.make_round(models.hyper_representation_problem("tanh"), cfg,
+      rnd = _make(models.hyper_representation_problem("tanh"), cfg,
                               models.mlp_layout(hidden), x0, **kw)
       results.append(rnd.step(federated.init_state(x0, y0, optax.sgd(1.0)), data))
     self.assertEqual(sorted(st.counts["hidden"] for st in rnd.strata), [60, 120, 140, 200])
@@ -162,7 +164,7 @@ class CompactTest(parameterized.TestCase):
 
   def test_stratified_sampling_keeps_level_counts(self):
     _, x0, _ = _setup(np.float32)
-    rnd = rafbo.make_round(models.hyper_representation_problem(), _cfg(),
+    rnd = _make(models.hyper_representation_problem(), _cfg(),
                             models.mlp_layout(H), x0, submodel="compact")
     for q in range(4):
       ids = [np.asarray(i) for i in rnd.sample_fn(jnp.asarray(q))]
@@ -175,10 +177,10 @@ class CompactTest(parameterized.TestCase):
     chex.clear_trace_counter()
     # flops_per_grad runs once per level group (one client function each) in a trace of the
     # round: the first round's trace makes `groups` traced calls, a second trace would add more.
-    groups = len(_cfg().levels)
+    groups = len(_cfg()["levels"])
     flops = chex.assert_max_traces(federated.default_flops_per_grad, n=groups)
     data, x0, y0 = _setup(np.float32)
-    rnd = rafbo.make_round(models.hyper_representation_problem(), _cfg(),
+    rnd = _make(models.hyper_representation_problem(), _cfg(),
                             models.mlp_layout(H), x0, submodel="compact",
                             flops_per_grad=flops)
     self.assertLen(rnd.strata, groups)
@@ -194,15 +196,15 @@ class CompactTest(parameterized.TestCase):
   def test_rejects_what_compact_cannot_run(self):
     _, x0, _ = _setup(np.float32)
     layout, problem = models.mlp_layout(H), models.hyper_representation_problem()
-    cases = [(_cfg()._replace(redraw_levels=True), {}, "fixed client levels"),
-             (_cfg()._replace(mask=masks_lib.MaskConfig("random", "element")), {}, "unit"),
+    cases = [(dict(_cfg(), redraw_levels=True), {}, "fixed client levels"),
+             (dict(_cfg(), granularity="element"), {}, "unit"),
              (_cfg(), dict(sampling="uniform"), "stratified"),
              (_cfg(), dict(mask_fn=lambda *a: None), "mask_fn")]
     for cfg, kw, msg in cases:
       with self.assertRaisesRegex(ConfigError, msg):
-        rafbo.make_round(problem, cfg, layout, x0, submodel="compact", **kw)
+        _make(problem, cfg, layout, x0, submodel="compact", **kw)
     with self.assertRaisesRegex(ConfigError, "submodel"):
-      rafbo.make_round(problem, _cfg(), layout, x0, submodel="sparse")
+      _make(problem, _cfg(), layout, x0, submodel="sparse")
 
   @pytest.mark.slow
   def test_single_level_stratified_equals_uniform(self):

@@ -43,10 +43,17 @@ TOLERANCE = 0.2  # see the module docstring
 
 
 def _cfg(estimator, v_step, product, local_steps=1, inner_steps=2, num_steps=3, radius=None):
-  return client.ClientConfig(
-      local_steps=local_steps, inner_steps=inner_steps, estimator=estimator,
-      estimator_options=EstimatorOptions(num_steps=num_steps, v_step=v_step, product=product,
-                                         radius=radius))
+  """A client's local update as the cost model reads it (costs.round_ops's keywords)."""
+  return dict(local_steps=local_steps, inner_steps=inner_steps, inner_step="cauchy",
+              estimator=estimator, estimator_options=EstimatorOptions(
+                  num_steps=num_steps, v_step=v_step, product=product, radius=radius))
+
+
+def _work(o):
+  """costs.round_ops's keywords of an algorithm's resolved options o."""
+  return dict(local_steps=o.local_steps, inner_steps=o.inner_steps, inner_step=o.inner_step,
+              estimator=o.estimator, estimator_options=EstimatorOptions(
+                  o.num_steps, o.v_lr, o.delta, o.radius, o.product, o.v_step))
 
 
 def _labels(key, n, classes=10):
@@ -111,13 +118,14 @@ def _task(name):
   return TASKS[name]()
 
 
-def _compiled(task, cfg, sample=client.full_batch, first_step_apart=True):
+def _compiled(task, cfg, sample=client.full_batch, first_step_apart=True, x_trust=0.0):
   """One client's update on the full model (no masks), lowered and compiled."""
   v = jax.tree.map(lambda t: 0.1 * jnp.ones_like(t), task["y"])
 
   def update(x, y, v, inner, outer, key):
-    return client.client_update(task["problem"], cfg, x, y, v, inner, outer, None, None, key,
-                                sample=sample, first_step_apart=first_step_apart)
+    return client.client_update(task["problem"], x, y, v, inner, outer, None, None, key,
+                                sample=sample, first_step_apart=first_step_apart, inner_lr=0.1,
+                                outer_lr=0.1, x_trust=x_trust, x_trust_scope="layer", **cfg)
 
   return jax.jit(update).lower(task["x"], task["y"], v, task["inner"], task["outer"],
                                jax.random.key(3)).compile()
@@ -131,9 +139,9 @@ def _xla_flops(compiled) -> float:
 
 
 def _model_flops(task, cfg, rows=None, first_step_apart=True):
-  return float(costs.client_flops(cfg, costs.full_counts(task["x"]),
-                                  costs.full_counts(task["y"]), rows or task["rows"],
-                                  task["model"], first_step_apart))
+  return float(costs.client_flops(costs.full_counts(task["x"]), costs.full_counts(task["y"]),
+                                  rows or task["rows"], task["model"],
+                                  first_step_apart=first_step_apart, **cfg))
 
 
 @pytest.fixture
@@ -291,9 +299,8 @@ def test_label_skew_options_add_no_matmul_flops():
   t = _mlp_task(in_dim=32, hidden=64, classes=64)
   t["problem"] = models.hyper_representation_problem(feature_l2=1e-3, outer_l2=1e-3)
   cfg = _cfg("fd", "cauchy", "exact", local_steps=3, inner_steps=2, num_steps=3)
-  cfg = cfg._replace(x_trust=0.05)
-  assert _model_flops(t, cfg) == pytest.approx(_hlo_dot_flops(_compiled(t, cfg).as_text()),
-                                               rel=1e-9)
+  dots = _hlo_dot_flops(_compiled(t, cfg, x_trust=0.05).as_text())
+  assert _model_flops(t, cfg) == pytest.approx(dots, rel=1e-9)
 
 
 # ------------------------------------------------------------------ counts and prices
@@ -305,8 +312,8 @@ def test_cg_evaluates_num_steps_plus_two_products(num_steps):
   hv, jv = hypergrad.estimator_products("cg", opts)
   assert (hv, jv) == (num_steps + 1, 1)
   ops = dict(((op, batch), n) for op, batch, n in
-             costs.round_ops(client.ClientConfig(local_steps=1, estimator="cg",
-                                                 estimator_options=opts, inner_step="fixed")))
+             costs.round_ops(local_steps=1, inner_steps=1, estimator="cg",
+                             estimator_options=opts, inner_step="fixed"))
   assert ops[("hv", costs.INNER)] + ops[("jv", costs.INNER)] == num_steps + 2
 
 
@@ -335,7 +342,7 @@ def test_hand_count_mlp_fd():
               # start, one v step), each two probes
               + 2 * (2 * head) + 2 * d * h  # J v: two probes forward and back, hidden weights
               + 3 * head + 2 * d * h)  # grad f: head forward, weights, input; hidden weights
-  assert costs.client_flops(cfg, x, y, (rows, rows), hr_task.mlp_costs()) == rows * expected
+  assert costs.client_flops(x, y, (rows, rows), hr_task.mlp_costs(), **cfg) == rows * expected
 
 
 def test_traced_kept_counts_and_pruning():
@@ -344,9 +351,9 @@ def test_traced_kept_counts_and_pruning():
   cfg = _cfg("fd", "cauchy", "exact")
   kept = lambda k: ({"hidden": {"kernel": jnp.float32(d * k), "bias": jnp.float32(k)}},
                     {"head": {"kernel": jnp.float32(k * c), "bias": jnp.float32(c)}})
-  f = jax.jit(lambda kx, ky: costs.client_flops(cfg, kx, ky, (rows, rows), hr_task.mlp_costs()))
+  f = jax.jit(lambda kx, ky: costs.client_flops(kx, ky, (rows, rows), hr_task.mlp_costs(), **cfg))
   full, half = float(f(*kept(h))), float(f(*kept(h // 2)))
-  eager = float(costs.client_flops(cfg, *kept(h), (rows, rows), hr_task.mlp_costs()))
+  eager = float(costs.client_flops(*kept(h), (rows, rows), hr_task.mlp_costs(), **cfg))
   assert full == pytest.approx(eager, rel=1e-6)
   assert half == pytest.approx(full / 2, rel=1e-6)  # every price is linear in the width
 
@@ -374,8 +381,8 @@ class TestRoundPricing:
   def test_full_model_round_is_clients_times_the_model(self):
     alg, cost, state, data, x, y = self._setup("simfbo")
     _, metrics = alg.step(state, data)
-    want = 4 * costs.client_flops(alg.config.client, costs.full_counts(x), costs.full_counts(y),
-                                  (self.N, self.N), hr_task.mlp_costs())
+    want = 4 * costs.client_flops(costs.full_counts(x), costs.full_counts(y), (self.N, self.N),
+                                  hr_task.mlp_costs(), **_work(alg.options))
     # float32 sums of four equal float32 terms: relative rounding ~1e-7.
     assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
 
@@ -389,8 +396,8 @@ class TestRoundPricing:
       k = math.ceil(rnd.client_ratios[cid, 0] * self.H)
       kept_x = {"hidden": {"kernel": self.D * k, "bias": k}}
       kept_y = {"head": {"kernel": k * self.C, "bias": self.C}}
-      want += costs.client_flops(alg.config.client, kept_x, kept_y, (self.N, self.N),
-                                 hr_task.mlp_costs())
+      want += costs.client_flops(kept_x, kept_y, (self.N, self.N), hr_task.mlp_costs(),
+                                 **_work(alg.options))
     assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
 
   def test_fednest_round_prices_its_passes_and_products(self):
@@ -399,7 +406,9 @@ class TestRoundPricing:
     kx, ky = costs.full_counts(x), costs.full_counts(y)
     prices, rows = costs.op_prices(hr_task.mlp_costs(), "exact", kx, ky), (self.N, self.N)
     op = lambda kind, batch: prices[kind] * rows[0 if batch == "inner" else 1]
-    c = fednest.round_counts(alg.config, 4)  # 4 sampled clients in both phases
+    o = alg.options  # 4 sampled clients in both phases
+    c = fednest.round_counts(4, inner_steps=o.inner_steps, local_steps=o.local_steps,
+                             num_steps=o.num_steps)
     want = (c.first_order_inner * (op("forward_x", "inner") + op("grad_y", "inner"))
             + c.first_order_outer * (op("forward_x", "outer") + op("grad_xy", "outer"))
             + c.hvp_products * op("hv", "inner") + c.cross_products * op("jv", "inner"))

@@ -14,9 +14,8 @@ from absl import flags
 from absl.testing import absltest
 
 from bilevel import diagnostics, federated, loop, problems, tree
-from bilevel.algorithms import rafbo
-from bilevel.client import ClientConfig
-from bilevel.masks import Level, MaskConfig
+from bilevel import algorithms
+from bilevel.masks import Level
 from reliability_test import _main  # the in-process driver runner the tests share
 
 
@@ -55,13 +54,13 @@ class RunDiagnosticsTest(absltest.TestCase):
     # Static element masks at ratio 0.5 with no full client: the leading half of every leaf is
     # kept by every client, the rest never (allowed explicitly), so the share is exactly 1/2.
     d = 8
-    cfg = federated.FederatedConfig(
-        4, 2, client=ClientConfig(local_steps=1), levels=(Level(0.5, 0.5, 1.0),),
-        mask=MaskConfig("static", "element"), allow_uncovered=True)
+    alg = algorithms.get("rafbo", problem=problems.QUADRATIC, num_clients=4, clients_per_round=2,
+                         local_steps=1, levels=(Level(0.5, 0.5, 1.0),), mask_policy="static",
+                         granularity="element", allow_uncovered=True, diagnostics=True)
     data = problems.make_quadratic(4, d, d, seed=0, separable=True, dtype=np.float32)
     fdata = federated.FederatedData(data, data, jnp.ones(4))
     x0 = jnp.zeros(d, jnp.float32)
-    rnd = rafbo.make_round(problems.QUADRATIC, cfg, None, x0, diagnostics=True)
+    rnd = alg.make_round(x0)
     state = federated.init_state(x0, jnp.zeros(d, jnp.float32), optax.sgd(1.0))
     seen = []
 

@@ -144,7 +144,7 @@ class SmokeTest(parameterized.TestCase):
     self.assertEqual(base["weight_auc"], 0.5)  # weights never move: every score tied
     config = _read(os.path.join(self.dirs["hc"], "config.json"))["config"]
     self.assertEqual(config["noise"], 0.5)
-    self.assertEqual(config["client"]["local_steps"], 1)  # given flags beat task defaults
+    self.assertEqual(config["local_steps"], 1)  # given flags beat task defaults
     self.assertNotIn("local_steps", config["task_defaults_applied"])
 
   def test_compare(self):
@@ -259,20 +259,17 @@ class PresetsTest(parameterized.TestCase):
     self.assertTrue(os.path.isfile(path))
     with flagsaver.flagsaver():
       FLAGS(["prog", f"--flagfile={path}"])
-      cfg = common.make_algorithm(problems.QUADRATIC, masks_lib.UnitLayout({}, {}, {})).config
+      alg = common.make_algorithm(problems.QUADRATIC, masks_lib.UnitLayout({}, {}, {}))
+      o = alg.options
       self.assertEqual(FLAGS.algorithm, algorithm)
       self.assertEqual(FLAGS.partition, partition)
       # The resolved configuration holds the file's values (a preset default must not win
       # over a value the file gives).
       with open(path) as f:
         given = dict(line.strip()[2:].split("=", 1) for line in f if line.startswith("--"))
-      resolved = {
-          "num_clients": cfg.num_clients, "clients_per_round": cfg.clients_per_round,
-          "local_steps": cfg.client.local_steps, "inner_steps": cfg.client.inner_steps,
-          "inner_lr": cfg.client.inner_lr, "outer_lr": cfg.client.outer_lr,
-          "estimator": cfg.client.estimator, "num_steps": cfg.client.estimator_options.num_steps,
-          "v_lr": cfg.client.estimator_options.step_size, "mask_policy": cfg.mask.policy,
-          "levels": cfg.levels}
+      resolved = dict(num_clients=alg.num_clients, **{k: getattr(o, k) for k in (
+          "clients_per_round", "local_steps", "inner_steps", "inner_lr", "outer_lr", "estimator",
+          "num_steps", "v_lr", "mask_policy", "levels")})
       checked = 0
       for key, value in resolved.items():
         if key in given:

@@ -1,4 +1,4 @@
-"""The federated round (rafbo.make_round): reduction to the unpruned algorithm, vmap vs the
+"""The federated round (rafbo.make_round, built by bilevel.algorithms.get): reduction to the unpruned algorithm, vmap vs the
 Python-loop reference round (`loop_step`, the oracle), tracing, seeds, convergence on the toy
 problem, and configuration errors."""
 
@@ -10,10 +10,9 @@ import optax
 import pytest
 from absl.testing import absltest, parameterized
 
-from bilevel import federated, hypergrad, inner, loop, problems, server, tree
-from bilevel.algorithms import rafbo
+from bilevel import algorithms, federated, hypergrad, inner, loop, problems, server, tree
 from bilevel import masks as masks_lib
-from bilevel.client import ClientConfig, grad_evals_per_round
+from bilevel.client import grad_evals_per_round
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
 
@@ -21,10 +20,26 @@ M, D = 6, 5
 LEVELS = masks_lib.parse_levels("1/1:0.34,0.5/0.5:0.33,0.25/0.25:0.33")
 
 
+OPTS = EstimatorOptions(num_steps=2, step_size=0.2, delta=1e-4)
+
+
 def _client(local_steps=3, estimator="fd"):
-  return ClientConfig(local_steps=local_steps, inner_steps=2, inner_lr=0.2, outer_lr=0.1,
-                      estimator=estimator,
-                      estimator_options=EstimatorOptions(num_steps=2, step_size=0.2, delta=1e-4))
+  """The local update's keywords (bilevel.algorithms.get)."""
+  return dict(local_steps=local_steps, inner_steps=2, inner_lr=0.2, outer_lr=0.1,
+              estimator=estimator, num_steps=OPTS.num_steps, v_lr=OPTS.step_size,
+              delta=OPTS.delta)
+
+
+def _evals(local_steps=3, estimator="fd"):
+  return grad_evals_per_round(local_steps=local_steps, inner_steps=2, inner_step="cauchy",
+                              estimator=estimator, estimator_options=OPTS)
+
+
+def _round(cfg, x0, dim=D, name="rafbo", num_clients=M):
+  """(the round of options cfg, its algorithm) on the quadratic of width dim."""
+  alg = algorithms.get(name, problem=problems.QUADRATIC, num_clients=num_clients,
+                       layout=problems.quadratic_layout(dim), **cfg)
+  return alg.make_round(x0), alg
 
 
 def _setup(heterogeneity=1.0, dtype=np.float64):
@@ -56,12 +71,13 @@ def loop_step(rnd: federated.Round):
   return step
 
 
-def _run(cfg, num_rounds, dtype=np.float64, reference_loop=False, heterogeneity=1.0, **kw):
+def _run(cfg, num_rounds, dtype=np.float64, reference_loop=False, heterogeneity=1.0,
+         name="rafbo"):
   d, data, x0, y0 = _setup(heterogeneity, dtype)
-  rnd = rafbo.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0, **kw)
+  rnd, alg = _round(cfg, x0, name=name)
   if reference_loop:
     rnd = rnd._replace(step=loop_step(rnd))
-  state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+  state = federated.init_state(x0, y0, alg.optimizer)
   state, records = loop.run(rnd, state, data, num_rounds, log=None,
                                  eval_fn=lambda s: {"true_hypergrad_norm": jnp.linalg.norm(
                                      problems.quadratic_hypergrad(s.x, d))})
@@ -76,26 +92,23 @@ class RoundTest(parameterized.TestCase):
 
   @parameterized.product(local_steps=(1, 3), estimator=tuple(hypergrad.ESTIMATORS))
   def test_keep_ratio_one_is_the_unpruned_algorithm(self, local_steps, estimator):
-    client = _client(local_steps, estimator)
-    cfg = federated.FederatedConfig(M, M, client=client, levels=(masks_lib.Level(1, 1, 1),))
-    state, _, _ = _run(cfg, 3)
+    state, _, _ = _run(dict(clients_per_round=M, **_client(local_steps, estimator)), 3)
     # Reference: the unpruned algorithm written out with the public pieces, no masks anywhere.
     d, _, x, y = _setup()
     v = jnp.zeros(D)
-    opts = client.estimator_options
+    opts = OPTS
 
     @jax.jit
     def local(x, y, v, batch):
       for _ in range(local_steps):
         y = inner.inner_solve(problems.quadratic_inner, x, y, batch,
-                              num_steps=client.inner_steps, step_size=client.inner_lr,
-                              step_rule=client.inner_step,
+                              num_steps=2, step_size=0.2, step_rule="cauchy",
                               product=hypergrad.estimator_product_kind(estimator, opts),
                               delta=opts.delta)
         res = hypergrad.hypergradient(problems.QUADRATIC, x, y, batch, batch, v=v,
                                       estimator=estimator, num_steps=opts.num_steps,
                                       step_size=opts.step_size, delta=opts.delta)
-        x, v = x - client.outer_lr * res.hypergrad, res.v
+        x, v = x - 0.1 * res.hypergrad, res.v
       return x, y, v
 
     for _ in range(3):
@@ -110,8 +123,7 @@ class RoundTest(parameterized.TestCase):
   @parameterized.parameters((np.float64, 1e-12), (np.float32, 1e-5))
   @pytest.mark.slow
   def test_vmap_equals_loop(self, dtype, rtol):
-    cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS,
-                                    mask=masks_lib.MaskConfig("random", "unit"))
+    cfg = dict(clients_per_round=4, **_client(), levels=LEVELS)
     a, ra, _ = _run(cfg, 3, dtype=dtype)
     b, rb, _ = _run(cfg, 3, dtype=dtype, reference_loop=True)
     chex.assert_trees_all_close((a.x, a.y, a.v), (b.x, b.y, b.v), rtol=rtol, atol=rtol * 1e-2)
@@ -122,15 +134,15 @@ class RoundTest(parameterized.TestCase):
     # flops_per_grad runs once in a trace of the round (one vmapped client function): a second
     # trace raises.
     flops = chex.assert_max_traces(federated.default_flops_per_grad, n=1)
-    cfg = federated.FederatedConfig(M, 3, client=_client(), levels=LEVELS)
-    _, records, _ = _run(cfg, 6, flops_per_grad=flops)
+    cfg = dict(clients_per_round=3, **_client(), levels=LEVELS, flops_per_grad=flops)
+    _, records, _ = _run(cfg, 6)
     self.assertLen(records, 6)
     # ... and it was traced: one more traced call is its second.
     with self.assertRaisesRegex(AssertionError, "traced > 1 times"):
       jax.eval_shape(flops, 1.0, 1.0)
 
   def test_same_seed_same_metrics_other_seed_different(self):
-    make = lambda seed: federated.FederatedConfig(M, 3, client=_client(), levels=LEVELS, seed=seed)
+    make = lambda seed: dict(clients_per_round=3, **_client(), levels=LEVELS, seed=seed)
     timing = ("wall_time_s", "first_round_s")  # seconds differ between runs; nothing else may
     strip = lambda recs: [{k: v for k, v in r.items() if k not in timing} for r in recs]
     _, r1, _ = _run(make(0), 4)
@@ -144,9 +156,7 @@ class RoundTest(parameterized.TestCase):
     # Homogeneous clients: the fixed point of every submodel update is the stationary point, so
     # the true hypergradient norm must fall geometrically (client heterogeneity adds a noise floor
     # proportional to step size x heterogeneity; see WORKSPACE.md).
-    cfg = federated.FederatedConfig(
-        M, 3, client=_client(local_steps=5), levels=LEVELS,
-        mask=masks_lib.MaskConfig(policy, "unit"))
+    cfg = dict(clients_per_round=3, **_client(local_steps=5), levels=LEVELS, mask_policy=policy)
     _, records, _ = _run(cfg, 300, heterogeneity=0.0)
     d, _, x0, _ = _setup(0.0)
     start = float(jnp.linalg.norm(problems.quadratic_hypergrad(x0, d)))
@@ -155,8 +165,7 @@ class RoundTest(parameterized.TestCase):
 
   def test_metrics_count_coverage_flops_and_bytes(self):
     # static masks: the last coordinate is kept by the full-size clients alone
-    cfg = federated.FederatedConfig(M, M, client=_client(), levels=LEVELS,
-                                    mask=masks_lib.MaskConfig("static", "unit"))
+    cfg = dict(clients_per_round=M, **_client(), levels=LEVELS, mask_policy="static")
     _, records, rnd = _run(cfg, 2)
     rec = records[-1]
     kept = np.ceil(rnd.client_ratios * D - 1e-6)  # [M, 2] kept coordinates of x and y
@@ -167,7 +176,7 @@ class RoundTest(parameterized.TestCase):
     # inner step's H g (an fd product, 2 grads), one grad of f, and fd products of 2 grads of
     # g each: num_steps (2) H v, the Cauchy step's warm-start H v, the final J v.
     evals = 3 * (2 * (1 + 2) + 1 + 2 * (2 + 1 + 1))
-    self.assertEqual(grad_evals_per_round(cfg.client), evals)
+    self.assertEqual(_evals(), evals)
     # Every client's gradients cost 6 FLOPs per kept entry of x and y.
     self.assertEqual(rec["client_flops"], evals * 6 * np.sum(kept))
 
@@ -176,12 +185,10 @@ class RoundTest(parameterized.TestCase):
     # The round derives the metric from the x deltas (-D_x / (alpha K)); here it is recomputed
     # from what the clients report as their mean hypergradient, with the public coverage_mean
     # (dense round; compact_test checks compact = dense for this metric).
-    cfg = federated.FederatedConfig(M, 4, client=_client(local_steps=3), levels=LEVELS,
-                                    weighting="examples",
-                                    mask=masks_lib.MaskConfig("random", "unit"))
+    cfg = dict(clients_per_round=4, **_client(local_steps=3), levels=LEVELS, weighting="examples")
     d, data, x0, y0 = _setup()
-    rnd = rafbo.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
-    state = federated.init_state(x0, y0, optax.sgd(cfg.server_lr))
+    rnd, alg = _round(cfg, x0)
+    state = federated.init_state(x0, y0, alg.optimizer)
     state, _ = rnd.step(state, data)  # a round in: v != 0
     _, metrics = rnd.step(state, data)
     hyper, masks, weights = [], [], []
@@ -199,14 +206,14 @@ class RoundTest(parameterized.TestCase):
     np.testing.assert_allclose(metrics["hypergrad_norm"], want, rtol=1e-11)
 
   def test_only_full_samples_full_clients(self):
-    cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS, only_full=True)
-    _, records, rnd = _run(cfg, 2)
+    cfg = dict(clients_per_round=4, **_client(), levels=LEVELS)
+    _, records, rnd = _run(cfg, 2, name="full_only")
     self.assertTrue(np.all(rnd.client_ratios[rnd.population] == 1))
     self.assertEqual(records[-1]["active_clients"], len(rnd.population))
     self.assertEqual(records[-1]["coverage_x_min"], len(rnd.population))
 
   def test_redrawn_levels_run(self):
-    cfg = federated.FederatedConfig(M, 4, client=_client(), levels=LEVELS, redraw_levels=True)
+    cfg = dict(clients_per_round=4, **_client(), levels=LEVELS, redraw_levels=True)
     _, records, _ = _run(cfg, 3)
     self.assertTrue(np.isfinite(records[-1]["outer_loss"]))
 
@@ -214,12 +221,11 @@ class RoundTest(parameterized.TestCase):
 def _cost_metrics(estimator, dim, levels, dtype=np.float32):
   """One round's metrics on the separable quadratic of width dim, every client taking part."""
   d = problems.make_quadratic(3, dim, dim, seed=0, separable=True, dtype=dtype)
-  cfg = federated.FederatedConfig(3, 3, client=_client(1, estimator),
-                                  levels=masks_lib.parse_levels(levels))
+  cfg = dict(clients_per_round=3, **_client(1, estimator), levels=levels)
   x0 = jnp.zeros(dim, dtype)
-  rnd = rafbo.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(dim), x0)
+  rnd, _ = _round(cfg, x0, dim, num_clients=3)
   state = federated.init_state(x0, jnp.zeros(dim, dtype), optax.sgd(1.0))
-  return rnd.step(state, federated.FederatedData(d, d, jnp.ones(3)))[1], cfg
+  return rnd.step(state, federated.FederatedData(d, d, jnp.ones(3)))[1]
 
 
 class CostTest(parameterized.TestCase):
@@ -227,8 +233,8 @@ class CostTest(parameterized.TestCase):
 
   @parameterized.parameters((200, (60, 120, 140)), (100, (30, 60, 70)))
   def test_costs_use_exact_keep_counts(self, dim, kept):
-    metrics, cfg = _cost_metrics("fd", dim, "0.3/0.3:0.34,0.6/0.6:0.33,0.7/0.7:0.33")
-    evals = grad_evals_per_round(cfg.client)
+    metrics = _cost_metrics("fd", dim, "0.3/0.3:0.34,0.6/0.6:0.33,0.7/0.7:0.33")
+    evals = _evals(1)
     # x and y keep k coordinates each (one shared group); fd sends x, y and v down and up.
     self.assertEqual(float(metrics["client_flops"]), evals * 6.0 * 2 * sum(kept))
     self.assertEqual(float(metrics["comm_bytes"]), 2 * 4 * 3 * sum(kept))
@@ -237,7 +243,7 @@ class CostTest(parameterized.TestCase):
   @parameterized.parameters(("fd", 3), ("exact", 3), ("cg", 3), ("neumann", 2))
   def test_v_is_charged_only_to_estimators_that_read_it(self, estimator, trees):
     # neumann (FedNest) starts its series from grad_y f: v is neither received nor returned.
-    metrics, _ = _cost_metrics(estimator, 10, "1/1:0.34,0.5/0.5:0.33,0.3/0.3:0.33")
+    metrics = _cost_metrics(estimator, 10, "1/1:0.34,0.5/0.5:0.33,0.3/0.3:0.33")
     self.assertEqual(float(metrics["comm_bytes"]), 2 * 4 * trees * (10 + 5 + 3))
 
 
@@ -245,22 +251,20 @@ class ConfigErrorTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("too_many_clients", dict(clients_per_round=M + 1), r"clients_per_round=7 .*\[1, num_clients=6\]"),
-      ("policy", dict(mask=masks_lib.MaskConfig("lottery")), "mask_policy='lottery'.*random"),
-      ("granularity", dict(mask=masks_lib.MaskConfig("random", "block")), "mask_granularity='block'"),
-      ("estimator", dict(client=ClientConfig(estimator="hessian")), "estimator='hessian'.*fd"),
+      ("policy", dict(mask_policy="lottery"), "mask_policy='lottery'.*random"),
+      ("granularity", dict(granularity="block"), "mask_granularity='block'"),
+      ("estimator", dict(estimator="hessian"), "estimator='hessian'.*fd"),
       ("aggregation", dict(aggregation="median"), "aggregation='median'"),
-      ("uncovered", dict(mask=masks_lib.MaskConfig("static"),
-                         levels=masks_lib.parse_levels("0.5/0.5:1")), "static.*uncovered"),
+      ("uncovered", dict(mask_policy="static", levels="0.5/0.5:1"), "static.*uncovered"),
       ("keep_ratio", dict(levels=(masks_lib.Level(1.2, 1.0, 1.0),)), r"rx=1\.2.*\(0, 1\]"),
       ("shares", dict(levels=(masks_lib.Level(1, 1, 0.5),)), "sum to 0.5"),
       ("server_lr", dict(server_lr=0.0), "server_lr=0.0"),
-      ("local_steps", dict(client=ClientConfig(local_steps=0)), "local_steps=0"),
+      ("local_steps", dict(local_steps=0), "local_steps=0"),
   )
   def test_bad_config_raises_one_clear_error(self, override, message):
     x0 = jnp.zeros(D)
-    cfg = federated.FederatedConfig(M, 3)._replace(**override)
     with self.assertRaisesRegex(ConfigError, message):
-      rafbo.make_round(problems.QUADRATIC, cfg, problems.quadratic_layout(D), x0)
+      _round(dict(dict(clients_per_round=3), **override), x0)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ of whole-split passes at the split's rows, the one step hlr, and the drivers.
 
 import collections
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -38,22 +39,26 @@ from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
 from bilevel import algorithms, costs, federated, hypergrad, models, problems, server
-from bilevel.algorithms import fednest, rafbo
+from bilevel.algorithms import fednest
 from bilevel import tree
-from bilevel.client import ClientConfig, minibatch_sampler
+from bilevel.client import minibatch_sampler
 from bilevel.errors import ConfigError
-from bilevel.hypergrad import EstimatorOptions
-from bilevel.masks import Level, MaskConfig
+from bilevel.masks import Level
 from bilevel.tasks import hyper_representation as hr_task
 
 def _config(num_clients, per_round, *, inner_steps=5, num_steps=6, local_steps=1, lr=0.01,
             **kw):
-  client = ClientConfig(local_steps=local_steps, inner_steps=inner_steps, inner_lr=lr,
-                        outer_lr=lr, estimator="neumann",
-                        estimator_options=EstimatorOptions(num_steps=num_steps, step_size=lr))
-  return federated.FederatedConfig(num_clients, per_round, client,
-                                   mask=MaskConfig("random", "element"), round_kind="fednest",
-                                   **kw)
+  return dict(num_clients=num_clients, clients_per_round=per_round, local_steps=local_steps,
+              inner_steps=inner_steps, inner_lr=lr, outer_lr=lr, v_lr=lr, num_steps=num_steps,
+              **kw)
+
+
+def _make(problem, cfg, layout, x0, **kw):
+  """fednest.make_fednest_round of options cfg and kw over FedNest's defaults (SGD(1) server)."""
+  takes = inspect.signature(fednest.make_fednest_round).parameters
+  given = dict(fednest.FEDNEST.defaults._asdict(), layout=layout, optimizer=optax.sgd(1.0),
+               **cfg, **kw)
+  return fednest.make_fednest_round(problem, x0, **{k: v for k, v in given.items() if k in takes})
 
 
 def _mlp_data(num_clients, rows=6, dim=5, classes=3, seed=0):
@@ -156,10 +161,8 @@ class CountTest(parameterized.TestCase):
     cfg = _config(100, 10)  # FedNest's defaults: 5 epochs, 5 products, tau 1, steps 0.01
     x0, y0 = models.init_mlp(jax.random.key(0), 5, 4, 3)
     # The plain builder dispatches to FedNest's round; the counting one is the test's.
-    fednest.FEDNEST.make_round(problem, cfg, None, x0, sample=minibatch_sampler(64),
-                               client_map=_loop_clients(10), jit=False)
-    rnd = fednest.make_fednest_round(problem, cfg, None, x0, sample=minibatch_sampler(64),
-                                     client_map=_loop_clients(10), jit=False, oracle=oracle)
+    rnd = _make(problem, cfg, None, x0, sample=minibatch_sampler(64),
+                client_map=_loop_clients(10), jit=False, oracle=oracle)
     means, steps = [0], [0]
     real_mean, real_step = fednest._mean, server.server_step
 
@@ -202,7 +205,8 @@ class CountTest(parameterized.TestCase):
     self.assertEqual(float(metrics["coverage_x_min"]), 10.0)
     self.assertEqual(float(metrics["uncovered_y_share"]), 0.0)
     self.assertEqual(int(new.round), 1)
-    self.assertEqual(fednest.round_counts(cfg, 10)[:5], (110, 60, 50, 10, 10))
+    self.assertEqual(fednest.round_counts(10, inner_steps=5, local_steps=1, num_steps=6)[:5],
+                     (110, 60, 50, 10, 10))
 
   @parameterized.named_parameters(
       # config A on full MNIST: 300 train rows, ceil(300 / 64) = 5 batches x 5 epochs per client
@@ -215,7 +219,7 @@ class CountTest(parameterized.TestCase):
   def test_round_metrics_are_fednest_codes_counts(self, num_clients, train_rows, svrg):
     cfg = _config(num_clients, 10)
     x0, y0 = models.init_mlp(jax.random.key(0), 5, 4, 3)
-    rnd = fednest.make_fednest_round(models.hyper_representation_problem("tanh"), cfg, None,
+    rnd = _make(models.hyper_representation_problem("tanh"), cfg, None,
                                      x0, sample=minibatch_sampler(64))
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     _, metrics = rnd.step(state, _rows_data(num_clients, train_rows, 8))
@@ -232,7 +236,7 @@ class CountTest(parameterized.TestCase):
     cfg = _config(4, 4)
     x0, y0 = models.init_mlp(jax.random.key(0), 5, 4, 3)
     cost = costs.CostModel(hr_task.mlp_costs(), lambda kept_x: (64, 64))
-    rnd = fednest.make_fednest_round(models.hyper_representation_problem("tanh"), cfg, None,
+    rnd = _make(models.hyper_representation_problem("tanh"), cfg, None,
                                      x0, sample=minibatch_sampler(64), cost=cost)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     _, metrics = rnd.step(state, _rows_data(4, counts, 60))
@@ -249,16 +253,10 @@ class CountTest(parameterized.TestCase):
   def test_rejects_pruning_and_compact(self):
     x0 = jnp.zeros(3)
     with self.assertRaisesRegex(ConfigError, "round_kind='fednest'.*pruning levels"):
-      fednest.make_fednest_round(problems.QUADRATIC,
-                                 _config(4, 2, levels=(Level(1, 1, 0.5), Level(0.5, 0.5, 0.5))),
-                                 None, x0)
+      _make(problems.QUADRATIC, _config(4, 2, levels=(Level(1, 1, 0.5), Level(0.5, 0.5, 0.5))),
+            None, x0)
     with self.assertRaisesRegex(ConfigError, "submodel='compact'"):
-      fednest.make_fednest_round(problems.QUADRATIC, _config(4, 2), None, x0, submodel="compact")
-    # The local round's builder does not build FedNest's (bilevel.algorithms chooses).
-    with self.assertRaisesRegex(ConfigError, "fednest.make_fednest_round"):
-      rafbo.make_round(problems.QUADRATIC, _config(4, 2), None, x0)
-    with self.assertRaisesRegex(ConfigError, "round_kind='bogus' is not known"):
-      federated.validate_config(_config(4, 2)._replace(round_kind="bogus"))
+      _make(problems.QUADRATIC, _config(4, 2), None, x0, submodel="compact")
 
 
 class HyperCleaningFlopsTest(absltest.TestCase):
@@ -285,8 +283,7 @@ class HyperCleaningFlopsTest(absltest.TestCase):
     cfg = _config(3, per_round, inner_steps=2, num_steps=3, local_steps=1)
     # The driver's full-batch count: 6 FLOPs per y parameter (here 2 x 3 + 3 = 9) per kept row.
     flops_per_grad = lambda kx, ky: 6.0 * kx["gate"] * sum(jax.tree.leaves(ky))
-    rnd = fednest.make_fednest_round(
-        hyper_cleaning.cleaning_problem(hyper_cleaning.linear_logits, 0.1), cfg, lay, x0,
+    rnd = _make(hyper_cleaning.cleaning_problem(hyper_cleaning.linear_logits, 0.1), cfg, lay, x0,
         flops_per_grad=flops_per_grad)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     _, metrics = rnd.step(state, data)
@@ -318,8 +315,8 @@ class QuadraticTest(absltest.TestCase):
     data = federated.FederatedData(d, d, jnp.ones(6))
     x = jnp.asarray([0.3, -0.2, 0.5])
     state = federated.init_state(x, jnp.zeros(4), optax.sgd(1.0))
-    new, metrics = fednest.make_fednest_round(problems.QUADRATIC, cfg, None, x,
-                                              neumann="series").step(state, data)
+    new, metrics = _make(problems.QUADRATIC, cfg, None, x,
+                         fednest_neumann="series").step(state, data)
     return d, state, new, metrics
 
   def test_server_averaged_series_is_the_centralised_one(self):
@@ -340,7 +337,7 @@ class QuadraticTest(absltest.TestCase):
     data = federated.FederatedData(d, d, jnp.ones(10))
     x = jnp.asarray([1.0, -1.0, 2.0])
     state = federated.init_state(x, jnp.zeros(4), optax.sgd(1.0))
-    rnd = fednest.make_fednest_round(problems.QUADRATIC, cfg, None, x)
+    rnd = _make(problems.QUADRATIC, cfg, None, x)
     for _ in range(30):
       state, _ = rnd.step(state, data)
     before = float(jnp.linalg.norm(problems.quadratic_hypergrad(x, d)))
@@ -367,7 +364,7 @@ class NeumannTest(absltest.TestCase):
     cfg = _config(m, m, inner_steps=1, num_steps=num_steps, lr=hlr)
     x = jnp.zeros(d)
     state = federated.init_state(x, jnp.zeros(d), optax.sgd(1.0))
-    rnd = fednest.make_fednest_round(self.PROBLEM, cfg, None, x, neumann=neumann)
+    rnd = _make(self.PROBLEM, cfg, None, x, fednest_neumann=neumann)
     new, metrics = rnd.step(state, data)
     np.testing.assert_allclose(new.x, hlr * new.v, rtol=1e-12)  # x + hlr v from x = 0
     np.testing.assert_allclose(float(metrics["hypergrad_norm"]), float(jnp.linalg.norm(new.v)),
@@ -412,17 +409,14 @@ class OneStepTest(absltest.TestCase):
   KW = dict(problem=problems.QUADRATIC, num_clients=4)
 
   def test_v_lr_follows_outer_lr(self):
-    cfg = algorithms.get("fednest", outer_lr=0.1, **self.KW).config
-    self.assertEqual((cfg.client.outer_lr, cfg.client.estimator_options.step_size), (0.1, 0.1))
-    self.assertEqual(algorithms.get("fednest", outer_lr=0.1, v_lr=0.1, **self.KW)
-                     .config.client.estimator_options.step_size, 0.1)
+    o = algorithms.get("fednest", outer_lr=0.1, **self.KW).options
+    self.assertEqual((o.outer_lr, o.v_lr), (0.1, 0.1))
+    self.assertEqual(algorithms.get("fednest", outer_lr=0.1, v_lr=0.1, **self.KW).options.v_lr,
+                     0.1)
     with self.assertRaisesRegex(ConfigError, "one step hlr"):
       algorithms.get("fednest", outer_lr=0.1, v_lr=0.03, **self.KW)
     with self.assertRaisesRegex(ConfigError, "v_lr=0.03 apart from outer_lr=0.1"):
-      fednest.make_fednest_round(problems.QUADRATIC, _config(4, 2, lr=0.1)._replace(
-          client=_config(4, 2, lr=0.1).client._replace(
-              estimator_options=EstimatorOptions(num_steps=6, step_size=0.03))), None,
-          jnp.zeros(3))
+      _make(problems.QUADRATIC, dict(_config(4, 2, lr=0.1), v_lr=0.03), None, jnp.zeros(3))
 
   def test_neumann_form_is_fednests_option(self):
     self.assertEqual(algorithms.get("fednest", **self.KW).options.fednest_neumann, "code")

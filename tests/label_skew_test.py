@@ -10,10 +10,8 @@ import optax
 from absl.testing import absltest
 
 from bilevel import federated, models
-from bilevel.algorithms import rafbo
+from bilevel import algorithms
 from bilevel import masks as masks_lib
-from bilevel.client import ClientConfig
-from bilevel.hypergrad import EstimatorOptions
 
 from compact_test import CL, DIN, H, M, N  # the compact = dense test's sizes and data
 from compact_test import _setup as _round_setup
@@ -97,18 +95,15 @@ class CompactEqualsDenseTest(absltest.TestCase):
 
   def test_feature_l2_and_trust_region_compact_equals_dense_float64(self):
     with jax.enable_x64(True):
-      client = ClientConfig(local_steps=2, inner_steps=1, inner_lr=0.2, outer_lr=0.5,
-                            estimator_options=EstimatorOptions(1, 0.2, 1e-2),
-                            x_trust=0.01, x_trust_scope="layer")
-      cfg = federated.FederatedConfig(
-          M, 6, client=client, mask=masks_lib.MaskConfig("random"),
-          levels=masks_lib.parse_levels("1/1:0.375,0.5/0.5:0.375,0.25/0.25:0.25"))
+      cfg = dict(clients_per_round=6, local_steps=2, inner_steps=1, inner_lr=0.2, outer_lr=0.5,
+                 num_steps=1, v_lr=0.2, delta=1e-2, x_trust=0.01, x_trust_scope="layer",
+                 levels="1/1:0.375,0.5/0.5:0.375,0.25/0.25:0.25")
       problem = models.hyper_representation_problem("tanh", feature_l2=0.05)
       out = {}
       for submodel in ("compact", "dense"):
         data, x0, y0 = _round_setup(np.float64)
-        rnd = rafbo.make_round(problem, cfg, models.mlp_layout(H), x0, submodel=submodel,
-                               sampling="stratified")
+        rnd = algorithms.get("rafbo", problem=problem, num_clients=M, layout=models.mlp_layout(H),
+                             submodel=submodel, sampling="stratified", **cfg).make_round(x0)
         state = federated.init_state(x0, y0, optax.sgd(1.0))
         first, _ = rnd.step(state, data)
         state, _ = rnd.step(first, data)

@@ -51,9 +51,9 @@ class PolicyTest(parameterized.TestCase):
       self.assertEqual(int(umx["hidden"].sum()), math.ceil(0.5 * K), policy)
       np.testing.assert_array_equal(umx["hidden"], umy["hidden"])
     x, _ = _params()
-    cfg = masks_lib.MaskConfig("static", "unit")
+    cfg = dict(policy="static", granularity="unit")
     with self.assertRaisesRegex(ConfigError, r"r_y=0\.5.*6 of 12 .*uncovered"):
-      masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[1.0, 0.5], [0.5, 0.5]]))
+      masks_lib.check_coverable(LAYOUT, x, np.array([[1.0, 0.5], [0.5, 0.5]]), **cfg)
 
   @parameterized.parameters(*masks_lib.POLICIES)
   def test_element_keep_ratio(self, policy):
@@ -113,13 +113,13 @@ class KeepCountTest(parameterized.TestCase):
   @parameterized.parameters(0.3, 0.6, 0.7)
   def test_check_coverable_agrees_with_the_masks(self, r):
     lay = masks_lib.UnitLayout({"u": 200}, x={"w": masks_lib.Axes((("u", 0),))}, y={})
-    cfg = masks_lib.MaskConfig("static", "unit")
+    cfg = dict(policy="static", granularity="unit")
     with self.assertRaisesRegex(ConfigError, f"{200 - EXACT[(r, 200)]} of 200 outer units"):
-      masks_lib.check_coverable(cfg, lay, {"w": jnp.ones(200)}, np.array([[r, r]]))
+      masks_lib.check_coverable(lay, {"w": jnp.ones(200)}, np.array([[r, r]]), **cfg)
     # Owned units: a client owning 100 keeps EXACT[(r, 100)] of them.
     own = {"u": np.ones((1, 200))}
     with self.assertRaisesRegex(ConfigError, "client-owned"):
-      masks_lib.check_coverable(cfg, lay, {"w": jnp.ones(200)}, np.array([[r, r]]), own)
+      masks_lib.check_coverable(lay, {"w": jnp.ones(200)}, np.array([[r, r]]), own, **cfg)
 
   def test_static_is_prefix(self):
     umx, _ = _units("static", 0.25, 0.25, key=7, q=9)
@@ -194,25 +194,26 @@ class LevelsTest(parameterized.TestCase):
 
   def test_static_without_full_client_is_rejected(self):
     x, _ = _params()
-    cfg = masks_lib.MaskConfig("static", "unit")
+    cfg = dict(policy="static", granularity="unit")
     with self.assertRaisesRegex(ConfigError, r"static.*r_x=0\.5.*uncovered"):
-      masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5], [0.25, 0.25]]))
-    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5]]), allow_uncovered=True)
+      masks_lib.check_coverable(LAYOUT, x, np.array([[0.5, 0.5], [0.25, 0.25]]), **cfg)
+    masks_lib.check_coverable(LAYOUT, x, np.array([[0.5, 0.5]]), allow_uncovered=True, **cfg)
     # The hidden group is shared with y: the full client needs r_y = 1 too (1/0.5 keeps only
     # half of it on both sides: PolicyTest's intersection test).
-    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[1.0, 1.0], [0.25, 0.25]]))
-    masks_lib.check_coverable(masks_lib.MaskConfig("rolling"), LAYOUT, x, np.array([[0.5, 0.5]]))
+    masks_lib.check_coverable(LAYOUT, x, np.array([[1.0, 1.0], [0.25, 0.25]]), **cfg)
+    masks_lib.check_coverable(LAYOUT, x, np.array([[0.5, 0.5]]), policy="rolling",
+                              granularity="unit")
 
   def test_magnitude_without_full_client_is_accepted(self):
     # Magnitude masks rank by the current global model, which moves as it trains: a unit no
     # client keeps now can enter later, so only static masks are never-coverable.
     x, _ = _params()
-    cfg = masks_lib.MaskConfig("magnitude", "unit")
-    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5], [0.25, 0.25]]))
-    masks_lib.check_coverable(cfg, LAYOUT, x, np.array([[0.5, 0.5]]),
-                              {"hidden": np.ones((1, K))})
-    masks_lib.check_coverable(masks_lib.MaskConfig("magnitude", "element"), LAYOUT, x,
-                              np.array([[0.5, 0.5]]))
+    cfg = dict(policy="magnitude", granularity="unit")
+    masks_lib.check_coverable(LAYOUT, x, np.array([[0.5, 0.5], [0.25, 0.25]]), **cfg)
+    masks_lib.check_coverable(LAYOUT, x, np.array([[0.5, 0.5]]), {"hidden": np.ones((1, K))},
+                              **cfg)
+    masks_lib.check_coverable(LAYOUT, x, np.array([[0.5, 0.5]]), policy="magnitude",
+                              granularity="element")
 
 
 class CoverageTest(parameterized.TestCase):

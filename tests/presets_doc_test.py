@@ -1,7 +1,7 @@
 """docs/method.md, section 7, table "Resolved configuration of each algorithm", against the code.
 
 The table is parsed at test time (found by its heading) and every cell is compared with what
-`bilevel.algorithms.get(name, problem=..., num_clients=M)` resolves (`Algorithm.config`,
+`bilevel.algorithms.get(name, problem=..., num_clients=M)` resolves (`Algorithm.options`,
 `Algorithm.options`, `Algorithm.optimizer`) with no keyword but the ones a column needs to be
 observable (`levels=` for the pruning column, several M for the participation column, and
 `granularity="element"` because the default "unit" needs a model layout). The rows must be
@@ -142,48 +142,48 @@ def _vocabulary(meanings: dict[str, Callable[[str], list[str]]]) -> Check:
 
 
 def _levels_honoured(name: str) -> list[str]:
-  got = build(name, levels=PROFILE).config.levels
+  got = build(name, levels=PROFILE).options.levels
   return [] if got == masks.parse_levels(PROFILE) else [
       f"levels={PROFILE!r} resolves to {got}, not the profile"]
 
 
 def _full_model(name: str) -> list[str]:
-  got = build(name, levels=PROFILE).config.levels
+  got = build(name, levels=PROFILE).options.levels
   return [] if got == (algorithms.FULL_LEVEL,) else [
       f"levels={PROFILE!r} resolves to {got}, not the single full level 1/1:1"]
 
 
 def _participation(rule: Callable[[int], int]) -> Callable[[str], list[str]]:
   def check(name: str) -> list[str]:
-    return [f"M={m}: clients_per_round is {build(name, num_clients=m).config.clients_per_round}, "
+    return [f"M={m}: clients_per_round is {build(name, num_clients=m).options.clients_per_round}, "
             f"the documented rule gives {rule(m)}"
-            for m in POPULATIONS if build(name, num_clients=m).config.clients_per_round != rule(m)]
+            for m in POPULATIONS if build(name, num_clients=m).options.clients_per_round != rule(m)]
   return check
 
 
 def _only_full(expected: bool) -> Callable[[str], list[str]]:
   def check(name: str) -> list[str]:
-    got = build(name).config.only_full
-    return [] if got == expected else [f"config.only_full is {got}"]
+    got = build(name).spec.only_full
+    return [] if got == expected else [f"spec.only_full is {got}"]
   return check
 
 
 COLUMNS: dict[str, Check] = {
-    "K": _scalar(_int, lambda a: a.config.client.local_steps),
-    "T": _scalar(_int, lambda a: a.config.client.inner_steps),
-    "estimator": _scalar(_code, lambda a: a.config.client.estimator),
-    "N": _scalar(_int, lambda a: a.config.client.estimator_options.num_steps),
-    "beta": _scalar(_float, lambda a: a.config.client.inner_lr),
-    "alpha": _scalar(_float, lambda a: a.config.client.outer_lr),
-    "eta": _scalar(_float, lambda a: a.config.client.estimator_options.step_size),
-    "mask policy": _scalar(_code, lambda a: a.config.mask.policy),
+    "K": _scalar(_int, lambda a: a.options.local_steps),
+    "T": _scalar(_int, lambda a: a.options.inner_steps),
+    "estimator": _scalar(_code, lambda a: a.options.estimator),
+    "N": _scalar(_int, lambda a: a.options.num_steps),
+    "beta": _scalar(_float, lambda a: a.options.inner_lr),
+    "alpha": _scalar(_float, lambda a: a.options.outer_lr),
+    "eta": _scalar(_float, lambda a: a.options.v_lr),
+    "mask policy": _scalar(_code, lambda a: a.options.mask_policy),
     "pruning": _vocabulary({"levels honoured": _levels_honoured,
                             "none (full model)": _full_model}),
     "clients per round C": _vocabulary({"M": _participation(lambda m: m),
                                         "max(1, M // 2)": _participation(lambda m: max(1, m // 2))}),
     "who trains": _vocabulary({"every sampled client": _only_full(False),
                                "level-1/1 clients only": _only_full(True)}),
-    "round": _scalar(_code, lambda a: a.config.round_kind),
+    "round": _scalar(_code, lambda a: a.spec.round_kind),
 }
 # The Options fields (and config fields) the columns cover.
 COVERED = {"local_steps", "inner_steps", "estimator", "num_steps", "inner_lr", "outer_lr", "v_lr",
@@ -284,10 +284,10 @@ def test_granularity_as_stated():
   layout = models.mlp_layout(4)
   for name in algorithms.names():
     with_layout = algorithms.get(name, problem=PROBLEM, num_clients=4, layout=layout)
-    assert with_layout.config.mask.granularity == "unit", name
-    full_model = build(name, levels=PROFILE).config.levels == (algorithms.FULL_LEVEL,)
+    assert with_layout.options.granularity == "unit", name
+    full_model = build(name, levels=PROFILE).options.levels == (algorithms.FULL_LEVEL,)
     if full_model:
-      assert algorithms.get(name, problem=PROBLEM, num_clients=4).config.mask.granularity == \
+      assert algorithms.get(name, problem=PROBLEM, num_clients=4).options.granularity == \
           "element", name
     else:
       with pytest.raises(ConfigError, match="layout"):

@@ -39,10 +39,7 @@ from absl import flags
 from absl.testing import absltest, parameterized
 
 from bilevel import algorithms, federated, loop, masks, models, tree
-from bilevel.algorithms import rafbo
-from bilevel.client import ClientConfig
 from bilevel.errors import ConfigError
-from bilevel.hypergrad import EstimatorOptions
 from experiments import common, hyper_cleaning
 from reliability_test import REPO, _env, _main_out
 
@@ -51,12 +48,15 @@ LEVELS = "1/1:0.375,0.5/0.25:0.375,0.25/0.25:0.25"
 SEEDS = (0, 3, 5)
 
 
-def _cfg(seed):
-  # delta 1e-2: fd divides rounding differences by delta (1e-16 / 1e-2 stays below 1e-12).
-  client = ClientConfig(local_steps=2, inner_steps=2, inner_lr=0.2, outer_lr=0.2,
-                        estimator="fd", estimator_options=EstimatorOptions(2, 0.2, 1e-2))
-  return federated.FederatedConfig(M, 6, client=client, mask=masks.MaskConfig("random"),
-                                   levels=masks.parse_levels(LEVELS), seed=seed)
+def _rafbo(seed, x0, levels=LEVELS):
+  """The compact rafbo round of seed (delta 1e-2: fd divides rounding differences by delta,
+  1e-16 / 1e-2 stays below 1e-12) and its algorithm."""
+  alg = algorithms.get("rafbo", problem=models.hyper_representation_problem("tanh"),
+                       num_clients=M, clients_per_round=6, local_steps=2, inner_steps=2,
+                       inner_lr=0.2, outer_lr=0.2, estimator="fd", num_steps=2, v_lr=0.2,
+                       delta=1e-2, levels=levels, seed=seed, layout=models.mlp_layout(H),
+                       submodel="compact")
+  return alg.make_round(x0), alg
 
 
 def _seed_run(seed, dtype, poison=False, fednest=False):
@@ -77,10 +77,8 @@ def _seed_run(seed, dtype, poison=False, fednest=False):
     alg = algorithms.get("fednest", problem=models.hyper_representation_problem("tanh"),
                          num_clients=M, clients_per_round=4, seed=seed)
     return alg.make_round(x0), alg.init(x0, y0), data
-  cfg = _cfg(seed)
-  rnd = rafbo.make_round(models.hyper_representation_problem("tanh"), cfg, models.mlp_layout(H),
-                          x0, submodel="compact")
-  return rnd, federated.init_state(x0, y0, optax.sgd(cfg.server_lr)), data
+  rnd, alg = _rafbo(seed, x0)
+  return rnd, federated.init_state(x0, y0, alg.optimizer), data
 
 
 def _numeric(record):
@@ -139,9 +137,7 @@ class LibraryTest(parameterized.TestCase):
     with self.assertRaisesRegex(ConfigError, "mask_fn"):
       loop.seeds_step([rnd, rnd._replace(seed_constants=True)])
     x0, _ = models.init_mlp(jax.random.key(0), DIN, H, CL)
-    other = rafbo.make_round(models.hyper_representation_problem("tanh"),
-                              _cfg(1)._replace(levels=masks.parse_levels("1/1:0.5,0.5/0.5:0.5")),
-                              models.mlp_layout(H), x0, submodel="compact")
+    other, _ = _rafbo(1, x0, "1/1:0.5,0.5/0.5:0.5")
     with self.assertRaisesRegex(ConfigError, "static shape"):
       loop.seeds_step([rnd, other])
     unbound = rnd._replace(hyper=None, apply=None)  # a round without its per-run values apart

@@ -9,7 +9,8 @@ from absl.testing import absltest, parameterized
 
 from bilevel import federated
 from bilevel import masks as masks_lib
-from bilevel.client import ClientConfig, MinibatchSampler, client_update, population_sampler
+from bilevel.client import MinibatchSampler, client_update, population_sampler
+from bilevel.hypergrad import EstimatorOptions
 from bilevel.tasks import hyper_cleaning as task
 
 
@@ -99,14 +100,17 @@ class HyperCleaningPiecesTest(parameterized.TestCase):
     y = {"head": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}
     mask_x = {"logits": gate, "gate": gate}
     mask_y = jax.tree.map(jnp.ones_like, y)
-    cfg = ClientConfig(local_steps=2, inner_steps=1, estimator="fd")
+    cfg = dict(local_steps=2, inner_steps=1, inner_lr=0.1, outer_lr=0.1, estimator="fd",
+               estimator_options=EstimatorOptions(), inner_step="cauchy", x_trust=0.0,
+               x_trust_scope="layer")
     for sampler, finite in ((task.KeptRowSampler(8), True), (MinibatchSampler(8), False)):
       problem = task.cleaning_problem(
           task.linear_logits, 0.1,
           sampler if isinstance(sampler, task.KeptRowSampler) else None)
-      out = jax.jit(lambda: client_update(problem, cfg, x, y, jax.tree.map(jnp.zeros_like, y),
+      out = jax.jit(lambda: client_update(problem, x, y, jax.tree.map(jnp.zeros_like, y),
                                           inner, outer, mask_x, mask_y, jax.random.key(0),
-                                          population_sampler(sampler, jnp.asarray(0))))()
+                                          sample=population_sampler(sampler, jnp.asarray(0)),
+                                          **cfg))()
       leaves = jax.tree.leaves((out.delta_x, out.delta_y, out.inner_loss))
       self.assertEqual(all(bool(jnp.all(jnp.isfinite(t))) for t in leaves), finite, sampler)
 
@@ -115,8 +119,7 @@ class HyperCleaningPiecesTest(parameterized.TestCase):
     lay = task.layout("linear", 10, 3, 1)
     x, y = task.init_params(jax.random.key(0), "linear", 10, 3, 1, 2)
     ownership = jnp.asarray(np.repeat(np.eye(2), counts, axis=1))
-    mask_fn = task.owned_rolling_mask_fn(masks_lib.MaskConfig("rolling"), lay, offsets,
-                                                   counts, ownership)
+    mask_fn = task.owned_rolling_mask_fn(lay, offsets, counts, ownership)
     state = federated.init_state(x, y, optax.sgd(1.0))
     masks = jax.jit(mask_fn)
     kept = [np.flatnonzero(masks(state, 1, 0, q, 0.5, 1.0, jax.random.key(q))[0]["logits"])

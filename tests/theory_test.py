@@ -16,7 +16,7 @@ from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
 from bilevel import federated, hypergrad, theory
-from bilevel.client import ClientConfig, client_update
+from bilevel.client import client_update
 from bilevel.errors import ConfigError
 from bilevel.tasks import coverage_rate as sweep
 from experiments import coverage_rate
@@ -256,16 +256,16 @@ class CoupledProblemTest(parameterized.TestCase):
 
 
 def _client_cfg(step, step_size):
-  return ClientConfig(local_steps=1, inner_steps=1, inner_lr=step_size, outer_lr=0.3,
-                      estimator="fd", inner_step=step,
-                      estimator_options=hypergrad.EstimatorOptions(
-                          num_steps=1, step_size=step_size, delta=1e-3, v_step=step))
+  return dict(local_steps=1, inner_steps=1, inner_lr=step_size, outer_lr=0.3, estimator="fd",
+              inner_step=step, x_trust=0.0, x_trust_scope="layer",
+              estimator_options=hypergrad.EstimatorOptions(
+                  num_steps=1, step_size=step_size, delta=1e-3, v_step=step))
 
 
 def _client(problem, cfg, coeffs, i, x, y, v, mask):
   """(delta_x, delta_y, delta_v) of client i without noise."""
   batch = _batch(coeffs, i)
-  out = client_update(problem, cfg, x, y, v, batch, batch, mask, mask, jax.random.key(0))
+  out = client_update(problem, x, y, v, batch, batch, mask, mask, jax.random.key(0), **cfg)
   return out.delta_x, out.delta_y, out.delta_v
 
 

@@ -9,9 +9,9 @@
 Where each one lives: rafbo.py (RAFBO and RABO: the local round, top to bottom), fednest.py
 (FedNest's communicating round), baselines.py (the other baselines: the local round with their
 own defaults), base.py (the keywords every algorithm takes, `Options`, and the configured
-`Algorithm`). An `Algorithm` holds its resolved keywords (`options`; `config` is the same as
-the round builders' `federated.FederatedConfig`), its server optimiser (used by both `init` and `step`, so the two cannot disagree) and the jitted
-round (built on the first `init` or `step` for the shapes of x and cached). `bilevel.run(alg,
+`Algorithm`). An `Algorithm` holds its resolved keywords (`options`, the one configuration;
+the round builders take the ones they read as keyword arguments), its server optimiser (used
+by both `init` and `step`, so the two cannot disagree) and the jitted round (built on the first `init` or `step` for the shapes of x and cached). `bilevel.run(alg,
 state, data, num_rounds, ...)` (loop.run) drives it like a `federated.Round`: it only calls
 `.step`.
 
@@ -97,11 +97,11 @@ def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any)
     **options: any field of `base.Options`; None or absent = the algorithm's default.
 
   Returns:
-    An Algorithm with init(x, y), step(state, data), config and name.
+    An Algorithm with init(x, y), step(state, data), options and name.
 
   Raises:
     ConfigError: an unknown name or keyword (naming the allowed ones) or a value outside its
-      range (federated.validate_config).
+      range (base.build).
   """
   check_choice("algorithm", name, names())
   return base.build(name, _SPECS[name], problem, num_clients, options)

@@ -1,5 +1,5 @@
-"""What every algorithm shares: the keywords it takes (`Options`), the defaults they share
-(`SHARED`), how an algorithm is defined (`Spec`: its defaults, its round builder and how its
+"""What every algorithm shares: the keywords it takes and their defaults (`Options`, the one
+configuration; `SHARED = Options()`), how an algorithm is defined (`Spec`: its defaults, its round builder and how its
 clients take part) and the configured algorithm (`Algorithm`: `init(x, y)` and a jitted
 `step(state, data)`), resolved and validated by `build`. The algorithms themselves:
 rafbo.py (rabo, rafbo), fednest.py, baselines.py; the registry: bilevel.algorithms.get.
@@ -8,6 +8,7 @@ rafbo.py (rabo, rafbo), fednest.py, baselines.py; the registry: bilevel.algorith
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -15,19 +16,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import costs, federated, tree
+from bilevel import client as client_lib
+from bilevel import costs, federated, server, tree
 from bilevel import masks as masks_lib
 from bilevel.client import Sampler, full_batch
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, check_choice
+from bilevel.hypergrad import ESTIMATORS, EstimatorOptions, validate_options
+from bilevel.inner import STEP_RULES as INNER_STEP_RULES
 from bilevel.masks import Level, UnitLayout
 from bilevel.problems import BilevelProblem
 
 PyTree = Any
 FULL_LEVEL = Level(1.0, 1.0, 1.0)
+_EST = EstimatorOptions()  # the estimator's defaults are defined with it
 
 
 class Options(NamedTuple):
-  """Every keyword an algorithm constructor takes; None = the algorithm's default.
+  """Every keyword an algorithm constructor takes, at the defaults every algorithm shares
+  (SHARED; each algorithm's Spec replaces its own; a keyword given as None keeps the default).
+  The one place each default is defined (the estimator's: hypergrad.EstimatorOptions).
 
   Attributes:
     clients_per_round: clients sampled per round C (rabo: num_clients; others: num_clients // 2).
@@ -80,87 +87,53 @@ class Options(NamedTuple):
   """
 
   clients_per_round: int | None = None
-  levels: str | Sequence[Level] | None = None
-  redraw_levels: bool | None = None
+  levels: str | Sequence[Level] = (FULL_LEVEL,)
+  redraw_levels: bool = False
   granularity: str | None = None
   layout: UnitLayout | None = None
-  mask_policy: str | None = None
-  allow_uncovered: bool | None = None
-  local_steps: int | None = None
-  inner_steps: int | None = None
-  inner_lr: float | None = None
-  inner_step: str | None = None
-  outer_lr: float | None = None
-  x_trust: float | None = None
-  x_trust_scope: str | None = None
-  estimator: str | None = None
-  num_steps: int | None = None
-  v_lr: float | None = None
-  delta: float | None = None
-  radius: float | None = None
-  v_step: str | None = None
-  product: str | None = None
+  mask_policy: str = "random"
+  allow_uncovered: bool = False
+  local_steps: int = 5
+  inner_steps: int = 1
+  inner_lr: float = 0.1
+  inner_step: str = "cauchy"
+  outer_lr: float = 0.1
+  x_trust: float = 0.0
+  x_trust_scope: str = "layer"
+  estimator: str = "fd"
+  num_steps: int = _EST.num_steps
+  v_lr: float = _EST.step_size
+  delta: float = _EST.delta
+  radius: float | None = _EST.radius
+  v_step: str = _EST.v_step
+  product: str = _EST.product
   server_optimizer: optax.GradientTransformation | None = None
-  server_lr: float | None = None
-  aggregation: str | None = None
-  weighting: str | None = None
-  seed: int | None = None
-  sample: Sampler | None = None
-  flops_per_grad: Callable[[PyTree, PyTree], jax.Array] | None = None
+  server_lr: float = 1.0
+  aggregation: str = "coverage"
+  weighting: str = "uniform"
+  seed: int = 0
+  sample: Sampler = full_batch
+  flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = federated.default_flops_per_grad
   cost: costs.CostModel | None = None
-  submodel: str | None = None
+  submodel: str = "dense"
   sampling: str | None = None
   available: Mapping[str, np.ndarray] | None = None
   mesh: jax.sharding.Mesh | None = None
   mask_fn: federated.MaskFn | None = None
-  diagnostics: bool | None = None
-  fednest_neumann: str | None = None
+  diagnostics: bool | None = None  # None: off
+  fednest_neumann: str = "code"
 
 
-# Option -> where it lives in the federated.FederatedConfig an algorithm resolves to. The
-# configuration types' field defaults (federated.FederatedConfig, client.ClientConfig,
-# hypergrad.EstimatorOptions, masks.MaskConfig) are the library's defaults, defined there once.
-CONFIG_PATHS: dict[str, tuple[str, ...]] = {
-    "clients_per_round": ("clients_per_round",), "levels": ("levels",),
-    "redraw_levels": ("redraw_levels",), "granularity": ("mask", "granularity"),
-    "mask_policy": ("mask", "policy"), "allow_uncovered": ("allow_uncovered",),
-    "local_steps": ("client", "local_steps"), "inner_steps": ("client", "inner_steps"),
-    "inner_lr": ("client", "inner_lr"), "inner_step": ("client", "inner_step"),
-    "outer_lr": ("client", "outer_lr"), "x_trust": ("client", "x_trust"),
-    "x_trust_scope": ("client", "x_trust_scope"), "estimator": ("client", "estimator"),
-    **{k: ("client", "estimator_options", f) for k, f in (
-        ("num_steps", "num_steps"), ("v_lr", "step_size"), ("delta", "delta"),
-        ("radius", "radius"), ("v_step", "v_step"), ("product", "product"))},
-    "server_lr": ("server_lr",), "aggregation": ("aggregation",), "weighting": ("weighting",),
-    "seed": ("seed",)}
-RESOLVED = ("clients_per_round", "granularity")  # per algorithm and call, in `build`
-
-
-def _get(t: Any, path: Sequence[str]) -> Any:
-  for name in path:
-    t = getattr(t, name)
-  return t
-
-
-def _set(t: Any, path: Sequence[str], value: Any) -> Any:
-  head = path[0]
-  return t._replace(**{head: value if len(path) == 1 else _set(getattr(t, head), path[1:], value)})
-
-
-# What every algorithm shares: the configuration types' defaults, and the defaults of the
-# round's keywords (rafbo.make_round and fednest.make_fednest_round take theirs from here).
-_DEFAULT_CONFIG = federated.FederatedConfig(num_clients=1, clients_per_round=1)
-SHARED = Options(
-    **{k: _get(_DEFAULT_CONFIG, p) for k, p in CONFIG_PATHS.items() if k not in RESOLVED},
-    sample=full_batch, flops_per_grad=federated.default_flops_per_grad, submodel="dense",
-    fednest_neumann="code")
+# The defaults every algorithm starts from (each algorithm's Spec replaces its own).
+SHARED = Options()
 
 
 class Spec(NamedTuple):
   """What defines an algorithm: its defaults, its round and how its clients take part.
 
-  make_round(problem, config, layout, x_like, **keywords) -> federated.Round: the round
-  builder (rafbo.make_round, or fednest.make_fednest_round, which also takes `neumann`).
+  make_round(problem, x_like, **keywords) -> federated.Round: the round builder
+  (rafbo.make_round or fednest.make_fednest_round); it declares the options it reads as
+  keyword parameters and gets those (plus num_clients, only_full and optimizer).
   """
 
   defaults: Options
@@ -168,7 +141,7 @@ class Spec(NamedTuple):
   full_participation: bool = False  # clients_per_round defaults to num_clients
   full_model: bool = False  # every client runs the full model (levels ignored)
   only_full: bool = False  # only clients at level 1/1 take part
-  round_kind: str = "local"  # federated.FederatedConfig.round_kind
+  round_kind: str = "local"  # "local" (rafbo.make_round) or "fednest" (FedNest's round)
   # (options, the keywords given) -> options: the algorithm's own rules over them (fednest:
   # one step size); raises ConfigError.
   resolve: Callable[[Options, Mapping[str, Any]], Options] | None = None
@@ -190,7 +163,7 @@ class Algorithm:
     problem: the BilevelProblem (inner and outer losses).
     num_clients: the population size M.
     options: every keyword, resolved (Options with no None left but optional ones): the
-      algorithm's configuration. `config` is the same, as the round builders' structured view.
+      algorithm's configuration.
     optimizer: the server optimiser; `init` initialises its state, `step` applies it.
   """
 
@@ -203,32 +176,28 @@ class Algorithm:
   _rounds: dict[Any, federated.Round] = dataclasses.field(default_factory=dict, repr=False)
 
   @property
-  def config(self) -> federated.FederatedConfig:
-    """The resolved federated.FederatedConfig: `options` placed at CONFIG_PATHS."""
-    return _config(self.spec, self.num_clients, self.options)
-
-  @property
   def layout(self) -> UnitLayout | None:
     """The model's UnitLayout (None for element masks)."""
     return self.options.layout
 
-  def make_round(self, x_like: PyTree) -> federated.Round:
-    """The federated.Round for parameters shaped like x_like (built once per shape, cached).
+  def make_round(self, x_like: PyTree, **extra: Any) -> federated.Round:
+    """The federated.Round for parameters shaped like x_like (built once per shape and cached;
+    `extra`: further keywords of the round builder, e.g. jit=False, not cached).
 
     Raises:
       ConfigError: make_round's checks that need x (e.g. static masks that leave outer
         coordinates uncovered forever).
     """
     key = tree.signature(x_like)  # the round is built once per signature
-    if key not in self._rounds:
-      o = self.options
-      own = dict(neumann=o.fednest_neumann) if self.spec.round_kind == "fednest" else {}
-      self._rounds[key] = self.spec.make_round(
-          self.problem, self.config, self.layout, x_like, sample=o.sample,
-          optimizer=self.optimizer, flops_per_grad=o.flops_per_grad, cost=o.cost,
-          available=o.available,
-          submodel=o.submodel, sampling=o.sampling, mesh=o.mesh, mask_fn=o.mask_fn,
-          diagnostics=bool(o.diagnostics), **own)
+    if extra or key not in self._rounds:
+      takes = inspect.signature(self.spec.make_round).parameters
+      given = dict(self.options._asdict(), num_clients=self.num_clients,
+                   only_full=self.spec.only_full, optimizer=self.optimizer, **extra)
+      rnd = self.spec.make_round(self.problem, x_like,
+                                 **{k: v for k, v in given.items() if k in takes})
+      if extra:
+        return rnd
+      self._rounds[key] = rnd
     return self._rounds[key]
 
   def init(self, x: PyTree, y: PyTree) -> federated.ServerState:
@@ -301,8 +270,8 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
   granularity = o.granularity
   if granularity is None:
     granularity = "element" if spec.full_model and o.layout is None else "unit"
-  # An unknown granularity is reported by validate_config below (as mask_granularity, the
-  # config field and the drivers' flag).
+  # An unknown granularity is reported by masks.validate_masks below (as mask_granularity, the
+  # drivers' flag).
   if granularity == "unit" and o.layout is None:
     raise ConfigError(
         "granularity='unit' needs the model's unit layout: pass layout= (a masks.UnitLayout, "
@@ -311,19 +280,34 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
   if clients_per_round is None:
     clients_per_round = num_clients if spec.full_participation else max(1, num_clients // 2)
   o = o._replace(clients_per_round=clients_per_round, levels=levels, granularity=granularity)
-  federated.validate_config(_config(spec, num_clients, o), o.layout)
+  # Every range and name check, with the value and the allowed range.
+  if not 1 <= o.clients_per_round <= num_clients:
+    raise ConfigError(f"clients_per_round={o.clients_per_round!r} is outside the allowed range "
+                      f"[1, num_clients={num_clients}].")
+  for name, low in (("local_steps", 1), ("inner_steps", 0)):
+    value = getattr(o, name)
+    if int(value) != value or value < low:
+      raise ConfigError(f"{name}={value!r} must be an integer >= {low}.")
+  for name in ("inner_lr", "outer_lr"):
+    if not getattr(o, name) > 0:
+      raise ConfigError(f"{name}={getattr(o, name)!r} is outside the allowed range (0, inf).")
+  check_choice("estimator", o.estimator, ESTIMATORS)
+  check_choice("inner_step", o.inner_step, INNER_STEP_RULES)
+  if not o.x_trust >= 0:
+    raise ConfigError(f"x_trust={o.x_trust!r} is outside the allowed range [0, inf) (0 = off).")
+  check_choice("x_trust_scope", o.x_trust_scope, client_lib.TRUST_SCOPES)
+  validate_options(o.estimator, EstimatorOptions(o.num_steps, o.v_lr, o.delta, o.radius,
+                                                    o.product, o.v_step))
+  masks_lib.validate_masks(o.layout, policy=o.mask_policy, granularity=o.granularity)
+  check_choice("aggregation", o.aggregation, server.AGGREGATORS)
+  check_choice("weighting", o.weighting, ("uniform", "examples"))
+  if not o.server_lr > 0:
+    raise ConfigError(f"server_lr={o.server_lr!r} is outside the allowed range (0, inf).")
+  if spec.only_full and not any(lv.rx == 1 and lv.ry == 1 for lv in o.levels):
+    raise ConfigError("only_full=True but no resource level is 1/1: no client could take part.")
   if o.server_optimizer is not None and not isinstance(o.server_optimizer,
                                                        optax.GradientTransformation):
     raise ConfigError(f"server_optimizer={o.server_optimizer!r} must be an optax "
                       "GradientTransformation (e.g. optax.adam(1e-2)).")
   optimizer = o.server_optimizer or optax.sgd(o.server_lr)
   return Algorithm(name, spec, problem, num_clients, o, optimizer)
-
-
-def _config(spec: Spec, num_clients: int, o: Options) -> federated.FederatedConfig:
-  """The FederatedConfig of resolved options `o` (CONFIG_PATHS) for `spec`."""
-  config = federated.FederatedConfig(num_clients=num_clients, clients_per_round=0,
-                                     only_full=spec.only_full, round_kind=spec.round_kind)
-  for k, path in CONFIG_PATHS.items():
-    config = _set(config, path, getattr(o, k))
-  return config

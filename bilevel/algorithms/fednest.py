@@ -137,10 +137,12 @@ class Counts(NamedTuple):
   messages: int  # one per client, direction and communication round
 
 
-def round_counts(cfg: federated.FederatedConfig, num_sampled: int) -> Counts:
-  """Analytic per-round counts (module docstring); num_sampled = C."""
-  c, epochs, tau = num_sampled, cfg.client.inner_steps, cfg.client.local_steps
-  n = neumann_products(cfg.client.estimator_options.num_steps)
+def round_counts(num_sampled: int, *, inner_steps: int, local_steps: int,
+                 num_steps: int) -> Counts:
+  """Analytic per-round counts (module docstring); num_sampled = C, inner_steps = local_ep,
+  local_steps = tau, num_steps = N + 1."""
+  c, epochs, tau = num_sampled, inner_steps, local_steps
+  n = neumann_products(num_steps)
   rounds = 2 + (1 + n) + 2
   return Counts(c * (1 + 2 * epochs), c * (3 + (n > 0) + 2 * tau), c * n, c, rounds,
                 2 * c * rounds)
@@ -166,21 +168,20 @@ def comm_floats(nx: int, ny: int, n: int) -> int:
   return (nx + ny + ny) + (ny + ny) + (nx + ny + ny) + n * 2 * ny + (ny + nx) + 2 * nx
 
 
-def validate(cfg: federated.FederatedConfig, *, submodel: str, mask_fn: Any, mesh: Any,
+def validate(*, levels: Any, weighting: str, estimator: str, product: str, v_lr: float,
+             outer_lr: float, submodel: str, mask_fn: Any, mesh: Any,
              neumann: str = "code") -> None:
   """FedNest runs the full model with uniform weights, exact Neumann products and one hlr."""
   problems = []
-  if any(lv.rx != 1 or lv.ry != 1 for lv in cfg.levels):
-    problems.append("pruning levels " + ",".join(f"{lv.rx:g}/{lv.ry:g}" for lv in cfg.levels)
+  if any(lv.rx != 1 or lv.ry != 1 for lv in levels):
+    problems.append("pruning levels " + ",".join(f"{lv.rx:g}/{lv.ry:g}" for lv in levels)
                     + " (needs the single level 1/1)")
-  v_lr, hlr = cfg.client.estimator_options.step_size, cfg.client.outer_lr
+  hlr = outer_lr
   for name, bad in (("submodel='compact'", submodel == "compact"),
                     ("a mask_fn", mask_fn is not None), ("a device mesh", mesh is not None),
-                    (f"weighting={cfg.weighting!r} (needs 'uniform')", cfg.weighting != "uniform"),
-                    (f"estimator={cfg.client.estimator!r} (needs 'neumann')",
-                     cfg.client.estimator != "neumann"),
-                    (f"product={cfg.client.estimator_options.product!r} (needs 'exact')",
-                     cfg.client.estimator_options.product != "exact"),
+                    (f"weighting={weighting!r} (needs 'uniform')", weighting != "uniform"),
+                    (f"estimator={estimator!r} (needs 'neumann')", estimator != "neumann"),
+                    (f"product={product!r} (needs 'exact')", product != "exact"),
                     (f"v_lr={v_lr!r} apart from outer_lr={hlr!r} (FedNest's one step hlr is the "
                      "Neumann step, the scale of v and the x step: give outer_lr only)",
                      v_lr != hlr),
@@ -357,7 +358,7 @@ def _grad_evals(counts: Counts) -> tuple[int, int]:
           counts.first_order_outer + per * (counts.hvp_products + counts.cross_products))
 
 
-def _client_prices(cfg: federated.FederatedConfig, model: costs.ModelCosts, kept_x: PyTree,
+def _client_prices(epochs: int, tau: int, n: int, model: costs.ModelCosts, kept_x: PyTree,
                    kept_y: PyTree, n_in: jax.Array, n_out: jax.Array,
                    epoch_rows: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(FLOPs of a FedInn client, of a FedIHGP + FedOut client) with the per-operation model, each
@@ -368,10 +369,8 @@ def _client_prices(cfg: federated.FederatedConfig, model: costs.ModelCosts, kept
   batches partition it). FedIHGP + FedOut: grad_y f, grad_x f and 2 tau grad_x f on the
   validation split, the two linearisations (hvp_point when N > 0, cross_point) on the train
   split, each priced as x's forward and a gradient in x and y; N exact H v and one J v
-  products on the train split."""
+  products on the train split (epochs = local_ep, tau, n = N products)."""
   prices = costs.op_prices(model, "exact", kept_x, kept_y)
-  epochs, tau = cfg.client.inner_steps, cfg.client.local_steps
-  n = neumann_products(cfg.client.estimator_options.num_steps)
   g_y = prices["forward_x"] + prices["grad_y"]
   g_xy = prices["forward_x"] + prices["grad_xy"]
   inner = n_in * g_y + 2 * epochs * epoch_rows * g_y
@@ -380,13 +379,13 @@ def _client_prices(cfg: federated.FederatedConfig, model: costs.ModelCosts, kept
   return inner, outer
 
 
-def client_flops(cfg: federated.FederatedConfig, layout: UnitLayout | None, state, data,
+def client_flops(epochs: int, tau: int, n: int, layout: UnitLayout | None, state, data,
                  s_in: jax.Array, s_out: jax.Array, flops_per_grad,
                  cost: costs.CostModel | None = None, sample: Sampler = full_batch
                  ) -> jax.Array:
-  """Analytic client FLOPs of one round: with `cost` the per-operation model (_client_prices:
-  whole-split passes at each client's split rows), else gradient evaluations x
-  flops_per_grad(held_x, held_y).
+  """Analytic client FLOPs of one round of local_ep = `epochs`, tau and N = n products: with
+  `cost` the per-operation model (_client_prices: whole-split passes at each client's split
+  rows), else gradient evaluations x flops_per_grad(held_x, held_y).
 
   Without owned units (data.available None, e.g. hyper-representation) every client holds all
   of x and y. With them (hyper-cleaning: a client owns the weight logits of its own samples)
@@ -407,7 +406,7 @@ def client_flops(cfg: federated.FederatedConfig, layout: UnitLayout | None, stat
             unit_kept_counts({g: units[g] for g in in_y}, layout.y, state.y))
 
   if cost is None:
-    evals = _grad_evals(round_counts(cfg, 1))
+    evals = _grad_evals(round_counts(1, inner_steps=epochs, local_steps=tau, num_steps=n + 1))
     if not owned:
       return (s_in.shape[0] * evals[0] + s_out.shape[0] * evals[1]) * flops_per_grad(
           *held(None))
@@ -421,7 +420,7 @@ def client_flops(cfg: federated.FederatedConfig, layout: UnitLayout | None, stat
       n_in = split_rows(data.inner, cid).astype(dtype)
       n_out = split_rows(data.outer, cid).astype(dtype)
       epoch_rows = n_in if sweep else cost.rows(kx)[0]
-      return _client_prices(cfg, cost.model, kx, ky, n_in, n_out, epoch_rows)[part]
+      return _client_prices(epochs, tau, n, cost.model, kx, ky, n_in, n_out, epoch_rows)[part]
 
   return (jnp.sum(jax.vmap(lambda cid: price(cid, 0))(s_in))
           + jnp.sum(jax.vmap(lambda cid: price(cid, 1))(s_out)))
@@ -469,41 +468,38 @@ def phase_samples(a: federated.RoundArgs, q: jax.Array, c: int) -> list[jax.Arra
           for k in (0, 1)]
 
 
-def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, layout: Any,
-                       x_like: PyTree, *, sample: Sampler = base.SHARED.sample,
-                       optimizer: optax.GradientTransformation | None = None,
-                       flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = (
-                           base.SHARED.flops_per_grad),
-                       cost: costs.CostModel | None = None,
+def make_fednest_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
+                       clients_per_round: int, levels: Any, layout: UnitLayout | None,
+                       local_steps: int, inner_steps: int, inner_lr: float, outer_lr: float,
+                       estimator: str, num_steps: int, v_lr: float, product: str,
+                       optimizer: optax.GradientTransformation, weighting: str, seed: int,
+                       sample: Sampler, flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
+                       cost: costs.CostModel | None, mask_fn: Any, submodel: str, mesh: Any,
+                       diagnostics: bool, fednest_neumann: str,
                        client_map: ClientMap = vmap_clients, jit: bool = True,
-                       available: Any = None, mask_fn: Any = None,
-                       submodel: str = base.SHARED.submodel,
-                       sampling: str | None = None,
-                       mesh: Any = None, oracle: Oracle | None = None,
-                       diagnostics: bool = False, neumann: str = base.SHARED.fednest_neumann,
-                       **unused: Any) -> federated.Round:
+                       oracle: Oracle | None = None) -> federated.Round:
   """FedNest's round `step(state, data) -> (state, metrics)` (module docstring), as a
-  federated.Round; rafbo.make_round's keywords (what FedNest cannot use is a ConfigError).
+  federated.Round, of resolved options (base.Options; what FedNest cannot use is a ConfigError).
 
-  sample: its batch_size is FedNest's local_bs for FedInn's epoch sweeps (a sampler without
-  one: whole-split steps; FedOut and the snapshot always use each client's whole split, as
-  FedNest's code); neumann: "code" (FedNest's code's v, the default) or "series" (NEUMANN_FORMS);
-  `available` is accepted and unused: FedNest averages over all sampled clients, and the
-  client FLOPs read the owned units from data.available as the local round's masks do
-  (`client_flops`); oracle replaces make_oracle(problem) (tests count calls through it);
-  diagnostics as in rafbo.make_round (the estimate is FedOut's averaged h at x); client_map
-  maps a phase's client function over its clients (ClientMap; default one vmap).
+  FedNest's names: local_ep = inner_steps, tau = local_steps, N = num_steps - 1 products,
+  hlr = outer_lr (= v_lr), lr = inner_lr. sample: its batch_size is FedNest's local_bs for
+  FedInn's epoch sweeps (a sampler without one: whole-split steps; FedOut and the snapshot
+  always use each client's whole split, as FedNest's code); fednest_neumann: "code"
+  (FedNest's code's v, the default) or "series" (NEUMANN_FORMS). Client-owned units are read
+  from data.available by the client FLOPs (`client_flops`), as the local round's masks do;
+  oracle replaces make_oracle(problem) (tests count calls through it); diagnostics as in
+  rafbo.make_round (the estimate is FedOut's averaged h at x); client_map maps a phase's
+  client function over its clients (ClientMap; default one vmap).
   """
-  del sampling, available, unused
-  federated.validate_config(cfg, layout)
-  validate(cfg, submodel=submodel, mask_fn=mask_fn, mesh=mesh, neumann=neumann)
-  optimizer = optimizer or optax.sgd(cfg.server_lr)
+  neumann = fednest_neumann
+  validate(levels=levels, weighting=weighting, estimator=estimator, product=product, v_lr=v_lr,
+           outer_lr=outer_lr, submodel=submodel, mask_fn=mask_fn, mesh=mesh, neumann=neumann)
   oracle = oracle or make_oracle(problem)
-  population = np.arange(cfg.num_clients)
-  c = min(cfg.clients_per_round, cfg.num_clients)
-  counts = round_counts(cfg, c)
-  epochs, tau = cfg.client.inner_steps, cfg.client.local_steps
-  n = neumann_products(cfg.client.estimator_options.num_steps)
+  population = np.arange(num_clients)
+  c = min(clients_per_round, num_clients)
+  epochs, tau = inner_steps, local_steps
+  counts = round_counts(c, inner_steps=epochs, local_steps=tau, num_steps=num_steps)
+  n = neumann_products(num_steps)
 
   def step(a: federated.RoundArgs, state: federated.ServerState,
            data: federated.FederatedData):
@@ -517,7 +513,8 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
     dx, h, g_val = fed_out(oracle, tau, state.x, y, v, data, s_out, client_map, hlr)
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
-    flops = client_flops(cfg, layout, state, data, s_in, s_out, flops_per_grad, cost, sample)
+    flops = client_flops(epochs, tau, n, layout, state, data, s_in, s_out, flops_per_grad, cost,
+                         sample)
     steps = fedinn_svrg_steps(epochs, data, s_in, sample)
     metrics = _metrics(n, state, counts, h, f_val, g_val, flops, steps, c)
     if diagnostics:  # full model: every coordinate held by the C sampled clients
@@ -528,9 +525,9 @@ def make_fednest_round(problem: BilevelProblem, cfg: federated.FederatedConfig, 
 
   # Seed streams and step sizes as jit arguments (RoundArgs): one program for every seed and
   # step size (sampling_lib.ROUND_STREAMS holds the streams FedNest reads).
-  ratios = np.ones((cfg.num_clients, 2))
-  args = sampling_lib.round_args(cfg.seed, federated.step_sizes(cfg.client), ratios, population,
-                                 (), jax.tree.leaves(x_like)[0].dtype)
+  ratios = np.ones((num_clients, 2))
+  args = sampling_lib.round_args(seed, dict(outer_lr=outer_lr, inner_lr=inner_lr, v_lr=v_lr),
+                                 ratios, population, (), jax.tree.leaves(x_like)[0].dtype)
   apply = jax.jit(step) if jit else step
   return federated.Round(functools.partial(apply, args), population, ratios, c, (),
                          functools.partial(phase_samples, args, c=c), hyper=args, apply=apply)

@@ -34,26 +34,31 @@ from bilevel import server, tree
 from bilevel.algorithms.base import SHARED, Algorithm, Spec, build
 from bilevel.client import Sampler, client_update, population_sampler
 from bilevel.errors import ConfigError, check_choice
-from bilevel.federated import DIAGNOSTICS, SAMPLINGS, SUBMODELS, FederatedConfig, FederatedData
+from bilevel.federated import DIAGNOSTICS, SAMPLINGS, SUBMODELS, FederatedData
 from bilevel.federated import MaskFn, Round, RoundArgs, ServerState
-from bilevel.federated import step_sizes, validate_config, with_steps
-from bilevel.masks import UnitLayout
+from bilevel.hypergrad import EstimatorOptions
+from bilevel.masks import Level, UnitLayout
 from bilevel.problems import BilevelProblem
 from bilevel.sharding import client_sharding
 
 PyTree = Any
 
 
-def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout | None,
-               x_like: PyTree, *, sample: Sampler = SHARED.sample,
-               optimizer: optax.GradientTransformation | None = None,
-               flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = SHARED.flops_per_grad,
-               cost: costs.CostModel | None = None, jit: bool = True,
-               available: Mapping[str, np.ndarray] | None = None,
-               mask_fn: MaskFn | None = None, submodel: str = SHARED.submodel,
-               sampling: str | None = None, mesh: jax.sharding.Mesh | None = None,
-               mesh_axis: str = "clients", diagnostics: bool = False) -> Round:
-  """The local round `step(state, data) -> (state, metrics)` (validated up front; ConfigError).
+def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
+               clients_per_round: int, levels: tuple[Level, ...], redraw_levels: bool,
+               only_full: bool, layout: UnitLayout | None, granularity: str, mask_policy: str,
+               allow_uncovered: bool, local_steps: int, inner_steps: int, inner_lr: float,
+               inner_step: str, outer_lr: float, x_trust: float, x_trust_scope: str,
+               estimator: str, num_steps: int, v_lr: float, delta: float, radius: float | None,
+               v_step: str, product: str, optimizer: optax.GradientTransformation,
+               aggregation: str, weighting: str, seed: int, sample: Sampler,
+               flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
+               cost: costs.CostModel | None, available: Mapping[str, np.ndarray] | None,
+               mask_fn: MaskFn | None, submodel: str, sampling: str | None,
+               mesh: jax.sharding.Mesh | None, diagnostics: bool, jit: bool = True,
+               mesh_axis: str = "clients") -> Round:
+  """The local round `step(state, data) -> (state, metrics)` of resolved options (base.Options
+  documents each; Algorithm.make_round passes them); checks its own combinations (ConfigError).
 
   diagnostics: metrics[DIAGNOSTICS] = {"estimate": the round's aggregated hypergradient
   estimate (like x, at the state the round started from), "count_x" / "count_y": clients
@@ -72,50 +77,65 @@ def make_round(problem: BilevelProblem, cfg: FederatedConfig, layout: UnitLayout
   cost: the per-operation FLOP model (costs.CostModel) client FLOPs are priced with; without
   it a client's round counts grad_evals_per_round gradients at flops_per_grad each.
   """
-  sampling = check_round(cfg, layout, submodel=submodel, sampling=sampling, mask_fn=mask_fn,
+  sampling = check_round(redraw_levels=redraw_levels, granularity=granularity,
+                         submodel=submodel, sampling=sampling, mask_fn=mask_fn,
                          available=available)
-  optimizer = optimizer or optax.sgd(cfg.server_lr)
-  ratios, population = sampling_lib.client_levels(cfg)
-  check_coverable(cfg, layout, x_like, ratios, population, available)
-  num_sampled = min(cfg.clients_per_round, len(population))
+  ratios, population = sampling_lib.client_levels(levels, num_clients, seed, only_full=only_full,
+                                                  redraw_levels=redraw_levels)
+  coverable = ratios[population] if not redraw_levels else np.array(
+      [[lv.rx, lv.ry] for lv in levels])  # redrawn: the levels the population can hold
+  owned = None if available is None or redraw_levels else {
+      g: np.asarray(a)[population] for g, a in available.items()}
+  masks_lib.check_coverable(layout, x_like, coverable, owned, policy=mask_policy,
+                            granularity=granularity, allow_uncovered=allow_uncovered)
+  num_sampled = min(clients_per_round, len(population))
   strata = () if sampling == "uniform" else sampling_lib.make_strata(
-      ratios, population, num_sampled, layout if cfg.mask.granularity == "unit" else None)
-  args = sampling_lib.round_args(cfg.seed, step_sizes(cfg.client), ratios, population, strata,
-                                 jax.tree.leaves(x_like)[0].dtype)
+      ratios, population, num_sampled, layout if granularity == "unit" else None)
+  args = sampling_lib.round_args(seed, dict(outer_lr=outer_lr, inner_lr=inner_lr, v_lr=v_lr),
+                                 ratios, population, strata, jax.tree.leaves(x_like)[0].dtype)
   sample_fn = sampling_lib.make_sample_fn(sampling, num_sampled, strata)
-  context = sampling_lib.make_context_fn(cfg.levels, cfg.redraw_levels, cfg.only_full)
-  finish = costs.result_fn(cfg.client, cfg.weighting, flops_per_grad, cost,
-                           first_step_apart=submodel == "dense")
-  aggregate = server.AGGREGATORS[cfg.aggregation]
+  context = sampling_lib.make_context_fn(levels, redraw_levels, only_full)
+  opts = EstimatorOptions(num_steps, v_lr, delta, radius, product, v_step)
+  work = dict(local_steps=local_steps, inner_steps=inner_steps, inner_step=inner_step,
+              estimator=estimator)
+  finish = costs.result_fn(weighting=weighting, flops_per_grad=flops_per_grad, cost=cost,
+                           first_step_apart=submodel == "dense", estimator_options=opts, **work)
+  aggregate = server.AGGREGATORS[aggregation]
   shard = client_sharding(mesh, mesh_axis)
+
+  def update(a: RoundArgs, problem: BilevelProblem, *arrays: Any, **kw: Any):
+    """client_update with this round's options and the step sizes of `a` (traced)."""
+    steps = a.steps
+    return client_update(problem, *arrays, **work, inner_lr=steps["inner_lr"],
+                         outer_lr=steps["outer_lr"], x_trust=x_trust, x_trust_scope=x_trust_scope,
+                         estimator_options=opts._replace(step_size=steps["v_lr"]), **kw)
 
   def dense_client(a: RoundArgs, state: ServerState, data: FederatedData, cid: jax.Array,
                    slot: jax.Array, q: jax.Array) -> server.ClientResult:
     """One client on masked full-size arrays (slot: its position 0..C-1 in the round)."""
     c = context(a, data, cid, q)
     if mask_fn is None:
-      mask_x, mask_y = masks_lib.make_masks(cfg.mask, layout, state.x, state.y, c.rx, c.ry,
-                                            c.mask_key, q, c.available)
+      mask_x, mask_y = masks_lib.make_masks(layout, state.x, state.y, c.rx, c.ry, c.mask_key, q,
+                                            c.available, policy=mask_policy,
+                                            granularity=granularity)
     else:
       mask_x, mask_y = mask_fn(state, cid, slot, q, c.rx, c.ry, c.mask_key)
     mask_x, mask_y = tree.scale(c.active, mask_x), tree.scale(c.active, mask_y)
-    out = client_update(problem, with_steps(cfg.client, a.steps), state.x, state.y, state.v,
-                        data.inner, data.outer, mask_x, mask_y, c.batch_key,
-                        population_sampler(sample, cid))
+    out = update(a, problem, state.x, state.y, state.v, data.inner, data.outer, mask_x, mask_y,
+                 c.batch_key, sample=population_sampler(sample, cid))
     return finish(data, cid, out, mask_x, mask_y, c.active)
 
   client_fns = ((dense_client,) if submodel == "dense" else
-                compact.compact_client_fns(problem, cfg.client, cfg.mask.policy, layout, strata,
-                                           context, finish, sample))
+                compact.compact_client_fns(problem, mask_policy, layout, strata, context, finish,
+                                           sample, update))
 
   def server_fn(a: RoundArgs, state: ServerState, results):
     state, metrics, diag = server.server_update(
         state, results, layout, aggregate=aggregate, optimizer=optimizer,
-        outer_lr=a.steps["outer_lr"], local_steps=cfg.client.local_steps)
+        outer_lr=a.steps["outer_lr"], local_steps=local_steps)
     if diagnostics:
       metrics[DIAGNOSTICS] = diag
     return state, metrics
-
   def step(a: RoundArgs, state: ServerState, data: FederatedData):
     q = state.round
     id_groups = sample_fn(a, q)  # 1. the round's clients (one group per stratum)
@@ -159,26 +179,21 @@ def rafbo(*, problem: BilevelProblem, num_clients: int, **options: Any) -> Algor
 # ------------------------------------------------------------------ validation
 
 
-def check_round(cfg: FederatedConfig, layout: UnitLayout | None, *, submodel: str,
-                sampling: str | None, mask_fn: MaskFn | None,
-                available: Mapping[str, np.ndarray] | None) -> str:
-  """make_round's configuration checks (ConfigError); returns the resolved sampling."""
-  validate_config(cfg, layout)
-  if cfg.round_kind != "local":
-    raise ConfigError(f"round_kind={cfg.round_kind!r} is not the local round: FedNest's "
-                      "communicating round is built by fednest.make_fednest_round "
-                      "(bilevel.algorithms.get('fednest', ...) does so).")
+def check_round(*, redraw_levels: bool, granularity: str, submodel: str, sampling: str | None,
+                mask_fn: MaskFn | None, available: Mapping[str, np.ndarray] | None) -> str:
+  """make_round's checks of its option combinations (ConfigError); returns the resolved
+  sampling."""
   check_choice("submodel", submodel, SUBMODELS)
   sampling = sampling or ("stratified" if submodel == "compact" else "uniform")
   check_choice("sampling", sampling, SAMPLINGS)
-  if sampling == "stratified" and cfg.redraw_levels:
+  if sampling == "stratified" and redraw_levels:
     raise ConfigError("sampling='stratified' (and submodel='compact') needs fixed client levels; "
                       "redraw_levels=True draws a level per round: use submodel='dense' with "
                       "sampling='uniform'.")
   if submodel == "compact":
     problems = []
-    if cfg.mask.granularity != "unit":
-      problems.append(f"mask_granularity={cfg.mask.granularity!r} (needs 'unit')")
+    if granularity != "unit":
+      problems.append(f"mask_granularity={granularity!r} (needs 'unit')")
     if sampling != "stratified":
       problems.append(f"sampling={sampling!r} (needs 'stratified': static group sizes)")
     if mask_fn is not None:
@@ -189,18 +204,3 @@ def check_round(cfg: FederatedConfig, layout: UnitLayout | None, *, submodel: st
       raise ConfigError("submodel='compact' cannot run with " + "; ".join(problems) +
                         "; use submodel='dense'.")
   return sampling
-
-
-def check_coverable(cfg: FederatedConfig, layout: UnitLayout | None, x_like: PyTree,
-                    ratios: np.ndarray, population: np.ndarray,
-                    available: Mapping[str, np.ndarray] | None) -> None:
-  """masks.check_coverable for the levels the population can hold (the profile when redrawn)."""
-  if cfg.redraw_levels:
-    profile_ratios = np.array([[lv.rx, lv.ry] for lv in cfg.levels])
-    masks_lib.check_coverable(cfg.mask, layout, x_like, profile_ratios, None,
-                              allow_uncovered=cfg.allow_uncovered)
-  else:
-    masks_lib.check_coverable(
-        cfg.mask, layout, x_like, ratios[population],
-        None if available is None else {g: np.asarray(a)[population] for g, a in available.items()},
-        allow_uncovered=cfg.allow_uncovered)

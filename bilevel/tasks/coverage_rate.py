@@ -59,13 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import theory
-from bilevel.algorithms.rafbo import make_round
-from bilevel.client import ClientConfig
+from bilevel import algorithms, theory
 from bilevel.errors import ConfigError
-from bilevel.federated import FederatedConfig, FederatedData, init_state
-from bilevel.hypergrad import EstimatorOptions
-from bilevel.masks import Level, MaskConfig
+from bilevel.federated import FederatedData, init_state
 
 PARTS = ("rate", "step_rules", "uneven", "bias")
 SLOTS = 8  # clients per round P for both algorithms: the largest possible coverage
@@ -232,20 +228,16 @@ class Runner(NamedTuple):
 def make_runner(spec: ProblemSpec, algorithm: str, mask_fn: Any, cfg: SweepConfig, x0: jax.Array,
                 chunk: int, delta: float = FD_DELTA) -> Runner:
   num_clients, local_steps = ALGORITHM_SETUPS[algorithm]
-  fed_cfg = FederatedConfig(
-      num_clients=num_clients, clients_per_round=SLOTS,
-      client=ClientConfig(local_steps=local_steps, inner_steps=1, inner_lr=INNER_LR,
-                          outer_lr=cfg.alpha0 / local_steps, estimator="fd",
-                          estimator_options=EstimatorOptions(num_steps=1, step_size=V_STEP,
-                                                             delta=delta, v_step=cfg.v_step),
-                          inner_step=cfg.inner_step),
-      mask=MaskConfig(policy="random", granularity="element"),
-      levels=(Level(1.0, 1.0, 1.0),), seed=cfg.seed)
-  # The lower-level API (rafbo.make_round), not bilevel.algorithms.get: the sweep traces the
-  # unjitted round (jit=False) inside the scan of `advance` below with its own RoundArgs (keep
-  # ratios = C/8 and step sizes per run) and controlled-coverage masks (mask_fn).
-  rnd = make_round(spec.problem, fed_cfg, None, x0, sample=theory.sample, jit=False,
-                   mask_fn=mask_fn)
+  alg = algorithms.get(
+      "rafbo", problem=spec.problem, num_clients=num_clients, clients_per_round=SLOTS,
+      local_steps=local_steps, inner_steps=1, inner_lr=INNER_LR,
+      outer_lr=cfg.alpha0 / local_steps, estimator="fd", num_steps=1, v_lr=V_STEP, delta=delta,
+      v_step=cfg.v_step, inner_step=cfg.inner_step, granularity="element", seed=cfg.seed,
+      sample=theory.sample, mask_fn=mask_fn)
+  # The unjitted round (jit=False): the sweep traces it inside the scan of `advance` below with
+  # its own RoundArgs (keep ratios = C/8 and step sizes per run) and controlled-coverage masks
+  # (mask_fn).
+  rnd = alg.make_round(x0, jit=False)
   step_fn, args = rnd.apply, rnd.hyper
 
   @jax.jit

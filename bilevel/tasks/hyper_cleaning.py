@@ -266,15 +266,15 @@ def setting(classifier: str, activation: str, batch_size: int, reg: float) -> Se
                  cleaning_problem(logits_fn, reg, sample if batch_size else None))
 
 
-def round_keywords(cd: CleaningData, lay: UnitLayout, classifier: str, batch_size: int,
-                   mask_cfg: masks_lib.MaskConfig) -> dict[str, Any]:
+def round_keywords(cd: CleaningData, lay: UnitLayout, classifier: str, batch_size: int, *,
+                   mask_policy: str, granularity: str) -> dict[str, Any]:
   """The bilevel.algorithms keywords this task's round needs besides the setting's: the
   samples each client owns (available), the owned rolling window for rolling masks (mask_fn),
   the FLOP model (cost) and dense clients (the compact path does not take owned units)."""
   mask_fn = None
-  if mask_cfg.policy == "rolling":
-    mask_fn = owned_rolling_mask_fn(mask_cfg, lay, cd.offsets, cd.counts,
-                                    cd.fed.available["samples"])
+  if mask_policy == "rolling":
+    mask_fn = owned_rolling_mask_fn(lay, cd.offsets, cd.counts, cd.fed.available["samples"],
+                                    granularity=granularity)
   val_rows = jax.tree.leaves(cd.fed.outer)[0].shape[1]  # a client's (padded) validation split
   return dict(available={"samples": np.asarray(cd.fed.available["samples"])}, mask_fn=mask_fn,
               cost=cost_model(classifier, batch_size, val_rows), submodel="dense")
@@ -319,8 +319,8 @@ def weight_metrics(logits: np.ndarray, clean: np.ndarray, init_logit: float = 0.
 # ------------------------------------------------------------------ masks
 
 
-def owned_rolling_mask_fn(mask_cfg: masks_lib.MaskConfig, lay: UnitLayout, offsets: np.ndarray,
-                          counts: np.ndarray, available: jax.Array) -> federated.MaskFn:
+def owned_rolling_mask_fn(lay: UnitLayout, offsets: np.ndarray, counts: np.ndarray,
+                          available: jax.Array, *, granularity: str = "unit") -> federated.MaskFn:
   """FedRolex on owned samples: the window rolls over the client's own samples.
 
   masks._ranks rolls by (index - round) mod N over the global index; a client owning the block
@@ -332,9 +332,9 @@ def owned_rolling_mask_fn(mask_cfg: masks_lib.MaskConfig, lay: UnitLayout, offse
   def mask_fn(state, cid, slot, q, rx, ry, key):
     del slot
     avail = {"samples": available[cid]}
-    _, mask_y = masks_lib.make_masks(mask_cfg, lay, state.x, state.y, rx, ry, key, q, avail)
-    q_own = offsets_j[cid] + q % counts_j[cid]
-    mask_x, _ = masks_lib.make_masks(mask_cfg, lay, state.x, state.y, rx, ry, key, q_own, avail)
+    masks = lambda r: masks_lib.make_masks(lay, state.x, state.y, rx, ry, key, r, avail,
+                                           policy="rolling", granularity=granularity)
+    mask_x, mask_y = masks(offsets_j[cid] + q % counts_j[cid])[0], masks(q)[1]
     return mask_x, mask_y
 
   return mask_fn
