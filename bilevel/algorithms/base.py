@@ -284,13 +284,13 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
   if not 1 <= o.clients_per_round <= num_clients:
     raise ConfigError(f"clients_per_round={o.clients_per_round!r} is outside the allowed range "
                       f"[1, num_clients={num_clients}].")
-  for name, low in (("local_steps", 1), ("inner_steps", 0)):
-    value = getattr(o, name)
+  for field, low in (("local_steps", 1), ("inner_steps", 0)):
+    value = getattr(o, field)
     if int(value) != value or value < low:
-      raise ConfigError(f"{name}={value!r} must be an integer >= {low}.")
-  for name in ("inner_lr", "outer_lr"):
-    if not getattr(o, name) > 0:
-      raise ConfigError(f"{name}={getattr(o, name)!r} is outside the allowed range (0, inf).")
+      raise ConfigError(f"{field}={value!r} must be an integer >= {low}.")
+  for field in ("inner_lr", "outer_lr"):
+    if not getattr(o, field) > 0:
+      raise ConfigError(f"{field}={getattr(o, field)!r} is outside the allowed range (0, inf).")
   check_choice("estimator", o.estimator, ESTIMATORS)
   check_choice("inner_step", o.inner_step, INNER_STEP_RULES)
   if not o.x_trust >= 0:
