@@ -63,8 +63,8 @@ import jax.numpy as jnp
 
 from bilevel import masks as masks_lib
 from bilevel import server
-from bilevel.client import grad_evals_per_round
-from bilevel.hypergrad import EstimatorOptions, estimator_product_kind, estimator_products
+from bilevel.hypergrad import (PRODUCT_GRAD_EVALS, EstimatorOptions, estimator_product_kind,
+                               estimator_products)
 
 PyTree = Any
 Number = Any  # a float or a traced scalar (kept counts are traced in a round)
@@ -88,6 +88,16 @@ def round_ops(*, local_steps: int, inner_steps: int, inner_step: str, estimator:
           ("hv", INNER, k * hv + cauchy_inner),
           ("jv", INNER, k * jv),
           ("grad_xy", OUTER, k))
+
+
+def grad_evals_per_round(**work: Any) -> float:
+  """round_ops (work: its keywords) in gradient evaluations: a gradient (grad_y, grad_xy) one,
+  a product (hv, jv) PRODUCT_GRAD_EVALS, a forward none. What flops_per_grad prices; with
+  local_steps=1, inner_steps=0 the cost of one estimate."""
+  product = PRODUCT_GRAD_EVALS[estimator_product_kind(work["estimator"],
+                                                      work["estimator_options"])]
+  per = dict(grad_y=1.0, grad_xy=1.0, hv=product, jv=product)
+  return sum(count * per.get(op, 0.0) for op, _, count in round_ops(**work))
 
 
 class ModelCosts(NamedTuple):

@@ -70,7 +70,7 @@ class Options(NamedTuple):
     sample: client batch sampler (client.Sampler); default client.full_batch.
     flops_per_grad: analytic FLOPs per gradient, (kept_x, kept_y) -> FLOPs; default
       federated.default_flops_per_grad. Used when no `cost` is given: a client's round then
-      counts grad_evals_per_round gradients of that price.
+      counts costs.grad_evals_per_round gradients of that price.
     cost: costs.CostModel, the per-operation FLOP model (op prices of the model and the batch
       rows) a client's round is priced with instead (the drivers give it for their models).
     submodel: "dense" (default) or "compact" (rafbo.make_round).

@@ -75,7 +75,7 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
   data and state with `sharding.replicate(tree, mesh)` first, or every call copies them.
   jit: False returns the traced-per-call step (for callers that jit a larger program).
   cost: the per-operation FLOP model (costs.CostModel) client FLOPs are priced with; without
-  it a client's round counts grad_evals_per_round gradients at flops_per_grad each.
+  it a client's round counts costs.grad_evals_per_round gradients at flops_per_grad each.
   """
   sampling = check_round(redraw_levels=redraw_levels, granularity=granularity,
                          submodel=submodel, sampling=sampling, mask_fn=mask_fn,
