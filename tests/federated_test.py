@@ -130,10 +130,10 @@ class RoundTest(parameterized.TestCase):
 
   def test_round_is_traced_once(self):
     chex.clear_trace_counter()
-    # flops_per_grad runs once in a trace of the round (one vmapped client function): a second
+    # The gradient price runs once in a trace of the round (one vmapped client function): a second
     # trace raises.
-    flops = chex.assert_max_traces(federated.default_flops_per_grad, n=1)
-    cfg = dict(clients_per_round=3, **_client(), levels=LEVELS, flops_per_grad=flops)
+    flops = chex.assert_max_traces(costs.default_flops_per_grad, n=1)
+    cfg = dict(clients_per_round=3, **_client(), levels=LEVELS, cost=costs.PerGradient(flops))
     _, records, _ = _run(cfg, 6)
     self.assertLen(records, 6)
     # ... and it was traced: one more traced call is its second.
