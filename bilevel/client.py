@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel import tree
-from bilevel.hypergrad import (ESTIMATORS, PRODUCT_GRAD_EVALS, EstimatorOptions,
-                               estimator_grad_evals, estimator_product_kind)
+from bilevel.hypergrad import ESTIMATORS, EstimatorOptions, estimator_product_kind
 from bilevel.inner import inner_solve
 from bilevel.problems import BilevelProblem
 
@@ -86,16 +85,6 @@ def trust_region(delta: PyTree, x0: PyTree, radius: float, scope: str = "layer")
   if scope == "model" or not isinstance(delta, dict):
     return clip(delta, x0)
   return {k: clip(delta[k], x0[k]) for k in delta}
-
-
-def grad_evals_per_round(*, local_steps: int, inner_steps: int, inner_step: str, estimator: str,
-                         estimator_options: EstimatorOptions) -> float:
-  """Analytic gradient evaluations of one client in one round (inner steps, each with one
-  product H g under the Cauchy inner step, + the estimator)."""
-  per_inner = 1.0 + (PRODUCT_GRAD_EVALS[estimator_product_kind(estimator, estimator_options)]
-                     if inner_step == "cauchy" else 0.0)
-  return local_steps * (inner_steps * per_inner +
-                        estimator_grad_evals(estimator, estimator_options))
 
 
 class ClientOutput(NamedTuple):

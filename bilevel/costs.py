@@ -63,8 +63,8 @@ import jax.numpy as jnp
 
 from bilevel import masks as masks_lib
 from bilevel import server
-from bilevel.client import grad_evals_per_round
-from bilevel.hypergrad import EstimatorOptions, estimator_product_kind, estimator_products
+from bilevel.hypergrad import (PRODUCT_GRAD_EVALS, EstimatorOptions, estimator_product_kind,
+                               estimator_products)
 
 PyTree = Any
 Number = Any  # a float or a traced scalar (kept counts are traced in a round)
@@ -88,6 +88,16 @@ def round_ops(*, local_steps: int, inner_steps: int, inner_step: str, estimator:
           ("hv", INNER, k * hv + cauchy_inner),
           ("jv", INNER, k * jv),
           ("grad_xy", OUTER, k))
+
+
+def grad_evals_per_round(**work: Any) -> float:
+  """round_ops (work: its keywords) in gradient evaluations: a gradient (grad_y, grad_xy) one,
+  a product (hv, jv) PRODUCT_GRAD_EVALS, a forward none. What PerGradient prices; with
+  local_steps=1, inner_steps=0 the cost of one estimate."""
+  product = PRODUCT_GRAD_EVALS[estimator_product_kind(work["estimator"],
+                                                      work["estimator_options"])]
+  per = dict(grad_y=1.0, grad_xy=1.0, hv=product, jv=product)
+  return sum(count * per.get(op, 0.0) for op, _, count in round_ops(**work))
 
 
 class ModelCosts(NamedTuple):
@@ -150,6 +160,21 @@ def client_flops(kept_x: PyTree, kept_y: PyTree, batch_sizes: tuple[Number, Numb
              for op, batch, count in round_ops(**work) if count)
 
 
+def default_flops_per_grad(kept_x: PyTree, kept_y: PyTree) -> jax.Array:
+  """6 FLOPs per kept parameter (forward + backward of a dense layer, per example)."""
+  return 6.0 * sum(jax.tree.leaves(kept_x) + jax.tree.leaves(kept_y))
+
+
+class PerGradient(NamedTuple):
+  """The FLOP model without op prices (a user's own problem; the algorithms' default `cost`):
+  grad_evals_per_round gradients at price(kept_x, kept_y) each (kept counts as client_flops')."""
+
+  price: Callable[[PyTree, PyTree], Number] = default_flops_per_grad
+
+  def client_flops(self, kept_x: PyTree, kept_y: PyTree, **work: Any) -> Number:
+    return grad_evals_per_round(**work) * self.price(kept_x, kept_y)
+
+
 class CostModel(NamedTuple):
   """What a round needs to price its clients' work: the model's op prices and the batch rows.
 
@@ -171,25 +196,18 @@ def full_counts(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda t: math.prod(t.shape), tree)
 
 
-def result_fn(*, weighting: str, flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
-              cost: CostModel | None, first_step_apart: bool, local_steps: int,
-              inner_steps: int, inner_step: str, estimator: str,
+def result_fn(*, weighting: str, cost: CostModel | PerGradient, first_step_apart: bool,
+              local_steps: int, inner_steps: int, inner_step: str, estimator: str,
               estimator_options: EstimatorOptions) -> Callable[..., server.ClientResult]:
   """`finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> ClientResult`
   for a client of the local round (bilevel/algorithms/rafbo.py) running that local update
   (local_steps, ..., estimator_options: client.client_update's): its weight
   (1, or its example count with weighting "examples") and analytic costs (FLOPs, parameters
-  sent). FLOPs: the per-operation
-  model `cost` if given (first_step_apart: how the client step runs, client.client_update),
-  else grad_evals_per_round gradients at flops_per_grad each."""
+  sent). FLOPs: `cost`'s client_flops (first_step_apart: how the client step runs,
+  client.client_update)."""
   work = dict(local_steps=local_steps, inner_steps=inner_steps, inner_step=inner_step,
               estimator=estimator, estimator_options=estimator_options)
-  evals = grad_evals_per_round(**work)
-  if cost is None:
-    flops_of = lambda kx, ky: evals * flops_per_grad(kx, ky)
-  else:
-    flops_of = lambda kx, ky: cost.client_flops(kx, ky, first_step_apart=first_step_apart,
-                                                **work)
+  flops_of = lambda kx, ky: cost.client_flops(kx, ky, first_step_apart=first_step_apart, **work)
   # Parameters a client receives and returns: x and y, plus v for estimators that read the warm
   # start (neumann starts its series from grad_y f: v never travels).
   y_copies = 1 if estimator == "neumann" else 2

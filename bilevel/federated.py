@@ -47,15 +47,6 @@ def init_state(x: PyTree, y: PyTree, optimizer: optax.GradientTransformation) ->
   return ServerState(x, y, tree.zeros_like(y), optimizer.init(x), jnp.zeros((), jnp.int32))
 
 
-def default_flops_per_grad(kept_x: PyTree, kept_y: PyTree) -> jax.Array:
-  """6 FLOPs per kept parameter (forward + backward of a dense layer, per example).
-
-  kept_x, kept_y: per leaf of x and y the number of kept entries (masks.kept_counts), the
-  argument every `flops_per_grad` takes.
-  """
-  return 6.0 * sum(jax.tree.leaves(kept_x) + jax.tree.leaves(kept_y))
-
-
 # (state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y): masks that replace the
 # policy's (rafbo.make_round's mask_fn).
 MaskFn = Callable[..., tuple[PyTree, PyTree]]

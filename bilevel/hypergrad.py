@@ -238,23 +238,6 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 
 
-def estimator_grad_evals(estimator: str, opts: EstimatorOptions) -> float:
-  """Analytic cost of one estimate in gradient evaluations of g (plus one of f)."""
-  product = {"fd": "fd", "exact": "exact"}.get(estimator, opts.product)
-  per = PRODUCT_GRAD_EVALS[product]
-  if estimator in ("fd", "exact"):
-    # num_steps H v products and the final J v; the Cauchy step adds H v at the warm start
-    # (and one more per step with a projection radius).
-    products = opts.num_steps + 1
-    if opts.v_step == "cauchy" and opts.num_steps > 0:
-      products += 1 + (opts.num_steps if opts.radius is not None else 0)
-  elif estimator == "neumann":
-    products = max(opts.num_steps - 1, 0) + 1
-  else:  # cg: H v0 for the first residual, one H p per iteration, the final J v
-    products = opts.num_steps + 2
-  return 1.0 + per * products
-
-
 def estimator_product_kind(estimator: str, opts: EstimatorOptions) -> str:
   """The product ("fd" or "exact") an estimator evaluates: fd / exact their own, else opts'."""
   return {"fd": "fd", "exact": "exact"}.get(estimator, opts.product)
@@ -267,7 +250,8 @@ def estimator_products(estimator: str, opts: EstimatorOptions) -> tuple[int, int
               start and H r per step, plus H v again after every projection with a radius)
   neumann   : num_steps - 1 (the series' terms after the first)
   cg        : num_steps + 1 (H v0 for the first residual and one H p per iteration)
-  and one J v each: cg evaluates num_steps + 2 products. Same counts as estimator_grad_evals.
+  and one J v each: cg evaluates num_steps + 2 products. The one product counter: costs.round_ops
+  and costs.grad_evals_per_round count from it.
   """
   n = int(opts.num_steps)
   if estimator in ("fd", "exact"):

@@ -304,7 +304,7 @@ def estimator_figures(reps: int) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from bilevel import hypergrad, models
+  from bilevel import costs, hypergrad, models
   from bilevel.hypergrad import EstimatorOptions
   rng = np.random.default_rng(1)
   rows = EST_ROWS.value
@@ -324,7 +324,9 @@ def estimator_figures(reps: int) -> dict[str, Any]:
   times = median_times(runs, reps)
   t_grad = times["grad"]
   out = {est: dict(measured_grad_evals=times[est] / t_grad,
-                   analytic_grad_evals=hypergrad.estimator_grad_evals(est, opts))
+                   analytic_grad_evals=costs.grad_evals_per_round(
+                       local_steps=1, inner_steps=0, inner_step="fixed", estimator=est,
+                       estimator_options=opts))
          for est in hypergrad.ESTIMATORS}
   return dict(estimator_cost_grad_evals={k: v["measured_grad_evals"] for k, v in out.items()},
               estimator_costs=dict(rows=rows, num_steps=EST_STEPS.value, grad_time_s=t_grad,

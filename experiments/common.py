@@ -421,7 +421,7 @@ def algorithm_options() -> dict[str, Any]:
 
 def make_algorithm(problem: Any, layout: Any, **task: Any) -> algorithms.Algorithm:
   """--algorithm built by bilevel.algorithms.get for --num_clients clients: algorithm_options()
-  and the task's keywords (`task`: sample, flops_per_grad, submodel, mesh, available, mask_fn,
+  and the task's keywords (`task`: sample, cost, submodel, mesh, available, mask_fn,
   diagnostics, or an option the task resolves itself, which wins). Raises ConfigError."""
   options = dict(algorithm_options(), **task)
   return algorithms.get(ALGORITHM.value, problem=problem, num_clients=NUM_CLIENTS.value,

@@ -11,7 +11,7 @@ from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
 import bilevel
-from bilevel import algorithms, federated, loop, models
+from bilevel import algorithms, costs, federated, loop, models
 from bilevel.algorithms import fednest
 from bilevel.errors import ConfigError
 from bilevel.masks import Level
@@ -74,10 +74,10 @@ def _problem():
 
 
 def _traced_once_flops():
-  """flops_per_grad that raises on its second traced call: every algorithm's round calls it once
+  """A gradient price (costs.PerGradient) that raises on its second traced call: every algorithm's round calls it once
   per trace (one client function; FedNest's metrics), so a retraced round raises."""
   chex.clear_trace_counter()
-  return chex.assert_max_traces(federated.default_flops_per_grad, n=1)
+  return chex.assert_max_traces(costs.default_flops_per_grad, n=1)
 
 
 def _assert_traced(test, flops):
@@ -90,9 +90,10 @@ class UserExampleTest(parameterized.TestCase):
 
   @parameterized.named_parameters((n, n) for n in algorithms.names())
   def test_runs_as_written(self, name):
-    # As written, with the algorithm's name and a flops_per_grad that checks "jitted once".
+    # As written, with the algorithm's name and a FLOP model that checks "jitted once".
     scope = {"flops": _traced_once_flops()}
-    example = USER_EXAMPLE.replace('"rafbo",', f"{name!r}, flops_per_grad=flops,")
+    scope["cost"] = costs.PerGradient(scope["flops"])
+    example = USER_EXAMPLE.replace('"rafbo",', f"{name!r}, cost=cost,")
     exec(example, scope)  # pylint: disable=exec-used
     alg, state, metrics = scope["alg"], scope["state"], scope["metrics"]
     self.assertEqual(alg.name, name)
@@ -131,7 +132,7 @@ class KeywordsTest(parameterized.TestCase):
     alg = bilevel.algorithms.get(
         name, problem=problem, num_clients=6, levels=(Level(1, 1, 0.5), Level(0.5, 0.5, 0.5)),
         granularity="element", seed=3, local_steps=2, estimator=estimator, v_lr=0.05,
-        server_optimizer=server_optimizer, flops_per_grad=flops, **hlr)
+        server_optimizer=server_optimizer, cost=costs.PerGradient(flops), **hlr)
     o = alg.options
     self.assertEqual((o.local_steps, o.estimator, o.v_lr, o.seed), (2, estimator, 0.05, 3))
     self.assertIs(alg.optimizer, server_optimizer)
@@ -149,7 +150,7 @@ class KeywordsTest(parameterized.TestCase):
     problem, data, x0, y0 = _regression()
     flops = _traced_once_flops()
     alg = algorithms.rafbo.rafbo(problem=problem, num_clients=6, granularity="element",
-                                 flops_per_grad=flops)
+                                 cost=costs.PerGradient(flops))
     state, _ = alg.step(alg.init(x0, y0), data)
     _assert_traced(self, flops)  # the first step traced; any retrace from now on raises
     for _ in range(5):

@@ -14,7 +14,7 @@ import pytest
 import optax
 from absl.testing import absltest, parameterized
 
-from bilevel import algorithms, federated, hypergrad, models, sampling
+from bilevel import algorithms, costs, federated, hypergrad, models, sampling
 from bilevel import masks as masks_lib
 from bilevel.errors import ConfigError
 
@@ -175,14 +175,14 @@ class CompactTest(parameterized.TestCase):
   @pytest.mark.slow
   def test_round_is_traced_once(self):
     chex.clear_trace_counter()
-    # flops_per_grad runs once per level group (one client function each) in a trace of the
+    # The gradient price runs once per level group (one client function each) in a trace of the
     # round: the first round's trace makes `groups` traced calls, a second trace would add more.
     groups = len(_cfg()["levels"])
-    flops = chex.assert_max_traces(federated.default_flops_per_grad, n=groups)
+    flops = chex.assert_max_traces(costs.default_flops_per_grad, n=groups)
     data, x0, y0 = _setup(np.float32)
     rnd = _make(models.hyper_representation_problem(), _cfg(),
                             models.mlp_layout(H), x0, submodel="compact",
-                            flops_per_grad=flops)
+                            cost=costs.PerGradient(flops))
     self.assertLen(rnd.strata, groups)
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     state, _ = rnd.step(state, data)

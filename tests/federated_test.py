@@ -10,9 +10,8 @@ import optax
 import pytest
 from absl.testing import absltest, parameterized
 
-from bilevel import algorithms, federated, hypergrad, inner, loop, problems, server, tree
+from bilevel import algorithms, costs, federated, hypergrad, inner, loop, problems, server, tree
 from bilevel import masks as masks_lib
-from bilevel.client import grad_evals_per_round
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
 
@@ -31,8 +30,8 @@ def _client(local_steps=3, estimator="fd"):
 
 
 def _evals(local_steps=3, estimator="fd"):
-  return grad_evals_per_round(local_steps=local_steps, inner_steps=2, inner_step="cauchy",
-                              estimator=estimator, estimator_options=OPTS)
+  return costs.grad_evals_per_round(local_steps=local_steps, inner_steps=2, inner_step="cauchy",
+                                    estimator=estimator, estimator_options=OPTS)
 
 
 def _round(cfg, x0, dim=D, name="rafbo", num_clients=M):
@@ -131,10 +130,10 @@ class RoundTest(parameterized.TestCase):
 
   def test_round_is_traced_once(self):
     chex.clear_trace_counter()
-    # flops_per_grad runs once in a trace of the round (one vmapped client function): a second
+    # The gradient price runs once in a trace of the round (one vmapped client function): a second
     # trace raises.
-    flops = chex.assert_max_traces(federated.default_flops_per_grad, n=1)
-    cfg = dict(clients_per_round=3, **_client(), levels=LEVELS, flops_per_grad=flops)
+    flops = chex.assert_max_traces(costs.default_flops_per_grad, n=1)
+    cfg = dict(clients_per_round=3, **_client(), levels=LEVELS, cost=costs.PerGradient(flops))
     _, records, _ = _run(cfg, 6)
     self.assertLen(records, 6)
     # ... and it was traced: one more traced call is its second.

@@ -282,9 +282,9 @@ class HyperCleaningFlopsTest(absltest.TestCase):
     x0, y0 = hyper_cleaning.init_params(jax.random.key(0), "linear", n, d, 1, classes)
     cfg = _config(3, per_round, inner_steps=2, num_steps=3, local_steps=1)
     # The driver's full-batch count: 6 FLOPs per y parameter (here 2 x 3 + 3 = 9) per kept row.
-    flops_per_grad = lambda kx, ky: 6.0 * kx["gate"] * sum(jax.tree.leaves(ky))
+    price = lambda kx, ky: 6.0 * kx["gate"] * sum(jax.tree.leaves(ky))
     rnd = _make(hyper_cleaning.cleaning_problem(hyper_cleaning.linear_logits, 0.1), cfg, lay, x0,
-        flops_per_grad=flops_per_grad)
+        cost=costs.PerGradient(price))
     state = federated.init_state(x0, y0, optax.sgd(1.0))
     _, metrics = rnd.step(state, data)
     s_in, s_out = (np.asarray(ids) for ids in rnd.sample_fn(state.round))

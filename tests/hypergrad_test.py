@@ -187,10 +187,9 @@ class EstimatorTest(chex.TestCase):
     opts = hypergrad.EstimatorOptions(num_steps=3)
     # grad f + 2 gradients per product: fd with the Cauchy step does H v0, 3 H r and the final
     # J v (5 products); with the fixed step 3 H v and J v (4); neumann 2 H p and J v (3).
-    self.assertEqual(hypergrad.estimator_grad_evals("fd", opts), 1 + 2 * 5)
-    self.assertEqual(hypergrad.estimator_grad_evals("fd", opts._replace(v_step="fixed")),
-                     1 + 2 * 4)
-    self.assertEqual(hypergrad.estimator_grad_evals("neumann", opts), 1 + 2 * 3)
+    self.assertEqual(hypergrad.estimator_products("fd", opts), (4, 1))
+    self.assertEqual(hypergrad.estimator_products("fd", opts._replace(v_step="fixed")), (3, 1))
+    self.assertEqual(hypergrad.estimator_products("neumann", opts), (2, 1))
 
 
 if __name__ == "__main__":

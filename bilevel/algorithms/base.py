@@ -68,11 +68,9 @@ class Options(NamedTuple):
     weighting: "uniform" or "examples" (w_i = the client's example count).
     seed: the one seed every random stream derives from (default 0).
     sample: client batch sampler (client.Sampler); default client.full_batch.
-    flops_per_grad: analytic FLOPs per gradient, (kept_x, kept_y) -> FLOPs; default
-      federated.default_flops_per_grad. Used when no `cost` is given: a client's round then
-      counts grad_evals_per_round gradients of that price.
-    cost: costs.CostModel, the per-operation FLOP model (op prices of the model and the batch
-      rows) a client's round is priced with instead (the drivers give it for their models).
+    cost: the FLOP model a client's round is priced with: costs.CostModel (op prices of the
+      model and the batch rows; the drivers give it for their models) or, default (None),
+      costs.PerGradient() (costs.grad_evals_per_round gradients at 6 FLOPs per kept entry).
     submodel: "dense" (default) or "compact" (rafbo.make_round).
     sampling: "uniform" or "stratified" (default: make_round's choice for the submodel).
     available: group -> [M, K] units each client owns (rafbo.make_round).
@@ -113,8 +111,7 @@ class Options(NamedTuple):
   weighting: str = "uniform"
   seed: int = 0
   sample: Sampler = full_batch
-  flops_per_grad: Callable[[PyTree, PyTree], jax.Array] = federated.default_flops_per_grad
-  cost: costs.CostModel | None = None
+  cost: costs.CostModel | costs.PerGradient | None = None
   submodel: str = "dense"
   sampling: str | None = None
   available: Mapping[str, np.ndarray] | None = None

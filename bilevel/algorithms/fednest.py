@@ -380,12 +380,12 @@ def _client_prices(epochs: int, tau: int, n: int, model: costs.ModelCosts, kept_
 
 
 def client_flops(epochs: int, tau: int, n: int, layout: UnitLayout | None, state, data,
-                 s_in: jax.Array, s_out: jax.Array, flops_per_grad,
-                 cost: costs.CostModel | None = None, sample: Sampler = full_batch
+                 s_in: jax.Array, s_out: jax.Array,
+                 cost: costs.CostModel | costs.PerGradient, sample: Sampler = full_batch
                  ) -> jax.Array:
   """Analytic client FLOPs of one round of local_ep = `epochs`, tau and N = n products: with
-  `cost` the per-operation model (_client_prices: whole-split passes at each client's split
-  rows), else gradient evaluations x flops_per_grad(held_x, held_y).
+  a costs.CostModel the per-operation model (_client_prices: whole-split passes at each
+  client's split rows), with a costs.PerGradient gradient evaluations x its price(held_x, held_y).
 
   Without owned units (data.available None, e.g. hyper-representation) every client holds all
   of x and y. With them (hyper-cleaning: a client owns the weight logits of its own samples)
@@ -405,12 +405,11 @@ def client_flops(epochs: int, tau: int, n: int, layout: UnitLayout | None, state
     return (unit_kept_counts({g: units[g] for g in in_x}, layout.x, state.x),
             unit_kept_counts({g: units[g] for g in in_y}, layout.y, state.y))
 
-  if cost is None:
+  if isinstance(cost, costs.PerGradient):
     evals = _grad_evals(round_counts(1, inner_steps=epochs, local_steps=tau, num_steps=n + 1))
     if not owned:
-      return (s_in.shape[0] * evals[0] + s_out.shape[0] * evals[1]) * flops_per_grad(
-          *held(None))
-    price = lambda cid, part: evals[part] * flops_per_grad(*held(cid))
+      return (s_in.shape[0] * evals[0] + s_out.shape[0] * evals[1]) * cost.price(*held(None))
+    price = lambda cid, part: evals[part] * cost.price(*held(cid))
   else:
     sweep = sweep_batch_size(sample, data.inner) is not None
     dtype = jnp.float32
@@ -473,8 +472,8 @@ def make_fednest_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: 
                        local_steps: int, inner_steps: int, inner_lr: float, outer_lr: float,
                        estimator: str, num_steps: int, v_lr: float, product: str,
                        optimizer: optax.GradientTransformation, weighting: str, seed: int,
-                       sample: Sampler, flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
-                       cost: costs.CostModel | None, mask_fn: Any, submodel: str, mesh: Any,
+                       sample: Sampler, cost: costs.CostModel | costs.PerGradient | None,
+                       mask_fn: Any, submodel: str, mesh: Any,
                        diagnostics: bool, fednest_neumann: str,
                        client_map: ClientMap = vmap_clients, jit: bool = True,
                        oracle: Oracle | None = None) -> federated.Round:
@@ -513,8 +512,8 @@ def make_fednest_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: 
     dx, h, g_val = fed_out(oracle, tau, state.x, y, v, data, s_out, client_map, hlr)
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
-    flops = client_flops(epochs, tau, n, layout, state, data, s_in, s_out, flops_per_grad, cost,
-                         sample)
+    flops = client_flops(epochs, tau, n, layout, state, data, s_in, s_out,
+                         cost or costs.PerGradient(), sample)
     steps = fedinn_svrg_steps(epochs, data, s_in, sample)
     metrics = _metrics(n, state, counts, h, f_val, g_val, flops, steps, c)
     if diagnostics:  # full model: every coordinate held by the C sampled clients

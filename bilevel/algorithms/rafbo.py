@@ -20,7 +20,7 @@ A client's FLOPs and bytes: costs.result_fn. FedNest's round: bilevel/algorithms
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +52,7 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
                estimator: str, num_steps: int, v_lr: float, delta: float, radius: float | None,
                v_step: str, product: str, optimizer: optax.GradientTransformation,
                aggregation: str, weighting: str, seed: int, sample: Sampler,
-               flops_per_grad: Callable[[PyTree, PyTree], jax.Array],
-               cost: costs.CostModel | None, available: Mapping[str, np.ndarray] | None,
+               cost: costs.CostModel | costs.PerGradient | None, available: Mapping[str, np.ndarray] | None,
                mask_fn: MaskFn | None, submodel: str, sampling: str | None,
                mesh: jax.sharding.Mesh | None, diagnostics: bool, jit: bool = True,
                mesh_axis: str = "clients") -> Round:
@@ -74,8 +73,7 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
   (sharding.client_mesh); the same numbers as one device up to summation order. Place the
   data and state with `sharding.replicate(tree, mesh)` first, or every call copies them.
   jit: False returns the traced-per-call step (for callers that jit a larger program).
-  cost: the per-operation FLOP model (costs.CostModel) client FLOPs are priced with; without
-  it a client's round counts grad_evals_per_round gradients at flops_per_grad each.
+  cost: the FLOP model client FLOPs are priced with (costs.CostModel; None: costs.PerGradient()).
   """
   sampling = check_round(redraw_levels=redraw_levels, granularity=granularity,
                          submodel=submodel, sampling=sampling, mask_fn=mask_fn,
@@ -98,7 +96,7 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
   opts = EstimatorOptions(num_steps, v_lr, delta, radius, product, v_step)
   work = dict(local_steps=local_steps, inner_steps=inner_steps, inner_step=inner_step,
               estimator=estimator)
-  finish = costs.result_fn(weighting=weighting, flops_per_grad=flops_per_grad, cost=cost,
+  finish = costs.result_fn(weighting=weighting, cost=cost or costs.PerGradient(),
                            first_step_apart=submodel == "dense", estimator_options=opts, **work)
   aggregate = server.AGGREGATORS[aggregation]
   shard = client_sharding(mesh, mesh_axis)
