@@ -293,8 +293,9 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
   if not o.x_trust >= 0:
     raise ConfigError(f"x_trust={o.x_trust!r} is outside the allowed range [0, inf) (0 = off).")
   check_choice("x_trust_scope", o.x_trust_scope, client_lib.TRUST_SCOPES)
-  validate_options(o.estimator, EstimatorOptions(o.num_steps, o.v_lr, o.delta, o.radius,
-                                                    o.product, o.v_step))
+  validate_options(o.estimator, EstimatorOptions(
+      num_steps=o.num_steps, step_size=o.v_lr, delta=o.delta, radius=o.radius,
+      product=o.product, v_step=o.v_step))
   masks_lib.validate_masks(o.layout, policy=o.mask_policy, granularity=o.granularity)
   check_choice("aggregation", o.aggregation, server.AGGREGATORS)
   check_choice("weighting", o.weighting, ("uniform", "examples"))

@@ -93,7 +93,8 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
                                  ratios, population, strata, jax.tree.leaves(x_like)[0].dtype)
   sample_fn = sampling_lib.make_sample_fn(sampling, num_sampled, strata)
   context = sampling_lib.make_context_fn(levels, redraw_levels, only_full)
-  opts = EstimatorOptions(num_steps, v_lr, delta, radius, product, v_step)
+  opts = EstimatorOptions(num_steps=num_steps, step_size=v_lr, delta=delta, radius=radius,
+                          product=product, v_step=v_step)
   work = dict(local_steps=local_steps, inner_steps=inner_steps, inner_step=inner_step,
               estimator=estimator)
   finish = costs.result_fn(weighting=weighting, cost=cost or costs.PerGradient(),
@@ -134,6 +135,7 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
     if diagnostics:
       metrics[DIAGNOSTICS] = diag
     return state, metrics
+
   def step(a: RoundArgs, state: ServerState, data: FederatedData):
     q = state.round
     id_groups = sample_fn(a, q)  # 1. the round's clients (one group per stratum)
