@@ -1,8 +1,7 @@
 """What every algorithm shares: the keywords it takes and their defaults (`Options`, the one
-configuration; `SHARED = Options()`), how an algorithm is defined (`Spec`: its defaults, its round builder and how its
-clients take part) and the configured algorithm (`Algorithm`: `init(x, y)` and a jitted
-`step(state, data)`), resolved and validated by `build`. The algorithms themselves:
-rafbo.py (rabo, rafbo), fednest.py, baselines.py; the registry: bilevel.algorithms.get.
+configuration; `SHARED = Options()`), how an algorithm is defined (`Spec`: its defaults, its
+round builder and how its clients take part) and the configured algorithm (`Algorithm`:
+`init(x, y)` and a jitted `step(state, data)`), resolved and validated by `build`.
 """
 
 from __future__ import annotations

@@ -31,13 +31,6 @@ FedOut (same clients, 2 communication rounds):
     6. client i: tau steps x_i <- x_i - eta (grad_x f_i(x_i, y+) - grad_x f_i(x, y+) + h)
        from x_i = x; server: x <- x + server step of mean (x_i - x)  (SGD(1): x - eta h at tau 1)
 
-Per round (analytic metrics; tests/fednest_test.py checks them against FedNest's code's counts):
-    first-order passes (sweeps of a whole split) C (1 + 2 local_ep) in FedInn (a snapshot, then
-      two gradients per SVRG step: each epoch sweeps the split twice),
-      C (3 + [N > 0] + 2 tau) in FedOut;  svrg_steps sum_{i in S_in} local_ep ceil(n_i / B);
-    Hessian-vector products C N,  cross (Jacobian-vector) products C,
-    communication rounds 2 + (1 + N) + 2,  messages 2 C x communication rounds (down + up).
-
 The FedOut passes mirror FedNest's code: grad_y f (a), the linearisation of grad_y g that
 the N products replay (b; skipped when N = 0), a second linearisation for the cross product
 (c), grad_x f (d), and two grad_x f per SVRG x step. Products are reverse-over-reverse
@@ -62,7 +55,7 @@ from bilevel.algorithms import base
 from bilevel.client import Sampler, full_batch, population_sampler
 from bilevel.errors import ConfigError, check_choice
 from bilevel.hypergrad import PRODUCT_GRAD_EVALS
-from bilevel.masks import UnitLayout, coverage_stats_from_counts, unit_kept_counts
+from bilevel.masks import UnitLayout, unit_kept_counts
 from bilevel.problems import BilevelProblem
 
 PyTree = Any
@@ -129,8 +122,11 @@ class Counts(NamedTuple):
 
 def round_counts(num_sampled: int, *, inner_steps: int, local_steps: int,
                  num_steps: int) -> Counts:
-  """Analytic per-round counts (module docstring); num_sampled = C, inner_steps = local_ep,
-  local_steps = tau, num_steps = N + 1."""
+  """The round's analytic counts (tests/fednest_test.py checks them against FedNest's code's) of
+  C = num_sampled clients, local_ep = inner_steps, tau = local_steps, N = num_steps - 1:
+  first-order passes (sweeps of a whole split) C (1 + 2 local_ep) in FedInn (a snapshot, then
+  two gradients per SVRG step) and C (3 + [N > 0] + 2 tau) in FedOut; C N Hessian-vector and
+  C cross products; 2 + (1 + N) + 2 communication rounds, 2 C messages in each."""
   c, epochs, tau = num_sampled, inner_steps, local_steps
   n = max(num_steps - 1, 0)
   rounds = 2 + (1 + n) + 2
@@ -300,21 +296,14 @@ def client_flops(epochs: int, tau: int, n: int, layout: UnitLayout | None,
                  available: Mapping[str, Any] | None, state: federated.ServerState,
                  data: federated.FederatedData, s_in: jax.Array, s_out: jax.Array,
                  cost: costs.CostModel | costs.PerGradient, sample: Sampler) -> jax.Array:
-  """Client FLOPs of one round: a FedInn client (S_in) pays FedInn's work, a FedIHGP / FedOut
-  client (S_out) the rest.
-
-  costs.PerGradient: the round's gradient evaluations (a product counts PRODUCT_GRAD_EVALS
-  ["exact"]) x its price(held_x, held_y). costs.CostModel: each pass priced at the rows it runs
-  on: FedInn's snapshot at the client's n_in train rows (x's forward and a gradient in y per
-  row), each epoch's two SVRG gradients at epoch_rows (n_in when the batches partition the
-  split); grad_y f, grad_x f and 2 tau grad_x f at its n_out validation rows and the two
-  linearisations (hvp_point when N > 0, cross_point) at n_in (x's forward and a gradient in x
-  and y each); N H v and one J v products at n_in.
-
-  Without owned units every client holds all of x and y. With them (`available` given, e.g.
-  hyper-cleaning: a client owns the weight logits of its own samples, data.available) a client
-  holds only its own units of an owned group, what a local-round client at keep ratio 1 holds
-  (masks.unit_kept_counts).
+  """Client FLOPs of one round: a FedInn client (S_in) pays FedInn's work, a FedOut client
+  (S_out) the rest. costs.PerGradient: the gradient evaluations (a product counts
+  PRODUCT_GRAD_EVALS["exact"]) x price(held_x, held_y). costs.CostModel: every pass at the rows
+  it runs on: FedInn's snapshot at the n_in train rows, each epoch's two SVRG gradients at
+  epoch_rows (n_in when the batches partition the split), grad_y f, grad_x f and 2 tau grad_x f
+  at the n_out validation rows, the linearisations (hvp_point when N > 0, cross_point) and the
+  products at n_in. A client holds all of x and y, or with owned units (`available`, e.g.
+  hyper-cleaning's samples) its own units of an owned group (masks.unit_kept_counts).
   """
   sizes = lambda t: jax.tree.map(lambda a: jnp.asarray(a.size, jnp.float32), t)
   owned = available is not None and layout is not None
@@ -358,32 +347,27 @@ def client_flops(epochs: int, tau: int, n: int, layout: UnitLayout | None,
 
 def _metrics(state: federated.ServerState, counts: Counts, num_sampled: int, n: int
              ) -> dict[str, jax.Array]:
-  """The round's metrics that do not depend on the data: coverage (full model: C clients hold
-  every coordinate), bytes sent and received, and the analytic counts."""
-  cov_x = coverage_stats_from_counts(_held(state.x, num_sampled))
-  cov_y = coverage_stats_from_counts(_held(state.y, num_sampled))
+  """The round's metrics that do not depend on the data: coverage (full model: all C clients
+  hold every coordinate), bytes sent and received, and the analytic counts."""
+  i32, f32 = lambda k: jnp.asarray(k, jnp.int32), lambda k: jnp.asarray(k, jnp.float32)
+  coverage = {}
+  for side in ("x", "y"):
+    coverage.update({f"coverage_{side}_min": i32(num_sampled),
+                     f"coverage_{side}_mean": f32(num_sampled), f"uncovered_{side}_share": f32(0)})
   nx, ny = tree.size(state.x), tree.size(state.y)
   # Floats per FedInn client and FedOut client: FedInn: model down + s_i up, s down + y_i up.
   # FedOut: model down + grad_y f_i up, N x (p down + message up), v down + h_i up, h down +
   # x_i - x up.
   floats = (nx + ny + ny) + (ny + ny) + (nx + ny + ny) + n * 2 * ny + (ny + nx) + 2 * nx
   itemsize = jax.tree.leaves(state.x)[0].dtype.itemsize
-  i32 = lambda k: jnp.asarray(k, jnp.int32)
   return dict(
-      coverage_x_min=cov_x.min, coverage_x_mean=cov_x.mean, uncovered_x_share=cov_x.uncovered_share,
-      coverage_y_min=cov_y.min, coverage_y_mean=cov_y.mean, uncovered_y_share=cov_y.uncovered_share,
-      comm_bytes=jnp.asarray(float(itemsize * num_sampled * floats), jnp.float32),
+      coverage, comm_bytes=f32(float(itemsize * num_sampled * floats)),
       active_clients=i32(num_sampled), messages=i32(counts.messages),
       first_order_passes=i32(counts.first_order_inner + counts.first_order_outer),
       first_order_passes_inner=i32(counts.first_order_inner),
       first_order_passes_outer=i32(counts.first_order_outer),
       hvp_products=i32(counts.hvp_products), cross_products=i32(counts.cross_products),
       communication_rounds=i32(counts.communication_rounds))
-
-
-def _held(t: PyTree, num_sampled: int) -> PyTree:
-  """Clients holding each coordinate: all C (full model)."""
-  return jax.tree.map(lambda a: jnp.full(a.shape, num_sampled, jnp.int32), t)
 
 
 # ------------------------------------------------------------------ the round
@@ -437,9 +421,10 @@ def make_fednest_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: 
         hypergrad_norm=tree.norm(h), svrg_steps=steps,
         client_flops=client_flops(epochs, tau, n, layout, available, state, data, s_in, s_out,
                                   cost or costs.PerGradient(), sample))
-    if diagnostics:
-      metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=_held(state.x, c),
-                                            count_y=_held(state.y, c))
+    if diagnostics:  # full model: all C clients hold every coordinate
+      held = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, c, jnp.int32), t)
+      metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=held(state.x),
+                                            count_y=held(state.y))
     return federated.ServerState(x, y, v, opt_state, q + 1), metrics
 
   # Seed streams and step sizes as jit arguments (RoundArgs): one program for every seed and
