@@ -55,7 +55,7 @@ from bilevel.algorithms import base
 from bilevel.client import Sampler, full_batch, population_sampler
 from bilevel.errors import ConfigError, check_choice
 from bilevel.hypergrad import PRODUCT_GRAD_EVALS
-from bilevel.masks import UnitLayout, unit_kept_counts
+from bilevel.masks import UnitLayout, coverage_stats_from_counts, unit_kept_counts
 from bilevel.problems import BilevelProblem
 
 PyTree = Any
@@ -351,9 +351,10 @@ def _metrics(state: federated.ServerState, counts: Counts, num_sampled: int, n: 
   hold every coordinate), bytes sent and received, and the analytic counts."""
   i32, f32 = lambda k: jnp.asarray(k, jnp.int32), lambda k: jnp.asarray(k, jnp.float32)
   coverage = {}
-  for side in ("x", "y"):
-    coverage.update({f"coverage_{side}_min": i32(num_sampled),
-                     f"coverage_{side}_mean": f32(num_sampled), f"uncovered_{side}_share": f32(0)})
+  for side, t in (("x", state.x), ("y", state.y)):  # the float32 mean of C counts, as reported
+    cov = coverage_stats_from_counts(_held(t, num_sampled))
+    coverage.update({f"coverage_{side}_min": cov.min, f"coverage_{side}_mean": cov.mean,
+                     f"uncovered_{side}_share": cov.uncovered_share})
   nx, ny = tree.size(state.x), tree.size(state.y)
   # Floats per FedInn client and FedOut client: FedInn: model down + s_i up, s down + y_i up.
   # FedOut: model down + grad_y f_i up, N x (p down + message up), v down + h_i up, h down +
@@ -368,6 +369,11 @@ def _metrics(state: federated.ServerState, counts: Counts, num_sampled: int, n: 
       first_order_passes_outer=i32(counts.first_order_outer),
       hvp_products=i32(counts.hvp_products), cross_products=i32(counts.cross_products),
       communication_rounds=i32(counts.communication_rounds))
+
+
+def _held(t: PyTree, num_sampled: int) -> PyTree:
+  """Clients holding each coordinate: all C (full model)."""
+  return jax.tree.map(lambda a: jnp.full(a.shape, num_sampled, jnp.int32), t)
 
 
 # ------------------------------------------------------------------ the round
@@ -421,10 +427,9 @@ def make_fednest_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: 
         hypergrad_norm=tree.norm(h), svrg_steps=steps,
         client_flops=client_flops(epochs, tau, n, layout, available, state, data, s_in, s_out,
                                   cost or costs.PerGradient(), sample))
-    if diagnostics:  # full model: all C clients hold every coordinate
-      held = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, c, jnp.int32), t)
-      metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=held(state.x),
-                                            count_y=held(state.y))
+    if diagnostics:
+      metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=_held(state.x, c),
+                                            count_y=_held(state.y, c))
     return federated.ServerState(x, y, v, opt_state, q + 1), metrics
 
   # Seed streams and step sizes as jit arguments (RoundArgs): one program for every seed and
