@@ -6,43 +6,20 @@
     for _ in range(rounds):
       state, metrics = alg.step(state, data)    # data: a federated.FederatedData; jitted once
 
-Where each one lives: rafbo.py (RAFBO and RABO: the local round, top to bottom), fednest.py
-(FedNest's communicating round), baselines.py (the other baselines: the local round with their
-own defaults), base.py (the keywords every algorithm takes, `Options`, and the configured
-`Algorithm`). An `Algorithm` holds its resolved keywords (`options`, the one configuration;
-the round builders take the ones they read as keyword arguments), its server optimiser (used
-by both `init` and `step`, so the two cannot disagree) and the jitted round (built on the first `init` or `step` for the shapes of x and cached). `bilevel.run(alg,
-state, data, num_rounds, ...)` (loop.run) drives it like a `federated.Round`: it only calls
-`.step`.
+rafbo.py: RAFBO and RABO (the local round, top to bottom); fednest.py: FedNest's communicating
+round; baselines.py: lfednest, simfbo, memfbo, full_only, heterofl, fedrolex (the local round
+with their own defaults); base.py: the keywords every algorithm takes (`Options`, each default
+defined once) and the configured `Algorithm` (init, jitted step; `bilevel.run` drives it).
+docs/method.md, section 7, tabulates what each algorithm sets (tests/presets_doc_test.py
+checks the table against the code).
 
-Every constructor takes the same keywords (`base.Options`); a keyword that is not given (or
-None) takes the algorithm's default. The drivers build every algorithm through `get`
-(experiments/common.py, `make_algorithm`): a flag given on the command line is passed as its
-keyword, and a flag left at its default is passed too unless the algorithm sets that option
-itself (`own_options`). So the library's defaults are what the drivers resolve for
-`--algorithm=NAME` with default flags, except the drivers' level profile
-"1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5" (here one full level "1/1:1" unless given) and their
-clients_per_round 10 (here num_clients // 2: the same for their 20 clients).
-
-  name       local  inner  estimator          participation       masks
-  rabo       1      1      fd                 every client        random, levels as given
-  rafbo      5      1      fd                 half the clients    random, levels as given
-  lfednest   5      5      neumann (5 terms)  half the clients    full model (levels ignored)
-  fednest    1      5      FedNest's round    half the clients    full model (levels ignored)
-             (tau)  (epochs (N = 5 products, its code's v; fednest.py; hlr = outer_lr
-                    of SVRG) = v_lr = 0.01, lr = inner_lr = 0.01: FedNest's own)
-  simfbo     5      1      exact              half the clients    full model (levels ignored)
-  memfbo     5      1      fd                 half the clients    full model (levels ignored)
-  full_only  5      1      fd                 half the clients    only clients at level 1/1 train
-  heterofl   5      1      fd                 half the clients    static (nested) masks
-  fedrolex   5      1      fd                 half the clients    rolling masks
-
-Shared defaults (fednest: its own, above): inner_lr 0.1, outer_lr 0.1, num_steps 1 (lfednest 5),
-v_lr 0.1, delta 1e-3, radius None, v_step "cauchy", granularity "unit" (needs `layout`),
-aggregation "coverage", weighting "uniform", server optimiser optax.sgd(server_lr = 1.0),
-full-batch client sampling, dense submodels, seed 0. "Half the clients" is
-max(1, num_clients // 2) (the drivers' 10 of 20). Full-model algorithms' config has the single
-level 1/1:1.
+Every constructor takes the same keywords; one not given (or None) takes the algorithm's
+default, and one its round does not read is a ConfigError unless left at its default. The
+drivers build every algorithm through `get` (experiments/common.py, `make_algorithm`): a flag
+given on the command line is passed, one left at its default too unless the algorithm sets
+that option itself (`own_options`). So the library's defaults are the drivers' for
+`--algorithm=NAME`, except their level profile "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5" (here
+"1/1:1") and their clients_per_round 10 (here num_clients // 2: the same for their 20 clients).
 """
 
 from __future__ import annotations
@@ -107,5 +84,5 @@ def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any)
   return base.build(name, _SPECS[name], problem, num_clients, options)
 
 
-__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "defaults", "own_options", "rafbo", "fednest",
-           "baselines", "base"]
+__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "defaults", "own_options",
+           "rafbo", "fednest", "baselines", "base"]

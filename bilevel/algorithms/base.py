@@ -1,8 +1,7 @@
 """What every algorithm shares: the keywords it takes and their defaults (`Options`, the one
-configuration; `SHARED = Options()`), how an algorithm is defined (`Spec`: its defaults, its round builder and how its
-clients take part) and the configured algorithm (`Algorithm`: `init(x, y)` and a jitted
-`step(state, data)`), resolved and validated by `build`. The algorithms themselves:
-rafbo.py (rabo, rafbo), fednest.py, baselines.py; the registry: bilevel.algorithms.get.
+configuration; `SHARED = Options()`), how an algorithm is defined (`Spec`: its defaults, its
+round builder and how its clients take part) and the configured algorithm (`Algorithm`:
+`init(x, y)` and a jitted `step(state, data)`), resolved and validated by `build`.
 """
 
 from __future__ import annotations
@@ -172,11 +171,6 @@ class Algorithm:
   optimizer: optax.GradientTransformation
   _rounds: dict[Any, federated.Round] = dataclasses.field(default_factory=dict, repr=False)
 
-  @property
-  def layout(self) -> UnitLayout | None:
-    """The model's UnitLayout (None for element masks)."""
-    return self.options.layout
-
   def make_round(self, x_like: PyTree, **extra: Any) -> federated.Round:
     """The federated.Round for parameters shaped like x_like (built once per shape and cached;
     `extra`: further keywords of the round builder, e.g. jit=False, not cached).
@@ -187,9 +181,9 @@ class Algorithm:
     """
     key = tree.signature(x_like)  # the round is built once per signature
     if extra or key not in self._rounds:
-      takes = inspect.signature(self.spec.make_round).parameters
       given = dict(self.options._asdict(), num_clients=self.num_clients,
                    only_full=self.spec.only_full, optimizer=self.optimizer, **extra)
+      takes = _round_keywords(self.spec)
       rnd = self.spec.make_round(self.problem, x_like,
                                  **{k: v for k, v in given.items() if k in takes})
       if extra:
@@ -236,9 +230,43 @@ def _levels(levels: str | Sequence[Any]) -> tuple[Level, ...]:
   return out
 
 
+def _round_keywords(spec: Spec) -> set[str]:
+  """The keywords spec.make_round declares: the options its round reads."""
+  return set(inspect.signature(spec.make_round).parameters)
+
+
+# Options build itself reads for every algorithm (levels: validated, and ignored by full-model
+# algorithms, so that every algorithm takes the same call).
+_BUILD_OPTIONS = ("levels", "server_optimizer", "server_lr")
+
+
+def _resolve(spec: Spec, num_clients: int, given: Mapping[str, Any]) -> Options:
+  """The options `given` over spec's defaults, with the algorithm's rules (spec.resolve), the
+  levels parsed (one full level for full-model algorithms), granularity and clients_per_round
+  resolved."""
+  o = spec.defaults._replace(**given)
+  if spec.resolve is not None:
+    o = spec.resolve(o, given)
+  levels = _levels(o.levels)  # validated even where ignored
+  if spec.full_model:
+    levels = (FULL_LEVEL,)
+  granularity = o.granularity
+  if granularity is None:
+    granularity = "element" if spec.full_model and o.layout is None else "unit"
+  clients_per_round = o.clients_per_round
+  if clients_per_round is None:
+    clients_per_round = num_clients if spec.full_participation else max(1, num_clients // 2)
+  return o._replace(clients_per_round=clients_per_round, levels=levels, granularity=granularity)
+
+
 def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
           options: Mapping[str, Any]) -> Algorithm:
-  """Resolve `options` over the defaults of `spec` into the Algorithm `name` (validated)."""
+  """Resolve `options` over the defaults of `spec` into the Algorithm `name` (validated).
+
+  An option the algorithm's round does not read (not a keyword of spec.make_round, nor one
+  build reads) is a ConfigError unless giving it changes nothing (its default, e.g. a driver's
+  flag left at the shared default).
+  """
   unknown = sorted(set(options) - set(Options._fields))
   if unknown:
     raise ConfigError(f"unknown keyword(s) {', '.join(unknown)} for algorithm {name!r}; allowed "
@@ -256,27 +284,19 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
   if "server_optimizer" in given and "server_lr" in given:
     raise ConfigError("give server_optimizer or server_lr, not both: server_lr is the step of the "
                       "default server optimiser optax.sgd(server_lr).")
-  o = spec.defaults._replace(**given)
-  if spec.resolve is not None:
-    o = spec.resolve(o, given)
-  elif o.fednest_neumann != "code":
-    raise ConfigError(f"fednest_neumann={o.fednest_neumann!r} is fednest's option only.")
-  levels = _levels(o.levels)  # validated even where ignored
-  if spec.full_model:
-    levels = (FULL_LEVEL,)
-  granularity = o.granularity
-  if granularity is None:
-    granularity = "element" if spec.full_model and o.layout is None else "unit"
+  o = _resolve(spec, num_clients, given)
+  reads = _round_keywords(spec).union(_BUILD_OPTIONS)
+  for k in sorted(set(given) - reads):
+    without = _resolve(spec, num_clients, {j: v for j, v in given.items() if j != k})
+    if getattr(o, k) != getattr(without, k):
+      raise ConfigError(f"algorithm {name!r} does not use option {k}={given[k]!r}; leave it "
+                        f"unset (its default: {getattr(without, k)!r}).")
   # An unknown granularity is reported by masks.validate_masks below (as mask_granularity, the
   # drivers' flag).
-  if granularity == "unit" and o.layout is None:
+  if o.granularity == "unit" and o.layout is None:
     raise ConfigError(
         "granularity='unit' needs the model's unit layout: pass layout= (a masks.UnitLayout, "
         "e.g. bilevel.models.mlp_layout(hidden)), or use granularity='element'.")
-  clients_per_round = o.clients_per_round
-  if clients_per_round is None:
-    clients_per_round = num_clients if spec.full_participation else max(1, num_clients // 2)
-  o = o._replace(clients_per_round=clients_per_round, levels=levels, granularity=granularity)
   # Every range and name check, with the value and the allowed range.
   if not 1 <= o.clients_per_round <= num_clients:
     raise ConfigError(f"clients_per_round={o.clients_per_round!r} is outside the allowed range "

@@ -31,21 +31,10 @@ FedOut (same clients, 2 communication rounds):
     6. client i: tau steps x_i <- x_i - eta (grad_x f_i(x_i, y+) - grad_x f_i(x, y+) + h)
        from x_i = x; server: x <- x + server step of mean (x_i - x)  (SGD(1): x - eta h at tau 1)
 
-Per round (analytic metrics; tests/fednest_test.py checks them against FedNest's code's counts):
-    first-order passes (sweeps of a whole split) C (1 + 2 local_ep) in FedInn (a snapshot, then
-      two gradients per SVRG step: each epoch sweeps the split twice),
-      C (3 + [N > 0] + 2 tau) in FedOut;  svrg_steps sum_{i in S_in} local_ep ceil(n_i / B);
-    Hessian-vector products C N,  cross (Jacobian-vector) products C,
-    communication rounds 2 + (1 + N) + 2,  messages 2 C x communication rounds (down + up).
-At FedNest's config A (C = 10, local_ep 5, N = 5, tau = 1, B = 64, 300-row splits): 110, 60
-passes, 250 SVRG steps, 50, 10 products, 10 rounds, 200 messages.
-
 The FedOut passes mirror FedNest's code: grad_y f (a), the linearisation of grad_y g that
 the N products replay (b; skipped when N = 0), a second linearisation for the cross product
 (c), grad_x f (d), and two grad_x f per SVRG x step. Products are reverse-over-reverse
 (jax.vjp of the gradient, replayed N times, as torch's double backward on a retained graph).
-Client FLOPs price every pass at the rows it runs on (`_client_prices`): whole-split passes at
-the client's split rows, an epoch's SVRG batches at its train split's rows (they partition it).
 Whole-split quantities are exact split means; FedNest's code averages its minibatches' means
 (the same when n_i <= B or B divides n_i).
 """
@@ -97,25 +86,19 @@ class Oracle(NamedTuple):
 def make_oracle(problem: BilevelProblem) -> Oracle:
   """The Oracle of `problem` (reverse-over-reverse products: H p = d/dy <grad_y g, p>)."""
   g, f = problem.inner_loss, problem.outer_loss
-
-  def hvp_point(x, y, b):
-    return jax.vjp(lambda yy: jax.grad(g, argnums=1)(x, yy, b), y)[1]
+  grad_g = jax.grad(g, argnums=1)
 
   def cross_point(x, y, b):
     # grad_y g as a function of x: its pullback along p is (d/dx grad_y g)' p = J p.
-    def gy_of_x(xx):
-      value, gy = jax.value_and_grad(g, argnums=1)(xx, y, b)
-      return gy, value
-
+    gy_of_x = lambda xx: jax.value_and_grad(g, argnums=1)(xx, y, b)[::-1]
     _, pull, value = jax.vjp(gy_of_x, x, has_aux=True)
     return value, pull
 
-  return Oracle(
-      grad_g=lambda x, y, b: jax.grad(g, argnums=1)(x, y, b),
-      grad_f_y=lambda x, y, b: jax.value_and_grad(f, argnums=1)(x, y, b),
-      grad_f_x=lambda x, y, b: jax.grad(f, argnums=0)(x, y, b),
-      hvp_point=hvp_point, hvp=lambda point, p: point(p)[0],
-      cross_point=cross_point, cross=lambda point, p: point(p)[0])
+  replay = lambda pull, p: pull(p)[0]
+  return Oracle(grad_g=grad_g, grad_f_y=jax.value_and_grad(f, argnums=1),
+                grad_f_x=jax.grad(f, argnums=0),
+                hvp_point=lambda x, y, b: jax.vjp(lambda yy: grad_g(x, yy, b), y)[1],
+                hvp=replay, cross_point=cross_point, cross=replay)
 
 
 # Metrics FedNest's round reports besides the local round's keys (per round, all clients).
@@ -139,71 +122,27 @@ class Counts(NamedTuple):
 
 def round_counts(num_sampled: int, *, inner_steps: int, local_steps: int,
                  num_steps: int) -> Counts:
-  """Analytic per-round counts (module docstring); num_sampled = C, inner_steps = local_ep,
-  local_steps = tau, num_steps = N + 1."""
+  """The round's analytic counts (tests/fednest_test.py checks them against FedNest's code's) of
+  C = num_sampled clients, local_ep = inner_steps, tau = local_steps, N = num_steps - 1:
+  first-order passes (sweeps of a whole split) C (1 + 2 local_ep) in FedInn (a snapshot, then
+  two gradients per SVRG step) and C (3 + [N > 0] + 2 tau) in FedOut; C N Hessian-vector and
+  C cross products; 2 + (1 + N) + 2 communication rounds, 2 C messages in each."""
   c, epochs, tau = num_sampled, inner_steps, local_steps
-  n = neumann_products(num_steps)
+  n = max(num_steps - 1, 0)
   rounds = 2 + (1 + n) + 2
   return Counts(c * (1 + 2 * epochs), c * (3 + (n > 0) + 2 * tau), c * n, c, rounds,
                 2 * c * rounds)
 
 
-def svrg_steps(rows: int, batch_size: int | None, epochs: int) -> int:
-  """FedInn's SVRG steps of one client with `rows` train rows: epochs x ceil(rows / batch_size)
-  (FedNest's local_ep x the batches of its DataLoader); one step per epoch without a batch."""
-  return epochs * (-(-rows // batch_size) if batch_size else 1)
-
-
-def neumann_products(num_steps: int) -> int:
-  """N = num_steps - 1: the series has num_steps terms (hypergrad.neumann_estimator's count)."""
-  return max(num_steps - 1, 0)
-
-
-def comm_floats(nx: int, ny: int, n: int) -> int:
-  """Floats one FedInn client and one FedOut client send and receive in a round.
-
-  FedInn: model down + s_i up, s down + y_i up.  FedOut: model down + grad_y f_i up,
-  N x (p down + message up), v down + h_i up, h down + x_i - x up.
-  """
-  return (nx + ny + ny) + (ny + ny) + (nx + ny + ny) + n * 2 * ny + (ny + nx) + 2 * nx
-
-
-def validate(*, levels: Any, weighting: str, estimator: str, product: str, v_lr: float,
-             outer_lr: float, submodel: str, mask_fn: Any, mesh: Any,
-             neumann: str = "code") -> None:
-  """FedNest runs the full model with uniform weights, exact Neumann products and one hlr."""
-  problems = []
-  if any(lv.rx != 1 or lv.ry != 1 for lv in levels):
-    problems.append("pruning levels " + ",".join(f"{lv.rx:g}/{lv.ry:g}" for lv in levels)
-                    + " (needs the single level 1/1)")
-  hlr = outer_lr
-  for name, bad in (("submodel='compact'", submodel == "compact"),
-                    ("a mask_fn", mask_fn is not None), ("a device mesh", mesh is not None),
-                    (f"weighting={weighting!r} (needs 'uniform')", weighting != "uniform"),
-                    (f"estimator={estimator!r} (needs 'neumann')", estimator != "neumann"),
-                    (f"product={product!r} (needs 'exact')", product != "exact"),
-                    (f"v_lr={v_lr!r} apart from outer_lr={hlr!r} (FedNest's one step hlr is the "
-                     "Neumann step, the scale of v and the x step: give outer_lr only)",
-                     v_lr != hlr),
-                    (f"neumann={neumann!r} (one of {', '.join(NEUMANN_FORMS)})",
-                     neumann not in NEUMANN_FORMS)):
-    if bad:
-      problems.append(name)
-  if problems:
-    raise ConfigError("round_kind='fednest' (FedNest's communicating round, full model) cannot "
-                      "run with " + "; ".join(problems) + "; use --algorithm=lfednest or a "
-                      "pruning algorithm for these.")
-
-
 # cmap(fn, stack=True) -> fn mapped over a leading client axis of every argument. stack=False
 # marks values a mapper may keep per client instead of stacking them (the products' points:
-# pullbacks of different traces do not stack); vmap stacks them anyway.
+# pullbacks of different traces do not stack); vmap stacks them anyway. tests/fednest_test.py
+# passes a Python-loop ClientMap to count the oracle's calls per client.
 ClientMap = Callable[..., Callable[..., Any]]
 
 
 def vmap_clients(fn: Callable[..., Any], stack: bool = True) -> Callable[..., Any]:
-  """The ClientMap of the round: one jax.vmap over the phase's clients. (tests/fednest_test.py
-  passes a Python-loop ClientMap to count the oracle's calls per client.)"""
+  """The round's ClientMap: one jax.vmap over the phase's clients."""
   del stack
   return jax.vmap(fn)
 
@@ -211,6 +150,11 @@ def vmap_clients(fn: Callable[..., Any], stack: bool = True) -> Callable[..., An
 def _mean(t_C: PyTree) -> PyTree:
   """The server's plain mean over the client axis."""
   return jax.tree.map(lambda a: jnp.mean(a, axis=0), t_C)
+
+
+def whole_split(split: Any, cid: jax.Array) -> Any:
+  """Client cid's whole split (FedNest's snapshot, FedIHGP and FedOut passes)."""
+  return population_sampler(full_batch, cid)(split, None)
 
 
 def split_rows(split: Any, cid: jax.Array) -> jax.Array:
@@ -246,20 +190,20 @@ def epoch_batch(split: Any, cid: jax.Array, key: jax.Array, b: jax.Array,
   return dict(batch, weight=batch["weight"] * (pos < jnp.sum(valid)))
 
 
+# ------------------------------------------------------------------ the three phases
+
+
 def fed_inn(oracle: Oracle, epochs: int, x: PyTree, y0: PyTree,
             data: federated.FederatedData, ids: jax.Array, keys: jax.Array, sample: Sampler,
-            cmap: Callable, lr: jax.Array) -> PyTree:
-  """FedInn with SVRG (steps 1-2 of the module docstring); returns y+ = mean_i y_i.
+            cmap: ClientMap, lr: jax.Array) -> tuple[PyTree, jax.Array]:
+  """FedInn with SVRG (steps 1-2); returns y+ = mean_i y_i and the SVRG steps the clients took,
+  sum_i local_ep ceil(n_i / B).
 
-  s = mean_i grad_y g_i(x, y0) (whole train split; communication round 1), then per client
-  local_ep = `epochs` (inner_steps) epochs of steps y <- y - lr (grad_y g_i(x, y; B_t) -
-  grad_y g_i(x, y0; B_t) + s) over epoch_batch's batches (communication round 2: the server
-  averages the y_i). The scan runs ceil(N / B) steps per epoch for the padded N rows; a
-  client's steps past its own ceil(n_i / B) leave y as it is. Without "weight" rows an epoch
-  is one step on sample's batch.
+  The scan runs ceil(N / B) steps per epoch for the padded N rows; a client's steps past its
+  own ceil(n_i / B) leave y as it is. Without "weight" rows an epoch is one step on sample's
+  batch.
   """
-  whole = lambda cid: population_sampler(full_batch, cid)(data.inner, None)
-  s = _mean(cmap(lambda cid: oracle.grad_g(x, y0, whole(cid)))(ids))
+  s = _mean(cmap(lambda cid: oracle.grad_g(x, y0, whole_split(data.inner, cid)))(ids))
   bsz = sweep_batch_size(sample, data.inner)
   per_epoch = 1 if bsz is None else -(-data.inner["weight"].shape[1] // bsz)
 
@@ -280,41 +224,37 @@ def fed_inn(oracle: Oracle, epochs: int, x: PyTree, y0: PyTree,
         new = jax.tree.map(lambda a, o: jnp.where(active, a, o), new, y)
       return new, None
 
-    return jax.lax.scan(step, y0, jnp.arange(epochs * per_epoch))[0]
+    steps = jnp.asarray(epochs) if bsz is None else epochs * ((n + bsz - 1) // bsz)
+    return jax.lax.scan(step, y0, jnp.arange(epochs * per_epoch))[0], steps
 
-  return _mean(cmap(client)(ids, keys))
+  y_C, steps = cmap(client)(ids, keys)
+  return _mean(y_C), jnp.sum(steps).astype(jnp.int32)
 
 
-def fed_ihgp(oracle: Oracle, n: int, x: PyTree, y: PyTree,
-             data: federated.FederatedData, ids: jax.Array, cmap: Callable, eta: jax.Array,
-             neumann: str = "code"):
-  """FedIHGP (steps 3-4): v from c0 = mean_i grad_y f_i and N = n rounds of products H_i c.
-
-  neumann="code": per-client counters c_i <- c_i - eta H_i c_i from c0 and
-  p_k = p_{k-1} + mean_i c_i / k (FedNest's code), v = eta p_N. "series": the server's
-  counter c <- c - eta mean_i H_i c, p <- p + c, v = eta p. Returns (v, mean_i f_i(x, y)).
-  """
-  outer = lambda cid: population_sampler(full_batch, cid)(data.outer, None)
-  inner = lambda cid: population_sampler(full_batch, cid)(data.inner, None)
-  f_i, gyf_i = cmap(lambda cid: oracle.grad_f_y(x, y, outer(cid)))(ids)
+def fed_ihgp(oracle: Oracle, n: int, x: PyTree, y: PyTree, data: federated.FederatedData,
+             ids: jax.Array, cmap: ClientMap, eta: jax.Array, neumann: str
+             ) -> tuple[PyTree, jax.Array]:
+  """FedIHGP (steps 3-4): v from c0 = mean_i grad_y f_i and N = n rounds of products H_i c, in
+  FedNest's code's form (neumann="code": a counter per client) or the series ("series": the
+  server's counter). Returns (v, mean_i f_i(x, y))."""
+  f_i, gyf_i = cmap(lambda cid: oracle.grad_f_y(x, y, whole_split(data.outer, cid)))(ids)
   c0 = _mean(gyf_i)
   if n == 0:
     return tree.scale(eta, c0), jnp.mean(f_i)
-  points = cmap(lambda cid: oracle.hvp_point(x, y, inner(cid)), stack=False)(ids)
-  step = lambda pt, c: tree.axpy(-eta, oracle.hvp(pt, c), c)  # c - eta H_i c
+  points = cmap(lambda cid: oracle.hvp_point(x, y, whole_split(data.inner, cid)),
+                stack=False)(ids)
 
   if neumann == "series":
-    def term(carry, _):
+    def term(carry, _):  # c <- c - eta mean_i H_i c, p <- p + c; one communication round
       c, p = carry
-      hc = _mean(cmap(lambda pt: oracle.hvp(pt, c))(points))  # one communication round
-      c = tree.axpy(-eta, hc, c)
+      c = tree.axpy(-eta, _mean(cmap(lambda pt: oracle.hvp(pt, c))(points)), c)
       return (c, tree.add(p, c)), None
 
     (_, p), _ = jax.lax.scan(term, (c0, c0), None, length=n)
   else:
-    def term(carry, k):
+    def term(carry, k):  # c_i <- c_i - eta H_i c_i, p <- p + mean_i c_i / k; one round
       c_C, p = carry
-      c_C = cmap(step)(points, c_C)  # each client's own counter; one communication round
+      c_C = cmap(lambda pt, c: tree.axpy(-eta, oracle.hvp(pt, c), c))(points, c_C)
       return (c_C, tree.axpy(1.0 / k, _mean(c_C), p)), None
 
     dtype = jax.tree.leaves(c0)[0].dtype
@@ -324,139 +264,119 @@ def fed_ihgp(oracle: Oracle, n: int, x: PyTree, y: PyTree,
 
 
 def fed_out(oracle: Oracle, tau: int, x: PyTree, y: PyTree, v: PyTree,
-            data: federated.FederatedData, ids: jax.Array, cmap: Callable, eta: jax.Array):
-  """FedOut (steps 5-6): h = mean_i (grad_x f_i - J_i v) (communication round 1), then tau
-  SVRG steps x_i <- x_i - eta (grad_x f_i(x_i) - grad_x f_i(x) + h) per client and the mean
-  of x_i - x (communication round 2). Returns (mean delta, h, mean_i g_i(x, y))."""
-  outer = lambda cid: population_sampler(full_batch, cid)(data.outer, None)
-  inner = lambda cid: population_sampler(full_batch, cid)(data.inner, None)
+            data: federated.FederatedData, ids: jax.Array, cmap: ClientMap, eta: jax.Array
+            ) -> tuple[PyTree, PyTree, jax.Array]:
+  """FedOut (steps 5-6): h = mean_i (grad_x f_i - J_i v), then tau SVRG steps of x per client.
+  Returns (mean_i (x_i - x), h, mean_i g_i(x, y))."""
 
   def hypergrad(cid):
-    g_val, point = oracle.cross_point(x, y, inner(cid))
-    return tree.sub(oracle.grad_f_x(x, y, outer(cid)), oracle.cross(point, v)), g_val
+    g_val, point = oracle.cross_point(x, y, whole_split(data.inner, cid))
+    return tree.sub(oracle.grad_f_x(x, y, whole_split(data.outer, cid)),
+                    oracle.cross(point, v)), g_val
 
   h_i, g_i = cmap(hypergrad)(ids)
   h = _mean(h_i)
 
   def client(cid):
+    outer = whole_split(data.outer, cid)
+
     def step(xi, _):
-      d = tree.add(tree.sub(oracle.grad_f_x(xi, y, outer(cid)),
-                            oracle.grad_f_x(x, y, outer(cid))), h)
+      d = tree.add(tree.sub(oracle.grad_f_x(xi, y, outer), oracle.grad_f_x(x, y, outer)), h)
       return tree.axpy(-eta, d, xi), None
 
-    xi = jax.lax.scan(step, x, None, length=tau)[0]
-    return tree.sub(xi, x)
+    return tree.sub(jax.lax.scan(step, x, None, length=tau)[0], x)
 
   return _mean(cmap(client)(ids)), h, jnp.mean(g_i)
 
 
-def _grad_evals(counts: Counts) -> tuple[int, int]:
-  """Gradient evaluations in FedInn and in FedIHGP + FedOut (a product counts as
-  PRODUCT_GRAD_EVALS["exact"] gradients, as in the local round's FLOPs)."""
-  per = PRODUCT_GRAD_EVALS["exact"]
-  return (counts.first_order_inner,
-          counts.first_order_outer + per * (counts.hvp_products + counts.cross_products))
+# ------------------------------------------------------------------ what a round costs
 
 
-def _client_prices(epochs: int, tau: int, n: int, model: costs.ModelCosts, kept_x: PyTree,
-                   kept_y: PyTree, n_in: jax.Array, n_out: jax.Array,
-                   epoch_rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(FLOPs of a FedInn client, of a FedIHGP + FedOut client) with the per-operation model, each
-  pass at the rows it runs on: n_in / n_out rows of the client's train / validation split.
-
-  FedInn: the snapshot sweeps the train split (x's forward and a gradient in y per row), each
-  epoch's SVRG steps take two such gradients on epoch_rows rows (the split's rows when the
-  batches partition it). FedIHGP + FedOut: grad_y f, grad_x f and 2 tau grad_x f on the
-  validation split, the two linearisations (hvp_point when N > 0, cross_point) on the train
-  split, each priced as x's forward and a gradient in x and y; N exact H v and one J v
-  products on the train split (epochs = local_ep, tau, n = N products)."""
-  prices = costs.op_prices(model, "exact", kept_x, kept_y)
-  g_y = prices["forward_x"] + prices["grad_y"]
-  g_xy = prices["forward_x"] + prices["grad_xy"]
-  inner = n_in * g_y + 2 * epochs * epoch_rows * g_y
-  outer = (((2 + 2 * tau) * n_out + (1 + (n > 0)) * n_in) * g_xy
-           + n * n_in * prices["hv"] + n_in * prices["jv"])
-  return inner, outer
-
-
-def client_flops(epochs: int, tau: int, n: int, layout: UnitLayout | None, state, data,
-                 s_in: jax.Array, s_out: jax.Array,
-                 cost: costs.CostModel | costs.PerGradient, sample: Sampler = full_batch
-                 ) -> jax.Array:
-  """Analytic client FLOPs of one round of local_ep = `epochs`, tau and N = n products: with
-  a costs.CostModel the per-operation model (_client_prices: whole-split passes at each
-  client's split rows), with a costs.PerGradient gradient evaluations x its price(held_x, held_y).
-
-  Without owned units (data.available None, e.g. hyper-representation) every client holds all
-  of x and y. With them (hyper-cleaning: a client owns the weight logits of its own samples)
-  a client holds only its own units of an owned group, what a local-round client at keep
-  ratio 1 holds (masks.unit_kept_counts), and is priced on those counts. A FedInn client (S_in)
-  pays FedInn's work, a FedIHGP / FedOut client (S_out) the rest.
+def client_flops(epochs: int, tau: int, n: int, layout: UnitLayout | None,
+                 available: Mapping[str, Any] | None, state: federated.ServerState,
+                 data: federated.FederatedData, s_in: jax.Array, s_out: jax.Array,
+                 cost: costs.CostModel | costs.PerGradient, sample: Sampler) -> jax.Array:
+  """Client FLOPs of one round: a FedInn client (S_in) pays FedInn's work, a FedOut client
+  (S_out) the rest. costs.PerGradient: the gradient evaluations (a product counts
+  PRODUCT_GRAD_EVALS["exact"]) x price(held_x, held_y). costs.CostModel: every pass at the rows
+  it runs on: FedInn's snapshot at the n_in train rows, each epoch's two SVRG gradients at
+  epoch_rows (n_in when the batches partition the split), grad_y f, grad_x f and 2 tau grad_x f
+  at the n_out validation rows, the linearisations (hvp_point when N > 0, cross_point) and the
+  products at n_in. A client holds all of x and y, or with owned units (`available`, e.g.
+  hyper-cleaning's samples) its own units of an owned group (masks.unit_kept_counts).
   """
   sizes = lambda t: jax.tree.map(lambda a: jnp.asarray(a.size, jnp.float32), t)
-  owned = data.available is not None and layout is not None
+  owned = available is not None and layout is not None
 
   def held(cid):
     if not owned:
       return sizes(state.x), sizes(state.y)
     in_x, in_y = layout.groups_of(layout.x), layout.groups_of(layout.y)
-    units = {g: (data.available[g][cid] if g in data.available else jnp.ones((n,)))
-             for g, n in layout.groups.items()}
+    units = {g: (data.available[g][cid] if g in data.available else jnp.ones((k,)))
+             for g, k in layout.groups.items()}
     return (unit_kept_counts({g: units[g] for g in in_x}, layout.x, state.x),
             unit_kept_counts({g: units[g] for g in in_y}, layout.y, state.y))
 
   if isinstance(cost, costs.PerGradient):
-    evals = _grad_evals(round_counts(1, inner_steps=epochs, local_steps=tau, num_steps=n + 1))
+    c = round_counts(1, inner_steps=epochs, local_steps=tau, num_steps=n + 1)
+    per = PRODUCT_GRAD_EVALS["exact"]
+    evals = (c.first_order_inner,
+             c.first_order_outer + per * (c.hvp_products + c.cross_products))
     if not owned:
       return (s_in.shape[0] * evals[0] + s_out.shape[0] * evals[1]) * cost.price(*held(None))
-    price = lambda cid, part: evals[part] * cost.price(*held(cid))
+    price = lambda cid: [e * cost.price(*held(cid)) for e in evals]
   else:
     sweep = sweep_batch_size(sample, data.inner) is not None
-    dtype = jnp.float32
 
-    def price(cid, part):
+    def price(cid):
       kx, ky = held(cid)
-      n_in = split_rows(data.inner, cid).astype(dtype)
-      n_out = split_rows(data.outer, cid).astype(dtype)
+      n_in = split_rows(data.inner, cid).astype(jnp.float32)
+      n_out = split_rows(data.outer, cid).astype(jnp.float32)
       epoch_rows = n_in if sweep else cost.rows(kx)[0]
-      return _client_prices(epochs, tau, n, cost.model, kx, ky, n_in, n_out, epoch_rows)[part]
+      prices = costs.op_prices(cost.model, "exact", kx, ky)
+      g_y = prices["forward_x"] + prices["grad_y"]
+      g_xy = prices["forward_x"] + prices["grad_xy"]
+      inner = n_in * g_y + 2 * epochs * epoch_rows * g_y
+      outer = (((2 + 2 * tau) * n_out + (1 + (n > 0)) * n_in) * g_xy
+               + n * n_in * prices["hv"] + n_in * prices["jv"])
+      return inner, outer
 
-  return (jnp.sum(jax.vmap(lambda cid: price(cid, 0))(s_in))
-          + jnp.sum(jax.vmap(lambda cid: price(cid, 1))(s_out)))
-
-
-def fedinn_svrg_steps(epochs: int, data, s_in: jax.Array, sample: Sampler) -> jax.Array:
-  """SVRG steps of the round's FedInn clients: sum_i local_ep ceil(n_i / B) (svrg_steps)."""
-  bsz = sweep_batch_size(sample, data.inner)
-  if bsz is None:
-    return jnp.asarray(epochs * s_in.shape[0], jnp.int32)
-  n = jax.vmap(lambda cid: split_rows(data.inner, cid))(s_in)
-  return jnp.sum(epochs * ((n + bsz - 1) // bsz)).astype(jnp.int32)
+  return (jnp.sum(jax.vmap(lambda cid: price(cid)[0])(s_in))
+          + jnp.sum(jax.vmap(lambda cid: price(cid)[1])(s_out)))
 
 
-def _metrics(n, state, counts: Counts, h, f_val, g_val, flops, steps, num_sampled):
-  """The generic round's metric keys (full model: coverage = C everywhere) plus the counts."""
-  full = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, num_sampled, jnp.int32), t)
-  cov_x = coverage_stats_from_counts(full(state.x))
-  cov_y = coverage_stats_from_counts(full(state.y))
+def _metrics(state: federated.ServerState, counts: Counts, num_sampled: int, n: int
+             ) -> dict[str, jax.Array]:
+  """The round's metrics that do not depend on the data: coverage (full model: all C clients
+  hold every coordinate), bytes sent and received, and the analytic counts."""
+  i32, f32 = lambda k: jnp.asarray(k, jnp.int32), lambda k: jnp.asarray(k, jnp.float32)
+  coverage = {}
+  for side, t in (("x", state.x), ("y", state.y)):  # the float32 mean of C counts, as reported
+    cov = coverage_stats_from_counts(_held(t, num_sampled))
+    coverage.update({f"coverage_{side}_min": cov.min, f"coverage_{side}_mean": cov.mean,
+                     f"uncovered_{side}_share": cov.uncovered_share})
+  nx, ny = tree.size(state.x), tree.size(state.y)
+  # Floats per FedInn client and FedOut client: FedInn: model down + s_i up, s down + y_i up.
+  # FedOut: model down + grad_y f_i up, N x (p down + message up), v down + h_i up, h down +
+  # x_i - x up.
+  floats = (nx + ny + ny) + (ny + ny) + (nx + ny + ny) + n * 2 * ny + (ny + nx) + 2 * nx
   itemsize = jax.tree.leaves(state.x)[0].dtype.itemsize
-  floats = comm_floats(tree.size(state.x), tree.size(state.y), n)
   return dict(
-      inner_loss=g_val, outer_loss=f_val, hypergrad_norm=tree.norm(h),
-      coverage_x_min=cov_x.min, coverage_x_mean=cov_x.mean, uncovered_x_share=cov_x.uncovered_share,
-      coverage_y_min=cov_y.min, coverage_y_mean=cov_y.mean, uncovered_y_share=cov_y.uncovered_share,
-      client_flops=flops,
-      comm_bytes=jnp.asarray(float(itemsize * num_sampled * floats), jnp.float32),
-      active_clients=jnp.asarray(num_sampled, jnp.int32),
-      messages=jnp.asarray(counts.messages, jnp.int32),
-      first_order_passes=jnp.asarray(counts.first_order_inner + counts.first_order_outer,
-                                     jnp.int32),
-      first_order_passes_inner=jnp.asarray(counts.first_order_inner, jnp.int32),
-      first_order_passes_outer=jnp.asarray(counts.first_order_outer, jnp.int32),
-      svrg_steps=steps,
-      hvp_products=jnp.asarray(counts.hvp_products, jnp.int32),
-      cross_products=jnp.asarray(counts.cross_products, jnp.int32),
-      communication_rounds=jnp.asarray(counts.communication_rounds, jnp.int32))
+      coverage, comm_bytes=f32(float(itemsize * num_sampled * floats)),
+      active_clients=i32(num_sampled), messages=i32(counts.messages),
+      first_order_passes=i32(counts.first_order_inner + counts.first_order_outer),
+      first_order_passes_inner=i32(counts.first_order_inner),
+      first_order_passes_outer=i32(counts.first_order_outer),
+      hvp_products=i32(counts.hvp_products), cross_products=i32(counts.cross_products),
+      communication_rounds=i32(counts.communication_rounds))
+
+
+def _held(t: PyTree, num_sampled: int) -> PyTree:
+  """Clients holding each coordinate: all C (full model)."""
+  return jax.tree.map(lambda a: jnp.full(a.shape, num_sampled, jnp.int32), t)
+
+
+# ------------------------------------------------------------------ the round
 
 
 def phase_samples(a: federated.RoundArgs, q: jax.Array, c: int) -> list[jax.Array]:
@@ -468,37 +388,27 @@ def phase_samples(a: federated.RoundArgs, q: jax.Array, c: int) -> list[jax.Arra
 
 
 def make_fednest_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
-                       clients_per_round: int, levels: Any, layout: UnitLayout | None,
-                       local_steps: int, inner_steps: int, inner_lr: float, outer_lr: float,
-                       estimator: str, num_steps: int, v_lr: float, product: str,
-                       optimizer: optax.GradientTransformation, weighting: str, seed: int,
-                       sample: Sampler, cost: costs.CostModel | costs.PerGradient | None,
-                       mask_fn: Any, submodel: str, mesh: Any,
-                       diagnostics: bool, fednest_neumann: str,
-                       client_map: ClientMap = vmap_clients, jit: bool = True,
-                       oracle: Oracle | None = None) -> federated.Round:
-  """FedNest's round `step(state, data) -> (state, metrics)` (module docstring), as a
-  federated.Round, of resolved options (base.Options; what FedNest cannot use is a ConfigError).
-
-  FedNest's names: local_ep = inner_steps, tau = local_steps, N = num_steps - 1 products,
-  hlr = outer_lr (= v_lr), lr = inner_lr. sample: its batch_size is FedNest's local_bs for
-  FedInn's epoch sweeps (a sampler without one: whole-split steps; FedOut and the snapshot
-  always use each client's whole split, as FedNest's code); fednest_neumann: "code"
-  (FedNest's code's v, the default) or "series" (NEUMANN_FORMS). Client-owned units are read
-  from data.available by the client FLOPs (`client_flops`), as the local round's masks do;
-  oracle replaces make_oracle(problem) (tests count calls through it); diagnostics as in
-  rafbo.make_round (the estimate is FedOut's averaged h at x); client_map maps a phase's
-  client function over its clients (ClientMap; default one vmap).
+                       clients_per_round: int, layout: UnitLayout | None, local_steps: int,
+                       inner_steps: int, inner_lr: float, outer_lr: float, num_steps: int,
+                       optimizer: optax.GradientTransformation, seed: int, sample: Sampler,
+                       cost: costs.CostModel | costs.PerGradient | None,
+                       available: Mapping[str, Any] | None, diagnostics: bool | None,
+                       fednest_neumann: str, client_map: ClientMap = vmap_clients,
+                       jit: bool = True, oracle: Oracle | None = None) -> federated.Round:
+  """FedNest's round `step(state, data) -> (state, metrics)` (module docstring) as a
+  federated.Round. The options it reads (base.Options documents them): local_ep = inner_steps,
+  tau = local_steps, N = num_steps - 1 products, hlr = outer_lr, lr = inner_lr; the sampler's
+  batch_size is local_bs for FedInn's epochs (without one: whole-split steps); available: the
+  clients own units (data.available), priced in client_flops; diagnostics as in
+  rafbo.make_round (the estimate is FedOut's h at x). client_map maps a phase's client
+  function over its clients; oracle replaces make_oracle(problem) (tests count calls).
   """
-  neumann = fednest_neumann
-  validate(levels=levels, weighting=weighting, estimator=estimator, product=product, v_lr=v_lr,
-           outer_lr=outer_lr, submodel=submodel, mask_fn=mask_fn, mesh=mesh, neumann=neumann)
+  check_choice("fednest_neumann", fednest_neumann, NEUMANN_FORMS)
   oracle = oracle or make_oracle(problem)
   population = np.arange(num_clients)
-  c = min(clients_per_round, num_clients)
-  epochs, tau = inner_steps, local_steps
+  c, epochs, tau = clients_per_round, inner_steps, local_steps
   counts = round_counts(c, inner_steps=epochs, local_steps=tau, num_steps=num_steps)
-  n = neumann_products(num_steps)
+  n = max(num_steps - 1, 0)
 
   def step(a: federated.RoundArgs, state: federated.ServerState,
            data: federated.FederatedData):
@@ -507,25 +417,26 @@ def make_fednest_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: 
     bkey = jax.random.fold_in(a.keys["batches"], q)
     keys = jax.vmap(lambda cid: jax.random.fold_in(bkey, cid))(s_in)
     hlr, lr = a.steps["outer_lr"], a.steps["inner_lr"]  # traced: one program for every step
-    y = fed_inn(oracle, epochs, state.x, state.y, data, s_in, keys, sample, client_map, lr)
-    v, f_val = fed_ihgp(oracle, n, state.x, y, data, s_out, client_map, hlr, neumann)
+    y, steps = fed_inn(oracle, epochs, state.x, state.y, data, s_in, keys, sample, client_map, lr)
+    v, f_val = fed_ihgp(oracle, n, state.x, y, data, s_out, client_map, hlr, fednest_neumann)
     dx, h, g_val = fed_out(oracle, tau, state.x, y, v, data, s_out, client_map, hlr)
     x, opt_state = server.server_step(state.x, dx, tree.ones_like(dx), optimizer,
                                       state.opt_state)
-    flops = client_flops(epochs, tau, n, layout, state, data, s_in, s_out,
-                         cost or costs.PerGradient(), sample)
-    steps = fedinn_svrg_steps(epochs, data, s_in, sample)
-    metrics = _metrics(n, state, counts, h, f_val, g_val, flops, steps, c)
-    if diagnostics:  # full model: every coordinate held by the C sampled clients
-      held = lambda t: jax.tree.map(lambda a: jnp.full(a.shape, c, jnp.int32), t)
-      metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=held(state.x),
-                                            count_y=held(state.y))
+    metrics = dict(
+        _metrics(state, counts, c, n), inner_loss=g_val, outer_loss=f_val,
+        hypergrad_norm=tree.norm(h), svrg_steps=steps,
+        client_flops=client_flops(epochs, tau, n, layout, available, state, data, s_in, s_out,
+                                  cost or costs.PerGradient(), sample))
+    if diagnostics:
+      metrics[federated.DIAGNOSTICS] = dict(estimate=h, count_x=_held(state.x, c),
+                                            count_y=_held(state.y, c))
     return federated.ServerState(x, y, v, opt_state, q + 1), metrics
 
   # Seed streams and step sizes as jit arguments (RoundArgs): one program for every seed and
-  # step size (sampling_lib.ROUND_STREAMS holds the streams FedNest reads).
+  # step size (v_lr is outer_lr: FedNest's one step hlr).
   ratios = np.ones((num_clients, 2))
-  args = sampling_lib.round_args(seed, dict(outer_lr=outer_lr, inner_lr=inner_lr, v_lr=v_lr),
+  args = sampling_lib.round_args(seed, dict(outer_lr=outer_lr, inner_lr=inner_lr,
+                                            v_lr=outer_lr),
                                  ratios, population, (), jax.tree.leaves(x_like)[0].dtype)
   apply = jax.jit(step) if jit else step
   return federated.Round(functools.partial(apply, args), population, ratios, c, (),
@@ -548,7 +459,8 @@ def _one_step_size(o: base.Options, given: Mapping[str, Any]) -> base.Options:
 
 
 # FedNest's own hyperparameters (config A): outer_tau 1, local_ep 5 epochs of SVRG steps
-# (inner_steps), 5 Neumann products (6 terms), hlr = lr = 0.01 (v_lr = outer_lr).
+# (inner_steps), 5 Neumann products (6 terms), hlr = lr = 0.01 (v_lr = outer_lr). Full model,
+# uniform weights, exact products: options it does not read keep these defaults (base.build).
 FEDNEST = base.Spec(
     base.SHARED._replace(estimator="neumann", local_steps=1, inner_steps=5, num_steps=6,
                          inner_lr=0.01, outer_lr=0.01, v_lr=0.01),
@@ -557,9 +469,7 @@ FEDNEST = base.Spec(
 
 def fednest(*, problem: BilevelProblem, num_clients: int, **options: Any) -> base.Algorithm:
   """FedNest (Tarzanagh et al., 2022): its communicating round (module docstring), at its
-  own hyperparameters (FEDNEST: local_steps = outer_tau 1, inner_steps = local_ep 5 epochs of
-  SVRG steps, num_steps 6 Neumann terms, outer_lr = hlr = v_lr 0.01, inner_lr = lr 0.01,
-  fednest_neumann "code"). Full model: `levels` is ignored; submodel "compact", weighting
-  "examples" and estimators other than neumann are ConfigErrors.
+  own hyperparameters (FEDNEST). Full model: `levels` is ignored; an option its round does not
+  read (submodel "compact", weighting "examples", another estimator, ...) is a ConfigError.
   """
   return base.build("fednest", FEDNEST, problem, num_clients, options)

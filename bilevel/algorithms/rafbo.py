@@ -57,23 +57,16 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
                mesh: jax.sharding.Mesh | None, diagnostics: bool, jit: bool = True,
                mesh_axis: str = "clients") -> Round:
   """The local round `step(state, data) -> (state, metrics)` of resolved options (base.Options
-  documents each; Algorithm.make_round passes them); checks its own combinations (ConfigError).
+  documents each; Algorithm.make_round passes them); checks its own combinations (check_round).
 
-  diagnostics: metrics[DIAGNOSTICS] = {"estimate": the round's aggregated hypergradient
-  estimate (like x, at the state the round started from), "count_x" / "count_y": clients
-  keeping each coordinate} for `loop.run(..., diagnose_fn=...)`.
-  mask_fn: `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` replacing the
-  policy masks (dense only), e.g. the theory check's controlled-coverage schedules.
-  submodel: "dense" (masked full-size arrays: the reference) or "compact" (module docstring;
-  needs unit masks, fixed levels, no `available` units, no mask_fn, and losses that accept
-  compact arrays). Compact = dense in float64 to 1e-12 (tests/compact_test.py).
-  sampling: "uniform" (dense default) or "stratified" (required by compact); see
-  bilevel/sampling.py. With one level both draw the same clients.
-  mesh: shard the client axis of the sampled ids and of every client output over `mesh_axis`
-  (sharding.client_mesh); the same numbers as one device up to summation order. Place the
-  data and state with `sharding.replicate(tree, mesh)` first, or every call copies them.
-  jit: False returns the traced-per-call step (for callers that jit a larger program).
-  cost: the FLOP model client FLOPs are priced with (costs.CostModel; None: costs.PerGradient()).
+  diagnostics: metrics[DIAGNOSTICS] = {"estimate": the aggregated hypergradient estimate at the
+  round's starting state, "count_x" / "count_y": clients keeping each coordinate}.
+  submodel "compact" needs unit masks, fixed levels, stratified sampling, no `available`, no
+  mask_fn and losses that accept compact arrays; it equals "dense" in float64 to 1e-12
+  (tests/compact_test.py). mesh: the sampled ids and every client output are sharded over
+  `mesh_axis`; place data and state with `sharding.replicate(tree, mesh)` first, or every call
+  copies them. jit: False returns the traced-per-call step (for callers that jit a larger
+  program).
   """
   sampling = check_round(redraw_levels=redraw_levels, granularity=granularity,
                          submodel=submodel, sampling=sampling, mask_fn=mask_fn,
