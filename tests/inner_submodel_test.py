@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
-from bilevel import inner, models, problems, submodel
+from bilevel import inner, models, submodel
 from bilevel import masks as masks_lib
 from bilevel.masks import Axes
+import quadratic  # tests/quadratic.py
 
 
 def scatter(axes_tree, compact, idx, like):
@@ -35,17 +36,17 @@ class InnerTest(absltest.TestCase):
     self.enter_context(jax.enable_x64(True))
 
   def test_converges_to_closed_form(self):
-    data = problems.make_quadratic(3, 4, 5, seed=0)
+    data = quadratic.make_quadratic(3, 4, 5, seed=0)
     x = jnp.arange(4.0)
-    y = inner.inner_solve(problems.quadratic_inner, x, jnp.zeros(5), problems.quadratic_mean(data),
+    y = inner.inner_solve(quadratic.quadratic_inner, x, jnp.zeros(5), quadratic.quadratic_mean(data),
                           num_steps=300, step_size=0.25)
-    np.testing.assert_allclose(y, problems.quadratic_solution(x, data), rtol=1e-10)
+    np.testing.assert_allclose(y, quadratic.quadratic_solution(x, data), rtol=1e-10)
 
   def test_off_mask_entries_stay_exactly(self):
-    data = problems.make_quadratic(3, 4, 5, seed=0)
+    data = quadratic.make_quadratic(3, 4, 5, seed=0)
     y0 = jnp.asarray(np.random.default_rng(0).normal(size=5))
     my = jnp.array([1.0, 0, 1, 0, 1])
-    y = inner.inner_solve(problems.quadratic_inner, jnp.ones(4), y0, problems.quadratic_mean(data),
+    y = inner.inner_solve(quadratic.quadratic_inner, jnp.ones(4), y0, quadratic.quadratic_mean(data),
                           num_steps=7, step_size=0.1, mask_y=my)
     np.testing.assert_array_equal(np.asarray(y)[[1, 3]], np.asarray(y0)[[1, 3]])
     self.assertTrue(np.all(np.asarray(y)[[0, 2, 4]] != np.asarray(y0)[[0, 2, 4]]))
