@@ -17,9 +17,8 @@ extracted, so groups that index data (hyper-cleaning's per-sample weights) need 
 Compact clients compute in units-major form (`to_units_major`: each leaf's unit axes moved to
 the front, so the MLP's hidden kernel [D, K] is held as [K, D]); `units_major_problem` hands the
 losses their arguments in the model's layout. A kept unit is then one contiguous row: extraction
-gathers rows, the weight gradients come out row by row (XLA emits dH^T X rather than X^T dH),
-and the server's scatter-add writes whole rows. With the unit axis last instead, XLA:CPU
-transposed every client's kernel delta and extracted kernel in memory (BENCHMARKS.md).
+gathers rows, the weight gradients come out row by row and the server's scatter-add writes
+whole rows, with no transposes in memory (BENCHMARKS.md).
 """
 
 from __future__ import annotations
