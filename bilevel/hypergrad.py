@@ -138,11 +138,8 @@ def _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts) -> PyTree
 def _finish(problem, product, xm, ym, v_work, v_in, gxf, inner_batch, mask_x, mask_y, opts):
   jv = product(problem.inner_loss, xm, ym, v_work, inner_batch, opts.delta, True).jv
   hypergrad = tree.masked(tree.sub(gxf, jv), mask_x)
-  if v_in is None or mask_y is None:
-    v_out = v_work
-  else:
-    v_out = tree.where(mask_y, v_work, v_in)
-  return HypergradResult(hypergrad, v_out)
+  keep_in = v_in is not None and mask_y is not None  # v outside m_y returns as it came in
+  return HypergradResult(hypergrad, tree.where(mask_y, v_work, v_in) if keep_in else v_work)
 
 
 def _v_iteration(product_name: str):

@@ -154,9 +154,8 @@ def round_sums(res: ClientResult, layout: UnitLayout | None, state: Any) -> Roun
       outer_loss=jnp.sum(w * out.outer_loss), flops=jnp.sum(res.stats["flops"]),
       params_sent=jnp.sum(res.stats["params_sent"]),
       # Counted in w's float type, like count_x: sharded over devices, every sum here is then
-      # one cross-device all-reduce. An int sum was a second one which, constant in compact
-      # rounds, XLA:CPU could run first: one device then waited in it, holding one of the two
-      # CPU threads, while the other ran its clients alone (BENCHMARKS.md, keep ratio).
+      # one cross-device all-reduce (an int sum was a second one, which stalled a device's
+      # thread while the other ran its clients alone: BENCHMARKS.md, keep ratio).
       active=as_count(jnp.sum((w > 0).astype(w.dtype))))
 
 
@@ -169,8 +168,9 @@ def server_update(state: Any, results: Sequence[ClientResult], layout: UnitLayou
   state: the federated.ServerState the round started from; results: the ClientResults of each
   client group, stacked over its clients. The aggregated deltas (aggregate = AGGREGATORS[name])
   move x through the optimiser (server_step) and are added to y and v where some client kept
-  the coordinate. diagnostics: {"estimate": the coverage mean of the clients' mean
-  hypergradients (like x), "count_x" / "count_y": clients keeping each coordinate}.
+  the coordinate. metrics: mean losses, |aggregated hypergradient|, coverage of x and y, client
+  FLOPs, bytes sent down and up, active clients. diagnostics: {"estimate": the coverage mean of
+  the clients' mean hypergradients (like x), "count_x" / "count_y": clients per coordinate}.
   """
   sums = [round_sums(res, layout, state) for res in results]
   t = jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)  # over the client groups
@@ -186,20 +186,11 @@ def server_update(state: Any, results: Sequence[ClientResult], layout: UnitLayou
   x, opt_state = server_step(state.x, dx, cover_x, optimizer, state.opt_state)
   y = tree.add(state.y, tree.mul(dy, cover_y))
   v = tree.add(state.v, tree.mul(dv, cover_y))
-  metrics = round_metrics(t, hyper, state.x)
-  diagnostics = dict(estimate=hyper, count_x=t.count_x, count_y=t.count_y)
-  new = state._replace(x=x, y=y, v=v, opt_state=opt_state, round=state.round + 1)
-  return new, metrics, diagnostics
-
-
-def round_metrics(t: RoundSums, hyper: PyTree, x: PyTree) -> dict[str, jax.Array]:
-  """The round's metrics from its sums: mean losses, |aggregated hypergradient|, coverage of x
-  and y, client FLOPs, bytes sent down and up (x's item size), active clients."""
   cov_x = masks_lib.coverage_stats_from_counts(t.count_x)
   cov_y = masks_lib.coverage_stats_from_counts(t.count_y)
   wsum = jnp.maximum(t.weight, 1e-30)
-  itemsize = jax.tree.leaves(x)[0].dtype.itemsize
-  return dict(
+  itemsize = jax.tree.leaves(state.x)[0].dtype.itemsize  # comm_bytes: x's item size
+  metrics = dict(
       inner_loss=t.inner_loss / wsum,
       outer_loss=t.outer_loss / wsum,
       hypergrad_norm=tree.norm(hyper),
@@ -210,3 +201,6 @@ def round_metrics(t: RoundSums, hyper: PyTree, x: PyTree) -> dict[str, jax.Array
       client_flops=t.flops,
       comm_bytes=2.0 * itemsize * t.params_sent,  # down + up
       active_clients=t.active)
+  diagnostics = dict(estimate=hyper, count_x=t.count_x, count_y=t.count_y)
+  new = state._replace(x=x, y=y, v=v, opt_state=opt_state, round=state.round + 1)
+  return new, metrics, diagnostics

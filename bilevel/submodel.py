@@ -37,11 +37,6 @@ PyTree = Any
 Indices = Mapping[str, jax.Array]
 
 
-def kept_indices(unit_mask: jax.Array, k: int) -> jax.Array:
-  """The k kept unit indices in increasing order (k static; the mask must keep exactly k)."""
-  return jnp.nonzero(unit_mask, size=k, fill_value=0)[0].astype(jnp.int32)
-
-
 def extract(axes_tree: PyTree, params: PyTree, idx: Indices) -> PyTree:
   """Compact arrays: along every (group, axis) of a leaf keep only idx[group] (groups missing
   from idx keep all their units). The indices are sorted and in range by construction."""
@@ -160,12 +155,14 @@ def group_keep_counts(layout: UnitLayout, kx: Mapping[str, int],
 
 def compact_indices(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks,
                     counts: Mapping[str, int]) -> dict[str, jax.Array]:
-  """Kept unit indices per group: x's kept units where x indexes the group, else y's.
+  """Kept unit indices per group, in increasing order: x's kept units where x indexes the group,
+  else y's (counts[g] static: the mask keeps exactly that many).
 
-  Groups kept at full width (counts[g] = K) are left out: their indices would be 0..K-1
-  (kept_indices sorts them), so extract and scatter_add leave those axes as they are.
+  Groups kept at full width (counts[g] = K) are left out: their indices would be 0..K-1, so
+  extract and scatter_add leave those axes as they are.
   """
-  return {g: kept_indices(umx[g] if g in umx else umy[g], counts[g]) for g in counts
+  kept = lambda m, k: jnp.nonzero(m, size=k, fill_value=0)[0].astype(jnp.int32)
+  return {g: kept(umx[g] if g in umx else umy[g], counts[g]) for g in counts
           if counts[g] < layout.groups[g]}
 
 

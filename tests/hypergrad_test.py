@@ -14,7 +14,7 @@ from bilevel import hypergrad, models, problems, submodel, tree
 from bilevel import masks as masks_lib
 from bilevel.errors import ConfigError
 import quadratic  # tests/quadratic.py
-from inner_submodel_test import scatter  # the inverse of submodel.extract (a test helper)
+from inner_submodel_test import kept_indices, scatter  # test helpers
 
 # Settings under which each estimator reaches its own accuracy on the quadratic (spectrum [1, 4]):
 # v-iteration / Neumann contract by (1 - 0.25 * 1)^N, CG is exact in dim_y steps.
@@ -109,8 +109,8 @@ class EstimatorTest(chex.TestCase):
     kw = dict(estimator=estimator, num_steps=4, step_size=0.3, delta=1e-4)
     full = _estimator(self.variant, problem, **kw)(x, y, batch, batch, v=v0, mask_x=mx, mask_y=my)
     # The compact y keeps the head rows of units kept on both sides; x keeps its own units.
-    ix = submodel.kept_indices(umx["hidden"], 4)
-    iy = submodel.kept_indices(umy["hidden"], 3)
+    ix = kept_indices(umx["hidden"], 4)
+    iy = kept_indices(umy["hidden"], 3)
     xs = submodel.extract(layout.x, x, {"hidden": ix})
     ys = submodel.extract(layout.y, y, {"hidden": iy})
     vs = submodel.extract(layout.y, v0, {"hidden": iy})
