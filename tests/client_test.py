@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from bilevel import algorithms, problems, tree
+from bilevel import algorithms, tree
 from bilevel.client import client_update, full_batch, minibatch_sampler
 from bilevel.client import population_sampler, trust_region
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
+import quadratic  # tests/quadratic.py
 
 
 def _population(valid=(5, 3, 8), rows=8, dim=4):
@@ -74,9 +75,9 @@ class TrustRegionTest(absltest.TestCase):
                                rtol=1e-6)
 
   def test_client_update_applies_it_and_zero_is_off(self):
-    data = tree.index(problems.make_quadratic(2, 6, 4, seed=0, dtype=np.float32), 0)
+    data = tree.index(quadratic.make_quadratic(2, 6, 4, seed=0, dtype=np.float32), 0)
     x, y = jnp.full((6,), 0.5), jnp.zeros(4)
-    run = lambda **kw: client_update(problems.QUADRATIC, x, y, jnp.zeros(4), data, data,
+    run = lambda **kw: client_update(quadratic.QUADRATIC, x, y, jnp.zeros(4), data, data,
                                      None, None, jax.random.key(0), local_steps=3, inner_steps=1,
                                      inner_lr=0.1, outer_lr=0.5, estimator="fd",
                                      estimator_options=EstimatorOptions(), inner_step="cauchy",
@@ -91,7 +92,7 @@ class TrustRegionTest(absltest.TestCase):
     np.testing.assert_array_equal(capped.delta_y, free.delta_y)  # x's delta only
 
   def test_rejects_negative_radius_and_unknown_scope(self):
-    kw = dict(problem=problems.QUADRATIC, num_clients=2, granularity="element")
+    kw = dict(problem=quadratic.QUADRATIC, num_clients=2, granularity="element")
     with self.assertRaisesRegex(ConfigError, "x_trust=-1.0"):
       algorithms.get("rafbo", x_trust=-1.0, **kw)
     with self.assertRaisesRegex(ConfigError, "x_trust_scope='unit'"):

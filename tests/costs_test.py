@@ -35,6 +35,12 @@ from bilevel.hypergrad import EstimatorOptions
 from bilevel.tasks import hyper_cleaning as hc_task
 from bilevel.tasks import hyper_representation as hr_task
 
+
+def full_counts(tree):
+  """Kept counts of an unpruned client: every leaf's size."""
+  return jax.tree.map(lambda t: math.prod(t.shape), tree)
+
+
 # (estimator, v_step, product): v_step matters for fd / exact, product for neumann / cg.
 VARIANTS = [("fd", "cauchy", "exact"), ("fd", "fixed", "exact"), ("exact", "cauchy", "exact"),
             ("exact", "fixed", "exact"), ("neumann", "cauchy", "exact"),
@@ -139,7 +145,7 @@ def _xla_flops(compiled) -> float:
 
 
 def _model_flops(task, cfg, rows=None, first_step_apart=True):
-  return float(costs.client_flops(costs.full_counts(task["x"]), costs.full_counts(task["y"]),
+  return float(costs.client_flops(full_counts(task["x"]), full_counts(task["y"]),
                                   rows or task["rows"], task["model"],
                                   first_step_apart=first_step_apart, **cfg))
 
@@ -390,7 +396,7 @@ class TestRoundPricing:
   def test_full_model_round_is_clients_times_the_model(self):
     alg, cost, state, data, x, y = self._setup("simfbo")
     _, metrics = alg.step(state, data)
-    want = 4 * costs.client_flops(costs.full_counts(x), costs.full_counts(y), (self.N, self.N),
+    want = 4 * costs.client_flops(full_counts(x), full_counts(y), (self.N, self.N),
                                   hr_task.mlp_costs(), **_work(alg.options))
     # float32 sums of four equal float32 terms: relative rounding ~1e-7.
     assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
@@ -412,7 +418,7 @@ class TestRoundPricing:
   def test_fednest_round_prices_its_passes_and_products(self):
     alg, cost, state, data, x, y = self._setup("fednest")
     _, metrics = alg.step(state, data)
-    kx, ky = costs.full_counts(x), costs.full_counts(y)
+    kx, ky = full_counts(x), full_counts(y)
     prices, rows = costs.op_prices(hr_task.mlp_costs(), "exact", kx, ky), (self.N, self.N)
     op = lambda kind, batch: prices[kind] * rows[0 if batch == "inner" else 1]
     o = alg.options  # 4 sampled clients in both phases

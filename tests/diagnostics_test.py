@@ -13,9 +13,10 @@ import pytest
 from absl import flags
 from absl.testing import absltest
 
-from bilevel import diagnostics, federated, loop, problems, tree
+from bilevel import diagnostics, federated, loop, tree
 from bilevel import algorithms
 from bilevel.masks import Level
+import quadratic  # tests/quadratic.py
 from reliability_test import _main  # the in-process driver runner the tests share
 
 
@@ -27,13 +28,13 @@ class TrueHypergradientTest(absltest.TestCase):
 
   def test_matches_the_closed_form_of_the_global_problem(self):
     # Heterogeneous clients: G and F are client means, so grad Phi is the mean problem's.
-    data = problems.make_quadratic(5, 4, 6, seed=3, heterogeneity=1.0)
+    data = quadratic.make_quadratic(5, 4, 6, seed=3, heterogeneity=1.0)
     x = jnp.asarray([0.4, -1.0, 0.2, 0.7])
-    true = diagnostics.true_hypergradient(problems.QUADRATIC, x, jnp.zeros(6), data, data,
+    true = diagnostics.true_hypergradient(quadratic.QUADRATIC, x, jnp.zeros(6), data, data,
                                           inner_tol=1e-10, max_inner_steps=200, cg_steps=20)
     # L-BFGS to ||grad_y G|| <= 1e-10 and CG exact in dim_y = 6 steps: float64 rounding only.
-    np.testing.assert_allclose(true.hypergrad, problems.quadratic_hypergrad(x, data), rtol=1e-7)
-    np.testing.assert_allclose(true.y_star, problems.quadratic_solution(x, data), rtol=1e-8)
+    np.testing.assert_allclose(true.hypergrad, quadratic.quadratic_hypergrad(x, data), rtol=1e-7)
+    np.testing.assert_allclose(true.y_star, quadratic.quadratic_solution(x, data), rtol=1e-8)
     self.assertLessEqual(float(true.inner_grad_norm), 1e-10)
     self.assertLess(float(true.cg_residual), 1e-10)
 
@@ -54,10 +55,10 @@ class RunDiagnosticsTest(absltest.TestCase):
     # Static element masks at ratio 0.5 with no full client: the leading half of every leaf is
     # kept by every client, the rest never (allowed explicitly), so the share is exactly 1/2.
     d = 8
-    alg = algorithms.get("rafbo", problem=problems.QUADRATIC, num_clients=4, clients_per_round=2,
+    alg = algorithms.get("rafbo", problem=quadratic.QUADRATIC, num_clients=4, clients_per_round=2,
                          local_steps=1, levels=(Level(0.5, 0.5, 1.0),), mask_policy="static",
                          granularity="element", allow_uncovered=True, diagnostics=True)
-    data = problems.make_quadratic(4, d, d, seed=0, separable=True, dtype=np.float32)
+    data = quadratic.make_quadratic(4, d, d, seed=0, separable=True, dtype=np.float32)
     fdata = federated.FederatedData(data, data, jnp.ones(4))
     x0 = jnp.zeros(d, jnp.float32)
     rnd = alg.make_round(x0)

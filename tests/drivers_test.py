@@ -26,9 +26,10 @@ import pytest
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
-from bilevel import algorithms, problems
+from bilevel import algorithms
 from bilevel import data as data_lib
 from bilevel import masks as masks_lib
+import quadratic  # tests/quadratic.py
 from experiments import centralised, common, compare, hyper_cleaning, hyper_representation
 
 FLAGS = flags.FLAGS
@@ -259,7 +260,7 @@ class PresetsTest(parameterized.TestCase):
     self.assertTrue(os.path.isfile(path))
     with flagsaver.flagsaver():
       FLAGS(["prog", f"--flagfile={path}"])
-      alg = common.make_algorithm(problems.QUADRATIC, masks_lib.UnitLayout({}, {}, {}))
+      alg = common.make_algorithm(quadratic.QUADRATIC, masks_lib.UnitLayout({}, {}, {}))
       o = alg.options
       self.assertEqual(FLAGS.algorithm, algorithm)
       self.assertEqual(FLAGS.partition, partition)

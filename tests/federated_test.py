@@ -10,10 +10,11 @@ import optax
 import pytest
 from absl.testing import absltest, parameterized
 
-from bilevel import algorithms, costs, federated, hypergrad, inner, loop, problems, server, tree
+from bilevel import algorithms, costs, federated, hypergrad, inner, loop, server, tree
 from bilevel import masks as masks_lib
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import EstimatorOptions
+import quadratic  # tests/quadratic.py
 
 M, D = 6, 5
 LEVELS = masks_lib.parse_levels("1/1:0.34,0.5/0.5:0.33,0.25/0.25:0.33")
@@ -36,13 +37,13 @@ def _evals(local_steps=3, estimator="fd"):
 
 def _round(cfg, x0, dim=D, name="rafbo", num_clients=M):
   """(the round of options cfg, its algorithm) on the quadratic of width dim."""
-  alg = algorithms.get(name, problem=problems.QUADRATIC, num_clients=num_clients,
-                       layout=problems.quadratic_layout(dim), **cfg)
+  alg = algorithms.get(name, problem=quadratic.QUADRATIC, num_clients=num_clients,
+                       layout=quadratic.quadratic_layout(dim), **cfg)
   return alg.make_round(x0), alg
 
 
 def _setup(heterogeneity=1.0, dtype=np.float64):
-  d = problems.make_quadratic(M, D, D, seed=0, heterogeneity=heterogeneity, separable=True,
+  d = quadratic.make_quadratic(M, D, D, seed=0, heterogeneity=heterogeneity, separable=True,
                               dtype=dtype)
   data = federated.FederatedData(d, d, jnp.arange(1, M + 1))
   x0 = jnp.full(D, 3.0, dtype)
@@ -79,7 +80,7 @@ def _run(cfg, num_rounds, dtype=np.float64, reference_loop=False, heterogeneity=
   state = federated.init_state(x0, y0, alg.optimizer)
   state, records = loop.run(rnd, state, data, num_rounds, log=None,
                                  eval_fn=lambda s: {"true_hypergrad_norm": jnp.linalg.norm(
-                                     problems.quadratic_hypergrad(s.x, d))})
+                                     quadratic.quadratic_hypergrad(s.x, d))})
   return state, records, rnd
 
 
@@ -100,11 +101,11 @@ class RoundTest(parameterized.TestCase):
     @jax.jit
     def local(x, y, v, batch):
       for _ in range(local_steps):
-        y = inner.inner_solve(problems.quadratic_inner, x, y, batch,
+        y = inner.inner_solve(quadratic.quadratic_inner, x, y, batch,
                               num_steps=2, step_size=0.2, step_rule="cauchy",
                               product=hypergrad.estimator_product_kind(estimator, opts),
                               delta=opts.delta)
-        res = hypergrad.hypergradient(problems.QUADRATIC, x, y, batch, batch, v=v,
+        res = hypergrad.hypergradient(quadratic.QUADRATIC, x, y, batch, batch, v=v,
                                       estimator=estimator, num_steps=opts.num_steps,
                                       step_size=opts.step_size, delta=opts.delta)
         x, v = x - 0.1 * res.hypergrad, res.v
@@ -158,7 +159,7 @@ class RoundTest(parameterized.TestCase):
     cfg = dict(clients_per_round=3, **_client(local_steps=5), levels=LEVELS, mask_policy=policy)
     _, records, _ = _run(cfg, 300, heterogeneity=0.0)
     d, _, x0, _ = _setup(0.0)
-    start = float(jnp.linalg.norm(problems.quadratic_hypergrad(x0, d)))
+    start = float(jnp.linalg.norm(quadratic.quadratic_hypergrad(x0, d)))
     self.assertLess(records[-1]["true_hypergrad_norm"], start / 100)
     self.assertLess(records[-1]["cx_star"], 3)  # pruning really left coordinates to fewer clients
 
@@ -219,7 +220,7 @@ class RoundTest(parameterized.TestCase):
 
 def _cost_metrics(estimator, dim, levels, dtype=np.float32):
   """One round's metrics on the separable quadratic of width dim, every client taking part."""
-  d = problems.make_quadratic(3, dim, dim, seed=0, separable=True, dtype=dtype)
+  d = quadratic.make_quadratic(3, dim, dim, seed=0, separable=True, dtype=dtype)
   cfg = dict(clients_per_round=3, **_client(1, estimator), levels=levels)
   x0 = jnp.zeros(dim, dtype)
   rnd, _ = _round(cfg, x0, dim, num_clients=3)

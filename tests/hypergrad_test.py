@@ -13,7 +13,8 @@ from absl.testing import absltest, parameterized
 from bilevel import hypergrad, models, problems, submodel, tree
 from bilevel import masks as masks_lib
 from bilevel.errors import ConfigError
-from inner_submodel_test import scatter  # the inverse of submodel.extract (a test helper)
+import quadratic  # tests/quadratic.py
+from inner_submodel_test import kept_indices, scatter  # test helpers
 
 # Settings under which each estimator reaches its own accuracy on the quadratic (spectrum [1, 4]):
 # v-iteration / Neumann contract by (1 - 0.25 * 1)^N, CG is exact in dim_y steps.
@@ -27,9 +28,9 @@ RTOL = {"cg": 1e-6, "exact": 1e-6, "neumann": 1e-6, "fd": 1e-4}
 
 
 def _toy(seed=0, dx=6, dy=8):
-  data = problems.make_quadratic(4, dx, dy, seed=seed)
+  data = quadratic.make_quadratic(4, dx, dy, seed=seed)
   x = jnp.asarray(np.random.default_rng(seed + 1).normal(size=dx))
-  return data, problems.quadratic_mean(data), x
+  return data, quadratic.quadratic_mean(data), x
 
 
 def _mlp_problem():
@@ -62,11 +63,11 @@ class EstimatorTest(chex.TestCase):
   @parameterized.parameters(*SETTINGS)
   def test_matches_closed_form(self, estimator):
     data, mean, x = _toy()
-    y = problems.quadratic_solution(x, data)
-    estimate = _estimator(self.variant, problems.QUADRATIC, estimator=estimator,
+    y = quadratic.quadratic_solution(x, data)
+    estimate = _estimator(self.variant, quadratic.QUADRATIC, estimator=estimator,
                           **SETTINGS[estimator])
     res = estimate(x, y, mean, mean)
-    np.testing.assert_allclose(res.hypergrad, problems.quadratic_hypergrad(x, data),
+    np.testing.assert_allclose(res.hypergrad, quadratic.quadratic_hypergrad(x, data),
                                rtol=RTOL[estimator])
     v_star = jnp.linalg.solve(mean.A, y - mean.c)
     np.testing.assert_allclose(res.v, v_star, rtol=RTOL[estimator] * 10)
@@ -75,19 +76,19 @@ class EstimatorTest(chex.TestCase):
   @parameterized.parameters(*SETTINGS)
   def test_masked_equals_extracted_subproblem(self, estimator):
     data, mean, x = _toy()
-    y = problems.quadratic_solution(x, data) + 0.1
+    y = quadratic.quadratic_solution(x, data) + 0.1
     rng = np.random.default_rng(3)
     keep_x, keep_y = np.sort(rng.choice(6, 4, replace=False)), np.sort(rng.choice(8, 5, replace=False))
     mx, my = jnp.zeros(6).at[keep_x].set(1.0), jnp.zeros(8).at[keep_y].set(1.0)
     v0 = jnp.asarray(rng.normal(size=8))
     kw = dict(estimator=estimator, **SETTINGS[estimator])
     kw["num_steps"] = 5  # a partial solve: equality must hold step by step, not only at the limit
-    full = _estimator(self.variant, problems.QUADRATIC, **kw)(x, y, mean, mean, v=v0, mask_x=mx,
+    full = _estimator(self.variant, quadratic.QUADRATIC, **kw)(x, y, mean, mean, v=v0, mask_x=mx,
                                                              mask_y=my)
     embed = lambda sub, idx, n: jnp.zeros(n, sub.dtype).at[idx].set(sub)
     sub_problem = problems.BilevelProblem(
-        lambda xs, ys, b: problems.quadratic_inner(embed(xs, keep_x, 6), embed(ys, keep_y, 8), b),
-        lambda xs, ys, b: problems.quadratic_outer(embed(xs, keep_x, 6), embed(ys, keep_y, 8), b))
+        lambda xs, ys, b: quadratic.quadratic_inner(embed(xs, keep_x, 6), embed(ys, keep_y, 8), b),
+        lambda xs, ys, b: quadratic.quadratic_outer(embed(xs, keep_x, 6), embed(ys, keep_y, 8), b))
     sub = _estimator(self.variant, sub_problem, **kw)(x[keep_x], y[keep_y], mean, mean,
                                                       v=v0[keep_y])
     np.testing.assert_allclose(full.hypergrad[keep_x], sub.hypergrad, rtol=1e-12, atol=1e-14)
@@ -108,8 +109,8 @@ class EstimatorTest(chex.TestCase):
     kw = dict(estimator=estimator, num_steps=4, step_size=0.3, delta=1e-4)
     full = _estimator(self.variant, problem, **kw)(x, y, batch, batch, v=v0, mask_x=mx, mask_y=my)
     # The compact y keeps the head rows of units kept on both sides; x keeps its own units.
-    ix = submodel.kept_indices(umx["hidden"], 4)
-    iy = submodel.kept_indices(umy["hidden"], 3)
+    ix = kept_indices(umx["hidden"], 4)
+    iy = kept_indices(umy["hidden"], 3)
     xs = submodel.extract(layout.x, x, {"hidden": ix})
     ys = submodel.extract(layout.y, y, {"hidden": iy})
     vs = submodel.extract(layout.y, v0, {"hidden": iy})
@@ -130,7 +131,7 @@ class EstimatorTest(chex.TestCase):
     y = jnp.asarray(np.random.default_rng(6).normal(size=8))
     for name, product in hypergrad.PRODUCTS.items():
       out = self.variant(lambda x, y, v, batch, product=product: product(
-          problems.quadratic_inner, x, y, v, batch, 1e-2, True))(x, y, v, mean)
+          quadratic.quadratic_inner, x, y, v, batch, 1e-2, True))(x, y, v, mean)
       # g is quadratic in y, so central differences are exact up to rounding.
       np.testing.assert_allclose(out.hv, mean.A @ v, rtol=1e-9, err_msg=name)
       np.testing.assert_allclose(out.jv, -mean.B.T @ v, rtol=1e-9, err_msg=name)
@@ -165,10 +166,10 @@ class EstimatorTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_projection_bounds_v(self):
     data, mean, x = _toy()
-    y = problems.quadratic_solution(x, data)
+    y = quadratic.quadratic_solution(x, data)
     kw = dict(estimator="exact", num_steps=50, step_size=0.25)
-    res = _estimator(self.variant, problems.QUADRATIC, radius=0.1, **kw)(x, y, mean, mean)
-    free = _estimator(self.variant, problems.QUADRATIC, **kw)(x, y, mean, mean)
+    res = _estimator(self.variant, quadratic.QUADRATIC, radius=0.1, **kw)(x, y, mean, mean)
+    free = _estimator(self.variant, quadratic.QUADRATIC, **kw)(x, y, mean, mean)
     self.assertGreater(float(jnp.linalg.norm(free.v)), 0.2)  # the constraint is active
     # Projected onto the ball: on its boundary (a v = 0 or an unprojected v fails), and in the
     # direction of the projected fixed point's gradient step, i.e. not v = 0.
@@ -181,7 +182,7 @@ class EstimatorTest(chex.TestCase):
     for kw, text in [(dict(estimator="newton"), "'newton'"), (dict(step_size=0.0), "step_size=0.0"),
                      (dict(delta=-1.0), "delta=-1.0"), (dict(num_steps=-2), "num_steps=-2")]:
       with self.assertRaisesRegex(ConfigError, text):
-        hypergrad.hypergradient(problems.QUADRATIC, x, y, mean, mean, **kw)
+        hypergrad.hypergradient(quadratic.QUADRATIC, x, y, mean, mean, **kw)
 
   def test_estimator_cost_model(self):
     opts = hypergrad.EstimatorOptions(num_steps=3)

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
-from bilevel import inner, models, problems, submodel
+from bilevel import inner, models, submodel
 from bilevel import masks as masks_lib
 from bilevel.masks import Axes
+import quadratic  # tests/quadratic.py
+
+
+def kept_indices(unit_mask, k):
+  """The k kept unit indices in increasing order (what submodel.compact_indices gathers)."""
+  return jnp.nonzero(unit_mask, size=k, fill_value=0)[0].astype(jnp.int32)
 
 
 def scatter(axes_tree, compact, idx, like):
@@ -35,17 +41,17 @@ class InnerTest(absltest.TestCase):
     self.enter_context(jax.enable_x64(True))
 
   def test_converges_to_closed_form(self):
-    data = problems.make_quadratic(3, 4, 5, seed=0)
+    data = quadratic.make_quadratic(3, 4, 5, seed=0)
     x = jnp.arange(4.0)
-    y = inner.inner_solve(problems.quadratic_inner, x, jnp.zeros(5), problems.quadratic_mean(data),
+    y = inner.inner_solve(quadratic.quadratic_inner, x, jnp.zeros(5), quadratic.quadratic_mean(data),
                           num_steps=300, step_size=0.25)
-    np.testing.assert_allclose(y, problems.quadratic_solution(x, data), rtol=1e-10)
+    np.testing.assert_allclose(y, quadratic.quadratic_solution(x, data), rtol=1e-10)
 
   def test_off_mask_entries_stay_exactly(self):
-    data = problems.make_quadratic(3, 4, 5, seed=0)
+    data = quadratic.make_quadratic(3, 4, 5, seed=0)
     y0 = jnp.asarray(np.random.default_rng(0).normal(size=5))
     my = jnp.array([1.0, 0, 1, 0, 1])
-    y = inner.inner_solve(problems.quadratic_inner, jnp.ones(4), y0, problems.quadratic_mean(data),
+    y = inner.inner_solve(quadratic.quadratic_inner, jnp.ones(4), y0, quadratic.quadratic_mean(data),
                           num_steps=7, step_size=0.1, mask_y=my)
     np.testing.assert_array_equal(np.asarray(y)[[1, 3]], np.asarray(y0)[[1, 3]])
     self.assertTrue(np.all(np.asarray(y)[[0, 2, 4]] != np.asarray(y0)[[0, 2, 4]]))
@@ -60,7 +66,7 @@ class SubmodelTest(absltest.TestCase):
     um = {"hidden": jnp.array([1.0, 0, 0, 1, 1, 0, 1, 0, 0, 1])}
     mx, my = masks_lib.expand_unit_masks(layout, um, um, x, y)
     inputs = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)
-    idx = {"hidden": submodel.kept_indices(um["hidden"], 5)}
+    idx = {"hidden": kept_indices(um["hidden"], 5)}
     xs, ys = submodel.extract(layout.x, x, idx), submodel.extract(layout.y, y, idx)
     self.assertEqual(xs["hidden"]["kernel"].shape, (6, 5))
     self.assertEqual(ys["head"]["kernel"].shape, (5, 4))
@@ -78,8 +84,8 @@ class SubmodelTest(absltest.TestCase):
     x, y = models.init_cnn(jax.random.key(2), (8, 8, 3), (6, 8), 5)
     um = {"conv1": jnp.array([1.0, 0, 1, 1, 0, 0]), "conv2": jnp.array([0.0, 1, 1, 0, 1, 0, 0, 1])}
     mx, my = masks_lib.expand_unit_masks(layout, um, um, x, y)
-    idx = {"conv1": submodel.kept_indices(um["conv1"], 3),
-           "conv2": submodel.kept_indices(um["conv2"], 4)}
+    idx = {"conv1": kept_indices(um["conv1"], 3),
+           "conv2": kept_indices(um["conv2"], 4)}
     xs, ys = submodel.extract(layout.x, x, idx), submodel.extract(layout.y, y, idx)
     self.assertEqual(xs["conv2"]["kernel"].shape, (3, 3, 3, 4))
     inputs = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 8, 3)), jnp.float32)
@@ -96,7 +102,7 @@ class SubmodelTest(absltest.TestCase):
     layout = models.mlp_layout(10)
     x, _ = models.init_mlp(jax.random.key(1), 6, 10, 4)
     um = jnp.array([0.0, 1, 1, 0, 0, 0, 1, 0, 0, 0])
-    idx = {"hidden": submodel.kept_indices(um, 3)}
+    idx = {"hidden": kept_indices(um, 3)}
     back = scatter(layout.x, submodel.extract(layout.x, x, idx), idx, x)
     mx, _ = masks_lib.expand_unit_masks(layout, {"hidden": um}, {"hidden": um}, x, {"head": {
         "kernel": jnp.zeros((10, 4)), "bias": jnp.zeros(4)}})

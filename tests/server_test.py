@@ -12,18 +12,23 @@ from bilevel import server
 import bilevel
 
 
+def _sums(deltas_C, masks_C, weights_C=None):
+  """(sum_i w_i m_i D_i, sum_i w_i m_i, sum_i w_i): what the round's aggregators divide."""
+  w = jnp.ones(jax.tree.leaves(masks_C)[0].shape[:1]) if weights_C is None else weights_C
+  w = jnp.asarray(w)
+  num = jax.tree.map(lambda m, d: jnp.tensordot(w, m * d, axes=1), masks_C, deltas_C)
+  return num, jax.tree.map(lambda m: jnp.tensordot(w, m, axes=1), masks_C), jnp.sum(w)
+
+
 def covered_by_some(masks_C, weights_C=None):
   """1 where some client with positive weight keeps the coordinate (sum_i w_i m_i > 0)."""
-  return server.covered_from_sums(server.masked_sums(masks_C, masks_C, weights_C)[1])
+  return jax.tree.map(lambda d: (d > 0).astype(d.dtype), _sums(masks_C, masks_C, weights_C)[1])
 
 
 def zero_fill_mean(deltas_C, masks_C, weights_C=None):
   """FedAvg with zero-filled deltas, sum_i w_i m_i D_i / sum_i w_i: the round's zero_fill
   aggregator on the stacked clients' sums."""
-  num, den = server.masked_sums(deltas_C, masks_C, weights_C)
-  clients = jax.tree.leaves(masks_C)[0].shape[0]
-  total = jnp.sum(jnp.ones(clients) if weights_C is None else jnp.asarray(weights_C))
-  return server.zero_fill_from_sums(num, den, total)
+  return server.zero_fill_from_sums(*_sums(deltas_C, masks_C, weights_C))
 
 
 def _case(seed=0, c=6):
