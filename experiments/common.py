@@ -37,9 +37,8 @@ QUICK = flags.DEFINE_boolean("quick", False, "A small, fast version of the exper
                              "(benchmark, coverage_rate).")
 SMOKE = flags.DEFINE_boolean(
     "smoke", False, "Tiny run for tests, honoured by every driver (task drivers: at most 2 "
-    "rounds, metrics every round, the first 2 of --seeds; coverage_rate: 2 small Q, 1 seed, at "
-    "most 2 coverages; benchmark: tiny sizes, 1 rep; tune: 2 grid points). "
-    "tests/doc_commands_test.py runs every documented command with it.")
+    "rounds, metrics every round, the first 2 of --seeds; elsewhere tiny sizes, 1 seed or rep, "
+    "2 grid points): tests/doc_commands_test.py runs every documented command with it.")
 SMOKE_ROUNDS, SMOKE_SEEDS = 2, 2
 # Test hooks (tests/reliability_test.py): SIGKILL, or SIGSTOP (to be killed from outside), right
 # after this process's N-th checkpoint.
@@ -113,10 +112,9 @@ VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.5, "Share of a client's data
 EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Log metrics every this many rounds.")
 DIAGNOSE_EVERY = flags.DEFINE_integer(
     "diagnose_every", 0, "Every this many rounds (a multiple of --eval_every; 0 = never) record "
-    "the true full-model hypergradient of the global problem (inner problem by L-BFGS to "
-    "||grad_y G|| <= 1e-5 or 500 steps, linear system by 100 CG steps) and the cosine and "
-    "relative error of the round's aggregated estimate against it (diag_* keys), and every "
-    "round the cumulative share of never-covered coordinates of x and y.")
+    "the cosine and relative error of the round's aggregated estimate against the true "
+    "full-model hypergradient (diag_* keys; docs/method.md, section 11), and every round the "
+    "share of never-covered coordinates of x and y.")
 SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"],
                              "Client computation with unit masks: compact (extracted arrays of "
                              "width ceil(r K), stratified sampling) or dense (masked full arrays).")
@@ -125,9 +123,8 @@ DEVICES = flags.DEFINE_integer(
     "devices", 1, "Shard each round's clients over this many devices (jax.sharding; 1 = no "
     "sharding, 0 = every device jax.devices() lists). Same numbers up to summation order.")
 CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 1, "Split the host CPU into this many JAX devices (jax_num_cpu_devices, set "
-    "when the driver starts) so that --devices can shard a round's clients over the cores, "
-    "e.g. --cpu_devices=2 --devices=0 on 2 cores (BENCHMARKS.md). 1 = JAX's single CPU device.")
+    "cpu_devices", 1, "Split the host CPU into this many JAX devices for --devices to shard "
+    "over, e.g. --cpu_devices=2 --devices=0 on 2 cores (BENCHMARKS.md); 1 = one CPU device.")
 CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 50, "Write the full run state to WORKDIR/checkpoint.npz every this many "
     "rounds (and after the last); 0 = never.")
@@ -139,33 +136,28 @@ DIVERGENCE_FACTOR = flags.DEFINE_float(
     "summary.json) when the outer loss or the hypergradient norm exceeds this multiple of its "
     "median over rounds 1-10; 0 turns the check off (NaN / inf always stop a run).")
 COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", None, "Folder of JAX's persistent compilation cache, shared by all of "
-    "a user's runs (default: $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/bilevel_jax "
-    "or ~/.cache/bilevel_jax); 'none' turns the cache off.")
+    "compilation_cache", None, "Folder of JAX's persistent compilation cache (default: "
+    "$JAX_COMPILATION_CACHE_DIR, else default_cache_dir()); 'none' turns the cache off.")
 REUSE_HOST_MEMORY = flags.DEFINE_boolean(
-    "reuse_host_memory", True, "Keep freed host memory for the next round (glibc mallopt) "
-    "instead of page-faulting fresh memory in every round: ~1.35x faster 100-client rounds "
-    "on the 2-core CPU (BENCHMARKS.md); no effect on results. CPU runs only: skipped where "
-    "JAX may use an accelerator (common.accelerator_possible).")
+    "reuse_host_memory", True, "Keep freed host memory for the next round (glibc mallopt; "
+    "faster rounds, same results; BENCHMARKS.md). CPU runs only (accelerator_possible).")
 EVAL_SPLIT = flags.DEFINE_enum(
     "eval_split", "test", ["test", "holdout"], "What test_accuracy is measured on: the test set, "
-    "or (for tuning, experiments.tune) a class-stratified --holdout_fraction of the TRAINING "
-    "data that is taken away from the clients; the test set is then never read.")
+    "or (tuning) a class-stratified --holdout_fraction of the training data, taken from the "
+    "clients; the test set is then never read.")
 HOLDOUT_FRACTION = flags.DEFINE_float("holdout_fraction", 0.2, "Share of the training data held "
                                       "out with --eval_split=holdout.")
 NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", 1, "JAX processes of a multi-process run (jax.distributed): 1 = this process "
-    "alone; N > 1 with --coordinator_address and --process_id; 0 = let "
-    "jax.distributed.initialize() detect the cluster (SLURM, Cloud TPU, Open MPI, ...). The "
-    "sampled clients are sharded over every process's devices; process 0 alone writes the workdir.")
+    "num_processes", 1, "JAX processes of a multi-process run (jax.distributed; the clients "
+    "sharded over all, process 0 writes): 1 = this one; N > 1 with --coordinator_address and "
+    "--process_id; 0 = detected (SLURM, Cloud TPU, Open MPI, ...).")
 COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
                                           "for --num_processes > 1.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's id in 0..num_processes-1.")
 SEEDS = flags.DEFINE_list(
-    "seeds", None, "Several seeds in one invocation, e.g. 0,1,2,3,4: one run per seed in "
-    "WORKDIR/seed_S (exactly what --seed=S --workdir=WORKDIR/seed_S writes) and WORKDIR/"
-    "summary.json combining them (mean, std, min and max of every numeric summary figure). "
-    "Replaces --seed.")
+    "seeds", None, "Several seeds, e.g. 0,1,2, in place of --seed: WORKDIR/seed_S as --seed=S "
+    "--workdir=WORKDIR/seed_S writes it, and WORKDIR/summary.json combining them (mean, std, "
+    "min, max of every numeric figure).")
 BATCH_SEEDS = flags.DEFINE_boolean(
     "batch_seeds", True, "Run the seeds of --seeds as one vmapped program (each seed's records, "
     "checkpoints and summary as in its own run) when they share every static shape, one device "
@@ -180,9 +172,8 @@ ALGORITHM_LIST = flags.DEFINE_list(
     "algorithms", None, "Algorithms to run (coverage_rate: default rabo,rafbo; "
     "time_to_accuracy: default rafbo,fednest).")
 DRIVER_FLAGS = flags.DEFINE_list(
-    "driver_flags", [], "Further flags passed to every driver process this one starts (tune: "
-    "every grid point's run, e.g. --driver_flags=--num_clients=100,--partition=shards; "
-    "time_to_accuracy: every timed RAFBO / FedNest run, e.g. --driver_flags=--submodel=dense).")
+    "driver_flags", [], "Further flags for every driver process this one starts (tune's grid "
+    "points, time_to_accuracy's runs), e.g. --driver_flags=--num_clients=100,--partition=shards.")
 
 # Flags that may differ between a run and its resumption.
 _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
