@@ -1,4 +1,5 @@
-"""Atomic checkpoints of a run: server state (any PyTree of arrays) plus JSON-able run totals.
+"""Atomic checkpoints of a run: server state (any PyTree of arrays) plus JSON-able run totals,
+and the run's metrics.jsonl records cut back to the checkpoint on resume (`read_metrics`).
 
 A checkpoint is one `.npz` file written to a temporary name in the same folder and renamed, so a
 process killed at any moment leaves either the previous checkpoint or the new one, never a torn
@@ -59,3 +60,27 @@ def restore(workdir: str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
         f"checkpoint {path} holds a state of another structure or shape than this run's "
         "(a different configuration?). Use a new --workdir, or delete the checkpoint.")
   return jax.tree.unflatten(treedef, [jax.numpy.asarray(a) for a in leaves]), header["meta"]
+
+
+def read_metrics(path: str, up_to_round: int, rewrite: bool = True) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl with round <= up_to_round, a line torn by a kill and
+  anything after it dropped; rewrite: the file is replaced (atomically) by exactly those
+  records, so appending continues cleanly."""
+  records, lines = [], []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          break
+        if not line.endswith("\n") or record.get("round", up_to_round + 1) > up_to_round:
+          break
+        records.append(record)
+        lines.append(line)
+  if rewrite:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(lines)
+    os.replace(tmp, path)
+  return records

@@ -18,8 +18,8 @@ import optax
 from absl import app, flags
 
 from bilevel import models
-from experiments import common
 from bilevel.tasks import hyper_representation as hr_task
+from experiments import common
 from experiments import hyper_representation as task
 
 EPOCHS = flags.DEFINE_integer("epochs", 20, "Passes over the training images.")
@@ -27,21 +27,14 @@ LR = flags.DEFINE_float("lr", 1e-3, "Adam step size.")
 REPORT_EVERY = flags.DEFINE_integer("report_every", 5, "Print the test accuracy every N epochs.")
 
 
-def train(seed: int, ds, shape) -> list[float]:
-  """Test accuracy after each epoch of one seed's run."""
-  key = jax.random.key(seed)
-  channels = tuple(int(c) for c in task.CHANNELS.value)
-  if task.MODEL.value == "cnn":
-    params = models.init_cnn(key, shape, channels, ds.num_classes)
-  else:
-    params = models.init_mlp(key, int(np.prod(ds.input_shape)), task.HIDDEN.value,
-                             ds.num_classes)
-  logits = lambda p, inputs: models.LOGITS[task.MODEL.value](p[0], p[1], inputs,
-                                                            task.ACTIVATION.value)
-  x_train = jnp.asarray(ds.x_train.reshape((-1,) + shape))
-  y_train = jnp.asarray(ds.y_train)
-  x_test = jnp.asarray(ds.x_test.reshape((-1,) + shape))
-  y_test = jnp.asarray(ds.y_test)
+def train(seed: int, ds, shape) -> float:
+  """One seed's run; its final test accuracy."""
+  params = hr_task.init_params(jax.random.key(seed), task.MODEL.value, ds.input_shape,
+                               ds.num_classes, hidden=task.HIDDEN.value,
+                               channels=tuple(int(c) for c in task.CHANNELS.value))
+  logits = lambda p, inputs: models.LOGITS[task.MODEL.value](*p, inputs, task.ACTIVATION.value)
+  x_train, y_train = jnp.asarray(ds.x_train.reshape((-1,) + shape)), jnp.asarray(ds.y_train)
+  x_test, y_test = jnp.asarray(ds.x_test.reshape((-1,) + shape)), jnp.asarray(ds.y_test)
   opt = optax.adam(LR.value)
 
   @jax.jit
@@ -52,15 +45,14 @@ def train(seed: int, ds, shape) -> list[float]:
     return optax.apply_updates(p, updates), state
 
   accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(logits(p, x_test), -1) == y_test))
-  state, rng, batch, out = opt.init(params), np.random.default_rng(seed), common.BATCH_SIZE.value, []
+  state, rng, batch = opt.init(params), np.random.default_rng(seed), common.BATCH_SIZE.value
   for epoch in range(EPOCHS.value):
     order = rng.permutation(len(y_train))
     for start in range(0, len(order) - batch + 1, batch):
       params, state = step(params, state, jnp.asarray(order[start:start + batch]))
-    out.append(float(accuracy(params)))
     if (epoch + 1) % REPORT_EVERY.value == 0 or epoch + 1 == EPOCHS.value:
-      print(f"seed {seed} epoch {epoch + 1}: test accuracy {out[-1]:.4f}", flush=True)
-  return out
+      print(f"seed {seed} epoch {epoch + 1}: test accuracy {accuracy(params):.4f}", flush=True)
+  return float(accuracy(params))
 
 
 def main(argv):
@@ -72,7 +64,7 @@ def main(argv):
   shape = (hr_task.image_shape(ds.input_shape) if task.MODEL.value == "cnn"
            else (int(np.prod(ds.input_shape)),))
   seeds = common.parse_seeds() or [common.SEED.value]
-  final = {s: train(s, ds, shape)[-1] for s in seeds}
+  final = {s: train(s, ds, shape) for s in seeds}
   values = np.asarray(list(final.values()))
   summary = dict(model=task.MODEL.value, epochs=EPOCHS.value, lr=LR.value,
                  batch_size=common.BATCH_SIZE.value, per_seed=final,

@@ -1,9 +1,7 @@
-r"""Federated data hyper-cleaning (README, Expected results, task 2): the driver.
-
-The task (data, model, problem, sampler, masks, heterofl's and fedrolex's readings, metrics,
-op prices) is bilevel/tasks/hyper_cleaning.py; this driver reads the flags, builds it and runs
-it with dense clients (the compact path does not take client-owned units). Task defaults
-(task.DEFAULTS) apply to the shared flags not given; an --algorithm preset still sets its own.
+r"""Federated data hyper-cleaning (README, Expected results, task 2): flags ->
+bilevel.tasks.hyper_cleaning -> --algorithm (dense clients: the compact path does not take
+client-owned units) -> run -> records. The task's defaults (task.DEFAULTS) are the defaults of
+the shared flags here; an --algorithm's own defaults still win over them.
 --baseline_unweighted also runs the same round from logits task.BASELINE_LOGIT (every weight 1)
 into WORKDIR/unweighted/ and adds `unweighted_test_accuracy` and `accuracy_gain` to the summary.
 
@@ -19,14 +17,10 @@ import os
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from bilevel import data as data_lib
-from bilevel import algorithms
 from bilevel.errors import ConfigError
-from bilevel.masks import UnitLayout
-from bilevel.problems import BilevelProblem
 from bilevel.tasks import hyper_cleaning as task
 from experiments import common
 
@@ -34,62 +28,40 @@ NOISE = flags.DEFINE_float("noise", 0.5, "Probability that a training label is r
                            "uniformly random label (in [0, 1)).")
 CLASSIFIER = flags.DEFINE_enum("classifier", "linear", ["linear", "mlp"],
                                "Inner model y: linear (multinomial logistic regression) or mlp.")
-# --hidden and --activation (of --classifier=mlp) are defined once in common.py: the
-# hyper-representation driver shares them (this task's default width, 100: task.DEFAULTS).
-HIDDEN = common.HIDDEN
-ACTIVATION = common.ACTIVATION
+HIDDEN, ACTIVATION = common.HIDDEN, common.ACTIVATION  # of --classifier=mlp
 REG = flags.DEFINE_float("reg", 1e-3, "c in g_i: + c ||y||^2 (>= 0).")
 BASELINE_UNWEIGHTED = flags.DEFINE_boolean(
     "baseline_unweighted", False, "Also train y on the noisy labels with all weights 1 (same "
     "rounds and settings) into WORKDIR/unweighted/; the summary gets unweighted_test_accuracy.")
 
 
-def _given(name: str) -> bool:  # parsed, or assigned in code (FLAGS.name = v, flagsaver)
-  return bool(flags.FLAGS[name].present) or not flags.FLAGS[name].using_default_value
+def main(argv):
+  del argv
+  common.start_driver(task.DEFAULTS)
+  common.for_each_seed(prepare_one)
 
 
-def apply_task_defaults() -> dict[str, Any]:
-  """Set task.DEFAULTS on the shared flags not given; return what was set (as Flag.value, which
-  leaves a flag "not given": a second call is idempotent)."""
-  applied = {name: value for name, value in task.DEFAULTS.items() if not _given(name)}
-  for name, value in applied.items():
-    flags.FLAGS[name].value = value
-  return applied
-
-
-def resolve_algorithm(problem: BilevelProblem, lay: UnitLayout
-                      ) -> tuple[algorithms.Algorithm, dict[str, Any]]:
-  """--algorithm for this task (validated) and the task's keywords that replace its resolved
-  ones: heterofl prunes only y (task.heterofl_levels). The outer units are the samples each
-  client owns: unit masks and dense clients only."""
-  alg = common.make_algorithm(problem, lay)
+def check_algorithm(alg) -> dict[str, Any]:
+  """Raise ConfigError unless alg fits the task (its outer units are the samples each client
+  owns: unit masks, dense clients); the keywords that replace its options (heterofl prunes only
+  y: task.heterofl_levels)."""
   o = alg.options
   if o.granularity != "unit":
     raise ConfigError(f"mask_granularity={o.granularity!r}: hyper-cleaning's outer units "
                       "are the samples each client owns, which only unit masks know about; use "
                       "--mask_granularity=unit.")
-  if _given("submodel") and common.SUBMODEL.value != "dense":
+  if not flags.FLAGS["submodel"].using_default_value and common.SUBMODEL.value != "dense":
     raise ConfigError(f"--submodel={common.SUBMODEL.value}: hyper-cleaning runs dense clients "
                       "only (the compact path does not take the samples each client owns as "
                       "units); use --submodel=dense or leave the flag unset.")
   levels = (task.heterofl_levels(o.levels, o.mask_policy, o.allow_uncovered)
-            if common.ALGORITHM.value == "heterofl" else None)
-  if levels is None:
-    return alg, {}
-  return common.make_algorithm(problem, lay, levels=levels), dict(levels=levels)
-
-
-def main(argv):
-  del argv
-  common.start_driver()
-  common.for_each_seed(prepare_one)
+            if alg.name == "heterofl" else None)
+  return {} if levels is None else dict(levels=levels)
 
 
 def prepare_one() -> list[common.SeedRun]:
   """The runs of --seed into --workdir, built and not started: the weighted run, then with
-  --baseline_unweighted its baseline in WORKDIR/unweighted (the last one's finish gives the
-  seed's summary)."""
-  task_defaults = apply_task_defaults()
+  --baseline_unweighted its baseline in WORKDIR/unweighted."""
   problems = common.check_shared_flags()
   if not 0.0 <= NOISE.value < 1.0:
     problems.append(f"--noise={NOISE.value} is outside the allowed range [0, 1).")
@@ -97,9 +69,15 @@ def prepare_one() -> list[common.SeedRun]:
     problems.append(f"--reg={REG.value} is outside the allowed range [0, inf).")
   shape_free = task.layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
   setting = task.setting(CLASSIFIER.value, ACTIVATION.value, common.BATCH_SIZE.value, REG.value)
-  (alg, overrides), ds = common.gather(
-      problems, lambda: resolve_algorithm(setting.problem, shape_free), common.load_data)
-  resolved, o = alg, alg.options
+
+  def resolve():  # the options (for config.json) and the task's replacements
+    alg = common.make_algorithm(setting.problem, shape_free)
+    overrides = check_algorithm(alg)
+    return (common.make_algorithm(setting.problem, shape_free, **overrides) if overrides
+            else alg), overrides
+
+  (resolved, overrides), ds = common.gather(problems, resolve, common.load_data)
+  o = resolved.options
   try:
     cd = task.build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
                          val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value,
@@ -114,54 +92,50 @@ def prepare_one() -> list[common.SeedRun]:
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
-  task_config = dict(task="hyper_cleaning", noise=NOISE.value, classifier=CLASSIFIER.value,
-                     hidden=HIDDEN.value, activation=ACTIVATION.value, reg=REG.value,
-                     dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples,
-                     clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
-                     submodel="dense", task_defaults_applied=task_defaults)
+  config = dict(
+      common.config_dict(resolved), task="hyper_cleaning", noise=NOISE.value,
+      classifier=CLASSIFIER.value, hidden=HIDDEN.value, activation=ACTIVATION.value,
+      reg=REG.value, dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples,
+      clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
+      submodel="dense", task_defaults_applied={
+          k: v for k, v in task.DEFAULTS.items() if flags.FLAGS[k].using_default_value})
   print(data_lib.dataset_summary(ds))
   print(f"{cd.num_samples} training samples, {1 - cd.clean.mean():.1%} with a wrong label "
         f"(noise {NOISE.value}); classifier {CLASSIFIER.value}")
   evaluate = task.make_evaluate(ds, cd, setting.logits_fn)
-  specs = [(workdir, True, x0, "hyper-cleaning")]
+  runs = [(workdir, 0.0, x0, "hyper-cleaning")]
   if BASELINE_UNWEIGHTED.value:
-    specs.append((os.path.join(workdir, "unweighted"), False,
-                  dict(x0, logits=jnp.full_like(x0["logits"], task.BASELINE_LOGIT)),
-                  "hyper-cleaning, unweighted baseline"))
-    print(f"baseline: every sample weight fixed to 1 (noisy labels), in {specs[-1][0]}")
-  summary: dict[str, Any] = {}  # the seed's summary, filled by its runs' finish in order
-  runs = []
-  for i, (run_dir, weighted, x_start, title) in enumerate(specs):
+    runs.append((os.path.join(workdir, "unweighted"), task.BASELINE_LOGIT,
+                 dict(x0, logits=jnp.full_like(x0["logits"], task.BASELINE_LOGIT)),
+                 "hyper-cleaning, unweighted baseline"))
+    print(f"baseline: every sample weight fixed to 1 (noisy labels), in {runs[-1][0]}")
+  seed_summary: dict[str, Any] = {}  # filled by the runs' finish, in order
+
+  def finish(run_dir: str, last: bool, records: list[dict[str, Any]]) -> dict[str, Any]:
+    figures = dict(common.run_summary("hyper_cleaning", records[-1], *task.WEIGHT_METRICS),
+                   weighted=run_dir == workdir)
+    if run_dir == workdir:
+      seed_summary.update(figures)
+    else:  # the baseline's own summary, and its figures in the seed's
+      common.write_summary(run_dir, figures)
+      seed_summary.update(unweighted_test_accuracy=figures["test_accuracy"],
+                          unweighted_wall_time_s=figures["wall_time_s"],
+                          accuracy_gain=seed_summary["test_accuracy"] - figures["test_accuracy"])
+    common.write_summary(workdir, seed_summary)
+    if last:
+      common.print_final(seed_summary)
+    return dict(seed_summary)
+
+  prepared = []
+  for run_dir, init_logit, x_start, title in runs:
     os.makedirs(run_dir, exist_ok=True)
-    resume = common.start_run(run_dir, dict(common.config_dict(resolved), weighted=weighted,
-                                            **task_config))
-    init_logit = float(np.asarray(x_start["logits"])[0])
-    runs.append(common.SeedRun(
+    resume = common.start_run(run_dir, dict(config, weighted=run_dir == workdir))
+    prepared.append(common.SeedRun(
         run_dir, rnd, alg.init(x_start, y0), cd.fed,
         functools.partial(evaluate, init_logit=init_logit), f"{title}, {common.ALGORITHM.value}",
-        resume, functools.partial(finish_run, workdir, run_dir, weighted, summary,
-                                  i == len(specs) - 1),
+        resume, functools.partial(finish, run_dir, run_dir == runs[-1][0]),
         task.cleaning_problem(setting.logits_fn, REG.value)))
-  return runs
-
-
-def finish_run(workdir: str, run_dir: str, weighted: bool, summary: dict[str, Any], last: bool,
-               records: list[dict[str, Any]]) -> dict[str, Any]:
-  """A finished run's part of the seed's summary.json (written after each run; the unweighted
-  baseline writes its own and adds unweighted_test_accuracy / accuracy_gain to the seed's)."""
-  figures = dict(common.run_summary("hyper_cleaning", records[-1], *task.WEIGHT_METRICS),
-                 weighted=weighted)
-  if weighted:
-    summary.update(figures)
-  else:
-    common.write_summary(run_dir, figures)
-    summary.update(unweighted_test_accuracy=figures["test_accuracy"],
-                   unweighted_wall_time_s=figures["wall_time_s"],
-                   accuracy_gain=summary["test_accuracy"] - figures["test_accuracy"])
-  common.write_summary(workdir, summary)
-  if last:
-    common.print_final(summary)
-  return dict(summary)
+  return prepared
 
 
 if __name__ == "__main__":

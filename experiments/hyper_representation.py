@@ -1,7 +1,5 @@
-"""Federated hyper-representation (README, Expected results, task 1; FedNest setup): the driver.
-
-The task (client arrays, initial parameters, evaluation, op prices) is
-bilevel/tasks/hyper_representation.py; this driver reads the flags, builds it and runs it.
+"""Federated hyper-representation (README, Expected results, task 1): flags ->
+bilevel.tasks.hyper_representation -> --algorithm -> run -> records.
 
   python -m experiments.hyper_representation --workdir=runs/hr_rafbo
   python -m experiments.hyper_representation --workdir=runs/hr_simfbo --algorithm=simfbo
@@ -22,9 +20,7 @@ from experiments import common
 MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp: 784-200 MLP representation; "
                           "cnn: two 3x3 stride-2 conv layers (channel units) for image data.")
 CHANNELS = flags.DEFINE_list("channels", ["16", "32"], "Output channels of conv1, conv2 (cnn).")
-# --hidden (mlp) and --activation are defined once in common.py: hyper_cleaning shares them.
-HIDDEN = common.HIDDEN
-ACTIVATION = common.ACTIVATION
+HIDDEN, ACTIVATION = common.HIDDEN, common.ACTIVATION  # shared with hyper_cleaning
 L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
 OUTER_L2 = flags.DEFINE_float("outer_l2", 0.0, "L2 penalty (weight decay) on the representation "
                               "x in the outer loss; 0 = off (docs/method.md, section 8).")
@@ -44,7 +40,7 @@ def main(argv):
 
 
 def prepare_one() -> common.SeedRun:
-  """The run of --seed into --workdir, built and not started (common.SeedRun)."""
+  """The run of --seed into --workdir, built and not started."""
   problems = common.check_shared_flags()
   try:
     channels = tuple(int(c) for c in CHANNELS.value)
@@ -52,60 +48,55 @@ def prepare_one() -> common.SeedRun:
   except (ValueError, AssertionError):
     problems.append(f"--channels={','.join(CHANNELS.value)} must be two integers >= 1.")
     channels = (1, 1)
-  layout = (models.cnn_layout(channels) if MODEL.value == "cnn"
-            else models.mlp_layout(max(HIDDEN.value, 1)))
+  cnn = MODEL.value == "cnn"
+  layout = models.cnn_layout(channels) if cnn else models.mlp_layout(max(HIDDEN.value, 1))
   problem = models.hyper_representation_problem(
       ACTIVATION.value, L2.value, MODEL.value, OUTER_L2.value, FEATURE_L2.value,
-      (channels[1] if MODEL.value == "cnn" else HIDDEN.value) if WIDTH_SCALE.value else 0)
-  alg, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
-                          common.load_data)  # validated before any work; rebuilt below
-  resolved, o = alg, alg.options
+      (channels[1] if cnn else HIDDEN.value) if WIDTH_SCALE.value else 0)
+  # Every flag checked before any work; `resolved` (the options alone) goes to config.json.
+  resolved, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
+                               common.load_data)
+  o, batch = resolved.options, common.BATCH_SIZE.value
   try:
-    init_key = jax.random.fold_in(federated.stream_key(o.seed, "init"), 0)
-    x0, y0 = task.init_params(init_key, MODEL.value, ds.input_shape, ds.num_classes,
-                              hidden=HIDDEN.value, channels=channels)
-    batch = common.BATCH_SIZE.value
-    sample = minibatch_sampler(batch) if batch else full_batch
+    x0, y0 = task.init_params(jax.random.fold_in(federated.stream_key(o.seed, "init"), 0),
+                              MODEL.value, ds.input_shape, ds.num_classes, hidden=HIDDEN.value,
+                              channels=channels)
     data, info = task.client_arrays(
         ds, common.NUM_CLIENTS.value, common.PARTITION.value, model=MODEL.value,
         val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value, seed=common.SEED.value)
-    # compact (the default) needs unit masks and fixed levels (and the local round: FedNest's
-    # round is dense); an unset flag falls back to dense where those do not hold, an explicit
-    # --submodel=compact reports the conflict.
+    # compact needs unit masks, fixed levels and the local round: where those do not hold, an
+    # unset --submodel falls back to dense (a given one reports the conflict).
     submodel = common.SUBMODEL.value
     if not flags.FLAGS["submodel"].present and (o.redraw_levels or o.granularity != "unit" or
-                                                alg.spec.round_kind == "fednest"):
+                                                resolved.spec.round_kind == "fednest"):
       submodel = "dense"
     alg = common.make_algorithm(
-        problem, layout, sample=sample, submodel=submodel, mesh=common.client_mesh(),
+        problem, layout, sample=minibatch_sampler(batch) if batch else full_batch,
+        submodel=submodel, mesh=common.client_mesh(),
         cost=task.cost_model(MODEL.value, ds.input_shape, batch, info),
         diagnostics=common.DIAGNOSE_EVERY.value > 0)
     rnd = alg.make_round(x0)  # the checks that need x (coverage) run here
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
+  optional = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value,
+                  width_scale=WIDTH_SCALE.value)
   resume = common.start_run(workdir, dict(
       common.config_dict(resolved), task="hyper_representation", model=MODEL.value,
-      hidden=HIDDEN.value, channels=list(channels),
-      activation=ACTIVATION.value, l2=L2.value,
-      **{k: v for k, v in (("outer_l2", OUTER_L2.value), ("feature_l2", FEATURE_L2.value),
-                           ("width_scale", WIDTH_SCALE.value)) if v},
-      dataset=data_lib.dataset_summary(ds), **info))
+      hidden=HIDDEN.value, channels=list(channels), activation=ACTIVATION.value, l2=L2.value,
+      **{k: v for k, v in optional.items() if v}, dataset=data_lib.dataset_summary(ds), **info))
   print(data_lib.dataset_summary(ds))
   x_test, y_test = task.test_arrays(ds, MODEL.value)
   eval_fn = lambda st: task.evaluate(st, x_test, y_test, MODEL.value, ACTIVATION.value)
-  title = f"hyper-representation, {common.ALGORITHM.value}"
-  finish = lambda records: summarize(workdir, records)
-  return common.SeedRun(workdir, rnd, alg.init(x0, y0), data, eval_fn, title, resume, finish,
-                        problem)
 
+  def finish(records):
+    summary = common.run_summary("hyper_representation", records[-1])
+    common.write_summary(workdir, summary)
+    common.print_final(summary)
+    return summary
 
-def summarize(workdir: str, records: list[dict]) -> dict:
-  """The run's summary from its records: written to workdir/summary.json and printed."""
-  summary = common.run_summary("hyper_representation", records[-1])
-  common.write_summary(workdir, summary)
-  common.print_final(summary)
-  return summary
+  return common.SeedRun(workdir, rnd, alg.init(x0, y0), data, eval_fn,
+                        f"hyper-representation, {common.ALGORITHM.value}", resume, finish, problem)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from bilevel import hypergrad, models, tree
-from experiments import common
 from bilevel.tasks import hyper_representation as hr_task
+from experiments import common
 from experiments import hyper_representation as task
 
 PROBE_EVERY = flags.DEFINE_integer("probe_every", 10, "Measure the state every this many rounds.")
@@ -75,10 +75,8 @@ def main(argv):
   del argv
   common.start_driver()
   run = task.prepare_one()
-  ds = common.load_data()
-  x_test, _ = hr_task.test_arrays(ds, task.MODEL.value)
-  measure = make_measure(run.problem, run.data, x_test)
-  state = run.state
+  x_test, _ = hr_task.test_arrays(common.load_data(), task.MODEL.value)
+  measure, state = make_measure(run.problem, run.data, x_test), run.state
   for q in range(int(state.round), common.ROUNDS.value):
     state, metrics = run.rnd.step(state, run.data)
     if (q + 1) % PROBE_EVERY.value and q + 1 != common.ROUNDS.value:

@@ -1,20 +1,16 @@
-"""Per-unit coverage probe (docs/method.md, section 8): does a hidden unit that few of the
-round's clients keep take larger or more one-sided updates (the coverage mean gives a unit kept
-by one client that client's delta at full weight)? Task 1's MLP round as
+"""Per-unit coverage probe (docs/method.md, section 8): do hidden units that few of the round's
+clients keep take larger or more one-sided updates? Task 1's MLP round as
 experiments.hyper_representation builds it (same flags), run dense with stratified sampling (the
-compact round's numbers) so that each client's full-size delta is seen. Every --probe_every
-rounds one JSON line, averaged over the rounds since the last, with hidden units binned by their
-coverage count c_j in the round:
+compact round's numbers) so each client's full-size delta is seen. Every --probe_every rounds
+one JSON line, averaged over those rounds, hidden units binned by their coverage count c_j:
 
-  agg_dx / agg_dy   mean norm of the aggregated delta of unit j's x column (kernel column and
-                    bias) / head row
-  rad_x / rad_y     its radial part <delta_j, W_j> / ||W_j|| (> 0: the unit grows)
-  align             ||coverage mean_j|| / mean over the keeping clients of ||D_ij||
-                    (1: the clients agree; 1/sqrt(c_j): independent directions)
+  agg_dx / agg_dy     mean norm of the aggregated delta of unit j's x column / head row
+  rad_x / rad_y       its radial part <delta_j, W_j> / ||W_j|| (> 0: the unit grows)
+  align               ||coverage mean_j|| / mean ||D_ij|| over the keeping clients
+                      (1: the clients agree; 1/sqrt(c_j): independent directions)
   client_dx_by_level  mean ||D_ij|| (x column) over kept units, per keep ratio
-  W_col_norm        percentiles of the units' x-column norms; corr(cum 1/c, W norm): over units,
-                    the correlation of sum over rounds of 1/c_j with the unit's norm (> 0: units
-                    kept by few clients grew most)
+  W_col_norm, corr    percentiles of the x-column norms; correlation over units of the sum over
+                      rounds of 1/c_j with the unit's norm (> 0: units kept by few grew most)
 
   python -m experiments.unit_probe --workdir=runs/unit_probe --partition=shards \\
       --flagfile=experiments/presets/hyper_representation_rafbo.cfg --num_clients=100 \\
@@ -23,9 +19,12 @@ coverage count c_j in the round:
 Measurement only (MLP only): it writes the run's config.json into --workdir and nothing else.
 """
 import json
+
+import jax
+import jax.numpy as jnp
 import numpy as np
-import jax, jax.numpy as jnp
 from absl import app, flags
+
 from bilevel import models
 from bilevel.client import minibatch_sampler
 from experiments import common
@@ -38,13 +37,10 @@ def main(argv):
   del argv
   common.start_driver()
   run = task.prepare_one()
-  layout = models.mlp_layout(task.HIDDEN.value)
-  alg = common.make_algorithm(run.problem, layout,
-                              sample=minibatch_sampler(common.BATCH_SIZE.value),
-                              submodel="dense", sampling="stratified")
-  state = run.state
-  rnd = alg.make_round(state.x)
-  data = run.data
+  state, data = run.state, run.data
+  rnd = common.make_algorithm(
+      run.problem, models.mlp_layout(task.HIDDEN.value), submodel="dense",
+      sample=minibatch_sampler(common.BATCH_SIZE.value), sampling="stratified").make_round(state.x)
 
   @jax.jit
   def step(state):

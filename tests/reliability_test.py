@@ -180,7 +180,7 @@ class ResumeTest(parameterized.TestCase):
     path = os.path.join(_tmpdir(self), "metrics.jsonl")
     with open(path, "w") as f:
       f.write('{"round": 5, "a": 1}\n{"round": 10, "a": 2}\n{"round": 15, "a": 3}\n{"round": 2')
-    records = common.read_metrics(path, up_to_round=10)
+    records = checkpoint.read_metrics(path, up_to_round=10)
     self.assertEqual([r["round"] for r in records], [5, 10])
     with open(path) as f:
       self.assertEqual(f.read(), '{"round": 5, "a": 1}\n{"round": 10, "a": 2}\n')
