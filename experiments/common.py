@@ -183,12 +183,19 @@ _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices"
 
 # ------------------------------------------------------------------ process start
 
+_FLAG_DEFAULTS: dict[str, Any] = {}  # flag -> its own default, for flags a task's defaults set
+
+
 def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
   """What every driver does first, before JAX allocates. `defaults`: the task's defaults of
   shared flags (flag defaults: a flag given or set in code keeps its value). Then --smoke (caps
   --rounds, --eval_every 1, as given values), --cpu_devices, the compilation cache,
   jax.distributed and --reuse_host_memory (returns whether it applied)."""
+  # A process that runs several drivers (the tests) starts each from the flags' own defaults.
+  for name, value in _FLAG_DEFAULTS.items():
+    flags.FLAGS.set_default(name, value)
   for name, value in (defaults or {}).items():
+    _FLAG_DEFAULTS.setdefault(name, flags.FLAGS[name].default)
     flags.FLAGS.set_default(name, value)
   if SMOKE.value:
     flags.FLAGS.rounds = min(ROUNDS.value, SMOKE_ROUNDS)
