@@ -5,15 +5,12 @@ cost per RAFBO round. Prints each figure and writes WORKDIR/benchmark.json (BENC
   python -m experiments.benchmark --quick --workdir=runs/bench_q  # < 3 minutes on 2 CPU cores
   python -m experiments.benchmark --quick --compare=HEAD~1 --workdir=runs/cmp  # side by side
 
-The round: the hyper-representation MLP on synthetic client data of MNIST shape (timing does not
-depend on the values), local_steps x (one inner step + the fd estimator with one v step) per
-client. A time is the median of repetitions after one warm-up call, and every ratio compares
-functions whose repetitions were interleaved (`median_times`), so a slow spell of the shared
-cores does not fall on one side only. Peak memory is XLA's plan for the compiled round
-(`compiled.memory_analysis()`), not a process measurement. The keep-ratio figure shards its
-rounds over one JAX device per CPU core (--cpu_devices) and times the same rounds on one device
-next to them; the device figure runs in a subprocess with --bench_devices forced host devices;
-every other figure runs on one device.
+The round: the hyper-representation MLP on synthetic data of MNIST shape, local_steps x (one
+inner step + the fd estimator with one v step) per client. Times are medians of interleaved
+repetitions after a warm-up call (`median_times`); peak memory is XLA's plan for the compiled
+round. The keep-ratio figure shards its rounds over one JAX device per CPU core (--cpu_devices)
+next to the same rounds on one device; the device figure runs in a subprocess with
+--bench_devices forced host devices; every other figure runs on one device.
 """
 
 from __future__ import annotations
@@ -53,11 +50,9 @@ SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "compact_dense",
                                          "vmap_loop", "estimators", "scaling", "devices"],
                              "Which figures to measure.")
 COMPARE = flags.DEFINE_string(
-    "compare", None, "A git revision (commit, tag, branch) of this repository to measure side "
-    "by side with this checkout: --passes runs of each, alternating (ref, this, this, ref, ...), "
-    "each a benchmark process with the same flags in its own tree (the revision is checked out "
-    "into WORKDIR/ref_tree); prints and writes WORKDIR/compare.json: every figure's median over "
-    "the passes on both sides and their ratio.")
+    "compare", None, "A git revision of this repository to measure side by side with this "
+    "checkout: --passes benchmark processes of each with the same flags, alternating (ref, this, "
+    "this, ref, ...); writes WORKDIR/compare.json (every figure's medians and their ratio).")
 PASSES = flags.DEFINE_integer("passes", 2, "Runs of each side for --compare.")
 DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the device figure "
                                      "in this (forced multi-device) process and print JSON.")
@@ -332,13 +327,11 @@ def device_figures(reps: int) -> dict[str, Any]:
 
 def _device_subprocess(reps: int) -> dict[str, Any]:
   """The device figure from a subprocess with --bench_devices forced host devices (its JSON)."""
+  sizes = ("bench_in_dim", "hidden", "bench_classes", "batch_size", "clients_per_round",
+           "local_steps", "reuse_host_memory", "quick")
   argv = [sys.executable, "-m", "experiments.benchmark", "--devices_child", f"--reps={reps}",
           "--cpu_devices=1",  # the forced device count comes from XLA_FLAGS
-          f"--bench_in_dim={IN_DIM.value}", f"--hidden={HIDDEN.value}",
-          f"--bench_classes={CLASSES.value}", f"--batch_size={BATCH.value}",
-          f"--clients_per_round={CLIENTS.value}", f"--local_steps={LOCAL_STEPS.value}",
-          f"--min_time_s={_min_time()}", f"--reuse_host_memory={common.REUSE_HOST_MEMORY.value}",
-          f"--quick={QUICK.value}"]
+          f"--min_time_s={_min_time()}", *(f"--{n}={flags.FLAGS[n].value}" for n in sizes)]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
              JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
@@ -357,15 +350,12 @@ def commit() -> dict[str, Any] | None:
   figures are of (dirty: tracked files differ from the commit)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
-                                  timeout=60)
+                                  timeout=60, check=True).stdout.strip()
   try:
-    sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-  except (OSError, subprocess.SubprocessError):
+    return {"sha": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+  except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
     return None
-  if sha.returncode != 0:
-    return None
-  return {"sha": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def _figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -36,10 +36,8 @@ TARGET = flags.DEFINE_float("target", 0.895, "Test accuracy (fraction) to reach.
 REFERENCE_S = flags.DEFINE_float("fednest_reference_s", 66.0, "FedNest's own time to the target "
                                  "(its PyTorch code: 300-500 rounds at 0.221 s per round).")
 SEED_BATCH = flags.DEFINE_integer(
-    "seed_batch", 10, "Also time the README main job (hyper_representation at its defaults, "
-    "whole process, cache as named): one seed cold and warm, and this many seeds (--seeds=0,"
-    "...,S-1) as one vmapped program (cold: its first run compiles it; warm) and one after "
-    "another (--nobatch_seeds, warm). 0 skips it.")
+    "seed_batch", 10, "Also time the README main job, whole process: one seed cold and warm, "
+    "and this many seeds batched (cold, warm) and one after another (warm). 0 skips it.")
 PRESETS = flags.DEFINE_boolean("presets", False, "Run each algorithm from its tuned flagfile "
                                "(experiments/presets/hyper_representation_ALG.cfg) instead of the "
                                "library's default steps.")
