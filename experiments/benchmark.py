@@ -1,22 +1,16 @@
 """Benchmark suite: what pruning, compact submodels, vmap, estimators, client counts and devices
-cost per round (issue: performance). Prints tables and writes `--workdir`/benchmark.json.
+cost per RAFBO round. Prints each figure and writes WORKDIR/benchmark.json (BENCHMARKS.md).
 
   python -m experiments.benchmark --workdir=runs/bench            # full (10/100/1000 clients)
   python -m experiments.benchmark --quick --workdir=runs/bench_q  # < 3 minutes on 2 CPU cores
+  python -m experiments.benchmark --quick --compare=HEAD~1 --workdir=runs/cmp  # side by side
 
-Model: the hyper-representation MLP (784-200-10) on synthetic client data of the MNIST shapes
-(timing does not depend on the pixel values); one RAFBO round = local_steps x (inner steps + the
-estimator) per client, minibatches of --batch_size rows. Every time is the median of at least
---reps repetitions after one warm-up call (compilation excluded), and of as many as it takes to
-time the fastest compared function for --min_time_s; every comparison is a ratio of such
-medians measured side by side: the repetitions of the compared functions are interleaved
-(`median_times`), so a slow spell of the shared cores does not fall on one side only. Peak
-memory is XLA's plan for the compiled round (arguments + outputs + temporaries,
-`compiled.memory_analysis()`), not a process measurement.
-The 1-vs-4 device figure runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
-The benchmark itself splits a CPU into one JAX device per core (--cpu_devices): the
-keep-ratio figure shards its rounds over them and times the same rounds on one device next to
-them; every other figure runs on one device.
+The round: the hyper-representation MLP on synthetic data of MNIST shape, local_steps x (one
+inner step + the fd estimator with one v step) per client. Times are medians of interleaved
+repetitions after a warm-up call (`median_times`); peak memory is XLA's plan for the compiled
+round. The keep-ratio figure shards its rounds over one JAX device per CPU core (--cpu_devices)
+next to the same rounds on one device; the device figure runs in a subprocess with
+--bench_devices forced host devices; every other figure runs on one device.
 """
 
 from __future__ import annotations
@@ -34,7 +28,7 @@ from absl import app, flags
 
 from experiments import common
 
-QUICK = common.QUICK  # defined once in common.py: fewer repetitions and client counts
+QUICK = common.QUICK  # fewer repetitions, client counts and compilations
 REPS = flags.DEFINE_integer("reps", None, "Timed repetitions per figure (default 7, quick 5; "
                             "more for fast functions, see --min_time_s).")
 MIN_TIME = flags.DEFINE_float("min_time_s", None, "Repeat each figure's functions until the "
@@ -45,39 +39,37 @@ CLASSES = flags.DEFINE_integer("bench_classes", 10, "Classes of the head.")
 LOOP_CLIENTS = flags.DEFINE_list("loop_clients", ["10", "100"], "Client counts for vmap vs loop.")
 SCALING = flags.DEFINE_list("scaling_clients", None, "Clients per round for the scaling table "
                             "(default 10,100,1000 on the three-level profile; quick 100 on "
-                            "the keep-ratio figure's last one-level round, already compiled, "
-                            "so --quick stays under 3 minutes).")
+                            "the keep-ratio figure's last round, already compiled).")
 EST_ROWS = flags.DEFINE_integer("estimator_rows", 1024, "Batch rows for the estimator costs.")
 EST_STEPS = flags.DEFINE_integer("estimator_steps", 5, "num_steps of every estimator.")
 DEVICES = flags.DEFINE_integer("bench_devices", 4, "Forced host devices for the device figure "
                                "(0 skips it).")
 KEEP_RATIOS = flags.DEFINE_list("keep_ratios", ["1", "0.5", "0.25"], "Keep ratios of the "
-                                 "keep-ratio figure (one level r/r; the first is the reference).")
+                                "keep-ratio figure (one level r/r; the first is the reference).")
 SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "compact_dense",
                                          "vmap_loop", "estimators", "scaling", "devices"],
                              "Which figures to measure.")
-CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-# Shared flags (common.py) the benchmark reads, with its own defaults: the MLP's hidden units K
-# (--hidden, 200), client minibatch rows, which are also each client's rows (--batch_size, 64;
-# >= 1 here), clients per round of the keep-ratio, compact/dense and device figures
-# (--clients_per_round) and local steps per round (--local_steps; 1 = a RABO round).
-HIDDEN, BATCH = common.HIDDEN, common.BATCH_SIZE
-CLIENTS, LOCAL_STEPS = common.CLIENTS_PER_ROUND, common.LOCAL_STEPS
-# The benchmark's own values of shared flags, applied in main() to those not given (not at
-# import: a process that only imports this module, e.g. the test suite, keeps the drivers'
-# defaults). It splits a CPU into one JAX device per core (--cpu_devices, common.py): the
-# keep-ratio figure shards its rounds' clients over every device; all other figures use one.
-BENCH_DEFAULTS = {"cpu_devices": CPU_CORES, "clients_per_round": 100, "local_steps": 2}
 COMPARE = flags.DEFINE_string(
-    "compare", None, "A git revision (commit, tag, branch) of this repository to measure side "
-    "by side with this checkout: --passes runs of each, alternating (ref, this, this, ref, ...), "
-    "each a benchmark process with the same flags in its own tree (the revision is checked out "
-    "into WORKDIR/ref_tree); prints and writes WORKDIR/compare.json: every figure's median over "
-    "the passes on both sides and their ratio.")
+    "compare", None, "A git revision of this repository to measure side by side with this "
+    "checkout: --passes benchmark processes of each with the same flags, alternating (ref, this, "
+    "this, ref, ...); writes WORKDIR/compare.json (every figure's medians and their ratio).")
 PASSES = flags.DEFINE_integer("passes", 2, "Runs of each side for --compare.")
 DEVICES_CHILD = flags.DEFINE_boolean("devices_child", False, "Internal: run the device figure "
                                      "in this (forced multi-device) process and print JSON.")
-
+# Shared flags (common.py) read here: the MLP's hidden units K (--hidden), each client's rows,
+# which are also its minibatch (--batch_size), clients per round of the keep-ratio,
+# compact/dense and device figures (--clients_per_round) and --local_steps (1 = a RABO round).
+HIDDEN, BATCH = common.HIDDEN, common.BATCH_SIZE
+CLIENTS, LOCAL_STEPS = common.CLIENTS_PER_ROUND, common.LOCAL_STEPS
+# The benchmark's own defaults of shared flags, applied in main() (not at import: a process that
+# only imports this module, e.g. the test suite, keeps the drivers' defaults).
+BENCH_DEFAULTS = {"cpu_devices": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count(), "clients_per_round": 100, "local_steps": 2}
+# --smoke (tests): --quick with tiny sizes and one repetition; the flags that choose what is
+# measured (--sections, --keep_ratios, --bench_devices) keep their values.
+SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, hidden=8, batch_size=4,
+                   clients_per_round=4, loop_clients=["2", "3"], scaling_clients=["2"],
+                   estimator_rows=4, estimator_steps=1, local_steps=1)
 MAX_PASSES = 100
 PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
 
@@ -86,18 +78,14 @@ def _min_time() -> float:
   return MIN_TIME.value if MIN_TIME.value is not None else (1.0 if QUICK.value else 2.0)
 
 
-def median_times(fns: dict[str, Callable[[], Any]], reps: int,
-                 min_time_s: float | None = None) -> dict[str, float]:
+def median_times(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
   """Median wall time of each fn() (results blocked on) after one warm-up call each.
 
-  The repetitions are interleaved: each pass calls every fn once, in turn, so slow spells of
-  the shared cores fall on all of them alike and their ratios compare like with like. There
-  are at least `reps` passes, and more for fast functions: enough for the fastest one to be
-  timed for min_time_s in all (--min_time_s; at most MAX_PASSES), since the median of a few
-  30 ms calls on shared cores moves by tens of percent between runs.
+  Each pass calls every fn once, in turn, so slow spells of the shared cores fall on all of them
+  alike. At least `reps` passes, more until the fastest fn was timed for --min_time_s in all (at
+  most MAX_PASSES): the median of a few 30 ms calls on shared cores moves by tens of percent.
   """
   import jax
-  min_time_s = _min_time() if min_time_s is None else min_time_s
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}
@@ -110,50 +98,38 @@ def median_times(fns: dict[str, Callable[[], Any]], reps: int,
 
   one_pass()
   fastest = min(t[0] for t in times.values())
-  passes = max(reps, min(MAX_PASSES, math.ceil(min_time_s / max(fastest, 1e-9))))
+  passes = max(reps, min(MAX_PASSES, math.ceil(_min_time() / max(fastest, 1e-9))))
   for _ in range(passes - 1):
     one_pass()
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def median_time(fn: Callable[[], Any], reps: int) -> float:
-  return median_times({"": fn}, reps)[""]
-
-
-def _setup(clients: int):
+def _round(clients: int, levels: str, submodel: str = "compact", mesh=None,
+           per_round: int | None = None):
+  """(Round, state, data) of one RAFBO round: `per_round` (default all) of `clients` synthetic
+  clients, stratified sampling, one inner step and one fd v step per local step."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from bilevel import federated, models
+  from bilevel import algorithms, federated, models, sharding
+  from bilevel.client import minibatch_sampler
   rng = np.random.default_rng(0)
 
   def split():
-    return {"inputs": jnp.asarray(rng.normal(size=(clients, BATCH.value, IN_DIM.value)),
-                                  jnp.float32),
-            "labels": jnp.asarray(rng.integers(0, CLASSES.value, (clients, BATCH.value))),
-            "weight": jnp.ones((clients, BATCH.value), jnp.float32)}
+    shape = (clients, BATCH.value)
+    return {"inputs": jnp.asarray(rng.normal(size=shape + (IN_DIM.value,)), jnp.float32),
+            "labels": jnp.asarray(rng.integers(0, CLASSES.value, shape)),
+            "weight": jnp.ones(shape, jnp.float32)}
 
   data = federated.FederatedData(split(), split(), jnp.full((clients,), BATCH.value))
   x0, y0 = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
-  return data, x0, y0
-
-
-def _round(clients: int, levels: str, submodel: str = "compact", mesh=None,
-           per_round: int | None = None):
-  """(Round, state, data) for one RAFBO round (bilevel.algorithms.get): a population of
-  `clients` clients of which `per_round` (all by default) are sampled, one inner step and one
-  fd v step per local step, minibatches of --batch_size rows, stratified sampling."""
-  from bilevel import algorithms, models, sharding
-  from bilevel.client import minibatch_sampler
-  data, x0, y0 = _setup(clients)
   alg = algorithms.get(
       "rafbo", problem=models.hyper_representation_problem(), num_clients=clients,
-      clients_per_round=per_round or clients, local_steps=_local_steps(), inner_steps=1,
+      clients_per_round=per_round or clients, local_steps=LOCAL_STEPS.value, inner_steps=1,
       estimator="fd", num_steps=1, levels=levels, layout=models.mlp_layout(HIDDEN.value),
       sample=minibatch_sampler(BATCH.value), submodel=submodel, sampling="stratified",
       mesh=mesh)
-  state = alg.init(x0, y0)
-  return (alg.make_round(x0),) + sharding.replicate((state, data), mesh)
+  return (alg.make_round(x0),) + sharding.replicate((alg.init(x0, y0), data), mesh)
 
 
 _COMPILED: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -161,13 +137,9 @@ _COMPILED: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 def compiled_round(clients: int, levels: str, submodel: str = "compact",
                    per_round: int | None = None, mesh=None) -> dict[str, Any]:
-  """{"run": () -> one round, "peak_bytes", "temp_bytes"} of one compiled round (its clients
-  sharded over `mesh` if given).
-
-  Each configuration is compiled once per run (compilation dominates --quick); figures that
-  share one share the executable and time it side by side with their own others. Peak = XLA's
-  plan for the compiled round: arguments + outputs + temporaries - aliased buffers.
-  """
+  """{"run": () -> one round, "peak_bytes", "temp_bytes"}, compiled once per configuration
+  (compilation dominates --quick; figures that share a round share its executable). Peak =
+  XLA's plan: arguments + outputs + temporaries - aliased buffers."""
   key = (clients, levels, submodel, per_round or clients, mesh)
   if key not in _COMPILED:
     rnd, state, data = _round(clients, levels, submodel, mesh=mesh, per_round=per_round)
@@ -179,26 +151,16 @@ def compiled_round(clients: int, levels: str, submodel: str = "compact",
       temp = int(mem.temp_size_in_bytes)
       peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + temp
                  - getattr(mem, "alias_size_in_bytes", 0))
-    _COMPILED[key] = dict(run=lambda: compiled(*step.args, state, data), peak_bytes=peak, temp_bytes=temp)
+    _COMPILED[key] = dict(run=lambda: compiled(*step.args, state, data), peak_bytes=peak,
+                          temp_bytes=temp)
   return _COMPILED[key]
 
 
-def _local_steps() -> int:
-  return LOCAL_STEPS.value
-
-
-def _params(k: int) -> int:
-  return IN_DIM.value * k + k + k * CLASSES.value + CLASSES.value
-
-
-def _last_ratio() -> str:
-  return f"{float(KEEP_RATIOS.value[-1]):g}"
-
-
 def _one_level() -> str:
-  """The keep-ratio figure's smallest-r round (one level, compiled there on one device), which
-  --quick reuses for compact/dense and scaling instead of compiling the profile (~20 s)."""
-  return f"{_last_ratio()}/{_last_ratio()}:1"
+  """The keep-ratio figure's last round (one level), which --quick reuses for compact/dense and
+  scaling instead of compiling the profile (~20 s)."""
+  r = f"{float(KEEP_RATIOS.value[-1]):g}"
+  return f"{r}/{r}:1"
 
 
 def round_time_model(times: dict[float, float]) -> dict[str, float]:
@@ -215,15 +177,10 @@ def round_time_model(times: dict[float, float]) -> dict[str, float]:
 
 
 def keep_ratio_figures(reps: int) -> dict[str, Any]:
-  """Round time against keep ratio r (one level r/r), on the devices of this process.
-
-  The headline (`keep_ratio_time_ratio`) runs each round with its clients sharded over every
-  device: on a CPU one per core (--cpu_devices, default here: the core count), because XLA:CPU
-  runs a pruned client's narrow GEMMs on one thread, so on a single device the other cores
-  idle at small r. Next to it, in the same interleaved passes, the same rounds on one device
-  (no mesh: the drivers' default; --quick: the first and last keep ratio only, which keeps
-  --quick under 3 minutes).
-  """
+  """Round time against keep ratio r (one level r/r), its clients sharded over every device of
+  this process (XLA:CPU runs a pruned client's narrow GEMMs on one thread, so on one device the
+  other cores idle at small r), and in the same passes on one device, the drivers' default
+  (--quick: the first and last ratio only)."""
   import jax
   from bilevel import sharding
   ratios = [float(r) for r in KEEP_RATIOS.value]
@@ -234,9 +191,10 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
           for r in ratios}
   runs.update({f"1:{r}": compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1")["run"] for r in one})
   times = median_times(runs, reps)
-  # masks.keep_count: k = ceil(r K)
-  flops = {r: _params(math.ceil(r * HIDDEN.value)) / _params(math.ceil(ratios[0] * HIDDEN.value))
-           for r in ratios}
+
+  def params(r: float) -> int:  # a client's parameters at k = ceil(r K) (masks.keep_count)
+    k = math.ceil(r * HIDDEN.value)
+    return IN_DIM.value * k + k + k * CLASSES.value + CLASSES.value
 
   def figure(devices: int, rs: list[float]) -> dict[str, Any]:
     t = {r: times[f"{devices}:{r}"] for r in rs}
@@ -252,14 +210,15 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
       keep_ratio_round_time_s=headline["round_time_s"],
       keep_ratio_time_ratio=headline["time_ratio"],
       **({"keep_ratio_model": headline["model"]} if "model" in headline else {}),
-      keep_ratio_flop_ratio={str(r): flops[r] for r in ratios[1:]},
+      keep_ratio_flop_ratio={str(r): params(r) / params(ratios[0]) for r in ratios[1:]},
       keep_ratio_one_device=figure(1, one) if one else headline)
 
 
 def compact_dense_figures(reps: int) -> dict[str, Any]:
+  """Compact submodels against dense masked rounds (--quick: the one-level round only)."""
   out = {}
-  # --quick: the one-level case only, a round the keep-ratio figure already compiled.
-  cases = (() if QUICK.value else (("profile", PROFILE),)) + ((_last_ratio(), _one_level()),)
+  cases = (() if QUICK.value else (("profile", PROFILE),)) + (
+      (_one_level().split("/")[0], _one_level()),)
   for name, levels in cases:
     t = median_times({sub: compiled_round(CLIENTS.value, levels, sub)["run"]
                       for sub in ("compact", "dense")}, reps)
@@ -270,10 +229,8 @@ def compact_dense_figures(reps: int) -> dict[str, Any]:
 
 
 def vmap_loop_figures(reps: int) -> dict[str, Any]:
-  """The jitted vmapped round vs a Python loop of the same client function, jitted once.
-
-  One population of max(--loop_clients) clients; each count c samples c of them per round.
-  """
+  """The jitted vmapped round against a Python loop of the same client function, jitted once;
+  one population of max(--loop_clients) clients, c of them sampled per round."""
   import jax
   import jax.numpy as jnp
   from bilevel import tree
@@ -305,7 +262,6 @@ def estimator_figures(reps: int) -> dict[str, Any]:
   import jax.numpy as jnp
   import numpy as np
   from bilevel import costs, hypergrad, models
-  from bilevel.hypergrad import EstimatorOptions
   rng = np.random.default_rng(1)
   rows = EST_ROWS.value
   batch = {"inputs": jnp.asarray(rng.normal(size=(rows, IN_DIM.value)), jnp.float32),
@@ -315,32 +271,33 @@ def estimator_figures(reps: int) -> dict[str, Any]:
   v = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), y)  # random v
   problem = models.hyper_representation_problem()
   grad_g = jax.jit(jax.grad(problem.inner_loss, argnums=(0, 1)))
-  opts = EstimatorOptions(num_steps=EST_STEPS.value)
+  opts = hypergrad.EstimatorOptions(num_steps=EST_STEPS.value)
   runs = {"grad": lambda: grad_g(x, y, batch)}
   for est in hypergrad.ESTIMATORS:
     fn = jax.jit(lambda x, y, v, est=est: hypergrad.ESTIMATORS[est](
         problem, x, y, batch, batch, v, None, None, opts))
     runs[est] = lambda fn=fn: fn(x, y, v)
   times = median_times(runs, reps)
-  t_grad = times["grad"]
-  out = {est: dict(measured_grad_evals=times[est] / t_grad,
+  out = {est: dict(measured_grad_evals=times[est] / times["grad"],
                    analytic_grad_evals=costs.grad_evals_per_round(
                        local_steps=1, inner_steps=0, inner_step="fixed", estimator=est,
                        estimator_options=opts))
          for est in hypergrad.ESTIMATORS}
   return dict(estimator_cost_grad_evals={k: v["measured_grad_evals"] for k, v in out.items()},
-              estimator_costs=dict(rows=rows, num_steps=EST_STEPS.value, grad_time_s=t_grad,
-                                   per_estimator=out))
+              estimator_costs=dict(rows=rows, num_steps=EST_STEPS.value,
+                                   grad_time_s=times["grad"], per_estimator=out))
 
 
-def scaling_figures(reps: int, counts: list[int]) -> dict[str, Any]:
+def scaling_figures(reps: int) -> dict[str, Any]:
   """Rounds per second and XLA's peak plan per clients per round: the three-level profile
-  (--quick: the keep-ratio figure's last one-level round, already compiled)."""
+  (--quick: the keep-ratio figure's last round, already compiled)."""
   levels = _one_level() if QUICK.value else PROFILE
+  counts = SCALING.value or (["100"] if QUICK.value else ["10", "100", "1000"])
   rows = []
-  for c in counts:
+  for c in map(int, counts):
     m = compiled_round(c, levels)
-    t, peak = median_time(m["run"], max(2, reps if c < 1000 else 2)), m["peak_bytes"]
+    t = median_times({"": m["run"]}, max(2, reps if c < 1000 else 2))[""]
+    peak = m["peak_bytes"]
     rows.append(dict(clients_per_round=c, levels=levels, round_time_s=t, rounds_per_s=1 / t,
                      peak_bytes=peak, temp_bytes=m["temp_bytes"],
                      peak_bytes_per_client=None if peak is None else peak / c))
@@ -348,12 +305,12 @@ def scaling_figures(reps: int, counts: list[int]) -> dict[str, Any]:
 
 
 def device_figures(reps: int) -> dict[str, Any]:
-  """Run in a process with forced host devices: one device (no mesh) vs all, same round."""
+  """In a process with forced host devices: the same round on one device (no mesh) and on all."""
   import jax
   import numpy as np
   from bilevel import sharding
   n = len(jax.devices())
-  levels = "1/1:1" if QUICK.value else PROFILE  # --quick: one level, one client group to compile
+  levels = "1/1:1" if QUICK.value else PROFILE  # --quick: one client group to compile
   runs = {name: compiled_round(CLIENTS.value, levels, mesh=mesh)["run"]
           for name, mesh in (("1", None), (str(n), sharding.client_mesh()))}
   states = {name: run()[0] for name, run in runs.items()}
@@ -370,13 +327,11 @@ def device_figures(reps: int) -> dict[str, Any]:
 
 def _device_subprocess(reps: int) -> dict[str, Any]:
   """The device figure from a subprocess with --bench_devices forced host devices (its JSON)."""
+  sizes = ("bench_in_dim", "hidden", "bench_classes", "batch_size", "clients_per_round",
+           "local_steps", "reuse_host_memory", "quick")
   argv = [sys.executable, "-m", "experiments.benchmark", "--devices_child", f"--reps={reps}",
           "--cpu_devices=1",  # the forced device count comes from XLA_FLAGS
-          f"--bench_in_dim={IN_DIM.value}", f"--hidden={HIDDEN.value}",
-          f"--bench_classes={CLASSES.value}", f"--batch_size={BATCH.value}",
-          f"--clients_per_round={CLIENTS.value}", f"--local_steps={_local_steps()}",
-          f"--min_time_s={_min_time()}", f"--reuse_host_memory={common.REUSE_HOST_MEMORY.value}",
-          f"--quick={QUICK.value}"]
+          f"--min_time_s={_min_time()}", *(f"--{n}={flags.FLAGS[n].value}" for n in sizes)]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
              JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
@@ -385,20 +340,22 @@ def _device_subprocess(reps: int) -> dict[str, Any]:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+SECTION_FNS = {"keep_ratio": keep_ratio_figures, "compact_dense": compact_dense_figures,
+               "vmap_loop": vmap_loop_figures, "estimators": estimator_figures,
+               "scaling": scaling_figures, "devices": _device_subprocess}
+
+
 def commit() -> dict[str, Any] | None:
   """{"sha", "dirty"} of the git checkout holding this file (None outside one): which code the
   figures are of (dirty: tracked files differ from the commit)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
-                                  timeout=60)
+                                  timeout=60, check=True).stdout.strip()
   try:
-    sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-  except (OSError, subprocess.SubprocessError):
+    return {"sha": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+  except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
     return None
-  if sha.returncode != 0:
-    return None
-  return {"sha": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def _figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -407,60 +364,55 @@ def _figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
   for key, value in result.items():
     if prefix == "" and key in ("versions", "device", "argv", "settings", "commit"):
       continue
-    name = f"{prefix}{key}"
     if isinstance(value, dict):
-      out.update(_figures(value, name + "."))
+      out.update(_figures(value, f"{prefix}{key}."))
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-      out[name] = float(value)
+      out[f"{prefix}{key}"] = float(value)
   return out
 
 
 def compare(ref: str, passes: int, workdir: str) -> None:
-  """--compare: this checkout and revision `ref` measured in alternating benchmark processes."""
+  """--compare: revision `ref` and this checkout in alternating benchmark processes."""
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = os.path.abspath(workdir)  # the sides run in their own trees
   tree = os.path.join(workdir, "ref_tree")
-  subprocess.run(["git", "-C", here, "worktree", "remove", "--force", tree],
-                 capture_output=True, check=False)
+  remove = ["git", "-C", here, "worktree", "remove", "--force", tree]
+  subprocess.run(remove, capture_output=True, check=False)
   made = subprocess.run(["git", "-C", here, "worktree", "add", "--detach", tree, ref],
                         capture_output=True, text=True, check=False)
   if made.returncode != 0:
     common.fail(f"--compare={ref}: cannot check it out into {tree}: {made.stderr.strip()}")
-  own = {"compare", "passes", "workdir"}
-  name = lambda a: a.lstrip("-").split("=")[0]
-  argv = [a for a in sys.argv[1:] if name(a) not in own | {"no" + o for o in own}]
+  own = {"compare", "passes", "workdir", "nocompare", "nopasses", "noworkdir"}
+  argv = [a for a in sys.argv[1:] if a.lstrip("-").split("=")[0] not in own]
   runs: dict[str, list[dict[str, float]]] = {"ref": [], "this": []}
   try:
     for i in range(passes):
       for side in (("ref", "this") if i % 2 == 0 else ("this", "ref")):
-        root = tree if side == "ref" else here
-        out = os.path.join(workdir, f"{side}_{i}")
+        root, out = (tree if side == "ref" else here), os.path.join(workdir, f"{side}_{i}")
         print(f"=== pass {i + 1}/{passes}: {side} ({ref if side == 'ref' else 'this checkout'})",
               flush=True)
-        env = dict(os.environ, PYTHONPATH=root)
         proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", *argv,
-                               f"--workdir={out}"], cwd=root, env=env, check=False)
+                               f"--workdir={out}"], cwd=root,
+                              env=dict(os.environ, PYTHONPATH=root), check=False)
         if proc.returncode != 0:
           common.fail(f"--compare: the {side} benchmark process failed (exit "
                       f"{proc.returncode}); its output is above.")
         with open(os.path.join(out, "benchmark.json"), encoding="utf-8") as f:
           runs[side].append(_figures(json.load(f)))
   finally:
-    subprocess.run(["git", "-C", here, "worktree", "remove", "--force", tree],
-                   capture_output=True, check=False)
-  names = [n for n in runs["this"][0] if all(n in r for r in runs["ref"] + runs["this"])]
+    subprocess.run(remove, capture_output=True, check=False)
   rows = {}
-  for n in names:
-    a = statistics.median(r[n] for r in runs["ref"])
-    b = statistics.median(r[n] for r in runs["this"])
-    rows[n] = {"ref": a, "this": b, "this_over_ref": b / a if a else None,
-               "ref_runs": [r[n] for r in runs["ref"]], "this_runs": [r[n] for r in runs["this"]]}
+  for n in runs["this"][0]:
+    if all(n in r for r in runs["ref"] + runs["this"]):
+      a, b = (statistics.median(r[n] for r in runs[side]) for side in ("ref", "this"))
+      rows[n] = {"ref": a, "this": b, "this_over_ref": b / a if a else None,
+                 "ref_runs": [r[n] for r in runs["ref"]],
+                 "this_runs": [r[n] for r in runs["this"]]}
   print(f"{'figure':<52} {ref[:12]:>12} {'this':>12} {'this/ref':>9}")
   for n, r in rows.items():
-    if n.endswith("total_time_s"):
-      continue
-    ratio = f"{r['this_over_ref']:.3f}" if r["this_over_ref"] is not None else "-"
-    print(f"{n[:52]:<52} {r['ref']:>12.4g} {r['this']:>12.4g} {ratio:>9}")
+    if not n.endswith("total_time_s"):
+      ratio = f"{r['this_over_ref']:.3f}" if r["this_over_ref"] is not None else "-"
+      print(f"{n[:52]:<52} {r['ref']:>12.4g} {r['this']:>12.4g} {ratio:>9}")
   from bilevel.metrics import write_json
   write_json(os.path.join(workdir, "compare.json"),
              {"ref": ref, "this": commit(), "passes": passes, "argv": list(sys.argv),
@@ -468,12 +420,24 @@ def compare(ref: str, passes: int, workdir: str) -> None:
   print(f"wrote {os.path.join(workdir, 'compare.json')}")
 
 
-# --smoke (common.SMOKE, for tests): --quick's fewer compiles, these tiny sizes and one
-# repetition; the flags that choose what is measured (--sections, --keep_ratios, --bench_devices)
-# keep their values.
-SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, hidden=8, batch_size=4,
-                   clients_per_round=4, loop_clients=["2", "3"], scaling_clients=["2"],
-                   estimator_rows=4, estimator_steps=1, local_steps=1)
+def check_flags() -> None:
+  try:
+    bad = [r for r in KEEP_RATIOS.value if not 0 < float(r) <= 1]
+  except ValueError:
+    bad = KEEP_RATIOS.value
+  if bad or len(KEEP_RATIOS.value) < 2:
+    common.fail(f"--keep_ratios={','.join(KEEP_RATIOS.value)} needs two or more numbers in "
+                "(0, 1]; the first is the reference the others are divided by.")
+  small = [f"--{f.name}={f.value}" for f in (HIDDEN, BATCH, CLIENTS, LOCAL_STEPS) if f.value < 1]
+  if small:
+    common.fail(f"{', '.join(small)}: the benchmark needs every size >= 1 (--batch_size is also "
+                "each client's row count here; there is no full batch).")
+  unknown = set(SECTIONS.value) - set(SECTION_FNS)
+  if unknown:
+    common.fail(f"--sections has unknown names {sorted(unknown)}; allowed: "
+                f"{', '.join(SECTION_FNS)}.")
+  if COMPARE.value and PASSES.value < 1:
+    common.fail(f"--passes={PASSES.value} must be >= 1.")
 
 
 def main(argv):
@@ -489,47 +453,23 @@ def main(argv):
   if DEVICES_CHILD.value:
     print(json.dumps(device_figures(reps)))
     return
+  check_flags()
   workdir = common.require_workdir()
   if COMPARE.value:
-    if PASSES.value < 1:
-      common.fail(f"--passes={PASSES.value} must be >= 1.")
     compare(COMPARE.value, PASSES.value, workdir)
     return
-  counts = [int(s) for s in (SCALING.value or (["100"] if QUICK.value
-                                                else ["10", "100", "1000"]))]
   start = time.perf_counter()
   result: dict[str, Any] = dict(
       versions=common.versions(), device=common.device_info(), argv=list(sys.argv),
       commit=commit(),
       settings=dict(quick=QUICK.value, reps=reps, min_time_s=_min_time(), in_dim=IN_DIM.value,
-                    hidden=HIDDEN.value,
-                    classes=CLASSES.value, batch=BATCH.value, clients=CLIENTS.value,
-                    local_steps=_local_steps(), inner_steps=1, estimator="fd", dtype="float32",
-                    cpu_count=os.cpu_count(), cpu_devices=common.CPU_DEVICES.value,
-                    reuse_host_memory=host_memory_reused,
+                    hidden=HIDDEN.value, classes=CLASSES.value, batch=BATCH.value,
+                    clients=CLIENTS.value, local_steps=LOCAL_STEPS.value, inner_steps=1,
+                    estimator="fd", dtype="float32", cpu_count=os.cpu_count(),
+                    cpu_devices=common.CPU_DEVICES.value, reuse_host_memory=host_memory_reused,
                     glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")))
-  sections = [("keep_ratio", keep_ratio_figures), ("compact_dense", compact_dense_figures),
-              ("vmap_loop", vmap_loop_figures), ("estimators", estimator_figures),
-              ("scaling", lambda r: scaling_figures(r, counts))]
-  if DEVICES.value > 0:
-    sections.append(("devices", _device_subprocess))
-  try:
-    bad = [r for r in KEEP_RATIOS.value if not 0 < float(r) <= 1]
-  except ValueError:
-    bad = KEEP_RATIOS.value
-  if bad or len(KEEP_RATIOS.value) < 2:
-    common.fail(f"--keep_ratios={','.join(KEEP_RATIOS.value)} needs two or more numbers in "
-                "(0, 1]; the first is the reference the others are divided by.")
-  small = [f"--{f.name}={f.value}" for f in (HIDDEN, BATCH, CLIENTS, LOCAL_STEPS) if f.value < 1]
-  if small:
-    common.fail(f"{', '.join(small)}: the benchmark needs every size >= 1 (--batch_size is also "
-                "each client's row count here; there is no full batch).")
-  unknown = set(SECTIONS.value) - {n for n, _ in sections} - {"devices"}
-  if unknown:
-    common.fail(f"--sections has unknown names {sorted(unknown)}; allowed: keep_ratio, "
-                "compact_dense, vmap_loop, estimators, scaling, devices.")
-  for name, fn in sections:
-    if name not in SECTIONS.value:
+  for name, fn in SECTION_FNS.items():
+    if name not in SECTIONS.value or (name == "devices" and DEVICES.value <= 0):
       continue
     t0 = time.perf_counter()
     figures = fn(reps)

@@ -1,24 +1,15 @@
 """Compare finished runs: one figure and one markdown table over several workdirs.
 
-Reads each workdir's config.json, metrics.jsonl and summary.json (written by the task drivers)
-and writes to --out (or --workdir):
-  compare.png : test accuracy against the round and against cumulative client FLOPs, one line
-                per run;
-  compare.md  : a table with run, task, algorithm, test accuracy, rounds, cumulative client
-                FLOPs, FLOPs relative to the first run, min coverage of x and y (C_x*, C_y*),
-                wall time and, where a run has one, the weight AUC (hyper-cleaning).
-A workdir written with --seeds (summary.json with per-seed summaries, one run per seed in
-WORKDIR/seed_S) is one row: every figure is its mean over the seeds, accuracy and AUC shown as
-mean +- std with the number of seeds, and the figure draws the mean curve with a min-max band.
-Runs made with --diagnose_every also get compare_diagnostics.png: the cosine and relative error
-of each round's aggregated hypergradient estimate against the true one, and the share of x never
-covered so far, against the round.
-A workdir without summary.json is an unfinished (or killed) run: it is listed as unfinished,
-with how many rounds it logged, and left out of the figure and the table.
-
   python -m experiments.compare --workdirs=runs/hr_rafbo,runs/hr_simfbo --out=runs/cmp
-  python -m experiments.compare --workdirs=runs/hc,runs/hc/unweighted --labels=weighted,unweighted \
-      --workdir=runs/hc_cmp
+
+Reads each workdir's config.json, metrics.jsonl and summary.json and writes to --out (or
+--workdir) compare.png (test accuracy against the round and against cumulative client FLOPs) and
+compare.md (per run: task, algorithm, test accuracy, rounds, client FLOPs absolute and relative
+to the first run, min coverage C_x* and C_y*, wall time, the weight AUC of hyper-cleaning runs).
+A --seeds workdir is one row of means over its seeds (accuracy and AUC as mean +- std), drawn as
+its mean curve with a min-max band. Runs made with --diagnose_every add
+compare_diagnostics.png (estimate quality and never-covered share against the round). A workdir
+without summary.json is listed as unfinished, with its logged rounds, and left out otherwise.
 """
 
 from __future__ import annotations
@@ -39,17 +30,18 @@ LABELS = flags.DEFINE_list("labels", None, "Optional comma-separated labels, one
 OUT = flags.DEFINE_string("out", None, "Output directory for compare.png and compare.md "
                           "(default: --workdir).")
 
+ACCURACY_PANELS = (("round", "test_accuracy", "test accuracy"),
+                   ("cumulative_client_flops", "test_accuracy", "test accuracy"))
+DIAGNOSTIC_PANELS = (("round", "diag_cosine", "cosine(estimate, true hypergradient)"),
+                     ("round", "diag_relative_error", "||estimate - true|| / ||true||"),
+                     ("round", "never_covered_x_share", "share of x never covered so far"))
+
 
 class Run(NamedTuple):
   label: str
   path: str
-  config: dict[str, Any]
   summary: dict[str, Any]  # a multi-seed run: its combined summary (mean / std / per_seed)
   records: list[list[dict[str, Any]]]  # per seed (one list for a single-seed run)
-
-  @property
-  def num_seeds(self) -> int:
-    return len(self.records)
 
   def value(self, key: str) -> Any:
     """The summary figure (its mean over seeds for a multi-seed run)."""
@@ -57,9 +49,11 @@ class Run(NamedTuple):
       return self.summary["mean"].get(key, self.summary.get(key))
     return self.summary.get(key)
 
-  def spread(self, key: str) -> float | None:
-    """Std over seeds (None for a single-seed run)."""
-    return self.summary["std"].get(key) if "per_seed" in self.summary else None
+  def text(self, key: str, spec: str = ".4g") -> str:
+    """The figure formatted, with +- its std over seeds for a multi-seed run."""
+    text = _fmt(self.value(key), spec)
+    std = self.summary["std"].get(key) if "per_seed" in self.summary else None
+    return text if std is None or text == "n/a" else f"{text} +- {_fmt(std, '.2g')}"
 
 
 class Unfinished(NamedTuple):
@@ -96,22 +90,18 @@ def load_run(path: str, label: str) -> Run | Unfinished:
   """A finished run, or Unfinished; ValueError with a clear message when it cannot be read."""
   if not os.path.isdir(path):
     raise ValueError(f"workdir {path!r} does not exist or is not a directory.")
-  summary_path = os.path.join(path, "summary.json")
-  if not os.path.exists(summary_path):
+  if not os.path.exists(os.path.join(path, "summary.json")):
     records = read_records(os.path.join(path, "metrics.jsonl"))
     return Unfinished(label, path, records[-1]["round"] if records else 0)
-  summary = _read_json(summary_path, "summary")
-  if "per_seed" in summary:  # --seeds: one workdir per seed below this one
-    dirs = [os.path.join(path, f"seed_{s}") for s in summary["per_seed"]]
-    config = _read_json(os.path.join(dirs[0], "config.json"), "config")
-  else:
-    dirs = [path]
-    config = _read_json(os.path.join(path, "config.json"), "config")
+  summary = _read_json(os.path.join(path, "summary.json"), "summary")
+  # --seeds: one workdir per seed below this one
+  dirs = [os.path.join(path, f"seed_{s}") for s in summary.get("per_seed", [])] or [path]
+  _read_json(os.path.join(dirs[0], "config.json"), "config")  # a run must have a readable one
   records = [read_records(os.path.join(d, "metrics.jsonl")) for d in dirs]
   for d, r in zip(dirs, records):
     if not r:
       raise ValueError(f"workdir {d!r} has a summary but no metrics.jsonl records.")
-  return Run(label, path, config, summary, records)
+  return Run(label, path, summary, records)
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
@@ -120,32 +110,21 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
   return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
-def _mean_std(run: Run, key: str, spec: str = ".4g") -> str:
-  std = run.spread(key)
-  text = _fmt(run.value(key), spec)
-  return text if std is None or text == "n/a" else f"{text} +- {_fmt(std, '.2g')}"
-
-
 def table(runs: Sequence[Run]) -> list[str]:
-  """Markdown table rows (header first); FLOPs relative to the first run; mean +- std over
-  seeds for multi-seed runs."""
+  """Markdown table rows (header first); FLOPs relative to the first run."""
   with_auc = any(r.value("weight_auc") is not None for r in runs)
   header = ["run", "task", "algorithm", "seeds", "test accuracy", "rounds",
             "cumulative client FLOPs", "FLOPs vs first", "min coverage x", "min coverage y",
-            "wall time (s)"]
-  if with_auc:
-    header.append("weight AUC")
+            "wall time (s)"] + (["weight AUC"] if with_auc else [])
   base = runs[0].value("cumulative_client_flops") if runs else None
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in runs:
     flops = r.value("cumulative_client_flops")
     rel = flops / base if flops is not None and base else None
-    row = [r.label, _fmt(r.value("task")), _fmt(r.value("algorithm")), str(r.num_seeds),
-           _mean_std(r, "test_accuracy"), _fmt(r.value("rounds"), ".0f"), _fmt(flops, ".3e"),
+    row = [r.label, _fmt(r.value("task")), _fmt(r.value("algorithm")), str(len(r.records)),
+           r.text("test_accuracy"), _fmt(r.value("rounds"), ".0f"), _fmt(flops, ".3e"),
            _fmt(rel, ".3f"), _fmt(r.value("min_coverage_x")), _fmt(r.value("min_coverage_y")),
-           _fmt(r.value("wall_time_s"), ".1f")]
-    if with_auc:
-      row.append(_mean_std(r, "weight_auc"))
+           _fmt(r.value("wall_time_s"), ".1f")] + ([r.text("weight_auc")] if with_auc else [])
     lines.append("| " + " | ".join(row) + " |")
   return lines
 
@@ -153,10 +132,9 @@ def table(runs: Sequence[Run]) -> list[str]:
 def write_markdown(path: str, runs: Sequence[Run], unfinished: Sequence[Unfinished]) -> None:
   lines = ["# Run comparison", ""]
   if runs:
-    lines += table(runs) + [""]
-    lines.append("Test accuracy is a fraction; FLOPs are analytic client FLOPs of the submodels "
-                 "actually run, relative to the first row.")
-    extra = [f"{r.label}: unweighted baseline {_mean_std(r, 'unweighted_test_accuracy')}"
+    lines += table(runs) + ["", "Test accuracy is a fraction; FLOPs are analytic client FLOPs "
+                            "of the submodels actually run, relative to the first row."]
+    extra = [f"{r.label}: unweighted baseline {r.text('unweighted_test_accuracy')}"
              for r in runs if r.value("unweighted_test_accuracy") is not None]
     if extra:
       lines += ["", "Hyper-cleaning, the same run trained unweighted on the noisy labels: "
@@ -169,84 +147,49 @@ def write_markdown(path: str, runs: Sequence[Run], unfinished: Sequence[Unfinish
     f.write("\n".join(lines))
 
 
-def seed_curves(run: Run, xkey: str, ykey: str) -> tuple[list[float], np.ndarray]:
-  """(x values logged by every seed, ykey at them [seeds, points]); x may be empty."""
-  curves = [{rec[xkey]: rec[ykey] for rec in seed if xkey in rec and rec.get(ykey) is not None}
-            for seed in run.records]
-  xs = sorted(set.intersection(*(set(c) for c in curves)))
-  return xs, np.array([[c[x] for x in xs] for c in curves])
-
-
-def plot(path: str, runs: Sequence[Run]) -> None:
+def plot(path: str, runs: Sequence[Run], panels: Sequence[tuple[str, str, str]]) -> None:
+  """One panel per (x key, y key, y label): each run's mean curve over its seeds at the x values
+  every seed logged, with a min-max band for a multi-seed run."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for xkey, ax in zip(("round", "cumulative_client_flops"), axes):
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+  for (xkey, ykey, ylabel), ax in zip(panels, axes):
     for r in runs:
-      xs, ys = seed_curves(r, xkey, "test_accuracy")
+      curves = [{rec[xkey]: rec[ykey] for rec in seed
+                 if xkey in rec and rec.get(ykey) is not None} for seed in r.records]
+      xs = sorted(set.intersection(*(set(c) for c in curves)))
       if not xs:
         continue
-      label = r.label if r.num_seeds == 1 else f"{r.label} (mean of {r.num_seeds} seeds)"
+      ys = np.array([[c[x] for x in xs] for c in curves])
+      label = r.label if len(curves) == 1 else f"{r.label} (mean of {len(curves)} seeds)"
       line, = ax.plot(xs, ys.mean(axis=0), marker=".", label=label)
-      if r.num_seeds > 1:
+      if len(curves) > 1:
         ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel(xkey.replace("_", " "))
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-  axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    if xkey == "cumulative_client_flops":
+      ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
   axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-
-
-DIAGNOSTIC_PANELS = (("diag_cosine", "cosine(estimate, true hypergradient)"),
-                     ("diag_relative_error", "||estimate - true|| / ||true||"),
-                     ("never_covered_x_share", "share of x never covered so far"))
-
-
-def plot_diagnostics(path: str, runs: Sequence[Run]) -> bool:
-  """Estimate quality against rounds (runs made with --diagnose_every); False if none has it."""
-  with_diag = [r for r in runs if any("diag_cosine" in rec for seed in r.records for rec in seed)]
-  if not with_diag:
-    return False
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(DIAGNOSTIC_PANELS), figsize=(5 * len(DIAGNOSTIC_PANELS), 3.8))
-  for (key, label), ax in zip(DIAGNOSTIC_PANELS, axes):
-    for r in with_diag:
-      xs, ys = seed_curves(r, "round", key)
-      if xs:
-        ax.plot(xs, ys.mean(axis=0), marker=".", label=r.label)
-    ax.set_xlabel("round")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return True
 
 
 def main(argv):
   del argv
-  problems = []
-  paths = WORKDIRS.value or []
-  if not paths:
-    problems.append("--workdirs is required: a comma-separated list of run workdirs.")
-  labels = LABELS.value or paths
+  paths, out = WORKDIRS.value or [], OUT.value or common.WORKDIR.value
+  problems = [] if paths else ["--workdirs is required: a comma-separated list of run workdirs."]
   if LABELS.value and len(LABELS.value) != len(paths):
     problems.append(f"--labels has {len(LABELS.value)} entries but --workdirs has {len(paths)}; "
                     "give one label per workdir.")
-  out = OUT.value or common.WORKDIR.value
   if not out:
     problems.append("--out (or --workdir) is required: the directory for compare.png and "
                     "compare.md.")
   loaded = []
   if not (LABELS.value and len(LABELS.value) != len(paths)):
-    for path, label in zip(paths, labels):
+    for path, label in zip(paths, LABELS.value or paths):
       try:
         loaded.append(load_run(path, label))
       except ValueError as e:
@@ -262,8 +205,10 @@ def main(argv):
     common.fail("none of the workdirs holds a finished run (summary.json); nothing to compare.")
   os.makedirs(out, exist_ok=True)
   write_markdown(os.path.join(out, "compare.md"), runs, unfinished)
-  plot(os.path.join(out, "compare.png"), runs)
-  if plot_diagnostics(os.path.join(out, "compare_diagnostics.png"), runs):
+  plot(os.path.join(out, "compare.png"), runs, ACCURACY_PANELS)
+  with_diag = [r for r in runs if any("diag_cosine" in rec for seed in r.records for rec in seed)]
+  if with_diag:
+    plot(os.path.join(out, "compare_diagnostics.png"), with_diag, DIAGNOSTIC_PANELS)
     print(f"wrote {os.path.join(out, 'compare_diagnostics.png')} (estimate quality)")
   print("\n".join(table(runs)))
   print(f"wrote {os.path.join(out, 'compare.md')} and {os.path.join(out, 'compare.png')}")

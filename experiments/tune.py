@@ -1,27 +1,16 @@
 """One tuning protocol for every algorithm: the same grid, selection on held-out training data.
 
-For --task and --algorithm, every point of the grid (outer_lr x inner_lr x v_lr; for the
-Neumann-series algorithms v_lr is the series step) runs the task driver with
-`--eval_split=holdout` (a class-stratified share of the TRAINING data, taken away from the
-clients, stands in for the test set, which is never read) over --seeds (default 0,1; at least
-2) and on every data partition of --tune_partitions (default: IID and Dirichlet(0.1) label
-skew), each on the same held-out rows. A point's score is its worst partition's mean held-out
-accuracy, so the chosen steps hold on both: one flagfile per algorithm and task serves every
-partition (docs/method.md, section 7). Selection is the one-standard-error rule: among the points whose mean held-out accuracy
-is within one standard error (sample std over seeds / sqrt(seeds)) of the best mean, the one
-with the smallest steps wins (the smaller outer_lr, then inner_lr, then v_lr). Points that
-close are not told apart by two seeds, and the smaller steps are the ones that hold on seeds
-the tuning never saw. A point where any seed diverged (the driver's divergence guard, exit 2)
-is never chosen. The chosen values are written as a flagfile,
-experiments/presets/TASK_ALGORITHM.cfg by default, which the README's result commands pass
-with --flagfile.
-
-Every algorithm searches the same grid (GRIDS[task]; --grid_* override it for all alike), so no
-algorithm inherits step sizes tuned for another. Cost: grid points x seeds runs of --rounds
-rounds (the task's default rounds unless given), each a fresh driver process; summary.json in
---workdir records every point's mean, std and per-seed accuracy, and the cost in seconds.
-
   python -m experiments.tune --task=hyper_representation --algorithm=rafbo --workdir=runs/tune
+
+Every point of the task's grid (GRIDS, the same for every algorithm; outer_lr x inner_lr x v_lr,
+v_lr being the series step of the Neumann algorithms) runs the task driver in a fresh process
+with --eval_split=holdout (a class-stratified share of the training data stands in for the test
+set, which is never read) over --seeds on every partition of --tune_partitions. A point scores
+its worst partition's mean held-out accuracy, so one flagfile serves every partition
+(docs/method.md, section 7). Selection is the one-standard-error rule (`select`); a point where
+any seed diverged is never chosen. The chosen steps are written as a flagfile
+(experiments/presets/TASK_ALGORITHM.cfg by default) and every point's mean, std, per-seed
+accuracy and cost in seconds to WORKDIR/summary.json.
 """
 
 from __future__ import annotations
@@ -41,9 +30,6 @@ from experiments import common
 
 TASK = flags.DEFINE_enum("task", "hyper_representation", ["hyper_representation",
                                                           "hyper_cleaning"], "Task driver.")
-# --seeds (common.py): the seeds every grid point runs on, passed on to the driver as its
-# --seeds (at least 2; selection on their mean). Unset: DEFAULT_SEEDS.
-DEFAULT_SEEDS = ["0", "1"]
 GRID_OUTER = flags.DEFINE_list("grid_outer_lr", None, "outer_lr values (default: GRIDS[task]).")
 GRID_INNER = flags.DEFINE_list("grid_inner_lr", None, "inner_lr values (default: GRIDS[task]).")
 GRID_V = flags.DEFINE_list("grid_v_lr", None, "v_lr values: v step or Neumann step (default: "
@@ -54,13 +40,15 @@ PARTITIONS = flags.DEFINE_list(
     "its worst partition's mean held-out accuracy.")
 PRESET_OUT = flags.DEFINE_string("preset_out", None, "Flagfile to write (default "
                                  "experiments/presets/TASK_ALGORITHM.cfg).")
-# --driver_flags (experiments/common.py): further flags passed to every driver run.
+# --seeds (common.py): every point's seeds, passed on to the driver (at least 2; default below).
+# --driver_flags (common.py): further flags passed to every driver run.
+DEFAULT_SEEDS = ["0", "1"]
 EXTRA = common.DRIVER_FLAGS
 
-# The one grid per task, the same for every algorithm: each step at the task's hand-set default
-# (task 1: 0.1 everywhere; task 2: outer 30, inner 0.05, v 0.05) and about a third of it, 8
-# points. The grid looks downward only: 3x larger outer steps (task 1: 0.3) blew up on some
-# seeds and never won by more than the seed noise in a 12-point trial (docs/method.md, 7).
+# The one grid per task: each step at the task's hand-set default (task 1: 0.1 everywhere; task
+# 2: outer 30, inner 0.05, v 0.05) and about a third of it, 8 points. It looks downward only: 3x
+# larger outer steps (task 1: 0.3) blew up on some seeds and never won by more than the seed
+# noise in a 12-point trial (docs/method.md, 7).
 GRIDS = {
     "hyper_representation": dict(outer_lr=(0.03, 0.1), inner_lr=(0.03, 0.1), v_lr=(0.03, 0.1)),
     "hyper_cleaning": dict(outer_lr=(10.0, 30.0), inner_lr=(0.02, 0.05), v_lr=(0.02, 0.05)),
@@ -92,6 +80,19 @@ def partitions() -> dict[str, dict[str, Any]]:
   return out
 
 
+def grid() -> dict[str, tuple[float, ...]]:
+  out = {}
+  for name, flag in (("outer_lr", GRID_OUTER), ("inner_lr", GRID_INNER), ("v_lr", GRID_V)):
+    try:
+      values = tuple(float(v) for v in flag.value) if flag.value else GRIDS[TASK.value][name]
+    except ValueError:
+      common.fail(f"--grid_{name}={','.join(flag.value)} must be a list of numbers.")
+    if not values or min(values) <= 0:
+      common.fail(f"--grid_{name} must hold numbers > 0; got {list(values)}.")
+    out[name] = values
+  return out
+
+
 def combine_partitions(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """A point's score from its runs on each partition: the worst partition's mean held-out
   accuracy and that partition's std (None if a run on any partition diverged or failed)."""
@@ -107,23 +108,10 @@ def combine_partitions(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
               std_accuracy=results[worst]["std_accuracy"], worst_partition=worst, error=None)
 
 
-def grid() -> dict[str, tuple[float, ...]]:
-  base = GRIDS[TASK.value]
-  out = {}
-  for name, flag in (("outer_lr", GRID_OUTER), ("inner_lr", GRID_INNER), ("v_lr", GRID_V)):
-    try:
-      values = tuple(float(v) for v in flag.value) if flag.value else base[name]
-    except ValueError:
-      common.fail(f"--grid_{name}={','.join(flag.value)} must be a list of numbers.")
-    if not values or min(values) <= 0:
-      common.fail(f"--grid_{name} must hold numbers > 0; got {list(values)}.")
-    out[name] = values
-  return out
-
-
 def select(points: Sequence[dict[str, Any]], num_seeds: int) -> dict[str, Any]:
   """One-standard-error rule: the smallest steps (outer, then inner, then v) among the finished
-  points whose mean accuracy is within one standard error of the best point's mean."""
+  points whose mean accuracy is within one standard error (std / sqrt(seeds)) of the best one's.
+  Two seeds do not tell such points apart, and smaller steps hold on seeds tuning never saw."""
   finished = [p for p in points if p["mean_accuracy"] is not None]
   if not finished:
     common.fail("every grid point diverged or failed; widen the grid (--grid_*) towards "
@@ -132,11 +120,6 @@ def select(points: Sequence[dict[str, Any]], num_seeds: int) -> dict[str, Any]:
   bar = best["mean_accuracy"] - best["std_accuracy"] / math.sqrt(num_seeds)
   return min((p for p in finished if p["mean_accuracy"] >= bar),
              key=lambda p: (p["outer_lr"], p["inner_lr"], p["v_lr"]))
-
-
-def point_name(values: dict[str, float]) -> str:
-  """A grid point's run folder, named by its steps (a changed grid reuses matching points)."""
-  return "point_" + "_".join(f"{k}{v:g}" for k, v in values.items())
 
 
 def _accuracies(summary: dict[str, Any]) -> dict[str, Any]:
@@ -149,10 +132,8 @@ def _accuracies(summary: dict[str, Any]) -> dict[str, Any]:
 
 def finished_point(workdir: str, seeds: list[int], values: dict[str, float]
                    ) -> dict[str, Any] | None:
-  """A grid point an earlier tune run finished in `workdir` (same seeds and steps), or None.
-
-  A killed or repeated tuning run so costs only the points it has not finished yet.
-  """
+  """A grid point an earlier tune run finished in `workdir` (same seeds and steps), or None: a
+  killed or repeated tuning run costs only the points it has not finished yet."""
   try:
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
       summary = json.load(f)
@@ -200,8 +181,7 @@ def write_preset(path: str, best: dict[str, Any], seeds: list[int], cost_s: floa
       f"(score: the worst partition), selected on held-out training data",
       f"# (--eval_split=holdout --holdout_fraction={common.HOLDOUT_FRACTION.value}); held-out "
       f"accuracy {best['mean_accuracy']:.4f} +- {best['std_accuracy']:.4f} "
-      f"({best['worst_partition']}); "
-      f"tuning cost {cost_s:.0f} s.",
+      f"({best['worst_partition']}); tuning cost {cost_s:.0f} s.",
       f"# Driver flags during tuning: {' '.join(EXTRA.value) or '(none)'}",
       f"--algorithm={common.ALGORITHM.value}",
       *(f"--{k}={best[k]:g}" for k in ("outer_lr", "inner_lr", "v_lr")),
@@ -238,12 +218,12 @@ def main(argv: Sequence[str]) -> None:
   combos = list(itertools.product(*values.values()))
   for i, combo in enumerate(combos):
     point = dict(zip(values, combo))
+    # A point's folder is named by its steps, so a changed grid reuses the matching points.
+    name = "point_" + "_".join(f"{k}{v:g}" for k, v in point.items())
     runs = {}
-    for name, part_flags in parts.items():
-      pdir = os.path.join(workdir, point_name(point), name)
-      run_values = dict(point, **part_flags)
-      runs[name] = (finished_point(pdir, seeds, run_values) or
-                    run_point(pdir, seeds, run_values))
+    for part, part_flags in parts.items():
+      pdir, run_values = os.path.join(workdir, name, part), dict(point, **part_flags)
+      runs[part] = finished_point(pdir, seeds, run_values) or run_point(pdir, seeds, run_values)
     result = combine_partitions(runs)
     points.append(result)
     acc = (f"diverged/failed on {result['worst_partition']}" if result["mean_accuracy"] is None
