@@ -1,9 +1,8 @@
-r"""Theory check (docs/method.md, section 10): convergence against the outer coverage C_x* and the
-rounds Q, in four parts (--parts) run by bilevel/tasks/coverage_rate.py. Writes config.json,
-metrics.jsonl (one line per run), summary.json (computed from those lines, with the wall time per
-part) and coverage_rate.png (the rate part, log-log, one line per C). Inner and v steps are
-"fixed" unless --inner_step / --v_step say otherwise; the other shared federated flags are fixed
-per algorithm and rejected here.
+r"""Theory check (docs/method.md, section 10): flags -> bilevel/tasks/coverage_rate.py's parts
+(--parts) -> config.json, metrics.jsonl (one line per run), summary.json (computed from those
+lines, with the wall time per part), coverage_rate.png (the rate part, log-log). Inner and v steps
+are "fixed" unless --inner_step / --v_step say otherwise; the other shared federated flags are
+fixed per algorithm and rejected here.
 
     python -m experiments.coverage_rate --workdir=/tmp/coverage_rate --quick
 """
@@ -32,7 +31,7 @@ COVERAGES = flags.DEFINE_list("coverages", ["1", "2", "4", "8"],
 ROUNDS_LIST = flags.DEFINE_list("rounds_list", ["64", "128", "256", "512", "1024", "2048", "4096"],
                                 "Numbers of rounds Q to sweep (at least two distinct values).")
 NUM_SEEDS = flags.DEFINE_integer("num_seeds", 5, "Runs per (algorithm, C, Q), averaged.")
-GRAD_NOISE = flags.DEFINE_float("grad_noise", 3.0, "Std of the noise on every first-order gradient.")
+GRAD_NOISE = flags.DEFINE_float("grad_noise", 3.0, "Std of the noise on each first-order gradient.")
 HETEROGENEITY = flags.DEFINE_float("heterogeneity", 0.5, "Client heterogeneity, in [0, 1].")
 DIM = flags.DEFINE_integer("dim", 32, "Coordinates of x (= of y); a multiple of 8.")
 ALPHA0 = flags.DEFINE_float("alpha0", 0.5, "alpha = alpha0 * sqrt(C / Q) (RAFBO: / K per local "
@@ -61,18 +60,14 @@ _SHARED_FLAGS_USED = ("workdir", "seed", "resume", "quick", "smoke", "algorithms
                       "inner_step")
 
 
-def _value(name: str, quick: Any = None) -> Any:
-  """The flag's value, or its --quick default (when one is given) under --quick without it."""
-  flag = flags.FLAGS[name]
-  return quick if quick is not None and common.QUICK.value and not flag.present else flag.value
-
-
-def _parse(name: str, convert: Callable[[str], Any], what: str, quick: Any = None) -> tuple:
-  values = _value(name, quick)
+def _flag(flag: Any, quick: Any = None, convert: Callable[[str], Any] | None = None,
+          what: str = "") -> Any:
+  """The flag's value (its --quick default under --quick when not given), each entry converted."""
+  values = quick if quick is not None and common.QUICK.value and not flag.present else flag.value
   try:
-    return tuple(convert(v) for v in values)
+    return values if convert is None else tuple(convert(v) for v in values)
   except ValueError:
-    raise ConfigError(f"--{name}={','.join(map(str, values))} must be {what}.") from None
+    raise ConfigError(f"--{flag.name}={','.join(map(str, values))} must be {what}.") from None
 
 
 def config_from_flags() -> sweep.SweepConfig:
@@ -82,24 +77,24 @@ def config_from_flags() -> sweep.SweepConfig:
     raise ConfigError(f"{', '.join('--' + n for n in ignored)} not used by coverage_rate: its "
                       "federated settings are fixed per algorithm (see its docstring); sweep with "
                       "--coverages, --rounds_list, --num_seeds, --grad_noise, --alpha0.")
-  ints = lambda name, quick=None: tuple(sorted(set(_parse(
-      name, int, "a comma-separated list of integers", quick))))
+  ints = lambda flag, quick=None: tuple(sorted(set(_flag(
+      flag, quick, int, "a comma-separated list of integers"))))
   steps = {n: flags.FLAGS[n].value if flags.FLAGS[n].present else "fixed"  # not the library's
            for n in ("v_step", "inner_step")}
   cfg = sweep.SweepConfig(
       algorithms=tuple(dict.fromkeys(common.algorithm_list(DEFAULT_ALGORITHMS))),
-      coverages=ints("coverages"), rounds_list=ints("rounds_list", QUICK_ROUNDS),
-      num_seeds=_value("num_seeds", QUICK_SEEDS), grad_noise=GRAD_NOISE.value,
+      coverages=ints(COVERAGES), rounds_list=ints(ROUNDS_LIST, QUICK_ROUNDS),
+      num_seeds=_flag(NUM_SEEDS, QUICK_SEEDS), grad_noise=GRAD_NOISE.value,
       heterogeneity=HETEROGENEITY.value, dim=DIM.value, alpha0=ALPHA0.value,
-      seed=common.SEED.value, parts=tuple(dict.fromkeys(_value("parts", ["rate"]))), **steps,
+      seed=common.SEED.value, parts=tuple(dict.fromkeys(_flag(PARTS, ["rate"]))), **steps,
       fixed_alpha=FIXED_ALPHA.value,
-      uneven_patterns=tuple(dict.fromkeys(_parse(
-          "uneven_patterns", lambda v: tuple(int(c) for c in v.split("/")),
-          "coverages like 1/7/1/7 separated by commas"))),
-      bias_deltas=tuple(sorted(set(_parse("bias_deltas", float,
-                                          "a comma-separated list of numbers")))),
+      uneven_patterns=tuple(dict.fromkeys(_flag(
+          UNEVEN_PATTERNS, convert=lambda v: tuple(int(c) for c in v.split("/")),
+          what="coverages like 1/7/1/7 separated by commas"))),
+      bias_deltas=tuple(sorted(set(_flag(BIAS_DELTAS, convert=float,
+                                         what="a comma-separated list of numbers")))),
       bias_heterogeneity=BIAS_HETEROGENEITY.value, bias_rounds=sweep.BIAS_ROUNDS,
-      part_rounds=ints("part_rounds", QUICK_PART_ROUNDS), part_seeds=PART_SEEDS.value)
+      part_rounds=ints(PART_ROUNDS, QUICK_PART_ROUNDS), part_seeds=PART_SEEDS.value)
   if common.SMOKE.value:
     cfg = cfg._replace(
         rounds_list=SMOKE_ROUNDS, num_seeds=1, coverages=cfg.coverages[:2],
@@ -133,9 +128,7 @@ def plot(path: str, cfg: sweep.SweepConfig, means: dict, slopes: dict) -> None:
 
 
 def print_tables(cfg: sweep.SweepConfig, summary: dict) -> None:
-  """The rate part's table and each part's fitted exponents (summary.json holds everything)."""
-  short = lambda t: ({k: short(v) for k, v in t.items()} if isinstance(t, dict) else
-                     float(f"{t:.4g}") if isinstance(t, float) else t)  # 4 significant digits
+  """The rate part's table, then each part's main fits (summary.json holds everything)."""
   if "rate" in cfg.parts:
     print("alg    C_x* " + "".join(f"{'Q=' + str(q):>11}" for q in cfg.rounds_list) + "      slope")
     for alg in cfg.algorithms:
@@ -143,18 +136,17 @@ def print_tables(cfg: sweep.SweepConfig, summary: dict) -> None:
         row = "".join(f"{summary['avg_sq_grad_norm'][alg][str(c)][str(q)]:11.4g}"
                       for q in cfg.rounds_list)
         print(f"{alg:6s} {c:4d} {row} {summary['slopes'][alg][str(c)]:10.3f}")
-    for key in ("coverage_ratio", "c_exponents", "joint_exponents", "checks"):
-      print(key, json.dumps(short(summary[key])))
-  for rule, per_alg in summary.get("step_rules", {}).items():
-    print(f"step rule {rule}: exponent of C at each Q", json.dumps(short({alg: {
-        k: st[f"{k}_exponents"]["c_exponents"] for k in ("noisy", "noise_free", "noise_term")}
-        for alg, st in per_alg.items()})))
-  if "uneven" in summary:
-    print("uneven: exponents at each Q",
-          json.dumps(short({alg: st["exponents"] for alg, st in summary["uneven"].items()})))
-  if "bias" in summary:
-    print("bias:", json.dumps(short({k: summary["bias"][k] for k in (
-        "floor", "c_exponents", "delta_exponents")})))
+  fits = dict(
+      rate=lambda: {k: summary[k] for k in ("coverage_ratio", "c_exponents", "joint_exponents")},
+      step_rules=lambda: {rule: {alg: st["noise_term_exponents"]["c_exponents"]  # noise term vs C
+                                 for alg, st in per_alg.items()}
+                          for rule, per_alg in summary["step_rules"].items()},
+      uneven=lambda: {alg: st["exponents"] for alg, st in summary["uneven"].items()},
+      bias=lambda: {k: summary["bias"][k] for k in ("floor", "c_exponents", "delta_exponents")})
+  short = lambda t: ({k: short(v) for k, v in t.items()} if isinstance(t, dict) else
+                     float(f"{t:.4g}") if isinstance(t, float) else t)  # 4 significant digits
+  for part in cfg.parts:
+    print(f"{part}:", json.dumps(short(fits[part]())))
 
 
 def main(argv: Sequence[str]) -> None:

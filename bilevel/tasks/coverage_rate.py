@@ -1,34 +1,28 @@
 r"""The theory check's sweep (docs/method.md, section 10): convergence against the outer coverage
-C_x* and the rounds Q on the synthetic problems of `theory`, in four parts (PARTS). The driver
-experiments/coverage_rate.py builds a `SweepConfig`, runs `sweep_part` per part and writes
-`summarize` of the records.
-
-`theory.coverage_schedule` gives every outer coordinate (and its inner twin) exactly C clients
-in every round, so C_x* = C, reading C from the keep ratio r_x = C/8; keep ratios and step sizes
-are traced round arguments, so one compiled runner (`make_runner`) serves every C, step and Q of
-an algorithm. The measured quantity (true gradient, float64):
+C_x* and the rounds Q on the problems of `theory`, in four parts (PARTS). experiments/
+coverage_rate.py builds a `SweepConfig`, runs `sweep_part` per part and writes `summarize` of the
+records (which reads the records only). The measured quantity (true gradient, float64):
 
     avg_sq_grad_norm(C, Q) = (1/Q) sum_{q<Q} ||grad Phi(x_q)||^2
 
-Algorithms (ALGORITHM_SETUPS): rabo, 8 clients all in every round, K = 1; rafbo, 16 clients, 8
-per round, K = 4. Both: `fd`, one inner step (beta = 0.5) and one v step (eta = 0.5) per local
-step, "fixed" or "cauchy" (cfg.v_step, cfg.inner_step; `step_note` says what that means for the
-affine argument of `theory`), coverage-mean aggregation. Outer step rules (RAFBO takes alpha / K
-per local step): sqrt_c_over_q alpha0 sqrt(C/Q) (the theory's, it balances 2 Delta/(alpha Q)
-against L alpha sigma^2 / C; it builds a C^-1/2 Q^-1/2 dependence into the optimisation term),
-inv_sqrt_q alpha0 / sqrt(Q), fixed (fixed_alpha). The parts:
+`theory.coverage_schedule` gives every outer coordinate exactly C clients per round (C_x* = C),
+read from the keep ratio r_x = C/8; ratios and step sizes are traced round arguments, so one
+compiled runner (`make_runner`) serves every C, step and Q of an algorithm (ALGORITHM_SETUPS; fd,
+one inner and one v step of 0.5 per local step, "fixed" or "cauchy": `step_note`). Outer step
+rules (alpha / K per local step for RAFBO): sqrt_c_over_q alpha0 sqrt(C/Q), the theory's (it
+balances 2 Delta/(alpha Q) against L alpha sigma^2 / C, so it builds C^-1/2 Q^-1/2 into the
+optimisation term itself); inv_sqrt_q alpha0 / sqrt(Q); fixed. The parts:
 
   rate        the grid under sqrt_c_over_q.
   step_rules  the grid under every rule, with noise and without; the noise term (noisy minus
               noise-free) is the part that the coverage mean can divide.
   uneven      `theory.pattern_schedule` patterns at inv_sqrt_q, with and without noise.
-  bias        RABO without noise on the separable and the two non-separable problems (PROBLEMS)
-              at alpha = BIAS_ALPHA, for every C and fd probe delta: the floor, the mean of the
-              last tail's ||grad Phi(x_q)||^2. Clients are identical unless bias_heterogeneity
-              > 0, so only pruning and fd bias keep grad Phi from 0.
+  bias        RABO without noise on PROBLEMS at alpha = BIAS_ALPHA, for every C and fd probe
+              delta: the floor (mean ||grad Phi(x_q)||^2 over the last chunk). Clients are
+              identical unless bias_heterogeneity > 0: only pruning and fd bias keep grad Phi off 0.
 
 `seed` fixes the problem and the starting point; run r = 0..num_seeds-1 permutes which client
-holds which coefficients and salts the noise. `summarize` reads the records only.
+holds which coefficients and salts the noise.
 """
 
 from __future__ import annotations
@@ -105,13 +99,10 @@ def validate(cfg: SweepConfig) -> None:
     if not ok:
       raise ConfigError(message)
 
-  need(cfg.algorithms, "algorithms is empty; give rabo, rafbo or both.")
-  for alg in cfg.algorithms:
-    need(alg in ALGORITHM_SETUPS,
-         f"algorithms contains {alg!r}; allowed: {', '.join(ALGORITHM_SETUPS)}.")
-  need(cfg.parts, f"parts is empty; give some of {', '.join(PARTS)}.")
-  for part in cfg.parts:
-    need(part in PARTS, f"parts contains {part!r}; allowed: {', '.join(PARTS)}.")
+  for name, allowed in (("algorithms", ALGORITHM_SETUPS), ("parts", PARTS)):
+    given = getattr(cfg, name)
+    need(given and set(given) <= set(allowed),
+         f"{name}={list(given)} must be one or more of {', '.join(allowed)}.")
   need(cfg.coverages and 1 <= cfg.coverages[0] and cfg.coverages[-1] <= SLOTS,
        f"coverages={list(cfg.coverages)} is outside the allowed range [1, {SLOTS}] (clients per "
        "round).")

@@ -41,7 +41,8 @@ and n = 0 they equal the separable problem's.
 Coverage schedules (`coverage_schedule`, `pattern_schedule`; P slots = clients per round): the
 client in slot p keeps flat index j of every leaf of x and of y (so x_j and y_j are pruned
 together) in round q iff (j - p - q) mod P < c_j(q), which gives index j exactly c_j(q) clients.
-Even coverage: c_j = C, so C_x* = C and every client keeps C/P of the coordinates. Uneven:
+Even coverage: c_j = C, so C_x* = C and every client keeps C/P of the coordinates (exactly when P
+divides the leaf size). Uneven:
 c_j(q) = pattern[(j // P + q) mod L] (L = len(pattern)); the minimum coverage is min(pattern),
 the mean over coordinates mean(pattern) (when L divides d / P), and every coordinate passes
 through every entry of the pattern, so schedules with equal mean and different minimum (or the
@@ -118,7 +119,8 @@ def make_clients(coeffs: Any, *, noise_std: float, scale: float = 1.0,
   """Stack per-client sampling settings next to the coefficients [M, ...]."""
   m, dtype = coeffs.e.shape[0], coeffs.e.dtype
   full = lambda value, dt: jnp.full((m,), value, dt)
-  return SyntheticClients(coeffs, full(scale, dtype), full(noise_std, dtype), full(salt, jnp.uint32))
+  return SyntheticClients(coeffs, full(scale, dtype), full(noise_std, dtype),
+                          full(salt, jnp.uint32))
 
 
 def make_synthetic(num_clients: int, dim: int, *, seed: int,
@@ -187,9 +189,8 @@ def phi_grad(x: jax.Array, coeffs: SyntheticCoeffs) -> jax.Array:
 
 
 def _schedule(num_slots: int, coverage: Callable[..., Any]) -> MaskFn:
-  """A `mask_fn` for rafbo.make_round: the client in slot p keeps flat index j of every leaf in
-  round q iff (j - p - q) mod P < coverage(j, q, r_x). The policy and the round's key are not
-  used: the schedule replaces them."""
+  """A `mask_fn` for rafbo.make_round keeping j iff (j - p - q) mod P < coverage(j, q, r_x) (the
+  policy and the round's key are not used: the schedule replaces them)."""
 
   def mask_fn(state: ServerState, client_id: jax.Array, slot: jax.Array, round_idx: jax.Array,
               rx: jax.Array, ry: jax.Array, key: jax.Array) -> tuple[PyTree, PyTree]:
@@ -206,9 +207,8 @@ def _schedule(num_slots: int, coverage: Callable[..., Any]) -> MaskFn:
 
 
 def coverage_schedule(num_slots: int, coverage: int | None = None) -> MaskFn:
-  """Every coordinate kept by exactly C clients per round: C in 1..P, or None to read
-  C = round(r_x P) from the client's keep ratio (a traced RoundArgs entry: one compiled round for
-  every C). The keep ratio is C/P (exactly when P divides the leaf size)."""
+  """Even coverage C in 1..P, or None to read C = round(r_x P) from the client's keep ratio (a
+  traced RoundArgs entry: one compiled round for every C)."""
   _check_coverages(num_slots, () if coverage is None else (coverage,), "coverage")
   if coverage is None:
     return _schedule(num_slots, lambda j, q, rx: jnp.round(rx * num_slots))
@@ -216,8 +216,7 @@ def coverage_schedule(num_slots: int, coverage: int | None = None) -> MaskFn:
 
 
 def pattern_schedule(num_slots: int, pattern: Sequence[int]) -> MaskFn:
-  """Uneven coverage: coordinate j is kept by c_j(q) = pattern[(j // P + q) mod L] clients in
-  round q. C_x* = min(pattern); the mean coverage is mean(pattern) when L divides (leaf size / P)."""
+  """Uneven coverage: c_j(q) = pattern[(j // P + q) mod L]."""
   pattern = tuple(pattern)
   _check_coverages(num_slots, pattern, "pattern entry")
   if not pattern:
