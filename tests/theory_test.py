@@ -1,5 +1,6 @@
-"""Theory check: the synthetic problem's closed forms (bilevel/theory.py), the controlled-coverage
-schedule, and the sweep (bilevel/tasks/coverage_rate.py) through a tiny run of its driver."""
+"""Theory check: the synthetic problem's closed forms (bilevel/tasks/theory.py), the
+controlled-coverage schedule, and the sweep (bilevel/tasks/coverage_rate.py) through a tiny run
+of its driver."""
 
 import json
 import math
@@ -15,10 +16,11 @@ import optax
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
-from bilevel import federated, hypergrad, theory
+from bilevel import federated, hypergrad
 from bilevel.client import client_update
 from bilevel.errors import ConfigError
 from bilevel.tasks import coverage_rate as sweep
+from bilevel.tasks import theory
 from experiments import coverage_rate
 
 M, D = 6, 8
@@ -216,8 +218,8 @@ class CoupledProblemTest(parameterized.TestCase):
       ("coupled_fixed", "coupled", "fixed", False))
   def test_submodel_computes_the_full_update_of_its_kept_coordinates(self, problem, step,
                                                                      exact):
-    """bilevel/theory.py: with fixed steps, on the separable problem, a client's masked update
-    equals its full-model update on the kept coordinates; not under the Cauchy steps (one
+    """bilevel/tasks/theory.py: with fixed steps, on the separable problem, a client's masked
+    update equals its full-model update on the kept coordinates; not under the Cauchy steps (one
     scalar step over the kept set) and not on the coupled problem."""
     if problem == "separable":
       coeffs, prob = theory.make_synthetic(M, D, seed=3, heterogeneity=1.0), theory.SYNTHETIC

@@ -1,51 +1,28 @@
-r"""The theory check (docs/method.md, section 10) as library code: convergence against the outer
-coverage C_x* and the rounds Q on the synthetic problems of `bilevel.theory`, in four parts; the
-driver experiments/coverage_rate.py reads the flags into a `SweepConfig`, runs `sweep_part` per
-part and writes `summarize` of the records.
-
-Element masks from `theory.coverage_schedule` give every outer coordinate (and its inner twin)
-exactly C clients in every round, so C_x* = C; the coverage is read from the clients' keep
-ratio r_x = C/8, a traced round argument, and the step sizes are traced too, so one compiled
-round (`make_runner`) serves every C, step and Q of an algorithm. The measured quantity (true
-gradient, float64):
+r"""The theory check's sweep (docs/method.md, section 10): convergence against the outer coverage
+C_x* and the rounds Q on the problems of `theory`, in four parts (PARTS). experiments/
+coverage_rate.py builds a `SweepConfig`, runs `sweep_part` per part and writes `summarize` of the
+records (which reads the records only). The measured quantity (true gradient, float64):
 
     avg_sq_grad_norm(C, Q) = (1/Q) sum_{q<Q} ||grad Phi(x_q)||^2
 
-Algorithms (docs/method.md, section 6, the project's reading), `ALGORITHM_SETUPS`:
-  rabo  : 8 clients, all of them in every round (8 slots), K = 1 local step.
-  rafbo : 16 clients, 8 sampled per round (partial participation), K = 4 local steps.
-Both use the `fd` estimator with one v step per local step (warm start), one inner step per
-local step (beta = 0.5), coverage-mean aggregation and server step 1. The v and inner steps are
-`v_step` / `inner_step`: "fixed" (v <- v - 0.5 r, y <- y - 0.5 grad_y g; with K = 1 a client's
-update is then affine in its coefficients, the argument of bilevel/theory.py) or "cauchy"
-(under which that argument does not hold); the summary states which (`step_note`).
+`theory.coverage_schedule` gives every outer coordinate exactly C clients per round (C_x* = C),
+read from the keep ratio r_x = C/8; ratios and step sizes are traced round arguments, so one
+compiled runner (`make_runner`) serves every C, step and Q of an algorithm (ALGORITHM_SETUPS; fd,
+one inner and one v step of 0.5 per local step, "fixed" or "cauchy": `step_note`). Outer step
+rules (alpha / K per local step for RAFBO): sqrt_c_over_q alpha0 sqrt(C/Q), the theory's (it
+balances 2 Delta/(alpha Q) against L alpha sigma^2 / C, so it builds C^-1/2 Q^-1/2 into the
+optimisation term itself); inv_sqrt_q alpha0 / sqrt(Q); fixed. The parts:
 
-Parts (the outer step alpha is per local step divided by K for RAFBO in every rule, `step_alpha`):
-  rate       alpha = alpha0 sqrt(C/Q) (the theory's choice: it balances 2 Delta/(alpha Q) against
-             L alpha sigma^2 / C at O(1/sqrt(C Q))); this rule builds a C^-1/2 Q^-1/2
-             dependence into the optimisation term itself.
-  step_rules the same grid under steps that do not depend on C: alpha = fixed_alpha (fixed) and
-             alpha0 / sqrt(Q) (inv_sqrt_q), each with noise and without, and the rate rule
-             without noise; the noise term (noisy minus noise-free) is the part the coverage
-             mean can divide.
-  uneven     uneven coverage (`theory.pattern_schedule`): patterns with the same mean coverage
-             and different minimum, and the reverse, at alpha = alpha0/sqrt(Q), with and
-             without noise.
-  bias       RABO without noise on the separable problem and two non-separable ones (coupled
-             quadratic, logistic inner level), at a fixed step (BIAS_ALPHA) for BIAS_ROUNDS, for
-             every C and fd probe delta: the floor (1/TAIL) sum of the last TAIL ||grad
-             Phi(x_q)||^2. Clients are identical (bias_heterogeneity=0) unless asked, so only
-             pruning and fd bias can keep grad Phi from 0.
+  rate        the grid under sqrt_c_over_q.
+  step_rules  the grid under every rule, with noise and without; the noise term (noisy minus
+              noise-free) is the part that the coverage mean can divide.
+  uneven      `theory.pattern_schedule` patterns at inv_sqrt_q, with and without noise.
+  bias        RABO without noise on PROBLEMS at alpha = BIAS_ALPHA, for every C and fd probe
+              delta: the floor (mean ||grad Phi(x_q)||^2 over the last chunk). Clients are
+              identical unless bias_heterogeneity > 0: only pruning and fd bias keep grad Phi off 0.
 
-Seeds: `seed` fixes the problem instance and the starting point; run r = 0..num_seeds-1
-permutes which client holds which coefficients and salts the noise draws.
-
-Records (one per run): part, algorithm, problem, pattern, step rule, alpha, C, Q, seed, noise,
-delta; measured C_x*, C_y* and mean coverage, and the run's averages. `summarize` computes the
-summary from those records alone: for the rate part `avg_sq_grad_norm` {algorithm: {C: {Q: mean
-over seeds}}}, `slopes` {algorithm: {C: fitted log-log slope in Q}}, `c_exponents` {algorithm:
-{Q: slope in C}}, the ratio between the smallest and largest C at the largest Q against
-1/sqrt(C), checks; `step_rules`, `uneven`, `bias` for the other parts; `v_step`.
+`seed` fixes the problem and the starting point; run r = 0..num_seeds-1 permutes which client
+holds which coefficients and salts the noise.
 """
 
 from __future__ import annotations
@@ -59,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import algorithms, theory
+from bilevel import algorithms
 from bilevel.errors import ConfigError
 from bilevel.federated import FederatedData, init_state
+from bilevel.tasks import theory
 
 PARTS = ("rate", "step_rules", "uneven", "bias")
 SLOTS = 8  # clients per round P for both algorithms: the largest possible coverage
@@ -74,14 +52,14 @@ V_STEP = 0.5  # eta of the v iteration
 FD_DELTA = 1e-3
 SLOPE_RANGE = (-0.7, -0.3)
 STEP_RULES = ("sqrt_c_over_q", "fixed", "inv_sqrt_q")
-# The bias part: RABO, no noise, a fixed step, long enough to settle (the floor at both Q is
-# recorded, so a reader sees whether it still moved), the floor averaged over the last TAIL
-# rounds (a multiple of the schedule's period 8).
+# The bias part: a fixed step, long enough to settle (the floor at both Q is recorded, so a
+# reader sees whether it still moved), the floor averaged over the last TAIL rounds (a multiple
+# of the schedule's period 8).
 BIAS_ALGORITHM = "rabo"
 BIAS_ALPHA = 0.1
 BIAS_ROUNDS = (1024, 2048)
 BIAS_TAIL = 256
-BIAS_PROBLEMS = {  # name -> (coupling, logistic rows)
+PROBLEMS = {  # name -> (coupling, logistic rows) of theory.make_coupled; None: separable
     "separable": None,
     "coupled_quadratic": (0.3, 0),
     "logistic": (0.0, 64),
@@ -117,23 +95,20 @@ def pattern_name(pattern: Sequence[int]) -> str:
 
 def validate(cfg: SweepConfig) -> None:
   """Every range check, with the value and the allowed range (ConfigError)."""
-  def need(ok: bool, message: str) -> None:
+  def need(ok: Any, message: str) -> None:
     if not ok:
       raise ConfigError(message)
 
-  need(cfg.algorithms, "algorithms is empty; give rabo, rafbo or both.")
-  for alg in cfg.algorithms:
-    need(alg in ALGORITHM_SETUPS,
-         f"algorithms contains {alg!r}; allowed: {', '.join(ALGORITHM_SETUPS)}.")
-  need(cfg.parts, f"parts is empty; give some of {', '.join(PARTS)}.")
-  for part in cfg.parts:
-    need(part in PARTS, f"parts contains {part!r}; allowed: {', '.join(PARTS)}.")
-  need(1 <= cfg.coverages[0] and cfg.coverages[-1] <= SLOTS,
+  for name, allowed in (("algorithms", ALGORITHM_SETUPS), ("parts", PARTS)):
+    given = getattr(cfg, name)
+    need(given and set(given) <= set(allowed),
+         f"{name}={list(given)} must be one or more of {', '.join(allowed)}.")
+  need(cfg.coverages and 1 <= cfg.coverages[0] and cfg.coverages[-1] <= SLOTS,
        f"coverages={list(cfg.coverages)} is outside the allowed range [1, {SLOTS}] (clients per "
        "round).")
   for name in ("rounds_list", "part_rounds"):
     q = getattr(cfg, name)
-    need(q[0] >= 1 and len(q) >= 2,
+    need(len(q) >= 2 and q[0] >= 1,
          f"{name}={list(q)} needs at least two distinct values >= 1 to fit a slope.")
   for name in ("num_seeds", "part_seeds"):
     need(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1.")
@@ -175,58 +150,39 @@ class ProblemSpec(NamedTuple):
   phi_grad: Callable[[jax.Array, Any], jax.Array]
 
 
-def separable(num_clients: int, cfg: SweepConfig, heterogeneity: float) -> ProblemSpec:
-  coeffs = theory.make_synthetic(num_clients, cfg.dim, seed=cfg.seed, heterogeneity=heterogeneity)
-  return ProblemSpec(theory.SYNTHETIC, coeffs, theory.phi, theory.phi_grad)
-
-
-def bias_problem(name: str, cfg: SweepConfig) -> ProblemSpec:
-  num_clients = ALGORITHM_SETUPS[BIAS_ALGORITHM][0]
-  if BIAS_PROBLEMS[name] is None:
-    return separable(num_clients, cfg, cfg.bias_heterogeneity)
-  coupling, rows = BIAS_PROBLEMS[name]
-  coeffs = theory.make_coupled(num_clients, cfg.dim, seed=cfg.seed,
-                               heterogeneity=cfg.bias_heterogeneity, coupling=coupling,
-                               logistic_rows=rows)
+def make_problem(name: str, num_clients: int, cfg: SweepConfig,
+                 heterogeneity: float) -> ProblemSpec:
+  """PROBLEMS[name] with num_clients clients: the same Phi for every num_clients (seed)."""
+  if PROBLEMS[name] is None:
+    coeffs = theory.make_synthetic(num_clients, cfg.dim, seed=cfg.seed,
+                                   heterogeneity=heterogeneity)
+    return ProblemSpec(theory.SYNTHETIC, coeffs, theory.phi, theory.phi_grad)
+  coupling, rows = PROBLEMS[name]
+  coeffs = theory.make_coupled(num_clients, cfg.dim, seed=cfg.seed, heterogeneity=heterogeneity,
+                               coupling=coupling, logistic_rows=rows)
   return ProblemSpec(theory.COUPLED, coeffs, theory.coupled_phi, theory.coupled_phi_grad)
-
-
-def bias_deltas(name: str, cfg: SweepConfig) -> tuple[float, ...]:
-  """The fd probes a bias problem runs: all for the logistic one; the smallest and largest for
-  the quadratic ones (where fd products are exact, so the two must agree)."""
-  if name == "logistic":
-    return cfg.bias_deltas
-  return tuple(sorted({cfg.bias_deltas[0], cfg.bias_deltas[-1]}))
 
 
 def step_alpha(rule: str, cfg: SweepConfig, coverage: int, rounds: int) -> float:
   """The outer step alpha of a run (RAFBO takes alpha / K per local step)."""
-  if rule == "sqrt_c_over_q":
-    return cfg.alpha0 * math.sqrt(coverage / rounds)
-  if rule == "inv_sqrt_q":
-    return cfg.alpha0 / math.sqrt(rounds)
-  if rule == "fixed":
-    return cfg.fixed_alpha
-  if rule == "bias":
-    return BIAS_ALPHA
-  raise ValueError(rule)
+  return {"sqrt_c_over_q": lambda: cfg.alpha0 * math.sqrt(coverage / rounds),
+          "inv_sqrt_q": lambda: cfg.alpha0 / math.sqrt(rounds),
+          "fixed": lambda: cfg.fixed_alpha, "bias": lambda: BIAS_ALPHA}[rule]()
 
 
 # ------------------------------------------------------------------ one compiled round, many runs
 
 
-class Runner(NamedTuple):
-  """One compiled chunk of rounds: every C (through the keep ratio), step and seed runs on it."""
-
-  advance: Callable[..., Any]
-  finish: Callable[..., Any]
-  args: Any  # the round's RoundArgs
-  local_steps: int
-  num_clients: int
-
-
 def make_runner(spec: ProblemSpec, algorithm: str, mask_fn: Any, cfg: SweepConfig, x0: jax.Array,
-                chunk: int, delta: float = FD_DELTA) -> Runner:
+                chunk: int, delta: float) -> Callable[..., dict[int, dict[str, Any]]]:
+  """Compiles `chunk` rounds of the algorithm on spec once; returns run(coverage_ratio, alpha,
+  checkpoints, seed, noise, measure_all) -> {checkpoint q: the run's figures after q rounds}.
+
+  A run takes max(checkpoints) rounds (multiples of chunk). Seed r permutes the clients'
+  coefficients and salts the noise. measure_all: ||grad Phi(x_q)||^2 in every round
+  (avg_sq_grad_norm); otherwise only in the chunks that end at a checkpoint (tail_sq_grad_norm;
+  avg_sq_grad_norm is None). The sum of ||grad Phi||^2 is kept per chunk and added on the host,
+  so that a floor in the last chunk is not lost to cancellation against the early rounds."""
   num_clients, local_steps = ALGORITHM_SETUPS[algorithm]
   alg = algorithms.get(
       "rafbo", problem=spec.problem, num_clients=num_clients, clients_per_round=SLOTS,
@@ -234,24 +190,19 @@ def make_runner(spec: ProblemSpec, algorithm: str, mask_fn: Any, cfg: SweepConfi
       outer_lr=cfg.alpha0 / local_steps, estimator="fd", num_steps=1, v_lr=V_STEP, delta=delta,
       v_step=cfg.v_step, inner_step=cfg.inner_step, granularity="element", seed=cfg.seed,
       sample=theory.sample, mask_fn=mask_fn)
-  # The unjitted round (jit=False): the sweep traces it inside the scan of `advance` below with
-  # its own RoundArgs (keep ratios = C/8 and step sizes per run) and controlled-coverage masks
-  # (mask_fn).
+  # Unjitted (jit=False): traced inside advance's scan with each run's RoundArgs.
   rnd = alg.make_round(x0, jit=False)
-  step_fn, args = rnd.apply, rnd.hyper
 
   @jax.jit
   def advance(state, data, args, coeffs, totals, measure):
-    """`chunk` rounds; totals = (C_x* so far, C_y* so far, sum of the rounds' mean outer
-    coverage); also returns this chunk's sum of ||grad Phi(x_q)||^2 when `measure` (a traced
-    bool; 0 otherwise), summed per chunk on the host, so that a floor in the last chunk is not
-    lost to cancellation against the early rounds."""
+    """totals = (C_x* so far, C_y* so far, sum of the rounds' mean outer coverage)."""
 
     def body(carry, _):
       state, sq_sum, (cx, cy, cx_mean) = carry
-      sq_sum = sq_sum + jax.lax.cond(measure, lambda: jnp.sum(spec.phi_grad(state.x, coeffs) ** 2),
-                                     lambda: jnp.zeros((), sq_sum.dtype))
-      state, metrics = step_fn(args, state, data)
+      sq_sum = sq_sum + jax.lax.cond(
+          measure, lambda: jnp.sum(spec.phi_grad(state.x, coeffs) ** 2),
+          lambda: jnp.zeros((), sq_sum.dtype))
+      state, metrics = rnd.apply(args, state, data)
       cx = jnp.minimum(cx, metrics["coverage_x_min"].astype(cx.dtype))
       cy = jnp.minimum(cy, metrics["coverage_y_min"].astype(cy.dtype))
       cx_mean = cx_mean + metrics["coverage_x_mean"].astype(cx.dtype)
@@ -265,80 +216,66 @@ def make_runner(spec: ProblemSpec, algorithm: str, mask_fn: Any, cfg: SweepConfi
   def finish(x, coeffs):
     return jnp.sum(spec.phi_grad(x, coeffs) ** 2), spec.phi(x, coeffs)
 
-  return Runner(advance, finish, args, local_steps, num_clients)
+  def run(*, coverage_ratio: float, alpha: float, checkpoints: Sequence[int], seed: int,
+          noise: float, measure_all: bool) -> dict[int, dict[str, Any]]:
+    perm = np.random.default_rng([cfg.seed, seed]).permutation(num_clients)
+    clients = theory.make_clients(jax.tree.map(lambda z: z[perm], spec.coeffs), noise_std=noise,
+                                  salt=seed)
+    data = FederatedData(inner=clients, outer=clients, num_examples=jnp.ones((num_clients,)))
+    f64 = lambda v: jnp.asarray(v, jnp.float64)  # explicit dtype: a weak type would retrace
+    args = rnd.hyper._replace(ratios=jnp.full_like(rnd.hyper.ratios, coverage_ratio),
+                              steps=dict(rnd.hyper.steps, outer_lr=f64(alpha / local_steps)))
+    state = init_state(x0, jnp.zeros_like(x0), optax.sgd(1.0))  # y and v start at 0
+    totals = (f64(jnp.inf), f64(jnp.inf), f64(0.0))
+    chunk_sums, out = [], {}
+    for i in range(max(checkpoints) // chunk):
+      end = (i + 1) * chunk
+      state, totals, sq = advance(state, data, args, spec.coeffs, totals,
+                                  jnp.asarray(measure_all or end in checkpoints))
+      chunk_sums.append(sq)
+      if end in checkpoints:
+        sums = np.asarray(jax.device_get(chunk_sums))
+        final_sq, final_phi = finish(state.x, spec.coeffs)
+        cx, cy, cx_mean = (float(v) for v in jax.device_get(totals))
+        out[end] = dict(avg_sq_grad_norm=float(np.sum(sums)) / end if measure_all else None,
+                        final_sq_grad_norm=float(final_sq), final_phi=float(final_phi),
+                        tail_sq_grad_norm=float(sums[-1]) / chunk, tail_rounds=chunk,
+                        cx_star=cx, cy_star=cy, cx_mean=cx_mean / end)
+    return out
 
-
-def run_once(runner: Runner, spec: ProblemSpec, x0: jax.Array, *, coverage_ratio: float,
-             alpha: float, checkpoints: Sequence[int], seed: int, noise: float, chunk: int,
-             cfg: SweepConfig, measure_all: bool = True) -> dict[int, dict[str, Any]]:
-  """One run of max(checkpoints) rounds (multiples of chunk) -> {checkpoint q: the run's
-  figures after q rounds}. Seed r permutes the clients' coefficients and salts the noise.
-  measure_all: ||grad Phi(x_q)||^2 in every round (avg_sq_grad_norm); otherwise only in the
-  chunks that end at a checkpoint (tail_sq_grad_norm; avg_sq_grad_norm is None)."""
-  perm = np.random.default_rng([cfg.seed, seed]).permutation(runner.num_clients)
-  clients = theory.make_clients(jax.tree.map(lambda z: z[perm], spec.coeffs), noise_std=noise,
-                                salt=seed)
-  data = FederatedData(inner=clients, outer=clients,
-                       num_examples=jnp.ones((runner.num_clients,)))
-  f64 = lambda v: jnp.asarray(v, jnp.float64)  # explicit dtype: a weak type would retrace
-  args = runner.args._replace(
-      ratios=jnp.full_like(runner.args.ratios, coverage_ratio),
-      steps=dict(runner.args.steps, outer_lr=f64(alpha / runner.local_steps)))
-  state = init_state(x0, jnp.zeros_like(x0), optax.sgd(1.0))  # y and v start at 0
-  inf = f64(jnp.inf)
-  totals = (inf, inf, f64(0.0))
-  chunk_sums, out = [], {}
-  for i in range(max(checkpoints) // chunk):
-    end = (i + 1) * chunk
-    state, totals, sq = runner.advance(state, data, args, spec.coeffs, totals,
-                                       jnp.asarray(measure_all or end in checkpoints))
-    chunk_sums.append(sq)
-    if end in checkpoints:
-      sums = np.asarray(jax.device_get(chunk_sums))
-      final_sq, final_phi = runner.finish(state.x, spec.coeffs)
-      cx, cy, cx_mean = (float(v) for v in jax.device_get(totals))
-      out[end] = dict(avg_sq_grad_norm=float(np.sum(sums)) / end if measure_all else None,
-                      final_sq_grad_norm=float(final_sq), final_phi=float(final_phi),
-                      tail_sq_grad_norm=float(sums[-1]) / chunk, tail_rounds=chunk,
-                      cx_star=cx, cy_star=cy, cx_mean=cx_mean / end)
-  return out
+  return run
 
 
 # ------------------------------------------------------------------ the parts
 
 
-def x_start(cfg: SweepConfig) -> jax.Array:
-  return jnp.asarray(np.random.default_rng([cfg.seed, 10**6]).normal(0.0, 2.0, cfg.dim))
-
-
 def _runners(cfg: SweepConfig, part: str):
-  """Per compiled runner of a part: (algorithm, problem name, spec, delta, heterogeneity,
-  mask_fn, the coverage patterns run on it). coverage_schedule reads C from the keep ratio, so
-  one runner serves every C; each uneven pattern and each bias delta has its own."""
+  """Per compiled runner of a part: (algorithm, problem name, heterogeneity, delta, mask_fn, the
+  coverage patterns run on it). coverage_schedule reads C from the keep ratio, so one runner
+  serves every C; each uneven pattern and each bias delta has its own."""
+  even = [(c,) for c in cfg.coverages]
   if part == "bias":
-    for name in BIAS_PROBLEMS:
-      spec = bias_problem(name, cfg)
-      for delta in bias_deltas(name, cfg):
-        yield (BIAS_ALGORITHM, name, spec, delta, cfg.bias_heterogeneity,
-               theory.coverage_schedule(SLOTS), [(c,) for c in cfg.coverages])
+    for name in PROBLEMS:
+      # fd products are exact on the quadratic problems: the smallest and largest delta must agree.
+      deltas = (cfg.bias_deltas if name == "logistic" else
+                sorted({cfg.bias_deltas[0], cfg.bias_deltas[-1]}))
+      for delta in deltas:
+        yield (BIAS_ALGORITHM, name, cfg.bias_heterogeneity, delta,
+               theory.coverage_schedule(SLOTS), even)
     return
   for alg in cfg.algorithms:
-    # Same seed: the same Phi for every algorithm, only the client split differs.
-    spec = separable(ALGORITHM_SETUPS[alg][0], cfg, cfg.heterogeneity)
     if part == "uneven":
       for p in cfg.uneven_patterns:
-        yield (alg, "separable", spec, FD_DELTA, cfg.heterogeneity,
-               theory.pattern_schedule(SLOTS, p), [p])
+        yield alg, "separable", cfg.heterogeneity, FD_DELTA, theory.pattern_schedule(SLOTS, p), [p]
     else:
-      yield (alg, "separable", spec, FD_DELTA, cfg.heterogeneity,
-             theory.coverage_schedule(SLOTS), [(c,) for c in cfg.coverages])
+      yield alg, "separable", cfg.heterogeneity, FD_DELTA, theory.coverage_schedule(SLOTS), even
 
 
 def sweep_part(cfg: SweepConfig, part: str, emit: Callable[[dict], None],
                log: Callable[[str], None] = print) -> None:
   """Runs one part; every run goes to emit(record). The bias part runs each point once to
   max(bias_rounds) and records the tail at every Q of bias_rounds; the others run each Q."""
-  x0 = x_start(cfg)
+  x0 = jnp.asarray(np.random.default_rng([cfg.seed, 10**6]).normal(0.0, 2.0, cfg.dim))
   noise = cfg.grad_noise
   if part == "bias":
     checkpoints, seeds, runs = [cfg.bias_rounds], 1, [("bias", 0.0)]
@@ -347,11 +284,14 @@ def sweep_part(cfg: SweepConfig, part: str, emit: Callable[[dict], None],
     rounds, seeds = ((cfg.rounds_list, cfg.num_seeds) if part == "rate" else
                      (cfg.part_rounds, cfg.part_seeds))
     checkpoints, chunk = [(q,) for q in rounds], math.gcd(*rounds)
-    runs = {"rate": [("sqrt_c_over_q", noise)], "uneven": [("inv_sqrt_q", noise), ("inv_sqrt_q", 0.0)],
+    runs = {"rate": [("sqrt_c_over_q", noise)],
+            "uneven": [("inv_sqrt_q", noise), ("inv_sqrt_q", 0.0)],
             "step_rules": [(rule, n) for rule in STEP_RULES for n in (noise, 0.0)]}[part]
-  for alg, problem, spec, delta, heterogeneity, mask_fn, patterns in _runners(cfg, part):
+  for alg, problem, heterogeneity, delta, mask_fn, patterns in _runners(cfg, part):
     t0 = time.perf_counter()
-    runner = make_runner(spec, alg, mask_fn, cfg, x0, chunk, delta)
+    # Same seed: the same Phi for every algorithm, only the client split differs.
+    spec = make_problem(problem, ALGORITHM_SETUPS[alg][0], cfg, heterogeneity)
+    run = make_runner(spec, alg, mask_fn, cfg, x0, chunk, delta)
     for pattern in patterns:
       c = min(pattern)
       scheduled = {} if part == "bias" else dict(coverage_mean_scheduled=float(np.mean(pattern)))
@@ -359,9 +299,8 @@ def sweep_part(cfg: SweepConfig, part: str, emit: Callable[[dict], None],
         for points in checkpoints:
           alpha = step_alpha(rule, cfg, c, points[-1])
           for s in range(seeds):
-            results = run_once(runner, spec, x0, coverage_ratio=c / SLOTS, alpha=alpha,
-                               checkpoints=points, seed=s, noise=sigma, chunk=chunk, cfg=cfg,
-                               measure_all=part != "bias")
+            results = run(coverage_ratio=c / SLOTS, alpha=alpha, checkpoints=points, seed=s,
+                          noise=sigma, measure_all=part != "bias")
             for q, result in results.items():
               emit(dict(part=part, algorithm=alg, problem=problem, pattern=pattern_name(pattern),
                         coverage=c, step_rule=rule, rounds=q, seed=s, grad_noise=sigma,
@@ -375,20 +314,11 @@ def sweep_part(cfg: SweepConfig, part: str, emit: Callable[[dict], None],
 
 
 def loglog_slope(xs: Sequence[float], values: Sequence[float]) -> float | None:
-  """Least-squares slope of log(value) against log(x) (x = Q: the slope in Q), or None when
-  fewer than two distinct x or a value is not positive and finite."""
+  """Least-squares slope of log(value) against log(x), or None when fewer than two distinct x
+  or a value is not positive and finite."""
   if len(set(xs)) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
     return None
   return float(np.polyfit(np.log(xs), np.log(values), 1)[0])
-
-
-def joint_fit(points: Sequence[tuple[float, float, float]]) -> dict[str, float] | None:
-  """log v = a + p log C + s log Q by least squares over (C, Q, v): {"c": p, "q": s}."""
-  if not points or any(not v > 0 for _, _, v in points):
-    return None
-  a = np.array([[1.0, math.log(c), math.log(q)] for c, q, _ in points])
-  coef = np.linalg.lstsq(a, np.log([v for _, _, v in points]), rcond=None)[0]
-  return dict(c=float(coef[1]), q=float(coef[2]))
 
 
 def _mean_over_seeds(records: Sequence[dict], key_fn, field: str = "avg_sq_grad_norm"):
@@ -411,12 +341,18 @@ def _nest(flat: dict[tuple, float]) -> dict:
 
 
 def _grid_exponents(means: dict[tuple[int, int], float]) -> dict[str, Any]:
-  """means {(C, Q): v} -> q_exponents {C}, c_exponents {Q}, joint {c, q}."""
+  """means {(C, Q): v} -> q_exponents {C}, c_exponents {Q}, and joint {c: p, q: s} of the
+  least-squares fit log v = a + p log C + s log Q (None unless every v > 0)."""
   cs = sorted({c for c, _ in means})
   qs = sorted({q for _, q in means})
+  joint = None
+  if means and all(v > 0 for v in means.values()):
+    a = np.array([[1.0, math.log(c), math.log(q)] for c, q in means])
+    coef = np.linalg.lstsq(a, np.log(list(means.values())), rcond=None)[0]
+    joint = dict(c=float(coef[1]), q=float(coef[2]))
   return dict(q_exponents={str(c): loglog_slope(qs, [means[c, q] for q in qs]) for c in cs},
               c_exponents={str(q): loglog_slope(cs, [means[c, q] for c in cs]) for q in qs},
-              joint=joint_fit([(c, q, v) for (c, q), v in means.items()]))
+              joint=joint)
 
 
 def summarize_rate(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
@@ -428,11 +364,10 @@ def summarize_rate(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
   for alg in cfg.algorithms:
     grid = {(c, q): means[alg, c, q] for c in cfg.coverages for q in cfg.rounds_list}
     exps = _grid_exponents(grid)
-    slopes[alg], c_exponents[alg], joint[alg] = (exps[k] for k in ("q_exponents", "c_exponents",
-                                                                   "joint"))
+    slopes[alg], c_exponents[alg], joint[alg] = (exps["q_exponents"], exps["c_exponents"],
+                                                 exps["joint"])
     at_max = [grid[c, q_max] for c in cfg.coverages]
-    measured = at_max[0] / at_max[-1]
-    predicted = math.sqrt(c_max / c_min)
+    measured, predicted = at_max[0] / at_max[-1], math.sqrt(c_max / c_min)
     ratios[alg] = dict(measured=measured, predicted=predicted,
                        measured_over_predicted=measured / predicted, rounds=q_max,
                        coverage_low=c_min, coverage_high=c_max)
@@ -441,14 +376,11 @@ def summarize_rate(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
                             for s in slopes[alg].values()),
         monotone_in_coverage_at_largest_rounds=bool(np.all(np.diff(at_max) < 0)),
         ratio_within_factor_2=0.5 <= measured / predicted <= 2.0)
-    for c in cfg.coverages:
-      for q in cfg.rounds_list:
-        table.append(dict(algorithm=alg, coverage=c, rounds=q,
-                          alpha=step_alpha("sqrt_c_over_q", cfg, c, q),
-                          avg_sq_grad_norm=grid[c, q], std_over_seeds=stds[alg, c, q],
-                          num_seeds=cfg.num_seeds))
-  return dict(avg_sq_grad_norm=_nest(means), avg_sq_grad_norm_std=_nest(stds),
-              slopes=slopes,
+    table += [dict(algorithm=alg, coverage=c, rounds=q,
+                   alpha=step_alpha("sqrt_c_over_q", cfg, c, q), avg_sq_grad_norm=grid[c, q],
+                   std_over_seeds=stds[alg, c, q], num_seeds=cfg.num_seeds)
+              for c in cfg.coverages for q in cfg.rounds_list]
+  return dict(avg_sq_grad_norm=_nest(means), avg_sq_grad_norm_std=_nest(stds), slopes=slopes,
               c_exponents=c_exponents, joint_exponents=joint, slope_range=list(SLOPE_RANGE),
               coverage_ratio=ratios, checks=checks, table=table)
 
@@ -475,41 +407,40 @@ def summarize_step_rules(cfg: SweepConfig, records: Sequence[dict]) -> dict[str,
 
 
 def summarize_uneven(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
-  """Per algorithm and Q: each pattern's value, and the fitted exponents against the minimum
-  coverage among patterns of equal mean, against the mean among patterns of equal minimum, and
-  against mean_j(1/c_j) over all patterns (of the noisy value and of the noise term)."""
+  """Per algorithm: each pattern's value, noise-free value and noise term per Q, and per Q the
+  fitted exponents (of the value and of the noise term) against the minimum coverage among
+  patterns of equal mean, against the mean among patterns of equal minimum, and against
+  mean_j(1/c_j) over all patterns."""
   means, _ = _mean_over_seeds(records, lambda r: (r["algorithm"], r["pattern"], r["grad_noise"] > 0,
                                                    r["rounds"]))
+  patterns = cfg.uneven_patterns
+  stats = {p: dict(min=min(p), mean=float(np.mean(p)),
+                   inverse_mean=float(np.mean([1.0 / c for c in p]))) for p in patterns}
+
+  def slopes_within(group: str, along: str, value: dict) -> dict[str, float | None]:
+    """{g: slope of value against stats `along`} over the patterns whose stats `group` is g."""
+    groups: dict[float, list] = {}
+    for p in patterns:
+      groups.setdefault(stats[p][group], []).append(p)
+    return {f"{g:g}": loglog_slope([stats[p][along] for p in ps], [value[p] for p in ps])
+            for g, ps in sorted(groups.items()) if len({stats[p][along] for p in ps}) > 1}
+
   out: dict[str, Any] = {}
   for alg in cfg.algorithms:
     per_pattern, fits = {}, {}
-    for q in cfg.part_rounds:
-      rows = []
-      for p in cfg.uneven_patterns:
-        name = pattern_name(p)
-        noisy, clean = means[alg, name, True, q], means[alg, name, False, q]
-        rows.append((min(p), float(np.mean(p)), float(np.mean([1.0 / c for c in p])), noisy,
-                     noisy - clean))
-        entry = per_pattern.setdefault(name, dict(min=min(p), mean=float(np.mean(p)),
-                                                  inverse_mean=rows[-1][2], avg_sq_grad_norm={},
-                                                  noise_free={}, noise_term={}))
-        entry["avg_sq_grad_norm"][str(q)] = noisy
-        entry["noise_free"][str(q)] = clean
-        entry["noise_term"][str(q)] = noisy - clean
-      fit = {}
-      for label, col in (("value", 3), ("noise_term", 4)):
-        by_mean, by_min = {}, {}
-        for r in rows:
-          by_mean.setdefault(r[1], []).append(r)
-          by_min.setdefault(r[0], []).append(r)
-        fit[f"{label}_vs_min_at_equal_mean"] = {
-            f"{m:g}": loglog_slope([r[0] for r in rs], [r[col] for r in rs])
-            for m, rs in sorted(by_mean.items()) if len({r[0] for r in rs}) > 1}
-        fit[f"{label}_vs_mean_at_equal_min"] = {
-            f"{m:g}": loglog_slope([r[1] for r in rs], [r[col] for r in rs])
-            for m, rs in sorted(by_min.items()) if len({r[1] for r in rs}) > 1}
-        fit[f"{label}_vs_inverse_mean"] = loglog_slope([r[2] for r in rows], [r[col] for r in rows])
-      fits[str(q)] = fit
+    for p in patterns:
+      at = lambda noisy: {str(q): means[alg, pattern_name(p), noisy, q] for q in cfg.part_rounds}
+      noisy, clean = at(True), at(False)
+      per_pattern[pattern_name(p)] = dict(stats[p], avg_sq_grad_norm=noisy, noise_free=clean,
+                                          noise_term={q: noisy[q] - clean[q] for q in noisy})
+    for q in map(str, cfg.part_rounds):
+      fits[q] = {}
+      for label, field in (("value", "avg_sq_grad_norm"), ("noise_term", "noise_term")):
+        value = {p: per_pattern[pattern_name(p)][field][q] for p in patterns}
+        fits[q][f"{label}_vs_min_at_equal_mean"] = slopes_within("mean", "min", value)
+        fits[q][f"{label}_vs_mean_at_equal_min"] = slopes_within("min", "mean", value)
+        fits[q][f"{label}_vs_inverse_mean"] = loglog_slope(
+            [stats[p]["inverse_mean"] for p in patterns], [value[p] for p in patterns])
     out[alg] = dict(patterns=per_pattern, exponents=fits)
   return out
 
@@ -542,18 +473,18 @@ def summarize_bias(records: Sequence[dict]) -> dict[str, Any]:
 
 
 def step_note(v_step: str, inner_step: str) -> str:
-  """What the sweep's inner and v steps mean for the affine argument of bilevel/theory.py."""
+  """What the sweep's inner and v steps mean for the affine argument of the theory module."""
   if v_step == inner_step == "fixed":
     return ("fixed inner and v steps (y <- y - 0.5 grad_y g, v <- v - 0.5 (H v - grad_y f)): with "
             "K = 1 (RABO) a client's update is affine in its coefficients and, on the separable "
             "problem, a submodel computes the exact update of its kept coordinates "
-            "(bilevel/theory.py; tests/theory_test.py); with K = 4 (RAFBO) the update is not "
-            "affine (products of coefficients across local steps)")
+            "(bilevel/tasks/theory.py; tests/theory_test.py); with K = 4 (RAFBO) the update is "
+            "not affine (products of coefficients across local steps)")
   cauchy = [n for n, v in (("inner", inner_step), ("v", v_step)) if v == "cauchy"]
   return (f"Cauchy {' and '.join(cauchy)} step (min(0.5, r'r / r'Hr), one scalar per client over "
           "its kept coordinates): a client's update is not affine in its coefficients and a "
           "submodel's update depends on which coordinates it keeps, so the affine argument of "
-          "bilevel/theory.py does not apply")
+          "bilevel/tasks/theory.py does not apply")
 
 
 def summarize(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
@@ -571,4 +502,3 @@ def summarize(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
   if "bias" in cfg.parts:
     summary["bias"] = summarize_bias(by_part("bias"))
   return summary
-

@@ -1,57 +1,32 @@
-"""Theory check (docs/method.md, section 10): synthetic problems with known Phi, and controlled
-(even and uneven) coverage.
+r"""Synthetic federated bilevel problems with a known Phi, and masks of controlled coverage: the
+theory check (docs/method.md, section 10; its sweep is `coverage_rate`).
 
-Synthetic separable federated bilevel problem. Legend: M = clients, d = coordinates (x and y are
-both [d]; coordinate j of x meets only coordinate j of y). Client i, batch noise (xi_x, xi_y):
+Separable problem (`SYNTHETIC`). Legend: M = clients, d = coordinates (x and y are both [d];
+coordinate j of x meets only coordinate j of y). Client i, noise draws (xi_x, xi_y):
 
     g_i(x, y) = sum_j [ 1/2 a_ij y_j^2 - y_j (b_j x_j + e_ij) ] - y . xi_y^in
     f_i(x, y) = s * ( sum_j [ 1/2 (y_j - t_ij)^2 + k_ij cos(x_j) ] + x . xi_x + y . xi_y^out )
 
-a_ij > 0 (strongly convex inner level), b_j shared by all clients, e, t, k heterogeneous; the
-cos terms make the outer level non-convex. The noise vectors are drawn by `sample` per client and
-local step, N(0, sigma^2 I), and enter the losses linearly, so every first-order gradient gets
-zero-mean noise of level sigma while the second-order terms (H = a_i, J = -b) stay exact (g
-reads only xi_y of its batch).
-s is an outer-loss scale (1 for Phi; `make_clients(scale=...)`). The theory check keeps s = 1 and
-sets its step sizes through the round's traced step arguments (RoundArgs.steps), so that one
-compiled round serves every step size.
-
-With bars for client means (global lower level, docs/method.md, section 2):
+a_ij > 0 (strongly convex inner level), b_j shared by all clients, e, t, k heterogeneous; the cos
+terms make the outer level non-convex; s is an outer-loss scale (1 for Phi; the sweep keeps 1).
+`sample` draws the noise N(0, sigma^2 I) per client and local step; it enters linearly, so every
+first-order gradient gets zero-mean noise of level sigma while the second-order terms (H = a_i,
+J = -b) stay exact. With bars for client means (global lower level, docs/method.md, section 2):
 
     y*_j(x)      = (b_j x_j + ebar_j) / abar_j
     Phi(x)       = (1/M) sum_i sum_j [ 1/2 (y*_j(x) - t_ij)^2 + k_ij cos(x_j) ]
     dPhi/dx_j    = (b_j / abar_j) (y*_j(x) - tbar_j) - kbar_j sin(x_j)
 
-With one local step (K = 1) and fixed inner and v steps (inner_step="fixed":
-y <- y - beta grad_y g; hypergrad v_step="fixed": v <- v - eta r), a client's (y, v, x) update is
-affine in its coefficients (a, e, t, k) and noise draws, given the state it received, so the mean
-over a uniformly random set of C clients is an unbiased estimate of the full update;
-heterogeneity then acts as extra sampling noise (variance ~ zeta^2 (M - C) / (C (M - 1))). This
-does not hold under the library's default Cauchy steps, t = min(eta, r'r / r'Hr) for v and
-min(beta, g'g / g'Hg) for y: t is one scalar over all the client's kept coordinates, so the
-update is not affine in a_ij and couples the kept coordinates; nor with K > 1 local steps
-(products of a client's coefficients across steps). experiments/coverage_rate.py therefore runs
-fixed steps by default (--v_step, --inner_step) and says so in its summary.
+With one local step (K = 1) and fixed inner and v steps (y <- y - beta grad_y g, v <- v - eta r),
+a client's (y, v, x) update is affine in its coefficients and noise draws, given the state it
+received: the mean over C random clients is an unbiased estimate of the full update, and
+heterogeneity acts as extra sampling noise (variance ~ zeta^2 (M - C) / (C (M - 1))). As the
+problem is separable, a submodel then computes the exact update of the coordinates it keeps, so
+the coverage mean over the C clients that keep a coordinate divides its noise variance by C.
+Neither holds under the Cauchy steps (t = min(eta, r'r / r'Hr), one scalar over all the client's
+kept coordinates), and the update is not affine with K > 1 (products of coefficients across steps).
 
-Controlled coverage (`coverage_schedule`): with P slots (clients per round) and coverage C,
-coordinate j belongs to block j mod P, and the client in slot p keeps block b in round q iff
-(b - p - q) mod P < C. Every coordinate of x (and of y, pruned together with x) is then kept by
-exactly C clients in every round, each client keeps C/P of the coordinates, so the minimum outer
-coverage is C_x* = C. With coverage=None the schedule reads C from the client's keep ratio,
-C = round(r_x P), a traced round argument (RoundArgs.ratios), so one compiled round serves every
-C. Because the problem is separable and the steps fixed, a submodel computes the exact update of
-the coordinates it keeps (zeroing the others changes nothing for them), so each client works on
-a C/P share of the model and the coverage mean over the C clients that keep a coordinate divides
-the noise variance of its update by C.
-
-Uneven coverage (`pattern_schedule`): coordinate j's coverage in round q is
-c_j(q) = pattern[(j // P + q) mod L] (L = len(pattern)), held by the slots p with
-(j - p - q) mod P < c_j(q). The minimum coverage is min(pattern), the mean coverage over
-coordinates mean(pattern) (when L divides d / P), and every coordinate passes through every
-entry of the pattern, so schedules with equal mean and different minimum (or the reverse) can be
-compared on the same problem.
-
-Non-separable problems (`make_coupled`, `COUPLED`): the same outer loss, and the inner loss
+Non-separable problems (`COUPLED`, `make_coupled`): the same outer loss, and the inner loss
 
     g_i(x, y) = 1/2 y'A_i y - y'(B x + e_i) + (1/n) sum_r log(1 + exp(-l_ir z_ir'y)) - y . xi_y^in
 
@@ -59,14 +34,24 @@ with A_i = diag(a_i) + coupling * S (S symmetric, zero diagonal, spectral norm 1
 coupling * R (spectral norm of R 1) and n logistic rows (z_ir, l_ir) per client (n = 0: the
 coupled quadratic). A client's gradient of its kept coordinates then reads coordinates it does
 not keep (zeroed at the pruned point), so pruning biases the estimate; with n > 0 g is not
-quadratic in y and the fd products are inexact (bias O(delta^2)). Phi and grad Phi are computed
-by Newton's method on the global inner problem and the implicit function theorem
-(`coupled_phi`, `coupled_phi_grad`); with coupling = 0 and n = 0 they equal `phi`, `phi_grad`.
+quadratic in y and the fd products are inexact (bias O(delta^2)). Phi and grad Phi come from
+Newton's method on the global inner problem and the implicit function theorem; with coupling = 0
+and n = 0 they equal the separable problem's.
+
+Coverage schedules (`coverage_schedule`, `pattern_schedule`; P slots = clients per round): the
+client in slot p keeps flat index j of every leaf of x and of y (so x_j and y_j are pruned
+together) in round q iff (j - p - q) mod P < c_j(q), which gives index j exactly c_j(q) clients.
+Even coverage: c_j = C, so C_x* = C and every client keeps C/P of the coordinates (exactly when P
+divides the leaf size). Uneven:
+c_j(q) = pattern[(j // P + q) mod L] (L = len(pattern)); the minimum coverage is min(pattern),
+the mean over coordinates mean(pattern) (when L divides d / P), and every coordinate passes
+through every entry of the pattern, so schedules with equal mean and different minimum (or the
+reverse) can be compared on the same problem.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +65,7 @@ PyTree = Any
 
 
 class SyntheticCoeffs(NamedTuple):
-  """Coefficients of the synthetic problem: [M, d] for all clients, [d] for one client."""
+  """Coefficients of the separable problem: [M, d] for all clients, [d] for one client."""
 
   a: jax.Array  # inner curvature, > 0
   b: jax.Array  # x-y coupling (the same for every client)
@@ -92,8 +77,8 @@ class SyntheticCoeffs(NamedTuple):
 class SyntheticBatch(NamedTuple):
   """What g_i and f_i are evaluated on: one client's coefficients and one noise draw."""
 
-  coeffs: SyntheticCoeffs  # [d] each
-  scale: jax.Array  # [] outer-loss scale s (1 for Phi)
+  coeffs: Any  # SyntheticCoeffs or CoupledCoeffs of one client
+  scale: jax.Array  # [] outer-loss scale s
   noise_x: jax.Array  # [d] enters f linearly in x
   noise_y: jax.Array  # [d] enters g (inner batch) or f (outer batch) linearly in y
 
@@ -101,7 +86,7 @@ class SyntheticBatch(NamedTuple):
 class SyntheticClients(NamedTuple):
   """Per-client data before sampling (leading client axis [M]); `sample` draws the noise."""
 
-  coeffs: SyntheticCoeffs  # [M, d] each
+  coeffs: Any  # [M, ...] each
   scale: jax.Array  # [M] outer-loss scale
   noise_std: jax.Array  # [M] sigma
   salt: jax.Array  # [M] uint32 folded into the batch key (per-seed noise without retracing)
@@ -124,14 +109,24 @@ SYNTHETIC = BilevelProblem(inner_loss, outer_loss)
 def sample(client: SyntheticClients, key: jax.Array) -> SyntheticBatch:
   """(one client's data, key) -> batch with fresh N(0, sigma^2) noise vectors (a client.Sampler)."""
   key = jax.random.fold_in(key, client.salt)
-  dim = client.coeffs.a.shape[-1]
-  noise = client.noise_std * jax.random.normal(key, (2, dim), client.coeffs.a.dtype)
+  dim = client.coeffs.e.shape[-1]
+  noise = client.noise_std * jax.random.normal(key, (2, dim), client.coeffs.e.dtype)
   return SyntheticBatch(client.coeffs, client.scale, noise[0], noise[1])
 
 
-def make_synthetic(num_clients: int, dim: int, *, seed: int, heterogeneity: float = 0.5,
-                   dtype: Any = np.float64) -> SyntheticCoeffs:
-  """Random heterogeneous clients [M, d]; client i = common part + heterogeneity * client part.
+def make_clients(coeffs: Any, *, noise_std: float, scale: float = 1.0,
+                 salt: int = 0) -> SyntheticClients:
+  """Stack per-client sampling settings next to the coefficients [M, ...]."""
+  m, dtype = coeffs.e.shape[0], coeffs.e.dtype
+  full = lambda value, dt: jnp.full((m,), value, dt)
+  return SyntheticClients(coeffs, full(scale, dtype), full(noise_std, dtype),
+                          full(salt, jnp.uint32))
+
+
+def make_synthetic(num_clients: int, dim: int, *, seed: int,
+                   heterogeneity: float = 0.5) -> SyntheticCoeffs:
+  """Random heterogeneous clients [M, d] (float64); client i = common part + heterogeneity *
+  client part.
 
   abar_j ~ U[1, 2], a_ij = abar_j (1 + h u_ij / 2) with u zero-mean over clients and |u| <= 1
   (so a_ij >= abar_j / 2 > 0 for h <= 1); |b_j| ~ U[0.8, 1.5] with a random sign; e, t ~ N(0, 1)
@@ -161,21 +156,11 @@ def make_synthetic(num_clients: int, dim: int, *, seed: int, heterogeneity: floa
   e = ebar + heterogeneity * normal_centred()
   t = tbar + heterogeneity * normal_centred()
   b = np.broadcast_to(b, (num_clients, dim))
-  cast = lambda z: jnp.asarray(z, dtype=dtype)
-  return SyntheticCoeffs(cast(a), cast(b), cast(e), cast(t), cast(k))
+  return SyntheticCoeffs(*(jnp.asarray(z, np.float64) for z in (a, b, e, t, k)))
 
 
-def make_clients(coeffs: SyntheticCoeffs, *, noise_std: float, scale: float = 1.0,
-                 salt: int = 0) -> SyntheticClients:
-  """Stack per-client sampling settings next to the coefficients [M, d]."""
-  m = coeffs.a.shape[0]
-  dtype = coeffs.a.dtype
-  return SyntheticClients(coeffs, jnp.full((m,), scale, dtype), jnp.full((m,), noise_std, dtype),
-                          jnp.full((m,), salt, jnp.uint32))
-
-
-def mean_coeffs(coeffs: SyntheticCoeffs) -> SyntheticCoeffs:
-  """Client-averaged coefficients [d]."""
+def mean_coeffs(coeffs: Any) -> Any:
+  """Client-averaged coefficients (the global lower level's)."""
   return jax.tree.map(lambda z: jnp.mean(z, axis=0), coeffs)
 
 
@@ -185,10 +170,13 @@ def solution(x: jax.Array, coeffs: SyntheticCoeffs) -> jax.Array:
   return (m.b * x + m.e) / m.a
 
 
-def phi(x: jax.Array, coeffs: SyntheticCoeffs) -> jax.Array:
-  """Phi(x) = (1/M) sum_i f_i(x, y*(x)) without noise and with s = 1."""
-  ys = solution(x, coeffs)
+def _outer_mean(x: jax.Array, ys: jax.Array, coeffs: Any) -> jax.Array:
+  """(1/M) sum_i f_i(x, y*) without noise: Phi(x) given ys = y*(x)."""
   return jnp.mean(jnp.sum(0.5 * (ys[None] - coeffs.t) ** 2 + coeffs.k * jnp.cos(x)[None], axis=1))
+
+
+def phi(x: jax.Array, coeffs: SyntheticCoeffs) -> jax.Array:
+  return _outer_mean(x, solution(x, coeffs), coeffs)
 
 
 def phi_grad(x: jax.Array, coeffs: SyntheticCoeffs) -> jax.Array:
@@ -197,82 +185,54 @@ def phi_grad(x: jax.Array, coeffs: SyntheticCoeffs) -> jax.Array:
   return m.b / m.a * ((m.b * x + m.e) / m.a - m.t) - m.k * jnp.sin(x)
 
 
-# ------------------------------------------------------------------ controlled coverage
+# ------------------------------------------------------------------ coverage schedules
 
 
-def coverage_blocks(num_slots: int, coverage: jax.typing.ArrayLike, slot: jax.typing.ArrayLike,
-                    round_idx: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
-  """bool [shape]: flat index j is kept iff ((j mod P) - slot - round) mod P < C."""
-  block = jnp.arange(int(np.prod(shape))) % num_slots
-  return (jnp.mod(block - slot - round_idx, num_slots) < coverage).reshape(shape)
-
-
-def coverage_schedule(num_slots: int, coverage: int | None = None) -> MaskFn:
-  """A `mask_fn` for rafbo.make_round giving every coordinate exactly C clients per round.
-
-  num_slots: clients per round P; coverage: C in 1..P, or None to read C = round(r_x P) from the
-  client's keep ratio (a traced RoundArgs entry: one compiled round for every C). The same rule
-  is applied to every leaf of x and of y by flat index, so with x and y of equal shape x_j and
-  y_j are pruned together. The keep ratio of every client is C/P (exactly when P divides the
-  leaf size). The policy and the key of the round are not used: the schedule replaces them.
-  """
-  _check_slots(num_slots)
-  if coverage is not None:
-    _check_coverage("coverage", coverage, num_slots)
+def _schedule(num_slots: int, coverage: Callable[..., Any]) -> MaskFn:
+  """A `mask_fn` for rafbo.make_round keeping j iff (j - p - q) mod P < coverage(j, q, r_x) (the
+  policy and the round's key are not used: the schedule replaces them)."""
 
   def mask_fn(state: ServerState, client_id: jax.Array, slot: jax.Array, round_idx: jax.Array,
               rx: jax.Array, ry: jax.Array, key: jax.Array) -> tuple[PyTree, PyTree]:
     del client_id, ry, key
-    c = jnp.round(rx * num_slots) if coverage is None else coverage
-    side = lambda params: jax.tree.map(
-        lambda p: coverage_blocks(num_slots, c, slot, round_idx, p.shape).astype(p.dtype),
-        params)
-    return side(state.x), side(state.y)
+
+    def leaf(p):
+      j = jnp.arange(p.size)
+      keep = jnp.mod(j - slot - round_idx, num_slots) < coverage(j, round_idx, rx)
+      return keep.reshape(p.shape).astype(p.dtype)
+
+    return jax.tree.map(leaf, state.x), jax.tree.map(leaf, state.y)
 
   return mask_fn
 
 
-def pattern_blocks(num_slots: int, pattern: tuple[int, ...], slot: jax.typing.ArrayLike,
-                   round_idx: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
-  """bool [shape]: flat index j is kept iff (j - slot - round) mod P < c_j(round), with
-  c_j(q) = pattern[(j // P + q) mod len(pattern)]."""
-  j = jnp.arange(int(np.prod(shape)))
-  c = jnp.asarray(pattern)[jnp.mod(j // num_slots + round_idx, len(pattern))]
-  return (jnp.mod(j - slot - round_idx, num_slots) < c).reshape(shape)
+def coverage_schedule(num_slots: int, coverage: int | None = None) -> MaskFn:
+  """Even coverage C in 1..P, or None to read C = round(r_x P) from the client's keep ratio (a
+  traced RoundArgs entry: one compiled round for every C)."""
+  _check_coverages(num_slots, () if coverage is None else (coverage,), "coverage")
+  if coverage is None:
+    return _schedule(num_slots, lambda j, q, rx: jnp.round(rx * num_slots))
+  return _schedule(num_slots, lambda j, q, rx: coverage)
 
 
-def pattern_schedule(num_slots: int, pattern: tuple[int, ...]) -> MaskFn:
-  """A `mask_fn` with uneven coverage: coordinate j is held by c_j(q) clients in round q
-  (`pattern_blocks`; module docstring). C_x* = min(pattern); the mean coverage is mean(pattern)
-  when len(pattern) divides (leaf size / P). x_j and y_j are pruned together."""
-  _check_slots(num_slots)
+def pattern_schedule(num_slots: int, pattern: Sequence[int]) -> MaskFn:
+  """Uneven coverage: c_j(q) = pattern[(j // P + q) mod L]."""
   pattern = tuple(pattern)
+  _check_coverages(num_slots, pattern, "pattern entry")
   if not pattern:
     raise ConfigError("pattern is empty; give at least one coverage.")
-  for c in pattern:
-    _check_coverage("pattern entry", c, num_slots)
-  pattern = tuple(int(c) for c in pattern)
-
-  def mask_fn(state: ServerState, client_id: jax.Array, slot: jax.Array, round_idx: jax.Array,
-              rx: jax.Array, ry: jax.Array, key: jax.Array) -> tuple[PyTree, PyTree]:
-    del client_id, rx, ry, key
-    side = lambda params: jax.tree.map(
-        lambda p: pattern_blocks(num_slots, pattern, slot, round_idx, p.shape).astype(p.dtype),
-        params)
-    return side(state.x), side(state.y)
-
-  return mask_fn
+  table = tuple(int(c) for c in pattern)
+  return _schedule(num_slots,
+                   lambda j, q, rx: jnp.asarray(table)[jnp.mod(j // num_slots + q, len(table))])
 
 
-def _check_slots(num_slots: int) -> None:
+def _check_coverages(num_slots: int, coverages: Sequence[Any], name: str) -> None:
   if int(num_slots) != num_slots or num_slots < 1:
     raise ConfigError(f"num_slots={num_slots!r} must be an integer >= 1.")
-
-
-def _check_coverage(name: str, coverage: Any, num_slots: int) -> None:
-  if int(coverage) != coverage or not 1 <= coverage <= num_slots:
-    raise ConfigError(f"{name}={coverage!r} is outside the allowed range [1, {num_slots}] "
-                      "(clients per round).")
+  for c in coverages:
+    if int(c) != c or not 1 <= c <= num_slots:
+      raise ConfigError(f"{name}={c!r} is outside the allowed range [1, {num_slots}] "
+                        "(clients per round).")
 
 
 # ------------------------------------------------------------------ non-separable problems
@@ -301,19 +261,18 @@ COUPLED = BilevelProblem(coupled_inner_loss, outer_loss)  # outer_loss reads onl
 
 
 def make_coupled(num_clients: int, dim: int, *, seed: int, heterogeneity: float = 0.5,
-                 coupling: float = 0.0, logistic_rows: int = 0, feature_std: float = 1.0,
-                 dtype: Any = np.float64) -> CoupledCoeffs:
+                 coupling: float = 0.0, logistic_rows: int = 0) -> CoupledCoeffs:
   """Non-separable clients [M, ...] on top of `make_synthetic(M, d, seed, heterogeneity)`.
 
   S (symmetric, zero diagonal) and R are random with spectral norm 1; coupling < 0.5 keeps every
-  A_i positive definite (a_ij >= 1/2). Logistic rows: z ~ N(0, feature_std^2), labels
-  sign(z'u + N(0, 1/4)) for a common u; with heterogeneity 0 every client holds the same rows.
+  A_i positive definite (a_ij >= 1/2). Logistic rows: z ~ N(0, 1), labels sign(z'u + N(0, 1/4))
+  for a common u; with heterogeneity 0 every client holds the same rows.
   """
   if not 0.0 <= coupling < 0.5:
     raise ConfigError(f"coupling={coupling!r} is outside the allowed range [0, 0.5).")
   if int(logistic_rows) != logistic_rows or logistic_rows < 0:
     raise ConfigError(f"logistic_rows={logistic_rows!r} must be an integer >= 0.")
-  base = make_synthetic(num_clients, dim, seed=seed, heterogeneity=heterogeneity, dtype=dtype)
+  base = make_synthetic(num_clients, dim, seed=seed, heterogeneity=heterogeneity)
   rng = np.random.default_rng([seed, 1])
   s = rng.normal(size=(dim, dim))
   s = s + s.T
@@ -323,12 +282,12 @@ def make_coupled(num_clients: int, dim: int, *, seed: int, heterogeneity: float 
   r /= np.linalg.norm(r, 2)
   u = rng.normal(size=dim)
   shape = (num_clients if heterogeneity > 0 else 1, logistic_rows, dim)
-  z = np.broadcast_to(feature_std * rng.normal(size=shape), (num_clients, logistic_rows, dim))
+  z = np.broadcast_to(rng.normal(size=shape), (num_clients, logistic_rows, dim))
   labels = np.where(z @ u + 0.5 * rng.normal(size=shape[:2]) >= 0, 1.0, -1.0)
   eye = np.eye(dim)
   a = np.asarray(base.a)[:, :, None] * eye + coupling * s
   b = np.asarray(base.b)[:, :, None] * eye + coupling * r
-  cast = lambda v: jnp.asarray(v, dtype=dtype)
+  cast = lambda v: jnp.asarray(v, np.float64)
   return CoupledCoeffs(cast(a), cast(b), base.e, base.t, base.k, cast(z), cast(labels))
 
 
@@ -362,9 +321,7 @@ def coupled_solution(x: jax.Array, coeffs: CoupledCoeffs) -> jax.Array:
 
 
 def coupled_phi(x: jax.Array, coeffs: CoupledCoeffs) -> jax.Array:
-  """Phi(x) = (1/M) sum_i f_i(x, y*(x)) without noise and with s = 1."""
-  ys = coupled_solution(x, coeffs)
-  return jnp.mean(jnp.sum(0.5 * (ys[None] - coeffs.t) ** 2 + coeffs.k * jnp.cos(x)[None], axis=1))
+  return _outer_mean(x, coupled_solution(x, coeffs), coeffs)
 
 
 def coupled_phi_grad(x: jax.Array, coeffs: CoupledCoeffs) -> jax.Array:
