@@ -227,15 +227,16 @@ def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
 
 def reuse_host_memory() -> bool:
   """Keep freed host memory mapped for the next round (glibc mallopt; False elsewhere): large
-  blocks on the heap (no mmap) and a 1 GiB trim threshold. Without it every round page-faults
-  all its temporaries anew (BENCHMARKS.md). Results do not change. The number of malloc arenas
-  is left alone: one arena for every thread (M_ARENA_MAX 1) made XLA's compilation of the
-  config-A round 1.6x slower (9.9 s against 6.2 s) for no gain in round time."""
+  blocks on the heap (no mmap), a 1 GiB trim threshold and one malloc arena per core. Without
+  it every round page-faults all its temporaries anew (BENCHMARKS.md, host memory). Results do
+  not change. One arena for every thread (M_ARENA_MAX 1) made XLA compile the config-A round
+  in 9.9 s instead of 6.2 s; glibc's default (8 per core) made the 100-client rounds of
+  `experiments.benchmark` ~20 % slower."""
   try:
     libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
     return all(libc.mallopt(option, value) == 1 for option, value in
-               ((m_mmap_max, 0), (m_trim_threshold, 1 << 30)))
+               ((m_mmap_max, 0), (m_arena_max, os.cpu_count() or 1), (m_trim_threshold, 1 << 30)))
   except (OSError, AttributeError):  # not glibc
     return False
 
