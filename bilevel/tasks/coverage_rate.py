@@ -27,6 +27,7 @@ holds which coefficients and salts the noise.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -87,6 +88,18 @@ class SweepConfig(NamedTuple):
   bias_rounds: tuple[int, ...] = BIAS_ROUNDS
   part_rounds: tuple[int, ...] = (256, 1024, 4096)
   part_seeds: int = 3
+
+
+# The driver's --quick sweep (under a minute on 2 CPU cores): these fields unless given.
+QUICK = dict(rounds_list=(64, 128, 256, 512, 1024), num_seeds=3, parts=("rate",),
+             part_rounds=(64, 256, 1024))
+
+
+def smoke(cfg: SweepConfig) -> SweepConfig:
+  """The tests' tiny sweep: Q = 16, 32, one seed, two coverages, patterns and deltas."""
+  return cfg._replace(rounds_list=(16, 32), num_seeds=1, coverages=cfg.coverages[:2],
+                      part_rounds=(16, 32), part_seeds=1, uneven_patterns=cfg.uneven_patterns[:2],
+                      bias_deltas=cfg.bias_deltas[:2], bias_rounds=(BIAS_TAIL // 4, BIAS_TAIL // 2))
 
 
 def pattern_name(pattern: Sequence[int]) -> str:
@@ -502,3 +515,54 @@ def summarize(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
   if "bias" in cfg.parts:
     summary["bias"] = summarize_bias(by_part("bias"))
   return summary
+
+
+# ------------------------------------------------------------------ output
+
+
+def report(cfg: SweepConfig, summary: dict[str, Any]) -> str:
+  """The rate part's table (avg_sq_grad_norm over Q per algorithm and C, slope in Q), then each
+  part's main fits to 4 significant digits."""
+  lines = []
+  if "rate" in cfg.parts:
+    lines.append("alg    C_x* " + "".join(f"{'Q=' + str(q):>11}" for q in cfg.rounds_list)
+                 + "      slope")
+    lines += [f"{alg:6s} {c:4d} " + "".join(
+        f"{summary['avg_sq_grad_norm'][alg][str(c)][str(q)]:11.4g}" for q in cfg.rounds_list)
+              + f" {summary['slopes'][alg][str(c)]:10.3f}"
+              for alg in cfg.algorithms for c in cfg.coverages]
+  fits = dict(
+      rate=lambda: {k: summary[k] for k in ("coverage_ratio", "c_exponents", "joint_exponents")},
+      step_rules=lambda: {rule: {alg: st["noise_term_exponents"]["c_exponents"]  # noise vs C
+                                 for alg, st in per_alg.items()}
+                          for rule, per_alg in summary["step_rules"].items()},
+      uneven=lambda: {alg: st["exponents"] for alg, st in summary["uneven"].items()},
+      bias=lambda: {k: summary["bias"][k] for k in ("floor", "c_exponents", "delta_exponents")})
+  short = lambda t: ({k: short(v) for k, v in t.items()} if isinstance(t, dict) else
+                     float(f"{t:.4g}") if isinstance(t, float) else t)
+  return "\n".join(lines + [f"{part}: {json.dumps(short(fits[part]()))}" for part in cfg.parts])
+
+
+def plot_rate(path: str, cfg: SweepConfig, summary: dict[str, Any]) -> None:
+  """The rate part on log-log axes, one panel per algorithm, with a Q^-1/2 reference."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  (only the driver plots)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, len(cfg.algorithms), figsize=(5 * len(cfg.algorithms), 4),
+                           squeeze=False, sharey=True)
+  q = np.array(cfg.rounds_list, dtype=float)
+  for ax, alg in zip(axes[0], cfg.algorithms):
+    means = summary["avg_sq_grad_norm"][alg]
+    for c in cfg.coverages:
+      ax.loglog(q, [means[str(c)][str(r)] for r in cfg.rounds_list], "o-",
+                label=f"C_x*={c} (slope {summary['slopes'][alg][str(c)]:.2f})")
+    ax.loglog(q, means[str(cfg.coverages[0])][str(cfg.rounds_list[0])] * (q / q[0]) ** -0.5, "k--",
+              lw=1, label="Q^-1/2")
+    ax.set(title=f"{alg.upper()}: alpha = {cfg.alpha0:g} sqrt(C_x*/Q)", xlabel="rounds Q")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel("(1/Q) sum_q ||grad Phi(x_q)||^2")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
