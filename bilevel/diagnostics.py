@@ -9,7 +9,8 @@ For client data stacked on a leading [M] axis, the global losses are the client 
 `true_hypergradient` solves the inner problem y* = argmin_y G(x, y) by L-BFGS from a warm start
 until ||grad_y G|| <= inner_tol (or max_inner_steps), then the linear system H v = grad_y F by
 conjugate gradients (exact Hessian-vector products, cg_steps iterations from v = 0), and returns
-grad Phi(x) = grad_x F - J v together with the tolerances it reached.
+grad Phi(x) = grad_x F - J v together with the tolerances it reached. The probes' figures
+(experiments/probe.py): `max_curvature` of the inner Hessian, `unit_round` per hidden unit.
 """
 
 from __future__ import annotations
@@ -81,3 +82,44 @@ def estimate_quality(estimate: PyTree, true: PyTree) -> dict[str, jax.Array]:
               cosine=tree.vdot(estimate, true) / jnp.maximum(tree.norm(estimate) * true_norm,
                                                                1e-30),
               relative_error=tree.norm(tree.sub(estimate, true)) / jnp.maximum(true_norm, 1e-30))
+
+
+def max_curvature(inner_loss, x: PyTree, y: PyTree, batch: Any, key: jax.Array,
+                  steps: int) -> jax.Array:
+  """lambda_max of the inner Hessian d^2 g / dy^2 at (x, y): `steps` power iterations with exact
+  products from a normal start drawn with key."""
+  hv = lambda p: hypergrad.exact_products(inner_loss, x, y, p, batch, 0.0, False).hv
+  p0 = jax.tree.map(lambda t: jax.random.normal(key, t.shape, t.dtype), y)
+
+  def power(p, _):
+    hp = hv(p)
+    return tree.scale(1.0 / jnp.maximum(tree.norm(hp), 1e-30), hp), None
+
+  p, _ = jax.lax.scan(power, p0, None, length=steps)
+  return tree.vdot(p, hv(p))
+
+
+def unit_round(rnd, data: Any, state: Any) -> tuple[Any, dict, dict[str, jax.Array]]:
+  """One round of a dense MLP round `rnd` (one level group) -> (new state, metrics, what each
+  hidden unit j got; C clients, K units): c [K] clients that kept j; agg_dx / agg_dy [K] norm
+  of its aggregated x column / head row delta; rad_x / rad_y [K] their radial parts <delta_j,
+  W_j> / ||W_j||; align [K] agg_dx / mean ||D_ij|| over the keeping clients; dxc [C, K] ||D_ij||;
+  m [C, K] the masks; level [C] keep ratios; wn / hn [K] column / head row norms after it."""
+  ids = jnp.concatenate(rnd.sample_fn(state.round))
+  res = jax.vmap(rnd.client_fns[0], (None, None, 0, 0, None))(
+      state, data, ids, jnp.arange(ids.shape[0]), state.round)
+  new, metrics = rnd.server_fn(state, [res])
+  m, delta = res.mask_x["hidden"]["bias"], res.out.delta_x["hidden"]
+  c = m.sum(0)
+  dxc = jnp.sqrt(jnp.sum(delta["kernel"] ** 2, 1) + delta["bias"] ** 2)
+  w, head = state.x["hidden"]["kernel"], state.y["head"]["kernel"]
+  dw, dhead = new.x["hidden"]["kernel"] - w, new.y["head"]["kernel"] - head
+  agg_dx = jnp.sqrt(jnp.sum(dw ** 2, 0))
+  align = agg_dx / jnp.maximum(jnp.sum(dxc * m, 0) / jnp.maximum(c, 1), 1e-12)
+  return new, metrics, dict(
+      c=c, agg_dx=agg_dx, rad_x=jnp.sum(dw * w, 0) / jnp.linalg.norm(w, axis=0),
+      agg_dy=jnp.sqrt(jnp.sum(dhead ** 2, -1)), align=align, dxc=dxc, m=m,
+      rad_y=jnp.sum(dhead * head, -1) / jnp.linalg.norm(head, axis=-1),
+      level=jnp.asarray(rnd.client_ratios)[ids, 0],
+      wn=jnp.linalg.norm(new.x["hidden"]["kernel"], axis=0),
+      hn=jnp.linalg.norm(new.y["head"]["kernel"], axis=-1))
