@@ -1,7 +1,8 @@
 """Theory check (docs/method.md, section 10): flags -> bilevel.tasks.coverage_rate's parts ->
 config.json, metrics.jsonl (one line per run), summary.json (from those lines, with each part's
 wall time), coverage_rate.png (the rate part). The shared federated flags other than --v_step
-and --inner_step (default here: fixed) are fixed per algorithm and rejected.
+and --inner_step (default here: fixed) are fixed per algorithm and rejected. --quick: the
+sweep's QUICK values for the flags not given (the rate part, under a minute on 2 cores).
 
     python -m experiments.coverage_rate --workdir=/tmp/coverage_rate --quick
 """
@@ -19,39 +20,30 @@ from bilevel.tasks import coverage_rate as sweep
 from experiments import common
 
 DEFAULT_ALGORITHMS = ("rabo", "rafbo")  # --algorithms (experiments/common.py) when not given
-flags.DEFINE_list("coverages", ["1", "2", "4", "8"],
-                  "Outer coverages C_x* to sweep, each in 1..8 (clients per round).")
+flags.DEFINE_list("coverages", ["1", "2", "4", "8"], "Outer coverages C_x* to sweep, in 1..8.")
 flags.DEFINE_list("rounds_list", ["64", "128", "256", "512", "1024", "2048", "4096"],
-                  "Numbers of rounds Q to sweep (at least two distinct values).")
+                  "Numbers of rounds Q to sweep (at least two).")
 flags.DEFINE_integer("num_seeds", 5, "Runs per (algorithm, C, Q), averaged.")
 flags.DEFINE_float("grad_noise", 3.0, "Std of the noise on each first-order gradient.")
 flags.DEFINE_float("heterogeneity", 0.5, "Client heterogeneity, in [0, 1].")
 flags.DEFINE_integer("dim", 32, "Coordinates of x (= of y); a multiple of 8.")
-flags.DEFINE_float("alpha0", 0.5, "alpha = alpha0 * sqrt(C / Q) (RAFBO: / K per local step); "
-                   "alpha0 * sqrt(max C / min Q) must be <= 1.")
-flags.DEFINE_list("parts", list(sweep.PARTS), f"Parts to run: {', '.join(sweep.PARTS)}. "
-                  "--quick runs only rate unless given.")
-flags.DEFINE_float("fixed_alpha", 0.05, "The step_rules part's fixed outer step (RAFBO: / K per "
-                   "local step).")
+flags.DEFINE_float("alpha0", 0.5, "alpha = alpha0 sqrt(C / Q) (RAFBO: / K per local step).")
+flags.DEFINE_list("parts", list(sweep.PARTS), f"Parts to run: {', '.join(sweep.PARTS)}.")
+flags.DEFINE_float("fixed_alpha", 0.05, "The step_rules part's fixed outer step (RAFBO: / K).")
 flags.DEFINE_list("uneven_patterns", ["4/4/4/4", "2/6/2/6", "1/7/1/7", "1/1/1/1", "1/3/1/3",
-                                      "1/7/7/7"],
-                  "Coverage patterns of the uneven part: c1/c2/... per block of 8 coordinates, "
-                  "rotating by round (theory.pattern_schedule); each entry in 1..8, the length "
-                  "dividing --dim / 8.")
-flags.DEFINE_list("part_rounds", ["256", "1024", "4096"],
-                  "Numbers of rounds Q of the step_rules and uneven parts.")
+                                      "1/7/7/7"], "The uneven part's coverage patterns "
+                  "(theory.pattern_schedule: c1/c2/... per block of 8 coordinates, each in 1..8).")
+flags.DEFINE_list("part_rounds", ["256", "1024", "4096"], "Q of the step_rules and uneven parts.")
 flags.DEFINE_integer("part_seeds", 3, "Runs per point of step_rules and uneven.")
-flags.DEFINE_list("bias_deltas", ["0.001", "0.1", "0.3", "1"],
-                  "fd probe lengths delta of the bias part.")
+flags.DEFINE_list("bias_deltas", ["0.001", "0.1", "0.3", "1"], "The bias part's fd deltas.")
 flags.DEFINE_float("bias_heterogeneity", 0.0, "Client heterogeneity of the bias part, in [0, 1].")
-# --quick: sweep.QUICK for the flags not given; --smoke (tests): sweep.smoke.
 _SHARED_FLAGS_USED = ("workdir", "seed", "resume", "quick", "smoke", "algorithms", "v_step",
                       "inner_step")
 
 
 def _value(name: str, convert: Callable[[Any], Any],
            what: str = "a comma-separated list of integers") -> Any:
-  """--name (sweep.QUICK's value under --quick when not given), converted."""
+  """--name converted (--quick: sweep.QUICK's value if the flag is not given)."""
   quick = common.QUICK.value and not flags.FLAGS[name].present and name in sweep.QUICK
   values = sweep.QUICK[name] if quick else flags.FLAGS[name].value
   try:
@@ -68,14 +60,15 @@ def config_from_flags() -> sweep.SweepConfig:
                       "federated settings are fixed per algorithm (see its docstring); sweep with "
                       "--coverages, --rounds_list, --num_seeds, --grad_noise, --alpha0.")
   ints = lambda values: tuple(sorted({int(v) for v in values}))
+  distinct = lambda values: tuple(dict.fromkeys(values))
+  pattern = lambda v: tuple(int(c) for c in v.split("/"))
   cfg = sweep.SweepConfig(
-      algorithms=tuple(dict.fromkeys(common.algorithm_list(DEFAULT_ALGORITHMS))),
+      algorithms=distinct(common.algorithm_list(DEFAULT_ALGORITHMS)), seed=common.SEED.value,
       coverages=_value("coverages", ints), rounds_list=_value("rounds_list", ints),
       part_rounds=_value("part_rounds", ints), num_seeds=_value("num_seeds", int),
-      parts=_value("parts", lambda values: tuple(dict.fromkeys(values))), seed=common.SEED.value,
-      uneven_patterns=_value("uneven_patterns", lambda values: tuple(dict.fromkeys(
-          tuple(int(c) for c in v.split("/")) for v in values)),
-                             "coverages like 1/7/1/7 separated by commas"),
+      parts=_value("parts", distinct), uneven_patterns=_value(
+          "uneven_patterns", lambda values: distinct(map(pattern, values)),
+          "coverages like 1/7/1/7 separated by commas"),
       bias_deltas=_value("bias_deltas", lambda values: tuple(sorted({float(v) for v in values})),
                          "a comma-separated list of numbers"),
       bias_rounds=sweep.BIAS_ROUNDS,  # read here: tests shorten it

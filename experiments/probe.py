@@ -1,9 +1,6 @@
-"""Probes of task 1's round (docs/method.md, section 8; each figure in docs/tools.md), built as
-experiments.hyper_representation builds it (same flags): one JSON line every --probe_every rounds.
+"""Task 1's round, built as experiments.hyper_representation builds it (same flags), measured
+every --probe_every rounds: one JSON line each (docs/method.md, section 8; figures: docs/tools.md).
 Measurement only: it writes the run's config.json into --workdir and nothing else.
-
-  --probe=stability  what grows first: norms of x, y and v, features, logits, inner curvature
-  --probe=units      (MLP) hidden units binned by how many of the round's clients kept them
 
   python -m experiments.probe --probe=stability --workdir=runs/probe --partition=dirichlet \\
       --alpha=0.1 --flagfile=experiments/presets/hyper_representation_rafbo.cfg --inner_step=fixed
@@ -23,7 +20,9 @@ from bilevel.tasks import hyper_representation as hr_task
 from experiments import common
 from experiments import hyper_representation as task
 
-PROBE = flags.DEFINE_enum("probe", "stability", ["stability", "units"], "What to measure.")
+PROBE = flags.DEFINE_enum("probe", "stability", ["stability", "units"], "stability: what grows "
+                          "first (norms, scales, curvature); units: (MLP) per hidden unit, by how "
+                          "many of the round's clients kept it.")
 PROBE_EVERY = flags.DEFINE_integer("probe_every", 10, "Measure every this many rounds (units: "
                                    "averaged over them).")
 POWER_STEPS = flags.DEFINE_integer("power_steps", 30, "Power-iteration steps per curvature.")

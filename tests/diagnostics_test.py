@@ -48,6 +48,14 @@ class TrueHypergradientTest(absltest.TestCase):
     self.assertAlmostEqual(float(ortho["cosine"]), 0.0, places=12)
     self.assertAlmostEqual(float(ortho["relative_error"]), np.sqrt(2.0), places=12)
 
+  def test_max_curvature_is_the_largest_eigenvalue(self):
+    # g(x, y) = 1/2 y' diag(h) y - x'y: the Hessian in y is diag(h), lambda_max = 5 (gap 5:3).
+    h = jnp.asarray([1.0, 3.0, 5.0, 0.5])
+    inner = lambda x, y, b: 0.5 * jnp.sum(h * y * y) - jnp.sum(x * y)
+    lam = diagnostics.max_curvature(inner, jnp.ones(4), jnp.zeros(4), None, jax.random.key(0),
+                                    steps=100)
+    self.assertAlmostEqual(float(lam), 5.0, places=10)  # error ~ (3/5)^200
+
 
 class RunDiagnosticsTest(absltest.TestCase):
 

@@ -1,25 +1,20 @@
 r"""The theory check's sweep (docs/method.md, section 10): convergence against the outer coverage
-C_x* and the rounds Q on the problems of `theory`, in four parts (PARTS). experiments/
-coverage_rate.py builds a `SweepConfig`, runs `sweep_part` per part and writes `summarize` of the
-records (which reads the records only). The measured quantity (true gradient, float64):
+C_x* and the rounds Q on the problems of `theory`, in four parts (PARTS); `summarize` reads the
+run records only. The measured quantity (true gradient, float64):
 
     avg_sq_grad_norm(C, Q) = (1/Q) sum_{q<Q} ||grad Phi(x_q)||^2
 
 `theory.coverage_schedule` gives every outer coordinate exactly C clients per round (C_x* = C),
-read from the keep ratio r_x = C/8; ratios and step sizes are traced round arguments, so one
-compiled runner (`make_runner`) serves every C, step and Q of an algorithm (ALGORITHM_SETUPS; fd,
-one inner and one v step of 0.5 per local step, "fixed" or "cauchy": `step_note`). Outer step
-rules (alpha / K per local step for RAFBO): sqrt_c_over_q alpha0 sqrt(C/Q), the theory's (it
-balances 2 Delta/(alpha Q) against L alpha sigma^2 / C, so it builds C^-1/2 Q^-1/2 into the
-optimisation term itself); inv_sqrt_q alpha0 / sqrt(Q); fixed. The parts:
+read from the keep ratio r_x = C/8, so one compiled runner (`make_runner`) serves every C, step
+and Q of an algorithm (ALGORITHM_SETUPS; fd, one inner and one v step of 0.5 per local step:
+`step_note`). Outer step rules (RAFBO: alpha / K per local step): sqrt_c_over_q alpha0 sqrt(C/Q)
+(the theory's), inv_sqrt_q alpha0 / sqrt(Q), fixed. The parts:
 
   rate        the grid under sqrt_c_over_q.
-  step_rules  the grid under every rule, with noise and without; the noise term (noisy minus
-              noise-free) is the part that the coverage mean can divide.
+  step_rules  the grid under every rule, with noise and without (their difference: the noise term).
   uneven      `theory.pattern_schedule` patterns at inv_sqrt_q, with and without noise.
-  bias        RABO without noise on PROBLEMS at alpha = BIAS_ALPHA, for every C and fd probe
-              delta: the floor (mean ||grad Phi(x_q)||^2 over the last chunk). Clients are
-              identical unless bias_heterogeneity > 0: only pruning and fd bias keep grad Phi off 0.
+  bias        RABO without noise on PROBLEMS at alpha = BIAS_ALPHA, for every C and fd delta: the
+              floor (mean ||grad Phi(x_q)||^2 over the last chunk).
 
 `seed` fixes the problem and the starting point; run r = 0..num_seeds-1 permutes which client
 holds which coefficients and salts the noise.
@@ -458,7 +453,7 @@ def summarize_uneven(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any
   return out
 
 
-def summarize_bias(records: Sequence[dict]) -> dict[str, Any]:
+def summarize_bias(_: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
   """floor {problem: {delta: {C: the tail average at the largest Q}}}, the floor at every Q, and
   the fitted exponents of the floor in C (over C < 8, at each delta) and in delta (at each C),
   over the floors above FLOOR_ZERO (None with fewer than two)."""
@@ -508,12 +503,10 @@ def summarize(cfg: SweepConfig, records: Sequence[dict]) -> dict[str, Any]:
                                  step_note=step_note(cfg.v_step, cfg.inner_step))
   if "rate" in cfg.parts:
     summary.update(summarize_rate(cfg, by_part("rate")))
-  if "step_rules" in cfg.parts:
-    summary["step_rules"] = summarize_step_rules(cfg, by_part("step_rules"))
-  if "uneven" in cfg.parts:
-    summary["uneven"] = summarize_uneven(cfg, by_part("uneven"))
-  if "bias" in cfg.parts:
-    summary["bias"] = summarize_bias(by_part("bias"))
+  for part, fn in (("step_rules", summarize_step_rules), ("uneven", summarize_uneven),
+                   ("bias", summarize_bias)):
+    if part in cfg.parts:
+      summary[part] = fn(cfg, by_part(part))
   return summary
 
 
