@@ -100,11 +100,10 @@ def max_curvature(inner_loss, x: PyTree, y: PyTree, batch: Any, key: jax.Array,
 
 
 def unit_round(rnd, data: Any, state: Any) -> tuple[Any, dict, dict[str, jax.Array]]:
-  """One round of a dense MLP round `rnd` (one level group) -> (new state, metrics, what each
-  hidden unit j got; C clients, K units): c [K] clients that kept j; agg_dx / agg_dy [K] norm
-  of its aggregated x column / head row delta; rad_x / rad_y [K] their radial parts <delta_j,
-  W_j> / ||W_j||; align [K] agg_dx / mean ||D_ij|| over the keeping clients; dxc [C, K] ||D_ij||;
-  m [C, K] the masks; level [C] keep ratios; wn / hn [K] column / head row norms after it."""
+  """One round of a dense MLP round `rnd` -> (new state, metrics, per hidden unit j; C clients, K
+  units): c [K] clients keeping j; agg_dx / agg_dy, rad_x / rad_y [K] norm and radial part of its
+  aggregated x column / head row delta; align [K] agg_dx / mean ||D_ij|| over the keeping clients;
+  dxc [C, K] ||D_ij||; m [C, K] masks; level [C] keep ratios; wn / hn [K] norms after the round."""
   ids = jnp.concatenate(rnd.sample_fn(state.round))
   res = jax.vmap(rnd.client_fns[0], (None, None, 0, 0, None))(
       state, data, ids, jnp.arange(ids.shape[0]), state.round)

@@ -27,7 +27,6 @@ PROBE_EVERY = flags.DEFINE_integer("probe_every", 10, "Measure every this many r
                                    "averaged over them).")
 POWER_STEPS = flags.DEFINE_integer("power_steps", 30, "Power-iteration steps per curvature.")
 BINS = ((1, 2), (3, 4), (5, 6), (7, 10))  # units: coverage counts c_j
-UNIT_FIGURES = ("agg_dx", "rad_x", "agg_dy", "rad_y", "align")
 
 
 def stability(run: common.SeedRun):
@@ -83,7 +82,8 @@ def units(run: common.SeedRun):
                                for d in window]))
 
     out = {f"c{lo}-{hi}": {k: mean(k, lambda d: (d["c"] >= lo) & (d["c"] <= hi))
-                           for k in UNIT_FIGURES} for lo, hi in BINS}
+                           for k in ("agg_dx", "rad_x", "agg_dy", "rad_y", "align")}
+           for lo, hi in BINS}
     out["client_dx_by_level"] = {str(r): mean("dxc", lambda d: np.isclose(d["level"], r)[:, None]
                                               & (d["m"] > 0)) for r in (1.0, 0.5, 0.25)}
     wn, hn = window[-1]["wn"], window[-1]["hn"]
@@ -107,9 +107,8 @@ def main(argv):
       continue
     record = dict(round=q + 1, outer_loss=float(metrics["outer_loss"]),
                   test_accuracy=float(run.eval_fn(state)["test_accuracy"]), **report(state))
-    # every float to 4 decimals
     print(json.dumps(json.loads(json.dumps(record), parse_float=lambda v: round(float(v), 4))),
-          flush=True)
+          flush=True)  # every float to 4 decimals
     if not math.isfinite(record["outer_loss"]) or record["outer_loss"] > 100:
       print(f"stopped: outer loss {record['outer_loss']:.4g} at round {q + 1}")
       break
