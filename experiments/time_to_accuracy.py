@@ -232,7 +232,8 @@ def main(argv: Sequence[str]) -> None:
       results=results, main_job=main_job, total_time_s=time.perf_counter() - start))
   if main_job is not None:
     print("README main job, whole process (s): " + ", ".join(
-        f"{k} {_fmt(v, '.1f')}" for k, v in main_job.items() if k.endswith(("_s", "_seed"))))
+        f"{k} {_fmt(v, '.1f')}" for k, v in main_job.items()
+        if k.endswith(("cold_s", "warm_s", "_seed"))))
   print(f"wrote {path}")
   failed = [f"{a} ({s})" for a, states in results.items() for s, r in states.items() if r["error"]]
   failed += [f"main job ({name})" for name in (main_job or {}).get("errors", {})]
