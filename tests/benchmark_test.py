@@ -1,5 +1,5 @@
-"""Smoke test of the benchmark driver: a tiny run writes benchmark.json with the promised keys
-(timings are not asserted: the CPU is shared)."""
+"""The benchmark driver: its helpers, a tiny run's benchmark.json keys and --compare (timings are
+not asserted: the CPU is shared)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import tempfile
 import pytest
 from absl.testing import absltest
 
-from experiments import benchmark
+from experiments import benchmark, compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ class HelpersTest(absltest.TestCase):
     result = {"versions": {"jax": "x"}, "settings": {"reps": 5}, "commit": {"sha": "abc"},
               "keep_ratio_time_ratio": {"0.5": 0.6, "0.25": 0.4}, "keep_ratio_devices": 2,
               "device": {"count": 2}, "note": "text", "flag": True}
-    self.assertEqual(benchmark._figures(result),
+    self.assertEqual(compare.figures(result),
                      {"keep_ratio_time_ratio.0.5": 0.6, "keep_ratio_time_ratio.0.25": 0.4,
                       "keep_ratio_devices": 2.0})
 
@@ -52,7 +52,7 @@ class HelpersTest(absltest.TestCase):
                           text=True, check=False)
     if head.returncode != 0:
       self.skipTest("not a git checkout")
-    self.assertEqual(benchmark.commit()["sha"], head.stdout.strip())
+    self.assertEqual(compare.commit()["sha"], head.stdout.strip())
 
 
 @pytest.mark.slow

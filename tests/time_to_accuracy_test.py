@@ -31,17 +31,17 @@ class ScanMetricsTest(absltest.TestCase):
     _write(path, [{"round": 5, "test_accuracy": 0.80}, {"round": 7, "outer_loss": 1.0},
                   {"round": 10, "test_accuracy": 0.895}, {"round": 15, "test_accuracy": 0.93}],
            torn_tail='{"round": 20, "test_acc')
-    scan = time_to_accuracy.scan_metrics(path, 0.895)
-    self.assertEqual(scan.reached["round"], 10)  # equal to the target counts
-    self.assertEqual(scan.last["round"], 10)
+    reached, last = time_to_accuracy.scan_metrics(path, 0.895)
+    self.assertEqual(reached["round"], 10)  # equal to the target counts
+    self.assertEqual(last["round"], 10)
 
   def test_not_reached_gives_none_and_the_last_accuracy(self):
     path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
     _write(path, [{"round": 5, "test_accuracy": 0.80}, {"round": 10, "test_accuracy": 0.85}],
            torn_tail='{"round": 15, "test_accuracy": 0.99}')  # no newline yet: not read
-    scan = time_to_accuracy.scan_metrics(path, 0.895)
-    self.assertIsNone(scan.reached)
-    self.assertEqual(scan.last["test_accuracy"], 0.85)
+    reached, last = time_to_accuracy.scan_metrics(path, 0.895)
+    self.assertIsNone(reached)
+    self.assertEqual(last["test_accuracy"], 0.85)
 
   def test_missing_or_empty_file(self):
     folder = tempfile.mkdtemp()
