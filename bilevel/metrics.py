@@ -1,12 +1,18 @@
-"""Results writers: JSON lines, JSON files, the log line; conversion to Python floats at the writer."""
+"""Results writers: JSON lines, JSON files, plots, summaries over seeds, what a result was
+measured on (versions, devices, process age); conversion to Python floats at the writer."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
+import time
 from typing import Any, Mapping
 
 import numpy as np
+
+_LOADED_AT = time.perf_counter()
 
 
 def to_python(value: Any) -> Any:
@@ -68,3 +74,49 @@ def plot_records(records: list[Mapping[str, Any]], path: str, title: str = "") -
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def combine_summaries(summaries: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
+  """One summary over seeds {seed: summary}: mean, std (ddof 1; 0 for one seed), min and max of
+  every numeric figure that every seed has; text fields shared by all seeds; each seed's."""
+  first = next(iter(summaries.values()))
+  numeric = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and all(isinstance(s.get(k), (int, float)) for s in summaries.values())]
+  stats = {name: {} for name in ("mean", "std", "min", "max")}
+  for k in numeric:
+    values = np.array([float(s[k]) for s in summaries.values()])
+    stats["mean"][k] = float(values.mean())
+    stats["std"][k] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    stats["min"][k], stats["max"][k] = float(values.min()), float(values.max())
+  shared = {k: v for k, v in first.items() if k not in numeric and
+            all(s.get(k) == v for s in summaries.values())}
+  return dict(shared, seeds=list(summaries), num_seeds=len(summaries), **stats,
+              per_seed={str(s): dict(v) for s, v in summaries.items()})
+
+
+def versions() -> dict[str, str]:
+  out = {"python": platform.python_version()}
+  for pkg in ("jax", "jaxlib", "optax", "flax", "chex", "numpy"):
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      out[pkg] = "missing"
+  return out
+
+
+def device_info() -> dict[str, Any]:
+  import jax  # imported late so JAX_PLATFORMS set by a caller takes effect
+  devices = jax.devices()
+  return dict(platform=devices[0].platform, device_kind=devices[0].device_kind,
+              count=len(devices))
+
+
+def process_age_s() -> float:
+  """Seconds since this process started (Linux /proc; else since this module loaded)."""
+  try:
+    with open("/proc/self/stat", encoding="ascii") as f:
+      start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime", encoding="ascii") as f:
+      return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter() - _LOADED_AT

@@ -1,9 +1,7 @@
-r"""Federated data hyper-cleaning (README, Expected results, task 2): flags ->
-bilevel.tasks.hyper_cleaning -> --algorithm (dense clients: the compact path does not take
-client-owned units) -> run -> records. The task's defaults (task.DEFAULTS) are the defaults of
-the shared flags here; an --algorithm's own defaults still win over them.
---baseline_unweighted also runs the same round from logits task.BASELINE_LOGIT (every weight 1)
-into WORKDIR/unweighted/ and adds `unweighted_test_accuracy` and `accuracy_gain` to the summary.
+r"""Federated data hyper-cleaning (README, task 2): flags -> bilevel.tasks.hyper_cleaning ->
+--algorithm (dense clients) -> run -> records. task.DEFAULTS are the shared flags' defaults
+here (an --algorithm's own defaults still win). --baseline_unweighted also runs the round from
+logits task.BASELINE_LOGIT (every weight 1) into WORKDIR/unweighted/.
 
   python -m experiments.hyper_cleaning --workdir=runs/hc_rafbo --baseline_unweighted
   python -m experiments.hyper_cleaning --flagfile=experiments/presets/hyper_cleaning_default.cfg \
@@ -31,32 +29,14 @@ CLASSIFIER = flags.DEFINE_enum("classifier", "linear", ["linear", "mlp"],
 HIDDEN, ACTIVATION = common.HIDDEN, common.ACTIVATION  # of --classifier=mlp
 REG = flags.DEFINE_float("reg", 1e-3, "c in g_i: + c ||y||^2 (>= 0).")
 BASELINE_UNWEIGHTED = flags.DEFINE_boolean(
-    "baseline_unweighted", False, "Also train y on the noisy labels with all weights 1 (same "
-    "rounds and settings) into WORKDIR/unweighted/; the summary gets unweighted_test_accuracy.")
+    "baseline_unweighted", False, "Also train y with all weights 1 into WORKDIR/unweighted/; "
+    "the summary gets unweighted_test_accuracy and accuracy_gain.")
 
 
 def main(argv):
   del argv
   common.start_driver(task.DEFAULTS)
   common.for_each_seed(prepare_one)
-
-
-def check_algorithm(alg) -> dict[str, Any]:
-  """Raise ConfigError unless alg fits the task (its outer units are the samples each client
-  owns: unit masks, dense clients); the keywords that replace its options (heterofl prunes only
-  y: task.heterofl_levels)."""
-  o = alg.options
-  if o.granularity != "unit":
-    raise ConfigError(f"mask_granularity={o.granularity!r}: hyper-cleaning's outer units "
-                      "are the samples each client owns, which only unit masks know about; use "
-                      "--mask_granularity=unit.")
-  if not flags.FLAGS["submodel"].using_default_value and common.SUBMODEL.value != "dense":
-    raise ConfigError(f"--submodel={common.SUBMODEL.value}: hyper-cleaning runs dense clients "
-                      "only (the compact path does not take the samples each client owns as "
-                      "units); use --submodel=dense or leave the flag unset.")
-  levels = (task.heterofl_levels(o.levels, o.mask_policy, o.allow_uncovered)
-            if alg.name == "heterofl" else None)
-  return {} if levels is None else dict(levels=levels)
 
 
 def prepare_one() -> list[common.SeedRun]:
@@ -70,11 +50,22 @@ def prepare_one() -> list[common.SeedRun]:
   shape_free = task.layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
   setting = task.setting(CLASSIFIER.value, ACTIVATION.value, common.BATCH_SIZE.value, REG.value)
 
-  def resolve():  # the options (for config.json) and the task's replacements
+  def resolve():  # the options (for config.json) and the keywords that replace them
     alg = common.make_algorithm(setting.problem, shape_free)
-    overrides = check_algorithm(alg)
-    return (common.make_algorithm(setting.problem, shape_free, **overrides) if overrides
-            else alg), overrides
+    if alg.options.granularity != "unit":  # the outer units are the samples each client owns
+      raise ConfigError(f"mask_granularity={alg.options.granularity!r}: hyper-cleaning's outer "
+                        "units are the samples each client owns, which only unit masks know "
+                        "about; use --mask_granularity=unit.")
+    if not flags.FLAGS["submodel"].using_default_value and common.SUBMODEL.value != "dense":
+      raise ConfigError(f"--submodel={common.SUBMODEL.value}: hyper-cleaning runs dense clients "
+                        "only (the compact path does not take the samples each client owns as "
+                        "units); use --submodel=dense or leave the flag unset.")
+    o = alg.options  # heterofl prunes only y here
+    levels = (task.heterofl_levels(o.levels, o.mask_policy, o.allow_uncovered)
+              if alg.name == "heterofl" else None)
+    if levels is None:
+      return alg, {}
+    return common.make_algorithm(setting.problem, shape_free, levels=levels), dict(levels=levels)
 
   (resolved, overrides), ds = common.gather(problems, resolve, common.load_data)
   o = resolved.options
@@ -111,7 +102,7 @@ def prepare_one() -> list[common.SeedRun]:
     print(f"baseline: every sample weight fixed to 1 (noisy labels), in {runs[-1][0]}")
   seed_summary: dict[str, Any] = {}  # filled by the runs' finish, in order
 
-  def finish(run_dir: str, last: bool, records: list[dict[str, Any]]) -> dict[str, Any]:
+  def finish(run_dir: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     figures = dict(common.run_summary("hyper_cleaning", records[-1], *task.WEIGHT_METRICS),
                    weighted=run_dir == workdir)
     if run_dir == workdir:
@@ -121,9 +112,7 @@ def prepare_one() -> list[common.SeedRun]:
       seed_summary.update(unweighted_test_accuracy=figures["test_accuracy"],
                           unweighted_wall_time_s=figures["wall_time_s"],
                           accuracy_gain=seed_summary["test_accuracy"] - figures["test_accuracy"])
-    common.write_summary(workdir, seed_summary)
-    if last:
-      common.print_final(seed_summary)
+    common.write_summary(workdir, seed_summary, show=run_dir == runs[-1][0])
     return dict(seed_summary)
 
   prepared = []
@@ -133,7 +122,7 @@ def prepare_one() -> list[common.SeedRun]:
     prepared.append(common.SeedRun(
         run_dir, rnd, alg.init(x_start, y0), cd.fed,
         functools.partial(evaluate, init_logit=init_logit), f"{title}, {common.ALGORITHM.value}",
-        resume, functools.partial(finish, run_dir, run_dir == runs[-1][0]),
+        resume, functools.partial(finish, run_dir),
         task.cleaning_problem(setting.logits_fn, REG.value)))
   return prepared
 
