@@ -2,8 +2,7 @@
 the run's metrics.jsonl cut back to the checkpoint on resume (`read_metrics`), and a run's files
 kept by the run loop's callbacks (`RunFiles`). A checkpoint is written to a temporary name and
 renamed (a kill leaves the old or the new one, never a torn file); restoring needs a template
-of the same structure and shapes (the freshly initialised state), else a clear CheckpointError.
-"""
+of the same structure and shapes (the freshly initialised state), else a clear CheckpointError."""
 
 from __future__ import annotations
 

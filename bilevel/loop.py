@@ -1,7 +1,6 @@
 """The run loop: rounds of a built round (anything with `.step`), records, checkpoint and log
 callbacks, the divergence guards (docs/method.md, section 9); S runs batched in one program
-(seeds_step, run_seeds), each run on its own; diagnostics; host memory for the rounds.
-"""
+(seeds_step, run_seeds), each run on its own; diagnostics; host memory for the rounds."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ PyTree = Any
 
 
 class DivergenceError(RuntimeError):
-  """A loss, the hypergradient estimate or a parameter became NaN or infinite, or a loss or the
-  hypergradient norm grew past `blowup_factor` times its early value (a finite blow-up)."""
+  """A loss, the hypergradient or a parameter became NaN / inf, or grew past BlowupGuard's bound."""
 
 
 GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")  # non-finite: stop
@@ -219,8 +217,7 @@ def seeds_step(rnds: Sequence[Any], states: Sequence[ServerState] = (), data: Se
   as one program: the first's `apply` vmapped over a leading axis of their per-run values
   (Round.hyper), state and data. Seed s of it is rnds[s] to float32 rounding (1e-10 in float64).
   Raises ConfigError when a round has no per-run values apart or a mask_fn, the rounds differ in
-  a static shape, or the runs' `states` and `data` (if given) differ in shape or round.
-  """
+  a static shape, or the runs' `states` and `data` (if given) differ in shape or round."""
   if any(tree.signature((s, d)) != tree.signature((states[0], data[0]))
          for s, d in zip(states, data)):
     raise ConfigError("seeds_step: their data or parameters differ in shape (e.g. a non-IID "
@@ -254,8 +251,7 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
 
 
 def diagnose_fn(problem: Any, data: Any) -> Callable[[ServerState, PyTree], Mapping[str, Any]]:
-  """run's diagnose_fn: the round's estimate against the true full-model hypergradient on the
-  clients' stacked data (bilevel.diagnostics)."""
+  """run's diagnose_fn: the estimate against the true hypergradient on the stacked data."""
   from bilevel import diagnostics
 
   @jax.jit
@@ -269,9 +265,8 @@ def diagnose_fn(problem: Any, data: Any) -> Callable[[ServerState, PyTree], Mapp
 
 
 def reuse_host_memory() -> bool:
-  """Keep freed host memory for the next round (glibc mallopt: large blocks on the heap, no mmap;
-  one malloc arena per core; a 1 GiB trim threshold): call it first thing before running rounds
-  on a CPU. Results do not change. False where libc is not glibc."""
+  """Keep freed host memory for the next CPU round (glibc mallopt: no mmap, an arena per core, a
+  1 GiB trim threshold; same results): call it first thing. False where libc is not glibc."""
   try:
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h

@@ -80,17 +80,16 @@ def combine_summaries(summaries: Mapping[Any, Mapping[str, Any]]) -> dict[str, A
   """One summary over seeds {seed: summary}: mean, std (ddof 1; 0 for one seed), min and max of
   every numeric figure that every seed has; text fields shared by all seeds; each seed's."""
   first = next(iter(summaries.values()))
-  numeric = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-             and all(isinstance(s.get(k), (int, float)) for s in summaries.values())]
-  stats = {name: {} for name in ("mean", "std", "min", "max")}
-  for k in numeric:
-    values = np.array([float(s[k]) for s in summaries.values()])
-    stats["mean"][k] = float(values.mean())
-    stats["std"][k] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    stats["min"][k], stats["max"][k] = float(values.min()), float(values.max())
-  shared = {k: v for k, v in first.items() if k not in numeric and
+  values = {k: np.array([float(s[k]) for s in summaries.values()]) for k, v in first.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and all(isinstance(s.get(k), (int, float)) for s in summaries.values())}
+  shared = {k: v for k, v in first.items() if k not in values and
             all(s.get(k) == v for s in summaries.values())}
-  return dict(shared, seeds=list(summaries), num_seeds=len(summaries), **stats,
+  return dict(shared, seeds=list(summaries), num_seeds=len(summaries),
+              mean={k: float(v.mean()) for k, v in values.items()},
+              std={k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+              min={k: float(v.min()) for k, v in values.items()},
+              max={k: float(v.max()) for k, v in values.items()},
               per_seed={str(s): dict(v) for s, v in summaries.items()})
 
 
@@ -120,3 +119,14 @@ def process_age_s() -> float:
       return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
   except (OSError, ValueError, IndexError):
     return time.perf_counter() - _LOADED_AT
+
+
+def run_summary(last: Mapping[str, Any], *keys: str, **fields: Any) -> dict[str, Any]:
+  """A run's summary from its last record: `fields`, what every task reports, `keys` of it."""
+  return dict(
+      **fields, rounds=last["round"], wall_time_s=last["wall_time_s"],
+      first_round_s=last["first_round_s"], time_to_first_round_s=last["time_to_first_round_s"],
+      min_coverage_x=last["cx_star"], min_coverage_y=last["cy_star"],
+      final_outer_loss=last["outer_loss"], final_inner_loss=last["inner_loss"],
+      final_hypergrad_norm=last["hypergrad_norm"], **{k: last[k] for k in (
+          "test_accuracy", "test_loss", "cumulative_client_flops", "cumulative_comm_bytes") + keys})

@@ -1,10 +1,6 @@
-"""Device placement of a round: the client mesh, replicated arguments, the sharded client axis;
-the writer process and barriers of a multi-process run; whether an accelerator may be used.
-
-A round's sampled clients can be spread over the devices of a 1-D mesh (GSPMD partitions the
-vmapped clients; the server's sums become cross-device sums). The data and the server state are
-placed whole on every device once (`replicate`), so no call copies them again.
-"""
+"""Device placement of a round: the client mesh (GSPMD partitions the vmapped clients, the
+server's sums become cross-device sums), replicated arguments, the sharded client axis; the
+writer process and barriers of a multi-process run; whether an accelerator may be used."""
 
 from __future__ import annotations
 

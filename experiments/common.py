@@ -1,7 +1,6 @@
-"""What the drivers share: flags (each defined here once), the algorithm built from them, the
-workdir protocol (config.json, resume, metrics.jsonl, summary.json), seeds (one after another
-or as one vmapped program) and the process start. Why each works as it does: docs/drivers.md.
-"""
+"""What the drivers share: flags (each defined once), the algorithm built from them, the workdir
+protocol (config.json, resume, metrics.jsonl, summary.json), seeds and the process start. Why
+each works as it does: docs/drivers.md."""
 
 from __future__ import annotations
 
@@ -11,14 +10,13 @@ import signal
 import sys
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import jax
 from absl import flags, logging
 
 from bilevel import algorithms, checkpoint, federated, loop, models, sharding, tree
-from bilevel.data import DataError
+from bilevel import data as data_lib
 from bilevel.errors import ConfigError
-from bilevel.loop import reuse_host_memory
 from bilevel.metrics import combine_summaries, device_info, to_python, versions, write_json
-from bilevel.sharding import accelerator_possible, is_writer, sync
 
 _LIB = algorithms.defaults("rafbo")  # the flags' defaults: the default algorithm's
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the results (created if missing).")
@@ -86,19 +84,16 @@ SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"],
 LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many rounds.")
 DEVICES = flags.DEFINE_integer("devices", 1, "Devices to shard the clients over (0 = all).")
 CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, "JAX devices to split the host CPU into.")
-CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 50,
-                                        "Checkpoint every this many rounds; 0 = never.")
+CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every N rounds.")
 RESUME = flags.DEFINE_boolean("resume", True, "Continue from the workdir's checkpoint.")
 DIVERGENCE_FACTOR = flags.DEFINE_float("divergence_factor", 100.0, "Stop at this multiple of "
                                        "the early outer loss or hypergradient norm; 0 = off.")
 COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None,
                                         "JAX's compilation cache folder; 'none' = off.")
-REUSE_HOST_MEMORY = flags.DEFINE_boolean("reuse_host_memory", True,
-                                         "Keep freed host memory (glibc mallopt; CPU runs).")
+REUSE_HOST_MEMORY = flags.DEFINE_boolean("reuse_host_memory", True, "Keep freed host memory.")
 EVAL_SPLIT = flags.DEFINE_enum("eval_split", "test", ["test", "holdout"],
                                "test_accuracy on the test set or held-out training data.")
-HOLDOUT_FRACTION = flags.DEFINE_float("holdout_fraction", 0.2,
-                                      "Share of the training data held out.")
+HOLDOUT_FRACTION = flags.DEFINE_float("holdout_fraction", 0.2, "Held-out training share.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "JAX processes (0 = detected).")
 COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's id in 0..num_processes-1.")
@@ -117,9 +112,8 @@ _FLAG_DEFAULTS: dict[str, Any] = {}  # flag -> its own default, for flags a task
 
 
 def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
-  """What every driver does first, before JAX allocates: the task's `defaults` of shared flags
-  (as flag defaults), --smoke, --cpu_devices, the compilation cache, jax.distributed (CPU
-  processes talk through gloo) and --reuse_host_memory (returns whether it applied)."""
+  """A driver's start: the task's flag `defaults`, --smoke, --cpu_devices, the compilation cache,
+  jax.distributed (gloo), --reuse_host_memory (returns whether it applied)."""
   for name, value in _FLAG_DEFAULTS.items():  # one process may run several drivers (tests)
     flags.FLAGS.set_default(name, value)
   for name, value in (defaults or {}).items():
@@ -127,7 +121,6 @@ def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
     flags.FLAGS.set_default(name, value)
   if SMOKE.value:
     flags.FLAGS.rounds, flags.FLAGS.eval_every = min(ROUNDS.value, SMOKE_ROUNDS), 1
-  import jax
   if CPU_DEVICES.value < 1:
     fail(f"--cpu_devices={CPU_DEVICES.value} must be >= 1.")
   try:
@@ -151,8 +144,7 @@ def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
   n, pid = NUM_PROCESSES.value, PROCESS_ID.value
   problems = [f"--num_processes={n} must be >= 0."] if n < 0 else []
   if n > 1 and not COORDINATOR_ADDRESS.value:
-    problems.append(f"--num_processes={n} needs --coordinator_address=HOST:PORT (the address "
-                    "process 0 listens on).")
+    problems.append(f"--num_processes={n} needs --coordinator_address=HOST:PORT of process 0.")
   if n > 1 and not 0 <= pid < n:
     problems.append(f"--process_id={pid} is outside the allowed range [0, {n - 1}].")
   if problems:
@@ -161,20 +153,18 @@ def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**({} if n == 0 else dict(
         coordinator_address=COORDINATOR_ADDRESS.value, num_processes=n, process_id=pid)))
-  return REUSE_HOST_MEMORY.value and not accelerator_possible() and reuse_host_memory()
+  return (REUSE_HOST_MEMORY.value and not sharding.accelerator_possible()
+          and loop.reuse_host_memory())
 
 
 def default_cache_dir(home: str | None = None) -> str:
   """$XDG_CACHE_HOME/bilevel_jax, else ~/.cache/bilevel_jax (home given: HOME=home, no XDG)."""
-  if home is not None:
-    return os.path.join(home, ".cache", "bilevel_jax")
-  return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                      "bilevel_jax")
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+  return os.path.join(base if home is None else os.path.join(home, ".cache"), "bilevel_jax")
 
 
 def client_mesh():
   """The client mesh for --devices or a multi-process run (None for one device)."""
-  import jax
   if jax.process_count() > 1:  # every process's devices
     return sharding.client_mesh()
   n = DEVICES.value or len(jax.devices())
@@ -190,21 +180,19 @@ def fail(message: str) -> None:
 
 
 def gather(problems: list[str], *checks: Callable[[], Any]) -> list[Any]:
-  """Run every check, collecting ConfigError / DataError messages with `problems` (and a missing
-  --workdir); end the program with all of them in one paragraph, else return the results."""
+  """Every check's result, or the end of the program with every problem in one paragraph."""
   results = []
   for check in checks:
     try:
       results.append(check())
-    except (ConfigError, DataError) as e:
+    except (ConfigError, data_lib.DataError) as e:
       problems.append(str(e))
       results.append(None)
   if not WORKDIR.value:
     problems.append("--workdir is required: the directory where results are written.")
-  if len(problems) == 1:
-    fail(problems[0])
   if problems:
-    fail(f"{len(problems)} problems: " + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+    fail(problems[0] if len(problems) == 1 else f"{len(problems)} problems: "
+         + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
   return results
 
 
@@ -233,17 +221,16 @@ def check_shared_flags() -> list[str]:
   problems = [f"--{f.name}={f.value} must be >= {low}." for f, low in (
       (ROUNDS, 1), (NUM_CLIENTS, 1), (CLIENTS_PER_ROUND, 1), (EVAL_EVERY, 1), (LOG_EVERY, 1),
       (BATCH_SIZE, 0), (CHECKPOINT_EVERY, 0), (HIDDEN, 1)) if f.value < low]
-  problems += [f"--{f.name}={f.value} is outside the allowed range (0, 1)."
-               for f in (VAL_FRACTION, HOLDOUT_FRACTION) if not 0 < f.value < 1]
-  if not ALPHA.value > 0:
-    problems.append(f"--alpha={ALPHA.value} is outside the allowed range (0, inf).")
+  problems += [f"--{f.name}={f.value} is outside the allowed range {bounds}." for f, ok, bounds in (
+      (VAL_FRACTION, 0 < VAL_FRACTION.value < 1, "(0, 1)"),
+      (HOLDOUT_FRACTION, 0 < HOLDOUT_FRACTION.value < 1, "(0, 1)"),
+      (ALPHA, ALPHA.value > 0, "(0, inf)")) if not ok]
   every = DIAGNOSE_EVERY.value
   if every < 0 or (every and EVAL_EVERY.value > 0 and every % EVAL_EVERY.value):
     problems.append(f"--diagnose_every={every} must be 0 or a positive multiple of "
                     f"--eval_every={EVAL_EVERY.value} (diagnostics go into logged records).")
   if DIVERGENCE_FACTOR.value < 0:
     problems.append(f"--divergence_factor={DIVERGENCE_FACTOR.value} must be >= 0 (0 = off).")
-  import jax
   available = len(jax.devices())
   if not 0 <= DEVICES.value <= available:
     problems.append(f"--devices={DEVICES.value} is outside the allowed range [0, {available}]: "
@@ -252,9 +239,7 @@ def check_shared_flags() -> list[str]:
 
 
 def load_data():
-  """--dataset from --data_dir; with --eval_split=holdout its holdout split (seeded by --seed)
-  in place of the test set."""
-  from bilevel import data as data_lib
+  """--dataset from --data_dir; --eval_split=holdout: its holdout split as the test set."""
   ds = data_lib.load_dataset(DATASET.value, DATA_DIR.value, seed=SEED.value)
   if EVAL_SPLIT.value == "test":
     return ds
@@ -290,8 +275,7 @@ def config_dict(alg: algorithms.Algorithm) -> dict[str, Any]:
 
 
 def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-  """Same config, versions and flags apart from _RESUME_FREE_FLAGS; a flag the old record lacks
-  (added to the code since) counts as the same when this run leaves it at its default."""
+  """Same config, versions and flags but _RESUME_FREE_FLAGS and new flags at their default."""
   new, old_flags = json.loads(json.dumps(to_python(new))), old.get("flags", {})
   defaults = json.loads(json.dumps(to_python(
       {k: flags.FLAGS[k].default for k in new["flags"] if k in flags.FLAGS})))
@@ -303,9 +287,8 @@ def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 def start_run(workdir: str, config: Mapping[str, Any]) -> bool:
-  """Prepare workdir; True when it resumes (--resume, a checkpoint and config.json of the same
-  run). A checkpoint of another run ends the program (nothing deleted); a fresh run removes
-  earlier results and writes config.json."""
+  """Prepare workdir: True to resume its checkpoint of the same run (another run's: an error),
+  else earlier results removed and config.json written."""
   config_path = os.path.join(workdir, "config.json")
   flag_values = {f.name: f.value for module, module_flags in
                  flags.FLAGS.flags_by_module_dict().items() if "experiments" in module
@@ -324,8 +307,8 @@ def start_run(workdir: str, config: Mapping[str, Any]) -> bool:
       fail(f"{workdir} holds a checkpoint of a run with another configuration ({config_path}). "
            + again)
     print(f"resuming from {os.path.join(workdir, checkpoint.FILENAME)}")
-  sync(f"start_run {workdir}")  # every process decided before process 0 writes anything
-  if not resume and is_writer():
+  sharding.sync(f"start_run {workdir}")  # every process decided before process 0 writes
+  if not resume and sharding.is_writer():
     for name in ("summary.json", "metrics.jsonl", checkpoint.FILENAME):
       if os.path.exists(os.path.join(workdir, name)):
         os.remove(os.path.join(workdir, name))
@@ -333,9 +316,9 @@ def start_run(workdir: str, config: Mapping[str, Any]) -> bool:
   return resume
 
 
-def write_summary(workdir: str, summary: Mapping[str, Any], show: bool = False) -> None:
-  """workdir/summary.json (process 0); show: also print it as the final table (None left out)."""
-  if is_writer():
+def write_summary(workdir: str, summary: Mapping[str, Any], show: bool = False) -> Mapping:
+  """workdir/summary.json (process 0); show: also print it as the final table; the summary."""
+  if sharding.is_writer():
     write_json(os.path.join(workdir, "summary.json"), summary)
   if show:
     rows = {k: v for k, v in summary.items() if v is not None}
@@ -343,26 +326,13 @@ def write_summary(workdir: str, summary: Mapping[str, Any], show: bool = False) 
     print("final:")
     for k, v in rows.items():
       print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
-
-
-def run_summary(task: str, last: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-  """A run's summary from its last record: what every task reports, and `keys` of the record."""
-  return dict(
-      task=task, algorithm=ALGORITHM.value, rounds=last["round"],
-      wall_time_s=last["wall_time_s"], first_round_s=last["first_round_s"],
-      time_to_first_round_s=last["time_to_first_round_s"], min_coverage_x=last["cx_star"],
-      min_coverage_y=last["cy_star"], final_outer_loss=last["outer_loss"],
-      final_inner_loss=last["inner_loss"], final_hypergrad_norm=last["hypergrad_norm"],
-      **{k: last[k] for k in ("test_accuracy", "test_loss", "cumulative_client_flops",
-                              "cumulative_comm_bytes") + keys})
+  return summary
 
 
 # ------------------------------------------------------------------ runs and seeds
 
 class SeedRun(NamedTuple):
-  """A run prepared by a driver's prepare_one, not started; finish(every record of the run,
-  earlier ones included) writes and prints its summary and returns it."""
-
+  """A run prepared, not started; finish(all its records) writes its summary and returns it."""
   workdir: str
   rnd: federated.Round
   state: federated.ServerState
@@ -374,10 +344,10 @@ class SeedRun(NamedTuple):
   problem: Any = None  # the task's BilevelProblem, for --diagnose_every
 
 
-_CHECKPOINTS_SAVED = [0]  # by this process, across seeds (the test hooks count them)
+_CHECKPOINTS_SAVED = [0]  # by this process, across seeds
 
 
-def _after_checkpoint() -> None:
+def _after_checkpoint() -> None:  # the test hooks
   _CHECKPOINTS_SAVED[0] += 1
   for env, sig in ((KILL_AFTER_CHECKPOINT_ENV, signal.SIGKILL),
                    (STOP_AFTER_CHECKPOINT_ENV, signal.SIGSTOP)):
@@ -387,14 +357,12 @@ def _after_checkpoint() -> None:
 
 def run_prepared(runs: Sequence[tuple[int, SeedRun]], batched: bool = False
                  ) -> dict[int, dict[str, Any] | None] | None:
-  """Run (or resume) `runs` [(seed, run)]: one after another (a seed's later runs skipped once
-  one stops), or batched, as one vmapped program (loop.seeds_step), each run keeping its own
-  records, checkpoints and guards as if alone. Each run is then finished in order. Returns
-  {seed: its last summary, None if it stopped}; None, the reason printed, when batched runs
-  cannot share one program."""
+  """Run (or resume) [(seed, run)] one after another, or batched as one vmapped program, each
+  then finished: {seed: its last summary, None if one of its runs stopped}; None (the reason
+  printed) when they cannot be batched."""
   try:
-    files = [checkpoint.RunFiles(run.workdir, run.state, run.resume, is_writer(), run.title,
-                                 _after_checkpoint) for _, run in runs]
+    files = [checkpoint.RunFiles(run.workdir, run.state, run.resume, sharding.is_writer(),
+                                 run.title, _after_checkpoint) for _, run in runs]
   except checkpoint.CheckpointError as e:
     fail(str(e))
   keywords = dict(num_rounds=ROUNDS.value, eval_every=EVAL_EVERY.value, log=logging.info,
@@ -440,16 +408,15 @@ def run_prepared(runs: Sequence[tuple[int, SeedRun]], batched: bool = False
 
 
 def for_each_seed(prepare_one: Callable[[], Sequence[SeedRun]]) -> None:
-  """Run --seed, or each --seeds value into WORKDIR/seed_S (as one vmapped program when
-  --batch_seeds and they can share one), then write and print their combined summary.json.
-  prepare_one reads the seed and the workdir from the flags and returns the seed's runs."""
+  """Run prepare_one()'s runs of --seed, or of each --seeds value into WORKDIR/seed_S, then
+  write and print their combined summary.json."""
   seeds = parse_seeds()
   if seeds is None:
     if None in run_prepared([(SEED.value, run) for run in prepare_one()]).values():
       sys.exit(2)
     return
   seeds, root = seeds[:SMOKE_SEEDS] if SMOKE.value else seeds, require_workdir()
-  if os.path.exists(os.path.join(root, "summary.json")) and is_writer():
+  if os.path.exists(os.path.join(root, "summary.json")) and sharding.is_writer():
     os.remove(os.path.join(root, "summary.json"))  # written again once every seed has finished
 
   def prepare(seed: int) -> list[tuple[int, SeedRun]]:
@@ -462,9 +429,8 @@ def for_each_seed(prepare_one: Callable[[], Sequence[SeedRun]]) -> None:
   batch = BATCH_SEEDS.value and len(seeds) > 1
   if batch and reasons:
     print(f"the seeds run one after another: {'; '.join(reasons)}.", flush=True)
-  summaries = None
-  if batch and not reasons:
-    summaries = run_prepared([r for s in seeds for r in prepare(s)], batched=True)
+  summaries = (run_prepared([r for s in seeds for r in prepare(s)], batched=True)
+               if batch and not reasons else None)
   if summaries is None:
     summaries = {}
     for i, seed in enumerate(seeds):  # a seed that stops: the others go on

@@ -11,22 +11,19 @@ import jax
 from absl import app, flags
 
 from bilevel import data as data_lib
-from bilevel import federated, models
+from bilevel import federated, metrics, models
 from bilevel.client import full_batch, minibatch_sampler
 from bilevel.errors import ConfigError
 from bilevel.tasks import hyper_representation as task
 from experiments import common
 
-MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp: 784-200 MLP representation; "
-                          "cnn: two 3x3 stride-2 conv layers (channel units).")
+MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp (784-200) or cnn (2 conv layers).")
 CHANNELS = flags.DEFINE_list("channels", ["16", "32"], "Output channels of conv1, conv2 (cnn).")
 HIDDEN, ACTIVATION = common.HIDDEN, common.ACTIVATION  # shared with hyper_cleaning
 L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
 OUTER_L2 = flags.DEFINE_float("outer_l2", 0.0, "Weight decay on x in the outer loss; 0 = off.")
-FEATURE_L2 = flags.DEFINE_float("feature_l2", models.FEATURE_L2, "Penalty feature_l2/2 * mean "
-                                "||features||^2 in the outer loss; 0 = off.")
-WIDTH_SCALE = flags.DEFINE_boolean("width_scale", False, "Scale a submodel's features by K / k "
-                                   "(HeteroFL's 1/r scaler) in g and f.")
+FEATURE_L2 = flags.DEFINE_float("feature_l2", models.FEATURE_L2, "Feature scale penalty; 0 = off.")
+WIDTH_SCALE = flags.DEFINE_boolean("width_scale", False, "Scale features by K / k (HeteroFL's).")
 
 
 def main(argv):
@@ -38,11 +35,8 @@ def main(argv):
 def prepare_one() -> common.SeedRun:
   """The run of --seed into --workdir, built and not started."""
   problems = common.check_shared_flags()
-  try:
-    channels = tuple(int(c) for c in CHANNELS.value)
-    if len(channels) != 2 or min(channels) < 1:
-      raise ValueError
-  except ValueError:
+  channels = tuple(int(c) for c in CHANNELS.value if c.isdecimal())
+  if len(channels) != len(CHANNELS.value) or len(channels) != 2 or min(channels) < 1:
     problems.append(f"--channels={','.join(CHANNELS.value)} must be two integers >= 1.")
     channels = (1, 1)
   cnn = MODEL.value == "cnn"
@@ -50,7 +44,6 @@ def prepare_one() -> common.SeedRun:
   problem = models.hyper_representation_problem(
       ACTIVATION.value, L2.value, MODEL.value, OUTER_L2.value, FEATURE_L2.value,
       (channels[1] if cnn else HIDDEN.value) if WIDTH_SCALE.value else 0)
-  # Every flag checked before any work; `resolved` (the options alone) goes to config.json.
   resolved, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
                                common.load_data)
   o, batch = resolved.options, common.BATCH_SIZE.value
@@ -61,8 +54,7 @@ def prepare_one() -> common.SeedRun:
     data, info = task.client_arrays(
         ds, common.NUM_CLIENTS.value, common.PARTITION.value, model=MODEL.value,
         val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value, seed=common.SEED.value)
-    # compact needs unit masks, fixed levels and the local round: an unset --submodel falls back
-    # to dense where those do not hold (a given one reports the conflict).
+    # compact needs unit masks, fixed levels, the local round (docs/drivers.md)
     dense = o.redraw_levels or o.granularity != "unit" or resolved.spec.round_kind == "fednest"
     alg = common.make_algorithm(
         problem, layout, sample=minibatch_sampler(batch) if batch else full_batch,
@@ -74,24 +66,20 @@ def prepare_one() -> common.SeedRun:
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
-  optional = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value,
-                  width_scale=WIDTH_SCALE.value)
+  extra = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value, width_scale=WIDTH_SCALE.value)
   resume = common.start_run(workdir, dict(
       common.config_dict(resolved), task="hyper_representation", model=MODEL.value,
       hidden=HIDDEN.value, channels=list(channels), activation=ACTIVATION.value, l2=L2.value,
-      **{k: v for k, v in optional.items() if v}, dataset=data_lib.dataset_summary(ds), **info))
+      **{k: v for k, v in extra.items() if v}, dataset=data_lib.dataset_summary(ds), **info))
   print(data_lib.dataset_summary(ds))
   x_test, y_test = task.test_arrays(ds, MODEL.value)
-
-  def finish(records):
-    summary = common.run_summary("hyper_representation", records[-1])
-    common.write_summary(workdir, summary, show=True)
-    return summary
-
   return common.SeedRun(
       workdir, rnd, alg.init(x0, y0), data,
       lambda st: task.evaluate(st, x_test, y_test, MODEL.value, ACTIVATION.value),
-      f"hyper-representation, {common.ALGORITHM.value}", resume, finish, problem)
+      f"hyper-representation, {common.ALGORITHM.value}", resume,
+      lambda records: common.write_summary(workdir, metrics.run_summary(
+          records[-1], task="hyper_representation", algorithm=common.ALGORITHM.value), show=True),
+      problem)
 
 
 if __name__ == "__main__":
