@@ -1,21 +1,20 @@
 """Atomic checkpoints of a run: server state (any PyTree of arrays) plus JSON-able run totals,
-and the run's metrics.jsonl records cut back to the checkpoint on resume (`read_metrics`).
-
-A checkpoint is one `.npz` file written to a temporary name in the same folder and renamed, so a
-process killed at any moment leaves either the previous checkpoint or the new one, never a torn
-file. Restoring needs a template with the same tree structure (the freshly initialised state),
-and fails with a clear message when the structure or shapes differ (a different config).
-"""
+the run's metrics.jsonl cut back to the checkpoint on resume (`read_metrics`), and a run's files
+kept by the run loop's callbacks (`RunFiles`). A checkpoint is written to a temporary name and
+renamed (a kill leaves the old or the new one, never a torn file); restoring needs a template
+of the same structure and shapes (the freshly initialised state), else a clear CheckpointError."""
 
 from __future__ import annotations
 
 import json
 import os
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+
+from bilevel.metrics import JsonlWriter, plot_records, process_age_s
 
 PyTree = Any
 FILENAME = "checkpoint.npz"
@@ -84,3 +83,43 @@ def read_metrics(path: str, up_to_round: int, rewrite: bool = True) -> list[dict
       f.writelines(lines)
     os.replace(tmp, path)
   return records
+
+
+class RunFiles:
+  """A run's files in workdir for loop.run's callbacks: the checkpoint it resumes from (state,
+  totals, metrics.jsonl cut back), records appended to metrics.jsonl (earlier wall time added),
+  checkpoints (each followed by on_saved()), curves.png; writer=False: nothing written."""
+
+  def __init__(self, workdir: str, state: PyTree, resume: bool, writer: bool = True,
+               title: str = "", on_saved: Callable[[], None] | None = None):
+    self.workdir, self.writer, self.title = workdir, writer, title
+    self.started_s = process_age_s()  # start-up before the first round: imports, data, setup
+    self.state, self.earlier, self.totals, self.elapsed = state, [], None, 0.0
+    self.on_saved, path = on_saved, os.path.join(workdir, "metrics.jsonl")
+    if resume:
+      self.state, meta = restore(workdir, state)
+      self.earlier = read_metrics(path, meta["round"], rewrite=writer)
+      self.totals, self.elapsed = meta["totals"], meta["wall_time_s"]
+    self.wall_offset, self.jsonl = self.elapsed, JsonlWriter(path) if writer else None
+
+  def on_record(self, record: dict[str, Any]) -> None:
+    record["wall_time_s"] += self.wall_offset
+    record["time_to_first_round_s"] = self.started_s + record["first_round_s"]
+    self.elapsed = record["wall_time_s"]
+    if self.jsonl is not None:
+      self.jsonl(record)
+
+  def on_checkpoint(self, state: PyTree, totals: dict[str, Any], done: int) -> None:
+    if self.writer:
+      save(self.workdir, state, {"round": done, "totals": totals, "wall_time_s": self.elapsed})
+    if self.on_saved is not None:
+      self.on_saved()
+
+  def close(self, records: list[dict[str, Any]], plot: bool = True) -> list[dict[str, Any]]:
+    """Close metrics.jsonl, (plot) draw every record of the run; return them."""
+    if self.jsonl is not None:
+      self.jsonl.close()
+    records = self.earlier + records
+    if plot and self.writer and records:
+      plot_records(records, os.path.join(self.workdir, "curves.png"), self.title)
+    return records

@@ -1,15 +1,12 @@
-"""The run loop: rounds of a built round (a federated.Round, or anything with `.step`), records,
-checkpoint and log callbacks, and the divergence guards (docs/method.md, section 9).
-
-Every round the losses, the hypergradient norm and x, y, v are checked: a NaN or inf stops the
-run (DivergenceError, naming the round and the quantity), and so does an outer loss or
-hypergradient norm above a factor times its early value (BlowupGuard). `run(..., seeds=S)`
-does the same for S runs batched in one program (seeds_step, run_seeds), each run on its own.
-"""
+"""The run loop: rounds of a built round (anything with `.step`), records, checkpoint and log
+callbacks, the divergence guards (docs/method.md, section 9); S runs batched in one program
+(seeds_step, run_seeds), each run on its own; diagnostics; host memory for the rounds."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import time
 import types
 from typing import Any, Callable, Mapping, Sequence
@@ -27,8 +24,7 @@ PyTree = Any
 
 
 class DivergenceError(RuntimeError):
-  """A loss, the hypergradient estimate or a parameter became NaN or infinite, or a loss or the
-  hypergradient norm grew past `blowup_factor` times its early value (a finite blow-up)."""
+  """A loss, the hypergradient or a parameter became NaN / inf, or grew past BlowupGuard's bound."""
 
 
 GUARDED_METRICS = ("inner_loss", "outer_loss", "hypergrad_norm")  # non-finite: stop
@@ -38,14 +34,9 @@ BLOWUP_FACTOR = 100.0
 
 
 class BlowupGuard:
-  """Raises DivergenceError when a BLOWUP_METRICS value exceeds factor x its early value.
-
-  The early value of a quantity is its median over rounds 1..BLOWUP_WARMUP of the run (a median,
-  so a blow-up that starts inside those rounds does not raise its own reference); later rounds
-  are checked against it. It is kept in the run totals (`early_*`; the warm-up values under
-  `_early_values_*` until the median is final), so a resumed run uses the same reference.
-  factor None or 0 turns the guard off.
-  """
+  """Raises DivergenceError when a BLOWUP_METRICS value exceeds factor (None or 0: off) x its
+  median over rounds 1..BLOWUP_WARMUP, kept in the run totals (`early_*`; the warm-up values
+  under `_early_values_*`) so a resumed run uses the same reference."""
 
   def __init__(self, factor: float | None, totals: dict[str, Any]):
     self.factor, self.totals = factor, totals
@@ -147,30 +138,21 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
         blowup_factor: float | None = BLOWUP_FACTOR,
         diagnose_fn: Callable[[ServerState, PyTree], Mapping[str, Any]] | None = None,
         diagnose_every: int = 0, seeds: int | None = None) -> tuple[Any, ...]:
-  """Run rounds state.round .. num_rounds - 1 of `rnd` (a federated.Round or an algorithms.
-  Algorithm: only rnd.step(state, data) is called); return the final state and the records.
+  """Run rounds state.round .. num_rounds - 1 of `rnd` (only rnd.step(state, data) is called);
+  return the final state and the records.
 
-  A record is logged every `eval_every` rounds and after the last one: the round's metrics,
-  cumulative client FLOPs and communicated bytes, the running C_x* (min over rounds of the
-  minimum outer coverage), wall time, the time of this call's first round (first_round_s:
-  compilation included) and whatever eval_fn(state) returns. NaN / inf and blow-ups
-  (blowup_factor times the early value; None or 0: off) raise DivergenceError (module
-  docstring). `on_checkpoint(state, totals, round)` is called every `checkpoint_every` rounds
-  and after the last one, after that round's record was passed on (on_record(record)).
-  `log(line)` receives a progress line every `log_every` rounds (the library prints nothing
-  itself; the drivers pass absl logging). `start_totals`: the totals a resumed run continues.
-  Diagnostics (a round built with diagnostics=True): every round never_covered_x_share /
-  never_covered_y_share (coordinates no client kept since this call's first round); every
-  `diagnose_every` rounds (a multiple of eval_every) `diagnose_fn(state the round started
-  from, the round's aggregated estimate)` adds figures (bilevel.diagnostics.estimate_quality).
+  A record every `eval_every` rounds and after the last: the round's metrics, cumulative client
+  FLOPs and bytes, C_x* (min over rounds of the minimum outer coverage), wall time,
+  first_round_s (compilation included) and eval_fn(state); on_record(record) gets it.
+  NaN / inf and blow-ups (BlowupGuard) raise DivergenceError. on_checkpoint(state, totals,
+  round) every `checkpoint_every` rounds and after the last; log(line) every `log_every`;
+  start_totals: the totals a resumed run continues. Rounds built with diagnostics=True add the
+  never-covered shares every round and diagnose_fn(state before, estimate) every
+  `diagnose_every` rounds.
 
-  seeds=S: S runs batched on a leading axis of state and data (state.round [S], equal across
-  them), advanced together by rnd.step (seeds_step; rounds built without diagnostics).
-  eval_fn, on_record, start_totals and on_checkpoint are then sequences of S, one per run, and
-  each run keeps what one run keeps, computed from its own slice. A run that diverges stops
-  alone: its DivergenceError message goes into `stopped` {s: message}, it gets no later record
-  or checkpoint, and the others go on (the runs do not interact). Returns (final state
-  [S, ...], records per run, stopped).
+  seeds=S: S runs batched on a leading axis of state and data (seeds_step), eval_fn, on_record,
+  start_totals, on_checkpoint one per run; each run keeps what one run keeps, and one that
+  diverges stops alone. Returns (final state [S, ...], records per run, {s: error message}).
   """
   batched = seeds is not None
   num = seeds if batched else 1
@@ -229,18 +211,20 @@ def run(rnd: Any, state: ServerState, data: Any, num_rounds: int, *,
   return (state, records, stopped) if batched else (state, records[0])
 
 
-def seeds_step(rnds: Sequence[Any]) -> Callable[..., tuple[ServerState, dict[str, jax.Array]]]:
-  """`step(state, data)` running the rounds of several seeds as one program: the round's
-  `apply` vmapped over a leading seed axis of its per-run values (Round.hyper), state and data
-  ([S, ...]; metrics come back [S]).
-
-  rnds: Rounds of one configuration that differ only in the seed (the drivers
-  check the configurations); each seed's RoundArgs carry what the seed changes, so the round
-  traced for the first serves every seed. Seed s of the result is the round of rnds[s] to
-  float32 rounding (to 1e-10 in float64; tests/seeds_test.py). FedNest's round qualifies
-  too. Raises ConfigError when a round has no per-run values apart or a mask_fn
-  (Round.seed_constants), or the rounds differ in a static shape.
-  """
+def seeds_step(rnds: Sequence[Any], states: Sequence[ServerState] = (), data: Sequence[Any] = ()
+               ) -> Callable[..., tuple[ServerState, dict[str, jax.Array]]]:
+  """`step(state, data)`: the rounds `rnds` of one configuration, differing only in the seed,
+  as one program: the first's `apply` vmapped over a leading axis of their per-run values
+  (Round.hyper), state and data. Seed s of it is rnds[s] to float32 rounding (1e-10 in float64).
+  Raises ConfigError when a round has no per-run values apart or a mask_fn, the rounds differ in
+  a static shape, or the runs' `states` and `data` (if given) differ in shape or round."""
+  if any(tree.signature((s, d)) != tree.signature((states[0], data[0]))
+         for s, d in zip(states, data)):
+    raise ConfigError("seeds_step: their data or parameters differ in shape (e.g. a non-IID "
+                      "partition)")
+  if len({int(s.round) for s in states}) > 1:
+    raise ConfigError(f"seeds_step: their checkpoints are at different rounds "
+                      f"({', '.join(str(int(s.round)) for s in states)})")
   if any(r.apply is None or r.hyper is None for r in rnds):
     raise ConfigError("seeds_step needs rounds with their per-run values apart (Round.hyper "
                       "and Round.apply: rafbo.make_round, fednest.make_fednest_round); run "
@@ -261,12 +245,32 @@ def run_seeds(step: Callable[..., tuple[ServerState, dict[str, Any]]], state: Se
               data: Any, num_rounds: int, *,
               eval_fns: Sequence[Callable[[ServerState], Mapping[str, Any]] | None],
               **keywords: Any) -> tuple[ServerState, list[list[dict[str, Any]]], dict[int, str]]:
-  """`run(..., seeds=len(eval_fns))` of the seeds' vmapped round `step(state, data)`
-  (seeds_step); keywords: run's, the per-run ones (on_record, start_totals, on_checkpoint)
-  also as on_records, on_checkpoints. Returns (final state [S, ...], records per seed, stopped).
-  """
-  for plural, singular in (("on_records", "on_record"), ("on_checkpoints", "on_checkpoint")):
-    if plural in keywords:
-      keywords[singular] = keywords.pop(plural)
+  """`run(..., seeds=len(eval_fns))` of the seeds' vmapped round `step` (seeds_step)."""
   return run(types.SimpleNamespace(step=step), state, data, num_rounds, eval_fn=eval_fns,
              seeds=len(eval_fns), **keywords)
+
+
+def diagnose_fn(problem: Any, data: Any) -> Callable[[ServerState, PyTree], Mapping[str, Any]]:
+  """run's diagnose_fn: the estimate against the true hypergradient on the stacked data."""
+  from bilevel import diagnostics
+
+  @jax.jit
+  def diagnose(state, estimate):
+    true = diagnostics.true_hypergradient(problem, state.x, state.y, data.inner, data.outer)
+    return dict(diagnostics.estimate_quality(estimate, true.hypergrad),
+                inner_grad_norm=true.inner_grad_norm, inner_steps=true.inner_steps,
+                cg_residual=true.cg_residual)
+
+  return diagnose
+
+
+def reuse_host_memory() -> bool:
+  """Keep freed host memory for the next CPU round (glibc mallopt: no mmap, an arena per core, a
+  1 GiB trim threshold; same results): call it first thing. False where libc is not glibc."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
+    return all(libc.mallopt(option, value) == 1 for option, value in
+               ((m_mmap_max, 0), (m_arena_max, os.cpu_count() or 1), (m_trim_threshold, 1 << 30)))
+  except (OSError, AttributeError):
+    return False

@@ -1,9 +1,5 @@
-r"""Federated data hyper-cleaning (README, Expected results, task 2): flags ->
-bilevel.tasks.hyper_cleaning -> --algorithm (dense clients: the compact path does not take
-client-owned units) -> run -> records. The task's defaults (task.DEFAULTS) are the defaults of
-the shared flags here; an --algorithm's own defaults still win over them.
---baseline_unweighted also runs the same round from logits task.BASELINE_LOGIT (every weight 1)
-into WORKDIR/unweighted/ and adds `unweighted_test_accuracy` and `accuracy_gain` to the summary.
+r"""Federated data hyper-cleaning (README, task 2): flags (defaults: task.DEFAULTS, then an
+--algorithm's own) -> bilevel.tasks.hyper_cleaning -> --algorithm (dense clients) -> run -> records.
 
   python -m experiments.hyper_cleaning --workdir=runs/hc_rafbo --baseline_unweighted
   python -m experiments.hyper_cleaning --flagfile=experiments/presets/hyper_cleaning_default.cfg \
@@ -20,19 +16,18 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from bilevel import data as data_lib
+from bilevel import metrics
 from bilevel.errors import ConfigError
 from bilevel.tasks import hyper_cleaning as task
 from experiments import common
 
-NOISE = flags.DEFINE_float("noise", 0.5, "Probability that a training label is replaced by a "
-                           "uniformly random label (in [0, 1)).")
+NOISE = flags.DEFINE_float("noise", 0.5, "Probability that a training label is made random.")
 CLASSIFIER = flags.DEFINE_enum("classifier", "linear", ["linear", "mlp"],
                                "Inner model y: linear (multinomial logistic regression) or mlp.")
 HIDDEN, ACTIVATION = common.HIDDEN, common.ACTIVATION  # of --classifier=mlp
 REG = flags.DEFINE_float("reg", 1e-3, "c in g_i: + c ||y||^2 (>= 0).")
-BASELINE_UNWEIGHTED = flags.DEFINE_boolean(
-    "baseline_unweighted", False, "Also train y on the noisy labels with all weights 1 (same "
-    "rounds and settings) into WORKDIR/unweighted/; the summary gets unweighted_test_accuracy.")
+BASELINE_UNWEIGHTED = flags.DEFINE_boolean("baseline_unweighted", False, "Also train y with every "
+                                           "weight 1 into WORKDIR/unweighted/.")
 
 
 def main(argv):
@@ -41,40 +36,28 @@ def main(argv):
   common.for_each_seed(prepare_one)
 
 
-def check_algorithm(alg) -> dict[str, Any]:
-  """Raise ConfigError unless alg fits the task (its outer units are the samples each client
-  owns: unit masks, dense clients); the keywords that replace its options (heterofl prunes only
-  y: task.heterofl_levels)."""
-  o = alg.options
-  if o.granularity != "unit":
-    raise ConfigError(f"mask_granularity={o.granularity!r}: hyper-cleaning's outer units "
-                      "are the samples each client owns, which only unit masks know about; use "
-                      "--mask_granularity=unit.")
-  if not flags.FLAGS["submodel"].using_default_value and common.SUBMODEL.value != "dense":
-    raise ConfigError(f"--submodel={common.SUBMODEL.value}: hyper-cleaning runs dense clients "
-                      "only (the compact path does not take the samples each client owns as "
-                      "units); use --submodel=dense or leave the flag unset.")
-  levels = (task.heterofl_levels(o.levels, o.mask_policy, o.allow_uncovered)
-            if alg.name == "heterofl" else None)
-  return {} if levels is None else dict(levels=levels)
-
-
 def prepare_one() -> list[common.SeedRun]:
-  """The runs of --seed into --workdir, built and not started: the weighted run, then with
-  --baseline_unweighted its baseline in WORKDIR/unweighted."""
+  """The runs of --seed into --workdir, built and not started: weighted, unweighted baseline."""
   problems = common.check_shared_flags()
-  if not 0.0 <= NOISE.value < 1.0:
-    problems.append(f"--noise={NOISE.value} is outside the allowed range [0, 1).")
-  if not REG.value >= 0.0:
-    problems.append(f"--reg={REG.value} is outside the allowed range [0, inf).")
+  problems += [f"--{f.name}={f.value} is outside the allowed range {bounds}." for f, ok, bounds in (
+      (NOISE, 0.0 <= NOISE.value < 1.0, "[0, 1)"), (REG, REG.value >= 0.0, "[0, inf)")) if not ok]
   shape_free = task.layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
   setting = task.setting(CLASSIFIER.value, ACTIVATION.value, common.BATCH_SIZE.value, REG.value)
 
-  def resolve():  # the options (for config.json) and the task's replacements
+  def resolve():  # the options (for config.json) and the keywords that replace them
     alg = common.make_algorithm(setting.problem, shape_free)
-    overrides = check_algorithm(alg)
-    return (common.make_algorithm(setting.problem, shape_free, **overrides) if overrides
-            else alg), overrides
+    o = alg.options
+    if o.granularity != "unit":
+      raise ConfigError(f"mask_granularity={o.granularity!r}: hyper-cleaning's outer units are "
+                        "the samples each client owns; use --mask_granularity=unit.")
+    if not flags.FLAGS["submodel"].using_default_value and common.SUBMODEL.value != "dense":
+      raise ConfigError(f"--submodel={common.SUBMODEL.value}: hyper-cleaning runs dense clients "
+                        "only (its units are samples); use --submodel=dense or leave it unset.")
+    levels = (task.heterofl_levels(o.levels, o.mask_policy, o.allow_uncovered)  # y pruned only
+              if alg.name == "heterofl" else None)
+    if levels is None:
+      return alg, {}
+    return common.make_algorithm(setting.problem, shape_free, levels=levels), dict(levels=levels)
 
   (resolved, overrides), ds = common.gather(problems, resolve, common.load_data)
   o = resolved.options
@@ -93,27 +76,21 @@ def prepare_one() -> list[common.SeedRun]:
     common.fail(str(e))
   workdir = common.require_workdir()
   config = dict(
-      common.config_dict(resolved), task="hyper_cleaning", noise=NOISE.value,
+      common.config_dict(resolved), task="hyper_cleaning", noise=NOISE.value, reg=REG.value,
       classifier=CLASSIFIER.value, hidden=HIDDEN.value, activation=ACTIVATION.value,
-      reg=REG.value, dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples,
+      dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples, submodel="dense",
       clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
-      submodel="dense", task_defaults_applied={
-          k: v for k, v in task.DEFAULTS.items() if flags.FLAGS[k].using_default_value})
+      task_defaults_applied={k: v for k, v in task.DEFAULTS.items()
+                             if flags.FLAGS[k].using_default_value})
   print(data_lib.dataset_summary(ds))
   print(f"{cd.num_samples} training samples, {1 - cd.clean.mean():.1%} with a wrong label "
         f"(noise {NOISE.value}); classifier {CLASSIFIER.value}")
   evaluate = task.make_evaluate(ds, cd, setting.logits_fn)
-  runs = [(workdir, 0.0, x0, "hyper-cleaning")]
-  if BASELINE_UNWEIGHTED.value:
-    runs.append((os.path.join(workdir, "unweighted"), task.BASELINE_LOGIT,
-                 dict(x0, logits=jnp.full_like(x0["logits"], task.BASELINE_LOGIT)),
-                 "hyper-cleaning, unweighted baseline"))
-    print(f"baseline: every sample weight fixed to 1 (noisy labels), in {runs[-1][0]}")
   seed_summary: dict[str, Any] = {}  # filled by the runs' finish, in order
 
-  def finish(run_dir: str, last: bool, records: list[dict[str, Any]]) -> dict[str, Any]:
-    figures = dict(common.run_summary("hyper_cleaning", records[-1], *task.WEIGHT_METRICS),
-                   weighted=run_dir == workdir)
+  def finish(run_dir: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    figures = metrics.run_summary(records[-1], *task.WEIGHT_METRICS, task="hyper_cleaning",
+                                  algorithm=common.ALGORITHM.value, weighted=run_dir == workdir)
     if run_dir == workdir:
       seed_summary.update(figures)
     else:  # the baseline's own summary, and its figures in the seed's
@@ -121,21 +98,24 @@ def prepare_one() -> list[common.SeedRun]:
       seed_summary.update(unweighted_test_accuracy=figures["test_accuracy"],
                           unweighted_wall_time_s=figures["wall_time_s"],
                           accuracy_gain=seed_summary["test_accuracy"] - figures["test_accuracy"])
-    common.write_summary(workdir, seed_summary)
-    if last:
-      common.print_final(seed_summary)
-    return dict(seed_summary)
+    return dict(common.write_summary(workdir, seed_summary,
+                                     show=run_dir != workdir or not BASELINE_UNWEIGHTED.value))
 
-  prepared = []
-  for run_dir, init_logit, x_start, title in runs:
+  def seed_run(run_dir: str, init_logit: float, x_start, title: str) -> common.SeedRun:
     os.makedirs(run_dir, exist_ok=True)
-    resume = common.start_run(run_dir, dict(config, weighted=run_dir == workdir))
-    prepared.append(common.SeedRun(
+    return common.SeedRun(
         run_dir, rnd, alg.init(x_start, y0), cd.fed,
         functools.partial(evaluate, init_logit=init_logit), f"{title}, {common.ALGORITHM.value}",
-        resume, functools.partial(finish, run_dir, run_dir == runs[-1][0]),
-        task.cleaning_problem(setting.logits_fn, REG.value)))
-  return prepared
+        common.start_run(run_dir, dict(config, weighted=run_dir == workdir)),
+        functools.partial(finish, run_dir), task.cleaning_problem(setting.logits_fn, REG.value))
+
+  runs = [seed_run(workdir, 0.0, x0, "hyper-cleaning")]
+  if BASELINE_UNWEIGHTED.value:
+    print(f"baseline: every sample weight fixed to 1 (noisy labels), in {workdir}/unweighted")
+    runs.append(seed_run(os.path.join(workdir, "unweighted"), task.BASELINE_LOGIT,
+                         dict(x0, logits=jnp.full_like(x0["logits"], task.BASELINE_LOGIT)),
+                         "hyper-cleaning, unweighted baseline"))
+  return runs
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Federated hyper-representation (README, Expected results, task 1): flags ->
-bilevel.tasks.hyper_representation -> --algorithm -> run -> records.
+"""Federated hyper-representation (README, task 1): flags -> bilevel.tasks.hyper_representation
+-> --algorithm -> run -> records.
 
   python -m experiments.hyper_representation --workdir=runs/hr_rafbo
   python -m experiments.hyper_representation --workdir=runs/hr_simfbo --algorithm=simfbo
@@ -11,41 +11,32 @@ import jax
 from absl import app, flags
 
 from bilevel import data as data_lib
-from bilevel import federated, models
+from bilevel import federated, metrics, models
 from bilevel.client import full_batch, minibatch_sampler
 from bilevel.errors import ConfigError
 from bilevel.tasks import hyper_representation as task
 from experiments import common
 
-MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp: 784-200 MLP representation; "
-                          "cnn: two 3x3 stride-2 conv layers (channel units) for image data.")
+MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp (784-200) or cnn (2 conv layers).")
 CHANNELS = flags.DEFINE_list("channels", ["16", "32"], "Output channels of conv1, conv2 (cnn).")
 HIDDEN, ACTIVATION = common.HIDDEN, common.ACTIVATION  # shared with hyper_cleaning
 L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
-OUTER_L2 = flags.DEFINE_float("outer_l2", 0.0, "L2 penalty (weight decay) on the representation "
-                              "x in the outer loss; 0 = off (docs/method.md, section 8).")
-FEATURE_L2 = flags.DEFINE_float(
-    "feature_l2", models.FEATURE_L2, "Penalty feature_l2/2 * mean ||features||^2 on the "
-    "representation's scale in the outer loss (task 1's default); 0 = off (docs/method.md, "
-    "section 8).")
-WIDTH_SCALE = flags.DEFINE_boolean(
-    "width_scale", False, "Scale a submodel's features by K / k (full / kept units of x's last "
-    "layer; HeteroFL's 1/r scaler) in g and f; off by default (docs/method.md, section 8).")
+OUTER_L2 = flags.DEFINE_float("outer_l2", 0.0, "Weight decay on x in the outer loss; 0 = off.")
+FEATURE_L2 = flags.DEFINE_float("feature_l2", models.FEATURE_L2, "Feature scale penalty; 0 = off.")
+WIDTH_SCALE = flags.DEFINE_boolean("width_scale", False, "Scale features by K / k (HeteroFL's).")
 
 
 def main(argv):
   del argv
   common.start_driver()
-  common.for_each_seed(prepare_one)
+  common.for_each_seed(lambda: [prepare_one()])
 
 
 def prepare_one() -> common.SeedRun:
   """The run of --seed into --workdir, built and not started."""
   problems = common.check_shared_flags()
-  try:
-    channels = tuple(int(c) for c in CHANNELS.value)
-    assert len(channels) == 2 and min(channels) >= 1
-  except (ValueError, AssertionError):
+  channels = tuple(int(c) for c in CHANNELS.value if c.isdecimal())
+  if len(channels) != len(CHANNELS.value) or len(channels) != 2 or min(channels) < 1:
     problems.append(f"--channels={','.join(CHANNELS.value)} must be two integers >= 1.")
     channels = (1, 1)
   cnn = MODEL.value == "cnn"
@@ -53,7 +44,6 @@ def prepare_one() -> common.SeedRun:
   problem = models.hyper_representation_problem(
       ACTIVATION.value, L2.value, MODEL.value, OUTER_L2.value, FEATURE_L2.value,
       (channels[1] if cnn else HIDDEN.value) if WIDTH_SCALE.value else 0)
-  # Every flag checked before any work; `resolved` (the options alone) goes to config.json.
   resolved, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
                                common.load_data)
   o, batch = resolved.options, common.BATCH_SIZE.value
@@ -64,39 +54,32 @@ def prepare_one() -> common.SeedRun:
     data, info = task.client_arrays(
         ds, common.NUM_CLIENTS.value, common.PARTITION.value, model=MODEL.value,
         val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value, seed=common.SEED.value)
-    # compact needs unit masks, fixed levels and the local round: where those do not hold, an
-    # unset --submodel falls back to dense (a given one reports the conflict).
-    submodel = common.SUBMODEL.value
-    if not flags.FLAGS["submodel"].present and (o.redraw_levels or o.granularity != "unit" or
-                                                resolved.spec.round_kind == "fednest"):
-      submodel = "dense"
+    # compact needs unit masks, fixed levels, the local round (docs/drivers.md)
+    dense = o.redraw_levels or o.granularity != "unit" or resolved.spec.round_kind == "fednest"
     alg = common.make_algorithm(
         problem, layout, sample=minibatch_sampler(batch) if batch else full_batch,
-        submodel=submodel, mesh=common.client_mesh(),
+        submodel="dense" if dense and not flags.FLAGS["submodel"].present else
+        common.SUBMODEL.value, mesh=common.client_mesh(),
         cost=task.cost_model(MODEL.value, ds.input_shape, batch, info),
         diagnostics=common.DIAGNOSE_EVERY.value > 0)
     rnd = alg.make_round(x0)  # the checks that need x (coverage) run here
   except (ConfigError, data_lib.DataError) as e:
     common.fail(str(e))
   workdir = common.require_workdir()
-  optional = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value,
-                  width_scale=WIDTH_SCALE.value)
+  extra = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value, width_scale=WIDTH_SCALE.value)
   resume = common.start_run(workdir, dict(
       common.config_dict(resolved), task="hyper_representation", model=MODEL.value,
       hidden=HIDDEN.value, channels=list(channels), activation=ACTIVATION.value, l2=L2.value,
-      **{k: v for k, v in optional.items() if v}, dataset=data_lib.dataset_summary(ds), **info))
+      **{k: v for k, v in extra.items() if v}, dataset=data_lib.dataset_summary(ds), **info))
   print(data_lib.dataset_summary(ds))
   x_test, y_test = task.test_arrays(ds, MODEL.value)
-  eval_fn = lambda st: task.evaluate(st, x_test, y_test, MODEL.value, ACTIVATION.value)
-
-  def finish(records):
-    summary = common.run_summary("hyper_representation", records[-1])
-    common.write_summary(workdir, summary)
-    common.print_final(summary)
-    return summary
-
-  return common.SeedRun(workdir, rnd, alg.init(x0, y0), data, eval_fn,
-                        f"hyper-representation, {common.ALGORITHM.value}", resume, finish, problem)
+  return common.SeedRun(
+      workdir, rnd, alg.init(x0, y0), data,
+      lambda st: task.evaluate(st, x_test, y_test, MODEL.value, ACTIVATION.value),
+      f"hyper-representation, {common.ALGORITHM.value}", resume,
+      lambda records: common.write_summary(workdir, metrics.run_summary(
+          records[-1], task="hyper_representation", algorithm=common.ALGORITHM.value), show=True),
+      problem)
 
 
 if __name__ == "__main__":

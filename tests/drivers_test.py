@@ -26,7 +26,7 @@ import pytest
 from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
-from bilevel import algorithms
+from bilevel import algorithms, checkpoint, loop, sharding
 from bilevel import data as data_lib
 from bilevel import masks as masks_lib
 import quadratic  # tests/quadratic.py
@@ -207,7 +207,7 @@ class AlgorithmsTest(parameterized.TestCase):
   def test_one_round(self, task, algorithm):
     module, extra = TASKS[task]
     with tempfile.TemporaryDirectory() as workdir, \
-        mock.patch.object(common, "plot_records"):  # plotting is covered by SmokeTest
+        mock.patch.object(checkpoint, "plot_records"):  # plotting is covered by SmokeTest
       _run(module, workdir=workdir, rounds=1, algorithm=algorithm, checkpoint_every=0, **TINY,
            **extra)
       summary = _read(os.path.join(workdir, "summary.json"))
@@ -319,7 +319,7 @@ class HostMemoryTest(absltest.TestCase):
     # A 64 MiB block is over glibc's largest mmap threshold (32 MiB): by default every malloc
     # of it maps fresh pages, and writing them faults 16384 times. After reuse_host_memory the
     # block comes from the kept heap: writing it again faults (almost) never.
-    if not common.reuse_host_memory():
+    if not loop.reuse_host_memory():
       self.skipTest("not glibc")
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -340,14 +340,14 @@ class HostMemoryTest(absltest.TestCase):
 
   def test_host_memory_tuning_is_for_cpu_runs_only(self):
     with mock.patch.dict(os.environ, {"JAX_PLATFORMS": "cuda,cpu"}):
-      self.assertTrue(common.accelerator_possible())
+      self.assertTrue(sharding.accelerator_possible())
     with mock.patch.dict(os.environ, {"JAX_PLATFORMS": "cpu"}):
-      self.assertFalse(common.accelerator_possible())
+      self.assertFalse(sharding.accelerator_possible())
     with mock.patch.dict(os.environ, {"JAX_PLATFORMS": ""}), \
         mock.patch("importlib.util.find_spec", lambda name: object() if name == "libtpu"
                    else None), \
         mock.patch("importlib.metadata.entry_points", lambda group: []):
-      self.assertTrue(common.accelerator_possible())  # libtpu installed, platform unset
+      self.assertTrue(sharding.accelerator_possible())  # libtpu installed, platform unset
 
 
 if __name__ == "__main__":

@@ -438,7 +438,7 @@ class DriverTest(absltest.TestCase):
       flags.FLAGS.mark_as_parsed()
     for algorithm, neumann in (("fednest", "code"), ("fednest", "series"), ("lfednest", "code")):
       with tempfile.TemporaryDirectory() as workdir, \
-          mock.patch.object(common, "plot_records"), \
+          mock.patch("bilevel.checkpoint.plot_records"), \
           flagsaver.flagsaver(algorithm=algorithm, dataset="digits", num_clients=4,
                               clients_per_round=2, hidden=16, rounds=2, workdir=workdir,
                               checkpoint_every=0, fednest_neumann=neumann), \
