@@ -2,12 +2,10 @@
 
 Local step k, everything at the pruned point (docs/method.md, sections 3-4):
     y <- T masked inner steps from y                         (inner.inner_solve)
-    (h, v) <- estimator(x, y, v; m_x, m_y)                   (hypergrad.ESTIMATORS)
+    (h, v) <- estimator(x, y, v; m_x, m_y)                   (a hypergrad.Estimator)
     x <- x - alpha * h                                       (h is zero outside m_x)
-The client returns masked deltas D = (x_K - x_0, y_K - y_0, v_K - v_0) * mask: the change it
-proposes. The server adds the coverage mean of the deltas (server.py), so with one local step the
-x delta is -alpha times the client's hypergradient (RABO) and with K > 1 it is a local trajectory
-(RAFBO).
+The client returns masked deltas D = (x_K - x_0, y_K - y_0, v_K - v_0) * mask; the server adds
+their coverage mean (server.py).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel import tree
-from bilevel.hypergrad import ESTIMATORS, EstimatorOptions, estimator_product_kind
+from bilevel.hypergrad import Estimator
 from bilevel.inner import inner_solve
 from bilevel.problems import BilevelProblem
 
@@ -98,27 +96,21 @@ class ClientOutput(NamedTuple):
 def client_update(problem: BilevelProblem, x: PyTree, y: PyTree, v: PyTree,
                   inner_data: Any, outer_data: Any, mask_x: PyTree | None, mask_y: PyTree | None,
                   key: jax.Array, *, local_steps: int, inner_steps: int, inner_lr: Any,
-                  outer_lr: Any, estimator: str, estimator_options: EstimatorOptions,
-                  inner_step: str, x_trust: float, x_trust_scope: str,
-                  sample: Sampler = full_batch, first_step_apart: bool = True) -> ClientOutput:
+                  outer_lr: Any, estimator: Estimator, inner_step: str, x_trust: float,
+                  x_trust_scope: str, sample: Sampler = full_batch,
+                  first_step_apart: bool = True) -> ClientOutput:
   """K = local_steps local steps on the submodel given by (mask_x, mask_y); see the module
-  docstring. T = inner_steps inner steps of inner_lr (inner_step: inner.STEP_RULES), the
-  estimator (hypergrad.ESTIMATORS) with its options, x steps of outer_lr, then the trust region
-  x_trust (0 = off) over x_trust_scope (trust_region). Step sizes may be traced.
+  docstring. T = inner_steps inner steps of inner_lr (inner_step: inner.STEP_RULES; the Cauchy
+  step uses the estimator's products), the estimator, x steps of outer_lr, then the trust
+  region x_trust (0 = off) over x_trust_scope (trust_region). Step sizes may be traced.
 
-  A mask of None keeps every coordinate (compact clients pass None for x: they run on exactly
-  the kept units). Batches are sample(inner_data, key) and sample(outer_data, key): the
-  client's own data, or the population's with a `population_sampler` (what federated rounds
-  pass, so only the batch rows are gathered). With first_step_apart the first step runs
-  outside the scan (see below) and later steps' losses are dead code; without it all K steps
-  are one scan, which compiles in about two thirds of the time (one copy of the step, not two)
-  and computes each step's reported losses (y's forward only: x's is shared with the step's
-  gradients). The compact round passes False: its clients' x are their own extracted arrays,
-  so keeping the first step apart shares nothing between them.
+  A mask of None keeps every coordinate (compact clients pass None for x). Batches are
+  sample(inner_data, key) and sample(outer_data, key): the client's own data, or the
+  population's with a `population_sampler` (only the batch rows are gathered). With
+  first_step_apart the first step runs outside the scan (see below); without it all K steps are
+  one scan, which compiles in about two thirds of the time: the compact round's choice, whose
+  clients' x are their own extracted arrays, so keeping the first step apart shares nothing.
   """
-  estimate = ESTIMATORS[estimator]
-  product = estimator_product_kind(estimator, estimator_options)
-
   def local_step(carry, k):
     xk, yk, vk = carry
     step_key = jax.random.fold_in(key, k)
@@ -126,9 +118,8 @@ def client_update(problem: BilevelProblem, x: PyTree, y: PyTree, v: PyTree,
     outer_batch = sample(outer_data, jax.random.fold_in(step_key, 1))
     yk = inner_solve(problem.inner_loss, xk, yk, inner_batch, num_steps=inner_steps,
                      step_size=inner_lr, mask_x=mask_x, mask_y=mask_y,
-                     step_rule=inner_step, product=product, delta=estimator_options.delta)
-    res = estimate(problem, xk, yk, inner_batch, outer_batch, vk, mask_x, mask_y,
-                   estimator_options)
+                     step_rule=inner_step, product=estimator.product, delta=estimator.delta)
+    res = estimator(problem, xk, yk, inner_batch, outer_batch, vk, mask_x, mask_y)
     xm, ym = tree.masked(xk, mask_x), tree.masked(yk, mask_y)
     losses = (problem.inner_loss(xm, ym, inner_batch), problem.outer_loss(xm, ym, outer_batch))
     xk = tree.axpy(-outer_lr, res.hypergrad, xk)

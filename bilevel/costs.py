@@ -1,56 +1,24 @@
-"""Per-operation FLOP model of one client's round (docs/method.md, section 3, "FLOP model").
-
-A client's round (client.client_update: K local steps of T inner steps and one hypergradient
-estimate) evaluates operations of a few kinds. `round_ops` counts them per estimator; a
-`ModelCosts` prices each kind per example from the model's layer shapes and the client's kept
-entries; `client_flops` multiplies the two and the batch rows:
+"""Per-operation FLOP model of one client's round (docs/method.md, section 3, "FLOP model per
+operation": what each op is, the prices, the check against XLA and what is not modelled).
 
     client FLOPs = sum over (op, batch) of  count(op) * price(op, kept counts) * rows(batch)
 
-Each task prices its model: bilevel/tasks/hyper_representation.py (mlp_costs, cnn_costs,
-cost_model) and bilevel/tasks/hyper_cleaning.py (model_costs, cost_model).
-
-Operation kinds (prices per example; matmul / convolution FLOPs only, m x k times k x n = 2mkn):
-  forward_x  forward of the part that depends on x only (the MLP's hidden layer, the CNN's
-             convolutions; nothing for hyper-cleaning, where x weights the loss). Once per batch
-             and local step: every other operation on that batch reuses it (XLA computes it
-             once: common subexpressions, and loop-invariant code motion out of the scans).
-  forward_y  forward of y's layers at the solved y on the inner batch: the inner loss the
-             first local step reports (later steps' losses are dead code when the first step
-             runs apart, client.client_update's first_step_apart; the compact round scans
-             all K steps and computes each one's), and with exact products the primal forward
-             every product at that point shares.
-  grad_y     a gradient of g in y only (an inner step): forward of y's layers and the backward
-             to y's weights, never through x's layers.
-  grad_xy    the gradient of f in x and y (outer batch): grad_y's work plus the backward from
-             y's input into x's weights (its forward also gives the reported outer loss).
-  hv         H v.  exact: a jvp of grad_y g (tangent forward and tangent backward of y's
-             layers; the primal forward is forward_y's).  fd: two gradients in y at y +- d v.
-  jv         J v, the final product (its H v half is dead code).  exact: the tangent forward
-             and the tangent of the backward to y's input, then x's weight gradient once.
-             fd: two forwards at y +- d v and their backward to y's input, then x's weight
-             gradient once (the probes share x: fd_products sums their cotangents first).
-
-Counts per round (K local steps, T inner steps, N = num_steps; `hypergrad.estimator_products`):
+`round_ops` counts a round's ops (client.client_update: K local steps of T inner steps and one
+hypergradient estimate); `op_prices` prices each kind per example from a `ModelCosts` (the
+tasks': bilevel/tasks/hyper_representation.py, hyper_cleaning.py) and the client's kept
+entries (matmul / convolution FLOPs only). Counts per round (N = num_steps; the estimator's
+`products()` gives its H v count):
 
     op         batch   count
-    forward_x  inner   K
+    forward_x  inner   K          (x's own layers; every op on that batch reuses it)
     forward_x  outer   K
     grad_y     inner   K T
     forward_y  inner   K with exact products or all steps in one scan, else 1
     hv         inner   K x (fd / exact: N with v_step="fixed", N + 1 with "cauchy" (+ N with
                             a radius); neumann: N - 1; cg: N + 1), + K T with the Cauchy
-                            inner step (H g per inner step, client.client_update's inner_step)
+                            inner step (H g per inner step)
     jv         inner   K
     grad_xy    outer   K
-
-so cg evaluates N + 2 products per estimate, neumann N, fd / exact N + 1 (fixed) or N + 2
-(cauchy). Checked against XLA's cost analysis of the compiled client update
-(tests/costs_test.py: every estimator, both tasks, the CNN) within 20 %; the measured ratios
-are in docs/method.md. Not modelled: elementwise work (activations, softmax, the sample weights,
-PyTree axpys and dots), and computations XLA can share between local steps, which happens
-only when y does not move (T = 0) or when two steps see the same rows in straight-line code
-(K = 2 with full batches, hyper-cleaning: one y forward); the model counts them again.
 """
 
 from __future__ import annotations
@@ -62,8 +30,7 @@ import jax.numpy as jnp
 
 from bilevel import masks as masks_lib
 from bilevel import server
-from bilevel.hypergrad import (PRODUCT_GRAD_EVALS, EstimatorOptions, estimator_product_kind,
-                               estimator_products)
+from bilevel.hypergrad import PRODUCT_GRAD_EVALS, Estimator
 
 PyTree = Any
 Number = Any  # a float or a traced scalar (kept counts are traced in a round)
@@ -72,14 +39,13 @@ OPS = ("forward_x", "forward_y", "grad_y", "grad_xy", "hv", "jv")
 INNER, OUTER = "inner", "outer"
 
 
-def round_ops(*, local_steps: int, inner_steps: int, inner_step: str, estimator: str,
-              estimator_options: EstimatorOptions, first_step_apart: bool = True
-              ) -> tuple[tuple[str, str, int], ...]:
+def round_ops(*, local_steps: int, inner_steps: int, inner_step: str, estimator: Estimator,
+              first_step_apart: bool = True) -> tuple[tuple[str, str, int], ...]:
   """(op, batch, count) of one client's round (K local steps): the table of the module
   docstring (first_step_apart: as client.client_update ran)."""
   k, t = int(local_steps), int(inner_steps)
-  hv, jv = estimator_products(estimator, estimator_options)
-  exact = estimator_product_kind(estimator, estimator_options) == "exact"
+  hv, jv = estimator.products()
+  exact = estimator.product == "exact"
   cauchy_inner = k * t if inner_step == "cauchy" else 0  # H g per inner step
   return (("forward_x", INNER, k), ("forward_x", OUTER, k),
           ("grad_y", INNER, k * t),
@@ -93,8 +59,7 @@ def grad_evals_per_round(**work: Any) -> float:
   """round_ops (work: its keywords) in gradient evaluations: a gradient (grad_y, grad_xy) one,
   a product (hv, jv) PRODUCT_GRAD_EVALS, a forward none. What PerGradient prices; with
   local_steps=1, inner_steps=0 the cost of one estimate."""
-  product = PRODUCT_GRAD_EVALS[estimator_product_kind(work["estimator"],
-                                                      work["estimator_options"])]
+  product = PRODUCT_GRAD_EVALS[work["estimator"].product]
   per = dict(grad_y=1.0, grad_xy=1.0, hv=product, jv=product)
   return sum(count * per.get(op, 0.0) for op, _, count in round_ops(**work))
 
@@ -145,15 +110,14 @@ def op_prices(model: ModelCosts, product: str, kept_x: PyTree, kept_y: PyTree
 def client_flops(kept_x: PyTree, kept_y: PyTree, batch_sizes: tuple[Number, Number],
                  model: ModelCosts, **work: Any) -> Number:
   """Modelled FLOPs of one client's round; work: round_ops's keywords (local_steps,
-  inner_steps, inner_step, estimator, estimator_options, first_step_apart).
+  inner_steps, inner_step, estimator, first_step_apart).
 
   kept_x, kept_y: trees like x and y holding each leaf's kept-entry count (masks.kept_counts;
     the full sizes for an unpruned client). batch_sizes: (rows of an inner batch, rows of an
     outer batch) the client computes on (a minibatch size, or its kept training / validation
     rows with full batches). Works on traced counts (inside the round).
   """
-  prices = op_prices(model, estimator_product_kind(work["estimator"],
-                                                    work["estimator_options"]), kept_x, kept_y)
+  prices = op_prices(model, work["estimator"].product, kept_x, kept_y)
   rows = {INNER: batch_sizes[0], OUTER: batch_sizes[1]}
   return sum(count * prices[op] * rows[batch]
              for op, batch, count in round_ops(**work) if count)
@@ -190,21 +154,14 @@ class CostModel(NamedTuple):
     return client_flops(kept_x, kept_y, self.rows(kept_x), self.model, **work)
 
 
-def result_fn(*, weighting: str, cost: CostModel | PerGradient, first_step_apart: bool,
-              local_steps: int, inner_steps: int, inner_step: str, estimator: str,
-              estimator_options: EstimatorOptions) -> Callable[..., server.ClientResult]:
+def result_fn(*, weighting: str, cost: CostModel | PerGradient,
+              **work: Any) -> Callable[..., server.ClientResult]:
   """`finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> ClientResult`
-  for a client of the local round (bilevel/algorithms/rafbo.py) running that local update
-  (local_steps, ..., estimator_options: client.client_update's): its weight
-  (1, or its example count with weighting "examples") and analytic costs (FLOPs, parameters
-  sent). FLOPs: `cost`'s client_flops (first_step_apart: how the client step runs,
-  client.client_update)."""
-  work = dict(local_steps=local_steps, inner_steps=inner_steps, inner_step=inner_step,
-              estimator=estimator, estimator_options=estimator_options)
-  flops_of = lambda kx, ky: cost.client_flops(kx, ky, first_step_apart=first_step_apart, **work)
-  # Parameters a client receives and returns: x and y, plus v for estimators that read the warm
-  # start (neumann starts its series from grad_y f: v never travels).
-  y_copies = 1 if estimator == "neumann" else 2
+  for a client of the local round (bilevel/algorithms/rafbo.py) running the local update
+  `work` (round_ops's keywords): its weight (1, or its example count with weighting
+  "examples") and analytic costs (`cost`'s client_flops, parameters sent)."""
+  # Parameters a client receives and returns: x and y, and v if the estimator reads it.
+  y_copies = 2 if work["estimator"].warm_start else 1
 
   def finish(data, cid, out, mask_x, mask_y, active, idx=None, kept=None) -> server.ClientResult:
     """kept = per-leaf kept counts (computed from the masks if None; compact clients count
@@ -213,7 +170,7 @@ def result_fn(*, weighting: str, cost: CostModel | PerGradient, first_step_apart
                        if weighting == "examples" else 1.0)
     kept_x, kept_y = kept or (masks_lib.kept_counts(mask_x), masks_lib.kept_counts(mask_y))
     sent = sum(jax.tree.leaves(kept_x)) + y_copies * sum(jax.tree.leaves(kept_y))
-    stats = dict(flops=flops_of(kept_x, kept_y), params_sent=sent)
+    stats = dict(flops=cost.client_flops(kept_x, kept_y, **work), params_sent=sent)
     return server.ClientResult(out, mask_x, mask_y, weight, stats, idx)
 
   return finish

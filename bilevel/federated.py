@@ -72,15 +72,12 @@ class RoundArgs(NamedTuple):
 class Round(NamedTuple):
   """The jitted round and what the host needs to drive it.
 
-  `step(state, data)` is `apply(hyper, state, data)`, the jitted round, with its per-run values
-  `hyper` (RoundArgs: the seed's keys, the level assignment, the step sizes) bound
-  (functools.partial: they stay jit arguments), so seeds or grid points batch by vmapping
-  `apply` over stacked `hyper` (loop.seeds_step). The unjitted pieces `step` is made of are exposed for
-  benchmarks and tests (tests/federated_test.py runs them in a Python loop as the reference):
-  `sample_fn(round) -> [ids per stratum]` (one array with uniform sampling),
-  `client_fns[s](state, data, client_id, slot, round) -> server.ClientResult` (per stratum; one
-  function on the dense path) and `server_fn(state, [ClientResult stacked on [C] per client
-  function]) -> (state, metrics)`.
+  `step(state, data)` is `apply(hyper, state, data)` with its per-run values `hyper` (RoundArgs)
+  bound as jit arguments, so seeds or grid points batch by vmapping `apply` over stacked `hyper`
+  (loop.seeds_step). The unjitted pieces of `step` (tests/federated_test.py loops over them):
+  `sample_fn(round) -> [ids per stratum]`, `client_fns[s](state, data, client_id, slot, round)
+  -> server.ClientResult` (per stratum; one on the dense path) and `server_fn(state,
+  [ClientResult stacked on [C] per client function]) -> (state, metrics)`.
   """
 
   step: Callable[..., tuple[ServerState, dict[str, jax.Array]]]

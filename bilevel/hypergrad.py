@@ -6,7 +6,7 @@ g (inner), f (outer):
     grad Phi(x) = grad_x f(x, y) - J v,      J v = d/dy[grad_x g](x, y) v
     v*          = H^{-1} grad_y f(x, y),     H   = hess_yy g(x, y)
 
-Products (same call shape, registry `PRODUCTS`):
+Products (same call shape, `PRODUCTS` by name):
   exact : forward-over-reverse autodiff, (Hv, Jv) = jvp of y -> (grad_x g, grad_y g) along v.
   fd    : second-order-free central differences of first-order gradients,
             Hv ~ [grad_y g(x, y + d v) - grad_y g(x, y - d v)] / (2 d)
@@ -14,26 +14,28 @@ Products (same call shape, registry `PRODUCTS`):
           with d = delta / max(||v||, eps), so the probe y +- d v has length delta.
           Bias O(delta^2) for smooth g; O(1) across ReLU kinks (docs/method.md, section 3).
 
-Estimators (same signature, registry `ESTIMATORS`; `num_steps` means the number of v updates,
-Neumann terms or CG iterations):
-  fd, exact : v <- v - t (H v - grad_y f), num_steps times from the warm start v,
-              optionally projected onto ||v|| <= radius; then grad_x f - J v. The step t is
-              min(eta, r'r / r'Hr) along the residual r = H v - grad_y f (v_step="cauchy",
-              the default: the exact line-search step on 1/2 v'Hv - v' grad_y f, capped at
-              eta, so the iteration cannot diverge when eta lambda_max(H) > 2), or eta
-              (v_step="fixed", the plain SOBA/SimFBO update).
+Estimators are values that hold their options (`fd(num_steps=3)`, `exact(...)`, `neumann(...)`,
+`cg(...)`, or a user's own `Estimator`); calling one on (problem, x, y, batches, v, masks)
+gives the estimate, and `products()` its product counts. Each solves H v = grad_y f in
+`solve(matvec, b, v0)` (N = num_steps v updates, Neumann terms or CG iterations):
+  fd, exact : v <- v - t (H v - grad_y f), N times from the warm start v, optionally projected
+              onto ||v|| <= radius; t = min(eta, r'r / r'Hr) (v_step="cauchy": the exact
+              line-search step on 1/2 v'Hv - v' grad_y f capped at eta, which cannot diverge)
+              or eta (v_step="fixed", the plain SOBA/SimFBO update).
   neumann   : v = eta sum_{k<max(N,1)} (I - eta H)^k grad_y f   (FedNest; exact products;
               N = 0 gives the one term eta grad_y f, as N = 1).
   cg        : conjugate gradient on H v = grad_y f from the warm start (exact products).
+and returns grad_x f - J v. `ESTIMATORS` names them for the drivers' --estimator (`named`).
 
 Dual pruning (docs/method.md, sections 3-4): with masks m_x, m_y every quantity is evaluated at
 the pruned point (x*m_x, y*m_y, v*m_y) and every result is multiplied by its mask, so the
-estimate equals the one computed on the extracted subproblem. Entries of v outside m_y are returned as they came in.
+estimate equals the one computed on the extracted subproblem. v outside m_y returns as it came.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -95,201 +97,206 @@ PRODUCTS: dict[str, Callable[..., Products]] = {"exact": exact_products, "fd": f
 PRODUCT_GRAD_EVALS: dict[str, float] = {"exact": 2.0, "fd": 2.0}
 
 
-V_STEPS = ("cauchy", "fixed")
-
-
-class EstimatorOptions(NamedTuple):
-  """An estimator's options, at their defaults (the one place they are defined)."""
-
-  num_steps: int = 1  # v updates (fd, exact), Neumann terms (neumann) or CG iterations (cg)
-  step_size: float = 0.1  # eta of the v update / Neumann series
-  delta: float = 1e-3  # finite-difference probe length (fd products only)
-  radius: float | None = None  # optional projection radius for v (fd, exact)
-  product: str = "exact"  # used by neumann and cg; fd/exact fix their own
-  v_step: str = "cauchy"  # fd / exact: "cauchy" (min(eta, r'r / r'Hr)) or "fixed" (eta always)
-
-
 def cauchy_step(cap: Any, dd: jax.Array, dhd: jax.Array) -> jax.Array:
   """min(cap, d'd / d'Hd): the exact line-search step along d on a quadratic of curvature
   d'Hd / d'd, capped at cap; cap itself when d'Hd <= 0 (the v step and inner.inner_solve)."""
   return jnp.where(dhd > 0, jnp.minimum(cap, dd / jnp.where(dhd > 0, dhd, 1.0)), cap)
 
 
-def _project(v: PyTree, radius: float | None) -> PyTree:
-  if radius is None:
-    return v
-  n = tree.norm(v)
-  return tree.scale(jnp.minimum(1.0, radius / jnp.maximum(n, 1e-30)), v)
+class Estimator(Protocol):
+  """A hypergradient estimator: a value that holds its options (e.g. fd(num_steps=3)).
 
-
-def _setup(problem, x, y, outer_batch, v, mask_x, mask_y):
-  xm, ym = tree.masked(x, mask_x), tree.masked(y, mask_y)
-  gxf, gyf = jax.grad(problem.outer_loss, argnums=(0, 1))(xm, ym, outer_batch)
-  v0 = tree.zeros_like(y) if v is None else v
-  return xm, ym, tree.masked(gxf, mask_x), tree.masked(gyf, mask_y), tree.masked(v0, mask_y)
-
-
-def _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts) -> PyTree:
-  """H p on the pruned point, masked to m_y (the product every estimator iterates)."""
-  return tree.masked(product(problem.inner_loss, xm, ym, p, inner_batch, opts.delta, False).hv,
-                     mask_y)
-
-
-def _finish(problem, product, xm, ym, v_work, v_in, gxf, inner_batch, mask_x, mask_y, opts):
-  jv = product(problem.inner_loss, xm, ym, v_work, inner_batch, opts.delta, True).jv
-  hypergrad = tree.masked(tree.sub(gxf, jv), mask_x)
-  keep_in = v_in is not None and mask_y is not None  # v outside m_y returns as it came in
-  return HypergradResult(hypergrad, tree.where(mask_y, v_work, v_in) if keep_in else v_work)
-
-
-def _v_iteration(product_name: str):
-  product = PRODUCTS[product_name]
-
-  def estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mask_x, mask_y,
-                opts: EstimatorOptions) -> HypergradResult:
-    xm, ym, gxf, gyf, v0 = _setup(problem, x, y, outer_batch, v, mask_x, mask_y)
-    hv_of = lambda p: _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts)
-
-    if opts.v_step == "fixed":
-      def step(vk, _):
-        return _project(tree.axpy(-opts.step_size, tree.sub(hv_of(vk), gyf), vk),
-                        opts.radius), None
-
-      v_work, _ = jax.lax.scan(step, v0, None, length=opts.num_steps)
-    else:
-      # Cauchy step on q(v) = 1/2 v'Hv - v' grad_y f along the residual r = H v - grad_y f:
-      # t = min(eta, r'r / r'Hr), the exact line-search step capped at eta. r'Hr / r'r is the
-      # curvature of H along r, so t never exceeds 1 / curvature and q decreases at every step
-      # whatever eta * lambda_max(H) is (the fixed step diverges once eta lambda_max > 2).
-      # H v_{k+1} = H v_k - t H r_k (same point and batch), so each step costs one product.
-      def step(carry, _):
-        vk, hvk = carry
-        r = tree.sub(hvk, gyf)
-        hr = hv_of(r)
-        t = cauchy_step(opts.step_size, tree.vdot(r, r), tree.vdot(r, hr))
-        vk, hvk = tree.axpy(-t, r, vk), tree.axpy(-t, hr, hvk)
-        if opts.radius is not None:  # a projection breaks the recursion: recompute H v
-          vk = _project(vk, opts.radius)
-          hvk = hv_of(vk)
-        return (vk, hvk), None
-
-      if opts.num_steps > 0:
-        (v_work, _), _ = jax.lax.scan(step, (v0, hv_of(v0)), None, length=opts.num_steps)
-      else:
-        v_work = v0
-    return _finish(problem, product, xm, ym, v_work, v, gxf, inner_batch, mask_x, mask_y, opts)
-
-  estimator.__doc__ = f"v-iteration with {product_name} products (SOBA/SimFBO-style, warm start)."
-  return estimator
-
-
-def neumann_estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mask_x, mask_y,
-                      opts: EstimatorOptions) -> HypergradResult:
-  """v = eta sum_{k<max(N,1)} (I - eta H)^k grad_y f (FedNest); the warm start v is not used."""
-  product = PRODUCTS[opts.product]
-  xm, ym, gxf, gyf, _ = _setup(problem, x, y, outer_batch, None, mask_x, mask_y)
-
-  def term(carry, _):
-    p, acc = carry
-    hp = _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts)
-    p = tree.axpy(-opts.step_size, hp, p)
-    return (p, tree.add(acc, p)), None
-
-  (_, acc), _ = jax.lax.scan(term, (gyf, gyf), None, length=max(opts.num_steps - 1, 0))
-  v_work = tree.scale(opts.step_size, acc)
-  return _finish(problem, product, xm, ym, v_work, v, gxf, inner_batch, mask_x, mask_y, opts)
-
-
-def cg_estimator(problem: BilevelProblem, x, y, inner_batch, outer_batch, v, mask_x, mask_y,
-                 opts: EstimatorOptions) -> HypergradResult:
-  """num_steps conjugate-gradient iterations on H v = grad_y f, from the warm start v."""
-  product = PRODUCTS[opts.product]
-  xm, ym, gxf, gyf, v0 = _setup(problem, x, y, outer_batch, v, mask_x, mask_y)
-  matvec = lambda p: _masked_hv(problem, product, xm, ym, p, inner_batch, mask_y, opts)
-  safe_div = lambda a, b: jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
-
-  def it(carry, _):
-    vk, r, p, rr = carry
-    hp = matvec(p)
-    alpha = safe_div(rr, tree.vdot(p, hp))
-    vk = tree.axpy(alpha, p, vk)
-    r = tree.axpy(-alpha, hp, r)
-    rr_new = tree.vdot(r, r)
-    p = tree.axpy(safe_div(rr_new, rr), p, r)
-    return (vk, r, p, rr_new), None
-
-  r0 = tree.sub(gyf, matvec(v0))
-  (v_work, _, _, _), _ = jax.lax.scan(it, (v0, r0, r0, tree.vdot(r0, r0)), None,
-                                      length=opts.num_steps)
-  return _finish(problem, product, xm, ym, v_work, v, gxf, inner_batch, mask_x, mask_y, opts)
-
-
-ESTIMATORS: dict[str, Callable[..., HypergradResult]] = {
-    "fd": _v_iteration("fd"),
-    "exact": _v_iteration("exact"),
-    "neumann": neumann_estimator,
-    "cg": cg_estimator,
-}
-
-
-def estimator_product_kind(estimator: str, opts: EstimatorOptions) -> str:
-  """The product ("fd" or "exact") an estimator evaluates: fd / exact their own, else opts'."""
-  return {"fd": "fd", "exact": "exact"}.get(estimator, opts.product)
-
-
-def estimator_products(estimator: str, opts: EstimatorOptions) -> tuple[int, int]:
-  """(H v products, J v products) that one estimate evaluates (the J v call's H v is unused).
-
-  fd, exact : num_steps H v (the fixed step: one per step; the Cauchy step: H v at the warm
-              start and H r per step, plus H v again after every projection with a radius)
-  neumann   : num_steps - 1 (the series' terms after the first)
-  cg        : num_steps + 1 (H v0 for the first residual and one H p per iteration)
-  and one J v each: cg evaluates num_steps + 2 products. The one product counter: costs.round_ops
-  and costs.grad_evals_per_round count from it.
+  product: "fd" or "exact", the products it evaluates (costs.py prices them; a client's Cauchy
+  inner step uses the same, with probe length `delta`); warm_start: whether it reads v;
+  products(): (H v, J v) products per estimate. A `step_size` dataclass field is a per-run
+  value of the round (federated.RoundArgs' v_lr).
   """
-  n = int(opts.num_steps)
-  if estimator in ("fd", "exact"):
-    hv = n
-    if opts.v_step == "cauchy" and n > 0:
-      hv += 1 + (n if opts.radius is not None else 0)
-  elif estimator == "neumann":
-    hv = max(n - 1, 0)
-  else:
-    hv = n + 1
-  return hv, 1
+
+  product: str
+  delta: float
+  warm_start: bool
+
+  def __call__(self, problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: Any,
+               outer_batch: Any, v: PyTree | None = None, mask_x: PyTree | None = None,
+               mask_y: PyTree | None = None) -> HypergradResult: ...
+
+  def products(self) -> tuple[int, int]: ...
 
 
-def validate_options(estimator: str, opts: EstimatorOptions) -> None:
-  check_choice("estimator", estimator, ESTIMATORS)
-  check_choice("product", opts.product, PRODUCTS)
-  check_choice("v_step", opts.v_step, V_STEPS)
-  if int(opts.num_steps) != opts.num_steps or opts.num_steps < 0:
-    raise ConfigError(f"num_steps={opts.num_steps!r} must be an integer >= 0.")
-  if not opts.step_size > 0:
-    raise ConfigError(f"step_size={opts.step_size!r} is outside the allowed range (0, inf).")
-  if not opts.delta > 0:
-    raise ConfigError(f"delta={opts.delta!r} is outside the allowed range (0, inf).")
-  if opts.radius is not None and not opts.radius > 0:
-    raise ConfigError(f"radius={opts.radius!r} must be None or in (0, inf).")
+@dataclasses.dataclass(frozen=True)
+class _LinearSolve:
+  """An estimator that solves H v = grad_y f by `solve(matvec, b, v0)` (jaxopt's shape), then
+  returns grad_x f - J v, everything at the pruned point and masked (module docstring)."""
+
+  num_steps: int = 1  # v updates (fd, exact), Neumann terms (neumann) or CG iterations (cg)
+  step_size: float = 0.1  # eta of the v update / Neumann series (cg: unused)
+  delta: float = 1e-3  # finite-difference probe length (fd products)
+  warm_start: ClassVar[bool] = True
+
+  def __post_init__(self):
+    n = self.num_steps
+    if isinstance(n, bool) or int(n) != n or n < 0:
+      raise ConfigError(f"num_steps={n!r} must be an integer >= 0.")
+    for name in ("step_size", "delta"):  # a traced step size is the round's (RoundArgs)
+      value = getattr(self, name)
+      if not (isinstance(value, jax.Array) or value > 0):
+        raise ConfigError(f"{name}={value!r} is outside the allowed range (0, inf).")
+    check_choice("product", self.product, PRODUCTS)
+
+  def __call__(self, problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: Any,
+               outer_batch: Any, v: PyTree | None = None, mask_x: PyTree | None = None,
+               mask_y: PyTree | None = None) -> HypergradResult:
+    product = PRODUCTS[self.product]
+    xm, ym = tree.masked(x, mask_x), tree.masked(y, mask_y)
+    gxf, gyf = jax.grad(problem.outer_loss, argnums=(0, 1))(xm, ym, outer_batch)
+    gxf, gyf = tree.masked(gxf, mask_x), tree.masked(gyf, mask_y)
+    v0 = tree.masked(tree.zeros_like(y) if v is None else v, mask_y)
+    matvec = lambda p: tree.masked(
+        product(problem.inner_loss, xm, ym, p, inner_batch, self.delta, False).hv, mask_y)
+    v_work = self.solve(matvec, gyf, v0)
+    jv = product(problem.inner_loss, xm, ym, v_work, inner_batch, self.delta, True).jv
+    hypergrad = tree.masked(tree.sub(gxf, jv), mask_x)
+    keep_in = v is not None and mask_y is not None  # v outside m_y returns as it came in
+    return HypergradResult(hypergrad, tree.where(mask_y, v_work, v) if keep_in else v_work)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VIteration(_LinearSolve):
+  """The v iteration (SOBA/SimFBO-style, from the warm start; module docstring)."""
+
+  radius: float | None = None  # optional projection radius for v
+  v_step: str = "cauchy"  # "cauchy" (min(eta, r'r / r'Hr)) or "fixed" (eta always)
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_choice("v_step", self.v_step, ("cauchy", "fixed"))
+    if self.radius is not None and not self.radius > 0:
+      raise ConfigError(f"radius={self.radius!r} must be None or in (0, inf).")
+
+  def _project(self, v: PyTree) -> PyTree:
+    if self.radius is None:
+      return v
+    return tree.scale(jnp.minimum(1.0, self.radius / jnp.maximum(tree.norm(v), 1e-30)), v)
+
+  def solve(self, matvec: Callable[[PyTree], PyTree], b: PyTree, v0: PyTree) -> PyTree:
+    if self.v_step == "fixed":
+      def step(vk, _):
+        return self._project(tree.axpy(-self.step_size, tree.sub(matvec(vk), b), vk)), None
+
+      return jax.lax.scan(step, v0, None, length=self.num_steps)[0]
+
+    # The Cauchy step along the residual r (t <= 1 / curvature of H along r: q decreases at
+    # every step). H v_{k+1} = H v_k - t H r_k (same point and batch): one product per step.
+    def step(carry, _):
+      vk, hvk = carry
+      r = tree.sub(hvk, b)
+      hr = matvec(r)
+      t = cauchy_step(self.step_size, tree.vdot(r, r), tree.vdot(r, hr))
+      vk, hvk = tree.axpy(-t, r, vk), tree.axpy(-t, hr, hvk)
+      if self.radius is not None:  # a projection breaks the recursion: recompute H v
+        vk = self._project(vk)
+        hvk = matvec(vk)
+      return (vk, hvk), None
+
+    if self.num_steps == 0:
+      return v0
+    return jax.lax.scan(step, (v0, matvec(v0)), None, length=self.num_steps)[0][0]
+
+  def products(self) -> tuple[int, int]:
+    """num_steps H v (fixed step); the Cauchy step adds H v at the warm start (and H v after
+    every projection with a radius). One J v."""
+    n = int(self.num_steps)
+    if self.v_step == "cauchy" and n > 0:
+      return n + 1 + (n if self.radius is not None else 0), 1
+    return n, 1
+
+
+class fd(_VIteration):
+  """The v iteration with finite-difference products: first-order gradients only."""
+
+  product = "fd"
+
+
+class exact(_VIteration):
+  """The v iteration with exact (forward-over-reverse) products."""
+
+  product = "exact"
+
+
+@dataclasses.dataclass(frozen=True)
+class neumann(_LinearSolve):
+  """v = eta sum_{k<max(N,1)} (I - eta H)^k grad_y f (FedNest); the warm start v is not read."""
+
+  product: str = "exact"  # "exact" or "fd"
+  warm_start: ClassVar[bool] = False
+
+  def solve(self, matvec: Callable[[PyTree], PyTree], b: PyTree, v0: PyTree) -> PyTree:
+    del v0
+
+    def term(carry, _):
+      p, acc = carry
+      p = tree.axpy(-self.step_size, matvec(p), p)
+      return (p, tree.add(acc, p)), None
+
+    (_, acc), _ = jax.lax.scan(term, (b, b), None, length=max(self.num_steps - 1, 0))
+    return tree.scale(self.step_size, acc)
+
+  def products(self) -> tuple[int, int]:
+    return max(int(self.num_steps) - 1, 0), 1
+
+
+@dataclasses.dataclass(frozen=True)
+class cg(_LinearSolve):
+  """num_steps conjugate-gradient iterations on H v = grad_y f from the warm start: H v0 for the
+  first residual, one H p per iteration."""
+
+  product: str = "exact"  # "exact" or "fd"
+
+  def solve(self, matvec: Callable[[PyTree], PyTree], b: PyTree, v0: PyTree) -> PyTree:
+    safe_div = lambda a, d: jnp.where(d > 0, a / jnp.where(d > 0, d, 1.0), 0.0)
+
+    def it(carry, _):
+      vk, r, p, rr = carry
+      hp = matvec(p)
+      alpha = safe_div(rr, tree.vdot(p, hp))
+      vk = tree.axpy(alpha, p, vk)
+      r = tree.axpy(-alpha, hp, r)
+      rr_new = tree.vdot(r, r)
+      p = tree.axpy(safe_div(rr_new, rr), p, r)
+      return (vk, r, p, rr_new), None
+
+    r0 = tree.sub(b, matvec(v0))
+    return jax.lax.scan(it, (v0, r0, r0, tree.vdot(r0, r0)), None, length=self.num_steps)[0][0]
+
+  def products(self) -> tuple[int, int]:
+    return int(self.num_steps) + 1, 1
+
+
+# The estimators by name (the drivers' --estimator): `named` builds one from flat options.
+ESTIMATORS: dict[str, type] = {"fd": fd, "exact": exact, "neumann": neumann, "cg": cg}
+
+
+def named(name: str, **options: Any) -> Estimator:
+  """ESTIMATORS[name] with those of `options` that are its fields (num_steps, step_size, delta,
+  radius, v_step, product); the others do not apply to it and are ignored."""
+  check_choice("estimator", name, ESTIMATORS)
+  cls = ESTIMATORS[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in options.items() if k in fields})
 
 
 def hypergradient(problem: BilevelProblem, x: PyTree, y: PyTree, inner_batch: Any,
-                  outer_batch: Any, *, estimator: str = "fd", v: PyTree | None = None,
+                  outer_batch: Any, *, estimator: str | Estimator = "fd", v: PyTree | None = None,
                   mask_x: PyTree | None = None, mask_y: PyTree | None = None,
                   **options: Any) -> HypergradResult:
-  """Estimate grad Phi(x) at (x, y) on one client's batches; see the module docstring.
+  """Estimate grad Phi(x) at (x, y) on one client's batches (module docstring).
 
-  Args:
-    problem: the client's inner and outer losses.
-    x, y: outer and inner parameters (PyTrees); y should be close to y*(x).
-    inner_batch, outer_batch: the batches g and f are evaluated on.
-    estimator: a key of ESTIMATORS.
-    v: warm start for the linear-system solution (like y); zeros if None.
-    mask_x, mask_y: 0/1 PyTrees like x and y (dual pruning); None keeps everything.
-    **options: EstimatorOptions' fields (their meaning and defaults there).
-  Returns:
-    HypergradResult(hypergrad like x, v like y).
+  estimator: an Estimator value, or a name of ESTIMATORS with its options as keywords
+  (`named`). v: the warm start (like y; zeros if None). mask_x, mask_y: 0/1 PyTrees like x and
+  y (dual pruning); None keeps everything.
   """
-  opts = EstimatorOptions(**options)
-  validate_options(estimator, opts)
-  return ESTIMATORS[estimator](problem, x, y, inner_batch, outer_batch, v, mask_x, mask_y, opts)
+  if isinstance(estimator, str):
+    estimator = named(estimator, **options)
+  elif options:
+    raise ConfigError(f"options {sorted(options)} go to the estimator value {estimator!r}.")
+  return estimator(problem, x, y, inner_batch, outer_batch, v, mask_x, mask_y)

@@ -6,27 +6,17 @@ A client's resource level is a pair of keep ratios (r_x, r_y) in (0, 1] (docs/me
 section 4); a level profile `rx/ry:share,...` says which share of clients sits at each level.
 
 Masks are 0/1 arrays shaped like the parameters. With `unit` granularity a `UnitLayout` names the
-unit groups (hidden neurons, channels, input features, samples) and, for every parameter leaf,
-the axes those units index; pruning a unit zeroes every slice along those axes (its incoming
-weights, its bias and its outgoing weights). With `element` granularity every coordinate is a unit.
+unit groups and, per parameter leaf, the axes they index: pruning a unit zeroes every slice along
+them. With `element` granularity every coordinate is a unit.
 
-One score order per (client, round, group) decides both sides: x keeps the first ceil(r_x K)
-units, y the first ceil(r_y K), so the two kept sets are nested. Keep counts are exact integers:
-ceil(r n) with r read to 6 decimals (`host_keep_count` on the host, `keep_count` traced; the
-same number). A group indexed by both x and y leaves (a shared group: the MLP's hidden units feed
-the head's input rows) keeps the intersection, the first ceil(min(r_x, r_y) K) units, on BOTH
-sides: a unit kept in x whose head rows y prunes would send an exactly zero hypergradient yet
-count as covered, and y rows of a unit x prunes read a pruned feature. Coverage, FLOPs, bytes and
-compact widths (submodel.group_keep_counts) all follow these effective sets.
+One order per (client, round, group) decides both sides: x keeps the first ceil(r_x K) units,
+y the first ceil(r_y K) (exact integers: `host_keep_count` on the host, `keep_count` traced). A
+group indexed by both x and y keeps the first ceil(min(r_x, r_y) K) units on both sides
+(docs/method.md, section 4, says why); coverage, FLOPs, bytes and compact widths follow.
 
-Policies (the order of units):
-  random    : a fresh random permutation per client and round (Federated Dropout);
-  rolling   : the window starting at unit (round mod K), shared by all clients (FedRolex);
-  static    : leading units (HeteroFL);
-  magnitude : largest units of the current global model (sum of squares of every slice that
-              the unit indexes), ties broken with the client's PRNG key.
-An optional per-client `available` unit mask restricts a group to the units a client owns (the
-per-sample weights of hyper-cleaning); keep ratios then apply to the owned units.
+A mask policy (`Policy`: `random`, `rolling`, `static`, `magnitude`, named in `POLICIES`, or a
+user's own) orders the units. An optional per-client `available` unit mask restricts a group to
+the units a client owns (hyper-cleaning's samples); keep ratios then apply to the owned units.
 """
 
 from __future__ import annotations
@@ -44,13 +34,7 @@ from bilevel.errors import ConfigError, check_choice
 PyTree = Any
 UnitMasks = dict[str, jax.Array]  # group -> [K] 0/1
 
-POLICIES = ("random", "rolling", "static", "magnitude")
 GRANULARITIES = ("unit", "element")
-# Policies whose kept set can never reach a unit that no client keeps at the start. Not
-# `magnitude`: it ranks by the current global model, which changes as it trains, so a unit
-# outside every client's set can enter later (docs/method.md, section 4: only never-coverable
-# setups are rejected).
-_STUCK_POLICIES = ("static",)
 
 
 # ------------------------------------------------------------------ resource levels
@@ -213,26 +197,50 @@ def _unit_magnitude(layout: UnitLayout, group: str, x: PyTree, y: PyTree) -> jax
   return total
 
 
-def _ranks(policy: str, key: jax.Array, round_idx: jax.typing.ArrayLike, n: int,
-           magnitude: Callable[[], jax.Array], available: jax.Array | None) -> jax.Array:
+# ------------------------------------------------------------------ mask policies
+
+# (key, round, n, scores) -> rank [n], a permutation of 0..n-1: a client keeps the units of
+# lowest rank. key: the client's (per round and group); scores() -> [n]: the units' magnitudes
+# in the current global model (sums of squares of the slices a unit indexes), computed if called.
+Policy = Callable[[jax.Array, jax.typing.ArrayLike, int, Callable[[], jax.Array]], jax.Array]
+
+
+def random(key: jax.Array, round_idx: jax.typing.ArrayLike, n: int, scores) -> jax.Array:
+  """A fresh random permutation per client and round (Federated Dropout)."""
+  return jax.random.permutation(key, n)
+
+
+def rolling(key: jax.Array, round_idx: jax.typing.ArrayLike, n: int, scores) -> jax.Array:
+  """The window starting at unit (round mod n), shared by all clients (FedRolex)."""
+  return (jnp.arange(n) - round_idx) % n
+
+
+def static(key: jax.Array, round_idx: jax.typing.ArrayLike, n: int, scores) -> jax.Array:
+  """The leading units (HeteroFL)."""
+  return jnp.arange(n)
+
+
+def magnitude(key: jax.Array, round_idx: jax.typing.ArrayLike, n: int, scores) -> jax.Array:
+  """The largest units of the current global model, ties broken with the client's key."""
+  return jnp.argsort(jnp.lexsort((jax.random.permutation(key, n), -scores())))
+
+
+POLICIES: dict[str, Policy] = {"random": random, "rolling": rolling, "static": static,
+                               "magnitude": magnitude}
+# Policies whose kept set never reaches a unit that no client keeps at the start (check_coverable).
+_STUCK_POLICIES = ("static", static)
+
+
+def _ranks(policy: str | Policy, key: jax.Array, round_idx: jax.typing.ArrayLike, n: int,
+           scores: Callable[[], jax.Array], available: jax.Array | None) -> jax.Array:
   """rank[j] in 0..n-1: units are kept in rank order; unavailable units rank last."""
-  idx = jnp.arange(n)
-  if policy == "static":
-    order_key = idx
-  elif policy == "rolling":
-    order_key = (idx - round_idx) % n
-  elif policy == "random":
-    order_key = jax.random.permutation(key, n)
-  else:  # magnitude: larger first, ties by a random permutation
-    order_key = jnp.lexsort((jax.random.permutation(key, n), -magnitude()))
-    order_key = jnp.argsort(order_key)
+  rank = (POLICIES[policy] if isinstance(policy, str) else policy)(key, round_idx, n, scores)
   if available is None:
-    return order_key  # already a permutation of 0..n-1, i.e. its own rank
-  order_key = order_key + n * (1 - available.astype(jnp.int32))
-  return jnp.argsort(jnp.argsort(order_key))
+    return rank
+  return jnp.argsort(jnp.argsort(rank + n * (1 - available.astype(jnp.int32))))
 
 
-def unit_masks(layout: UnitLayout, policy: str, rx: jax.typing.ArrayLike,
+def unit_masks(layout: UnitLayout, policy: str | Policy, rx: jax.typing.ArrayLike,
                ry: jax.typing.ArrayLike, key: jax.Array, round_idx: jax.typing.ArrayLike,
                x: PyTree, y: PyTree, available: UnitMasks | None = None
                ) -> tuple[UnitMasks, UnitMasks]:
@@ -260,7 +268,7 @@ def unit_masks(layout: UnitLayout, policy: str, rx: jax.typing.ArrayLike,
   return umx, umy
 
 
-def element_masks(policy: str, rx: jax.typing.ArrayLike, ry: jax.typing.ArrayLike,
+def element_masks(policy: str | Policy, rx: jax.typing.ArrayLike, ry: jax.typing.ArrayLike,
                   key: jax.Array, round_idx: jax.typing.ArrayLike, x: PyTree,
                   y: PyTree) -> tuple[PyTree, PyTree]:
   """Coordinate-wise masks: each leaf keeps ceil(r * leaf.size) coordinates by the policy."""
@@ -277,8 +285,9 @@ def element_masks(policy: str, rx: jax.typing.ArrayLike, ry: jax.typing.ArrayLik
   return side(x, rx, 0), side(y, ry, 1)
 
 
-def validate_masks(layout: UnitLayout | None, *, policy: str, granularity: str) -> None:
-  check_choice("mask_policy", policy, POLICIES)
+def validate_masks(layout: UnitLayout | None, *, policy: str | Policy, granularity: str) -> None:
+  if not callable(policy):  # a name
+    check_choice("mask_policy", policy, POLICIES)
   check_choice("mask_granularity", granularity, GRANULARITIES)
   if granularity == "unit" and layout is None:
     raise ConfigError("mask_granularity='unit' needs a UnitLayout for the model; use 'element' "
@@ -287,10 +296,10 @@ def validate_masks(layout: UnitLayout | None, *, policy: str, granularity: str) 
 
 def make_masks(layout: UnitLayout | None, x: PyTree, y: PyTree, rx: jax.typing.ArrayLike,
                ry: jax.typing.ArrayLike, key: jax.Array, round_idx: jax.typing.ArrayLike,
-               available: UnitMasks | None = None, *, policy: str,
+               available: UnitMasks | None = None, *, policy: str | Policy,
                granularity: str) -> tuple[PyTree, PyTree]:
-  """One client's (mask_x, mask_y) for this round (policy: POLICIES, granularity "unit" or
-  "element"). x, y: the current global model."""
+  """One client's (mask_x, mask_y) for this round (policy: a Policy or its name, granularity
+  "unit" or "element"). x, y: the current global model."""
   if granularity == "element":
     return element_masks(policy, rx, ry, key, round_idx, x, y)
   umx, umy = unit_masks(layout, policy, rx, ry, key, round_idx, x, y, available)
@@ -298,17 +307,13 @@ def make_masks(layout: UnitLayout | None, x: PyTree, y: PyTree, rx: jax.typing.A
 
 
 def check_coverable(layout: UnitLayout | None, x: PyTree, client_ratios: np.ndarray,
-                    available: Mapping[str, np.ndarray] | None = None, *, policy: str,
+                    available: Mapping[str, np.ndarray] | None = None, *, policy: str | Policy,
                     granularity: str, allow_uncovered: bool = False) -> None:
-  """Reject configurations under which some outer coordinate can never be covered.
-
-  With `static` masks the kept set never reaches a unit that no client keeps at the start, so
-  every outer unit must be kept by some client: for shared units the largest client r_x must
-  keep the whole group; for owned units (`available`, [M, K]) each client must keep all it owns.
-  Random and rolling masks cover every unit over rounds, and `magnitude` masks rank by the
-  current global model, which moves as it trains, so a unit can enter later: nothing to check.
-  Counts are host_keep_count's, the ones the masks use.
-  client_ratios: [M, 2] keep ratios (r_x, r_y) of the clients that can take part.
+  """Reject configurations under which some outer coordinate can never be covered
+  (docs/method.md, section 4): with `static` masks every outer unit must be kept by some client
+  (a client owning units, `available` [M, K], must keep all it owns). Random and rolling masks
+  cover every unit over rounds; `magnitude` ranks by the moving global model; a user's policy is
+  not checked. client_ratios: [M, 2] keep ratios (r_x, r_y) of the clients that can take part.
   """
   if allow_uncovered or policy not in _STUCK_POLICIES:
     return

@@ -7,11 +7,8 @@ Coverage mean, per coordinate j over the clients i of a round:
 so the server update new = old + s * agg leaves uncovered coordinates unchanged. Zero-filled
 FedAvg divides by sum_i w_i instead (an ablation: it shrinks rarely covered coordinates).
 Trees with suffix _C carry a leading client axis [C, ...]; weights_C is [C] (1 or example counts).
-
-The round's server step (`server_update`) reads the clients' results (`ClientResult`, stacked
-per client group) only through their sums over the clients (`round_sums`: full-size trees,
-scatter-adds for compact results), divides them (AGGREGATORS), steps x with the server
-optimiser (`server_step`), adds the mean y and v deltas and reports the round's metrics.
+The round's server step (`server_update`) reads the clients' results only through their sums
+(`round_sums`), divides them (an `Aggregator`) and steps x with the server optimiser.
 """
 
 from __future__ import annotations
@@ -44,8 +41,9 @@ def zero_fill_from_sums(num: PyTree, den: PyTree, total_weight: jax.Array) -> Py
   return jax.tree.map(lambda n: (n / total).astype(n.dtype), num)
 
 
-# An aggregator divides the round's sums (num = sum_i w_i m_i D_i, den = sum_i w_i m_i, sum_i w_i):
-# compact clients add their deltas into one full-size sum, never a per-client [C, ...] stack.
+# An aggregator divides the round's sums (num = sum_i w_i m_i D_i, den = sum_i w_i m_i, sum_i w_i)
+# (a value, or its name in AGGREGATORS): compact clients add their deltas into one full-size
+# sum, never a per-client [C, ...] stack.
 Aggregator = Callable[[PyTree, PyTree, jax.Array], PyTree]
 AGGREGATORS: dict[str, Aggregator] = {"coverage": coverage_from_sums,
                                       "zero_fill": zero_fill_from_sums}
@@ -100,10 +98,7 @@ class ClientResult(NamedTuple):
 
 
 class RoundSums(NamedTuple):
-  """A round's client results summed over clients: full-size trees and scalars, nothing [C].
-
-  The server step needs only these (server.AGGREGATORS divide num by den or by the weight).
-  """
+  """A round's client results summed over clients: full-size trees and scalars, nothing [C]."""
 
   dx: PyTree  # sum_i w_i m_x,i D_x,i
   dy: PyTree
@@ -163,14 +158,11 @@ def server_update(state: Any, results: Sequence[ClientResult], layout: UnitLayou
                   aggregate: Aggregator, optimizer: optax.GradientTransformation,
                   outer_lr: jax.Array, local_steps: int
                   ) -> tuple[Any, dict[str, jax.Array], dict[str, PyTree]]:
-  """One round's server step: (next state, metrics, diagnostics).
-
-  state: the federated.ServerState the round started from; results: the ClientResults of each
-  client group, stacked over its clients. The aggregated deltas (aggregate = AGGREGATORS[name])
-  move x through the optimiser (server_step) and are added to y and v where some client kept
-  the coordinate. metrics: mean losses, |aggregated hypergradient|, coverage of x and y, client
-  FLOPs, bytes sent down and up, active clients. diagnostics: {"estimate": the coverage mean of
-  the clients' mean hypergradients (like x), "count_x" / "count_y": clients per coordinate}.
+  """One round's server step from the round's starting state and each client group's stacked
+  ClientResults: (next state, metrics, diagnostics). The aggregated deltas move x through the
+  optimiser (server_step) and are added to y and v where some client kept the coordinate.
+  diagnostics: {"estimate": the coverage mean of the clients' mean hypergradients (like x),
+  "count_x" / "count_y": clients per coordinate}.
   """
   sums = [round_sums(res, layout, state) for res in results]
   t = jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums)  # over the client groups

@@ -11,7 +11,7 @@ from absl import flags
 from absl.testing import absltest, flagsaver, parameterized
 
 import bilevel
-from bilevel import algorithms, costs, federated, loop, models
+from bilevel import algorithms, costs, federated, hypergrad, loop, masks, models, server
 from bilevel.algorithms import fednest
 from bilevel.errors import ConfigError
 from bilevel.masks import Level
@@ -116,6 +116,59 @@ class UserExampleTest(parameterized.TestCase):
     # random draws and y starts at w = 0, so for every algorithm the outer loss rises over the
     # first 20 rounds as y fits the inner data (KeywordsTest asserts the decrease on data with
     # signal).
+
+
+class ComponentsTest(absltest.TestCase):
+  """Estimators, mask policies and aggregators are values: a name and its value run the same
+  round, and a user-written one is the one the round runs."""
+
+  def _step(self, **kw):
+    problem, data, x0, y0 = _regression()
+    alg = algorithms.get("rafbo", problem=problem, num_clients=6, granularity="element",
+                         levels="1/1:0.5,0.5/0.5:0.5", local_steps=2, **kw)
+    return alg, alg.step(alg.init(x0, y0), data)
+
+  def test_a_name_and_its_value_run_the_same_round(self):
+    by_name, out = self._step(estimator="exact", num_steps=3, v_lr=0.2, v_step="fixed",
+                              mask_policy="rolling", aggregation="zero_fill")
+    by_value, same = self._step(estimator=hypergrad.exact(num_steps=3, step_size=0.2,
+                                                          v_step="fixed"),
+                                mask_policy=masks.rolling, aggregation=server.zero_fill_from_sums)
+    chex.assert_trees_all_equal(out, same)
+    self.assertEqual(by_name.estimator, by_value.estimator)
+    o = by_value.options  # the flat options show the value's fields
+    self.assertEqual((o.num_steps, o.v_lr, o.v_step), (3, 0.2, "fixed"))
+    with self.assertRaisesRegex(ConfigError, "give num_steps to the estimator value"):
+      self._step(estimator=hypergrad.fd(), num_steps=2)
+    with self.assertRaisesRegex(ConfigError, "estimator=3 is neither"):
+      self._step(estimator=3)
+
+  def test_user_written_estimator_and_policy_are_used(self):
+    seen = []
+
+    def leading(key, round_idx, n, scores):  # static's order, recorded
+      seen.append(n)
+      return jnp.arange(n)
+
+    class ZeroX:
+      """fd's v with a zero hypergradient: x never moves."""
+      product, delta, warm_start = "fd", 1e-3, True
+
+      def __call__(self, *args):
+        res = hypergrad.fd()(*args)
+        return res._replace(hypergrad=jax.tree.map(jnp.zeros_like, res.hypergrad))
+
+      def products(self):
+        return hypergrad.fd().products()
+
+    _, (state, metrics) = self._step(estimator=ZeroX(), mask_policy=leading)
+    self.assertTrue(seen)
+    self.assertEqual(float(metrics["hypergrad_norm"]), 0.0)
+    np.testing.assert_array_equal(state.x["log_reg"], 1.0)
+    # static's masks; the losses of the first local step, before x moves
+    _, (_, static) = self._step(mask_policy="static")
+    for key in ("coverage_x_mean", "coverage_y_min", "inner_loss", "outer_loss"):
+      self.assertEqual(float(metrics[key]), float(static[key]), key)
 
 
 class KeywordsTest(parameterized.TestCase):

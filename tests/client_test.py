@@ -9,7 +9,7 @@ from bilevel import algorithms, tree
 from bilevel.client import client_update, full_batch, minibatch_sampler
 from bilevel.client import population_sampler, trust_region
 from bilevel.errors import ConfigError
-from bilevel.hypergrad import EstimatorOptions
+from bilevel import hypergrad
 import quadratic  # tests/quadratic.py
 
 
@@ -79,8 +79,8 @@ class TrustRegionTest(absltest.TestCase):
     x, y = jnp.full((6,), 0.5), jnp.zeros(4)
     run = lambda **kw: client_update(quadratic.QUADRATIC, x, y, jnp.zeros(4), data, data,
                                      None, None, jax.random.key(0), local_steps=3, inner_steps=1,
-                                     inner_lr=0.1, outer_lr=0.5, estimator="fd",
-                                     estimator_options=EstimatorOptions(), inner_step="cauchy",
+                                     inner_lr=0.1, outer_lr=0.5, estimator=hypergrad.fd(),
+                                     inner_step="cauchy",
                                      x_trust_scope="layer", **kw)
     free = run(x_trust=0.0)
     radius = 0.1 * float(tree.norm(x))

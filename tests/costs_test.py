@@ -31,7 +31,6 @@ import pytest
 
 from bilevel import algorithms, client, costs, federated, hypergrad, models
 from bilevel.algorithms import fednest
-from bilevel.hypergrad import EstimatorOptions
 from bilevel.tasks import hyper_cleaning as hc_task
 from bilevel.tasks import hyper_representation as hr_task
 
@@ -51,15 +50,15 @@ TOLERANCE = 0.2  # see the module docstring
 def _cfg(estimator, v_step, product, local_steps=1, inner_steps=2, num_steps=3, radius=None):
   """A client's local update as the cost model reads it (costs.round_ops's keywords)."""
   return dict(local_steps=local_steps, inner_steps=inner_steps, inner_step="cauchy",
-              estimator=estimator, estimator_options=EstimatorOptions(
-                  num_steps=num_steps, v_step=v_step, product=product, radius=radius))
+              estimator=hypergrad.named(estimator, num_steps=num_steps, v_step=v_step,
+                                        product=product, radius=radius))
 
 
-def _work(o):
-  """costs.round_ops's keywords of an algorithm's resolved options o."""
+def _work(alg):
+  """costs.round_ops's keywords of an algorithm (its resolved options and estimator)."""
+  o = alg.options
   return dict(local_steps=o.local_steps, inner_steps=o.inner_steps, inner_step=o.inner_step,
-              estimator=o.estimator, estimator_options=EstimatorOptions(
-                  o.num_steps, o.v_lr, o.delta, o.radius, o.product, o.v_step))
+              estimator=alg.estimator)
 
 
 def _labels(key, n, classes=10):
@@ -314,12 +313,10 @@ def test_label_skew_options_add_no_matmul_flops():
 
 @pytest.mark.parametrize("num_steps", [0, 1, 2, 5])
 def test_cg_evaluates_num_steps_plus_two_products(num_steps):
-  opts = EstimatorOptions(num_steps=num_steps)
-  hv, jv = hypergrad.estimator_products("cg", opts)
-  assert (hv, jv) == (num_steps + 1, 1)
+  est = hypergrad.cg(num_steps=num_steps)
+  assert est.products() == (num_steps + 1, 1)
   ops = dict(((op, batch), n) for op, batch, n in
-             costs.round_ops(local_steps=1, inner_steps=1, estimator="cg",
-                             estimator_options=opts, inner_step="fixed"))
+             costs.round_ops(local_steps=1, inner_steps=1, estimator=est, inner_step="fixed"))
   assert ops[("hv", costs.INNER)] + ops[("jv", costs.INNER)] == num_steps + 2
 
 
@@ -330,7 +327,7 @@ def test_cg_evaluates_num_steps_plus_two_products(num_steps):
 def test_products_agree_with_grad_evals(estimator, v_step, radius, num_steps):
   """The per-op table counts one estimate's products as the analytic count, written out here
   (2 gradients per product, plus grad f)."""
-  opts = EstimatorOptions(num_steps=num_steps, v_step=v_step, radius=radius)
+  est = hypergrad.named(estimator, num_steps=num_steps, v_step=v_step, radius=radius)
   if estimator in ("fd", "exact"):  # N H v + J v; Cauchy: H v at the warm start (+ N, radius)
     products = num_steps + 1 + ((1 + (num_steps if radius is not None else 0))
                                 if v_step == "cauchy" and num_steps > 0 else 0)
@@ -339,7 +336,7 @@ def test_products_agree_with_grad_evals(estimator, v_step, radius, num_steps):
   else:  # cg: H v0, one H p per iteration, J v
     products = num_steps + 2
   assert costs.grad_evals_per_round(local_steps=1, inner_steps=0, inner_step="fixed",
-                                    estimator=estimator, estimator_options=opts) == (
+                                    estimator=est) == (
       1 + 2 * products)
 
 
@@ -397,7 +394,7 @@ class TestRoundPricing:
     alg, cost, state, data, x, y = self._setup("simfbo")
     _, metrics = alg.step(state, data)
     want = 4 * costs.client_flops(full_counts(x), full_counts(y), (self.N, self.N),
-                                  hr_task.mlp_costs(), **_work(alg.options))
+                                  hr_task.mlp_costs(), **_work(alg))
     # float32 sums of four equal float32 terms: relative rounding ~1e-7.
     assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
 
@@ -412,7 +409,7 @@ class TestRoundPricing:
       kept_x = {"hidden": {"kernel": self.D * k, "bias": k}}
       kept_y = {"head": {"kernel": k * self.C, "bias": self.C}}
       want += costs.client_flops(kept_x, kept_y, (self.N, self.N), hr_task.mlp_costs(),
-                                 **_work(alg.options))
+                                 **_work(alg))
     assert abs(float(metrics["client_flops"]) / want - 1.0) < 1e-5
 
   def test_fednest_round_prices_its_passes_and_products(self):

@@ -13,26 +13,25 @@ from absl.testing import absltest, parameterized
 from bilevel import algorithms, costs, federated, hypergrad, inner, loop, server, tree
 from bilevel import masks as masks_lib
 from bilevel.errors import ConfigError
-from bilevel.hypergrad import EstimatorOptions
 import quadratic  # tests/quadratic.py
 
 M, D = 6, 5
 LEVELS = masks_lib.parse_levels("1/1:0.34,0.5/0.5:0.33,0.25/0.25:0.33")
 
 
-OPTS = EstimatorOptions(num_steps=2, step_size=0.2, delta=1e-4)
+OPTS = dict(num_steps=2, step_size=0.2, delta=1e-4)
 
 
 def _client(local_steps=3, estimator="fd"):
   """The local update's keywords (bilevel.algorithms.get)."""
   return dict(local_steps=local_steps, inner_steps=2, inner_lr=0.2, outer_lr=0.1,
-              estimator=estimator, num_steps=OPTS.num_steps, v_lr=OPTS.step_size,
-              delta=OPTS.delta)
+              estimator=estimator, num_steps=OPTS["num_steps"], v_lr=OPTS["step_size"],
+              delta=OPTS["delta"])
 
 
 def _evals(local_steps=3, estimator="fd"):
   return costs.grad_evals_per_round(local_steps=local_steps, inner_steps=2, inner_step="cauchy",
-                                    estimator=estimator, estimator_options=OPTS)
+                                    estimator=hypergrad.named(estimator, **OPTS))
 
 
 def _round(cfg, x0, dim=D, name="rafbo", num_clients=M):
@@ -96,18 +95,16 @@ class RoundTest(parameterized.TestCase):
     # Reference: the unpruned algorithm written out with the public pieces, no masks anywhere.
     d, _, x, y = _setup()
     v = jnp.zeros(D)
-    opts = OPTS
+    est = hypergrad.named(estimator, **OPTS)
 
     @jax.jit
     def local(x, y, v, batch):
       for _ in range(local_steps):
         y = inner.inner_solve(quadratic.quadratic_inner, x, y, batch,
                               num_steps=2, step_size=0.2, step_rule="cauchy",
-                              product=hypergrad.estimator_product_kind(estimator, opts),
-                              delta=opts.delta)
+                              product=est.product, delta=est.delta)
         res = hypergrad.hypergradient(quadratic.QUADRATIC, x, y, batch, batch, v=v,
-                                      estimator=estimator, num_steps=opts.num_steps,
-                                      step_size=opts.step_size, delta=opts.delta)
+                                      estimator=estimator, **OPTS)
         x, v = x - 0.1 * res.hypergrad, res.v
       return x, y, v
 

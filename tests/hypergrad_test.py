@@ -185,13 +185,43 @@ class EstimatorTest(chex.TestCase):
         hypergrad.hypergradient(quadratic.QUADRATIC, x, y, mean, mean, **kw)
 
   def test_estimator_cost_model(self):
-    opts = hypergrad.EstimatorOptions(num_steps=3)
     # grad f + 2 gradients per product: fd with the Cauchy step does H v0, 3 H r and the final
     # J v (5 products); with the fixed step 3 H v and J v (4); neumann 2 H p and J v (3).
-    self.assertEqual(hypergrad.estimator_products("fd", opts), (4, 1))
-    self.assertEqual(hypergrad.estimator_products("fd", opts._replace(v_step="fixed")), (3, 1))
-    self.assertEqual(hypergrad.estimator_products("neumann", opts), (2, 1))
+    self.assertEqual(hypergrad.fd(num_steps=3).products(), (4, 1))
+    self.assertEqual(hypergrad.fd(num_steps=3, v_step="fixed").products(), (3, 1))
+    self.assertEqual(hypergrad.neumann(num_steps=3).products(), (2, 1))
 
+  @parameterized.parameters(*SETTINGS)
+  def test_a_name_and_its_value_are_the_same_estimator(self, estimator):
+    data, mean, x = _toy()
+    y = quadratic.quadratic_solution(x, data) + 0.1
+    v = jnp.asarray(np.random.default_rng(4).normal(size=8))
+    est = lambda **kw: hypergrad.hypergradient(quadratic.QUADRATIC, x, y, mean, mean, v=v, **kw)
+    by_value = est(estimator=hypergrad.ESTIMATORS[estimator](**SETTINGS[estimator]))
+    chex.assert_trees_all_equal(est(estimator=estimator, **SETTINGS[estimator]), by_value)
+    with self.assertRaisesRegex(ConfigError, "num_steps"):
+      est(estimator=hypergrad.ESTIMATORS[estimator](), num_steps=3)
+
+  def test_a_user_written_estimator_is_used(self):
+    data, mean, x = _toy()
+    y = quadratic.quadratic_solution(x, data)
+    res = hypergrad.hypergradient(quadratic.QUADRATIC, x, y, mean, mean, estimator=Direct())
+    np.testing.assert_allclose(res.hypergrad, quadratic.quadratic_hypergrad(x, data), rtol=1e-10)
+
+
+class Direct:
+  """A user's estimator (hypergrad.Estimator): H v = grad_y f solved with the dense Hessian."""
+
+  product, delta, warm_start = "exact", 1e-3, False
+
+  def __call__(self, problem, x, y, inner_batch, outer_batch, v=None, mask_x=None, mask_y=None):
+    gxf, gyf = jax.grad(problem.outer_loss, argnums=(0, 1))(x, y, outer_batch)
+    v = jnp.linalg.solve(jax.hessian(problem.inner_loss, argnums=1)(x, y, inner_batch), gyf)
+    jv = hypergrad.exact_products(problem.inner_loss, x, y, v, inner_batch, 0.0, True).jv
+    return hypergrad.HypergradResult(gxf - jv, v)
+
+  def products(self):
+    return 0, 1
 
 if __name__ == "__main__":
   absltest.main()

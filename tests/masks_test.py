@@ -26,7 +26,7 @@ def _units(policy, rx, ry, key=0, q=0, available=None):
 
 class PolicyTest(parameterized.TestCase):
 
-  @parameterized.product(policy=masks_lib.POLICIES, rx=(1.0, 0.5, 0.3), ry=(1.0, 0.25))
+  @parameterized.product(policy=tuple(masks_lib.POLICIES), rx=(1.0, 0.5, 0.3), ry=(1.0, 0.25))
   def test_keep_ratio_and_nesting(self, policy, rx, ry):
     umx, umy = _units(policy, rx, ry, key=3, q=5)
     # The hidden group is shared (x's hidden layer, y's head rows): both sides keep the
@@ -54,6 +54,18 @@ class PolicyTest(parameterized.TestCase):
     cfg = dict(policy="static", granularity="unit")
     with self.assertRaisesRegex(ConfigError, r"r_y=0\.5.*6 of 12 .*uncovered"):
       masks_lib.check_coverable(LAYOUT, x, np.array([[1.0, 0.5], [0.5, 0.5]]), **cfg)
+
+  def test_a_policy_is_a_value_and_its_name_the_same(self):
+    for name, policy in masks_lib.POLICIES.items():
+      for a, b in zip(_units(name, 0.5, 0.5, key=4, q=7), _units(policy, 0.5, 0.5, key=4, q=7)):
+        np.testing.assert_array_equal(a["hidden"], b["hidden"])
+    # A user's own policy: the trailing units (the reverse of static).
+    trailing = lambda key, q, n, scores: jnp.arange(n)[::-1]
+    umx, _ = _units(trailing, 0.25, 1.0)
+    np.testing.assert_array_equal(umx["hidden"], (jnp.arange(K) >= K - 3).astype(jnp.float32))
+    masks_lib.validate_masks(LAYOUT, policy=trailing, granularity="unit")
+    with self.assertRaisesRegex(ConfigError, "mask_policy=3"):
+      masks_lib.validate_masks(LAYOUT, policy=3, granularity="unit")
 
   @parameterized.parameters(*masks_lib.POLICIES)
   def test_element_keep_ratio(self, policy):

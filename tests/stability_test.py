@@ -78,15 +78,13 @@ class CauchyStepTest(absltest.TestCase):
     np.testing.assert_allclose(v_cauchy, v_fixed, rtol=1e-12)
 
   def test_analytic_cost_counts_the_extra_product(self):
-    opts = hypergrad.EstimatorOptions(num_steps=3)
-    fixed = opts._replace(v_step="fixed")
     # fd / exact: num_steps H v + the final J v (+ H v at the warm start for cauchy), each 2
     # gradients, plus grad f.
-    evals = lambda est, o: costs.grad_evals_per_round(
-        local_steps=1, inner_steps=0, inner_step="fixed", estimator=est, estimator_options=o)
-    self.assertEqual(evals("fd", fixed), 1 + 2 * 4)
-    self.assertEqual(evals("fd", opts), 1 + 2 * 5)
-    self.assertEqual(evals("cg", opts), 1 + 2 * 5)  # H v0, 3 H p, J v
+    evals = lambda est: costs.grad_evals_per_round(
+        local_steps=1, inner_steps=0, inner_step="fixed", estimator=est)
+    self.assertEqual(evals(hypergrad.fd(num_steps=3, v_step="fixed")), 1 + 2 * 4)
+    self.assertEqual(evals(hypergrad.fd(num_steps=3)), 1 + 2 * 5)
+    self.assertEqual(evals(hypergrad.cg(num_steps=3)), 1 + 2 * 5)  # H v0, 3 H p, J v
 
 
 class BlowupGuardTest(absltest.TestCase):

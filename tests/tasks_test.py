@@ -10,7 +10,7 @@ from absl.testing import absltest, parameterized
 from bilevel import federated
 from bilevel import masks as masks_lib
 from bilevel.client import MinibatchSampler, client_update, population_sampler
-from bilevel.hypergrad import EstimatorOptions
+from bilevel import hypergrad
 from bilevel.tasks import hyper_cleaning as task
 
 
@@ -100,9 +100,8 @@ class HyperCleaningPiecesTest(parameterized.TestCase):
     y = {"head": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}
     mask_x = {"logits": gate, "gate": gate}
     mask_y = jax.tree.map(jnp.ones_like, y)
-    cfg = dict(local_steps=2, inner_steps=1, inner_lr=0.1, outer_lr=0.1, estimator="fd",
-               estimator_options=EstimatorOptions(), inner_step="cauchy", x_trust=0.0,
-               x_trust_scope="layer")
+    cfg = dict(local_steps=2, inner_steps=1, inner_lr=0.1, outer_lr=0.1,
+               estimator=hypergrad.fd(), inner_step="cauchy", x_trust=0.0, x_trust_scope="layer")
     for sampler, finite in ((task.KeptRowSampler(8), True), (MinibatchSampler(8), False)):
       problem = task.cleaning_problem(
           task.linear_logits, 0.1,

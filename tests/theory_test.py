@@ -258,10 +258,9 @@ class CoupledProblemTest(parameterized.TestCase):
 
 
 def _client_cfg(step, step_size):
-  return dict(local_steps=1, inner_steps=1, inner_lr=step_size, outer_lr=0.3, estimator="fd",
+  return dict(local_steps=1, inner_steps=1, inner_lr=step_size, outer_lr=0.3,
               inner_step=step, x_trust=0.0, x_trust_scope="layer",
-              estimator_options=hypergrad.EstimatorOptions(
-                  num_steps=1, step_size=step_size, delta=1e-3, v_step=step))
+              estimator=hypergrad.fd(num_steps=1, step_size=step_size, delta=1e-3, v_step=step))
 
 
 def _client(problem, cfg, coeffs, i, x, y, v, mask):

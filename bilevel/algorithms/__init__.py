@@ -7,19 +7,12 @@
       state, metrics = alg.step(state, data)    # data: a federated.FederatedData; jitted once
 
 rafbo.py: RAFBO and RABO (the local round, top to bottom); fednest.py: FedNest's communicating
-round; baselines.py: lfednest, simfbo, memfbo, full_only, heterofl, fedrolex (the local round
-with their own defaults); base.py: the keywords every algorithm takes (`Options`, each default
-defined once) and the configured `Algorithm` (init, jitted step; `bilevel.run` drives it).
-docs/method.md, section 7, tabulates what each algorithm sets (tests/presets_doc_test.py
-checks the table against the code).
-
-Every constructor takes the same keywords; one not given (or None) takes the algorithm's
-default, and one its round does not read is a ConfigError unless left at its default. The
-drivers build every algorithm through `get` (experiments/common.py, `make_algorithm`): a flag
-given on the command line is passed, one left at its default too unless the algorithm sets
-that option itself (`own_options`). So the library's defaults are the drivers' for
-`--algorithm=NAME`, except their level profile "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5" (here
-"1/1:1") and their clients_per_round 10 (here num_clients // 2: the same for their 20 clients).
+round; baselines.py: the local round with other defaults; base.py: the keywords every algorithm
+takes (`Options`) and the configured `Algorithm`. docs/method.md, section 7, tabulates what each
+algorithm sets. Every constructor takes the same keywords; one not given (or None) takes the
+algorithm's default, and one its round does not read is a ConfigError unless left at its
+default. The drivers' defaults are the library's (`own_options`) but for their level profile
+and clients_per_round.
 """
 
 from __future__ import annotations
@@ -65,20 +58,11 @@ def own_options(name: str) -> tuple[str, ...]:
 
 
 def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
-  """The algorithm `name` (see `names()`) configured by keywords over its own defaults.
-
-  Args:
-    name: one of names().
-    problem: bilevel.BilevelProblem(inner_loss, outer_loss); each loss (x, y, batch) -> scalar.
-    num_clients: population size M (the leading axis of the FederatedData passed to `step`).
-    **options: any field of `base.Options`; None or absent = the algorithm's default.
-
-  Returns:
-    An Algorithm with init(x, y), step(state, data), options and name.
-
-  Raises:
-    ConfigError: an unknown name or keyword (naming the allowed ones) or a value outside its
-      range (base.build).
+  """The Algorithm `name` (one of names()) for `problem` (each loss (x, y, batch) -> scalar)
+  and a population of num_clients M (the leading axis of the data `step` takes), configured
+  by keywords (fields of `base.Options`; None or absent: the algorithm's default, e.g.
+  estimator=bilevel.hypergrad.fd(num_steps=3) or estimator="fd", num_steps=3). ConfigError: an
+  unknown name or keyword (naming the allowed ones) or a value outside its range (base.build).
   """
   check_choice("algorithm", name, names())
   return base.build(name, _SPECS[name], problem, num_clients, options)

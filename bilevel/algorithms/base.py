@@ -16,107 +16,81 @@ import numpy as np
 import optax
 
 from bilevel import client as client_lib
-from bilevel import costs, federated, server, tree
+from bilevel import costs, federated, hypergrad, server, tree
 from bilevel import masks as masks_lib
 from bilevel.client import Sampler, full_batch
 from bilevel.errors import ConfigError, check_choice
-from bilevel.hypergrad import ESTIMATORS, EstimatorOptions, validate_options
 from bilevel.inner import STEP_RULES as INNER_STEP_RULES
 from bilevel.masks import Level, UnitLayout
 from bilevel.problems import BilevelProblem
 
 PyTree = Any
 FULL_LEVEL = Level(1.0, 1.0, 1.0)
-_EST = EstimatorOptions()  # the estimator's defaults are defined with it
+_FD = hypergrad.fd  # the estimators' defaults are defined with them
 
 
 class Options(NamedTuple):
   """Every keyword an algorithm constructor takes, at the defaults every algorithm shares
   (SHARED; each algorithm's Spec replaces its own; a keyword given as None keeps the default).
-  The one place each default is defined (the estimator's: hypergrad.EstimatorOptions).
+  The one place each default is defined (an estimator's: its class in hypergrad).
 
-  Attributes:
-    clients_per_round: clients sampled per round C (rabo: num_clients; others: num_clients // 2).
-    levels: resource levels, a profile "rx/ry:share,..." (masks.parse_levels) or a sequence of
-      masks.Level (or (rx, ry, share) triples); default "1/1:1". Ignored by full-model algorithms.
-    redraw_levels: draw each client's level anew every round (default False).
-    granularity: "unit" (needs `layout`) or "element"; default "unit" (full-model algorithms
-      without a layout: "element", their masks keep everything either way).
-    layout: masks.UnitLayout of the model (e.g. bilevel.models.mlp_layout(hidden)).
-    mask_policy: masks.POLICIES ("random", "rolling", "static", "magnitude").
-    allow_uncovered: accept mask settings that never cover some outer coordinates.
-    local_steps: local steps K per round.
-    inner_steps: inner steps T per local step.
-    inner_lr: inner step size beta.
-    inner_step: "cauchy" (step min(beta, g'g / g'Hg), one product per inner step; the
-      default) or "fixed" (beta always); inner.inner_solve. FedNest's round ignores it.
-    outer_lr: outer (hypergradient) step size alpha.
-    x_trust: trust region on each client's x delta, relative to its submodel's ||x|| (client
-      .trust_region; 0 = off, the default). x_trust_scope: "layer" (default) or "model".
-    estimator: hypergradient estimator (hypergrad.ESTIMATORS: fd, exact, neumann, cg).
-    num_steps: v updates / Neumann terms / CG iterations.
-    v_lr: step size eta of the v update and Neumann series (EstimatorOptions.step_size).
-    delta: finite-difference probe length (fd).
-    radius: optional projection radius for v.
-    v_step: "cauchy" or "fixed" (fd / exact v update; hypergrad.EstimatorOptions).
-    product: Hessian-vector product of neumann / cg ("exact" or "fd").
-    server_optimizer: optax transformation the server steps x with; default
-      optax.sgd(server_lr). Give this or server_lr, not both.
-    server_lr: step of the default SGD server optimiser (default 1.0).
-    aggregation: server.AGGREGATORS ("coverage", "zero_fill").
-    weighting: "uniform" or "examples" (w_i = the client's example count).
-    seed: the one seed every random stream derives from (default 0).
-    sample: client batch sampler (client.Sampler); default client.full_batch.
-    cost: the FLOP model a client's round is priced with: costs.CostModel (op prices of the
-      model and the batch rows; the drivers give it for their models) or, default (None),
-      costs.PerGradient() (costs.grad_evals_per_round gradients at 6 FLOPs per kept entry).
-    submodel: "dense" (default) or "compact" (rafbo.make_round).
-    sampling: "uniform" or "stratified" (default: make_round's choice for the submodel).
-    available: group -> [M, K] units each client owns (rafbo.make_round).
-    mesh: jax.sharding.Mesh to shard the clients of a round over (sharding.client_mesh).
-    mask_fn: `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` replacing the
-      mask policy (federated.MaskFn; dense submodels only; e.g. hyper-cleaning's rolling
-      window over each client's own samples). Default None: the policy's masks.
-    diagnostics: True adds the round's aggregated estimate and coverage counts to its metrics
-      for loop.run's diagnose_fn (rafbo.make_round). Default None: off.
-    fednest_neumann: fednest's v: "code" (FedNest's code's closed form, the default) or
-      "series" (the series it intends; fednest.NEUMANN_FORMS). Other algorithms: "code" only.
+  estimator: a hypergrad.Estimator value (hypergrad.fd(num_steps=3), exact, neumann, cg, or
+  one's own), or a name of hypergrad.ESTIMATORS built from the flat options num_steps, v_lr
+  (its step_size), delta, radius, v_step and product (those it has; hypergrad documents them).
+  With an estimator value leave those unset: they then show the value's fields.
   """
 
-  clients_per_round: int | None = None
+  clients_per_round: int | None = None  # C (None: rabo num_clients, others num_clients // 2)
+  # A profile "rx/ry:share,..." (masks.parse_levels) or a sequence of masks.Level (or (rx, ry,
+  # share) triples). Ignored by full-model algorithms.
   levels: str | Sequence[Level] = (FULL_LEVEL,)
-  redraw_levels: bool = False
+  redraw_levels: bool = False  # draw each client's level anew every round
+  # "unit" (needs `layout`) or "element"; None: "unit", but "element" for full-model
+  # algorithms without a layout (their masks keep everything either way).
   granularity: str | None = None
-  layout: UnitLayout | None = None
-  mask_policy: str = "random"
-  allow_uncovered: bool = False
-  local_steps: int = 5
-  inner_steps: int = 1
-  inner_lr: float = 0.1
+  layout: UnitLayout | None = None  # the model's units (e.g. bilevel.models.mlp_layout(hidden))
+  mask_policy: str | masks_lib.Policy = "random"  # a masks.Policy or its name (masks.POLICIES)
+  allow_uncovered: bool = False  # accept masks that never cover some outer coordinates
+  local_steps: int = 5  # K per round
+  inner_steps: int = 1  # T per local step
+  inner_lr: float = 0.1  # beta
+  # "cauchy" (step min(beta, g'g / g'Hg), one product per inner step) or "fixed" (beta);
+  # inner.inner_solve. FedNest's round ignores it.
   inner_step: str = "cauchy"
-  outer_lr: float = 0.1
+  outer_lr: float = 0.1  # alpha
+  # Trust region on each client's x delta relative to its submodel's ||x|| (0 = off), per
+  # "layer" or whole "model" (client.trust_region).
   x_trust: float = 0.0
   x_trust_scope: str = "layer"
-  estimator: str = "fd"
-  num_steps: int = _EST.num_steps
-  v_lr: float = _EST.step_size
-  delta: float = _EST.delta
-  radius: float | None = _EST.radius
-  v_step: str = _EST.v_step
-  product: str = _EST.product
+  estimator: str | hypergrad.Estimator = "fd"
+  num_steps: int = _FD.num_steps
+  v_lr: float = _FD.step_size
+  delta: float = _FD.delta
+  radius: float | None = _FD.radius
+  v_step: str = _FD.v_step
+  product: str = hypergrad.cg.product
+  # The optax transformation the server steps x with; None: optax.sgd(server_lr). Give
+  # server_optimizer or server_lr, not both.
   server_optimizer: optax.GradientTransformation | None = None
   server_lr: float = 1.0
-  aggregation: str = "coverage"
-  weighting: str = "uniform"
-  seed: int = 0
-  sample: Sampler = full_batch
+  aggregation: str | server.Aggregator = "coverage"  # a server.Aggregator or its name
+  weighting: str = "uniform"  # or "examples" (w_i = the client's example count)
+  seed: int = 0  # the one seed every random stream derives from
+  sample: Sampler = full_batch  # the client batch sampler (client.Sampler)
+  # The FLOP model a client's round is priced with: costs.CostModel (the model's op prices and
+  # batch rows; the drivers give one) or None: costs.PerGradient() (6 FLOPs per kept entry).
   cost: costs.CostModel | costs.PerGradient | None = None
-  submodel: str = "dense"
-  sampling: str | None = None
-  available: Mapping[str, np.ndarray] | None = None
-  mesh: jax.sharding.Mesh | None = None
+  submodel: str = "dense"  # or "compact" (rafbo.make_round)
+  sampling: str | None = None  # "uniform" or "stratified" (None: make_round's choice)
+  available: Mapping[str, np.ndarray] | None = None  # group -> [M, K] units a client owns
+  mesh: jax.sharding.Mesh | None = None  # shards a round's clients (sharding.client_mesh)
+  # `(state, client_id, slot, round, rx, ry, key) -> (mask_x, mask_y)` in place of the mask
+  # policy (federated.MaskFn; dense submodels only; e.g. hyper-cleaning's owned rolling window).
   mask_fn: federated.MaskFn | None = None
-  diagnostics: bool | None = None  # None: off
+  # True: the round's aggregated estimate and coverage counts join its metrics (loop.run's
+  # diagnose_fn).
+  diagnostics: bool | None = None
+  # fednest's v: "code" (its code's closed form) or "series" (fednest.NEUMANN_FORMS).
   fednest_neumann: str = "code"
 
 
@@ -129,7 +103,8 @@ class Spec(NamedTuple):
 
   make_round(problem, x_like, **keywords) -> federated.Round: the round builder
   (rafbo.make_round or fednest.make_fednest_round); it declares the options it reads as
-  keyword parameters and gets those (plus num_clients, only_full and optimizer).
+  keyword parameters and gets those (num_clients, only_full, optimizer and the estimator
+  value among them).
   """
 
   defaults: Options
@@ -161,6 +136,8 @@ class Algorithm:
     options: every keyword, resolved (Options with no None left but optional ones): the
       algorithm's configuration.
     optimizer: the server optimiser; `init` initialises its state, `step` applies it.
+    estimator: the hypergrad.Estimator value its clients run (options.estimator, or the one
+      it names, built from the options).
   """
 
   name: str
@@ -169,20 +146,18 @@ class Algorithm:
   num_clients: int
   options: Options
   optimizer: optax.GradientTransformation
+  estimator: hypergrad.Estimator
   _rounds: dict[Any, federated.Round] = dataclasses.field(default_factory=dict, repr=False)
 
   def make_round(self, x_like: PyTree, **extra: Any) -> federated.Round:
     """The federated.Round for parameters shaped like x_like (built once per shape and cached;
-    `extra`: further keywords of the round builder, e.g. jit=False, not cached).
-
-    Raises:
-      ConfigError: make_round's checks that need x (e.g. static masks that leave outer
-        coordinates uncovered forever).
-    """
+    `extra`: further keywords of the round builder, e.g. jit=False, not cached). ConfigError:
+    make_round's checks that need x (e.g. static masks that never cover some units)."""
     key = tree.signature(x_like)  # the round is built once per signature
     if extra or key not in self._rounds:
       given = dict(self.options._asdict(), num_clients=self.num_clients,
-                   only_full=self.spec.only_full, optimizer=self.optimizer, **extra)
+                   only_full=self.spec.only_full, optimizer=self.optimizer,
+                   estimator=self.estimator, **extra)
       takes = _round_keywords(self.spec)
       rnd = self.spec.make_round(self.problem, x_like,
                                  **{k: v for k, v in given.items() if k in takes})
@@ -193,28 +168,15 @@ class Algorithm:
 
   def init(self, x: PyTree, y: PyTree) -> federated.ServerState:
     """The server state at (x, y) (v = 0, round 0); builds and validates the round for x.
-
-    Leaves of x and y become arrays of their dtype with weak types dropped (Python scalars,
-    jnp.array(1.0)), so that the state `step` returns has the types it was given and `step`
-    compiles once.
-    """
+    Weak types are dropped (_strongly_typed), so that `step` compiles once."""
     x, y = _strongly_typed(x), _strongly_typed(y)
     self.make_round(x)
     return federated.init_state(x, y, self.optimizer)
 
   def step(self, state: federated.ServerState,
            data: federated.FederatedData) -> tuple[federated.ServerState, dict[str, jax.Array]]:
-    """One round: (next state, metrics). Compiled on the first call, not retraced after.
-
-    Args:
-      state: from `init` (or an earlier `step`, or a restored checkpoint).
-      data: client data stacked on a leading [num_clients] axis.
-
-    Returns:
-      The next state and the round's metrics (outer_loss, inner_loss, hypergrad_norm,
-      coverage_x_min / _mean, coverage_y_min / _mean, uncovered shares, client_flops,
-      comm_bytes, active_clients), each a scalar jax.Array.
-    """
+    """One round on client data stacked on [num_clients]: (next state, the round's scalar
+    metrics; WORKSPACE.md, Results schema). Compiled on the first call, not retraced after."""
     return self.make_round(state.x).step(state, data)
 
 
@@ -238,6 +200,9 @@ def _round_keywords(spec: Spec) -> set[str]:
 # Options build itself reads for every algorithm (levels: validated, and ignored by full-model
 # algorithms, so that every algorithm takes the same call).
 _BUILD_OPTIONS = ("levels", "server_optimizer", "server_lr")
+# A named estimator's options (flat, as the drivers' flags) -> its fields (hypergrad.named).
+ESTIMATOR_FIELDS = dict(num_steps="num_steps", v_lr="step_size", delta="delta", radius="radius",
+                        v_step="v_step", product="product")
 
 
 def _resolve(spec: Spec, num_clients: int, given: Mapping[str, Any]) -> Options:
@@ -245,6 +210,12 @@ def _resolve(spec: Spec, num_clients: int, given: Mapping[str, Any]) -> Options:
   levels parsed (one full level for full-model algorithms), granularity and clients_per_round
   resolved."""
   o = spec.defaults._replace(**given)
+  if not isinstance(o.estimator, str):  # a value: the flat options show its fields
+    if set(given) & set(ESTIMATOR_FIELDS):
+      raise ConfigError(f"give {', '.join(sorted(set(given) & set(ESTIMATOR_FIELDS)))} to the "
+                        f"estimator value {o.estimator!r}, not to the algorithm.")
+    o = o._replace(**{k: getattr(o.estimator, f) for k, f in ESTIMATOR_FIELDS.items()
+                      if hasattr(o.estimator, f)})
   if spec.resolve is not None:
     o = spec.resolve(o, given)
   levels = _levels(o.levels)  # validated even where ignored
@@ -286,6 +257,8 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
                       "default server optimiser optax.sgd(server_lr).")
   o = _resolve(spec, num_clients, given)
   reads = _round_keywords(spec).union(_BUILD_OPTIONS)
+  if "estimator" in reads:
+    reads |= set(ESTIMATOR_FIELDS)
   for k in sorted(set(given) - reads):
     without = _resolve(spec, num_clients, {j: v for j, v in given.items() if j != k})
     if getattr(o, k) != getattr(without, k):
@@ -308,16 +281,20 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
   for field in ("inner_lr", "outer_lr"):
     if not getattr(o, field) > 0:
       raise ConfigError(f"{field}={getattr(o, field)!r} is outside the allowed range (0, inf).")
-  check_choice("estimator", o.estimator, ESTIMATORS)
   check_choice("inner_step", o.inner_step, INNER_STEP_RULES)
   if not o.x_trust >= 0:
     raise ConfigError(f"x_trust={o.x_trust!r} is outside the allowed range [0, inf) (0 = off).")
   check_choice("x_trust_scope", o.x_trust_scope, client_lib.TRUST_SCOPES)
-  validate_options(o.estimator, EstimatorOptions(
-      num_steps=o.num_steps, step_size=o.v_lr, delta=o.delta, radius=o.radius,
-      product=o.product, v_step=o.v_step))
+  estimator = o.estimator
+  if isinstance(estimator, str):
+    estimator = hypergrad.named(estimator, **{f: getattr(o, k)
+                                              for k, f in ESTIMATOR_FIELDS.items()})
+  elif not (callable(estimator) and hasattr(estimator, "products")):
+    raise ConfigError(f"estimator={estimator!r} is neither a name of hypergrad.ESTIMATORS nor "
+                      "a hypergrad.Estimator value (e.g. hypergrad.fd(num_steps=3)).")
   masks_lib.validate_masks(o.layout, policy=o.mask_policy, granularity=o.granularity)
-  check_choice("aggregation", o.aggregation, server.AGGREGATORS)
+  if not callable(o.aggregation):
+    check_choice("aggregation", o.aggregation, server.AGGREGATORS)
   check_choice("weighting", o.weighting, ("uniform", "examples"))
   if not o.server_lr > 0:
     raise ConfigError(f"server_lr={o.server_lr!r} is outside the allowed range (0, inf).")
@@ -328,4 +305,4 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
     raise ConfigError(f"server_optimizer={o.server_optimizer!r} must be an optax "
                       "GradientTransformation (e.g. optax.adam(1e-2)).")
   optimizer = o.server_optimizer or optax.sgd(o.server_lr)
-  return Algorithm(name, spec, problem, num_clients, o, optimizer)
+  return Algorithm(name, spec, problem, num_clients, o, optimizer, estimator)

@@ -31,12 +31,9 @@ FedOut (same clients, 2 communication rounds):
     6. client i: tau steps x_i <- x_i - eta (grad_x f_i(x_i, y+) - grad_x f_i(x, y+) + h)
        from x_i = x; server: x <- x + server step of mean (x_i - x)  (SGD(1): x - eta h at tau 1)
 
-The FedOut passes mirror FedNest's code: grad_y f (a), the linearisation of grad_y g that
-the N products replay (b; skipped when N = 0), a second linearisation for the cross product
-(c), grad_x f (d), and two grad_x f per SVRG x step. Products are reverse-over-reverse
-(jax.vjp of the gradient, replayed N times, as torch's double backward on a retained graph).
-Whole-split quantities are exact split means; FedNest's code averages its minibatches' means
-(the same when n_i <= B or B divides n_i).
+Products are reverse-over-reverse (jax.vjp of the gradient, replayed N times, as torch's double
+backward on a retained graph). The passes and what differs from FedNest's code: docs/method.md,
+section 7.
 """
 
 from __future__ import annotations
@@ -296,14 +293,9 @@ def client_flops(epochs: int, tau: int, n: int, layout: UnitLayout | None,
                  available: Mapping[str, Any] | None, state: federated.ServerState,
                  data: federated.FederatedData, s_in: jax.Array, s_out: jax.Array,
                  cost: costs.CostModel | costs.PerGradient, sample: Sampler) -> jax.Array:
-  """Client FLOPs of one round: a FedInn client (S_in) pays FedInn's work, a FedOut client
-  (S_out) the rest. costs.PerGradient: the gradient evaluations (a product counts
-  PRODUCT_GRAD_EVALS["exact"]) x price(held_x, held_y). costs.CostModel: every pass at the rows
-  it runs on: FedInn's snapshot at the n_in train rows, each epoch's two SVRG gradients at
-  epoch_rows (n_in when the batches partition the split), grad_y f, grad_x f and 2 tau grad_x f
-  at the n_out validation rows, the linearisations (hvp_point when N > 0, cross_point) and the
-  products at n_in. A client holds all of x and y, or with owned units (`available`, e.g.
-  hyper-cleaning's samples) its own units of an owned group (masks.unit_kept_counts).
+  """Client FLOPs of one round (docs/method.md, section 7): a FedInn client (S_in) pays
+  FedInn's work, a FedOut client (S_out) the rest, each pass at the rows it runs on. A client
+  holds all of x and y, or with owned units (`available`) its own units of an owned group.
   """
   sizes = lambda t: jax.tree.map(lambda a: jnp.asarray(a.size, jnp.float32), t)
   owned = available is not None and layout is not None
@@ -395,15 +387,12 @@ def make_fednest_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: 
                        available: Mapping[str, Any] | None, diagnostics: bool | None,
                        fednest_neumann: str, client_map: ClientMap = vmap_clients,
                        jit: bool = True, oracle: Oracle | None = None) -> federated.Round:
-  """FedNest's round `step(state, data) -> (state, metrics)` (module docstring) as a
-  federated.Round. The options it reads (base.Options documents them): local_ep = inner_steps,
-  tau = local_steps, N = num_steps - 1 products, hlr = outer_lr, lr = inner_lr; the sampler's
-  batch_size is local_bs for FedInn's epochs (without one: whole-split steps); available: the
-  clients own units (data.available), priced in client_flops; diagnostics as in
-  rafbo.make_round (the estimate is FedOut's h at x). client_map maps a phase's client
-  function over its clients; oracle replaces make_oracle(problem) (tests count calls).
+  """FedNest's round `step(state, data) -> (state, metrics)` (module docstring: how its
+  hyperparameters map onto the options) as a federated.Round. available: the clients' own units,
+  priced in client_flops; diagnostics as in rafbo.make_round (the estimate is FedOut's h at x).
+  client_map maps a phase's client function over its clients; oracle replaces
+  make_oracle(problem) (tests count calls).
   """
-  check_choice("fednest_neumann", fednest_neumann, NEUMANN_FORMS)
   oracle = oracle or make_oracle(problem)
   population = np.arange(num_clients)
   c, epochs, tau = clients_per_round, inner_steps, local_steps

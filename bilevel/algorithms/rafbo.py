@@ -11,14 +11,13 @@ per-run values: the seed's keys, the level assignment and the step sizes):
      divided by the coverage (server.AGGREGATORS), x stepped by the optax server optimiser,
      y and v moved where some client kept the coordinate; the round's metrics.
 RABO = one local step with every client; RAFBO = K local steps with partial participation.
-
-The dense client (masked full-size arrays) is the reference. The compact client
+The dense client (masked full-size arrays) is the reference; the compact client
 (bilevel/compact.py) computes the same update on extracted submodels (tests/compact_test.py).
-A client's FLOPs and bytes: costs.result_fn. FedNest's round: bilevel/algorithms/fednest.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -36,7 +35,7 @@ from bilevel.client import Sampler, client_update, population_sampler
 from bilevel.errors import ConfigError, check_choice
 from bilevel.federated import DIAGNOSTICS, SAMPLINGS, SUBMODELS, FederatedData
 from bilevel.federated import MaskFn, Round, RoundArgs, ServerState
-from bilevel.hypergrad import EstimatorOptions
+from bilevel.hypergrad import Estimator
 from bilevel.masks import Level, UnitLayout
 from bilevel.problems import BilevelProblem
 from bilevel.sharding import client_sharding
@@ -46,16 +45,16 @@ PyTree = Any
 
 def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
                clients_per_round: int, levels: tuple[Level, ...], redraw_levels: bool,
-               only_full: bool, layout: UnitLayout | None, granularity: str, mask_policy: str,
-               allow_uncovered: bool, local_steps: int, inner_steps: int, inner_lr: float,
-               inner_step: str, outer_lr: float, x_trust: float, x_trust_scope: str,
-               estimator: str, num_steps: int, v_lr: float, delta: float, radius: float | None,
-               v_step: str, product: str, optimizer: optax.GradientTransformation,
-               aggregation: str, weighting: str, seed: int, sample: Sampler,
-               cost: costs.CostModel | costs.PerGradient | None, available: Mapping[str, np.ndarray] | None,
-               mask_fn: MaskFn | None, submodel: str, sampling: str | None,
-               mesh: jax.sharding.Mesh | None, diagnostics: bool, jit: bool = True,
-               mesh_axis: str = "clients") -> Round:
+               only_full: bool, layout: UnitLayout | None, granularity: str,
+               mask_policy: str | masks_lib.Policy, allow_uncovered: bool, local_steps: int,
+               inner_steps: int, inner_lr: float, inner_step: str, outer_lr: float,
+               x_trust: float, x_trust_scope: str, estimator: Estimator,
+               optimizer: optax.GradientTransformation, aggregation: str | server.Aggregator,
+               weighting: str, seed: int, sample: Sampler,
+               cost: costs.CostModel | costs.PerGradient | None,
+               available: Mapping[str, np.ndarray] | None, mask_fn: MaskFn | None,
+               submodel: str, sampling: str | None, mesh: jax.sharding.Mesh | None,
+               diagnostics: bool, jit: bool = True, mesh_axis: str = "clients") -> Round:
   """The local round `step(state, data) -> (state, metrics)` of resolved options (base.Options
   documents each; Algorithm.make_round passes them); checks its own combinations (check_round).
 
@@ -82,25 +81,25 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
   num_sampled = min(clients_per_round, len(population))
   strata = () if sampling == "uniform" else sampling_lib.make_strata(
       ratios, population, num_sampled, layout if granularity == "unit" else None)
-  args = sampling_lib.round_args(seed, dict(outer_lr=outer_lr, inner_lr=inner_lr, v_lr=v_lr),
-                                 ratios, population, strata, jax.tree.leaves(x_like)[0].dtype)
+  per_run_v = hasattr(estimator, "step_size")  # a per-run value (RoundArgs), as the other steps
+  steps = dict(outer_lr=outer_lr, inner_lr=inner_lr, v_lr=getattr(estimator, "step_size", 0.0))
+  args = sampling_lib.round_args(seed, steps, ratios, population, strata,
+                                 jax.tree.leaves(x_like)[0].dtype)
   sample_fn = sampling_lib.make_sample_fn(sampling, num_sampled, strata)
   context = sampling_lib.make_context_fn(levels, redraw_levels, only_full)
-  opts = EstimatorOptions(num_steps=num_steps, step_size=v_lr, delta=delta, radius=radius,
-                          product=product, v_step=v_step)
-  work = dict(local_steps=local_steps, inner_steps=inner_steps, inner_step=inner_step,
-              estimator=estimator)
+  work = dict(local_steps=local_steps, inner_steps=inner_steps, inner_step=inner_step)
   finish = costs.result_fn(weighting=weighting, cost=cost or costs.PerGradient(),
-                           first_step_apart=submodel == "dense", estimator_options=opts, **work)
-  aggregate = server.AGGREGATORS[aggregation]
+                           first_step_apart=submodel == "dense", estimator=estimator, **work)
+  aggregate = server.AGGREGATORS[aggregation] if isinstance(aggregation, str) else aggregation
   shard = client_sharding(mesh, mesh_axis)
 
   def update(a: RoundArgs, problem: BilevelProblem, *arrays: Any, **kw: Any):
     """client_update with this round's options and the step sizes of `a` (traced)."""
     steps = a.steps
+    est = dataclasses.replace(estimator, step_size=steps["v_lr"]) if per_run_v else estimator
     return client_update(problem, *arrays, **work, inner_lr=steps["inner_lr"],
                          outer_lr=steps["outer_lr"], x_trust=x_trust, x_trust_scope=x_trust_scope,
-                         estimator_options=opts._replace(step_size=steps["v_lr"]), **kw)
+                         estimator=est, **kw)
 
   def dense_client(a: RoundArgs, state: ServerState, data: FederatedData, cid: jax.Array,
                    slot: jax.Array, q: jax.Array) -> server.ClientResult:
