@@ -121,5 +121,5 @@ class RunFiles:
       self.jsonl.close()
     records = self.earlier + records
     if plot and self.writer and records:
-      plot_records(records, os.path.join(self.workdir, "curves.png"), self.title)
+      plot_records([("", [records])], os.path.join(self.workdir, "curves.png"), self.title)
     return records

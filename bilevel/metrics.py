@@ -1,5 +1,5 @@
 """Results writers: JSON lines, JSON files, plots, summaries over seeds, what a result was
-measured on (versions, devices, process age); conversion to Python floats at the writer."""
+measured on (versions, commit, devices, process age); conversion to Python floats at the writer."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -50,26 +51,43 @@ def write_json(path: str, obj: Mapping[str, Any]) -> None:
   os.replace(tmp, path)
 
 
-PLOT_PANELS = (("round", "test_accuracy"), ("cumulative_client_flops", "test_accuracy"),
-               ("round", "hypergrad_norm"), ("round", "coverage_x_min"))
+PLOT_PANELS = (("round", "test_accuracy", "test accuracy"),
+               ("cumulative_client_flops", "test_accuracy", "test accuracy"),
+               ("round", "hypergrad_norm", "hypergrad norm"),
+               ("round", "coverage_x_min", "coverage x min"))
 
 
-def plot_records(records: list[Mapping[str, Any]], path: str, title: str = "") -> None:
-  """One PNG with the panels of PLOT_PANELS that the records have (headless backend)."""
+def plot_records(runs: Sequence[tuple[str, Sequence[Sequence[Mapping[str, Any]]]]], path: str,
+                 title: str = "", panels: Sequence[tuple[str, str, str]] = PLOT_PANELS) -> None:
+  """One PNG (headless backend), a panel per (x key, y key, y label) that the records have: each
+  run (label, its seeds' records) as the mean over its seeds at the x values every seed logged,
+  with a min-max band when it has several."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  panels = [(a, b) for a, b in PLOT_PANELS if records and a in records[0] and b in records[0]]
+  panels = [p for p in panels if any(p[0] in r and p[1] in r for _, seeds in runs
+                                     for records in seeds for r in records)]
   if not panels:
     return
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-  for ax, (xk, yk) in zip(axes[0], panels):
-    ax.plot([r[xk] for r in records], [r[yk] for r in records], marker=".")
-    ax.set_xlabel(xk.replace("_", " "))
-    ax.set_ylabel(yk.replace("_", " "))
-    if yk == "hypergrad_norm":
-      ax.set_yscale("log")
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+  for ax, (xkey, ykey, ylabel) in zip(axes[0], panels):
+    for label, seeds in runs:
+      curves = [{r[xkey]: r[ykey] for r in records if xkey in r and r.get(ykey) is not None}
+                for records in seeds]
+      xs = sorted(set.intersection(*(set(c) for c in curves)))
+      if xs:
+        ys = np.array([[c[x] for x in xs] for c in curves])
+        line, = ax.plot(xs, ys.mean(axis=0), marker=".", label=label if len(seeds) == 1
+                        else f"{label} (mean of {len(seeds)} seeds)")
+        if len(seeds) > 1:
+          ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax.set(xlabel=xkey.replace("_", " "), ylabel=ylabel,
+           yscale="log" if ykey == "hypergrad_norm" else "linear")
     ax.grid(alpha=0.3)
+    if xkey == "cumulative_client_flops":
+      ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+  if any(label for label, _ in runs):
+    axes[0][0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -101,6 +119,17 @@ def versions() -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
       out[pkg] = "missing"
   return out
+
+
+def commit(path: str) -> dict[str, Any] | None:
+  """{"sha", "dirty"} of the git checkout holding path (None outside one)."""
+  git = lambda *a: subprocess.run(["git", "-C", path, *a], capture_output=True, text=True,
+                                  timeout=60, check=True).stdout.strip()
+  try:
+    return {"sha": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+  except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+    return None
 
 
 def device_info() -> dict[str, Any]:

@@ -1,11 +1,7 @@
-"""Side by side: finished runs, or (benchmark --compare=REV) the benchmark at two revisions.
+"""Finished runs side by side (compare.md, compare.png, compare_diagnostics.png), and the
+benchmark at two revisions (`revisions`: benchmark --compare). docs/measurement.md.
 
   python -m experiments.compare --workdirs=runs/hr_rafbo,runs/hr_simfbo --out=runs/cmp
-
-Runs: compare.md (one row per workdir; a --seeds workdir is one row of means, accuracy and AUC
-as mean +- std; unfinished workdirs are listed apart), compare.png (test accuracy against the
-round and the client FLOPs; a --seeds run as its mean curve with a min-max band) and, for runs
-made with --diagnose_every, compare_diagnostics.png. Revisions: `revisions` (compare.json).
 """
 
 from __future__ import annotations
@@ -18,17 +14,15 @@ import subprocess
 import sys
 from typing import Any, NamedTuple, Sequence
 
-import numpy as np
 from absl import app, flags
 
 from bilevel import checkpoint
-from bilevel.metrics import write_json
+from bilevel.metrics import commit, plot_records, write_json
 from experiments import common
 
 WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated run workdirs to compare.")
 LABELS = flags.DEFINE_list("labels", None, "One label per workdir (default: the workdir's path).")
-OUT = flags.DEFINE_string("out", None, "Folder for compare.png and compare.md (default: "
-                          "--workdir).")
+OUT = flags.DEFINE_string("out", None, "Folder of compare.png and compare.md (default: --workdir).")
 PLOTS = {"compare.png": (("round", "test_accuracy", "test accuracy"),
                          ("cumulative_client_flops", "test_accuracy", "test accuracy")),
          "compare_diagnostics.png": (
@@ -45,18 +39,21 @@ class Run(NamedTuple):
   std: dict[str, Any]  # --seeds: the std over seeds
   records: list[list[dict[str, Any]]]  # metrics.jsonl records per seed
 
-  def text(self, key: str) -> str:
-    text, std = _fmt(self.figures.get(key)), self.std.get(key)
-    return text if std is None or text == "n/a" else f"{text} +- {_fmt(std, '.2g')}"
 
-
-def _fmt(value: Any, spec: str = ".4g") -> str:
+def fmt(value: Any, spec: str = ".4g") -> str:
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return "n/a"
   return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
+def _text(run: Run, key: str) -> str:
+  """A figure, with +- its std over seeds where there is one."""
+  text, std = fmt(run.figures.get(key)), run.std.get(key)
+  return text if std is None or text == "n/a" else f"{text} +- {fmt(std, '.2g')}"
+
+
 def read_json(path: str, what: str) -> dict[str, Any]:
+  """The JSON object in path; ValueError naming `what` and path when it cannot be read."""
   try:
     with open(path, encoding="utf-8") as f:
       value = json.load(f)
@@ -94,20 +91,24 @@ def table(runs: Sequence[Run]) -> list[str]:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in runs:
     f, flops = r.figures, r.figures.get("cumulative_client_flops")
-    row = [r.label, _fmt(f.get("task")), _fmt(f.get("algorithm")), str(len(r.records)),
-           r.text("test_accuracy"), _fmt(f.get("rounds"), ".0f"), _fmt(flops, ".3e"),
-           _fmt(flops / base if flops is not None and base else None, ".3f"),
-           _fmt(f.get("min_coverage_x")), _fmt(f.get("min_coverage_y")),
-           _fmt(f.get("wall_time_s"), ".1f")] + ([r.text("weight_auc")] if auc else [])
+    row = [r.label, fmt(f.get("task")), fmt(f.get("algorithm")), str(len(r.records)),
+           _text(r, "test_accuracy"), fmt(f.get("rounds"), ".0f"), fmt(flops, ".3e"),
+           fmt(flops / base if flops is not None and base else None, ".3f"),
+           fmt(f.get("min_coverage_x")), fmt(f.get("min_coverage_y")),
+           fmt(f.get("wall_time_s"), ".1f")] + ([_text(r, "weight_auc")] if auc else [])
     lines.append("| " + " | ".join(row) + " |")
   return lines
+
+
+def _logged(run: Run) -> int:
+  return run.records[0][-1]["round"] if run.records[0] else 0
 
 
 def markdown(runs: Sequence[Run], unfinished: Sequence[Run]) -> str:
   lines = ["# Run comparison", ""] + table(runs) + [
       "", "Test accuracy is a fraction; FLOPs are analytic client FLOPs of the submodels "
       "actually run, relative to the first row."]
-  extra = [f"{r.label}: unweighted baseline {r.text('unweighted_test_accuracy')}"
+  extra = [f"{r.label}: unweighted baseline {_text(r, 'unweighted_test_accuracy')}"
            for r in runs if r.figures.get("unweighted_test_accuracy") is not None]
   if extra:
     lines += ["", "Hyper-cleaning, the same run trained unweighted on the noisy labels: "
@@ -117,49 +118,6 @@ def markdown(runs: Sequence[Run], unfinished: Sequence[Run]) -> str:
     lines += [f"- {u.label} ({u.path}): {_logged(u)} rounds logged so far" for u in unfinished]
   return "\n".join(lines + ["", "Workdirs: " + ", ".join(f"{r.label} = {r.path}" for r in runs),
                             ""])
-
-
-def _logged(run: Run) -> int:
-  return run.records[0][-1]["round"] if run.records[0] else 0
-
-
-def plot(path: str, runs: Sequence[Run], panels: Sequence[tuple[str, str, str]]) -> None:
-  """One panel per (x key, y key, y label): each run's mean over its seeds at the x values every
-  seed logged, with a min-max band over several seeds."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
-  for (xkey, ykey, ylabel), ax in zip(panels, axes):
-    for r in runs:
-      curves = [{rec[xkey]: rec[ykey] for rec in seed
-                 if xkey in rec and rec.get(ykey) is not None} for seed in r.records]
-      xs = sorted(set.intersection(*(set(c) for c in curves)))
-      if xs:
-        ys = np.array([[c[x] for x in xs] for c in curves])
-        label = r.label if len(curves) == 1 else f"{r.label} (mean of {len(curves)} seeds)"
-        line, = ax.plot(xs, ys.mean(axis=0), marker=".", label=label)
-        if len(curves) > 1:
-          ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
-    ax.set(xlabel=xkey.replace("_", " "), ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    if xkey == "cumulative_client_flops":
-      ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
-  axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def commit() -> dict[str, Any] | None:
-  """{"sha", "dirty"} of the git checkout holding this file (None outside one)."""
-  git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True,
-                                  timeout=60, check=True).stdout.strip()
-  try:
-    return {"sha": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-  except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
-    return None
 
 
 def figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -175,16 +133,14 @@ def figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def revisions(ref: str, passes: int, workdir: str) -> None:
-  """benchmark --compare: benchmark processes of revision `ref` (checked out in
-  WORKDIR/ref_tree) and of this checkout with this one's other flags, alternating (ref, this,
-  this, ref, ...); prints and writes to compare.json every figure's medians and their ratio."""
+  """Benchmark processes of revision `ref` (in WORKDIR/ref_tree) and of this checkout, with this
+  one's other flags, alternating; every figure's medians and their ratio to compare.json."""
   workdir = os.path.abspath(workdir)  # the sides run in their own trees
   tree = os.path.join(workdir, "ref_tree")
-  remove = ["git", "-C", ROOT, "worktree", "remove", "--force", tree]
-  subprocess.run(remove, capture_output=True, check=False)
-  made = subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, ref],
-                        capture_output=True, text=True, check=False)
-  if made.returncode != 0:
+  git = lambda *a: subprocess.run(["git", "-C", ROOT, "worktree", *a], capture_output=True,
+                                  text=True, check=False)
+  git("remove", "--force", tree)
+  if (made := git("add", "--detach", tree, ref)).returncode != 0:
     common.fail(f"--compare={ref}: cannot check it out into {tree}: {made.stderr.strip()}")
   argv = [a for a in sys.argv[1:] if a.lstrip("-").removeprefix("no").split("=")[0]
           not in ("compare", "passes", "workdir")]
@@ -203,34 +159,29 @@ def revisions(ref: str, passes: int, workdir: str) -> None:
                       "is above.")
         runs[side].append(figures(read_json(os.path.join(out, "benchmark.json"), "benchmark")))
   finally:
-    subprocess.run(remove, capture_output=True, check=False)
-  rows = {}
-  for n in runs["this"][0]:
-    if all(n in r for r in runs["ref"] + runs["this"]):
-      a, b = (statistics.median(r[n] for r in runs[side]) for side in ("ref", "this"))
-      rows[n] = {"ref": a, "this": b, "this_over_ref": b / a if a else None,
-                 "ref_runs": [r[n] for r in runs["ref"]], "this_runs": [r[n] for r in runs["this"]]}
+    git("remove", "--force", tree)
+  rows = {n: {"ref_runs": [r[n] for r in runs["ref"]], "this_runs": [r[n] for r in runs["this"]]}
+          for n in runs["this"][0] if all(n in r for r in runs["ref"] + runs["this"])}
   print(f"{'figure':<52} {ref[:12]:>12} {'this':>12} {'this/ref':>9}")
-  for n, r in rows.items():
+  for n, row in rows.items():
+    a, b = statistics.median(row["ref_runs"]), statistics.median(row["this_runs"])
+    row.update(ref=a, this=b, this_over_ref=b / a if a else None)
     if not n.endswith("total_time_s"):
-      ratio = _fmt(r["this_over_ref"], ".3f")
-      print(f"{n[:52]:<52} {r['ref']:>12.4g} {r['this']:>12.4g} {ratio:>9}")
-  write_json(os.path.join(workdir, "compare.json"), {"ref": ref, "this": commit(), "passes": passes,
-                                                      "argv": sys.argv, "figures": rows})
-  print(f"wrote {os.path.join(workdir, 'compare.json')}")
+      print(f"{n[:52]:<52} {a:>12.4g} {b:>12.4g} {fmt(row['this_over_ref'], '.3f'):>9}")
+  path = os.path.join(workdir, "compare.json")
+  write_json(path, dict(ref=ref, this=commit(ROOT), passes=passes, argv=sys.argv, figures=rows))
+  print(f"wrote {path}")
 
 
 def main(argv):
   del argv
   paths, out = WORKDIRS.value or [], OUT.value or common.WORKDIR.value
   labels = LABELS.value or paths
-  problems = [] if paths else ["--workdirs is required: a comma-separated list of run workdirs."]
-  if len(labels) != len(paths):
-    problems.append(f"--labels has {len(labels)} entries but --workdirs has {len(paths)}; give "
-                    "one label per workdir.")
-  if not out:
-    problems.append("--out (or --workdir) is required: the folder for compare.png and "
-                    "compare.md.")
+  checks = {"--workdirs is required: a comma-separated list of run workdirs.": paths,
+            f"--labels has {len(labels)} entries but --workdirs has {len(paths)}; give one label "
+            "per workdir.": len(labels) == len(paths),
+            "--out (or --workdir) is required: the folder for compare.png and compare.md.": out}
+  problems = [problem for problem, ok in checks.items() if not ok]
   loaded = []
   for path, label in zip(paths, labels):
     try:
@@ -250,10 +201,10 @@ def main(argv):
   with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
     f.write(markdown(runs, unfinished))
   for name, panels in PLOTS.items():
-    shown = runs if name == "compare.png" else [
-        r for r in runs if any("diag_cosine" in rec for seed in r.records for rec in seed)]
+    shown = [(r.label, r.records) for r in runs if name == "compare.png"
+             or any("diag_cosine" in rec for seed in r.records for rec in seed)]
     if shown:
-      plot(os.path.join(out, name), shown, panels)
+      plot_records(shown, os.path.join(out, name), panels=panels)
       print(f"wrote {os.path.join(out, name)}")
   print("\n".join(table(runs)))
   print(f"wrote {os.path.join(out, 'compare.md')}")

@@ -1,9 +1,7 @@
-"""Time to a test accuracy at FedNest's config A as a user waits for it, whole process, in a new
-HOME (cold: no compilation or font cache) and again in it (warm); with --seed_batch also the
-README main job's seeds. Writes WORKDIR/benchmark.json (BENCHMARKS.md; how the times are taken:
-docs/measurement.md).
+"""The benchmark's time_to_accuracy section: time to a test accuracy at FedNest's config A, whole
+process, cold (new HOME) and warm, and the README main job (BENCHMARKS.md; docs/measurement.md).
 
-  python -m experiments.time_to_accuracy --workdir=runs/tta
+  python -m experiments.benchmark --sections=time_to_accuracy --workdir=runs/tta
 """
 
 from __future__ import annotations
@@ -14,25 +12,19 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 from bilevel import algorithms, checkpoint
-from bilevel.metrics import write_json
 from experiments import common
-from experiments.compare import read_json
+from experiments.compare import fmt, read_json
 
 TARGET = flags.DEFINE_float("target", 0.895, "Test accuracy (fraction) to reach.")
-REFERENCE_S = flags.DEFINE_float("fednest_reference_s", 66.0, "FedNest's own time to the target "
-                                 "(its PyTorch code: 300-500 rounds at 0.221 s per round).")
-SEED_BATCH = flags.DEFINE_integer(
-    "seed_batch", 10, "Also time the README main job, whole process: one seed cold and warm, "
-    "and this many seeds batched (cold, warm) and one after another (warm). 0 skips it.")
-PRESETS = flags.DEFINE_boolean("presets", False, "Run each algorithm from its tuned flagfile "
-                               "(experiments/presets/hyper_representation_ALG.cfg).")
-MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 500, "Rounds a run may take; one that ends below "
-                                  "the target counts null.")
+REFERENCE_S = flags.DEFINE_float("fednest_reference_s", 66.0, "FedNest's own time to the target.")
+SEED_BATCH = flags.DEFINE_integer("seed_batch", 10, "Seeds of the README main job (0: skip it).")
+PRESETS = flags.DEFINE_boolean("presets", False, "Each algorithm from its tuned flagfile.")
+MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 500, "Rounds a run may take.")
 # --algorithms and --driver_flags (common.py): what to time, and flags for every timed process.
 DEFAULTS = {"seed": 1, "algorithms": ["rafbo", "fednest"]}  # FedNest's config-A seed (README)
 EVAL_EVERY, POLL_S, TERM_WAIT_S = 5, 0.2, 30.0
@@ -44,8 +36,7 @@ DRIVER = [sys.executable, "-m", "experiments.hyper_representation"]
 
 
 def scan_metrics(path: str, target: float) -> tuple[dict | None, dict | None]:
-  """(first record with test_accuracy >= target, last record with test_accuracy up to it) of a
-  metrics.jsonl being written (its torn last line is not read)."""
+  """(first record with test_accuracy >= target, last record with test_accuracy up to it)."""
   last = None
   for record in checkpoint.read_metrics(path, math.inf, rewrite=False):
     if isinstance(record.get("test_accuracy"), (int, float)):
@@ -61,14 +52,13 @@ def preset(algorithm: str) -> str:
 
 
 def user_env(home: str) -> dict[str, str]:
-  """This environment with HOME=home and no cache-folder variables: a driver started with it
-  keeps its compilation cache (and matplotlib its font cache) under home."""
+  """This environment with HOME=home and no cache-folder variables."""
   drop = ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "JAX_COMPILATION_CACHE_DIR", "MPLCONFIGDIR")
   return dict({k: v for k, v in os.environ.items() if k not in drop}, HOME=home)
 
 
 def cache_files(home: str) -> int:
-  """Files in the driver's default compilation cache folder under home (user_env)."""
+  """Files in the driver's default compilation cache folder under home."""
   folder = common.default_cache_dir(home)
   return len(os.listdir(folder)) if os.path.isdir(folder) else 0
 
@@ -79,13 +69,14 @@ def _fresh(folder: str) -> str:
   return folder
 
 
-def timed(cmd: list[str], run_dir: str, home: str, target: float) -> tuple[Any, ...]:
-  """(seconds, reached, last, ended, exit code) of cmd run with HOME=home until
-  run_dir/metrics.jsonl holds test_accuracy >= target (then SIGTERM; SIGKILL after TERM_WAIT_S)
-  or it ends; its output goes to run_dir/driver.log."""
-  with open(os.path.join(run_dir, "driver.log"), "w", encoding="utf-8") as log:
+def timed(name: str, args: list[str], home: str, target: float) -> dict[str, Any]:
+  """The driver with args in a new WORKDIR/name and HOME=home until its metrics reach target
+  (then SIGTERM, SIGKILL after TERM_WAIT_S) or it ends; a failed run's folder is kept."""
+  run_dir = _fresh(os.path.join(common.WORKDIR.value, name))
+  cmd, log = [*DRIVER, f"--workdir={run_dir}", *args], os.path.join(run_dir, "driver.log")
+  with open(log, "w", encoding="utf-8") as out:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=user_env(home))
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=user_env(home))
     try:
       while True:
         try:
@@ -104,67 +95,60 @@ def timed(cmd: list[str], run_dir: str, home: str, target: float) -> tuple[Any, 
         except subprocess.TimeoutExpired:
           proc.kill()
           proc.wait()
-  return seconds, reached, last, ended, proc.returncode
-
-
-def _finish(run_dir: str, failed: bool) -> str | None:
-  """A failed run's last line of driver.log (its folder is kept); else None, folder removed."""
-  if not failed:
-    return shutil.rmtree(run_dir, ignore_errors=True)
-  with open(os.path.join(run_dir, "driver.log"), encoding="utf-8", errors="replace") as f:
-    return (f.read().strip().splitlines() or ["(no output)"])[-1]
+  run = dict(seconds=seconds, reached=reached or {}, last=last or {}, ended=ended, log=log,
+             code=proc.returncode, command=" ".join(cmd[1:]), error=None, summary={})
+  if reached is None and proc.returncode != 0:
+    with open(log, encoding="utf-8", errors="replace") as f:
+      run["error"] = (f.read().strip().splitlines() or ["(no output)"])[-1]
+    return run
+  if os.path.exists(os.path.join(run_dir, "summary.json")):
+    run["summary"] = read_json(os.path.join(run_dir, "summary.json"), "summary")
+  shutil.rmtree(run_dir, ignore_errors=True)
+  return run
 
 
 def time_algorithm(algorithm: str, state: str, home: str, rounds: int, eval_every: int,
                    target: float) -> dict[str, Any]:
-  """One config-A driver process timed to the target (speedup: --fednest_reference_s over it)."""
-  run_dir = _fresh(os.path.join(common.WORKDIR.value, f"{algorithm}_{state}"))
+  """One config-A driver process timed to the target."""
   steps = f"--flagfile={preset(algorithm)}" if PRESETS.value else f"--algorithm={algorithm}"
-  cmd = [*DRIVER, f"--workdir={run_dir}", steps, *CONFIG_A, f"--rounds={rounds}",
-         f"--eval_every={eval_every}", f"--seed={common.SEED.value}", "--log_every=100000",
-         *common.DRIVER_FLAGS.value]
-  seconds, reached, last, ended, code = timed(cmd, run_dir, home, target)
-  seconds, reached, last = seconds if reached else None, reached or {}, last or {}
-  try:  # the driver's own process age at that record: its start-up + its run's wall time
-    age = reached["time_to_first_round_s"] - reached["first_round_s"] + reached["wall_time_s"]
-  except (KeyError, TypeError):
-    age = None
-  error = _finish(run_dir, failed=not reached and code != 0)
+  run = timed(f"{algorithm}_{state}", [steps, *CONFIG_A, f"--rounds={rounds}",
+                                       f"--eval_every={eval_every}", f"--seed={common.SEED.value}",
+                                       "--log_every=100000", *common.DRIVER_FLAGS.value],
+              home, target)
+  reached, last = run["reached"], run["last"]
+  seconds = run["seconds"] if reached else None
+  age = (reached["time_to_first_round_s"] - reached["first_round_s"] + reached["wall_time_s"]
+         if reached else None)  # the driver's own process age at that record
   return dict(seconds_to_target=seconds, round_reached=reached.get("round"),
               speedup=REFERENCE_S.value / seconds if seconds else None,
               test_accuracy_at_target=reached.get("test_accuracy"), driver_reported_s=age,
-              detected_after_exit=bool(reached) and ended,  # seconds include the exit
+              detected_after_exit=bool(reached) and run["ended"],  # seconds include the exit
               last_round=last.get("round"), last_test_accuracy=last.get("test_accuracy"),
               first_round_s=last.get("first_round_s"),
               time_to_first_round_s=last.get("time_to_first_round_s"),
               cache_files=cache_files(home),  # a warm run that adds none loaded them all
-              exit_code=code, error=error, command=" ".join(cmd[1:]),
-              **({"log": os.path.join(run_dir, "driver.log")} if error else {}))
+              exit_code=run["code"], error=run["error"], command=run["command"],
+              **({"log": run["log"]} if run["error"] else {}))
 
 
-def time_seeds(num_seeds: int) -> dict[str, Any]:
-  """The README main job, whole process: one seed (cold, warm) against num_seeds seeds batched
-  (cold, warm) and one after another (warm), all in one new HOME."""
+def time_main_job(num_seeds: int) -> dict[str, Any]:
+  """The README main job: one seed (cold, warm), num_seeds batched (cold, warm) and one after
+  another (warm), all in one new HOME."""
   home = _fresh(os.path.join(common.WORKDIR.value, "home_main"))
   seeds = f"--seeds={','.join(str(s) for s in range(num_seeds))}"
   out: dict[str, Any] = {"num_seeds": num_seeds, "commands": {}}
   for name, extra in (("one_seed_cold", []), ("one_seed_warm", []),
                       ("seeds_batched_cold", [seeds]), ("seeds_batched_warm", [seeds]),
                       ("seeds_sequential_warm", [seeds, "--nobatch_seeds"])):
-    print(f"=== main job: {name.replace('_', ' ')}", flush=True)
-    run_dir = _fresh(os.path.join(common.WORKDIR.value, f"main_{name}"))
-    cmd = [*DRIVER, f"--workdir={run_dir}", *extra] + ["--smoke"] * common.SMOKE.value
-    seconds, _, _, _, code = timed(cmd, run_dir, home, math.inf)
-    try:
-      summary = read_json(os.path.join(run_dir, "summary.json"), "summary")
-      summary = summary.get("mean", summary)  # several seeds: the mean over them
-      out[f"{name}_time_to_first_round_s"] = summary.get("time_to_first_round_s")
-    except (OSError, ValueError):
-      out[f"{name}_time_to_first_round_s"] = None
-    out[f"{name}_s"], out["commands"][name] = seconds if code == 0 else None, " ".join(cmd[1:])
-    if error := _finish(run_dir, failed=code != 0):
-      out.setdefault("errors", {})[name] = f"exit code {code}: {error}"
-    print(f"  {_fmt(out[f'{name}_s'], '.1f')} s", flush=True)
+    run = timed(f"main_{name}", extra + ["--smoke"] * common.SMOKE.value, home, math.inf)
+    summary = run["summary"].get("mean", run["summary"])  # several seeds: the mean over them
+    out[f"{name}_time_to_first_round_s"] = summary.get("time_to_first_round_s")
+    out[f"{name}_s"] = run["seconds"] if run["code"] == 0 else None
+    out["commands"][name] = run["command"]
+    if run["error"]:
+      out.setdefault("errors", {})[name] = f"exit code {run['code']}: {run['error']}"
+    print(f"=== README main job, {name.replace('_', ' ')}: {fmt(out[f'{name}_s'], '.1f')} s",
+          flush=True)
   for name in ("seeds_batched_warm", "seeds_sequential_warm"):
     one, many = out["one_seed_warm_s"], out[f"{name}_s"]
     out[f"{name}_over_one_seed"] = many / one if many and one else None
@@ -174,12 +158,12 @@ def time_seeds(num_seeds: int) -> dict[str, Any]:
 
 def check_flags() -> list[str]:
   names, known = common.ALGORITHM_LIST.value, sorted(algorithms.names())
-  problems = [f"--algorithms={','.join(names)}: give one or more of {', '.join(known)}, each "
-              "once."] if not names or len(set(names)) != len(names) else []
-  problems += [f"--algorithms: unknown algorithm {n!r}." for n in names if n not in known]
+  problems = [f"--algorithms: unknown algorithm {n!r}." for n in names if n not in known]
   problems += [f"--algorithms: {n} has no preset {preset(n)}." for n in names
                if PRESETS.value and n in known and not os.path.isfile(preset(n))]
-  checks = {f"--target={TARGET.value} is outside [0, 1].": 0 <= TARGET.value <= 1,
+  checks = {f"--algorithms={','.join(names)}: give one or more of {', '.join(known)}, each "
+            "once.": names and len(set(names)) == len(names),
+            f"--target={TARGET.value} is outside [0, 1].": 0 <= TARGET.value <= 1,
             f"--fednest_reference_s={REFERENCE_S.value} must be > 0.": REFERENCE_S.value > 0,
             f"--seed_batch={SEED_BATCH.value} must be 0 (skip) or >= 2.": SEED_BATCH.value != 1
             and SEED_BATCH.value >= 0,
@@ -189,58 +173,29 @@ def check_flags() -> list[str]:
   return problems + [problem for problem, ok in checks.items() if not ok]
 
 
-def _fmt(value: Any, spec: str = "") -> str:
-  """format(value, spec), or "-" at the spec's width for None."""
-  return format(value, spec) if value is not None else format("-", f">{spec.split('.')[0]}")
-
-
-def main(argv: Sequence[str]) -> None:
-  common.start_driver(DEFAULTS)
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  common.gather(check_flags())  # every problem in one error, --workdir's included
-  workdir = common.require_workdir()
+def figures(reps: int) -> dict[str, Any]:
+  """Each --algorithms cold and warm to the target, then (--seed_batch) the README main job."""
+  del reps
   rounds, eval_every, target = MAX_ROUNDS.value, EVAL_EVERY, TARGET.value
   if common.SMOKE.value:
     rounds, eval_every, target = SMOKE_ROUNDS, SMOKE_EVAL_EVERY, SMOKE_TARGET
-  start, results = time.perf_counter(), {}
+  results = {}
   for algorithm in common.ALGORITHM_LIST.value:
-    home = _fresh(os.path.join(workdir, f"home_{algorithm}"))  # cold: a new, empty home
+    home = _fresh(os.path.join(common.WORKDIR.value, f"home_{algorithm}"))  # cold: new, empty
     for state in ("cold", "warm"):
-      print(f"=== {algorithm}, {state} (HOME={home})", flush=True)
       r = results.setdefault(algorithm, {})[state] = time_algorithm(
           algorithm, state, home, rounds, eval_every, target)
-      print(f"  {_fmt(r['seconds_to_target'], '.1f')} s to {target:g} at round "
-            f"{_fmt(r['round_reached'])}: {_fmt(r['speedup'], '.2f')}x FedNest's "
-            f"{REFERENCE_S.value:g} s; first round {_fmt(r['first_round_s'], '.2f')} s, last "
-            f"accuracy {_fmt(r['last_test_accuracy'], '.4f')}"
-            + (f"; error: {r['error']}" if r["error"] else ""), flush=True)
+      print(f"=== {algorithm}, {state}: {fmt(r['seconds_to_target'], '.1f')} s to {target:g}, "
+            f"round {fmt(r['round_reached'])}; error: {r['error']}", flush=True)
     shutil.rmtree(home, ignore_errors=True)
-  main_job = time_seeds(SEED_BATCH.value) if SEED_BATCH.value else None
-  path = os.path.join(workdir, "benchmark.json")
-  write_json(path, dict(  # JAX starts here only now: on a GPU it would hold memory meanwhile
-      versions=common.versions(), device=common.device_info(), argv=sys.argv, target=target,
-      seed=common.SEED.value, fednest_reference_s=REFERENCE_S.value,
-      fednest_reference=FEDNEST_REFERENCE,
-      settings=dict(max_rounds=rounds, eval_every=eval_every, config_a=CONFIG_A,
-                    steps="presets" if PRESETS.value else "library defaults",
-                    home="a new folder per algorithm (cold), then the same (warm)",
-                    driver_flags=common.DRIVER_FLAGS.value, poll_interval_s=POLL_S,
-                    smoke=common.SMOKE.value, cpu_count=os.cpu_count(),
-                    persistent_cache_min_compile_time_s=float(os.environ.get(
-                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0))),
-      results=results, main_job=main_job, total_time_s=time.perf_counter() - start))
-  if main_job is not None:
-    print("README main job, whole process (s): " + ", ".join(
-        f"{k} {_fmt(v, '.1f')}" for k, v in main_job.items()
-        if k.endswith(("cold_s", "warm_s", "_seed"))))
-  print(f"wrote {path}")
+  main_job = time_main_job(SEED_BATCH.value) if SEED_BATCH.value else None
   failed = [f"{a} ({s})" for a, states in results.items() for s, r in states.items() if r["error"]]
   failed += [f"main job ({name})" for name in (main_job or {}).get("errors", {})]
-  if failed:
-    common.fail(f"the driver process of {', '.join(failed)} stopped with an error (its last "
-                f"line is in {path}; its folder and driver.log are kept).")
-
-
-if __name__ == "__main__":
-  app.run(main)
+  return {"time_to_accuracy": dict(
+      target=target, seed=common.SEED.value, fednest_reference_s=REFERENCE_S.value,
+      fednest_reference=FEDNEST_REFERENCE, results=results, main_job=main_job, failed=failed,
+      settings=dict(max_rounds=rounds, eval_every=eval_every, config_a=CONFIG_A,
+                    steps="presets" if PRESETS.value else "library defaults",
+                    driver_flags=common.DRIVER_FLAGS.value, poll_interval_s=POLL_S,
+                    persistent_cache_min_compile_time_s=float(os.environ.get(
+                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0))))}

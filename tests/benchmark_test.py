@@ -1,5 +1,5 @@
 """The benchmark driver: its helpers, a tiny run's benchmark.json keys and --compare (timings are
-not asserted: the CPU is shared)."""
+not asserted: the CPU is shared). Its time_to_accuracy section: tests/time_to_accuracy_test.py."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import tempfile
 import pytest
 from absl.testing import absltest
 
+from bilevel import metrics
 from experiments import benchmark, compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +40,12 @@ class HelpersTest(absltest.TestCase):
                       "keep_ratio_devices": 2.0})
 
   def test_import_leaves_the_shared_flag_defaults(self):
-    # The benchmark applies its own --cpu_devices / --clients_per_round / --local_steps in
-    # main(); importing it (as this file does) must not change them for other drivers' tests.
+    # The benchmark applies its own --cpu_devices / --clients_per_round / --local_steps (and the
+    # time_to_accuracy section's --seed / --algorithms) in main(); importing it (as this file
+    # does) must not change them for other drivers' tests.
     from absl import flags  # pylint: disable=g-import-not-at-top
-    common_defaults = {"cpu_devices": 1, "clients_per_round": 10, "local_steps": 5}  # common.py
+    common_defaults = {"cpu_devices": 1, "clients_per_round": 10, "local_steps": 5,  # common.py
+                       "seed": 0, "algorithms": None}
     self.assertEqual(set(common_defaults), set(benchmark.BENCH_DEFAULTS))
     for name, default in common_defaults.items():
       self.assertEqual(flags.FLAGS[name].default, default, name)
@@ -52,7 +55,7 @@ class HelpersTest(absltest.TestCase):
                           text=True, check=False)
     if head.returncode != 0:
       self.skipTest("not a git checkout")
-    self.assertEqual(compare.commit()["sha"], head.stdout.strip())
+    self.assertEqual(metrics.commit(ROOT)["sha"], head.stdout.strip())
 
 
 @pytest.mark.slow
@@ -63,7 +66,7 @@ class BenchmarkTest(absltest.TestCase):
     argv = [sys.executable, "-m", "experiments.benchmark", f"--workdir={workdir}", "--reps=1",
             "--bench_in_dim=8", "--hidden=8", "--batch_size=4", "--clients_per_round=4",
             "--loop_clients=2,3", "--scaling_clients=2", "--estimator_rows=4",
-            "--estimator_steps=1", "--bench_devices=0", "--cpu_devices=2",
+            "--estimator_steps=1", "--cpu_devices=2",
             "--sections=keep_ratio,vmap_loop,estimators,scaling"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -72,10 +75,14 @@ class BenchmarkTest(absltest.TestCase):
       result = json.load(f)
     self.assertEqual(set(result["keep_ratio_time_ratio"]), {"0.5", "0.25"})
     # The keep-ratio figure's rounds were sharded over the 2 CPU devices (--cpu_devices), with
-    # the one-device rounds timed next to them.
+    # the one-device rounds timed next to them; both give the same numbers up to float32
+    # summation order.
     self.assertEqual(result["keep_ratio_devices"], 2)
     self.assertEqual(set(result["keep_ratio_one_device"]["time_ratio"]), {"0.5", "0.25"})
     self.assertEqual(set(result["keep_ratio_one_device"]["round_time_s"]), {"1.0", "0.5", "0.25"})
+    diffs = result["keep_ratio_max_leaf_rel_diff"]
+    self.assertEqual(set(diffs), {"1.0", "0.5", "0.25"})
+    self.assertLess(max(diffs.values()), 1e-4)
     # Three keep ratios: the round-time model t(r) = a + b r is fitted per device count.
     for model in (result["keep_ratio_model"], result["keep_ratio_one_device"]["model"]):
       self.assertEqual(set(model), {"a_s", "b_s", "fixed_share_at_r1", "max_rel_residual"})
@@ -97,7 +104,7 @@ class BenchmarkTest(absltest.TestCase):
     # A relative --workdir: each side runs in its own tree, the results land in this one.
     workdir = os.path.relpath(workdir, ROOT)
     argv = [sys.executable, "-m", "experiments.benchmark", f"--workdir={workdir}", "--smoke",
-            "--sections=keep_ratio", "--bench_devices=0", "--compare=HEAD", "--passes=1"]
+            "--sections=keep_ratio", "--compare=HEAD", "--passes=1"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])

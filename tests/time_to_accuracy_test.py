@@ -1,7 +1,7 @@
-"""experiments.time_to_accuracy: the metrics scan it polls with, and a --smoke run of the
-driver (two driver subprocesses, cold and warm cache, then the main job's five seed timings)
-writing benchmark.json. Times are not
-asserted beyond being positive: the CPU is shared."""
+"""The benchmark's time_to_accuracy section (experiments/time_to_accuracy.py): the metrics scan
+it polls with, and a --smoke run (two driver subprocesses, cold and warm cache, then the main
+job's five seed timings) writing benchmark.json. Times are not asserted beyond being positive:
+the CPU is shared."""
 
 import json
 import os
@@ -72,15 +72,19 @@ class DriverTest(absltest.TestCase):
 
   def test_smoke_run_times_cold_and_warm(self):
     workdir = tempfile.mkdtemp()
-    argv = [sys.executable, "-m", "experiments.time_to_accuracy", f"--workdir={workdir}",
-            "--algorithms=rafbo", "--smoke"]
+    argv = [sys.executable, "-m", "experiments.benchmark", "--sections=time_to_accuracy",
+            f"--workdir={workdir}", "--algorithms=rafbo", "--smoke"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     with open(os.path.join(workdir, "benchmark.json")) as f:
-      result = json.load(f)
-    for key in ("versions", "device", "settings", "target", "seed", "fednest_reference_s"):
+      everything = json.load(f)
+    for key in ("versions", "device", "settings", "commit"):
+      self.assertIn(key, everything)
+    result = everything["time_to_accuracy"]
+    for key in ("settings", "target", "seed", "fednest_reference_s"):
       self.assertIn(key, result)
+    self.assertEqual(result["failed"], [])
     self.assertEqual(result["seed"], 1)
     self.assertEqual(result["target"], 0.0)
     self.assertEqual(result["fednest_reference_s"], 66.0)
@@ -114,7 +118,7 @@ class DriverTest(absltest.TestCase):
     self.assertIn("README main job", proc.stdout)
 
   def test_bad_flags_are_one_error(self):
-    argv = [sys.executable, "-m", "experiments.time_to_accuracy",
+    argv = [sys.executable, "-m", "experiments.benchmark", "--sections=time_to_accuracy",
             f"--workdir={tempfile.mkdtemp()}", "--algorithms=rafbo,warp", "--target=1.5"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
