@@ -4,7 +4,6 @@ network trained with plain Adam on all training images; summary.json: per seed, 
   python -m experiments.centralised --model=cnn --seeds=0,1,2
   python -m experiments.centralised --model=mlp --seeds=0,1,2
 """
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,8 +50,7 @@ def train(seed: int, ds) -> float:
 
 
 def main(argv):
-  del argv
-  common.start_driver()
+  common.start_driver(argv=argv)
   if EPOCHS.value < 1 or LR.value <= 0 or common.BATCH_SIZE.value < 1:
     common.fail("--epochs and --batch_size must be >= 1 and --lr > 0.")
   ds, seeds = common.load_data(), common.parse_seeds() or [common.SEED.value]

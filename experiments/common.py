@@ -26,35 +26,19 @@ NUM_CLIENTS = flags.DEFINE_integer("num_clients", 20, "Simulated clients M.")
 CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampled per round.")
 ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(algorithms.names()), "Algorithm.")
 LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5", "rx/ry:share,...")
-# Options fields (mask_granularity: granularity) -> help; defaults _LIB's, but granularity's.
-_ALGORITHM_FLAGS = {
-    "estimator": "Hypergradient estimator: fd, exact, neumann, cg.",
-    "mask_policy": "random, rolling, static, magnitude.",
-    "mask_granularity": "unit or element.",
-    "redraw_levels": "Redraw client levels each round.",
-    "allow_uncovered": "Accept mask settings that never cover some outer units.",
-    "local_steps": "Local steps K per round (RAFBO).",
-    "inner_steps": "Inner steps T per local step (fednest: local_ep, epochs of SVRG steps).",
-    "inner_lr": "Inner step size beta.",
-    "inner_step": "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg), fixed = inner_lr.",
-    "outer_lr": "Outer (hypergradient) step size alpha.",
-    "x_trust": "Cap a client's x delta norm at x_trust x its submodel x's norm; 0 = off.",
-    "x_trust_scope": "Where --x_trust measures norms: per layer of x, or all of x.",
-    "num_steps": "v updates / Neumann terms / CG iterations.",
-    "v_lr": "Step size eta of the v update and Neumann series (fednest: --outer_lr).",
-    "fednest_neumann": "fednest's v: code = its code's closed form, series = the Neumann series.",
-    "delta": "Finite-difference probe length (fd).",
-    "radius": "Optional projection radius for v.",
-    "v_step": "v update of fd / exact: cauchy = min(v_lr, r'r / r'Hr), fixed = v_lr.",
-    "server_lr": "Server step s on the coverage mean.",
-    "aggregation": "coverage or zero_fill (ablation).",
-}
+# Flags of the bilevel.algorithms.Options fields of their name (mask_granularity: granularity),
+# described there; their defaults: _LIB's, but mask_granularity's "unit".
+_ALGORITHM_FLAGS = ("estimator", "mask_policy", "mask_granularity", "redraw_levels",
+                    "allow_uncovered", "local_steps", "inner_steps", "inner_lr", "inner_step",
+                    "outer_lr", "x_trust", "x_trust_scope", "num_steps", "v_lr", "fednest_neumann",
+                    "delta", "radius", "v_step", "server_lr", "aggregation")
 _CHOICES = dict(inner_step=["cauchy", "fixed"], v_step=["cauchy", "fixed"],
                 x_trust_scope=["layer", "model"], fednest_neumann=["code", "series"])
 _DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string, type(None): flags.DEFINE_float}
-for _name, _help in _ALGORITHM_FLAGS.items():
+for _name in _ALGORITHM_FLAGS:
   _default = "unit" if _name == "mask_granularity" else getattr(_LIB, _name)
+  _help = "An algorithm option (bilevel.algorithms.Options; docs/drivers.md)."
   if _name in _CHOICES:
     flags.DEFINE_enum(_name, _default, _CHOICES[_name], _help)
   else:
@@ -92,21 +76,17 @@ DRIVER_FLAGS = flags.DEFINE_list("driver_flags", [], "Flags for every driver pro
 _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
                       "reuse_host_memory", "seeds", "batch_seeds", "compilation_cache",
                       "num_processes", "coordinator_address", "process_id")
-_FLAG_DEFAULTS: dict[str, Any] = {}  # flag -> its own default, for flags a task's defaults set
 
 
-def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
-  """A driver's start: the task's flag `defaults`, --smoke, --cpu_devices, the compilation cache,
-  jax.distributed (gloo), --reuse_host_memory (returns whether it applied)."""
-  for name, value in _FLAG_DEFAULTS.items():  # one process may run several drivers (tests)
-    flags.FLAGS.set_default(name, value)
-  for name, value in (defaults or {}).items():
-    _FLAG_DEFAULTS.setdefault(name, flags.FLAGS[name].default)
+def start_driver(defaults: Mapping[str, Any] | None = None, argv: Sequence[str] = ()) -> bool:
+  """The process start (docs/drivers.md); returns whether --reuse_host_memory applied."""
+  for name, value in (defaults or {}).items():  # tests: flagsaver restores the flags' own
     flags.FLAGS.set_default(name, value)
   if SMOKE.value:
     flags.FLAGS.rounds, flags.FLAGS.eval_every = min(ROUNDS.value, 2), 1
   n, pid, cpus = NUM_PROCESSES.value, PROCESS_ID.value, CPU_DEVICES.value
   fail(*[problem for problem, bad in (
+      (f"unexpected arguments: {' '.join(argv[1:])}", len(argv) > 1),
       (f"--cpu_devices={cpus} must be >= 1.", cpus < 1),
       (f"--num_processes={n} must be >= 0.", n < 0),
       (f"--num_processes={n} needs --coordinator_address=HOST:PORT of process 0.",
@@ -152,6 +132,7 @@ def client_mesh():
   n = DEVICES.value or len(jax.devices())
   return None if n == 1 else sharding.client_mesh(n)
 
+
 def fail(*problems: str) -> None:
   """Given problems: end the program with them in one error paragraph, exit code 2."""
   if problems:
@@ -167,7 +148,7 @@ def gather(problems: list[str], *checks: Callable[[], Any]) -> list[Any]:
   for check in checks:
     try:
       results.append(check())
-    except (ConfigError, data_lib.DataError) as e:
+    except (ConfigError, data_lib.DataError, checkpoint.CheckpointError) as e:
       problems.append(str(e))
       results.append(None)
   if not WORKDIR.value:
@@ -183,9 +164,8 @@ def require_workdir() -> str:
 
 
 def make_algorithm(problem: Any, layout: Any, **task: Any) -> algorithms.Algorithm:
-  """--algorithm by bilevel.algorithms.get for --num_clients clients: each shared algorithm flag
-  that is given, or left at its default where the algorithm has no default of its own, and the
-  task's keywords (sample, cost, submodel, mesh, ...; they win). Raises ConfigError."""
+  """--algorithm for --num_clients clients: the algorithm flags given, or at their default where
+  the algorithm has none of its own, and the task's keywords (they win). Raises ConfigError."""
   own = algorithms.own_options(ALGORITHM.value)
   names = {name: name for name in ("clients_per_round", "levels", "seed", *_ALGORITHM_FLAGS)}
   names["mask_granularity"] = "granularity"
@@ -230,6 +210,7 @@ def parse_seeds() -> list[int] | None:
     fail(f"--seeds={','.join(SEEDS.value)} must be distinct integers >= 0, comma-separated.")
   return seeds or None
 
+
 def config_dict(alg: algorithms.Algorithm) -> dict[str, Any]:
   """alg's configuration for config.json: name, population, plain-valued options, levels."""
   plain = {k: v for k, v in alg.options._asdict().items()
@@ -251,8 +232,7 @@ def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 def start_run(workdir: str, config: Mapping[str, Any]) -> bool:
-  """Prepare workdir: True to resume its checkpoint of the same run (another run's: an error),
-  else earlier results removed and config.json written."""
+  """True to resume workdir's checkpoint of this run; else its results removed, config written."""
   config_path = os.path.join(workdir, "config.json")
   flag_values = {f.name: f.value for module, module_flags in
                  flags.FLAGS.flags_by_module_dict().items() if "experiments" in module
@@ -292,6 +272,7 @@ def write_summary(workdir: str, summary: Mapping[str, Any], show: bool = False) 
       print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
   return summary
 
+
 class SeedRun(NamedTuple):
   """A run prepared, not started; finish(all its records) writes its summary and returns it."""
   workdir: str
@@ -318,14 +299,11 @@ def _after_checkpoint() -> None:  # test hooks: SIGKILL / SIGSTOP after the N-th
 
 def run_prepared(runs: Sequence[tuple[int, SeedRun]], batched: bool = False
                  ) -> dict[int, dict[str, Any] | None] | None:
-  """Run (or resume) [(seed, run)] one after another, or batched as one vmapped program, each
-  then finished: {seed: its last summary, None if one of its runs stopped}; None (the reason
-  printed) when they cannot be batched."""
-  try:
-    files = [checkpoint.RunFiles(run.workdir, run.state, run.resume, sharding.is_writer(),
-                                 run.title, _after_checkpoint) for _, run in runs]
-  except checkpoint.CheckpointError as e:
-    fail(str(e))
+  """Run (or resume) and finish [(seed, run)] one after another or batched: {seed: its last
+  summary, None if one of its runs stopped}; None (the reason printed) if they cannot batch."""
+  files = gather([], lambda: [checkpoint.RunFiles(
+      run.workdir, run.state, run.resume, sharding.is_writer(), run.title, _after_checkpoint)
+      for _, run in runs])[0]
   keywords = dict(num_rounds=ROUNDS.value, eval_every=EVAL_EVERY.value, log=logging.info,
                   log_every=LOG_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
                   blowup_factor=DIVERGENCE_FACTOR.value)
@@ -369,8 +347,8 @@ def run_prepared(runs: Sequence[tuple[int, SeedRun]], batched: bool = False
 
 
 def for_each_seed(prepare_one: Callable[[], Sequence[SeedRun]]) -> None:
-  """Run prepare_one()'s runs (its ConfigError / DataError: the end of the program) of --seed,
-  or of each --seeds value into WORKDIR/seed_S, then write and print their combined summary."""
+  """Run prepare_one()'s runs of --seed, or of each --seeds value into WORKDIR/seed_S and write
+  their combined summary; a ConfigError or DataError of prepare_one ends the program."""
   seeds = parse_seeds()
   if seeds is None:
     if None in run_prepared([(SEED.value, run) for run in gather([], prepare_one)[0]]).values():

@@ -1,8 +1,5 @@
-"""Theory check (docs/method.md, section 10): flags -> bilevel.tasks.coverage_rate's parts ->
-config.json, metrics.jsonl (one line per run), summary.json (from those lines, with each part's
-wall time), coverage_rate.png (the rate part). The shared federated flags other than --v_step
-and --inner_step (default here: fixed) are fixed per algorithm and rejected. --quick: the
-sweep's QUICK values for the flags not given (the rate part, under a minute on 2 cores).
+"""Theory check (docs/method.md, section 10; docs/tools.md): flags -> the parts of
+bilevel.tasks.coverage_rate -> config.json, metrics.jsonl, summary.json, coverage_rate.png.
 
     python -m experiments.coverage_rate --workdir=/tmp/coverage_rate --quick
 """
@@ -54,7 +51,7 @@ def config_from_flags() -> sweep.SweepConfig:
                    if f.present and f.name not in _SHARED_FLAGS_USED)
   if ignored:
     raise ConfigError(f"{', '.join('--' + n for n in ignored)} not used by coverage_rate: its "
-                      "federated settings are fixed per algorithm (see its docstring); sweep with "
+                      "federated settings are fixed per algorithm (docs/tools.md); sweep with "
                       "--coverages, --rounds_list, --num_seeds, --grad_noise, --alpha0.")
   ints = lambda values: tuple(sorted({int(v) for v in values}))
   distinct = lambda values: tuple(dict.fromkeys(values))
@@ -80,9 +77,7 @@ def config_from_flags() -> sweep.SweepConfig:
 
 
 def main(argv: Sequence[str]) -> None:
-  common.start_driver()
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  common.start_driver(argv=argv)
   cfg = common.gather([], config_from_flags)[0]
   workdir = common.require_workdir()
   common.start_run(workdir, cfg._asdict())  # removes earlier results, writes config.json

@@ -25,8 +25,7 @@ BASELINE_UNWEIGHTED = flags.DEFINE_boolean("baseline_unweighted", False, "Also w
 
 
 def main(argv):
-  del argv
-  common.start_driver(task.DEFAULTS)
+  common.start_driver(task.DEFAULTS, argv)
   common.for_each_seed(prepare_one)
 
 

@@ -22,8 +22,7 @@ WIDTH_SCALE = flags.DEFINE_boolean("width_scale", False, "Scale features by K / 
 
 
 def main(argv):
-  del argv
-  common.start_driver()
+  common.start_driver(argv=argv)
   common.for_each_seed(lambda: [prepare_one()])
 
 

@@ -1,6 +1,5 @@
 """Task 1's round, built as experiments.hyper_representation builds it (same flags), measured
 every --probe_every rounds: one JSON line each (docs/method.md, section 8; figures: docs/tools.md).
-Measurement only: it writes the run's config.json into --workdir and nothing else.
 
   python -m experiments.probe --probe=stability --workdir=runs/probe --partition=dirichlet \\
       --alpha=0.1 --flagfile=experiments/presets/hyper_representation_rafbo.cfg --inner_step=fixed
@@ -93,8 +92,7 @@ def units(run: common.SeedRun):
 
 
 def main(argv):
-  del argv
-  common.start_driver()
+  common.start_driver(argv=argv)
   run = common.gather([], task.prepare_one)[0]
   step, report = dict(stability=stability, units=units)[PROBE.value](run)
   state = run.state

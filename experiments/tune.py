@@ -35,7 +35,7 @@ _OWN_FLAGS = STEPS + ("seeds", "seed", "workdir", "eval_split", "algorithm", "pa
 def partitions() -> dict[str, dict[str, Any]]:
   """--tune_partitions as {name: the driver flags that select it}."""
   out = {}
-  for item in PARTITIONS.value:
+  for item in PARTITIONS.value or [""]:  # none: an error
     scheme, _, alpha = item.partition(":")
     if item in ("iid", "shards"):
       out[item] = dict(partition=item)
@@ -44,8 +44,6 @@ def partitions() -> dict[str, dict[str, Any]]:
     else:
       common.fail(f"--tune_partitions: {item!r} is not iid, shards or dirichlet:ALPHA with a "
                   "concentration ALPHA > 0, e.g. dirichlet:0.1.")
-  if not out:
-    common.fail("--tune_partitions is empty.")
   return out
 
 
@@ -142,11 +140,10 @@ def write_preset(path: str, best: dict[str, Any], seeds: list[int], cost_s: floa
 
 
 def main(argv: Sequence[str]) -> None:
-  common.start_driver()
+  common.start_driver(argv=argv)
   seeds, alg = common.parse_seeds() or [0, 1], common.ALGORITHM.value
   clash = [f for f in common.DRIVER_FLAGS.value if f.lstrip("-").split("=")[0] in _OWN_FLAGS]
   common.fail(*[message for bad, message in (
-      (len(argv) > 1, f"unexpected arguments: {' '.join(argv[1:])}"),
       (len(seeds) < 2, f"--seeds={seeds[0]}: the protocol selects over at least 2 seeds."),
       (alg == "fednest", "fednest is not tuned: its presets hold FedNest's own hyperparameters, "
        "and its one step hlr (outer_lr = v_lr) cannot take the grid's separate outer and v steps "
