@@ -4,9 +4,6 @@ network trained with plain Adam on all training images; summary.json: per seed, 
   python -m experiments.centralised --model=cnn --seeds=0,1,2
   python -m experiments.centralised --model=mlp --seeds=0,1,2
 """
-
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,14 +22,13 @@ REPORT_EVERY = flags.DEFINE_integer("report_every", 5, "Print the test accuracy 
 
 def train(seed: int, ds) -> float:
   """One seed's run; its final test accuracy."""
-  shape = hr_task.image_shape(ds.input_shape) if task.MODEL.value == "cnn" else (-1,)
-  params = hr_task.init_params(jax.random.key(seed), task.MODEL.value, ds.input_shape,
-                               ds.num_classes, hidden=task.HIDDEN.value,
+  model = task.MODEL.value
+  params = hr_task.init_params(jax.random.key(seed), model, ds.input_shape, ds.num_classes,
+                               hidden=common.HIDDEN.value,
                                channels=tuple(int(c) for c in task.CHANNELS.value))
-  logits = lambda p, inputs: models.LOGITS[task.MODEL.value](*p, inputs, task.ACTIVATION.value)
-  x_train = jnp.asarray(ds.x_train.reshape((len(ds.x_train),) + shape))
-  x_test = jnp.asarray(ds.x_test.reshape((len(ds.x_test),) + shape))
-  y_train, y_test = jnp.asarray(ds.y_train), jnp.asarray(ds.y_test)
+  logits = lambda p, inputs: models.LOGITS[model](*p, inputs, common.ACTIVATION.value)
+  x_train, y_train = hr_task.test_arrays(ds._replace(x_test=ds.x_train, y_test=ds.y_train), model)
+  x_test, y_test = hr_task.test_arrays(ds, model)
   opt = optax.adam(LR.value)
 
   @jax.jit
@@ -54,8 +50,7 @@ def train(seed: int, ds) -> float:
 
 
 def main(argv):
-  del argv
-  common.start_driver()
+  common.start_driver(argv=argv)
   if EPOCHS.value < 1 or LR.value <= 0 or common.BATCH_SIZE.value < 1:
     common.fail("--epochs and --batch_size must be >= 1 and --lr > 0.")
   ds, seeds = common.load_data(), common.parse_seeds() or [common.SEED.value]

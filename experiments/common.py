@@ -2,8 +2,6 @@
 protocol (config.json, resume, metrics.jsonl, summary.json), seeds and the process start. Why
 each works as it does: docs/drivers.md."""
 
-from __future__ import annotations
-
 import json
 import os
 import signal
@@ -23,76 +21,47 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the results (created i
 SEED = flags.DEFINE_integer("seed", _LIB.seed, "The one seed every random stream comes from.")
 QUICK = flags.DEFINE_boolean("quick", False, "A small, fast version of the experiment.")
 SMOKE = flags.DEFINE_boolean("smoke", False, "Tiny run for tests (docs/drivers.md).")
-SMOKE_ROUNDS, SMOKE_SEEDS = 2, 2
-# Test hooks: SIGKILL, or SIGSTOP, right after this process's N-th checkpoint.
-KILL_AFTER_CHECKPOINT_ENV = "BILEVEL_KILL_AFTER_CHECKPOINT"
-STOP_AFTER_CHECKPOINT_ENV = "BILEVEL_STOP_AFTER_CHECKPOINT"
 ROUNDS = flags.DEFINE_integer("rounds", 200, "Communication rounds Q.")
 NUM_CLIENTS = flags.DEFINE_integer("num_clients", 20, "Simulated clients M.")
 CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampled per round.")
-ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(algorithms.names()),
-                              "Algorithm or baseline (docs/method.md, section 7).")
-LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5",
-                             "Resource levels rx/ry:share,... (keep ratios of x and y).")
-# base.Options fields set by flags of their name (mask_granularity: granularity) -> help; the
-# defaults are the library's (_LIB), but mask_granularity's: "unit".
-_ALGORITHM_FLAGS = {
-    "estimator": "Hypergradient estimator: fd, exact, neumann, cg.",
-    "mask_policy": "random, rolling, static, magnitude.",
-    "mask_granularity": "unit or element.",
-    "redraw_levels": "Redraw client levels each round.",
-    "allow_uncovered": "Accept mask settings that never cover some outer units.",
-    "local_steps": "Local steps K per round (RAFBO).",
-    "inner_steps": "Inner steps T per local step (fednest: local_ep, epochs of SVRG steps).",
-    "inner_lr": "Inner step size beta.",
-    "inner_step": "Inner step rule: cauchy = min(inner_lr, g'g / g'Hg), fixed = inner_lr.",
-    "outer_lr": "Outer (hypergradient) step size alpha.",
-    "x_trust": "Cap a client's x delta norm at x_trust x its submodel x's norm; 0 = off.",
-    "x_trust_scope": "Where --x_trust measures norms: per layer of x, or all of x.",
-    "num_steps": "v updates / Neumann terms / CG iterations.",
-    "v_lr": "Step size eta of the v update and Neumann series (fednest: --outer_lr).",
-    "fednest_neumann": "fednest's v: code = its code's closed form, series = the Neumann series.",
-    "delta": "Finite-difference probe length (fd).",
-    "radius": "Optional projection radius for v.",
-    "v_step": "v update of fd / exact: cauchy = min(v_lr, r'r / r'Hr), fixed = v_lr.",
-    "server_lr": "Server step s on the coverage mean.",
-    "aggregation": "coverage or zero_fill (ablation).",
-}
+ALGORITHM = flags.DEFINE_enum("algorithm", "rafbo", sorted(algorithms.names()), "Algorithm.")
+LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5", "rx/ry:share,...")
+# Flags of the bilevel.algorithms.Options fields of their name (mask_granularity: granularity),
+# described there; their defaults: _LIB's, but mask_granularity's "unit".
+_ALGORITHM_FLAGS = ("estimator", "mask_policy", "mask_granularity", "redraw_levels",
+                    "allow_uncovered", "local_steps", "inner_steps", "inner_lr", "inner_step",
+                    "outer_lr", "x_trust", "x_trust_scope", "num_steps", "v_lr", "fednest_neumann",
+                    "delta", "radius", "v_step", "server_lr", "aggregation")
 _CHOICES = dict(inner_step=["cauchy", "fixed"], v_step=["cauchy", "fixed"],
                 x_trust_scope=["layer", "model"], fednest_neumann=["code", "series"])
 _DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string, type(None): flags.DEFINE_float}
-for _name, _help in _ALGORITHM_FLAGS.items():
+for _name in _ALGORITHM_FLAGS:
   _default = "unit" if _name == "mask_granularity" else getattr(_LIB, _name)
+  _help = "An algorithm option (bilevel.algorithms.Options; docs/drivers.md)."
   if _name in _CHOICES:
     flags.DEFINE_enum(_name, _default, _CHOICES[_name], _help)
   else:
     _DEFINE[type(_default)](_name, _default, _help)
 LOCAL_STEPS, INNER_LR = flags.FLAGS["local_steps"], flags.FLAGS["inner_lr"]
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client minibatch size (0 = full batch).")
-DATASET = flags.DEFINE_string("dataset", "mnist_embedded", "mnist_embedded, digits, mnist, "
-                              "fashion_mnist, cifar10.")
+DATASET = flags.DEFINE_string("dataset", "mnist_embedded", "Dataset (bilevel/data.py).")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with local dataset files.")
 PARTITION = flags.DEFINE_string("partition", "iid", "iid, shards or dirichlet.")
 ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration (partition=dirichlet).")
 VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.5, "Share of a client's data for f_i.")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Log metrics every this many rounds.")
-DIAGNOSE_EVERY = flags.DEFINE_integer("diagnose_every", 0, "Compare the estimate with the true "
-                                      "hypergradient every this many rounds; 0 = never.")
-SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"],
-                             "Clients on extracted (compact) or masked full (dense) arrays.")
+DIAGNOSE_EVERY = flags.DEFINE_integer("diagnose_every", 0, "Diagnostics period; 0 = never.")
+SUBMODEL = flags.DEFINE_enum("submodel", "compact", ["compact", "dense"], "Client arrays.")
 LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Progress line every this many rounds.")
 DEVICES = flags.DEFINE_integer("devices", 1, "Devices to shard the clients over (0 = all).")
 CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, "JAX devices to split the host CPU into.")
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every N rounds.")
 RESUME = flags.DEFINE_boolean("resume", True, "Continue from the workdir's checkpoint.")
-DIVERGENCE_FACTOR = flags.DEFINE_float("divergence_factor", 100.0, "Stop at this multiple of "
-                                       "the early outer loss or hypergradient norm; 0 = off.")
-COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None,
-                                        "JAX's compilation cache folder; 'none' = off.")
+DIVERGENCE_FACTOR = flags.DEFINE_float("divergence_factor", 100.0, "Blow-up stop; 0 = off.")
+COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "Cache folder; none = off.")
 REUSE_HOST_MEMORY = flags.DEFINE_boolean("reuse_host_memory", True, "Keep freed host memory.")
-EVAL_SPLIT = flags.DEFINE_enum("eval_split", "test", ["test", "holdout"],
-                               "test_accuracy on the test set or held-out training data.")
+EVAL_SPLIT = flags.DEFINE_enum("eval_split", "test", ["test", "holdout"], "test_accuracy's data.")
 HOLDOUT_FRACTION = flags.DEFINE_float("holdout_fraction", 0.2, "Held-out training share.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "JAX processes (0 = detected).")
 COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -100,34 +69,35 @@ PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's id in 0..num_
 SEEDS = flags.DEFINE_list("seeds", None, "Several seeds, e.g. 0,1,2, into WORKDIR/seed_S.")
 BATCH_SEEDS = flags.DEFINE_boolean("batch_seeds", True, "Run --seeds as one vmapped program.")
 HIDDEN = flags.DEFINE_integer("hidden", 200, "Hidden units of the MLP.")
-ACTIVATION = flags.DEFINE_enum("activation", "relu", sorted(models.ACTIVATIONS),
-                               "Activation of the hidden layer.")
+ACTIVATION = flags.DEFINE_enum("activation", "relu", sorted(models.ACTIVATIONS), "Activation.")
 ALGORITHM_LIST = flags.DEFINE_list("algorithms", None, "Algorithms to run.")
 DRIVER_FLAGS = flags.DEFINE_list("driver_flags", [], "Flags for every driver process started.")
 # Flags that may differ between a run and its resumption.
 _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
                       "reuse_host_memory", "seeds", "batch_seeds", "compilation_cache",
                       "num_processes", "coordinator_address", "process_id")
-_FLAG_DEFAULTS: dict[str, Any] = {}  # flag -> its own default, for flags a task's defaults set
 
 
-def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
-  """A driver's start: the task's flag `defaults`, --smoke, --cpu_devices, the compilation cache,
-  jax.distributed (gloo), --reuse_host_memory (returns whether it applied)."""
-  for name, value in _FLAG_DEFAULTS.items():  # one process may run several drivers (tests)
-    flags.FLAGS.set_default(name, value)
-  for name, value in (defaults or {}).items():
-    _FLAG_DEFAULTS.setdefault(name, flags.FLAGS[name].default)
+def start_driver(defaults: Mapping[str, Any] | None = None, argv: Sequence[str] = ()) -> bool:
+  """The process start (docs/drivers.md); returns whether --reuse_host_memory applied."""
+  for name, value in (defaults or {}).items():  # tests: flagsaver restores the flags' own
     flags.FLAGS.set_default(name, value)
   if SMOKE.value:
-    flags.FLAGS.rounds, flags.FLAGS.eval_every = min(ROUNDS.value, SMOKE_ROUNDS), 1
-  if CPU_DEVICES.value < 1:
-    fail(f"--cpu_devices={CPU_DEVICES.value} must be >= 1.")
+    flags.FLAGS.rounds, flags.FLAGS.eval_every = min(ROUNDS.value, 2), 1
+  n, pid, cpus = NUM_PROCESSES.value, PROCESS_ID.value, CPU_DEVICES.value
+  fail(*[problem for problem, bad in (
+      (f"unexpected arguments: {' '.join(argv[1:])}", len(argv) > 1),
+      (f"--cpu_devices={cpus} must be >= 1.", cpus < 1),
+      (f"--num_processes={n} must be >= 0.", n < 0),
+      (f"--num_processes={n} needs --coordinator_address=HOST:PORT of process 0.",
+       n > 1 and not COORDINATOR_ADDRESS.value),
+      (f"--process_id={pid} is outside the allowed range [0, {n - 1}].",
+       n > 1 and not 0 <= pid < n)) if bad])
   try:
-    if CPU_DEVICES.value != 1:
-      jax.config.update("jax_num_cpu_devices", CPU_DEVICES.value)
+    if cpus != 1:
+      jax.config.update("jax_num_cpu_devices", cpus)
   except RuntimeError as e:  # JAX already started in this process
-    fail(f"--cpu_devices={CPU_DEVICES.value} must be set before JAX starts: {e}")
+    fail(f"--cpu_devices={cpus} must be set before JAX starts: {e}")
   cache = (COMPILATION_CACHE.value or os.environ.get("JAX_COMPILATION_CACHE_DIR")
            or default_cache_dir())
   if cache.lower() == "none":
@@ -141,14 +111,6 @@ def start_driver(defaults: Mapping[str, Any] | None = None) -> bool:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
-  n, pid = NUM_PROCESSES.value, PROCESS_ID.value
-  problems = [f"--num_processes={n} must be >= 0."] if n < 0 else []
-  if n > 1 and not COORDINATOR_ADDRESS.value:
-    problems.append(f"--num_processes={n} needs --coordinator_address=HOST:PORT of process 0.")
-  if n > 1 and not 0 <= pid < n:
-    problems.append(f"--process_id={pid} is outside the allowed range [0, {n - 1}].")
-  if problems:
-    fail(" ".join(problems))
   if n != 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**({} if n == 0 else dict(
@@ -171,42 +133,39 @@ def client_mesh():
   return None if n == 1 else sharding.client_mesh(n)
 
 
-# ------------------------------------------------------------------ flags -> configuration
-
-def fail(message: str) -> None:
-  """End the program with one clear error paragraph and exit code 2 (no traceback)."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+def fail(*problems: str) -> None:
+  """Given problems: end the program with them in one error paragraph, exit code 2."""
+  if problems:
+    print("error: " + (problems[0] if len(problems) == 1 else f"{len(problems)} problems: "
+                       + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))),
+          file=sys.stderr)
+    sys.exit(2)
 
 
 def gather(problems: list[str], *checks: Callable[[], Any]) -> list[Any]:
-  """Every check's result, or the end of the program with every problem in one paragraph."""
+  """Every check's result, or the end of the program with every problem (--workdir's too)."""
   results = []
   for check in checks:
     try:
       results.append(check())
-    except (ConfigError, data_lib.DataError) as e:
+    except (ConfigError, data_lib.DataError, checkpoint.CheckpointError) as e:
       problems.append(str(e))
       results.append(None)
   if not WORKDIR.value:
     problems.append("--workdir is required: the directory where results are written.")
-  if problems:
-    fail(problems[0] if len(problems) == 1 else f"{len(problems)} problems: "
-         + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+  fail(*problems)
   return results
 
 
 def require_workdir() -> str:
-  if not WORKDIR.value:
-    fail("--workdir is required: the directory where results are written.")
+  gather([])
   os.makedirs(WORKDIR.value, exist_ok=True)
   return WORKDIR.value
 
 
 def make_algorithm(problem: Any, layout: Any, **task: Any) -> algorithms.Algorithm:
-  """--algorithm by bilevel.algorithms.get for --num_clients clients: each shared algorithm flag
-  that is given, or left at its default where the algorithm has no default of its own, and the
-  task's keywords (sample, cost, submodel, mesh, ...; they win). Raises ConfigError."""
+  """--algorithm for --num_clients clients: the algorithm flags given, or at their default where
+  the algorithm has none of its own, and the task's keywords (they win). Raises ConfigError."""
   own = algorithms.own_options(ALGORITHM.value)
   names = {name: name for name in ("clients_per_round", "levels", "seed", *_ALGORITHM_FLAGS)}
   names["mask_granularity"] = "granularity"
@@ -220,7 +179,8 @@ def check_shared_flags() -> list[str]:
   """Range problems of the shared flags (all of them, not only the first)."""
   problems = [f"--{f.name}={f.value} must be >= {low}." for f, low in (
       (ROUNDS, 1), (NUM_CLIENTS, 1), (CLIENTS_PER_ROUND, 1), (EVAL_EVERY, 1), (LOG_EVERY, 1),
-      (BATCH_SIZE, 0), (CHECKPOINT_EVERY, 0), (HIDDEN, 1)) if f.value < low]
+      (BATCH_SIZE, 0), (CHECKPOINT_EVERY, 0), (HIDDEN, 1), (DIVERGENCE_FACTOR, 0))
+      if f.value < low]
   problems += [f"--{f.name}={f.value} is outside the allowed range {bounds}." for f, ok, bounds in (
       (VAL_FRACTION, 0 < VAL_FRACTION.value < 1, "(0, 1)"),
       (HOLDOUT_FRACTION, 0 < HOLDOUT_FRACTION.value < 1, "(0, 1)"),
@@ -229,8 +189,6 @@ def check_shared_flags() -> list[str]:
   if every < 0 or (every and EVAL_EVERY.value > 0 and every % EVAL_EVERY.value):
     problems.append(f"--diagnose_every={every} must be 0 or a positive multiple of "
                     f"--eval_every={EVAL_EVERY.value} (diagnostics go into logged records).")
-  if DIVERGENCE_FACTOR.value < 0:
-    problems.append(f"--divergence_factor={DIVERGENCE_FACTOR.value} must be >= 0 (0 = off).")
   available = len(jax.devices())
   if not 0 <= DEVICES.value <= available:
     problems.append(f"--devices={DEVICES.value} is outside the allowed range [0, {available}]: "
@@ -241,30 +199,17 @@ def check_shared_flags() -> list[str]:
 def load_data():
   """--dataset from --data_dir; --eval_split=holdout: its holdout split as the test set."""
   ds = data_lib.load_dataset(DATASET.value, DATA_DIR.value, seed=SEED.value)
-  if EVAL_SPLIT.value == "test":
-    return ds
-  return data_lib.holdout_split(ds, HOLDOUT_FRACTION.value, SEED.value)
+  holdout = EVAL_SPLIT.value == "holdout"
+  return data_lib.holdout_split(ds, HOLDOUT_FRACTION.value, SEED.value) if holdout else ds
 
 
 def parse_seeds() -> list[int] | None:
   """--seeds as distinct integers >= 0 in the given order (None without --seeds)."""
-  if not SEEDS.value:
-    return None
-  try:
-    seeds = [int(s) for s in SEEDS.value]
-    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
-      raise ValueError
-  except ValueError:
+  seeds = [int(s) if s.strip().isdecimal() else -1 for s in SEEDS.value or []]
+  if min(seeds, default=0) < 0 or len(set(seeds)) != len(seeds):
     fail(f"--seeds={','.join(SEEDS.value)} must be distinct integers >= 0, comma-separated.")
-  return seeds
+  return seeds or None
 
-
-def algorithm_list(default: Sequence[str]) -> list[str]:
-  """--algorithms if given, else the driver's default."""
-  return list(ALGORITHM_LIST.value if ALGORITHM_LIST.value is not None else default)
-
-
-# ------------------------------------------------------------------ workdir protocol
 
 def config_dict(alg: algorithms.Algorithm) -> dict[str, Any]:
   """alg's configuration for config.json: name, population, plain-valued options, levels."""
@@ -287,8 +232,7 @@ def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 def start_run(workdir: str, config: Mapping[str, Any]) -> bool:
-  """Prepare workdir: True to resume its checkpoint of the same run (another run's: an error),
-  else earlier results removed and config.json written."""
+  """True to resume workdir's checkpoint of this run; else its results removed, config written."""
   config_path = os.path.join(workdir, "config.json")
   flag_values = {f.name: f.value for module, module_flags in
                  flags.FLAGS.flags_by_module_dict().items() if "experiments" in module
@@ -329,8 +273,6 @@ def write_summary(workdir: str, summary: Mapping[str, Any], show: bool = False) 
   return summary
 
 
-# ------------------------------------------------------------------ runs and seeds
-
 class SeedRun(NamedTuple):
   """A run prepared, not started; finish(all its records) writes its summary and returns it."""
   workdir: str
@@ -347,24 +289,21 @@ class SeedRun(NamedTuple):
 _CHECKPOINTS_SAVED = [0]  # by this process, across seeds
 
 
-def _after_checkpoint() -> None:  # the test hooks
+def _after_checkpoint() -> None:  # test hooks: SIGKILL / SIGSTOP after the N-th checkpoint
   _CHECKPOINTS_SAVED[0] += 1
-  for env, sig in ((KILL_AFTER_CHECKPOINT_ENV, signal.SIGKILL),
-                   (STOP_AFTER_CHECKPOINT_ENV, signal.SIGSTOP)):
+  for env, sig in (("BILEVEL_KILL_AFTER_CHECKPOINT", signal.SIGKILL),
+                   ("BILEVEL_STOP_AFTER_CHECKPOINT", signal.SIGSTOP)):
     if _CHECKPOINTS_SAVED[0] == int(os.environ.get(env, "0") or 0):
       os.kill(os.getpid(), sig)
 
 
 def run_prepared(runs: Sequence[tuple[int, SeedRun]], batched: bool = False
                  ) -> dict[int, dict[str, Any] | None] | None:
-  """Run (or resume) [(seed, run)] one after another, or batched as one vmapped program, each
-  then finished: {seed: its last summary, None if one of its runs stopped}; None (the reason
-  printed) when they cannot be batched."""
-  try:
-    files = [checkpoint.RunFiles(run.workdir, run.state, run.resume, sharding.is_writer(),
-                                 run.title, _after_checkpoint) for _, run in runs]
-  except checkpoint.CheckpointError as e:
-    fail(str(e))
+  """Run (or resume) and finish [(seed, run)] one after another or batched: {seed: its last
+  summary, None if one of its runs stopped}; None (the reason printed) if they cannot batch."""
+  files = gather([], lambda: [checkpoint.RunFiles(
+      run.workdir, run.state, run.resume, sharding.is_writer(), run.title, _after_checkpoint)
+      for _, run in runs])[0]
   keywords = dict(num_rounds=ROUNDS.value, eval_every=EVAL_EVERY.value, log=logging.info,
                   log_every=LOG_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
                   blowup_factor=DIVERGENCE_FACTOR.value)
@@ -408,20 +347,20 @@ def run_prepared(runs: Sequence[tuple[int, SeedRun]], batched: bool = False
 
 
 def for_each_seed(prepare_one: Callable[[], Sequence[SeedRun]]) -> None:
-  """Run prepare_one()'s runs of --seed, or of each --seeds value into WORKDIR/seed_S, then
-  write and print their combined summary.json."""
+  """Run prepare_one()'s runs of --seed, or of each --seeds value into WORKDIR/seed_S and write
+  their combined summary; a ConfigError or DataError of prepare_one ends the program."""
   seeds = parse_seeds()
   if seeds is None:
-    if None in run_prepared([(SEED.value, run) for run in prepare_one()]).values():
+    if None in run_prepared([(SEED.value, run) for run in gather([], prepare_one)[0]]).values():
       sys.exit(2)
     return
-  seeds, root = seeds[:SMOKE_SEEDS] if SMOKE.value else seeds, require_workdir()
+  seeds, root = seeds[:2] if SMOKE.value else seeds, require_workdir()
   if os.path.exists(os.path.join(root, "summary.json")) and sharding.is_writer():
     os.remove(os.path.join(root, "summary.json"))  # written again once every seed has finished
 
   def prepare(seed: int) -> list[tuple[int, SeedRun]]:
     flags.FLAGS.seed, flags.FLAGS.workdir = seed, os.path.join(root, f"seed_{seed}")
-    return [(seed, run) for run in prepare_one()]
+    return [(seed, run) for run in gather([], prepare_one)[0]]
 
   reasons = [why for why, bad in (
       ("--devices / a multi-process run shard the clients", client_mesh() is not None),

@@ -1,8 +1,5 @@
-"""Theory check (docs/method.md, section 10): flags -> bilevel.tasks.coverage_rate's parts ->
-config.json, metrics.jsonl (one line per run), summary.json (from those lines, with each part's
-wall time), coverage_rate.png (the rate part). The shared federated flags other than --v_step
-and --inner_step (default here: fixed) are fixed per algorithm and rejected. --quick: the
-sweep's QUICK values for the flags not given (the rate part, under a minute on 2 cores).
+"""Theory check (docs/method.md, section 10; docs/tools.md): flags -> the parts of
+bilevel.tasks.coverage_rate -> config.json, metrics.jsonl, summary.json, coverage_rate.png.
 
     python -m experiments.coverage_rate --workdir=/tmp/coverage_rate --quick
 """
@@ -19,10 +16,8 @@ from bilevel.metrics import JsonlWriter, to_python
 from bilevel.tasks import coverage_rate as sweep
 from experiments import common
 
-DEFAULT_ALGORITHMS = ("rabo", "rafbo")  # --algorithms (experiments/common.py) when not given
 flags.DEFINE_list("coverages", ["1", "2", "4", "8"], "Outer coverages C_x* to sweep, in 1..8.")
-flags.DEFINE_list("rounds_list", ["64", "128", "256", "512", "1024", "2048", "4096"],
-                  "Numbers of rounds Q to sweep (at least two).")
+flags.DEFINE_list("rounds_list", ["64", "128", "256", "512", "1024", "2048", "4096"], "Q to sweep.")
 flags.DEFINE_integer("num_seeds", 5, "Runs per (algorithm, C, Q), averaged.")
 flags.DEFINE_float("grad_noise", 3.0, "Std of the noise on each first-order gradient.")
 flags.DEFINE_float("heterogeneity", 0.5, "Client heterogeneity, in [0, 1].")
@@ -31,8 +26,7 @@ flags.DEFINE_float("alpha0", 0.5, "alpha = alpha0 sqrt(C / Q) (RAFBO: / K per lo
 flags.DEFINE_list("parts", list(sweep.PARTS), f"Parts to run: {', '.join(sweep.PARTS)}.")
 flags.DEFINE_float("fixed_alpha", 0.05, "The step_rules part's fixed outer step (RAFBO: / K).")
 flags.DEFINE_list("uneven_patterns", ["4/4/4/4", "2/6/2/6", "1/7/1/7", "1/1/1/1", "1/3/1/3",
-                                      "1/7/7/7"], "The uneven part's coverage patterns "
-                  "(theory.pattern_schedule: c1/c2/... per block of 8 coordinates, each in 1..8).")
+                                      "1/7/7/7"], "The uneven part's coverages c1/c2/...")
 flags.DEFINE_list("part_rounds", ["256", "1024", "4096"], "Q of the step_rules and uneven parts.")
 flags.DEFINE_integer("part_seeds", 3, "Runs per point of step_rules and uneven.")
 flags.DEFINE_list("bias_deltas", ["0.001", "0.1", "0.3", "1"], "The bias part's fd deltas.")
@@ -57,13 +51,14 @@ def config_from_flags() -> sweep.SweepConfig:
                    if f.present and f.name not in _SHARED_FLAGS_USED)
   if ignored:
     raise ConfigError(f"{', '.join('--' + n for n in ignored)} not used by coverage_rate: its "
-                      "federated settings are fixed per algorithm (see its docstring); sweep with "
+                      "federated settings are fixed per algorithm (docs/tools.md); sweep with "
                       "--coverages, --rounds_list, --num_seeds, --grad_noise, --alpha0.")
   ints = lambda values: tuple(sorted({int(v) for v in values}))
   distinct = lambda values: tuple(dict.fromkeys(values))
   pattern = lambda v: tuple(int(c) for c in v.split("/"))
+  given = common.ALGORITHM_LIST.value  # --algorithms; default rabo, rafbo
   cfg = sweep.SweepConfig(
-      algorithms=distinct(common.algorithm_list(DEFAULT_ALGORITHMS)), seed=common.SEED.value,
+      algorithms=distinct(("rabo", "rafbo") if given is None else given), seed=common.SEED.value,
       coverages=_value("coverages", ints), rounds_list=_value("rounds_list", ints),
       part_rounds=_value("part_rounds", ints), num_seeds=_value("num_seeds", int),
       parts=_value("parts", distinct), uneven_patterns=_value(
@@ -82,13 +77,8 @@ def config_from_flags() -> sweep.SweepConfig:
 
 
 def main(argv: Sequence[str]) -> None:
-  common.start_driver()
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    cfg = config_from_flags()
-  except ConfigError as e:
-    common.fail(str(e))
+  common.start_driver(argv=argv)
+  cfg = common.gather([], config_from_flags)[0]
   workdir = common.require_workdir()
   common.start_run(workdir, cfg._asdict())  # removes earlier results, writes config.json
   start, records, part_times = time.perf_counter(), [], {}

@@ -5,9 +5,6 @@ r"""Federated data hyper-cleaning (README, task 2): flags (defaults: task.DEFAUL
   python -m experiments.hyper_cleaning --flagfile=experiments/presets/hyper_cleaning_default.cfg \
       --workdir=runs/hc
 """
-
-from __future__ import annotations
-
 import functools
 import os
 from typing import Any
@@ -22,62 +19,53 @@ from bilevel.tasks import hyper_cleaning as task
 from experiments import common
 
 NOISE = flags.DEFINE_float("noise", 0.5, "Probability that a training label is made random.")
-CLASSIFIER = flags.DEFINE_enum("classifier", "linear", ["linear", "mlp"],
-                               "Inner model y: linear (multinomial logistic regression) or mlp.")
-HIDDEN, ACTIVATION = common.HIDDEN, common.ACTIVATION  # of --classifier=mlp
+CLASSIFIER = flags.DEFINE_enum("classifier", "linear", ["linear", "mlp"], "Inner model y.")
 REG = flags.DEFINE_float("reg", 1e-3, "c in g_i: + c ||y||^2 (>= 0).")
-BASELINE_UNWEIGHTED = flags.DEFINE_boolean("baseline_unweighted", False, "Also train y with every "
-                                           "weight 1 into WORKDIR/unweighted/.")
+BASELINE_UNWEIGHTED = flags.DEFINE_boolean("baseline_unweighted", False, "Also weights 1.")
 
 
 def main(argv):
-  del argv
-  common.start_driver(task.DEFAULTS)
+  common.start_driver(task.DEFAULTS, argv)
   common.for_each_seed(prepare_one)
 
 
 def prepare_one() -> list[common.SeedRun]:
   """The runs of --seed into --workdir, built and not started: weighted, unweighted baseline."""
+  hidden, batch = common.HIDDEN.value, common.BATCH_SIZE.value
   problems = common.check_shared_flags()
   problems += [f"--{f.name}={f.value} is outside the allowed range {bounds}." for f, ok, bounds in (
       (NOISE, 0.0 <= NOISE.value < 1.0, "[0, 1)"), (REG, REG.value >= 0.0, "[0, inf)")) if not ok]
-  shape_free = task.layout(CLASSIFIER.value, 1, 1, max(HIDDEN.value, 1))  # for validation only
-  setting = task.setting(CLASSIFIER.value, ACTIVATION.value, common.BATCH_SIZE.value, REG.value)
+  if not flags.FLAGS["submodel"].using_default_value and common.SUBMODEL.value != "dense":
+    problems.append(f"--submodel={common.SUBMODEL.value}: hyper-cleaning runs dense clients only "
+                    "(its units are samples); use --submodel=dense or leave it unset.")
+  shape_free = task.layout(CLASSIFIER.value, 1, 1, max(hidden, 1))  # for validation only
+  setting = task.setting(CLASSIFIER.value, common.ACTIVATION.value, batch, REG.value)
 
-  def resolve():  # the options (for config.json) and the keywords that replace them
+  def resolve():  # the options for config.json; heterofl: y pruned only
     alg = common.make_algorithm(setting.problem, shape_free)
     o = alg.options
     if o.granularity != "unit":
       raise ConfigError(f"mask_granularity={o.granularity!r}: hyper-cleaning's outer units are "
                         "the samples each client owns; use --mask_granularity=unit.")
-    if not flags.FLAGS["submodel"].using_default_value and common.SUBMODEL.value != "dense":
-      raise ConfigError(f"--submodel={common.SUBMODEL.value}: hyper-cleaning runs dense clients "
-                        "only (its units are samples); use --submodel=dense or leave it unset.")
-    levels = (task.heterofl_levels(o.levels, o.mask_policy, o.allow_uncovered)  # y pruned only
-              if alg.name == "heterofl" else None)
-    if levels is None:
-      return alg, {}
-    return common.make_algorithm(setting.problem, shape_free, levels=levels), dict(levels=levels)
+    levels = alg.name == "heterofl" and task.heterofl_levels(
+        o.levels, o.mask_policy, o.allow_uncovered)
+    return common.make_algorithm(setting.problem, shape_free, levels=levels) if levels else alg
 
-  (resolved, overrides), ds = common.gather(problems, resolve, common.load_data)
+  resolved, ds = common.gather(problems, resolve, common.load_data)
   o = resolved.options
-  try:
-    cd = task.build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
-                         val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value,
-                         seed=o.seed)
-    lay, x0, y0 = task.model(CLASSIFIER.value, cd.num_samples, ds, HIDDEN.value, o.seed)
-    alg = common.make_algorithm(
-        setting.problem, lay, **overrides, diagnostics=common.DIAGNOSE_EVERY.value > 0,
-        sample=setting.sample, mesh=common.client_mesh(),
-        **task.round_keywords(cd, lay, CLASSIFIER.value, common.BATCH_SIZE.value,
-                              mask_policy=o.mask_policy, granularity=o.granularity))
-    rnd = alg.make_round(x0)
-  except (ConfigError, data_lib.DataError) as e:
-    common.fail(str(e))
+  cd = task.build_data(ds, common.NUM_CLIENTS.value, common.PARTITION.value, noise=NOISE.value,
+                       val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value,
+                       seed=o.seed)
+  lay, x0, y0 = task.model(CLASSIFIER.value, cd.num_samples, ds, hidden, o.seed)
+  alg = common.make_algorithm(
+      setting.problem, lay, levels=o.levels, diagnostics=common.DIAGNOSE_EVERY.value > 0,
+      sample=setting.sample, mesh=common.client_mesh(), **task.round_keywords(
+          cd, lay, CLASSIFIER.value, batch, mask_policy=o.mask_policy, granularity=o.granularity))
+  rnd = alg.make_round(x0)
   workdir = common.require_workdir()
   config = dict(
       common.config_dict(resolved), task="hyper_cleaning", noise=NOISE.value, reg=REG.value,
-      classifier=CLASSIFIER.value, hidden=HIDDEN.value, activation=ACTIVATION.value,
+      classifier=CLASSIFIER.value, hidden=hidden, activation=common.ACTIVATION.value,
       dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples, submodel="dense",
       clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
       task_defaults_applied={k: v for k, v in task.DEFAULTS.items()
@@ -88,34 +76,32 @@ def prepare_one() -> list[common.SeedRun]:
   evaluate = task.make_evaluate(ds, cd, setting.logits_fn)
   seed_summary: dict[str, Any] = {}  # filled by the runs' finish, in order
 
-  def finish(run_dir: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+  def finish(weighted: bool, records: list[dict[str, Any]]) -> dict[str, Any]:
     figures = metrics.run_summary(records[-1], *task.WEIGHT_METRICS, task="hyper_cleaning",
-                                  algorithm=common.ALGORITHM.value, weighted=run_dir == workdir)
-    if run_dir == workdir:
-      seed_summary.update(figures)
-    else:  # the baseline's own summary, and its figures in the seed's
-      common.write_summary(run_dir, figures)
-      seed_summary.update(unweighted_test_accuracy=figures["test_accuracy"],
-                          unweighted_wall_time_s=figures["wall_time_s"],
-                          accuracy_gain=seed_summary["test_accuracy"] - figures["test_accuracy"])
+                                  algorithm=common.ALGORITHM.value, weighted=weighted)
+    if not weighted:  # the baseline's own summary, and its figures in the seed's
+      common.write_summary(os.path.join(workdir, "unweighted"), figures)
+      figures = dict(unweighted_test_accuracy=figures["test_accuracy"],
+                     unweighted_wall_time_s=figures["wall_time_s"],
+                     accuracy_gain=seed_summary["test_accuracy"] - figures["test_accuracy"])
+    seed_summary.update(figures)
     return dict(common.write_summary(workdir, seed_summary,
-                                     show=run_dir != workdir or not BASELINE_UNWEIGHTED.value))
+                                     show=not weighted or not BASELINE_UNWEIGHTED.value))
 
-  def seed_run(run_dir: str, init_logit: float, x_start, title: str) -> common.SeedRun:
+  def seed_run(weighted: bool) -> common.SeedRun:
+    run_dir = workdir if weighted else os.path.join(workdir, "unweighted")
+    logit = 0.0 if weighted else task.BASELINE_LOGIT
+    x = x0 if weighted else dict(x0, logits=jnp.full_like(x0["logits"], logit))
     os.makedirs(run_dir, exist_ok=True)
     return common.SeedRun(
-        run_dir, rnd, alg.init(x_start, y0), cd.fed,
-        functools.partial(evaluate, init_logit=init_logit), f"{title}, {common.ALGORITHM.value}",
-        common.start_run(run_dir, dict(config, weighted=run_dir == workdir)),
-        functools.partial(finish, run_dir), task.cleaning_problem(setting.logits_fn, REG.value))
+        run_dir, rnd, alg.init(x, y0), cd.fed, functools.partial(evaluate, init_logit=logit),
+        "hyper-cleaning, " + ("" if weighted else "unweighted baseline, ") + common.ALGORITHM.value,
+        common.start_run(run_dir, dict(config, weighted=weighted)),
+        functools.partial(finish, weighted), task.cleaning_problem(setting.logits_fn, REG.value))
 
-  runs = [seed_run(workdir, 0.0, x0, "hyper-cleaning")]
   if BASELINE_UNWEIGHTED.value:
     print(f"baseline: every sample weight fixed to 1 (noisy labels), in {workdir}/unweighted")
-    runs.append(seed_run(os.path.join(workdir, "unweighted"), task.BASELINE_LOGIT,
-                         dict(x0, logits=jnp.full_like(x0["logits"], task.BASELINE_LOGIT)),
-                         "hyper-cleaning, unweighted baseline"))
-  return runs
+  return [seed_run(True)] + ([seed_run(False)] if BASELINE_UNWEIGHTED.value else [])
 
 
 if __name__ == "__main__":

@@ -4,22 +4,17 @@
   python -m experiments.hyper_representation --workdir=runs/hr_rafbo
   python -m experiments.hyper_representation --workdir=runs/hr_simfbo --algorithm=simfbo
 """
-
-from __future__ import annotations
-
 import jax
 from absl import app, flags
 
 from bilevel import data as data_lib
 from bilevel import federated, metrics, models
 from bilevel.client import full_batch, minibatch_sampler
-from bilevel.errors import ConfigError
 from bilevel.tasks import hyper_representation as task
 from experiments import common
 
 MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp (784-200) or cnn (2 conv layers).")
 CHANNELS = flags.DEFINE_list("channels", ["16", "32"], "Output channels of conv1, conv2 (cnn).")
-HIDDEN, ACTIVATION = common.HIDDEN, common.ACTIVATION  # shared with hyper_cleaning
 L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
 OUTER_L2 = flags.DEFINE_float("outer_l2", 0.0, "Weight decay on x in the outer loss; 0 = off.")
 FEATURE_L2 = flags.DEFINE_float("feature_l2", models.FEATURE_L2, "Feature scale penalty; 0 = off.")
@@ -27,55 +22,50 @@ WIDTH_SCALE = flags.DEFINE_boolean("width_scale", False, "Scale features by K / 
 
 
 def main(argv):
-  del argv
-  common.start_driver()
+  common.start_driver(argv=argv)
   common.for_each_seed(lambda: [prepare_one()])
 
 
 def prepare_one() -> common.SeedRun:
   """The run of --seed into --workdir, built and not started."""
-  problems = common.check_shared_flags()
+  problems, model = common.check_shared_flags(), MODEL.value
+  hidden, activation = common.HIDDEN.value, common.ACTIVATION.value
   channels = tuple(int(c) for c in CHANNELS.value if c.isdecimal())
   if len(channels) != len(CHANNELS.value) or len(channels) != 2 or min(channels) < 1:
     problems.append(f"--channels={','.join(CHANNELS.value)} must be two integers >= 1.")
     channels = (1, 1)
-  cnn = MODEL.value == "cnn"
-  layout = models.cnn_layout(channels) if cnn else models.mlp_layout(max(HIDDEN.value, 1))
+  cnn = model == "cnn"
+  layout = models.cnn_layout(channels) if cnn else models.mlp_layout(max(hidden, 1))
   problem = models.hyper_representation_problem(
-      ACTIVATION.value, L2.value, MODEL.value, OUTER_L2.value, FEATURE_L2.value,
-      (channels[1] if cnn else HIDDEN.value) if WIDTH_SCALE.value else 0)
+      activation, L2.value, model, OUTER_L2.value, FEATURE_L2.value,
+      (channels[1] if cnn else hidden) if WIDTH_SCALE.value else 0)
   resolved, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
                                common.load_data)
   o, batch = resolved.options, common.BATCH_SIZE.value
-  try:
-    x0, y0 = task.init_params(jax.random.fold_in(federated.stream_key(o.seed, "init"), 0),
-                              MODEL.value, ds.input_shape, ds.num_classes, hidden=HIDDEN.value,
-                              channels=channels)
-    data, info = task.client_arrays(
-        ds, common.NUM_CLIENTS.value, common.PARTITION.value, model=MODEL.value,
-        val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value, seed=common.SEED.value)
-    # compact needs unit masks, fixed levels, the local round (docs/drivers.md)
-    dense = o.redraw_levels or o.granularity != "unit" or resolved.spec.round_kind == "fednest"
-    alg = common.make_algorithm(
-        problem, layout, sample=minibatch_sampler(batch) if batch else full_batch,
-        submodel="dense" if dense and not flags.FLAGS["submodel"].present else
-        common.SUBMODEL.value, mesh=common.client_mesh(),
-        cost=task.cost_model(MODEL.value, ds.input_shape, batch, info),
-        diagnostics=common.DIAGNOSE_EVERY.value > 0)
-    rnd = alg.make_round(x0)  # the checks that need x (coverage) run here
-  except (ConfigError, data_lib.DataError) as e:
-    common.fail(str(e))
+  x0, y0 = task.init_params(jax.random.fold_in(federated.stream_key(o.seed, "init"), 0), model,
+                            ds.input_shape, ds.num_classes, hidden=hidden, channels=channels)
+  data, info = task.client_arrays(
+      ds, common.NUM_CLIENTS.value, common.PARTITION.value, model=model,
+      val_fraction=common.VAL_FRACTION.value, alpha=common.ALPHA.value, seed=common.SEED.value)
+  # compact needs unit masks, fixed levels, the local round (docs/drivers.md)
+  dense = o.redraw_levels or o.granularity != "unit" or resolved.spec.round_kind == "fednest"
+  alg = common.make_algorithm(
+      problem, layout, sample=minibatch_sampler(batch) if batch else full_batch,
+      submodel="dense" if dense and not flags.FLAGS["submodel"].present else common.SUBMODEL.value,
+      mesh=common.client_mesh(), cost=task.cost_model(model, ds.input_shape, batch, info),
+      diagnostics=common.DIAGNOSE_EVERY.value > 0)
+  rnd = alg.make_round(x0)  # the checks that need x (coverage) run here
   workdir = common.require_workdir()
   extra = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value, width_scale=WIDTH_SCALE.value)
   resume = common.start_run(workdir, dict(
-      common.config_dict(resolved), task="hyper_representation", model=MODEL.value,
-      hidden=HIDDEN.value, channels=list(channels), activation=ACTIVATION.value, l2=L2.value,
+      common.config_dict(resolved), task="hyper_representation", model=model, hidden=hidden,
+      channels=list(channels), activation=activation, l2=L2.value,
       **{k: v for k, v in extra.items() if v}, dataset=data_lib.dataset_summary(ds), **info))
   print(data_lib.dataset_summary(ds))
-  x_test, y_test = task.test_arrays(ds, MODEL.value)
+  x_test, y_test = task.test_arrays(ds, model)
   return common.SeedRun(
       workdir, rnd, alg.init(x0, y0), data,
-      lambda st: task.evaluate(st, x_test, y_test, MODEL.value, ACTIVATION.value),
+      lambda st: task.evaluate(st, x_test, y_test, model, activation),
       f"hyper-representation, {common.ALGORITHM.value}", resume,
       lambda records: common.write_summary(workdir, metrics.run_summary(
           records[-1], task="hyper_representation", algorithm=common.ALGORITHM.value), show=True),

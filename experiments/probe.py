@@ -1,6 +1,5 @@
 """Task 1's round, built as experiments.hyper_representation builds it (same flags), measured
 every --probe_every rounds: one JSON line each (docs/method.md, section 8; figures: docs/tools.md).
-Measurement only: it writes the run's config.json into --workdir and nothing else.
 
   python -m experiments.probe --probe=stability --workdir=runs/probe --partition=dirichlet \\
       --alpha=0.1 --flagfile=experiments/presets/hyper_representation_rafbo.cfg --inner_step=fixed
@@ -20,11 +19,8 @@ from bilevel.tasks import hyper_representation as hr_task
 from experiments import common
 from experiments import hyper_representation as task
 
-PROBE = flags.DEFINE_enum("probe", "stability", ["stability", "units"], "stability: what grows "
-                          "first (norms, scales, curvature); units: (MLP) per hidden unit, by how "
-                          "many of the round's clients kept it.")
-PROBE_EVERY = flags.DEFINE_integer("probe_every", 10, "Measure every this many rounds (units: "
-                                   "averaged over them).")
+PROBE = flags.DEFINE_enum("probe", "stability", ["stability", "units"], "What to measure.")
+PROBE_EVERY = flags.DEFINE_integer("probe_every", 10, "Measure every this many rounds.")
 POWER_STEPS = flags.DEFINE_integer("power_steps", 30, "Power-iteration steps per curvature.")
 BINS = ((1, 2), (3, 4), (5, 6), (7, 10))  # units: coverage counts c_j
 
@@ -42,8 +38,8 @@ def stability(run: common.SeedRun):
   def measure(state, everything):
     x, y = state.x, state.y
     per_client = jax.vmap(lambda b: curvature(x, y, b, jax.random.key(2)))(run.data.inner)
-    feats = models.FEATURES[task.MODEL.value](x, x_test, task.ACTIVATION.value)
-    logits = models.LOGITS[task.MODEL.value](x, y, x_test, task.ACTIVATION.value)
+    feats = models.FEATURES[task.MODEL.value](x, x_test, common.ACTIVATION.value)
+    logits = models.LOGITS[task.MODEL.value](x, y, x_test, common.ACTIVATION.value)
     return dict(norm_x=tree.norm(x), norm_y=tree.norm(y), norm_v=tree.norm(state.v),
                 feature_norm=jnp.sqrt(jnp.mean(jnp.sum(feats.reshape(len(feats), -1) ** 2, -1))),
                 logit_max=jnp.mean(jnp.max(jnp.abs(logits), -1)),
@@ -64,11 +60,11 @@ def units(run: common.SeedRun):
   if task.MODEL.value != "mlp":
     common.fail("--probe=units measures the MLP's hidden units: give --model=mlp.")
   rnd = common.make_algorithm(
-      run.problem, models.mlp_layout(task.HIDDEN.value), submodel="dense",
+      run.problem, models.mlp_layout(common.HIDDEN.value), submodel="dense",
       sample=minibatch_sampler(common.BATCH_SIZE.value), sampling="stratified"
   ).make_round(run.state.x)
   one_round = jax.jit(functools.partial(diagnostics.unit_round, rnd, run.data))
-  window, cum_inv = [], np.zeros(task.HIDDEN.value)  # cum_inv: sum over rounds of 1/c
+  window, cum_inv = [], np.zeros(common.HIDDEN.value)  # cum_inv: sum over rounds of 1/c
 
   def step(state):
     state, metrics, d = one_round(state)
@@ -96,9 +92,8 @@ def units(run: common.SeedRun):
 
 
 def main(argv):
-  del argv
-  common.start_driver()
-  run = task.prepare_one()
+  common.start_driver(argv=argv)
+  run = common.gather([], task.prepare_one)[0]
   step, report = dict(stability=stability, units=units)[PROBE.value](run)
   state = run.state
   for q in range(int(state.round), common.ROUNDS.value):

@@ -1,7 +1,5 @@
-"""One tuning protocol for every algorithm (docs/method.md, section 7; docs/tools.md): each point
-of the task's grid runs the task driver with --eval_split=holdout over --seeds on every partition
-of --tune_partitions, scores its worst partition's mean held-out accuracy, and the chosen steps
-go to experiments/presets/TASK_ALGORITHM.cfg (every point to WORKDIR/summary.json).
+"""One tuning protocol for every algorithm (docs/method.md, section 7; docs/tools.md): the task's
+grid of steps, scored on held-out data over seeds and partitions -> a preset flagfile.
 
   python -m experiments.tune --task=hyper_representation --algorithm=rafbo --workdir=runs/tune
 """
@@ -25,14 +23,11 @@ GRIDS = {
 }
 STEPS = ("outer_lr", "inner_lr", "v_lr")
 TASK = flags.DEFINE_enum("task", "hyper_representation", list(GRIDS), "Task driver.")
-GRID_FLAGS = {k: flags.DEFINE_list(f"grid_{k}", None, f"{k} values (default: GRIDS[task]; v_lr: "
-                                   "the v step or Neumann step).") for k in STEPS}
-PARTITIONS = flags.DEFINE_list("tune_partitions", ["iid", "dirichlet:0.1"], "Partitions every "
-                               "point runs on (iid, shards, dirichlet:ALPHA); it scores its worst.")
-PRESET_OUT = flags.DEFINE_string("preset_out", None, "Flagfile to write (default "
-                                 "experiments/presets/TASK_ALGORITHM.cfg).")
+GRID_FLAGS = {k: flags.DEFINE_list(f"grid_{k}", None, f"{k} values (default GRIDS[task]).")
+              for k in STEPS}
+PARTITIONS = flags.DEFINE_list("tune_partitions", ["iid", "dirichlet:0.1"], "Partitions to score.")
+PRESET_OUT = flags.DEFINE_string("preset_out", None, "Flagfile to write (docs/tools.md).")
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
-DEFAULT_SEEDS = [0, 1]  # without --seeds (at least 2); --driver_flags go to every driver run
 _OWN_FLAGS = STEPS + ("seeds", "seed", "workdir", "eval_split", "algorithm", "partition",
                       "alpha")  # set by tune; --driver_flags may not
 
@@ -40,7 +35,7 @@ _OWN_FLAGS = STEPS + ("seeds", "seed", "workdir", "eval_split", "algorithm", "pa
 def partitions() -> dict[str, dict[str, Any]]:
   """--tune_partitions as {name: the driver flags that select it}."""
   out = {}
-  for item in PARTITIONS.value:
+  for item in PARTITIONS.value or [""]:  # none: an error
     scheme, _, alpha = item.partition(":")
     if item in ("iid", "shards"):
       out[item] = dict(partition=item)
@@ -49,8 +44,6 @@ def partitions() -> dict[str, dict[str, Any]]:
     else:
       common.fail(f"--tune_partitions: {item!r} is not iid, shards or dirichlet:ALPHA with a "
                   "concentration ALPHA > 0, e.g. dirichlet:0.1.")
-  if not out:
-    common.fail("--tune_partitions is empty.")
   return out
 
 
@@ -63,9 +56,8 @@ def _positive(text: str) -> bool:
 
 def grid() -> dict[str, tuple[float, ...]]:
   """--grid_* where given, else GRIDS[task]."""
-  for name, flag in GRID_FLAGS.items():
-    if not all(map(_positive, flag.value or [])):
-      common.fail(f"--grid_{name}={','.join(flag.value)} must be a list of numbers > 0.")
+  common.fail(*[f"--grid_{k}={','.join(f.value)} must be a list of numbers > 0."
+                for k, f in GRID_FLAGS.items() if not all(map(_positive, f.value or []))])
   return {k: tuple(map(float, f.value)) if f.value else GRIDS[TASK.value][k]
           for k, f in GRID_FLAGS.items()}
 
@@ -148,18 +140,15 @@ def write_preset(path: str, best: dict[str, Any], seeds: list[int], cost_s: floa
 
 
 def main(argv: Sequence[str]) -> None:
-  common.start_driver()
-  seeds, alg = common.parse_seeds() or DEFAULT_SEEDS, common.ALGORITHM.value
+  common.start_driver(argv=argv)
+  seeds, alg = common.parse_seeds() or [0, 1], common.ALGORITHM.value
   clash = [f for f in common.DRIVER_FLAGS.value if f.lstrip("-").split("=")[0] in _OWN_FLAGS]
-  for bad, message in (
-      (len(argv) > 1, f"unexpected arguments: {' '.join(argv[1:])}"),
+  common.fail(*[message for bad, message in (
       (len(seeds) < 2, f"--seeds={seeds[0]}: the protocol selects over at least 2 seeds."),
       (alg == "fednest", "fednest is not tuned: its presets hold FedNest's own hyperparameters, "
        "and its one step hlr (outer_lr = v_lr) cannot take the grid's separate outer and v steps "
        "(docs/method.md, section 7)."),
-      (clash, f"--driver_flags may not set {', '.join(clash)}: tune sets those itself.")):
-    if bad:
-      common.fail(message)
+      (clash, f"--driver_flags may not set {', '.join(clash)}: tune sets those itself.")) if bad])
   values, parts, workdir, points = grid(), partitions(), common.require_workdir(), []
   if common.SMOKE.value:  # a tiny run for tests: two grid points, still a real selection
     values = {k: v[:2] if k == "outer_lr" else v[:1] for k, v in values.items()}

@@ -91,10 +91,10 @@ class ResumeTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       # The driver kills itself with SIGKILL right after its 2nd checkpoint (round 10).
-      ("self_kill_after_second_checkpoint", common.KILL_AFTER_CHECKPOINT_ENV, 10),
+      ("self_kill_after_second_checkpoint", "BILEVEL_KILL_AFTER_CHECKPOINT", 10),
       # A real SIGKILL from outside: the driver stops itself (SIGSTOP) after its 1st checkpoint
       # (round 5), so the kill lands there whatever the machine's speed.
-      ("external_sigkill_after_first_checkpoint", common.STOP_AFTER_CHECKPOINT_ENV, 5))
+      ("external_sigkill_after_first_checkpoint", "BILEVEL_STOP_AFTER_CHECKPOINT", 5))
   @pytest.mark.slow
   def test_sigkill_then_rerun_gives_the_uninterrupted_result(self, hook, kill_round):
     root = _tmpdir(self)
@@ -107,7 +107,7 @@ class ResumeTest(parameterized.TestCase):
                                                                        == 10 else "1"}),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-      if hook == common.STOP_AFTER_CHECKPOINT_ENV:
+      if hook == "BILEVEL_STOP_AFTER_CHECKPOINT":
         deadline = time.time() + SUBPROCESS_TIMEOUT_S
         while time.time() < deadline:
           pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
@@ -163,7 +163,7 @@ class ResumeTest(parameterized.TestCase):
     self.assertEqual(_main_out(hyper_cleaning, workdir=full, **settings)[0], 0)
     cmd = [sys.executable, "-m", "experiments.hyper_cleaning", f"--workdir={killed}"] + [
         f"--{k}={v}" for k, v in settings.items()]
-    proc = subprocess.run(cmd, env=_env(**{common.KILL_AFTER_CHECKPOINT_ENV: "2"}), cwd=REPO,
+    proc = subprocess.run(cmd, env=_env(**{"BILEVEL_KILL_AFTER_CHECKPOINT": "2"}), cwd=REPO,
                           capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
     self.assertEqual(proc.returncode, -signal.SIGKILL)
     self.assertFalse(os.path.exists(os.path.join(killed, "summary.json")))

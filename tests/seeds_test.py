@@ -40,7 +40,7 @@ from absl.testing import absltest, parameterized
 
 from bilevel import algorithms, federated, loop, masks, models, tree
 from bilevel.errors import ConfigError
-from experiments import common, hyper_cleaning
+from experiments import hyper_cleaning
 from reliability_test import REPO, _env, _main_out
 
 M, N, DIN, H, CL = 8, 10, 12, 16, 4
@@ -246,7 +246,7 @@ class KilledBatchTest(absltest.TestCase):
     flags_ = [f"--{k}={v}" for k, v in SETTINGS.items()] + ["--seeds=0,1", "--noreuse_host_memory"]
     cmd = [sys.executable, "-m", "experiments.hyper_representation"] + flags_
     full, killed = os.path.join(root, "full"), os.path.join(root, "killed")
-    for workdir, extra in ((full, {}), (killed, {common.KILL_AFTER_CHECKPOINT_ENV: "3"})):
+    for workdir, extra in ((full, {}), (killed, {"BILEVEL_KILL_AFTER_CHECKPOINT": "3"})):
       proc = subprocess.run(cmd + [f"--workdir={workdir}"], env=_env(**extra, **NOOPT), cwd=REPO,
                             capture_output=True, text=True, timeout=300)
       if extra:
