@@ -197,17 +197,16 @@ def estimator_figures(reps: int) -> dict[str, Any]:
   v = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), y)  # random v
   problem = models.hyper_representation_problem()
   grad_g = jax.jit(jax.grad(problem.inner_loss, argnums=(0, 1)))
-  opts = hypergrad.EstimatorOptions(num_steps=EST_STEPS.value)
+  ests = {name: hypergrad.named(name, num_steps=EST_STEPS.value) for name in hypergrad.ESTIMATORS}
   runs = {"grad": lambda: grad_g(x, y, batch)}
-  for name, est in hypergrad.ESTIMATORS.items():
-    fn = jax.jit(lambda x, y, v, est=est: est(problem, x, y, batch, batch, v, None, None, opts))
+  for name, est in ests.items():
+    fn = jax.jit(lambda x, y, v, est=est: est(problem, x, y, batch, batch, v))
     runs[name] = lambda fn=fn: fn(x, y, v)
   times = median_times(runs, reps)
-  out = {est: dict(measured_grad_evals=times[est] / times["grad"],
-                   analytic_grad_evals=costs.grad_evals_per_round(
-                       local_steps=1, inner_steps=0, inner_step="fixed", estimator=est,
-                       estimator_options=opts))
-         for est in hypergrad.ESTIMATORS}
+  out = {name: dict(measured_grad_evals=times[name] / times["grad"],
+                    analytic_grad_evals=costs.grad_evals_per_round(
+                        local_steps=1, inner_steps=0, inner_step="fixed", estimator=est))
+         for name, est in ests.items()}
   return dict(estimator_cost_grad_evals={k: v["measured_grad_evals"] for k, v in out.items()},
               estimator_costs=dict(rows=EST_ROWS.value, num_steps=EST_STEPS.value,
                                    grad_time_s=times["grad"], per_estimator=out))
