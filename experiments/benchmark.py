@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bilevel import algorithms, costs, federated, hypergrad, models, sharding, tree
+from bilevel import algorithms, costs, federated, hypergrad, masks, models, sharding, tree
 from bilevel.client import minibatch_sampler
 from bilevel.metrics import commit, device_info, versions, write_json
 from experiments import common, compare, time_to_accuracy
@@ -33,14 +33,13 @@ LOOP_CLIENTS = flags.DEFINE_list("loop_clients", ["10", "100"], "Client counts f
 SCALING = flags.DEFINE_list("scaling_clients", None, "Clients per round (10,100,1000; quick 100).")
 EST_ROWS = flags.DEFINE_integer("estimator_rows", 1024, "Batch rows for the estimator costs.")
 EST_STEPS = flags.DEFINE_integer("estimator_steps", 5, "num_steps of every estimator.")
-KEEP_RATIOS = flags.DEFINE_list("keep_ratios", ["1", "0.5", "0.25"], "Keep ratios r (one level "
-                                "r/r); the first is the reference.")
+KEEP_RATIOS = flags.DEFINE_list("keep_ratios", ["1", "0.5", "0.25"], "Keep ratios r (level r/r), "
+                                "the first the reference.")
 SECTIONS = flags.DEFINE_list("sections", ["keep_ratio", "compact_dense", "vmap_loop",
                                           "estimators", "scaling"], "Figures to take.")
 COMPARE = flags.DEFINE_string("compare", None, "A git revision to benchmark side by side.")
 PASSES = flags.DEFINE_integer("passes", 2, "Benchmark processes of each side for --compare.")
-# Shared flags, with the benchmark's own defaults: --hidden (K), --batch_size (a client's rows
-# and minibatch), --clients_per_round, --local_steps (1 = a RABO round).
+# Shared flags: --hidden (K), --batch_size (a client's rows and minibatch), --local_steps (1: RABO).
 QUICK, HIDDEN, BATCH = common.QUICK, common.HIDDEN, common.BATCH_SIZE
 CLIENTS, LOCAL_STEPS = common.CLIENTS_PER_ROUND, common.LOCAL_STEPS
 BENCH_DEFAULTS = {"cpu_devices": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -50,8 +49,7 @@ BENCH_DEFAULTS = {"cpu_devices": len(os.sched_getaffinity(0)) if hasattr(os, "sc
 SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, hidden=8, batch_size=4,
                    clients_per_round=4, loop_clients=["2", "3"], scaling_clients=["2"],
                    estimator_rows=4, estimator_steps=1, local_steps=1)
-MAX_PASSES = 100
-PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
+MAX_PASSES, PROFILE = 100, "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
 
 
 def median_times(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
@@ -93,28 +91,26 @@ def compiled_round(clients: int, levels: str, submodel: str = "compact",
   step per local step, compiled once per configuration: {"run", "round", "state", "data",
   "peak_bytes", "temp_bytes"} (XLA's plan: arguments + outputs + temporaries - aliased)."""
   key = (clients, levels, submodel, per_round or clients, mesh)
-  if key not in _COMPILED:
-    rng = np.random.default_rng(0)
-    data = federated.FederatedData(_rows(rng, (clients, BATCH.value)),
-                                   _rows(rng, (clients, BATCH.value)),
-                                   jnp.full((clients,), BATCH.value))
-    x0, y0 = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
-    alg = algorithms.get(
-        "rafbo", problem=models.hyper_representation_problem(), num_clients=clients,
-        clients_per_round=per_round or clients, local_steps=LOCAL_STEPS.value, inner_steps=1,
-        estimator="fd", num_steps=1, levels=levels, layout=models.mlp_layout(HIDDEN.value),
-        sample=minibatch_sampler(BATCH.value), submodel=submodel, sampling="stratified",
-        mesh=mesh)
-    rnd = alg.make_round(x0)
-    state, data = sharding.replicate((alg.init(x0, y0), data), mesh)
-    step = rnd.step  # functools.partial(the jitted round, its RoundArgs)
-    compiled = step.func.lower(*step.args, state, data).compile()
-    mem = compiled.memory_analysis()
-    temp = None if mem is None else int(mem.temp_size_in_bytes)
-    peak = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                        + temp - getattr(mem, "alias_size_in_bytes", 0))
-    _COMPILED[key] = dict(run=lambda: compiled(*step.args, state, data), round=rnd, state=state,
-                          data=data, peak_bytes=peak, temp_bytes=temp)
+  if key in _COMPILED:
+    return _COMPILED[key]
+  rng, shape = np.random.default_rng(0), (clients, BATCH.value)
+  data = federated.FederatedData(_rows(rng, shape), _rows(rng, shape), jnp.full(clients, shape[1]))
+  x0, y0 = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
+  alg = algorithms.get(
+      "rafbo", problem=models.hyper_representation_problem(), num_clients=clients,
+      clients_per_round=per_round or clients, local_steps=LOCAL_STEPS.value, inner_steps=1,
+      estimator="fd", num_steps=1, levels=levels, layout=models.mlp_layout(HIDDEN.value),
+      sample=minibatch_sampler(BATCH.value), submodel=submodel, sampling="stratified", mesh=mesh)
+  rnd = alg.make_round(x0)
+  state, data = sharding.replicate((alg.init(x0, y0), data), mesh)
+  step = rnd.step  # functools.partial(the jitted round, its RoundArgs)
+  compiled = step.func.lower(*step.args, state, data).compile()
+  mem = compiled.memory_analysis()
+  temp = None if mem is None else int(mem.temp_size_in_bytes)
+  peak = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                      + temp - getattr(mem, "alias_size_in_bytes", 0))
+  _COMPILED[key] = dict(run=lambda: compiled(*step.args, state, data), round=rnd, state=state,
+                        data=data, peak_bytes=peak, temp_bytes=temp)
   return _COMPILED[key]
 
 
@@ -123,13 +119,11 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
   ratios, n = [float(r) for r in KEEP_RATIOS.value], len(jax.devices())
   mesh = sharding.client_mesh() if n > 1 else None
   one = ([ratios[0], ratios[-1]] if QUICK.value else ratios) if mesh is not None else []
-  runs = {f"{n}:{r}": compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=mesh)["run"]
-          for r in ratios}
-  runs.update({f"1:{r}": compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1")["run"] for r in one})
+  runs = {f"{d}:{r}": compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=m)["run"]
+          for d, m, rs in ((n, mesh, ratios), (1, None, one)) for r in rs}
   times = median_times(runs, reps)
-
-  def params(r: float) -> int:  # a client's parameters at k = ceil(r K) (masks.keep_count)
-    return (IN_DIM.value + 1 + CLASSES.value) * math.ceil(r * HIDDEN.value) + CLASSES.value
+  params = lambda r: (IN_DIM.value + 1 + CLASSES.value) * masks.host_keep_count(
+      r, HIDDEN.value) + CLASSES.value  # a client's parameters at keep ratio r
 
   def figure(devices: int, rs: list[float]) -> dict[str, Any]:
     t = {r: times[f"{devices}:{r}"] for r in rs}
@@ -148,20 +142,19 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
           "keep_ratio_max_leaf_rel_diff": {str(r): rel_diff(r) for r in one}}
 
 
-def _one_level() -> str:
-  """The keep-ratio figure's last round, which --quick reuses instead of compiling PROFILE."""
+def _one_level() -> str:  # the keep-ratio figure's last round: --quick uses it, not PROFILE
   return "{0:g}/{0:g}:1".format(float(KEEP_RATIOS.value[-1]))
 
 
 def compact_dense_figures(reps: int) -> dict[str, Any]:
   """Compact submodels against dense masked rounds (--quick: the one-level round only)."""
-  cases = {} if QUICK.value else {"profile": PROFILE}
-  cases[_one_level().split("/")[0]] = _one_level()
-  out = {}
-  for name, levels in cases.items():
-    t = median_times({sub: compiled_round(CLIENTS.value, levels, sub)["run"]
-                      for sub in ("compact", "dense")}, reps)
-    out[name] = dict(compact_s=t["compact"], dense_s=t["dense"], ratio=t["compact"] / t["dense"])
+  one = _one_level()
+  cases = {**({} if QUICK.value else {"profile": PROFILE}), one.split("/")[0]: one}
+  times = {name: median_times({sub: compiled_round(CLIENTS.value, levels, sub)["run"]
+                               for sub in ("compact", "dense")}, reps)
+           for name, levels in cases.items()}
+  out = {name: dict(compact_s=t["compact"], dense_s=t["dense"], ratio=t["compact"] / t["dense"])
+         for name, t in times.items()}
   return dict(compact_over_dense={"levels": cases, **out},
               compact_over_dense_time_ratio={k: v["ratio"] for k, v in out.items()})
 
@@ -169,33 +162,26 @@ def compact_dense_figures(reps: int) -> dict[str, Any]:
 def vmap_loop_figures(reps: int) -> dict[str, Any]:
   """The jitted vmapped round against a Python loop over the same jitted client function; one
   population of max(--loop_clients) clients, c of them sampled per round."""
-  counts = [int(s) for s in LOOP_CLIENTS.value]
-  ratio, detail, client = {}, {}, None
+  counts, detail, client = [int(s) for s in LOOP_CLIENTS.value], {}, None
   for c in counts:
-    vmapped = compiled_round(max(counts), "1/1:1", per_round=c)
-    rnd, state, data = vmapped["round"], vmapped["state"], vmapped["data"]
+    m = compiled_round(max(counts), "1/1:1", per_round=c)
+    rnd, state, data = m["round"], m["state"], m["data"]
     client = client or jax.jit(rnd.client_fns[0])  # the client function does not depend on c
-    server = jax.jit(rnd.server_fn)
-    ids = [int(i) for i in rnd.sample_fn(state.round)[0]]
-
-    def loop():
-      outs = [client(state, data, jnp.asarray(i), jnp.asarray(s), state.round)
-              for s, i in enumerate(ids)]
-      return server(state, [tree.stack(outs)])
-
-    t = median_times({"vmap": vmapped["run"], "loop": loop}, reps)
-    ratio[str(c)] = t["vmap"] / t["loop"]
+    server, ids = jax.jit(rnd.server_fn), [int(i) for i in rnd.sample_fn(state.round)[0]]
+    loop = lambda: server(state, [tree.stack([client(state, data, jnp.asarray(i), jnp.asarray(s),
+                                                     state.round) for s, i in enumerate(ids)])])
+    t = median_times({"vmap": m["run"], "loop": loop}, reps)
     detail[str(c)] = dict(vmap_s=t["vmap"], loop_s=t["loop"])
-  return dict(vmap_over_loop_time_ratio=ratio, vmap_loop_detail=detail)
+  return dict(vmap_over_loop_time_ratio={c: t["vmap_s"] / t["loop_s"] for c, t in detail.items()},
+              vmap_loop_detail=detail)
 
 
 def estimator_figures(reps: int) -> dict[str, Any]:
   """Each estimator's time in units of one gradient of g (measured) next to the analytic count."""
-  rng = np.random.default_rng(1)
+  rng, problem = np.random.default_rng(1), models.hyper_representation_problem()
   batch = _rows(rng, (EST_ROWS.value,))
   x, y = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
   v = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), y)  # random v
-  problem = models.hyper_representation_problem()
   grad_g = jax.jit(jax.grad(problem.inner_loss, argnums=(0, 1)))
   ests = {name: hypergrad.named(name, num_steps=EST_STEPS.value) for name in hypergrad.ESTIMATORS}
   runs = {"grad": lambda: grad_g(x, y, batch)}

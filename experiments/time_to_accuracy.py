@@ -6,6 +6,7 @@ process, cold (new HOME) and warm, and the README main job (BENCHMARKS.md; docs/
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -25,14 +26,16 @@ REFERENCE_S = flags.DEFINE_float("fednest_reference_s", 66.0, "FedNest's own tim
 SEED_BATCH = flags.DEFINE_integer("seed_batch", 10, "Seeds of the README main job (0: skip it).")
 PRESETS = flags.DEFINE_boolean("presets", False, "Each algorithm from its tuned flagfile.")
 MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 500, "Rounds a run may take.")
-# --algorithms and --driver_flags (common.py): what to time, and flags for every timed process.
-DEFAULTS = {"seed": 1, "algorithms": ["rafbo", "fednest"]}  # FedNest's config-A seed (README)
+# Also --algorithms (what to time) and --driver_flags (common.py); seed 1: FedNest's config A's.
+DEFAULTS = {"seed": 1, "algorithms": ["rafbo", "fednest"]}
 EVAL_EVERY, POLL_S, TERM_WAIT_S = 5, 0.2, 30.0
 CONFIG_A = ("--num_clients=100", "--clients_per_round=10", "--partition=iid")
 SMOKE_ROUNDS, SMOKE_EVAL_EVERY, SMOKE_TARGET = 4, 2, 0.0  # every record reaches the target
 FEDNEST_REFERENCE = ("FedNest's PyTorch code at config A: 0.895 test accuracy after 300-500 "
                      "rounds at 0.221 s per round, at best about 66 s")
 DRIVER = [sys.executable, "-m", "experiments.hyper_representation"]
+PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets",
+                      "hyper_representation_{}.cfg")  # .format(algorithm)
 
 
 def scan_metrics(path: str, target: float) -> tuple[dict | None, dict | None]:
@@ -44,11 +47,6 @@ def scan_metrics(path: str, target: float) -> tuple[dict | None, dict | None]:
       if record["test_accuracy"] >= target:
         return record, last
   return None, last
-
-
-def preset(algorithm: str) -> str:
-  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets",
-                      f"hyper_representation_{algorithm}.cfg")
 
 
 def user_env(home: str) -> dict[str, str]:
@@ -78,57 +76,30 @@ def timed(name: str, args: list[str], home: str, target: float) -> dict[str, Any
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=user_env(home))
     try:
-      while True:
-        try:
-          ended = proc.wait(timeout=POLL_S) is not None
-        except subprocess.TimeoutExpired:
-          ended = False
+      reached, ended = None, False
+      while reached is None and not ended:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+          proc.wait(timeout=POLL_S)
+        ended = proc.returncode is not None
         reached, last = scan_metrics(os.path.join(run_dir, "metrics.jsonl"), target)
         seconds = time.perf_counter() - start
-        if reached is not None or ended:
-          break
     finally:
-      if proc.poll() is None:
-        proc.terminate()
-        try:
-          proc.wait(timeout=TERM_WAIT_S)
-        except subprocess.TimeoutExpired:
-          proc.kill()
-          proc.wait()
+      proc.terminate()  # a process that has ended gets no signal
+      try:
+        proc.wait(timeout=TERM_WAIT_S)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
   run = dict(seconds=seconds, reached=reached or {}, last=last or {}, ended=ended, log=log,
              code=proc.returncode, command=" ".join(cmd[1:]), error=None, summary={})
+  summary = os.path.join(run_dir, "summary.json")
   if reached is None and proc.returncode != 0:
     with open(log, encoding="utf-8", errors="replace") as f:
       run["error"] = (f.read().strip().splitlines() or ["(no output)"])[-1]
-    return run
-  if os.path.exists(os.path.join(run_dir, "summary.json")):
-    run["summary"] = read_json(os.path.join(run_dir, "summary.json"), "summary")
-  shutil.rmtree(run_dir, ignore_errors=True)
+  else:
+    run["summary"] = read_json(summary, "summary") if os.path.exists(summary) else {}
+    shutil.rmtree(run_dir, ignore_errors=True)
   return run
-
-
-def time_algorithm(algorithm: str, state: str, home: str, rounds: int, eval_every: int,
-                   target: float) -> dict[str, Any]:
-  """One config-A driver process timed to the target."""
-  steps = f"--flagfile={preset(algorithm)}" if PRESETS.value else f"--algorithm={algorithm}"
-  run = timed(f"{algorithm}_{state}", [steps, *CONFIG_A, f"--rounds={rounds}",
-                                       f"--eval_every={eval_every}", f"--seed={common.SEED.value}",
-                                       "--log_every=100000", *common.DRIVER_FLAGS.value],
-              home, target)
-  reached, last = run["reached"], run["last"]
-  seconds = run["seconds"] if reached else None
-  age = (reached["time_to_first_round_s"] - reached["first_round_s"] + reached["wall_time_s"]
-         if reached else None)  # the driver's own process age at that record
-  return dict(seconds_to_target=seconds, round_reached=reached.get("round"),
-              speedup=REFERENCE_S.value / seconds if seconds else None,
-              test_accuracy_at_target=reached.get("test_accuracy"), driver_reported_s=age,
-              detected_after_exit=bool(reached) and run["ended"],  # seconds include the exit
-              last_round=last.get("round"), last_test_accuracy=last.get("test_accuracy"),
-              first_round_s=last.get("first_round_s"),
-              time_to_first_round_s=last.get("time_to_first_round_s"),
-              cache_files=cache_files(home),  # a warm run that adds none loaded them all
-              exit_code=run["code"], error=run["error"], command=run["command"],
-              **({"log": run["log"]} if run["error"] else {}))
 
 
 def time_main_job(num_seeds: int) -> dict[str, Any]:
@@ -159,8 +130,8 @@ def time_main_job(num_seeds: int) -> dict[str, Any]:
 def check_flags() -> list[str]:
   names, known = common.ALGORITHM_LIST.value, sorted(algorithms.names())
   problems = [f"--algorithms: unknown algorithm {n!r}." for n in names if n not in known]
-  problems += [f"--algorithms: {n} has no preset {preset(n)}." for n in names
-               if PRESETS.value and n in known and not os.path.isfile(preset(n))]
+  problems += [f"--algorithms: {n} has no preset {PRESET.format(n)}." for n in names
+               if PRESETS.value and n in known and not os.path.isfile(PRESET.format(n))]
   checks = {f"--algorithms={','.join(names)}: give one or more of {', '.join(known)}, each "
             "once.": names and len(set(names)) == len(names),
             f"--target={TARGET.value} is outside [0, 1].": 0 <= TARGET.value <= 1,
@@ -176,15 +147,32 @@ def check_flags() -> list[str]:
 def figures(reps: int) -> dict[str, Any]:
   """Each --algorithms cold and warm to the target, then (--seed_batch) the README main job."""
   del reps
-  rounds, eval_every, target = MAX_ROUNDS.value, EVAL_EVERY, TARGET.value
+  rounds, eval_every, target = (MAX_ROUNDS.value, EVAL_EVERY, TARGET.value)
   if common.SMOKE.value:
     rounds, eval_every, target = SMOKE_ROUNDS, SMOKE_EVAL_EVERY, SMOKE_TARGET
-  results = {}
+  results: dict[str, dict[str, Any]] = {}
   for algorithm in common.ALGORITHM_LIST.value:
     home = _fresh(os.path.join(common.WORKDIR.value, f"home_{algorithm}"))  # cold: new, empty
+    steps = (f"--flagfile={PRESET.format(algorithm)}" if PRESETS.value
+             else f"--algorithm={algorithm}")
+    args = [steps, *CONFIG_A, f"--rounds={rounds}", f"--eval_every={eval_every}",
+            f"--seed={common.SEED.value}", "--log_every=100000", *common.DRIVER_FLAGS.value]
     for state in ("cold", "warm"):
-      r = results.setdefault(algorithm, {})[state] = time_algorithm(
-          algorithm, state, home, rounds, eval_every, target)
+      run = timed(f"{algorithm}_{state}", args, home, target)
+      reached, last = run["reached"], run["last"]
+      seconds = run["seconds"] if reached else None
+      r = results.setdefault(algorithm, {})[state] = dict(
+          seconds_to_target=seconds, speedup=REFERENCE_S.value / seconds if seconds else None,
+          round_reached=reached.get("round"), test_accuracy_at_target=reached.get("test_accuracy"),
+          driver_reported_s=(reached["time_to_first_round_s"] - reached["first_round_s"]
+                             + reached["wall_time_s"] if reached else None),  # its process age
+          detected_after_exit=bool(reached) and run["ended"],  # seconds include the exit
+          last_round=last.get("round"), last_test_accuracy=last.get("test_accuracy"),
+          first_round_s=last.get("first_round_s"),
+          time_to_first_round_s=last.get("time_to_first_round_s"),
+          cache_files=cache_files(home),  # a warm run that adds none loaded them all
+          exit_code=run["code"], error=run["error"], command=run["command"],
+          **({"log": run["log"]} if run["error"] else {}))
       print(f"=== {algorithm}, {state}: {fmt(r['seconds_to_target'], '.1f')} s to {target:g}, "
             f"round {fmt(r['round_reached'])}; error: {r['error']}", flush=True)
     shutil.rmtree(home, ignore_errors=True)
