@@ -74,7 +74,8 @@ class DriverTest(absltest.TestCase):
     workdir = tempfile.mkdtemp()
     argv = [sys.executable, "-m", "experiments.benchmark", "--sections=time_to_accuracy",
             f"--workdir={workdir}", "--algorithms=rafbo", "--smoke"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    # Compiling dominates the 7 driver processes; times are not asserted.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     with open(os.path.join(workdir, "benchmark.json")) as f:
