@@ -50,13 +50,11 @@ def scan_metrics(path: str, target: float) -> tuple[dict | None, dict | None]:
 
 
 def user_env(home: str) -> dict[str, str]:
-  """This environment with HOME=home and no cache-folder variables."""
   drop = ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "JAX_COMPILATION_CACHE_DIR", "MPLCONFIGDIR")
   return dict({k: v for k, v in os.environ.items() if k not in drop}, HOME=home)
 
 
 def cache_files(home: str) -> int:
-  """Files in the driver's default compilation cache folder under home."""
   folder = common.default_cache_dir(home)
   return len(os.listdir(folder)) if os.path.isdir(folder) else 0
 
