@@ -23,7 +23,7 @@ from absl import app, flags
 from bilevel import algorithms, costs, federated, hypergrad, masks, models, sharding, tree
 from bilevel.client import minibatch_sampler
 from bilevel.metrics import commit, device_info, versions, write_json
-from experiments import common, compare, time_to_accuracy
+from experiments import common, time_to_accuracy
 
 REPS = flags.DEFINE_integer("reps", None, "Timed passes per figure at least (7; quick 5).")
 MIN_TIME = flags.DEFINE_float("min_time_s", None, "Time each function this long (2 s; quick 1).")
@@ -241,7 +241,8 @@ def main(argv):
   common.gather(check_flags())
   workdir, path = common.require_workdir(), os.path.join(common.WORKDIR.value, "benchmark.json")
   if COMPARE.value:
-    return compare.revisions(COMPARE.value, PASSES.value, workdir)
+    from scripts import compare_revisions  # pylint: disable=g-import-not-at-top
+    return compare_revisions.revisions(COMPARE.value, PASSES.value, workdir)
   start, result = time.perf_counter(), {}
   for name in [s for s in SECTION_FNS if s in SECTIONS.value]:
     t0 = time.perf_counter()
@@ -250,7 +251,7 @@ def main(argv):
     print(json.dumps(figures, indent=1, default=float))
   result.update(  # JAX starts here at the latest: the time_to_accuracy section runs without it
       total_time_s=time.perf_counter() - start, versions=versions(), device=device_info(),
-      argv=sys.argv, commit=commit(compare.ROOT), settings=dict(
+      argv=sys.argv, commit=commit(os.path.dirname(os.path.abspath(__file__))), settings=dict(
           quick=QUICK.value, reps=reps, min_time_s=MIN_TIME.value, in_dim=IN_DIM.value,
           hidden=HIDDEN.value, classes=CLASSES.value, batch=BATCH.value, clients=CLIENTS.value,
           local_steps=LOCAL_STEPS.value, inner_steps=1, estimator="fd", dtype="float32",

@@ -1,5 +1,4 @@
-"""Finished runs side by side (compare.md, compare.png, compare_diagnostics.png), and the
-benchmark at two revisions (`revisions`: benchmark --compare). docs/measurement.md.
+"""Runs side by side (docs/measurement.md): compare.md, compare.png, compare_diagnostics.png.
 
   python -m experiments.compare --workdirs=runs/hr_rafbo,runs/hr_simfbo --out=runs/cmp
 """
@@ -9,15 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
-import subprocess
-import sys
 from typing import Any, NamedTuple, Sequence
 
 from absl import app, flags
 
 from bilevel import checkpoint
-from bilevel.metrics import commit, plot_records, write_json
+from bilevel.metrics import plot_records
 from experiments import common
 
 WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated run workdirs to compare.")
@@ -29,7 +25,6 @@ PLOTS = {"compare.png": (("round", "test_accuracy", "test accuracy"),
              ("round", "diag_cosine", "cosine(estimate, true hypergradient)"),
              ("round", "diag_relative_error", "||estimate - true|| / ||true||"),
              ("round", "never_covered_x_share", "share of x never covered so far"))}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Run(NamedTuple):
@@ -38,6 +33,9 @@ class Run(NamedTuple):
   figures: dict[str, Any] | None  # summary.json (--seeds: its means); None: unfinished
   std: dict[str, Any]  # --seeds: the std over seeds
   records: list[list[dict[str, Any]]]  # metrics.jsonl records per seed
+
+  def logged(self) -> int:
+    return self.records[0][-1]["round"] if self.records[0] else 0
 
 
 def fmt(value: Any, spec: str = ".4g") -> str:
@@ -53,7 +51,6 @@ def _text(run: Run, key: str) -> str:
 
 
 def read_json(path: str, what: str) -> dict[str, Any]:
-  """The JSON object in path; ValueError naming `what` and path when it cannot be read."""
   try:
     with open(path, encoding="utf-8") as f:
       value = json.load(f)
@@ -100,10 +97,6 @@ def table(runs: Sequence[Run]) -> list[str]:
   return lines
 
 
-def _logged(run: Run) -> int:
-  return run.records[0][-1]["round"] if run.records[0] else 0
-
-
 def markdown(runs: Sequence[Run], unfinished: Sequence[Run]) -> str:
   lines = ["# Run comparison", ""] + table(runs) + [
       "", "Test accuracy is a fraction; FLOPs are analytic client FLOPs of the submodels "
@@ -115,62 +108,9 @@ def markdown(runs: Sequence[Run], unfinished: Sequence[Run]) -> str:
               + "; ".join(extra) + "."]
   if unfinished:
     lines += ["", "## Unfinished runs (no summary.json; not in the table or the figure)", ""]
-    lines += [f"- {u.label} ({u.path}): {_logged(u)} rounds logged so far" for u in unfinished]
+    lines += [f"- {u.label} ({u.path}): {u.logged()} rounds logged so far" for u in unfinished]
   return "\n".join(lines + ["", "Workdirs: " + ", ".join(f"{r.label} = {r.path}" for r in runs),
                             ""])
-
-
-def figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
-  """The numbers of a benchmark.json flattened to "a.b.c" names (versions, settings aside)."""
-  out: dict[str, float] = {}
-  for key, value in result.items():
-    if isinstance(value, dict) and (prefix or key not in ("versions", "device", "settings",
-                                                          "commit")):
-      out.update(figures(value, f"{prefix}{key}."))
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-      out[prefix + key] = float(value)
-  return out
-
-
-def revisions(ref: str, passes: int, workdir: str) -> None:
-  """Benchmark processes of revision `ref` (in WORKDIR/ref_tree) and of this checkout, with this
-  one's other flags, alternating; every figure's medians and their ratio to compare.json."""
-  workdir = os.path.abspath(workdir)  # the sides run in their own trees
-  tree = os.path.join(workdir, "ref_tree")
-  git = lambda *a: subprocess.run(["git", "-C", ROOT, "worktree", *a], capture_output=True,
-                                  text=True, check=False)
-  git("remove", "--force", tree)
-  if (made := git("add", "--detach", tree, ref)).returncode != 0:
-    common.fail(f"--compare={ref}: cannot check it out into {tree}: {made.stderr.strip()}")
-  argv = [a for a in sys.argv[1:] if a.lstrip("-").removeprefix("no").split("=")[0]
-          not in ("compare", "passes", "workdir")]
-  runs: dict[str, list[dict[str, float]]] = {"ref": [], "this": []}
-  try:
-    for i in range(passes):
-      for side in ("ref", "this") if i % 2 == 0 else ("this", "ref"):
-        root, out = (tree if side == "ref" else ROOT), os.path.join(workdir, f"{side}_{i}")
-        print(f"=== pass {i + 1}/{passes}: {side} ({ref if side == 'ref' else 'this checkout'})",
-              flush=True)
-        code = subprocess.run([sys.executable, "-m", "experiments.benchmark", *argv,
-                               f"--workdir={out}"], cwd=root, env=dict(os.environ, PYTHONPATH=root),
-                              check=False).returncode
-        if code != 0:
-          common.fail(f"--compare: the {side} benchmark process failed (exit {code}); its output "
-                      "is above.")
-        runs[side].append(figures(read_json(os.path.join(out, "benchmark.json"), "benchmark")))
-  finally:
-    git("remove", "--force", tree)
-  rows = {n: {"ref_runs": [r[n] for r in runs["ref"]], "this_runs": [r[n] for r in runs["this"]]}
-          for n in runs["this"][0] if all(n in r for r in runs["ref"] + runs["this"])}
-  print(f"{'figure':<52} {ref[:12]:>12} {'this':>12} {'this/ref':>9}")
-  for n, row in rows.items():
-    a, b = statistics.median(row["ref_runs"]), statistics.median(row["this_runs"])
-    row.update(ref=a, this=b, this_over_ref=b / a if a else None)
-    if not n.endswith("total_time_s"):
-      print(f"{n[:52]:<52} {a:>12.4g} {b:>12.4g} {fmt(row['this_over_ref'], '.3f'):>9}")
-  path = os.path.join(workdir, "compare.json")
-  write_json(path, dict(ref=ref, this=commit(ROOT), passes=passes, argv=sys.argv, figures=rows))
-  print(f"wrote {path}")
 
 
 def main(argv):
@@ -181,19 +121,16 @@ def main(argv):
             f"--labels has {len(labels)} entries but --workdirs has {len(paths)}; give one label "
             "per workdir.": len(labels) == len(paths),
             "--out (or --workdir) is required: the folder for compare.png and compare.md.": out}
-  problems = [problem for problem, ok in checks.items() if not ok]
-  loaded = []
+  problems, loaded = [problem for problem, ok in checks.items() if not ok], []
   for path, label in zip(paths, labels):
     try:
       loaded.append(load_run(path, label))
     except ValueError as e:
       problems.append(str(e))
-  if problems:
-    common.fail(" ".join(problems))
+  common.fail(*problems)
   runs = [r for r in loaded if r.figures is not None]
-  unfinished = [r for r in loaded if r.figures is None]
-  for u in unfinished:
-    print(f"warning: {u.path} is unfinished (no summary.json; {_logged(u)} rounds logged): "
+  for u in (unfinished := [r for r in loaded if r.figures is None]):
+    print(f"warning: {u.path} is unfinished (no summary.json; {u.logged()} rounds logged): "
           "listed as unfinished, left out of the comparison.")
   if not runs:
     common.fail("none of the workdirs holds a finished run (summary.json); nothing to compare.")

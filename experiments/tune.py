@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -32,21 +33,6 @@ _OWN_FLAGS = STEPS + ("seeds", "seed", "workdir", "eval_split", "algorithm", "pa
                       "alpha")  # set by tune; --driver_flags may not
 
 
-def partitions() -> dict[str, dict[str, Any]]:
-  """--tune_partitions as {name: the driver flags that select it}."""
-  out = {}
-  for item in PARTITIONS.value or [""]:  # none: an error
-    scheme, _, alpha = item.partition(":")
-    if item in ("iid", "shards"):
-      out[item] = dict(partition=item)
-    elif scheme == "dirichlet" and _positive(alpha):
-      out[f"dirichlet{float(alpha):g}"] = dict(partition=scheme, alpha=float(alpha))
-    else:
-      common.fail(f"--tune_partitions: {item!r} is not iid, shards or dirichlet:ALPHA with a "
-                  "concentration ALPHA > 0, e.g. dirichlet:0.1.")
-  return out
-
-
 def _positive(text: str) -> bool:
   try:
     return float(text) > 0
@@ -62,36 +48,26 @@ def grid() -> dict[str, tuple[float, ...]]:
           for k, f in GRID_FLAGS.items()}
 
 
-def combine_partitions(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-  """A point's score: its worst partition's mean held-out accuracy and std (None if a run on any
-  partition diverged or failed)."""
-  failed = [name for name, r in results.items() if r["mean_accuracy"] is None]
-  worst = failed[0] if failed else min(results, key=lambda n: results[n]["mean_accuracy"])
-  return dict({k: results[worst][k] for k in STEPS + ("mean_accuracy", "std_accuracy", "error")},
-              seconds=sum(r["seconds"] for r in results.values()), per_partition=results,
-              worst_partition=worst)
-
-
-def select(points: Sequence[dict[str, Any]], num_seeds: int) -> dict[str, Any]:
-  """One-standard-error rule: the smallest steps (outer, then inner, then v) among the finished
-  points whose mean accuracy is within std / sqrt(seeds) of the best one's."""
-  finished = [p for p in points if p["mean_accuracy"] is not None]
-  if not finished:
-    common.fail("every grid point diverged or failed; widen the grid (--grid_*) towards "
-                "smaller steps.")
-  best = max(finished, key=lambda p: p["mean_accuracy"])
-  bar = best["mean_accuracy"] - best["std_accuracy"] / math.sqrt(num_seeds)
-  return min((p for p in finished if p["mean_accuracy"] >= bar),
-             key=lambda p: tuple(p[k] for k in STEPS))
+def partitions() -> dict[str, dict[str, Any]]:
+  """--tune_partitions as {name: the driver flags that select it}."""
+  out = {}
+  for item in PARTITIONS.value or [""]:  # none: an error
+    scheme, _, alpha = item.partition(":")
+    if item in ("iid", "shards"):
+      out[item] = dict(partition=item)
+    elif scheme == "dirichlet" and _positive(alpha):
+      out[f"dirichlet{float(alpha):g}"] = dict(partition=scheme, alpha=float(alpha))
+    else:
+      common.fail(f"--tune_partitions: {item!r} is not iid, shards or dirichlet:ALPHA with a "
+                  "concentration ALPHA > 0, e.g. dirichlet:0.1.")
+  return out
 
 
 def finished_point(workdir: str, seeds: list[int], values: dict[str, Any]) -> dict | None:
   """The point's accuracies if its driver run in workdir finished with these seeds and flags."""
+  read = lambda *path: json.loads(pathlib.Path(workdir, *path).read_text(encoding="utf-8"))
   try:
-    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
-      summary = json.load(f)
-    with open(os.path.join(workdir, f"seed_{seeds[0]}", "config.json"), encoding="utf-8") as f:
-      run_flags = json.load(f)["flags"]
+    summary, run_flags = read("summary.json"), read(f"seed_{seeds[0]}", "config.json")["flags"]
   except (OSError, ValueError, KeyError):
     return None
   if summary.get("seeds") != seeds or any(run_flags.get(k) != v for k, v in values.items()):
@@ -104,8 +80,7 @@ def finished_point(workdir: str, seeds: list[int], values: dict[str, Any]) -> di
 
 
 def run_point(workdir: str, seeds: list[int], values: dict[str, Any]) -> dict[str, Any]:
-  """One grid point on one partition (values: its steps and partition flags) over the seeds, in
-  a driver process unless an earlier tune run finished it (finished_point)."""
+  """One grid point on one partition (values: its flags) over the seeds, in a driver process."""
   if done := finished_point(workdir, seeds, values):
     return done
   cmd = [sys.executable, "-m", f"experiments.{TASK.value}", f"--workdir={workdir}",
@@ -123,6 +98,27 @@ def run_point(workdir: str, seeds: list[int], values: dict[str, Any]) -> dict[st
   lines = (proc.stderr or proc.stdout).strip().splitlines()
   return dict(out, mean_accuracy=None, std_accuracy=None, per_seed={},
               error=lines[-1] if lines else f"exit code {proc.returncode}")
+
+
+def combine_partitions(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """A point's score: its worst partition's (a failed one's first)."""
+  failed = [name for name, r in results.items() if r["mean_accuracy"] is None]
+  worst = failed[0] if failed else min(results, key=lambda n: results[n]["mean_accuracy"])
+  return dict({k: results[worst][k] for k in STEPS + ("mean_accuracy", "std_accuracy", "error")},
+              seconds=sum(r["seconds"] for r in results.values()), per_partition=results,
+              worst_partition=worst)
+
+
+def select(points: Sequence[dict[str, Any]], num_seeds: int) -> dict[str, Any]:
+  """The one-standard-error rule: the smallest steps within std / sqrt(seeds) of the best."""
+  finished = [p for p in points if p["mean_accuracy"] is not None]
+  if not finished:
+    common.fail("every grid point diverged or failed; widen the grid (--grid_*) towards "
+                "smaller steps.")
+  best = max(finished, key=lambda p: p["mean_accuracy"])
+  bar = best["mean_accuracy"] - best["std_accuracy"] / math.sqrt(num_seeds)
+  return min((p for p in finished if p["mean_accuracy"] >= bar),
+             key=lambda p: tuple(p[k] for k in STEPS))
 
 
 def write_preset(path: str, best: dict[str, Any], seeds: list[int], cost_s: float) -> None:
@@ -152,8 +148,8 @@ def main(argv: Sequence[str]) -> None:
   values, parts, workdir, points = grid(), partitions(), common.require_workdir(), []
   if common.SMOKE.value:  # a tiny run for tests: two grid points, still a real selection
     values = {k: v[:2] if k == "outer_lr" else v[:1] for k, v in values.items()}
-  combos = list(itertools.product(*values.values()))
-  for i, point in enumerate(dict(zip(values, combo)) for combo in combos):
+  combos = [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
+  for i, point in enumerate(combos):
     name = "point_" + "_".join(f"{k}{v:g}" for k, v in point.items())  # reused if the grid moves
     points.append(p := combine_partitions({
         part: run_point(os.path.join(workdir, name, part), seeds, dict(point, **part_flags))
@@ -162,8 +158,7 @@ def main(argv: Sequence[str]) -> None:
            f"{p['mean_accuracy']:.4f} +- {p['std_accuracy']:.4f}")
     print(f"[{i + 1}/{len(combos)}] {point}: {acc} (worst: {p['worst_partition']}, "
           f"{p['seconds']:.0f} s)", flush=True)
-  cost = sum(p["seconds"] for p in points)  # with the seed wall times of reused points
-  best = select(points, len(seeds))
+  best, cost = select(points, len(seeds)), sum(p["seconds"] for p in points)
   preset = PRESET_OUT.value or (
       os.path.join(workdir, "preset.cfg") if common.SMOKE.value  # never a smoke-tuned preset
       else os.path.join(PRESETS_DIR, f"{TASK.value}_{alg}.cfg"))

@@ -11,7 +11,8 @@ import pytest
 from absl.testing import absltest
 
 from bilevel import metrics
-from experiments import benchmark, compare
+from experiments import benchmark
+from scripts import compare_revisions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_XLA = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # compiling dominates; times are not asserted
@@ -36,7 +37,7 @@ class HelpersTest(absltest.TestCase):
     result = {"versions": {"jax": "x"}, "settings": {"reps": 5}, "commit": {"sha": "abc"},
               "keep_ratio_time_ratio": {"0.5": 0.6, "0.25": 0.4}, "keep_ratio_devices": 2,
               "device": {"count": 2}, "note": "text", "flag": True}
-    self.assertEqual(compare.figures(result),
+    self.assertEqual(compare_revisions.figures(result),
                      {"keep_ratio_time_ratio.0.5": 0.6, "keep_ratio_time_ratio.0.25": 0.4,
                       "keep_ratio_devices": 2.0})
 
