@@ -34,6 +34,8 @@ from bilevel.algorithms import fednest
 from bilevel.tasks import hyper_cleaning as hc_task
 from bilevel.tasks import hyper_representation as hr_task
 
+pytestmark = pytest.mark.usefixtures("xla_optimised")  # XLA's counts of what a run compiles
+
 
 def full_counts(tree):
   """Kept counts of an unpruned client: every leaf's size."""

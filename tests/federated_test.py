@@ -119,6 +119,7 @@ class RoundTest(parameterized.TestCase):
 
   @parameterized.parameters((np.float64, 1e-12), (np.float32, 1e-5))
   @pytest.mark.slow
+  @pytest.mark.usefixtures("xla_optimised")  # the tolerances are of the optimised programs
   def test_vmap_equals_loop(self, dtype, rtol):
     cfg = dict(clients_per_round=4, **_client(), levels=LEVELS)
     a, ra, _ = _run(cfg, 3, dtype=dtype)
