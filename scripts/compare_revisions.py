@@ -7,7 +7,6 @@ benchmark's other flags; WORKDIR/compare.json holds the medians and their ratio.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -16,6 +15,7 @@ from typing import Any
 
 from bilevel.metrics import commit, write_json
 from experiments import common
+from experiments.compare import fmt, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,8 +57,7 @@ def revisions(ref: str, passes: int, workdir: str) -> None:
         if code != 0:
           common.fail(f"--compare: the {side} benchmark process failed (exit {code}); its output "
                       "is above.")
-        with open(os.path.join(out, "benchmark.json"), encoding="utf-8") as f:
-          runs[side].append(figures(json.load(f)))
+        runs[side].append(figures(read_json(os.path.join(out, "benchmark.json"), "benchmark")))
   finally:
     git("remove", "--force", tree)
   rows = {n: {"ref_runs": [r[n] for r in runs["ref"]], "this_runs": [r[n] for r in runs["this"]]}
@@ -68,7 +67,7 @@ def revisions(ref: str, passes: int, workdir: str) -> None:
     a, b = statistics.median(row["ref_runs"]), statistics.median(row["this_runs"])
     row.update(ref=a, this=b, this_over_ref=b / a if a else None)
     if not n.endswith("total_time_s"):
-      print(f"{n[:52]:<52} {a:>12.4g} {b:>12.4g} {f'{b / a:.3f}' if a else 'n/a':>9}")
+      print(f"{n[:52]:<52} {a:>12.4g} {b:>12.4g} {fmt(row['this_over_ref'], '.3f'):>9}")
   path = os.path.join(workdir, "compare.json")
   write_json(path, dict(ref=ref, this=commit(ROOT), passes=passes, argv=sys.argv, figures=rows))
   print(f"wrote {path}")
