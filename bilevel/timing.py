@@ -1,5 +1,5 @@
 """Timing of compiled JAX programs: interleaved median wall times, a linear time model, XLA's
-memory plan, leaf differences, synthetic rows, estimator costs (docs/measurement.md)."""
+memory plan, leaf differences, synthetic rows, estimators' costs (docs/measurement.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel import costs
+from bilevel.hypergrad import Estimator
 from bilevel.problems import BilevelProblem
 from bilevel.tree import PyTree
 
@@ -69,15 +71,18 @@ def compile_with_memory_plan(fn: Any, *args: Any
   return lambda: compiled(*args), peak, temp
 
 
-def estimator_grad_evals(problem: BilevelProblem, estimators: Mapping[str, Callable[..., Any]],
-                         x: PyTree, y: PyTree, v: PyTree, batch: PyTree, reps: int,
-                         min_time_s: float) -> tuple[dict[str, float], float]:
-  """Each estimator's median time (est(problem, x, y, batch, batch, v), jitted) over that of one
-  gradient of the inner loss g in (x, y) on batch; and the gradient's time in seconds."""
+def estimator_costs(problem: BilevelProblem, estimators: Mapping[str, Estimator], x: PyTree,
+                    y: PyTree, v: PyTree, batch: PyTree, reps: int, min_time_s: float
+                    ) -> tuple[dict[str, dict[str, float]], float]:
+  """Each estimator's median time (jitted, batch on both levels) in units of one gradient of the
+  inner loss g in (x, y), next to its analytic count (costs); and that gradient's seconds."""
   grad_g = jax.jit(jax.grad(problem.inner_loss, argnums=(0, 1)))
   runs = {"grad": lambda: grad_g(x, y, batch)}
   for name, est in estimators.items():
     fn = jax.jit(lambda x, y, v, est=est: est(problem, x, y, batch, batch, v))
     runs[name] = lambda fn=fn: fn(x, y, v)
   times = median_times(runs, reps, min_time_s)
-  return {name: times[name] / times["grad"] for name in estimators}, times["grad"]
+  return {name: dict(measured_grad_evals=times[name] / times["grad"],
+                     analytic_grad_evals=costs.grad_evals_per_round(
+                         local_steps=1, inner_steps=0, inner_step="fixed", estimator=est))
+          for name, est in estimators.items()}, times["grad"]

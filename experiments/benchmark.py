@@ -5,8 +5,6 @@ to accuracy: prints each figure, writes WORKDIR/benchmark.json (BENCHMARKS.md, d
   python -m experiments.benchmark --quick --compare=HEAD~1 --workdir=runs/cmp  # side by side
 """
 
-from __future__ import annotations
-
 import json
 import os
 import sys
@@ -18,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bilevel import algorithms, costs, federated, hypergrad, masks, models, sharding, timing, tree
+from bilevel import algorithms, federated, hypergrad, masks, models, sharding, timing, tree
 from bilevel.client import minibatch_sampler
 from bilevel.metrics import commit, device_info, versions, write_json
 from experiments import common, time_to_accuracy
@@ -144,13 +142,11 @@ def estimator_figures(reps: int) -> dict[str, Any]:
   x, y = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
   v = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), y)  # random v
   ests = {name: hypergrad.named(name, num_steps=EST_STEPS.value) for name in hypergrad.ESTIMATORS}
-  measured, grad_s = timing.estimator_grad_evals(models.hyper_representation_problem(), ests,
-                                                 x, y, v, batch, reps, MIN_TIME.value)
-  out = {name: dict(measured_grad_evals=measured[name], analytic_grad_evals=costs.
-                    grad_evals_per_round(local_steps=1, inner_steps=0, inner_step="fixed",
-                                         estimator=est)) for name, est in ests.items()}
-  return dict(estimator_cost_grad_evals=measured, estimator_costs=dict(
-      rows=EST_ROWS.value, num_steps=EST_STEPS.value, grad_time_s=grad_s, per_estimator=out))
+  per, grad_s = timing.estimator_costs(models.hyper_representation_problem(), ests, x, y, v,
+                                       batch, reps, MIN_TIME.value)
+  return dict(estimator_cost_grad_evals={k: c["measured_grad_evals"] for k, c in per.items()},
+              estimator_costs=dict(rows=EST_ROWS.value, num_steps=EST_STEPS.value,
+                                   grad_time_s=grad_s, per_estimator=per))
 
 
 def scaling_figures(reps: int) -> dict[str, Any]:

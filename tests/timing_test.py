@@ -1,5 +1,5 @@
 """The timing harness (bilevel/timing.py): pass counts and medians on a fake clock, the line fit,
-XLA's memory plan, leaf differences, synthetic rows, estimator costs. No wall time is asserted."""
+XLA's memory plan, leaf differences, synthetic rows, estimators' costs. No wall time is asserted."""
 
 import math
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from bilevel import models, timing
+from bilevel import costs, hypergrad, models, timing
 
 
 class FakeClock:
@@ -99,25 +99,19 @@ class HelpersTest(absltest.TestCase):
     again = timing.synthetic_rows(np.random.default_rng(0), (3, 5), in_dim=4, classes=2)
     np.testing.assert_array_equal(rows["inputs"], again["inputs"])
 
-  def test_estimator_grad_evals_calls_each_estimator_on_the_batch(self):
+  def test_estimator_costs(self):
     problem = models.hyper_representation_problem()
     x, y = models.init_mlp(jax.random.key(0), 4, 3, 2)
     batch = timing.synthetic_rows(np.random.default_rng(0), (6,), in_dim=4, classes=2)
-    seen = []
-
-    def estimator(p, x_, y_, inner, outer, v):
-      seen.append((p, inner, outer))
-      return jax.grad(p.inner_loss)(x_, y_, inner), v
-
-    ratios, grad_s = timing.estimator_grad_evals(problem, {"mine": estimator}, x, y, y, batch,
-                                                 reps=1, min_time_s=0.0)
-    self.assertEqual(set(ratios), {"mine"})
-    self.assertTrue(math.isfinite(ratios["mine"]) and ratios["mine"] > 0)
+    ests = {name: hypergrad.named(name, num_steps=2) for name in ("fd", "cg")}
+    per, grad_s = timing.estimator_costs(problem, ests, x, y, y, batch, reps=1, min_time_s=0.0)
+    self.assertEqual(set(per), {"fd", "cg"})
     self.assertGreater(grad_s, 0)
-    p, inner, outer = seen[0]  # traced once, with the problem and the batch on both sides
-    self.assertIs(p, problem)
-    self.assertIs(inner, batch)
-    self.assertIs(outer, batch)
+    for name, cost in per.items():
+      measured = cost["measured_grad_evals"]
+      self.assertTrue(math.isfinite(measured) and measured > 0, name)
+      self.assertEqual(cost["analytic_grad_evals"], costs.grad_evals_per_round(
+          local_steps=1, inner_steps=0, inner_step="fixed", estimator=ests[name]))
 
 
 if __name__ == "__main__":
