@@ -5,22 +5,18 @@ to accuracy: prints each figure, writes WORKDIR/benchmark.json (BENCHMARKS.md, d
   python -m experiments.benchmark --quick --compare=HEAD~1 --workdir=runs/cmp  # side by side
 """
 
-from __future__ import annotations
-
 import json
-import math
 import os
-import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bilevel import algorithms, costs, federated, hypergrad, masks, models, sharding, tree
+from bilevel import algorithms, federated, hypergrad, masks, models, sharding, timing, tree
 from bilevel.client import minibatch_sampler
 from bilevel.metrics import commit, device_info, versions, write_json
 from experiments import common, time_to_accuracy
@@ -49,39 +45,7 @@ BENCH_DEFAULTS = {"cpu_devices": len(os.sched_getaffinity(0)) if hasattr(os, "sc
 SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, hidden=8, batch_size=4,
                    clients_per_round=4, loop_clients=["2", "3"], scaling_clients=["2"],
                    estimator_rows=4, estimator_steps=1, local_steps=1)
-MAX_PASSES, PROFILE = 100, "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
-
-
-def median_times(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-  """Median wall time of each fn() after a warm-up call, over passes that call each in turn."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times: dict[str, list[float]] = {name: [] for name in fns}
-  passes = reps
-  while len(times[next(iter(fns))]) < passes:
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-    fastest = min(t[0] for t in times.values())
-    passes = max(reps, min(MAX_PASSES, math.ceil(MIN_TIME.value / max(fastest, 1e-9))))
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
-def round_time_model(times: dict[float, float]) -> dict[str, float]:
-  """Least-squares t(r) = a + b r over keep ratios r; max_rel_residual: the worst relative miss."""
-  b, a = statistics.linear_regression(list(times), list(times.values()))
-  return dict(a_s=a, b_s=b, fixed_share_at_r1=a / (a + b),
-              max_rel_residual=max(abs(a + b * r - t) / t for r, t in times.items()))
-
-
-def _rows(rng: np.random.Generator, shape: tuple[int, ...]) -> dict[str, jax.Array]:
-  """Synthetic rows of MNIST shape (inputs, labels, weight)."""
-  return {"inputs": jnp.asarray(rng.normal(size=shape + (IN_DIM.value,)), jnp.float32),
-          "labels": jnp.asarray(rng.integers(0, CLASSES.value, shape)),
-          "weight": jnp.ones(shape, jnp.float32)}
-
-
+PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
 _COMPILED: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
@@ -89,29 +53,32 @@ def compiled_round(clients: int, levels: str, submodel: str = "compact",
                    per_round: int | None = None, mesh=None) -> dict[str, Any]:
   """A RAFBO round on synthetic clients, per_round (default all) sampled, one inner and one fd v
   step per local step, compiled once per configuration: {"run", "round", "state", "data",
-  "peak_bytes", "temp_bytes"} (XLA's plan: arguments + outputs + temporaries - aliased)."""
+  "peak_bytes", "temp_bytes"}."""
   key = (clients, levels, submodel, per_round or clients, mesh)
-  if key in _COMPILED:
-    return _COMPILED[key]
-  rng, shape = np.random.default_rng(0), (clients, BATCH.value)
-  data = federated.FederatedData(_rows(rng, shape), _rows(rng, shape), jnp.full(clients, shape[1]))
-  x0, y0 = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
-  alg = algorithms.get(
-      "rafbo", problem=models.hyper_representation_problem(), num_clients=clients,
-      clients_per_round=per_round or clients, local_steps=LOCAL_STEPS.value, inner_steps=1,
-      estimator="fd", num_steps=1, levels=levels, layout=models.mlp_layout(HIDDEN.value),
-      sample=minibatch_sampler(BATCH.value), submodel=submodel, sampling="stratified", mesh=mesh)
-  rnd = alg.make_round(x0)
-  state, data = sharding.replicate((alg.init(x0, y0), data), mesh)
-  step = rnd.step  # functools.partial(the jitted round, its RoundArgs)
-  compiled = step.func.lower(*step.args, state, data).compile()
-  mem = compiled.memory_analysis()
-  temp = None if mem is None else int(mem.temp_size_in_bytes)
-  peak = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                      + temp - getattr(mem, "alias_size_in_bytes", 0))
-  _COMPILED[key] = dict(run=lambda: compiled(*step.args, state, data), round=rnd, state=state,
-                        data=data, peak_bytes=peak, temp_bytes=temp)
+  if key not in _COMPILED:
+    rng, shape = np.random.default_rng(0), (clients, BATCH.value)
+    rows = [timing.synthetic_rows(rng, shape, IN_DIM.value, CLASSES.value) for _ in range(2)]
+    x0, y0 = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
+    alg = algorithms.get(
+        "rafbo", problem=models.hyper_representation_problem(), num_clients=clients,
+        clients_per_round=per_round or clients, local_steps=LOCAL_STEPS.value, inner_steps=1,
+        estimator="fd", num_steps=1, levels=levels, layout=models.mlp_layout(HIDDEN.value),
+        sample=minibatch_sampler(BATCH.value), submodel=submodel, sampling="stratified", mesh=mesh)
+    rnd = alg.make_round(x0)
+    state, data = sharding.replicate(
+        (alg.init(x0, y0), federated.FederatedData(*rows, jnp.full(clients, shape[1]))), mesh)
+    run, peak, temp = timing.compile_with_memory_plan(rnd.step.func, *rnd.step.args, state, data)
+    _COMPILED[key] = dict(run=run, round=rnd, state=state, data=data, peak_bytes=peak,
+                          temp_bytes=temp)
   return _COMPILED[key]
+
+
+def median_times(fns: dict[str, Any], reps: int) -> dict[str, float]:
+  return timing.median_times(fns, reps, MIN_TIME.value)
+
+
+def one_level(ratio: float | str) -> str:  # "r/r:1", the keep-ratio figure's round at ratio r
+  return "{0:g}/{0:g}:1".format(float(ratio))
 
 
 def keep_ratio_figures(reps: int) -> dict[str, Any]:
@@ -119,7 +86,7 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
   ratios, n = [float(r) for r in KEEP_RATIOS.value], len(jax.devices())
   mesh = sharding.client_mesh() if n > 1 else None
   one = ([ratios[0], ratios[-1]] if QUICK.value else ratios) if mesh is not None else []
-  runs = {f"{d}:{r}": compiled_round(CLIENTS.value, f"{r:g}/{r:g}:1", mesh=m)["run"]
+  runs = {f"{d}:{r}": compiled_round(CLIENTS.value, one_level(r), mesh=m)["run"]
           for d, m, rs in ((n, mesh, ratios), (1, None, one)) for r in rs}
   times = median_times(runs, reps)
   params = lambda r: (IN_DIM.value + 1 + CLASSES.value) * masks.host_keep_count(
@@ -129,32 +96,24 @@ def keep_ratio_figures(reps: int) -> dict[str, Any]:
     t = {r: times[f"{devices}:{r}"] for r in rs}
     return dict(round_time_s={str(r): v for r, v in t.items()},
                 time_ratio={str(r): t[r] / t[rs[0]] for r in rs[1:]},
-                **({"model": round_time_model(t)} if len(rs) >= 3 else {}))
-
-  def rel_diff(r: float) -> float:  # max |a - b| / max |b| over the leaves of x, y and v
-    a, b = ([np.asarray(t) for t in jax.tree.leaves(runs[f"{d}:{r}"]()[0][:3])] for d in (n, 1))
-    return max(float(np.max(np.abs(p - q)) / max(np.max(np.abs(q)), 1e-30)) for p, q in zip(a, b))
+                **({"model": timing.linear_time_model(t)} if len(rs) >= 3 else {}))
 
   headline = figure(n, ratios)
   return {**{f"keep_ratio_{k}": v for k, v in headline.items()}, "keep_ratio_devices": n,
           "keep_ratio_flop_ratio": {str(r): params(r) / params(ratios[0]) for r in ratios[1:]},
           "keep_ratio_one_device": figure(1, one) if one else headline,
-          "keep_ratio_max_leaf_rel_diff": {str(r): rel_diff(r) for r in one}}
-
-
-def _one_level() -> str:  # the keep-ratio figure's last round: --quick uses it, not PROFILE
-  return "{0:g}/{0:g}:1".format(float(KEEP_RATIOS.value[-1]))
+          "keep_ratio_max_leaf_rel_diff": {str(r): timing.max_leaf_rel_diff(
+              *(runs[f"{d}:{r}"]()[0][:3] for d in (n, 1))) for r in one}}  # x, y and v
 
 
 def compact_dense_figures(reps: int) -> dict[str, Any]:
   """Compact submodels against dense masked rounds (--quick: the one-level round only)."""
-  one = _one_level()
-  cases = {**({} if QUICK.value else {"profile": PROFILE}), one.split("/")[0]: one}
-  times = {name: median_times({sub: compiled_round(CLIENTS.value, levels, sub)["run"]
-                               for sub in ("compact", "dense")}, reps)
-           for name, levels in cases.items()}
-  out = {name: dict(compact_s=t["compact"], dense_s=t["dense"], ratio=t["compact"] / t["dense"])
-         for name, t in times.items()}
+  one = one_level(KEEP_RATIOS.value[-1])
+  cases, out = {**({} if QUICK.value else {"profile": PROFILE}), one.split("/")[0]: one}, {}
+  for name, levels in cases.items():
+    runs = {sub: compiled_round(CLIENTS.value, levels, sub)["run"] for sub in ("compact", "dense")}
+    t = median_times(runs, reps)
+    out[name] = dict(compact_s=t["compact"], dense_s=t["dense"], ratio=t["compact"] / t["dense"])
   return dict(compact_over_dense={"levels": cases, **out},
               compact_over_dense_time_ratio={k: v["ratio"] for k, v in out.items()})
 
@@ -178,29 +137,21 @@ def vmap_loop_figures(reps: int) -> dict[str, Any]:
 
 def estimator_figures(reps: int) -> dict[str, Any]:
   """Each estimator's time in units of one gradient of g (measured) next to the analytic count."""
-  rng, problem = np.random.default_rng(1), models.hyper_representation_problem()
-  batch = _rows(rng, (EST_ROWS.value,))
+  rng = np.random.default_rng(1)
+  batch = timing.synthetic_rows(rng, (EST_ROWS.value,), IN_DIM.value, CLASSES.value)
   x, y = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
   v = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), y)  # random v
-  grad_g = jax.jit(jax.grad(problem.inner_loss, argnums=(0, 1)))
   ests = {name: hypergrad.named(name, num_steps=EST_STEPS.value) for name in hypergrad.ESTIMATORS}
-  runs = {"grad": lambda: grad_g(x, y, batch)}
-  for name, est in ests.items():
-    fn = jax.jit(lambda x, y, v, est=est: est(problem, x, y, batch, batch, v))
-    runs[name] = lambda fn=fn: fn(x, y, v)
-  times = median_times(runs, reps)
-  out = {name: dict(measured_grad_evals=times[name] / times["grad"],
-                    analytic_grad_evals=costs.grad_evals_per_round(
-                        local_steps=1, inner_steps=0, inner_step="fixed", estimator=est))
-         for name, est in ests.items()}
-  return dict(estimator_cost_grad_evals={k: v["measured_grad_evals"] for k, v in out.items()},
+  per, grad_s = timing.estimator_costs(models.hyper_representation_problem(), ests, x, y, v,
+                                       batch, reps, MIN_TIME.value)
+  return dict(estimator_cost_grad_evals={k: c["measured_grad_evals"] for k, c in per.items()},
               estimator_costs=dict(rows=EST_ROWS.value, num_steps=EST_STEPS.value,
-                                   grad_time_s=times["grad"], per_estimator=out))
+                                   grad_time_s=grad_s, per_estimator=per))
 
 
 def scaling_figures(reps: int) -> dict[str, Any]:
   """Round time and XLA's peak plan per clients per round (--quick: the one-level round)."""
-  levels, rows = _one_level() if QUICK.value else PROFILE, []
+  levels, rows = one_level(KEEP_RATIOS.value[-1]) if QUICK.value else PROFILE, []
   for c in map(int, SCALING.value or (["100"] if QUICK.value else ["10", "100", "1000"])):
     m = compiled_round(c, levels)
     t = median_times({"": m["run"]}, max(2, reps if c < 1000 else 2))[""]

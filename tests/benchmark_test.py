@@ -1,5 +1,6 @@
-"""The benchmark driver: its helpers, a tiny run's benchmark.json keys and --compare (timings are
-not asserted: the CPU is shared). Its time_to_accuracy section: tests/time_to_accuracy_test.py."""
+"""The benchmark driver: its flag defaults, a tiny run's benchmark.json keys and --compare (timings
+are not asserted: the CPU is shared). Its time_to_accuracy section: tests/time_to_accuracy_test.py;
+the timing harness: tests/timing_test.py."""
 
 import json
 import os
@@ -19,19 +20,6 @@ FAST_XLA = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # compiling dominates; times
 
 
 class HelpersTest(absltest.TestCase):
-
-  def test_round_time_model_recovers_a_line(self):
-    # t(r) = 0.06 + 0.25 r exactly: the fit returns a and b and no residual; t(0.25)/t(1)
-    # then reads (a + b/4) / (a + b).
-    times = {r: 0.06 + 0.25 * r for r in (1.0, 0.5, 0.25, 0.125)}
-    model = benchmark.round_time_model(times)
-    self.assertAlmostEqual(model["a_s"], 0.06, places=12)
-    self.assertAlmostEqual(model["b_s"], 0.25, places=12)
-    self.assertAlmostEqual(model["fixed_share_at_r1"], 0.06 / 0.31, places=12)
-    self.assertLess(model["max_rel_residual"], 1e-12)
-    # A point off the line shows in the residual.
-    times[0.5] *= 1.2
-    self.assertGreater(benchmark.round_time_model(times)["max_rel_residual"], 0.05)
 
   def test_figures_flatten_numbers_and_skip_settings(self):
     result = {"versions": {"jax": "x"}, "settings": {"reps": 5}, "commit": {"sha": "abc"},
