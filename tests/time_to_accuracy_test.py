@@ -52,19 +52,17 @@ class ScanMetricsTest(absltest.TestCase):
     self.assertEqual(time_to_accuracy.scan_metrics(path, 0.5), (None, None))
 
 
-class CacheFolderTest(absltest.TestCase):
+class UserEnvTest(absltest.TestCase):
 
-  def test_cache_files_counts_the_drivers_default_folder_under_home(self):
+  def test_a_driver_started_with_user_env_uses_the_cache_folder_under_home(self):
     from experiments import common  # pylint: disable=g-import-not-at-top
     home = tempfile.mkdtemp()
-    self.assertEqual(time_to_accuracy.cache_files(home), 0)
-    folder = common.default_cache_dir(home)
-    with absltest.mock.patch.dict(os.environ, time_to_accuracy.user_env(home), clear=True):
-      self.assertEqual(common.default_cache_dir(), folder)  # what a driver started so uses
-    os.makedirs(folder)
-    for name in ("a", "b"):
-      open(os.path.join(folder, name), "w", encoding="utf-8").close()
-    self.assertEqual(time_to_accuracy.cache_files(home), 2)
+    with absltest.mock.patch.dict(os.environ, {"XDG_CACHE_HOME": "/elsewhere"}):
+      env = time_to_accuracy.user_env(home)
+    self.assertNotIn("XDG_CACHE_HOME", env)
+    with absltest.mock.patch.dict(os.environ, env, clear=True):
+      self.assertEqual(common.default_cache_dir(), common.default_cache_dir(home))
+    self.assertTrue(common.default_cache_dir(home).startswith(home + os.sep))
 
 
 @pytest.mark.slow
@@ -96,8 +94,6 @@ class DriverTest(absltest.TestCase):
       self.assertEqual(r["round_reached"], time_to_accuracy.SMOKE_EVAL_EVERY, state)
       self.assertAlmostEqual(r["speedup"], 66.0 / r["seconds_to_target"], msg=state)
       self.assertIsNone(r["error"], state)
-      self.assertFalse(os.path.exists(os.path.join(workdir, f"rafbo_{state}")), state)
-    self.assertFalse(os.path.exists(os.path.join(workdir, "home_rafbo")))
     # Each run started with HOME=a new folder (cold) or that folder again (warm) and used the
     # compilation cache under it: the cold run filled it, the warm one loaded every program.
     runs = result["results"]["rafbo"]
@@ -115,7 +111,8 @@ class DriverTest(absltest.TestCase):
     self.assertIn("--nobatch_seeds", main["commands"]["seeds_sequential_warm"])
     self.assertAlmostEqual(main["seeds_batched_warm_over_one_seed"],
                            main["seeds_batched_warm_s"] / main["one_seed_warm_s"])
-    self.assertFalse(os.path.exists(os.path.join(workdir, "home_main")))
+    # Each run's folder and each HOME were removed: only the results are left.
+    self.assertEqual(os.listdir(workdir), ["benchmark.json"])
     self.assertIn("README main job", proc.stdout)
 
   def test_bad_flags_are_one_error(self):

@@ -3,6 +3,7 @@
 import json
 import os
 import tempfile
+from unittest import mock
 
 from absl import flags
 from absl.testing import absltest, flagsaver
@@ -53,19 +54,45 @@ class SelectTest(absltest.TestCase):
     self.assertIsNone(tune.finished_point(pdir, [0, 2], values))
     self.assertIsNone(tune.finished_point(pdir, [0, 1], dict(values, v_lr=0.03)))
 
-  def test_a_point_scores_its_worst_partition(self):
-    runs = {"iid": dict(_point(0.1, 0.1, 0.1, 0.92), seconds=3.0, error=None),
-            "dirichlet0.1": dict(_point(0.1, 0.1, 0.1, 0.85), seconds=5.0, error=None)}
-    runs["dirichlet0.1"]["std_accuracy"] = 0.03
-    out = tune.combine_partitions(runs)
-    self.assertEqual((out["mean_accuracy"], out["std_accuracy"]), (0.85, 0.03))
-    self.assertEqual((out["worst_partition"], out["seconds"]), ("dirichlet0.1", 8.0))
-    runs["dirichlet0.1"] = dict(_point(0.1, 0.1, 0.1, None), seconds=1.0, error="diverged")
-    out = tune.combine_partitions(runs)  # holds on IID, diverges on label skew: never chosen
-    self.assertIsNone(out["mean_accuracy"])
-    self.assertEqual((out["worst_partition"], out["error"]), ("dirichlet0.1", "diverged"))
-    with self.assertRaises(SystemExit):
-      tune.select([out], 2)
+  def test_a_point_scores_its_worst_partition_and_the_flagfile_sets_the_chosen_steps(self):
+    workdir, calls = tempfile.mkdtemp(), []
+
+    def fake_run_point(path, seeds, values):  # holds on IID; outer_lr 30 diverges on label skew
+      calls.append((os.path.relpath(path, workdir), seeds, values))
+      if values["partition"] == "iid":
+        return dict(values, mean_accuracy=0.95, std_accuracy=0.001, error=None, seconds=1.0)
+      if values["outer_lr"] == 30:
+        return dict(values, mean_accuracy=None, std_accuracy=None, error="diverged", seconds=1.0)
+      return dict(values, mean_accuracy=0.8 + values["inner_lr"] + values["v_lr"],
+                  std_accuracy=0.001, error=None, seconds=1.0)
+
+    preset = os.path.join(workdir, "p.cfg")
+    with flagsaver.flagsaver(algorithm="simfbo", task="hyper_cleaning", workdir=workdir,
+                             preset_out=preset, tune_partitions=["iid", "dirichlet:0.1"]), \
+        mock.patch.object(tune, "run_point", fake_run_point):
+      tune.main(["tune"])
+    self.assertLen(calls, 16)  # 8 grid points x 2 partitions
+    self.assertIn((os.path.join("point_outer_lr10_inner_lr0.02_v_lr0.05", "dirichlet0.1"), [0, 1],
+                   dict(outer_lr=10.0, inner_lr=0.02, v_lr=0.05, partition="dirichlet", alpha=0.1)),
+                  calls)
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+    for p in summary["points"]:
+      self.assertEqual(p["worst_partition"], "dirichlet0.1")
+      self.assertEqual(p["seconds"], 2.0)
+      self.assertEqual(set(p["per_partition"]), {"iid", "dirichlet0.1"})
+      if p["outer_lr"] == 30:  # never chosen
+        self.assertEqual((p["mean_accuracy"], p["error"]), (None, "diverged"))
+      else:
+        self.assertAlmostEqual(p["mean_accuracy"], 0.8 + p["inner_lr"] + p["v_lr"])
+    self.assertEqual(summary["best"], dict(outer_lr=10.0, inner_lr=0.05, v_lr=0.05))
+    self.assertEqual(summary["cost_s"], 16.0)
+    with open(preset) as f:
+      text = f.read()
+    self.assertIn("held-out accuracy 0.9000 +- 0.0010 (dirichlet0.1); tuning cost 16 s.", text)
+    lines = [line.strip() for line in text.splitlines() if not line.startswith("#")]
+    self.assertEqual(lines, ["--algorithm=simfbo", "--outer_lr=10", "--inner_lr=0.05",
+                             "--v_lr=0.05"])
 
   def test_partitions_flag(self):
     with flagsaver.flagsaver(tune_partitions=["iid", "dirichlet:0.1", "shards"]):
@@ -76,27 +103,17 @@ class SelectTest(absltest.TestCase):
       with flagsaver.flagsaver(tune_partitions=bad), self.assertRaises(SystemExit):
         tune.partitions()
 
-  def test_fednest_is_refused_with_the_reason(self):
-    with flagsaver.flagsaver(algorithm="fednest", workdir=tempfile.mkdtemp()), \
-        self.assertRaises(SystemExit) as e:
-      tune.main(["tune"])
-    self.assertEqual(e.exception.code, 2)
+  def test_fednest_and_a_bad_grid_are_refused(self):
+    for bad in (dict(algorithm="fednest"), dict(grid_outer_lr=["0.1", "fast"])):
+      with flagsaver.flagsaver(workdir=tempfile.mkdtemp(), **bad), \
+          self.assertRaises(SystemExit) as e:
+        tune.main(["tune"])
+      self.assertEqual(e.exception.code, 2)
 
   def test_every_point_diverged_is_a_clear_error(self):
     with self.assertRaises(SystemExit) as e:
       tune.select([_point(0.3, 0.1, 0.1, None)], 2)
     self.assertEqual(e.exception.code, 2)
-
-  def test_the_flagfile_sets_the_chosen_steps(self):
-    path = os.path.join(tempfile.mkdtemp(), "p.cfg")
-    with flagsaver.flagsaver(algorithm="simfbo", task="hyper_cleaning"):
-      tune.write_preset(path, dict(_point(10.0, 0.05, 0.02, 0.88), worst_partition="iid"),
-                        [0, 1], 12.0)
-    with open(path) as f:
-      lines = [line.strip() for line in f if not line.startswith("#")]
-    self.assertEqual(lines, ["--algorithm=simfbo", "--outer_lr=10", "--inner_lr=0.05",
-                             "--v_lr=0.02"])
-
 
 if __name__ == "__main__":
   absltest.main()
