@@ -59,6 +59,12 @@ def _rafbo(seed, x0, levels=LEVELS):
   return alg.make_round(x0), alg
 
 
+# Each seed's own algorithm, built once per (seed, round kind, dtype): the tests that run the same
+# configuration (float64 with and without a NaN seed) trace and compile its rounds once.
+_ALGS = {}
+_STEPS = {}
+
+
 def _seed_run(seed, dtype, poison=False, fednest=False):
   """(round, initial state, data) of one seed: its own initial point and data (fednest: the
   fednest preset's round, FedNest's communicating round)."""
@@ -73,12 +79,15 @@ def _seed_run(seed, dtype, poison=False, fednest=False):
 
   data = federated.FederatedData(split(), split(), jnp.full((M,), N))
   x0, y0 = models.init_mlp(jax.random.key(seed), DIN, H, CL, dtype)
+  key = (seed, fednest, jnp.dtype(dtype).name)
+  if key not in _ALGS:  # one algorithm (and so one jitted round) per seed, shared by the tests
+    _ALGS[key] = (algorithms.get("fednest", problem=models.hyper_representation_problem("tanh"),
+                                 num_clients=M, clients_per_round=4, seed=seed)
+                  if fednest else _rafbo(seed, x0)[1])
+  alg = _ALGS[key]
   if fednest:
-    alg = algorithms.get("fednest", problem=models.hyper_representation_problem("tanh"),
-                         num_clients=M, clients_per_round=4, seed=seed)
     return alg.make_round(x0), alg.init(x0, y0), data
-  rnd, alg = _rafbo(seed, x0)
-  return rnd, federated.init_state(x0, y0, alg.optimizer), data
+  return alg.make_round(x0), federated.init_state(x0, y0, alg.optimizer), data
 
 
 def _numeric(record):
@@ -96,7 +105,10 @@ class LibraryTest(parameterized.TestCase):
         alone.append(loop.run(rnd, state, data, rounds_run, blowup_factor=None))
       except loop.DivergenceError as e:
         alone.append(str(e))
-    step = loop.seeds_step([r for r, _, _ in runs])
+    key = (fednest, jnp.dtype(dtype).name)
+    if key not in _STEPS:  # the seeds' vmapped program, traced and compiled once per configuration
+      _STEPS[key] = loop.seeds_step([r for r, _, _ in runs])
+    step = _STEPS[key]
     state, records, stopped = loop.run_seeds(
         step, tree.stack([s for _, s, _ in runs]), tree.stack([d for _, _, d in runs]),
         rounds_run,
@@ -171,8 +183,11 @@ def tearDownModule():
   jax.config.update("jax_disable_most_optimizations", _saved_optimizations)
 
 
+# Two levels (the driver's default has three): the seeds' batching does not depend on the level
+# count, and each level is one more client program to compile (tests/seeds_test.py's library
+# tests keep three).
 SETTINGS = dict(rounds=3, eval_every=1, num_clients=10, clients_per_round=4, checkpoint_every=1,
-                dataset="digits", hidden=16)
+                dataset="digits", hidden=16, levels="1/1:0.5,0.5/0.5:0.5")
 
 
 class DriverTest(absltest.TestCase):
