@@ -241,7 +241,8 @@ class DriverTest(absltest.TestCase):
 
   def test_diagnostics_run_the_seeds_one_after_another(self):
     root = tempfile.mkdtemp()
-    code, out, err = _main_out(workdir=root, seeds=["0", "1"], diagnose_every=1, **SETTINGS)
+    code, out, err = _main_out(workdir=root, seeds=["0", "1"], diagnose_every=1,
+                               **dict(SETTINGS, levels="0.5/0.5:1"))
     self.assertEqual(code, 0, err)
     self.assertIn("the seeds run one after another: --diagnose_every", out)
     self.assertTrue(os.path.exists(os.path.join(root, "summary.json")))
