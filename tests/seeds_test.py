@@ -241,6 +241,7 @@ class DriverTest(absltest.TestCase):
 
   def test_diagnostics_run_the_seeds_one_after_another(self):
     root = tempfile.mkdtemp()
+    # One pruned level: what runs the seeds apart is the flag, not the levels (half the compile).
     code, out, err = _main_out(workdir=root, seeds=["0", "1"], diagnose_every=1,
                                **dict(SETTINGS, levels="0.5/0.5:1"))
     self.assertEqual(code, 0, err)
