@@ -81,6 +81,9 @@ EXACT = {(0.3, 200): 60, (0.6, 200): 120, (0.7, 200): 140, (0.3, 100): 30, (0.6,
          (0.7, 100): 70}
 
 
+_TRACED_UNIT_MASKS = {}  # (n, policy) -> jitted unit_masks(avail, r) on init_mlp(key 0)'s x, y
+
+
 class KeepCountTest(parameterized.TestCase):
 
   def test_host_and_traced_counts_are_exact(self):
@@ -114,8 +117,12 @@ class KeepCountTest(parameterized.TestCase):
         kept = masks_lib.unit_kept_counts(umx, models.mlp_layout(n).x, x)
         self.assertEqual(float(kept["hidden"]["kernel"]), 5 * k)
         avail = {"hidden": jnp.ones(n)}  # owned units: a traced count of n
-        umx, _ = jax.jit(lambda a, r=r, n=n, x=x, y=y, policy=policy: masks_lib.unit_masks(
-            models.mlp_layout(n), policy, r, r, jax.random.key(1), 2, x, y, a))(avail)
+        if (n, policy) not in _TRACED_UNIT_MASKS:  # r traced, as the round passes it: one
+          # program per (n, policy) serves every ratio
+          _TRACED_UNIT_MASKS[n, policy] = jax.jit(
+              lambda a, r, n=n, x=x, y=y, policy=policy: masks_lib.unit_masks(
+                  models.mlp_layout(n), policy, r, r, jax.random.key(1), 2, x, y, a))
+        umx, _ = _TRACED_UNIT_MASKS[n, policy](avail, r)
         self.assertEqual(int(umx["hidden"].sum()), k, policy)
       mx, my = masks_lib.element_masks("random", r, r, jax.random.key(1), 2, {"a": jnp.ones(n)},
                                        {"b": jnp.ones((n // 10, 10))})
