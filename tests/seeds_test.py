@@ -18,9 +18,10 @@
 Compilation dominates every test here (the compact round, alone and batched), so the
 module compiles with jax_disable_most_optimizations (as tests/drivers_test.py does; the
 killed-batch test's subprocesses too): each comparison is between two programs compiled the
-same way, the rounds have two levels (each level is one more client program to compile), one
-algorithm per seed serves every library test, and the drivers run on the small digits data with
-16 hidden units (what the tests check does not depend on the sizes or the level count).
+same way, the float64 library rounds have two levels and the float32 and driver ones one (each
+level is one more client program to compile), one algorithm per seed serves every library test,
+and the drivers run on the small digits data with 16 hidden units for two rounds (what the tests
+check does not depend on the sizes or the level count).
 """
 
 import json
