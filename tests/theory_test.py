@@ -246,10 +246,14 @@ class CoupledProblemTest(parameterized.TestCase):
     rng = np.random.default_rng(4)
     x, y, v = (jnp.asarray(rng.normal(size=D)) for _ in range(3))
     cfg = _client_cfg(step, step_size=5.0 if step == "cauchy" else 0.5)
-    mean_of_updates = [sum(parts) / M for parts in zip(*[
-        _client(theory.SYNTHETIC, cfg, coeffs, i, x, y, v, None) for i in range(M)])]
+    # One compiled client update serves the M clients and the mean client (same shapes).
+    update = jax.jit(lambda batch: client_update(theory.SYNTHETIC, x, y, v, batch, batch, None,
+                                                 None, jax.random.key(0), **cfg))
+    deltas = lambda c, i: (lambda out: (out.delta_x, out.delta_y, out.delta_v))(
+        update(_batch(c, i)))
+    mean_of_updates = [sum(parts) / M for parts in zip(*[deltas(coeffs, i) for i in range(M)])]
     mean_client = jax.tree.map(lambda z: jnp.mean(z, axis=0, keepdims=True), coeffs)
-    update_of_mean = _client(theory.SYNTHETIC, cfg, mean_client, 0, x, y, v, None)
+    update_of_mean = deltas(mean_client, 0)
     diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(mean_of_updates, update_of_mean)]
     if affine:
       self.assertLess(max(diffs), 1e-10)
