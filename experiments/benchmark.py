@@ -84,8 +84,8 @@ SECTION_FNS = {  # name -> figures(reps)
     "time_to_accuracy": time_to_accuracy.figures,
     "keep_ratio": lambda reps: timing.keep_ratio_figures(
         compiled_round, [float(r) for r in KEEP_RATIOS.value], CLIENTS.value, reps,
-        MIN_TIME.value, QUICK.value, lambda r: (IN_DIM.value + 1 + CLASSES.value)  # parameters
-        * masks.host_keep_count(r, HIDDEN.value) + CLASSES.value),
+        MIN_TIME.value, QUICK.value, params=lambda r: CLASSES.value + (  # a client's parameters
+            IN_DIM.value + 1 + CLASSES.value) * masks.host_keep_count(r, HIDDEN.value)),
     "compact_dense": lambda reps: timing.compact_dense_figures(
         compiled_round, CLIENTS.value, KEEP_RATIOS.value[-1], PROFILE, reps, MIN_TIME.value,
         QUICK.value),
