@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bilevel import algorithms, federated, hypergrad, masks, models, sharding, timing, tree
+from bilevel import algorithms, federated, hypergrad, masks, models, sharding, timing
 from bilevel.client import minibatch_sampler
 from bilevel.metrics import commit, device_info, versions, write_json
 from experiments import common, time_to_accuracy
@@ -52,8 +52,7 @@ _COMPILED: dict[tuple[Any, ...], dict[str, Any]] = {}
 def compiled_round(clients: int, levels: str, submodel: str = "compact",
                    per_round: int | None = None, mesh=None) -> dict[str, Any]:
   """A RAFBO round on synthetic clients, per_round (default all) sampled, one inner and one fd v
-  step per local step, compiled once per configuration: {"run", "round", "state", "data",
-  "peak_bytes", "temp_bytes"}."""
+  step per local step, compiled once per configuration (timing.Build)."""
   key = (clients, levels, submodel, per_round or clients, mesh)
   if key not in _COMPILED:
     rng, shape = np.random.default_rng(0), (clients, BATCH.value)
@@ -64,75 +63,10 @@ def compiled_round(clients: int, levels: str, submodel: str = "compact",
         clients_per_round=per_round or clients, local_steps=LOCAL_STEPS.value, inner_steps=1,
         estimator="fd", num_steps=1, levels=levels, layout=models.mlp_layout(HIDDEN.value),
         sample=minibatch_sampler(BATCH.value), submodel=submodel, sampling="stratified", mesh=mesh)
-    rnd = alg.make_round(x0)
     state, data = sharding.replicate(
         (alg.init(x0, y0), federated.FederatedData(*rows, jnp.full(clients, shape[1]))), mesh)
-    run, peak, temp = timing.compile_with_memory_plan(rnd.step.func, *rnd.step.args, state, data)
-    _COMPILED[key] = dict(run=run, round=rnd, state=state, data=data, peak_bytes=peak,
-                          temp_bytes=temp)
+    _COMPILED[key] = timing.compile_round(alg.make_round(x0), state, data)
   return _COMPILED[key]
-
-
-def median_times(fns: dict[str, Any], reps: int) -> dict[str, float]:
-  return timing.median_times(fns, reps, MIN_TIME.value)
-
-
-def one_level(ratio: float | str) -> str:  # "r/r:1", the keep-ratio figure's round at ratio r
-  return "{0:g}/{0:g}:1".format(float(ratio))
-
-
-def keep_ratio_figures(reps: int) -> dict[str, Any]:
-  """Round time against keep ratio r (one level r/r), sharded over every device and on one."""
-  ratios, n = [float(r) for r in KEEP_RATIOS.value], len(jax.devices())
-  mesh = sharding.client_mesh() if n > 1 else None
-  one = ([ratios[0], ratios[-1]] if QUICK.value else ratios) if mesh is not None else []
-  runs = {f"{d}:{r}": compiled_round(CLIENTS.value, one_level(r), mesh=m)["run"]
-          for d, m, rs in ((n, mesh, ratios), (1, None, one)) for r in rs}
-  times = median_times(runs, reps)
-  params = lambda r: (IN_DIM.value + 1 + CLASSES.value) * masks.host_keep_count(
-      r, HIDDEN.value) + CLASSES.value  # a client's parameters at keep ratio r
-
-  def figure(devices: int, rs: list[float]) -> dict[str, Any]:
-    t = {r: times[f"{devices}:{r}"] for r in rs}
-    return dict(round_time_s={str(r): v for r, v in t.items()},
-                time_ratio={str(r): t[r] / t[rs[0]] for r in rs[1:]},
-                **({"model": timing.linear_time_model(t)} if len(rs) >= 3 else {}))
-
-  headline = figure(n, ratios)
-  return {**{f"keep_ratio_{k}": v for k, v in headline.items()}, "keep_ratio_devices": n,
-          "keep_ratio_flop_ratio": {str(r): params(r) / params(ratios[0]) for r in ratios[1:]},
-          "keep_ratio_one_device": figure(1, one) if one else headline,
-          "keep_ratio_max_leaf_rel_diff": {str(r): timing.max_leaf_rel_diff(
-              *(runs[f"{d}:{r}"]()[0][:3] for d in (n, 1))) for r in one}}  # x, y and v
-
-
-def compact_dense_figures(reps: int) -> dict[str, Any]:
-  """Compact submodels against dense masked rounds (--quick: the one-level round only)."""
-  one = one_level(KEEP_RATIOS.value[-1])
-  cases, out = {**({} if QUICK.value else {"profile": PROFILE}), one.split("/")[0]: one}, {}
-  for name, levels in cases.items():
-    runs = {sub: compiled_round(CLIENTS.value, levels, sub)["run"] for sub in ("compact", "dense")}
-    t = median_times(runs, reps)
-    out[name] = dict(compact_s=t["compact"], dense_s=t["dense"], ratio=t["compact"] / t["dense"])
-  return dict(compact_over_dense={"levels": cases, **out},
-              compact_over_dense_time_ratio={k: v["ratio"] for k, v in out.items()})
-
-
-def vmap_loop_figures(reps: int) -> dict[str, Any]:
-  """The jitted vmapped round against a Python loop over the same jitted client function; one
-  population of max(--loop_clients) clients, c of them sampled per round."""
-  counts, detail, client = [int(s) for s in LOOP_CLIENTS.value], {}, None
-  for c in counts:
-    m = compiled_round(max(counts), "1/1:1", per_round=c)
-    rnd, state, data = m["round"], m["state"], m["data"]
-    client = client or jax.jit(rnd.client_fns[0])  # the client function does not depend on c
-    server, ids = jax.jit(rnd.server_fn), [int(i) for i in rnd.sample_fn(state.round)[0]]
-    loop = lambda: server(state, [tree.stack([client(state, data, jnp.asarray(i), jnp.asarray(s),
-                                                     state.round) for s, i in enumerate(ids)])])
-    t = median_times({"vmap": m["run"], "loop": loop}, reps)
-    detail[str(c)] = dict(vmap_s=t["vmap"], loop_s=t["loop"])
-  return dict(vmap_over_loop_time_ratio={c: t["vmap_s"] / t["loop_s"] for c, t in detail.items()},
-              vmap_loop_detail=detail)
 
 
 def estimator_figures(reps: int) -> dict[str, Any]:
@@ -142,28 +76,25 @@ def estimator_figures(reps: int) -> dict[str, Any]:
   x, y = models.init_mlp(jax.random.key(0), IN_DIM.value, HIDDEN.value, CLASSES.value)
   v = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), y)  # random v
   ests = {name: hypergrad.named(name, num_steps=EST_STEPS.value) for name in hypergrad.ESTIMATORS}
-  per, grad_s = timing.estimator_costs(models.hyper_representation_problem(), ests, x, y, v,
-                                       batch, reps, MIN_TIME.value)
-  return dict(estimator_cost_grad_evals={k: c["measured_grad_evals"] for k, c in per.items()},
-              estimator_costs=dict(rows=EST_ROWS.value, num_steps=EST_STEPS.value,
-                                   grad_time_s=grad_s, per_estimator=per))
+  return timing.estimator_figures(models.hyper_representation_problem(), ests, x, y, v, batch,
+                                  EST_STEPS.value, reps, MIN_TIME.value)
 
 
-def scaling_figures(reps: int) -> dict[str, Any]:
-  """Round time and XLA's peak plan per clients per round (--quick: the one-level round)."""
-  levels, rows = one_level(KEEP_RATIOS.value[-1]) if QUICK.value else PROFILE, []
-  for c in map(int, SCALING.value or (["100"] if QUICK.value else ["10", "100", "1000"])):
-    m = compiled_round(c, levels)
-    t = median_times({"": m["run"]}, max(2, reps if c < 1000 else 2))[""]
-    rows.append(dict(clients_per_round=c, levels=levels, round_time_s=t, rounds_per_s=1 / t,
-                     peak_bytes=m["peak_bytes"], temp_bytes=m["temp_bytes"],
-                     peak_bytes_per_client=m["peak_bytes"] and m["peak_bytes"] / c))
-  return dict(clients_scaling=rows)
-
-
-SECTION_FNS = {"time_to_accuracy": time_to_accuracy.figures, "keep_ratio": keep_ratio_figures,
-               "compact_dense": compact_dense_figures, "vmap_loop": vmap_loop_figures,
-               "estimators": estimator_figures, "scaling": scaling_figures}
+SECTION_FNS = {  # name -> figures(reps)
+    "time_to_accuracy": time_to_accuracy.figures,
+    "keep_ratio": lambda reps: timing.keep_ratio_figures(
+        compiled_round, [float(r) for r in KEEP_RATIOS.value], CLIENTS.value, reps,
+        MIN_TIME.value, QUICK.value, params=lambda r: CLASSES.value + (  # a client's parameters
+            IN_DIM.value + 1 + CLASSES.value) * masks.host_keep_count(r, HIDDEN.value)),
+    "compact_dense": lambda reps: timing.compact_dense_figures(
+        compiled_round, CLIENTS.value, KEEP_RATIOS.value[-1], PROFILE, reps, MIN_TIME.value,
+        QUICK.value),
+    "vmap_loop": lambda reps: timing.vmap_loop_figures(
+        compiled_round, [int(s) for s in LOOP_CLIENTS.value], reps, MIN_TIME.value),
+    "estimators": estimator_figures,
+    "scaling": lambda reps: timing.scaling_figures(
+        compiled_round, [int(c) for c in SCALING.value or ()], KEEP_RATIOS.value[-1], PROFILE,
+        reps, MIN_TIME.value, QUICK.value)}
 
 
 def check_flags() -> list[str]:
