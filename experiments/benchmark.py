@@ -45,7 +45,7 @@ BENCH_DEFAULTS = {"cpu_devices": len(os.sched_getaffinity(0)) if hasattr(os, "sc
 SMOKE_SIZES = dict(quick=True, reps=1, min_time_s=0.0, bench_in_dim=8, hidden=8, batch_size=4,
                    clients_per_round=4, loop_clients=["2", "3"], scaling_clients=["2"],
                    estimator_rows=4, estimator_steps=1, local_steps=1)
-PROFILE = "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5"
+PROFILE = common.LEVELS.default  # the drivers' default levels (README)
 _COMPILED: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
