@@ -16,8 +16,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
 _NO_OPT = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 os.environ.setdefault(_NO_OPT, "true")
 # Many tests build the same round program again (same seed twice, a killed run and its resumption,
-# subprocess drivers): a persistent compilation cache for this session compiles each once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="bilevel_jax_cache_"))
+# subprocess drivers): a persistent compilation cache for this session compiles each once. The
+# pytest-xdist workers inherit the folder the main process made here, so they share it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bilevel_jax_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
