@@ -12,7 +12,9 @@ optimisations off (JAX_DISABLE_MOST_OPTIMIZATIONS: compilation dominates a smoke
 the exit status is checked; a command's own environment assignments still win), the working
 directory is one temporary folder holding a link to experiments/ (so relative --flagfile paths
 resolve), and an absolute /tmp/... path in a flag is moved into that folder (nothing is written
-outside it). Each command's wall time is printed (pytest -s shows it).
+outside it). Each command's wall time is printed (pytest -s shows it). Commands run side by side,
+one per CPU core (at most 4): a command starts once every earlier command that wrote a workdir it
+names (its --workdir, a compare's --workdirs) has ended, so each reads what document order gives.
 A compare command must name workdirs that an earlier command of the docs produced. A command
 written again word for word (another doc repeating it) runs once, and so does one that differs
 from an earlier command only in its --workdir when both start in a new workdir (the same run; its
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent import futures
 from typing import NamedTuple
 
 import pytest
@@ -146,6 +149,49 @@ def _flag(argv: list[str], name: str) -> str | None:
   return None
 
 
+class Step(NamedTuple):
+  command: DocCommand
+  note: str | None  # why it does not run (a repeat, a skip); None: it runs
+  extra_env: dict[str, str]
+  argv: list[str]
+  after: tuple[int, ...]  # indices of the earlier steps it waits for
+  link: tuple[str, str] | None  # (workdir, the earlier workdir it stands for)
+
+
+def plan(commands: list[DocCommand], tmp: str) -> list[Step]:
+  """Document order made explicit: what runs, and after which earlier runs (see the docstring)."""
+  steps, done, writer = [], {}, {}  # writer: workdir -> index of the last step that wrote it
+  for command in commands:
+    skip = lambda note, link=None: steps.append(Step(command, note, {}, [], (), link))
+    if command.text in done:  # the same command again: the same result (or a resume)
+      skip(f"ran already as {done[command.text][0]}")
+      continue
+    reason = skip_reason(command)
+    if reason:
+      done[command.text] = (command.where, None)
+      skip(f"skipped: {reason}")
+      continue
+    extra_env, argv = to_argv(command, tmp)
+    workdir = _flag(argv, "workdir")
+    fresh = workdir is not None and workdir not in writer
+    same_run = same_run_key(command)
+    if fresh and same_run in done:  # a fresh run of an earlier fresh run: link to its workdir
+      where, earlier = done[same_run]
+      writer[workdir] = writer[earlier]
+      done[command.text] = (where, earlier)
+      skip(f"ran already as {where} (another --workdir)", (workdir, earlier))
+      continue
+    done[command.text] = (command.where, workdir)
+    if fresh:  # a run into an existing workdir (a resume) stands for no other
+      done[same_run] = (command.where, workdir)
+    reads = [workdir] + (_flag(argv, "workdirs") or "").split(",")
+    after = tuple(sorted({writer[w] for w in reads if w in writer}))
+    if workdir is not None:
+      writer[workdir] = len(steps)
+    steps.append(Step(command, None, extra_env, argv, after, None))
+  return steps
+
+
 class ExtractionTest(absltest.TestCase):
   """Cheap: the parser finds the README's main commands (a reformat that hides them fails)."""
 
@@ -211,6 +257,26 @@ def python_examples(doc: str = "README.md") -> list[str]:
   return [b for b in blocks if "bilevel.algorithms.get" in b]
 
 
+class PlanTest(absltest.TestCase):
+  """Cheap: which documented commands run, and which earlier runs each waits for."""
+
+  def test_runs_wait_for_the_workdirs_they_name(self):
+    texts = ["python -m experiments.a --workdir=runs/a",
+             "python -m experiments.b --workdir=runs/b",
+             "python -m experiments.compare --workdirs=runs/a,runs/b --workdir=runs/c",
+             "python -m experiments.a --workdir=runs/a",  # written again: runs once
+             "python -m experiments.a --workdir=runs/a2",  # a fresh run of a: a link to runs/a
+             "python -m experiments.compare --workdirs=runs/a2 --workdir=runs/d",
+             "python -m experiments.b --rounds=3 --workdir=runs/b",  # a resume of b
+             "python -m experiments.a --workdir=W"]  # a placeholder: skipped
+    steps = plan([DocCommand("x.md", i + 1, t) for i, t in enumerate(texts)], "/T")
+    self.assertEqual([s.note is None for s in steps],
+                     [True, True, True, False, False, True, True, False])
+    self.assertEqual([s.after for s in steps if s.note is None], [(), (), (0, 1), (0,), (1,)])
+    self.assertEqual(steps[4].link, ("runs/a2", "runs/a"))
+    self.assertEqual(steps[0].argv[-1], "--smoke")
+
+
 @pytest.mark.slow
 class ReadmeExampleTest(absltest.TestCase):
   """The README's user example runs as written (a fresh interpreter, nothing added)."""
@@ -234,56 +300,47 @@ class DocCommandsTest(absltest.TestCase):
   def test_every_documented_command_runs(self):
     commands = all_commands()
     self.assertNotEmpty(commands)
-    failures, ran = [], 0
     with tempfile.TemporaryDirectory() as tmp:
       os.symlink(os.path.join(REPO, "experiments"), os.path.join(tmp, "experiments"))
       env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
                  JAX_DISABLE_MOST_OPTIMIZATIONS="true")
-      done = {}
-      for command in commands:
-        if command.text in done:  # the same command again: the same result (or a resume)
-          print(f"{command.where}: ran already as {done[command.text][0]}")
-          continue
-        reason = skip_reason(command)
-        if reason:
-          done[command.text] = (command.where, None)
-          print(f"skipped {command.where}: {reason}: {command.text}")
-          continue
-        extra_env, argv = to_argv(command, tmp)
-        workdir = _flag(argv, "workdir")
-        fresh = workdir is not None and not os.path.lexists(os.path.join(tmp, workdir))
-        same_run = same_run_key(command)
-        if fresh and same_run in done:  # a fresh run of an earlier fresh run: link to its workdir
-          where, earlier = done[same_run]
-          os.makedirs(os.path.dirname(os.path.join(tmp, workdir)), exist_ok=True)
-          os.symlink(os.path.join(tmp, earlier), os.path.join(tmp, workdir))
-          print(f"{command.where}: ran already as {where} (another --workdir)")
-          done[command.text] = (where, earlier)
-          continue
-        done[command.text] = (command.where, workdir)
-        if fresh:  # a run into an existing workdir (a resume) stands for no other
-          done[same_run] = (command.where, workdir)
-        if argv[2] == "experiments.compare":
-          missing = [w for w in (_flag(argv, "workdirs") or "").split(",")
+      steps = plan(commands, tmp)
+      runs: dict[int, futures.Future] = {}
+
+      def run(step: Step) -> str | None:  # the failure, or None
+        for i in step.after:  # the earlier runs whose workdirs it names
+          runs[i].result()
+        if step.argv[2] == "experiments.compare":
+          missing = [w for w in (_flag(step.argv, "workdirs") or "").split(",")
                      if w and not os.path.isfile(os.path.join(tmp, w, "summary.json"))]
           if missing:
-            failures.append(f"{command.where}: `{command.text}` compares {missing}, which no "
-                            "earlier command of the docs produced")
-            continue
+            return (f"{step.command.where}: `{step.command.text}` compares {missing}, which no "
+                    "earlier command of the docs produced")
         start = time.perf_counter()
         try:
-          proc = subprocess.run(argv, cwd=tmp, env=dict(env, **extra_env), capture_output=True,
-                                text=True, timeout=TIMEOUT_S)
+          proc = subprocess.run(step.argv, cwd=tmp, env=dict(env, **step.extra_env),
+                                capture_output=True, text=True, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-          failures.append(f"{command.where}: `{command.text}` ran past {TIMEOUT_S} s with --smoke")
-          continue
-        print(f"{command.where}: {time.perf_counter() - start:.1f} s")
-        ran += 1
+          return f"{step.command.where}: `{step.command.text}` ran past {TIMEOUT_S} s with --smoke"
+        print(f"{step.command.where}: {time.perf_counter() - start:.1f} s", flush=True)
         if proc.returncode != 0:
-          failures.append(f"{command.where}: `{command.text}` exited {proc.returncode}:\n"
-                          f"{proc.stderr[-1500:]}")
+          return (f"{step.command.where}: `{step.command.text}` exited {proc.returncode}:\n"
+                  f"{proc.stderr[-1500:]}")
+        return None
+
+      with futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        for i, step in enumerate(steps):  # submitted in document order: a step waits only for
+          if step.link:                   # earlier ones, which the pool started before it
+            workdir, earlier = step.link
+            os.makedirs(os.path.dirname(os.path.join(tmp, workdir)), exist_ok=True)
+            os.symlink(os.path.join(tmp, earlier), os.path.join(tmp, workdir))
+          if step.note:
+            print(f"{step.command.where}: {step.note}: {step.command.text}")
+          else:
+            runs[i] = pool.submit(run, step)
+        failures = [f for f in (r.result() for r in runs.values()) if f]
     self.assertEmpty(failures, "\n\n".join(failures))
-    self.assertGreater(ran, 0)
+    self.assertNotEmpty(runs)
 
 
 if __name__ == "__main__":
