@@ -249,11 +249,11 @@ class RoundFiguresTest(absltest.TestCase):
     out = timing.scaling_figures(self.build, [2, 5], "0.5", "1/1:1", reps=1, min_time_s=0.0,
                                  quick=False)
     for row, c, t in zip(out["clients_scaling"], (2, 5), self.measured):
-      peak = self.build(c, "1/1:1")["peak_bytes"]
+      m = self.build(c, "1/1:1")  # XLA's plan for the same program: the row's bytes
       self.assertEqual(row, dict(clients_per_round=c, levels="1/1:1", round_time_s=t[""],
-                                 rounds_per_s=1 / t[""], peak_bytes=peak,
-                                 temp_bytes=self.build(c, "1/1:1")["temp_bytes"],
-                                 peak_bytes_per_client=peak and peak / c))
+                                 rounds_per_s=1 / t[""], peak_bytes=m["peak_bytes"],
+                                 temp_bytes=m["temp_bytes"],
+                                 peak_bytes_per_client=m["peak_bytes"] and m["peak_bytes"] / c))
     quick = timing.scaling_figures(self.build, (), "0.5", "1/1:1", reps=1, min_time_s=0.0,
                                    quick=True)  # no counts: 100 clients; quick: one level 0.5
     self.assertEqual([(r["clients_per_round"], r["levels"]) for r in quick["clients_scaling"]],
