@@ -69,6 +69,9 @@ def population_sampler(sample: Sampler, client_id: jax.Array) -> Sampler:
 
 
 TRUST_SCOPES = ("layer", "model")
+# Where the trust region acts: on the x delta a client returns ("delta"), or on each of its local
+# x steps ("step"), relative to that step's local iterate, so the local iterates stay bounded.
+TRUST_ON = ("delta", "step")
 
 
 def trust_region(delta: PyTree, x0: PyTree, radius: float, scope: str = "layer") -> PyTree:
@@ -97,12 +100,13 @@ def client_update(problem: BilevelProblem, x: PyTree, y: PyTree, v: PyTree,
                   inner_data: Any, outer_data: Any, mask_x: PyTree | None, mask_y: PyTree | None,
                   key: jax.Array, *, local_steps: int, inner_steps: int, inner_lr: Any,
                   outer_lr: Any, estimator: Estimator, inner_step: str, x_trust: float,
-                  x_trust_scope: str, sample: Sampler = full_batch,
+                  x_trust_scope: str, x_trust_on: str = "delta", sample: Sampler = full_batch,
                   first_step_apart: bool = True) -> ClientOutput:
   """K = local_steps local steps on the submodel given by (mask_x, mask_y); see the module
   docstring. T = inner_steps inner steps of inner_lr (inner_step: inner.STEP_RULES; the Cauchy
   step uses the estimator's products), the estimator, x steps of outer_lr, then the trust
-  region x_trust (0 = off) over x_trust_scope (trust_region). Step sizes may be traced.
+  region x_trust (0 = off) over x_trust_scope (trust_region), on the returned x delta or on each
+  local x step (x_trust_on, TRUST_ON). Step sizes may be traced.
 
   A mask of None keeps every coordinate (compact clients pass None for x). Batches are
   sample(inner_data, key) and sample(outer_data, key): the client's own data, or the
@@ -122,7 +126,12 @@ def client_update(problem: BilevelProblem, x: PyTree, y: PyTree, v: PyTree,
     res = estimator(problem, xk, yk, inner_batch, outer_batch, vk, mask_x, mask_y)
     xm, ym = tree.masked(xk, mask_x), tree.masked(yk, mask_y)
     losses = (problem.inner_loss(xm, ym, inner_batch), problem.outer_loss(xm, ym, outer_batch))
-    xk = tree.axpy(-outer_lr, res.hypergrad, xk)
+    if x_trust and x_trust_on == "step":
+      step = trust_region(tree.scale(-outer_lr, res.hypergrad), tree.masked(xk, mask_x),
+                          x_trust, x_trust_scope)
+      xk = tree.add(xk, step)
+    else:
+      xk = tree.axpy(-outer_lr, res.hypergrad, xk)
     return (xk, yk, res.v), (res.hypergrad, losses)
 
   # The first step runs outside the scan: x is still the server's (shared by the clients of a
@@ -137,7 +146,7 @@ def client_update(problem: BilevelProblem, x: PyTree, y: PyTree, v: PyTree,
     carry, steps = jax.lax.scan(local_step, (x, y, v), jnp.arange(local_steps))
   (xK, yK, vK), (grads, (g_loss, f_loss)) = carry, steps
   delta_x = tree.masked(tree.sub(xK, x), mask_x)
-  if x_trust:  # a Python float: 0 (off) traces nothing
+  if x_trust and x_trust_on == "delta":  # a Python float: 0 (off) traces nothing
     delta_x = trust_region(delta_x, tree.masked(x, mask_x), x_trust, x_trust_scope)
   return ClientOutput(
       delta_x=delta_x,

@@ -91,12 +91,34 @@ class TrustRegionTest(absltest.TestCase):
                                free.delta_x, rtol=1e-5)
     np.testing.assert_array_equal(capped.delta_y, free.delta_y)  # x's delta only
 
+  def test_on_each_step_bounds_the_local_iterates(self):
+    data = tree.index(quadratic.make_quadratic(2, 6, 4, seed=0, dtype=np.float32), 0)
+    x, y = jnp.full((6,), 0.5), jnp.zeros(4)
+    run = lambda k, **kw: client_update(quadratic.QUADRATIC, x, y, jnp.zeros(4), data, data,
+                                        None, None, jax.random.key(0), local_steps=k,
+                                        inner_steps=1, inner_lr=0.1, outer_lr=0.5,
+                                        estimator=hypergrad.fd(), inner_step="cauchy",
+                                        x_trust_scope="layer", **kw)
+    # One local step: the step is the delta, so both placements agree.
+    np.testing.assert_allclose(run(1, x_trust=0.1, x_trust_on="step").delta_x,
+                               run(1, x_trust=0.1, x_trust_on="delta").delta_x, rtol=1e-6)
+    # Three: each step is capped at 0.1 ||x_k||, so ||x_3 - x_0|| lies above the delta's cap
+    # (0.1 ||x_0||) and below (1.1^3 - 1) ||x_0||; y and v are built on the capped iterates.
+    free, stepped = run(3, x_trust=0.0), run(3, x_trust=0.1, x_trust_on="step")
+    norm0 = float(tree.norm(x))
+    self.assertGreater(float(tree.norm(free.delta_x)), (1.1 ** 3 - 1) * norm0)  # caps bind
+    self.assertGreater(float(tree.norm(stepped.delta_x)), 0.1 * norm0 * 1.01)
+    self.assertLessEqual(float(tree.norm(stepped.delta_x)), (1.1 ** 3 - 1) * norm0 * (1 + 1e-6))
+    self.assertGreater(float(jnp.max(jnp.abs(stepped.delta_y - free.delta_y))), 1e-4)
+
   def test_rejects_negative_radius_and_unknown_scope(self):
     kw = dict(problem=quadratic.QUADRATIC, num_clients=2, granularity="element")
     with self.assertRaisesRegex(ConfigError, "x_trust=-1.0"):
       algorithms.get("rafbo", x_trust=-1.0, **kw)
     with self.assertRaisesRegex(ConfigError, "x_trust_scope='unit'"):
       algorithms.get("rafbo", x_trust=0.1, x_trust_scope="unit", **kw)
+    with self.assertRaisesRegex(ConfigError, "x_trust_on='both'"):
+      algorithms.get("rafbo", x_trust=0.1, x_trust_on="both", **kw)
 
 
 if __name__ == "__main__":

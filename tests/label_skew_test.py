@@ -121,6 +121,32 @@ class CompactEqualsDenseTest(absltest.TestCase):
       self.assertLessEqual(moved, np.sqrt(6) * 0.01 * float(jnp.sqrt(sum(
           jnp.sum(t ** 2) for t in jax.tree.leaves(x0)))) + 1e-12)
 
+  def test_width_scaler_and_step_trust_region_compact_equals_dense_float64(self):
+    # The CNN's defaults (tasks.hyper_representation.CNN_DEFAULTS), here on the MLP: the scaler
+    # counts a client's kept units, the trust region reads its local iterates.
+    with jax.enable_x64(True):
+      cfg = dict(clients_per_round=6, local_steps=3, inner_steps=1, inner_lr=0.2, outer_lr=0.5,
+                 num_steps=1, v_lr=0.2, delta=1e-2, x_trust=0.01, x_trust_on="step",
+                 levels="1/1:0.5,0.5/0.5:0.5")
+      problem = models.hyper_representation_problem("tanh", width_scale_units=H)
+      out = {}
+      for submodel in ("compact", "dense"):
+        data, x0, y0 = _round_setup(np.float64)
+        rnd = algorithms.get("rafbo", problem=problem, num_clients=M, layout=models.mlp_layout(H),
+                             submodel=submodel, sampling="stratified", **cfg).make_round(x0)
+        out[submodel], _ = rnd.step(federated.init_state(x0, y0, optax.sgd(1.0)), data)
+      chex.assert_trees_all_close((out["compact"].x, out["compact"].y, out["compact"].v),
+                                  (out["dense"].x, out["dense"].y, out["dense"].v),
+                                  rtol=1e-10, atol=1e-12)
+      # each of a client's 3 steps moves x by at most 1% of its local iterate's norm, so it
+      # returns a delta of at most (1.01^3 - 1) ||x||, and the coverage mean no more than
+      # sqrt(C) times that
+      moved = float(jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(
+          jax.tree.leaves(out["dense"].x), jax.tree.leaves(x0)))))
+      self.assertGreater(moved, 0.0)
+      self.assertLessEqual(moved, np.sqrt(6) * (1.01 ** 3 - 1) * float(jnp.sqrt(sum(
+          jnp.sum(t ** 2) for t in jax.tree.leaves(x0)))) + 1e-12)
+
 
 if __name__ == "__main__":
   absltest.main()

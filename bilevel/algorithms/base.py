@@ -62,6 +62,7 @@ class Options(NamedTuple):
   # "layer" or whole "model" (client.trust_region).
   x_trust: float = 0.0
   x_trust_scope: str = "layer"
+  x_trust_on: str = "delta"  # on the returned delta, or on each local "step" (client.TRUST_ON)
   estimator: str | hypergrad.Estimator = "fd"
   num_steps: int = _FD.num_steps
   v_lr: float = _FD.step_size
@@ -285,6 +286,7 @@ def build(name: str, spec: Spec, problem: BilevelProblem, num_clients: int,
   if not o.x_trust >= 0:
     raise ConfigError(f"x_trust={o.x_trust!r} is outside the allowed range [0, inf) (0 = off).")
   check_choice("x_trust_scope", o.x_trust_scope, client_lib.TRUST_SCOPES)
+  check_choice("x_trust_on", o.x_trust_on, client_lib.TRUST_ON)
   estimator = o.estimator
   if isinstance(estimator, str):
     estimator = hypergrad.named(estimator, **{f: getattr(o, k)

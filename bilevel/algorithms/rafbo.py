@@ -48,7 +48,7 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
                only_full: bool, layout: UnitLayout | None, granularity: str,
                mask_policy: str | masks_lib.Policy, allow_uncovered: bool, local_steps: int,
                inner_steps: int, inner_lr: float, inner_step: str, outer_lr: float,
-               x_trust: float, x_trust_scope: str, estimator: Estimator,
+               x_trust: float, x_trust_scope: str, x_trust_on: str, estimator: Estimator,
                optimizer: optax.GradientTransformation, aggregation: str | server.Aggregator,
                weighting: str, seed: int, sample: Sampler,
                cost: costs.CostModel | costs.PerGradient | None,
@@ -99,6 +99,7 @@ def make_round(problem: BilevelProblem, x_like: PyTree, *, num_clients: int,
     est = dataclasses.replace(estimator, step_size=steps["v_lr"]) if per_run_v else estimator
     return client_update(problem, *arrays, **work, inner_lr=steps["inner_lr"],
                          outer_lr=steps["outer_lr"], x_trust=x_trust, x_trust_scope=x_trust_scope,
+                         x_trust_on=x_trust_on,
                          estimator=est, **kw)
 
   def dense_client(a: RoundArgs, state: ServerState, data: FederatedData, cid: jax.Array,
