@@ -129,6 +129,29 @@ class SmokeTest(parameterized.TestCase):
     self.assertGreater(records[1]["cumulative_client_flops"], records[0]["cumulative_client_flops"])
     self.assertIn("config", _read(os.path.join(workdir, "config.json")))
 
+  def test_the_cnn_defaults_to_the_width_scaler_and_a_step_trust_region(self):
+    cnn = _read(os.path.join(self.dirs["hr_cnn"], "config.json"))["config"]
+    self.assertEqual((cnn["width_scale"], cnn["x_trust"], cnn["x_trust_on"]), (True, 0.1, "step"))
+    mlp = _read(os.path.join(self.dirs["hr"], "config.json"))["config"]
+    self.assertEqual((mlp.get("width_scale"), mlp["x_trust"], mlp["x_trust_on"]),
+                     (None, 0.0, "delta"))
+    # a flag given wins over the CNN's default, one flag at a time
+    workdir = os.path.join(self.root, "hr_cnn_given")
+    with flagsaver.flagsaver(workdir=workdir, model="cnn", channels=["4", "6"], seed=0,
+                             width_scale=False, x_trust=0.05, **TINY):
+      hyper_representation.prepare_one()
+    given = _read(os.path.join(workdir, "config.json"))["config"]
+    self.assertEqual((given.get("width_scale"), given["x_trust"], given["x_trust_on"]),
+                     (None, 0.05, "step"))
+    self.assertEqual(given["task_defaults_applied"], {"x_trust_on": "step"})
+    # fednest's round reads no trust region: the CNN gives it the scaler only, no ConfigError
+    workdir = os.path.join(self.root, "hr_cnn_fednest")
+    with flagsaver.flagsaver(workdir=workdir, model="cnn", channels=["4", "6"], seed=0,
+                             algorithm="fednest", **TINY):
+      hyper_representation.prepare_one()
+    self.assertEqual(_read(os.path.join(workdir, "config.json"))["config"]
+                     ["task_defaults_applied"], {"width_scale": True})
+
   def test_smoke_runs_cover_the_default_algorithm(self):
     self.assertEqual(FLAGS["algorithm"].default, DEFAULT_ALGORITHM)  # AlgorithmsTest skips it
 

@@ -57,6 +57,13 @@ def own_options(name: str) -> tuple[str, ...]:
   return tuple(own)
 
 
+def reads(name: str) -> frozenset[str]:
+  """The options `name`'s round reads (its round builder's keywords): giving any other one a
+  value other than its default is a ConfigError (base.build)."""
+  check_choice("algorithm", name, names())
+  return frozenset(base._round_keywords(_SPECS[name]))
+
+
 def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any) -> Algorithm:
   """The Algorithm `name` (one of names()) for `problem` (each loss (x, y, batch) -> scalar)
   and a population of num_clients M (the leading axis of the data `step` takes), configured
@@ -68,5 +75,5 @@ def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any)
   return base.build(name, _SPECS[name], problem, num_clients, options)
 
 
-__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "defaults", "own_options",
+__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "defaults", "own_options", "reads",
            "rafbo", "fednest", "baselines", "base"]

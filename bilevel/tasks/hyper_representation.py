@@ -22,6 +22,12 @@ from bilevel import data as data_lib
 from bilevel.errors import ConfigError
 
 
+# The CNN's defaults (docs/method.md, section 8, "The CNN"): HeteroFL's width scaler on its
+# conv2 features, made safe under label skew by a trust region on every local x step (each at
+# most 0.1 of its layer's norm). The drivers use them for --model=cnn where a flag is not given.
+CNN_DEFAULTS = dict(width_scale=True, x_trust=0.1, x_trust_on="step")
+
+
 def image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
   """(H, W, C) for the CNN: flat square grey images (MNIST, digits) become (s, s, 1)."""
   if len(input_shape) == 3:
