@@ -30,10 +30,11 @@ LEVELS = flags.DEFINE_string("levels", "1/1:0.2,0.5/0.5:0.3,0.25/0.25:0.5", "rx/
 # described there; their defaults: _LIB's, but mask_granularity's "unit".
 _ALGORITHM_FLAGS = ("estimator", "mask_policy", "mask_granularity", "redraw_levels",
                     "allow_uncovered", "local_steps", "inner_steps", "inner_lr", "inner_step",
-                    "outer_lr", "x_trust", "x_trust_scope", "x_trust_on", "num_steps", "v_lr", "fednest_neumann",
-                    "delta", "radius", "v_step", "server_lr", "aggregation")
+                    "outer_lr", "x_trust", "x_trust_scope", "x_trust_on", "num_steps", "v_lr",
+                    "fednest_neumann", "delta", "radius", "v_step", "server_lr", "aggregation")
 _CHOICES = dict(inner_step=["cauchy", "fixed"], v_step=["cauchy", "fixed"],
-                x_trust_scope=["layer", "model"], x_trust_on=["delta", "step"], fednest_neumann=["code", "series"])
+                x_trust_scope=["layer", "model"], x_trust_on=["delta", "step"],
+                fednest_neumann=["code", "series"])
 _DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string, type(None): flags.DEFINE_float}
 for _name in _ALGORITHM_FLAGS:

@@ -66,11 +66,13 @@ def prepare_one() -> common.SeedRun:
   rnd = alg.make_round(x0)  # the checks that need x (coverage) run here
   workdir = common.require_workdir()
   extra = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value, width_scale=width_scale)
-  resume = common.start_run(workdir, dict(
+  config = dict(
       common.config_dict(resolved), task="hyper_representation", model=model, hidden=hidden,
       channels=list(channels), activation=activation, l2=L2.value,
-      **{k: v for k, v in extra.items() if v}, **({"task_defaults_applied": applied} if cnn else {}),
-      dataset=data_lib.dataset_summary(ds), **info))
+      **{k: v for k, v in extra.items() if v}, dataset=data_lib.dataset_summary(ds), **info)
+  if cnn:
+    config["task_defaults_applied"] = applied
+  resume = common.start_run(workdir, config)
   print(data_lib.dataset_summary(ds))
   x_test, y_test = task.test_arrays(ds, model)
   return common.SeedRun(

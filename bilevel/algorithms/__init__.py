@@ -75,5 +75,5 @@ def get(name: str, *, problem: BilevelProblem, num_clients: int, **options: Any)
   return base.build(name, _SPECS[name], problem, num_clients, options)
 
 
-__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "defaults", "own_options", "reads",
-           "rafbo", "fednest", "baselines", "base"]
+__all__ = ["Algorithm", "Options", "FULL_LEVEL", "get", "names", "defaults", "own_options",
+           "reads", "rafbo", "fednest", "baselines", "base"]
