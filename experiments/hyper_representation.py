@@ -19,12 +19,21 @@ L2 = flags.DEFINE_float("l2", 1e-3, "L2 penalty on the head in the inner loss.")
 OUTER_L2 = flags.DEFINE_float("outer_l2", 0.0, "Weight decay on x in the outer loss; 0 = off.")
 FEATURE_L2 = flags.DEFINE_float("feature_l2", models.FEATURE_L2, "Feature scale penalty; 0 = off.")
 WIDTH_SCALE = flags.DEFINE_boolean(
-    "width_scale", None, "Scale a submodel's features by K / k (HeteroFL's scaler); default: on "
+    "width_scale", False, "Scale a submodel's features by K / k (HeteroFL's scaler); default: on "
     "for --model=cnn (with --x_trust=0.1 --x_trust_on=step where not given), off for the mlp.")
 
 
+def cnn_defaults() -> dict[str, object]:
+  """The flag defaults of --model=cnn (task.CNN_DEFAULTS; the trust region only for algorithms
+  whose round reads it, not fednest's); none for the mlp. common.start_driver sets them."""
+  if MODEL.value != "cnn":
+    return {}
+  reads = algorithms.reads(common.ALGORITHM.value)
+  return {k: v for k, v in task.CNN_DEFAULTS.items() if k == "width_scale" or k in reads}
+
+
 def main(argv):
-  common.start_driver(argv=argv)
+  common.start_driver(cnn_defaults(), argv)
   common.for_each_seed(lambda: [prepare_one()])
 
 
@@ -38,18 +47,11 @@ def prepare_one() -> common.SeedRun:
     channels = (1, 1)
   cnn = model == "cnn"
   layout = models.cnn_layout(channels) if cnn else models.mlp_layout(max(hidden, 1))
-  # the CNN's defaults (task.CNN_DEFAULTS) for the flags not given; the trust region only for
-  # algorithms whose round reads it (not fednest's)
-  reads = {"width_scale"} | algorithms.reads(common.ALGORITHM.value)
-  applied = {k: v for k, v in task.CNN_DEFAULTS.items()
-             if cnn and k in reads and flags.FLAGS[k].using_default_value}
-  defaults = dict(applied)
-  width_scale = defaults.pop("width_scale", bool(WIDTH_SCALE.value))
   problem = models.hyper_representation_problem(
       activation, L2.value, model, OUTER_L2.value, FEATURE_L2.value,
-      (channels[1] if cnn else hidden) if width_scale else 0)
-  resolved, ds = common.gather(
-      problems, lambda: common.make_algorithm(problem, layout, **defaults), common.load_data)
+      (channels[1] if cnn else hidden) if WIDTH_SCALE.value else 0)
+  resolved, ds = common.gather(problems, lambda: common.make_algorithm(problem, layout),
+                               common.load_data)
   o, batch = resolved.options, common.BATCH_SIZE.value
   x0, y0 = task.init_params(jax.random.fold_in(federated.stream_key(o.seed, "init"), 0), model,
                             ds.input_shape, ds.num_classes, hidden=hidden, channels=channels)
@@ -59,19 +61,20 @@ def prepare_one() -> common.SeedRun:
   # compact needs unit masks, fixed levels, the local round (docs/drivers.md)
   dense = o.redraw_levels or o.granularity != "unit" or resolved.spec.round_kind == "fednest"
   alg = common.make_algorithm(
-      problem, layout, **defaults, sample=minibatch_sampler(batch) if batch else full_batch,
+      problem, layout, sample=minibatch_sampler(batch) if batch else full_batch,
       submodel="dense" if dense and not flags.FLAGS["submodel"].present else common.SUBMODEL.value,
       mesh=common.client_mesh(), cost=task.cost_model(model, ds.input_shape, batch, info),
       diagnostics=common.DIAGNOSE_EVERY.value > 0)
   rnd = alg.make_round(x0)  # the checks that need x (coverage) run here
   workdir = common.require_workdir()
-  extra = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value, width_scale=width_scale)
+  extra = dict(outer_l2=OUTER_L2.value, feature_l2=FEATURE_L2.value, width_scale=WIDTH_SCALE.value)
   config = dict(
       common.config_dict(resolved), task="hyper_representation", model=model, hidden=hidden,
       channels=list(channels), activation=activation, l2=L2.value,
       **{k: v for k, v in extra.items() if v}, dataset=data_lib.dataset_summary(ds), **info)
   if cnn:
-    config["task_defaults_applied"] = applied
+    config["task_defaults_applied"] = {k: v for k, v in cnn_defaults().items()
+                                       if flags.FLAGS[k].using_default_value}
   resume = common.start_run(workdir, config)
   print(data_lib.dataset_summary(ds))
   x_test, y_test = task.test_arrays(ds, model)

@@ -92,7 +92,7 @@ def units(run: common.SeedRun):
 
 
 def main(argv):
-  common.start_driver(argv=argv)
+  common.start_driver(task.cnn_defaults(), argv)
   run = common.gather([], task.prepare_one)[0]
   step, report = dict(stability=stability, units=units)[PROBE.value](run)
   state = run.state

@@ -139,6 +139,7 @@ class SmokeTest(parameterized.TestCase):
     workdir = os.path.join(self.root, "hr_cnn_given")
     with flagsaver.flagsaver(workdir=workdir, model="cnn", channels=["4", "6"], seed=0,
                              width_scale=False, x_trust=0.05, **TINY):
+      common.start_driver(hyper_representation.cnn_defaults())  # as main() starts
       hyper_representation.prepare_one()
     given = _read(os.path.join(workdir, "config.json"))["config"]
     self.assertEqual((given.get("width_scale"), given["x_trust"], given["x_trust_on"]),
@@ -148,6 +149,7 @@ class SmokeTest(parameterized.TestCase):
     workdir = os.path.join(self.root, "hr_cnn_fednest")
     with flagsaver.flagsaver(workdir=workdir, model="cnn", channels=["4", "6"], seed=0,
                              algorithm="fednest", **TINY):
+      common.start_driver(hyper_representation.cnn_defaults())
       hyper_representation.prepare_one()
     self.assertEqual(_read(os.path.join(workdir, "config.json"))["config"]
                      ["task_defaults_applied"], {"width_scale": True})

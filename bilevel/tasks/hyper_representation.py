@@ -24,7 +24,8 @@ from bilevel.errors import ConfigError
 
 # The CNN's defaults (docs/method.md, section 8, "The CNN"): HeteroFL's width scaler on its
 # conv2 features, made safe under label skew by a trust region on every local x step (each at
-# most 0.1 of its layer's norm). The drivers use them for --model=cnn where a flag is not given.
+# most 0.1 of its layer's norm). The drivers use them for --model=cnn where a flag is not given
+# (experiments.hyper_representation.cnn_defaults).
 CNN_DEFAULTS = dict(width_scale=True, x_trust=0.1, x_trust_on="step")
 
 
