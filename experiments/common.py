@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 from absl import flags, logging
 
-from bilevel import algorithms, checkpoint, federated, loop, models, sharding, tree
+from bilevel import algorithms, checkpoint, client, federated, inner, loop, models, sharding, tree
 from bilevel import data as data_lib
 from bilevel.errors import ConfigError
 from bilevel.metrics import combine_summaries, device_info, to_python, versions, write_json
@@ -32,8 +32,8 @@ _ALGORITHM_FLAGS = ("estimator", "mask_policy", "mask_granularity", "redraw_leve
                     "allow_uncovered", "local_steps", "inner_steps", "inner_lr", "inner_step",
                     "outer_lr", "x_trust", "x_trust_scope", "x_trust_on", "num_steps", "v_lr",
                     "fednest_neumann", "delta", "radius", "v_step", "server_lr", "aggregation")
-_CHOICES = dict(inner_step=["cauchy", "fixed"], v_step=["cauchy", "fixed"],
-                x_trust_scope=["layer", "model"], x_trust_on=["delta", "step"],
+_CHOICES = dict(inner_step=list(inner.STEP_RULES), v_step=["cauchy", "fixed"],
+                x_trust_scope=list(client.TRUST_SCOPES), x_trust_on=list(client.TRUST_ON),
                 fednest_neumann=["code", "series"])
 _DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string, type(None): flags.DEFINE_float}
@@ -77,6 +77,12 @@ DRIVER_FLAGS = flags.DEFINE_list("driver_flags", [], "Flags for every driver pro
 _RESUME_FREE_FLAGS = ("resume", "log_every", "workdir", "devices", "cpu_devices",
                       "reuse_host_memory", "seeds", "batch_seeds", "compilation_cache",
                       "num_processes", "coordinator_address", "process_id")
+
+
+def defaults_applied(defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """Those of start_driver's defaults that the run uses: their flags were not given (config.json's
+  task_defaults_applied)."""
+  return {k: v for k, v in defaults.items() if flags.FLAGS[k].using_default_value}
 
 
 def start_driver(defaults: Mapping[str, Any] | None = None, argv: Sequence[str] = ()) -> bool:

@@ -68,8 +68,7 @@ def prepare_one() -> list[common.SeedRun]:
       classifier=CLASSIFIER.value, hidden=hidden, activation=common.ACTIVATION.value,
       dataset=data_lib.dataset_summary(ds), num_samples=cd.num_samples, submodel="dense",
       clean_share=float(cd.clean.mean()), replaced_share=float(cd.replaced.mean()),
-      task_defaults_applied={k: v for k, v in task.DEFAULTS.items()
-                             if flags.FLAGS[k].using_default_value})
+      task_defaults_applied=common.defaults_applied(task.DEFAULTS))
   print(data_lib.dataset_summary(ds))
   print(f"{cd.num_samples} training samples, {1 - cd.clean.mean():.1%} with a wrong label "
         f"(noise {NOISE.value}); classifier {CLASSIFIER.value}")

@@ -73,8 +73,7 @@ def prepare_one() -> common.SeedRun:
       channels=list(channels), activation=activation, l2=L2.value,
       **{k: v for k, v in extra.items() if v}, dataset=data_lib.dataset_summary(ds), **info)
   if cnn:
-    config["task_defaults_applied"] = {k: v for k, v in cnn_defaults().items()
-                                       if flags.FLAGS[k].using_default_value}
+    config["task_defaults_applied"] = common.defaults_applied(cnn_defaults())
   resume = common.start_run(workdir, config)
   print(data_lib.dataset_summary(ds))
   x_test, y_test = task.test_arrays(ds, model)
